@@ -1,0 +1,69 @@
+"""Arrow IPC stream encoding in pieces, so a result can be sent batch by batch.
+
+The pieces concatenated in order are one valid Arrow IPC stream (schema, record batches,
+end-of-stream marker), which every Arrow library reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+
+class _ChunkSink(io.RawIOBase):
+    """A write-only file that keeps what was written until it is taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._chunks.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+
+class IpcPieces:
+    """Encodes record batches to Arrow IPC bytes and keeps a running digest of all bytes."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self._sink = _ChunkSink()
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._digest = hashlib.sha256()
+        self.bytes_sent = 0
+
+    def _take(self) -> bytes:
+        data = self._sink.take()
+        self._digest.update(data)
+        self.bytes_sent += len(data)
+        return data
+
+    def encode(self, batch: pa.RecordBatch) -> bytes:
+        """The IPC bytes of one batch (with the schema before the first one)."""
+        self._writer.write_batch(batch)
+        return self._take()
+
+    def finish(self) -> bytes:
+        """The closing bytes (schema if nothing was written, and the end-of-stream marker)."""
+        self._writer.close()
+        return self._take()
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of every byte produced so far."""
+        return self._digest.hexdigest()
+
+
+def read_ipc_pieces(pieces: Iterable[bytes]) -> pa.Table:
+    """Join IPC pieces received in order and read them as one table."""
+    return pa.ipc.open_stream(b"".join(pieces)).read_all()

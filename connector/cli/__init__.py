@@ -1,0 +1,1 @@
+"""The `connector` command: thin sub-commands over the library modules."""

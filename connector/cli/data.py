@@ -1,0 +1,61 @@
+"""`connector ingest` and `connector datasets`: the member's own data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from connector.cli.common import add_home, settings_of
+from connector.store import ingest, list_datasets
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ingest and datasets sub-commands."""
+    load = commands.add_parser("ingest", help="load a CSV, Parquet or JSON file as a dataset")
+    add_home(load)
+    load.add_argument("file", type=Path, metavar="FILE")
+    load.add_argument("--dataset", required=True, metavar="NAME")
+    load.add_argument("--description", metavar="TEXT")
+    mode = load.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--replace",
+        dest="mode",
+        action="store_const",
+        const="replace",
+        help="replace the dataset's rows (the default)",
+    )
+    mode.add_argument(
+        "--append",
+        dest="mode",
+        action="store_const",
+        const="append",
+        help="add the rows to the dataset (the columns must match)",
+    )
+    load.add_argument("--format", choices=("csv", "parquet", "json"), help="default: by suffix")
+    load.set_defaults(run=_ingest, mode="replace")
+
+    show = commands.add_parser("datasets", help="list the datasets in this member's database")
+    add_home(show)
+    show.set_defaults(run=_datasets)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    info = ingest(
+        settings.database,
+        args.file,
+        args.dataset,
+        description=args.description,
+        mode=args.mode,
+        file_format=args.format,
+    )
+    verb = "replaced with" if args.mode == "replace" else "appended to, now"
+    columns = ", ".join(f"{c.name} {c.type}" for c in info.columns)
+    print(f"dataset {info.name} {verb} {info.rows} rows: {columns}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    for info in list_datasets(settings_of(args).database):
+        print(f"{info.name}  {info.rows} rows  {len(info.columns)} columns  {info.description}")
+    return 0

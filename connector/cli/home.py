@@ -1,0 +1,67 @@
+"""`connector init`: lay out a member's home folder."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from connector.cli.common import add_home
+from connector.config import CONFIG_FILE, render_config, resolve_home
+from connector.errors import ConfigError
+from connector.identity import (
+    CA_CERT_FILE,
+    DEFAULT_HOSTS,
+    check_member_id,
+    dataspace_name_of,
+    generate_ed25519_key,
+    issue_member_certificate,
+    load_certificate,
+)
+from connector.store import create_database
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the init sub-command."""
+    init = commands.add_parser(
+        "init",
+        help="lay out a member's home: config, certificate, keys, database, policies folder",
+    )
+    init.add_argument("home_dir", nargs="?", type=Path, metavar="HOME")
+    init.add_argument("--member", required=True, metavar="MEMBER_ID")
+    init.add_argument(
+        "--dataspace", required=True, type=Path, metavar="DIR", help="folder of the data-space CA"
+    )
+    init.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    init.add_argument(
+        "--host", action="append", metavar="HOST", help="names to put in the certificate"
+    )
+    init.add_argument("--display-name", help="organisation name shown to peers")
+    add_home(init)
+    init.set_defaults(run=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    home = args.home_dir.resolve() if args.home_dir else resolve_home(args.home)
+    member = check_member_id(args.member)
+    if (home / CONFIG_FILE).exists():
+        raise ConfigError(f"{home / CONFIG_FILE} exists already: this folder is a member's home")
+    dataspace = dataspace_name_of(load_certificate(args.dataspace / CA_CERT_FILE))
+    hosts = tuple(args.host) if args.host else DEFAULT_HOSTS
+    issue_member_certificate(
+        args.dataspace, member, home / "tls", hosts=hosts, display_name=args.display_name
+    )
+    shutil.copyfile(args.dataspace / CA_CERT_FILE, home / "tls" / "ca.pem")
+    generate_ed25519_key(home / "keys" / "policy-signing.key")
+    generate_ed25519_key(home / "keys" / "receipt.key")
+    (home / "policies").mkdir(exist_ok=True)
+    create_database(home / "data.duckdb")
+    (home / CONFIG_FILE).write_text(render_config(member, dataspace, args.listen), encoding="utf-8")
+    print(
+        f"member {member} of data space {dataspace}: home {home}\n"
+        f"  next: connector ingest --home {home} FILE --dataset NAME\n"
+        f"        write a policy in {home / 'policies'}, then\n"
+        f"        connector policy sign --home {home} FILE\n"
+        f"        connector serve --home {home}"
+    )
+    return 0

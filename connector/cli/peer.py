@@ -1,0 +1,142 @@
+"""`connector catalog|query|explain`: ask another member's connector, as a peer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from connector.cli.common import add_home, settings_of
+from connector.client import Peer, PeerIdentity
+from connector.errors import ConfigError, PermissionDenied
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the peer sub-commands."""
+    catalog = commands.add_parser("catalog", help="list the datasets a provider grants to you")
+    _peer_arguments(catalog)
+    catalog.add_argument("--format", choices=("table", "json"), default="table")
+    catalog.set_defaults(run=_catalog)
+
+    for name, run, text in (
+        ("query", _query, "run one SELECT on a provider's datasets"),
+        ("explain", _explain, "show the provider's decision for a query, without running it"),
+    ):
+        command = commands.add_parser(name, help=text)
+        _peer_arguments(command)
+        command.add_argument("--purpose", required=True, help="why you use the data")
+        command.add_argument("sql", metavar="SQL")
+        if name == "query":
+            command.add_argument("--format", choices=FORMATS, default="table")
+            command.add_argument("--output", type=Path, metavar="FILE", help="default: stdout")
+            command.add_argument("--max-rows", type=int, default=0, metavar="N")
+        command.set_defaults(run=run)
+
+
+def _peer_arguments(parser: argparse.ArgumentParser) -> None:
+    add_home(parser)
+    parser.add_argument("--to", required=True, metavar="HOST:PORT", help="the provider's address")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+
+
+def _peer(args: argparse.Namespace) -> Peer:
+    settings = settings_of(args)
+    identity = PeerIdentity.from_files(settings.cert, settings.key, settings.ca)
+    return Peer(args.to, identity, timeout=args.timeout)
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    with _peer(args) as peer:
+        entries = peer.catalog()
+    if args.format == "json":
+        rows = [
+            {
+                "dataset": e.name,
+                "description": e.description,
+                "columns": [{"name": n, "type": t} for n, t in e.columns],
+                "purposes": list(e.purposes),
+                "policies": [f"{p.id}@{p.version}" for p in e.policies],
+                "valid_from": e.valid_from.isoformat(),
+                "valid_until": e.valid_until.isoformat(),
+            }
+            for e in entries
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not entries:
+        print(f"{args.to} grants you no datasets")
+    for e in entries:
+        print(f"{e.name}: {e.description}")
+        print(f"  columns:  {', '.join(f'{n} {t}' for n, t in e.columns)}")
+        print(f"  purposes: {', '.join(e.purposes)}")
+        print(f"  policies: {', '.join(f'{p.id}@{p.version}' for p in e.policies)}")
+        print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    with _peer(args) as peer:
+        decision = peer.explain(args.sql, args.purpose)
+    print("allowed" if decision.allow else "denied")
+    for reason in decision.reasons:
+        print(f"  reason: {reason}")
+    for policy in decision.policies:
+        print(f"  policy: {policy.id}@{policy.version}")
+    for dataset, columns, definition in decision.relations:
+        print(f"  {dataset}: columns {', '.join(columns)}\n    runs on: {definition}")
+    return 0 if decision.allow else 1
+
+
+def _query(args: argparse.Namespace) -> int:
+    if args.format == "parquet" and args.output is None:
+        raise ConfigError("--format parquet needs --output FILE")
+    with _peer(args) as peer:
+        try:
+            result = peer.query(args.sql, args.purpose, max_rows=args.max_rows)
+        except PermissionDenied as denied:
+            raise PermissionDenied([f"{args.to} refused: {r}" for r in denied.reasons]) from None
+    if args.output is None:
+        _write(result.table, args.format, sys.stdout)
+    elif args.format == "parquet":
+        pq.write_table(result.table, args.output)
+    else:
+        with args.output.open("w", encoding="utf-8", newline="") as out:
+            _write(result.table, args.format, out)
+    receipt = result.receipt
+    cut = " (cut at the row limit)" if receipt.truncated else ""
+    print(
+        f"{receipt.rows} rows{cut} from {receipt.provider_id}, request {receipt.request_id}, "
+        f"policies {', '.join(f'{p.id}@{p.version}' for p in receipt.policies)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _write(table: pa.Table, fmt: str, out: IO[str]) -> None:
+    if fmt == "csv":
+        sink = pa.BufferOutputStream()
+        pa_csv.write_csv(table, sink)
+        out.write(sink.getvalue().to_pybytes().decode())
+    elif fmt == "json":
+        for row in table.to_pylist():
+            out.write(json.dumps(row, default=str) + "\n")
+    else:
+        out.write(_as_text_table(table))
+
+
+def _as_text_table(table: pa.Table) -> str:
+    rows = [[("" if v is None else str(v)) for v in row.values()] for row in table.to_pylist()]
+    header = table.column_names
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines) + "\n"

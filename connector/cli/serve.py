@@ -1,0 +1,23 @@
+"""`connector serve`: run the server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+
+from connector.cli.common import add_home, settings_of
+from connector.server import serve_forever
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the serve sub-command."""
+    serve = commands.add_parser(
+        "serve", help="answer peers over mutual TLS until SIGTERM/SIGINT (SIGHUP reloads policies)"
+    )
+    add_home(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="overrides [server] listen")
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    serve_forever(settings_of(args), args.listen)
+    return 0

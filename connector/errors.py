@@ -1,0 +1,96 @@
+"""One exception tree for the whole connector.
+
+Core modules raise these; `service.py` maps them to gRPC status codes in one table and
+`client.py` maps gRPC errors back. Every message says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Base of every error the connector raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ConnectorError):
+    """connector.toml or a command-line setting is missing or invalid."""
+
+
+class IdentityError(ConnectorError):
+    """A key, certificate or CA file is missing, unreadable or does not fit."""
+
+
+class NotAuthenticated(ConnectorError):
+    """The peer's certificate is trusted but names no member, or the member is revoked."""
+
+
+class PolicyError(ConnectorError):
+    """A usage-policy file is malformed; carries the file and line where known."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+        self.path = path
+        self.line = line
+
+
+class SignatureError(PolicyError):
+    """A policy's detached signature is missing, malformed, unknown or does not match."""
+
+
+class PolicyEngineError(ConnectorError):
+    """The Rego decision library failed to build or evaluate (fails closed: deny)."""
+
+
+class QueryRejected(ConnectorError):
+    """The peer's SQL is malformed or uses something not allowed; carries the position."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        text = message if position is None else f"{message} (at character {position + 1})"
+        super().__init__(text)
+        self.reason = message
+        self.position = position
+
+
+class PermissionDenied(ConnectorError):
+    """The usage policies do not allow this request; carries the reasons."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = list(reasons) or ["no policy allows this request"]
+        super().__init__("; ".join(self.reasons))
+
+
+class ResourceExhausted(ConnectorError):
+    """A limit was reached: result size, memory, concurrent queries or quota."""
+
+
+class QueryTimeout(ConnectorError):
+    """The query ran past its time limit and was interrupted."""
+
+
+class QueryCancelled(ConnectorError):
+    """The peer cancelled the query; it was interrupted in DuckDB."""
+
+
+class DataError(ConnectorError):
+    """A file to ingest is missing, unreadable or in a format the connector cannot load."""
+
+
+class StoreBusy(ConnectorError):
+    """The DuckDB file is held by another process (usually a running server)."""
+
+
+class StoreError(ConnectorError):
+    """The DuckDB file could not be read or a query failed for a reason the peer may see."""
+
+
+class PeerError(ConnectorError):
+    """Client side: the remote connector could not be reached or answered unexpectedly."""

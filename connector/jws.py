@@ -1,0 +1,101 @@
+"""JSON Web Signatures (RFC 7515) with EdDSA over Ed25519, compact form, attached or detached.
+
+Only `alg: EdDSA` is accepted when verifying: no `none`, no HMAC, no algorithm chosen by the
+signed data itself. Key ids are RFC 7638 JWK thumbprints, so any JOSE library agrees on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+ALGORITHM = "EdDSA"
+
+
+class JwsError(ValueError):
+    """A JWS is malformed, uses another algorithm, or its signature does not verify."""
+
+
+@dataclass(frozen=True)
+class VerifiedJws:
+    """A JWS whose signature checked out: its header and payload bytes."""
+
+    header: Mapping[str, Any]
+    payload: bytes
+
+
+def b64url(data: bytes) -> str:
+    """Base64url without padding, as JOSE writes it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Inverse of b64url; JwsError on anything that is not strict base64url."""
+    if not text.isascii() or "=" in text or "+" in text or "/" in text:
+        raise JwsError("not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise JwsError("not base64url") from None
+
+
+def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    """RFC 7638 thumbprint of the key as an OKP JWK, base64url."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    jwk = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": b64url(raw)}, separators=(",", ":"))
+    return b64url(hashlib.sha256(jwk.encode()).digest())
+
+
+def sign(payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool) -> str:
+    """Compact JWS over payload; with detached=True the payload part is left empty."""
+    header = {"alg": ALGORITHM, "kid": key_id(key.public_key())}
+    protected = b64url(json.dumps(header, separators=(",", ":")).encode())
+    body = b64url(payload)
+    signature = b64url(key.sign(f"{protected}.{body}".encode("ascii")))
+    return f"{protected}.{'' if detached else body}.{signature}"
+
+
+def read_header(token: str) -> Mapping[str, Any]:
+    """The protected header of a compact JWS, checked to name EdDSA and a key id."""
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise JwsError("a compact JWS has three parts separated by '.'")
+    try:
+        header = json.loads(b64url_decode(parts[0]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise JwsError("the JWS header is not JSON") from None
+    if not isinstance(header, dict):
+        raise JwsError("the JWS header is not a JSON object")
+    if header.get("alg") != ALGORITHM:
+        raise JwsError(f"the JWS algorithm must be {ALGORITHM}, not {header.get('alg')!r}")
+    if not isinstance(header.get("kid"), str):
+        raise JwsError("the JWS header names no key id (kid)")
+    if "crit" in header:
+        raise JwsError("the JWS header has critical extensions this connector does not know")
+    return header
+
+
+def verify(
+    token: str, key: ed25519.Ed25519PublicKey, *, detached_payload: bytes | None = None
+) -> VerifiedJws:
+    """Check a compact JWS with key; pass detached_payload for a detached signature."""
+    header = read_header(token)
+    protected, body, signature = token.strip().split(".")
+    if detached_payload is not None:
+        if body:
+            raise JwsError("expected a detached JWS (empty payload part)")
+        body = b64url(detached_payload)
+    try:
+        key.verify(b64url_decode(signature), f"{protected}.{body}".encode("ascii"))
+    except InvalidSignature:
+        raise JwsError("the signature does not match") from None
+    return VerifiedJws(header, b64url_decode(body))

@@ -1,0 +1,233 @@
+"""The usage-policy file format: parse, validate, normalise. Policy files are hostile input.
+
+Every error names the file and the line. Unknown keys are refused: a term this version
+would accept but not enforce (a mask, a row filter) would share more than legal intended.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from connector.errors import PolicyError
+
+POLICY_FORMAT = 1
+MAX_POLICY_BYTES = 1024 * 1024
+POLICY_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+MEMBER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
+
+# key -> nested keys (None: a leaf). The only keys this connector version enforces.
+SCHEMA: dict[str, dict[str, None] | None] = {
+    "format": None,
+    "id": None,
+    "version": None,
+    "description": None,
+    "datasets": None,
+    "grantees": {"members": None},
+    "purposes": None,
+    "valid": {"from": None, "until": None},
+    "columns": {"allow": None},
+}
+REQUIRED = ("id", "version", "description", "datasets", "grantees", "purposes", "valid", "columns")
+
+
+@dataclass(frozen=True)
+class UsagePolicy:
+    """A validated usage policy, identifiers lower-cased, times in UTC."""
+
+    id: str
+    version: int
+    description: str
+    datasets: tuple[str, ...]
+    members: tuple[str, ...]
+    purposes: tuple[str, ...]
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+    columns_allow: tuple[str, ...]
+    path: Path
+    sha256: str
+
+    def as_rego_data(self) -> dict[str, Any]:
+        """The policy as the Rego library reads it (JSON-able)."""
+        return {
+            "id": self.id,
+            "version": self.version,
+            "datasets": list(self.datasets),
+            "members": list(self.members),
+            "purposes": list(self.purposes),
+            "valid_from_ns": _ns(self.valid_from),
+            "valid_until_ns": _ns(self.valid_until),
+            "valid_from": self.valid_from.isoformat(),
+            "valid_until": self.valid_until.isoformat(),
+            "columns": list(self.columns_allow),
+        }
+
+
+def _ns(moment: dt.datetime) -> int:
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+class _Reader:
+    """Walks the composed YAML nodes of one file, keeping line numbers for every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, node: yaml.Node | None, message: str) -> PolicyError:
+        line = node.start_mark.line + 1 if node is not None else None
+        return PolicyError(message, path=str(self.path), line=line)
+
+    def mapping(self, node: yaml.Node, where: str, allowed: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{where} must be a mapping of keys to values")
+        found: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                raise self.fail(key_node, f"{where} has a key that is not a plain name")
+            if key in found:
+                raise self.fail(key_node, f"key '{key}' appears twice in {where}")
+            if key not in allowed:
+                raise self.fail(
+                    key_node,
+                    f"unknown key '{key}' in {where}; this connector version supports: "
+                    f"{', '.join(allowed)}",
+                )
+            found[key] = (key_node, value_node)
+        return found
+
+    def scalar(self, node: yaml.Node, where: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, f"{where} must be a single value")
+        try:
+            return yaml.SafeLoader("").construct_object(node)
+        except yaml.YAMLError:
+            raise self.fail(node, f"{where} has a value YAML cannot read safely") from None
+
+    def text(self, node: yaml.Node, where: str, pattern: re.Pattern[str] | None = None) -> str:
+        value = self.scalar(node, where)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(node, f"{where} must be non-empty text")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.fail(node, f"{where} {value!r} is not allowed here ({_rule(pattern)})")
+        return value
+
+    def text_list(self, node: yaml.Node, where: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.fail(node, f"{where} must be a non-empty list, like [a, b]")
+        values = [self.text(item, f"an entry of {where}", pattern) for item in node.value]
+        if len(set(values)) != len(values):
+            raise self.fail(node, f"{where} lists an entry twice")
+        return tuple(values)
+
+    def moment(self, node: yaml.Node, where: str) -> dt.datetime:
+        value = self.scalar(node, where)
+        if isinstance(value, dt.datetime):
+            moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+            return moment.astimezone(dt.UTC)
+        if isinstance(value, dt.date):
+            return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+        raise self.fail(node, f"{where} must be a date (2026-01-31) or a date-time with zone")
+
+
+def _rule(pattern: re.Pattern[str]) -> str:
+    return {
+        POLICY_ID.pattern: "lower-case letters, digits, '.', '_' and '-'",
+        IDENTIFIER.pattern: "a plain SQL name: letters, digits and _",
+        MEMBER_ID.pattern: "a member id: lower-case letters, digits, '.', '_' and '-'",
+        PURPOSE.pattern: "letters, digits, spaces and . _ : / -",
+    }.get(pattern.pattern, pattern.pattern)
+
+
+def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
+    """Parse and validate a policy file; PolicyError names the file, the line and the fix."""
+    data = text if text is not None else _read(path)
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes", path=str(path))
+    try:
+        root = yaml.compose(data.decode("utf-8"), Loader=yaml.SafeLoader)
+    except UnicodeDecodeError:
+        raise PolicyError("not UTF-8 text", path=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
+    reader = _Reader(path)
+    if root is None:
+        raise PolicyError("the file is empty", path=str(path))
+    top = reader.mapping(root, "the policy", SCHEMA)
+    missing = [k for k in REQUIRED if k not in top]
+    if missing:
+        raise reader.fail(root, f"missing key(s): {', '.join(missing)}")
+    return _policy(reader, top, path, hashlib.sha256(data).hexdigest())
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read: {exc.strerror}", path=str(path)) from None
+
+
+def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> UsagePolicy:
+    if "format" in top:
+        node = top["format"][1]
+        fmt = reader.scalar(node, "format")
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise reader.fail(node, "format must be a whole number, 1 for this version")
+        if fmt > POLICY_FORMAT:
+            raise reader.fail(
+                node, f"format {fmt} is written for a newer connector; upgrade the connector"
+            )
+    version_node = top["version"][1]
+    version = reader.scalar(version_node, "version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise reader.fail(version_node, "version must be a whole number of at least 1")
+    grantees = reader.mapping(top["grantees"][1], "grantees", SCHEMA["grantees"] or {})
+    if "members" not in grantees:
+        raise reader.fail(top["grantees"][1], "grantees needs members: [member-id, ...]")
+    valid = reader.mapping(top["valid"][1], "valid", SCHEMA["valid"] or {})
+    for key in ("from", "until"):
+        if key not in valid:
+            raise reader.fail(top["valid"][1], f"valid needs '{key}'")
+    start = reader.moment(valid["from"][1], "valid.from")
+    end = reader.moment(valid["until"][1], "valid.until")
+    if end <= start:
+        raise reader.fail(valid["until"][1], "valid.until must be later than valid.from")
+    columns = reader.mapping(top["columns"][1], "columns", SCHEMA["columns"] or {})
+    if "allow" not in columns:
+        raise reader.fail(top["columns"][1], "columns needs allow: [column, ...]")
+    lower = _lowered(reader)
+    return UsagePolicy(
+        id=reader.text(top["id"][1], "id", POLICY_ID),
+        version=version,
+        description=reader.text(top["description"][1], "description"),
+        datasets=lower(top["datasets"][1], "datasets"),
+        members=reader.text_list(grantees["members"][1], "grantees.members", MEMBER_ID),
+        purposes=reader.text_list(top["purposes"][1], "purposes", PURPOSE),
+        valid_from=start,
+        valid_until=end,
+        columns_allow=lower(columns["allow"][1], "columns.allow"),
+        path=path,
+        sha256=sha256,
+    )
+
+
+def _lowered(reader: _Reader) -> Any:
+    def read(node: yaml.Node, where: str) -> tuple[str, ...]:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                if isinstance(item, yaml.ScalarNode):
+                    item.value = item.value.lower()
+        return reader.text_list(node, where, IDENTIFIER)
+
+    return read

@@ -1,0 +1,114 @@
+"""The policies in force: loaded from the policies folder, verified, swapped in atomically.
+
+A reload builds a complete new engine first and swaps one reference; requests already
+running keep the engine they started with, so no query is dropped or sees half a load.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from connector.errors import ConnectorError
+from connector.policy.engine import PolicyEngine
+from connector.policy.model import UsagePolicy
+from connector.policy.signing import (
+    SIGNATURE_SUFFIX,
+    PolicyVerdict,
+    VerdictStatus,
+    load_policy_dir,
+)
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Sequence[UsagePolicy]], PolicyEngine]
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """One complete load: the engine built from the valid policies and every file's verdict."""
+
+    engine: PolicyEngine
+    policies: tuple[UsagePolicy, ...]
+    verdicts: tuple[PolicyVerdict, ...]
+    loaded_at: dt.datetime
+
+
+def _folder_fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of the policy and signature files."""
+    if not directory.is_dir():
+        return ()
+    entries = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix in (".yaml", ".yml") or path.name.endswith(SIGNATURE_SUFFIX):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+class PolicyRegistry:
+    """Holds the current PolicySnapshot and reloads it when the folder changes."""
+
+    def __init__(
+        self,
+        directory: Path,
+        trusted_signers: Mapping[str, ed25519.Ed25519PublicKey],
+        engine_factory: EngineFactory,
+    ) -> None:
+        self._directory = directory
+        self._trusted = dict(trusted_signers)
+        self._engine_factory = engine_factory
+        self._lock = threading.Lock()
+        self._fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self._snapshot = self._load()
+
+    @property
+    def snapshot(self) -> PolicySnapshot:
+        """The policies in force now."""
+        return self._snapshot
+
+    def reload(self) -> PolicySnapshot:
+        """Verify every file again, build a new engine and swap it in; log each skipped file."""
+        with self._lock:
+            try:
+                snapshot = self._load()
+            except ConnectorError as exc:
+                # Keeping the old policies could keep a grant that was just withdrawn.
+                log.error("policy reload failed, denying everything until fixed: %s", exc)
+                snapshot = PolicySnapshot(self._engine_factory(()), (), (), dt.datetime.now(dt.UTC))
+            self._snapshot = snapshot
+            return snapshot
+
+    def reload_if_changed(self) -> bool:
+        """Reload when a file was added, changed or removed, or a pending policy came due."""
+        pending = any(v.status is VerdictStatus.NOT_YET_VALID for v in self._snapshot.verdicts)
+        if _folder_fingerprint(self._directory) == self._fingerprint and not pending:
+            return False
+        self.reload()
+        return True
+
+    def _load(self) -> PolicySnapshot:
+        self._fingerprint = _folder_fingerprint(self._directory)
+        now = dt.datetime.now(dt.UTC)
+        policies, verdicts = load_policy_dir(self._directory, self._trusted, now)
+        engine = self._engine_factory(policies)
+        for verdict in verdicts:
+            if verdict.status is not VerdictStatus.VALID:
+                log.warning("policy %s skipped: %s", verdict.path.name, verdict.message)
+        log.info(
+            "policies loaded from %s: %d in force (%s), %d skipped",
+            self._directory,
+            len(policies),
+            ", ".join(f"{p.id}@{p.version}" for p in policies) or "none",
+            len(verdicts) - len(policies),
+        )
+        return PolicySnapshot(engine, tuple(policies), tuple(verdicts), now)

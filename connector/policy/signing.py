@@ -1,0 +1,181 @@
+"""Sign and verify policy files: a detached JWS (EdDSA / Ed25519) next to each file.
+
+The signature covers the file's exact bytes and is checked before anything in the file is
+trusted. `verify_policy` gives one verdict per file, with what to do about it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from connector import jws
+from connector.errors import PolicyError
+from connector.policy.model import UsagePolicy, parse_policy
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_SUFFIX = ".jws"
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+class VerdictStatus(enum.Enum):
+    """Why a policy file is, or is not, in force."""
+
+    VALID = "valid"
+    UNSIGNED = "unsigned"
+    MODIFIED = "changed after signing"
+    UNKNOWN_SIGNER = "unknown signer"
+    MALFORMED = "malformed"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not yet valid"
+    DUPLICATE = "duplicate id"
+
+
+@dataclass(frozen=True)
+class PolicyVerdict:
+    """The verdict on one policy file; policy is set when the file parsed and verified."""
+
+    path: Path
+    status: VerdictStatus
+    message: str
+    policy: UsagePolicy | None = None
+
+
+def signature_path(path: Path) -> Path:
+    """Where a policy's detached signature lives: FILE.jws beside it."""
+    return path.with_name(path.name + SIGNATURE_SUFFIX)
+
+
+def sign_policy(path: Path, private_key: ed25519.Ed25519PrivateKey) -> Path:
+    """Check the policy parses, then write its detached signature; returns the signature path."""
+    data = _read(path)
+    parse_policy(path, data)
+    target = signature_path(path)
+    target.write_text(jws.sign(data, private_key, detached=True) + "\n", encoding="ascii")
+    return target
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read: {exc.strerror}", path=str(path)) from None
+
+
+def verify_policy(
+    path: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey], now: dt.datetime
+) -> PolicyVerdict:
+    """Verdict on one file: signature first (over the exact bytes), then content, then dates."""
+    try:
+        data = _read(path)
+    except PolicyError as exc:
+        return PolicyVerdict(path, VerdictStatus.MALFORMED, str(exc))
+    sig_path = signature_path(path)
+    if not sig_path.exists():
+        return PolicyVerdict(
+            path,
+            VerdictStatus.UNSIGNED,
+            f"no signature {sig_path.name}; have it signed with `connector policy sign`",
+        )
+    token = sig_path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        kid = jws.read_header(token)["kid"]
+    except jws.JwsError as exc:
+        return PolicyVerdict(
+            path, VerdictStatus.MALFORMED, f"signature {sig_path.name} is malformed: {exc}"
+        )
+    key = trusted.get(kid)
+    if key is None:
+        return PolicyVerdict(
+            path,
+            VerdictStatus.UNKNOWN_SIGNER,
+            f"signed by key {kid}, which is not among this connector's trusted signers "
+            "([policies.trusted_signers] in connector.toml)",
+        )
+    try:
+        jws.verify(token, key, detached_payload=data)
+    except jws.JwsError as exc:
+        status = VerdictStatus.MODIFIED if "does not match" in str(exc) else VerdictStatus.MALFORMED
+        return PolicyVerdict(
+            path,
+            status,
+            f"the file was changed after it was signed ({exc}); review it and sign it again"
+            if status is VerdictStatus.MODIFIED
+            else f"signature {sig_path.name} is malformed: {exc}",
+        )
+    try:
+        policy = parse_policy(path, data)
+    except PolicyError as exc:
+        return PolicyVerdict(path, VerdictStatus.MALFORMED, str(exc))
+    return _dated_verdict(path, policy, now)
+
+
+def _dated_verdict(path: Path, policy: UsagePolicy, now: dt.datetime) -> PolicyVerdict:
+    name = f"{policy.id}@{policy.version}"
+    if now >= policy.valid_until:
+        return PolicyVerdict(
+            path,
+            VerdictStatus.EXPIRED,
+            f"{name} expired on {policy.valid_until.isoformat()}",
+            policy,
+        )
+    if now < policy.valid_from:
+        return PolicyVerdict(
+            path,
+            VerdictStatus.NOT_YET_VALID,
+            f"{name} is valid only from {policy.valid_from.isoformat()}",
+            policy,
+        )
+    return PolicyVerdict(
+        path,
+        VerdictStatus.VALID,
+        f"{name}, signed by a trusted key, valid until {policy.valid_until.isoformat()}",
+        policy,
+    )
+
+
+def policy_files(directory: Path) -> list[Path]:
+    """The policy files (*.yaml, *.yml) of a folder, sorted by name."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
+
+
+def _unique(verdict: PolicyVerdict, by_id: Mapping[str, list[PolicyVerdict]]) -> PolicyVerdict:
+    """The verdict, turned into DUPLICATE when another valid file uses the same policy id."""
+    policy = verdict.policy
+    same = by_id.get(policy.id, []) if policy is not None else []
+    if verdict.status is not VerdictStatus.VALID or policy is None or len(same) < 2:
+        return verdict
+    others = ", ".join(v.path.name for v in same if v is not verdict)
+    return PolicyVerdict(
+        verdict.path,
+        VerdictStatus.DUPLICATE,
+        f"policy id {policy.id} is also used by {others}; give each policy its own id",
+        policy,
+    )
+
+
+def load_policy_dir(
+    directory: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey], now: dt.datetime
+) -> tuple[list[UsagePolicy], list[PolicyVerdict]]:
+    """The policies in force and a verdict for every file.
+
+    Two valid files with the same policy id are both refused: which one legal meant is not
+    for the connector to guess.
+    """
+    verdicts = [verify_policy(path, trusted, now) for path in policy_files(directory)]
+    by_id: dict[str, list[PolicyVerdict]] = {}
+    for verdict in verdicts:
+        if verdict.status is VerdictStatus.VALID and verdict.policy is not None:
+            by_id.setdefault(verdict.policy.id, []).append(verdict)
+    final = [_unique(verdict, by_id) for verdict in verdicts]
+    policies = [v.policy for v in final if v.status is VerdictStatus.VALID and v.policy]
+    return policies, final

@@ -1,0 +1,286 @@
+"""The answering side, free of any transport: who asks, what policy says, what is sent back.
+
+`Provider` wires identity -> guard -> policy -> enforce -> store -> receipt. The gRPC
+servicer only converts messages and maps the exceptions raised here to status codes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from connector.arrow_stream import IpcPieces
+from connector.audit import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
+from connector.config import Revocations
+from connector.enforce import Relation, relations_for
+from connector.errors import (
+    NotAuthenticated,
+    PermissionDenied,
+    QueryRejected,
+    ResourceExhausted,
+    StoreError,
+)
+from connector.identity import MemberIdentity, member_identity
+from connector.policy.engine import CatalogGrant, Decision, DecisionRequest
+from connector.policy.registry import PolicyRegistry
+from connector.sqlguard import QueryShape, inspect_query
+from connector.store import ColumnInfo, DatasetInfo, SandboxSession, Store
+
+log = logging.getLogger(__name__)
+
+_PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass(frozen=True)
+class PeerRequest:
+    """A peer's query request, its fields checked (they are hostile input)."""
+
+    sql: str
+    purpose: str
+    max_rows: int
+    request_id: str
+
+    @classmethod
+    def checked(cls, sql: str, purpose: str, max_rows: int, request_id: str) -> PeerRequest:
+        """Validate the fields; QueryRejected says which one is wrong and how to fix it."""
+        if not _PURPOSE.fullmatch(purpose):
+            raise QueryRejected(
+                "purpose must be 1-128 letters, digits, spaces or . _ : / - (the purpose your "
+                "catalog lists for the dataset)"
+            )
+        if request_id and not _REQUEST_ID.fullmatch(request_id):
+            raise QueryRejected("request_id must be 1-128 printable ASCII characters, or empty")
+        if max_rows < 0:
+            raise QueryRejected("max_rows must not be negative")
+        return cls(sql, purpose, max_rows, request_id or str(uuid.uuid4()))
+
+
+@dataclass(frozen=True)
+class CatalogDataset:
+    """One dataset as a peer sees it: only the columns and terms granted to that peer."""
+
+    info: DatasetInfo
+    columns: tuple[ColumnInfo, ...]
+    grant: CatalogGrant
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The dry run of a query: the decision and the relations it would run on."""
+
+    shape: QueryShape
+    decision: Decision
+    relations: tuple[Relation, ...]
+
+
+class Provider:
+    """Answers peers' catalog, explain and query requests for one member's connector."""
+
+    def __init__(
+        self,
+        member_id: str,
+        dataspace: str,
+        store: Store,
+        policies: PolicyRegistry,
+        signer: ReceiptSigner,
+        *,
+        revoked: Revocations,
+        batch_rows: int,
+        max_query_seconds: float,
+        max_concurrent_queries: int,
+    ) -> None:
+        self.member_id = member_id
+        self.dataspace = dataspace
+        self.store = store
+        self.policies = policies
+        self.signer = signer
+        self.revoked = revoked
+        self.batch_rows = batch_rows
+        self.max_query_seconds = max_query_seconds
+        self._slots = threading.BoundedSemaphore(max_concurrent_queries)
+
+    def authenticate(self, cert_pem: bytes | None) -> MemberIdentity:
+        """The member a TLS-verified peer certificate names, refusing revoked ones."""
+        if not cert_pem:
+            raise NotAuthenticated("no client certificate was presented")
+        try:
+            identity = member_identity(x509.load_pem_x509_certificate(cert_pem))
+        except ValueError:
+            raise NotAuthenticated("the client certificate could not be read") from None
+        if identity.dataspace != self.dataspace:
+            raise NotAuthenticated(
+                f"the certificate belongs to data space {identity.dataspace!r}; this connector "
+                f"serves {self.dataspace!r}"
+            )
+        revoked = self.revoked
+        if identity.member_id in revoked.members or identity.serial in revoked.serials:
+            raise NotAuthenticated(
+                f"member {identity.member_id!r} or its certificate is revoked by this connector; "
+                "ask the provider's IT team"
+            )
+        return identity
+
+    def catalog(self, member: MemberIdentity) -> list[CatalogDataset]:
+        """The datasets granted to member now, with only the granted columns."""
+        datasets = self.store.datasets()
+        engine = self.policies.snapshot.engine
+        listed = []
+        for grant in engine.catalog(member.member_id, _now()):
+            info = datasets.get(grant.dataset)
+            if info is None:
+                log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
+                continue
+            allowed = set(grant.columns)
+            columns = tuple(c for c in info.columns if c.name in allowed)
+            listed.append(CatalogDataset(info, columns, grant))
+        return listed
+
+    def explain(self, member: MemberIdentity, request: PeerRequest) -> Explanation:
+        """Decide and plan a query without running it."""
+        shape = inspect_query(request.sql)
+        decision = self._decide(member, request, shape)
+        relations = relations_for(decision, self.store.datasets()) if decision.allow else ()
+        return Explanation(shape, decision, relations)
+
+    def query(self, member: MemberIdentity, request: PeerRequest) -> QueryRun:
+        """Check and start a query; raises before anything is sent when it is not allowed."""
+        explanation = self.explain(member, request)
+        if not explanation.decision.allow:
+            raise PermissionDenied(list(explanation.decision.reasons))
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                "this connector is answering its maximum number of queries; retry shortly"
+            )
+        try:
+            return QueryRun(self, member, request, explanation)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release_slot(self) -> None:
+        """Called by a QueryRun when it ends."""
+        self._slots.release()
+
+    def _decide(self, member: MemberIdentity, request: PeerRequest, shape: QueryShape) -> Decision:
+        datasets = self.store.datasets()
+        columns = {
+            name: frozenset(c.name for c in datasets[name].columns if c.name in shape.column_refs)
+            if name in datasets
+            else frozenset()
+            for name in shape.datasets
+        }
+        return self.policies.snapshot.engine.decide(
+            DecisionRequest(
+                member=member.member_id,
+                purpose=request.purpose,
+                datasets=shape.datasets,
+                columns=columns,
+                uses_star=shape.uses_star,
+                time=_now(),
+            )
+        )
+
+
+class QueryRun:
+    """One running query: yields Arrow IPC pieces, then its signed receipt."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        member: MemberIdentity,
+        request: PeerRequest,
+        explanation: Explanation,
+    ) -> None:
+        self._provider = provider
+        self._member = member
+        self._request = request
+        self._explanation = explanation
+        self._session: SandboxSession = provider.store.session()
+        self._lock = threading.Lock()
+        self._finished = False
+        self.rows = 0
+        self.truncated = False
+        self._pieces: IpcPieces | None = None
+
+    def cancel(self) -> None:
+        """Interrupt the query in DuckDB (the peer went away or its deadline passed)."""
+        with self._lock:
+            if not self._finished:
+                self._session.interrupt()
+
+    def pieces(self, deadline_seconds: float | None = None) -> Iterator[bytes]:
+        """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size."""
+        timeout = self._provider.max_query_seconds
+        if deadline_seconds is not None:
+            timeout = max(0.001, min(timeout, deadline_seconds))
+        try:
+            sql = self._request.sql
+            self._session.expose(self._explanation.relations)
+            self._session.verify_plan(sql, self._explanation.relations)
+            result = self._session.stream(sql, self._provider.batch_rows, timeout)
+            pieces = self._pieces = IpcPieces(result.schema)
+            cap = self._request.max_rows
+            for whole in result:
+                batch = whole
+                if cap and self.rows + whole.num_rows > cap:
+                    batch = whole.slice(0, cap - self.rows)
+                    self.truncated = True
+                if batch.num_rows:
+                    self.rows += batch.num_rows
+                    yield pieces.encode(batch)
+                if self.truncated:
+                    break
+            yield pieces.finish()
+        finally:
+            self.close()
+
+    def receipt(self) -> tuple[ReceiptFields, str]:
+        """The receipt of a completed run and its JWS."""
+        if self._pieces is None:
+            raise StoreError("the query produced no result to give a receipt for")
+        fields = ReceiptFields(
+            request_id=self._request.request_id,
+            member_id=self._member.member_id,
+            provider_id=self._provider.member_id,
+            purpose=self._request.purpose,
+            query_sha256=self._explanation.shape.sha256,
+            result_sha256=self._pieces.sha256,
+            rows=self.rows,
+            bytes=self._pieces.bytes_sent,
+            truncated=self.truncated,
+            policies=decision_policies(self._explanation.decision),
+        )
+        return fields, self._provider.signer.sign(fields)
+
+    def close(self) -> None:
+        """Release the DuckDB session and the query slot; safe to call more than once."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self._session.close()
+        self._provider.release_slot()
+
+
+def decision_policies(decision: Decision) -> tuple[PolicyUse, ...]:
+    """The policies (id, version) that the decision's grants rest on."""
+    return policy_uses([p for grant in decision.grants for p in grant.policies])
+
+
+def obligations_json(obligations: Mapping[str, Any]) -> str:
+    """Obligations as canonical JSON text (empty when there are none)."""
+    return json.dumps(dict(obligations), sort_keys=True) if obligations else ""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,274 @@
+"""`make demo`: a small manufacturing data space on loopback, queried by its members.
+
+Three members (the car maker Northwind Motors and its suppliers Axle Works and Voltcell)
+each get a home, load their example data, sign their policies and start a connector. Then
+peers query each other: answered, refused for purpose, refused for a column, refused for
+lack of any policy, a catalog and an explain. Every step is the real `connector` command.
+The servers are stopped when the demo ends, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent
+DATASPACE = "open-manufacturing"
+MEMBERS = {
+    "northwind-motors": (
+        "part_defects.csv",
+        "part_defects",
+        "Incoming-inspection defects per plant, part and week",
+    ),
+    "axle-works": (
+        "deliveries.csv",
+        "deliveries",
+        "Deliveries to customers: promised vs delivered",
+    ),
+    "voltcell": ("cell_tests.json", "cell_tests", "End-of-line battery cell test results per lot"),
+}
+PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
+
+
+def connector(
+    *args: str | Path, check: bool = True, show: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `connector` command and show it like a terminal would."""
+    command = [sys.executable, "-m", "connector.cli.main", *map(str, args)]
+    if show:
+        print(f"\n$ connector {' '.join(_quote(str(a)) for a in args)}", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if show:
+        print(done.stdout, end="")
+        for line in done.stderr.splitlines():
+            if " INFO " not in line:
+                print(line)
+    if check and done.returncode != 0:
+        raise SystemExit(f"demo step failed (exit {done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+def _quote(text: str) -> str:
+    return f'"{text}"' if re.search(r"[\s*;(),']", text) else text
+
+
+@dataclass
+class Server:
+    """A `connector serve` process and the port it reported."""
+
+    member: str
+    process: subprocess.Popen[str]
+    port: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            found = PORT_LINE.search(line)
+            if found:
+                self.port = int(found.group(1))
+
+
+def start_server(member: str, home: Path) -> Server:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "connector.cli.main",
+            "serve",
+            "--home",
+            str(home),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = Server(member, process)
+    threading.Thread(target=server.read, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not server.port:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{member}'s connector did not start:\n{''.join(server.log)}")
+        time.sleep(0.05)
+    print(f"  {member}: serving on 127.0.0.1:{server.port} (mutual TLS)")
+    return server
+
+
+def stop_servers(servers: list[Server]) -> None:
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    for server in servers:
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+def set_up(workdir: Path) -> dict[str, Path]:
+    """The data space: CA, member homes, data, signed policies."""
+    print("== 1. The data space and its members (development CA, one home per member)")
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    connector("dataspace", "init", workdir / "ca", "--name", DATASPACE)
+    homes = {}
+    for member, (data_file, dataset, description) in MEMBERS.items():
+        home = homes[member] = workdir / member
+        connector("init", home, "--member", member, "--dataspace", workdir / "ca")
+        connector(
+            "ingest",
+            "--home",
+            home,
+            EXAMPLES / member / data_file,
+            "--dataset",
+            dataset,
+            "--description",
+            description,
+        )
+        for policy in sorted((EXAMPLES / member / "policies").glob("*.yaml")):
+            shutil.copy(policy, home / "policies" / policy.name)
+    print("\n== 2. Legal teams sign their usage policies; the connector checks them")
+    for home in homes.values():
+        connector("policy", "sign", "--home", home, *sorted((home / "policies").glob("*.yaml")))
+    connector("policy", "verify", "--home", homes["northwind-motors"])
+    return homes
+
+
+def run_queries(homes: dict[str, Path], ports: dict[str, int]) -> None:
+    northwind, axle, voltcell = (f"127.0.0.1:{ports[m]}" for m in MEMBERS)
+    print("\n== 4. Axle Works discovers what Northwind Motors shares with it")
+    connector("catalog", "--home", homes["axle-works"], "--to", northwind)
+
+    print("\n== 5. Answered: Axle Works benchmarks its defect rate per Northwind plant")
+    connector(
+        "query",
+        "--home",
+        homes["axle-works"],
+        "--to",
+        northwind,
+        "--purpose",
+        "quality-benchmarking",
+        "SELECT plant, sum(defects) AS defects, sum(units_received) AS units, "
+        "round(1e6 * sum(defects) / sum(units_received)) AS ppm FROM part_defects "
+        "WHERE supplier = 'axle-works' GROUP BY plant ORDER BY ppm DESC",
+    )
+    print("\n== 6. Refused for purpose: the policy grants quality benchmarking, not marketing")
+    connector(
+        "query",
+        "--home",
+        homes["axle-works"],
+        "--to",
+        northwind,
+        "--purpose",
+        "marketing",
+        "SELECT plant, sum(defects) FROM part_defects GROUP BY plant",
+        check=False,
+    )
+    print("\n== 7. Refused for a column: prices are not granted")
+    connector(
+        "query",
+        "--home",
+        homes["axle-works"],
+        "--to",
+        northwind,
+        "--purpose",
+        "quality-benchmarking",
+        "SELECT part_no, avg(unit_price_eur) FROM part_defects GROUP BY part_no",
+        check=False,
+    )
+    print("\n== 8. Refused: Voltcell holds no policy for Axle Works' deliveries")
+    connector(
+        "query",
+        "--home",
+        homes["voltcell"],
+        "--to",
+        axle,
+        "--purpose",
+        "supply-planning",
+        "SELECT * FROM deliveries",
+        check=False,
+    )
+    print("\n== 9. Refused: forbidden SQL never reaches the data (file access)")
+    connector(
+        "query",
+        "--home",
+        homes["axle-works"],
+        "--to",
+        northwind,
+        "--purpose",
+        "quality-benchmarking",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        check=False,
+    )
+    print("\n== 10. Answered: Northwind Motors reads cell test results and delivery performance")
+    connector(
+        "query",
+        "--home",
+        homes["northwind-motors"],
+        "--to",
+        voltcell,
+        "--purpose",
+        "warranty-analysis",
+        "SELECT line, cell_type, sum(failed) AS failed, sum(cells_tested) AS tested "
+        "FROM cell_tests GROUP BY ALL ORDER BY line, cell_type",
+    )
+    connector(
+        "query",
+        "--home",
+        homes["northwind-motors"],
+        "--to",
+        axle,
+        "--purpose",
+        "supply-planning",
+        "--format",
+        "csv",
+        "SELECT plant, count(*) AS deliveries, avg(CASE WHEN on_time THEN 1 ELSE 0 END) AS "
+        "on_time_share FROM deliveries WHERE customer = 'northwind-motors' GROUP BY plant "
+        "ORDER BY plant",
+    )
+    print("\n== 11. Explain: what a query would run on, without running it")
+    connector(
+        "explain",
+        "--home",
+        homes["voltcell"],
+        "--to",
+        northwind,
+        "--purpose",
+        "quality-benchmarking",
+        "SELECT * FROM part_defects",
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("demo-space"))
+    parser.add_argument("--keep-running", action="store_true", help="serve until Ctrl-C")
+    args = parser.parse_args()
+    homes = set_up(args.workdir.resolve())
+    servers: list[Server] = []
+    try:
+        print("\n== 3. Each member starts its connector")
+        for member, home in homes.items():
+            servers.append(start_server(member, home))
+        run_queries(homes, {s.member: s.port for s in servers})
+        if args.keep_running:
+            print("\nServing until Ctrl-C; homes are in", args.workdir)
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        stop_servers(servers)
+        print("\nAll connectors stopped. Member homes stay in", args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

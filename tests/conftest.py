@@ -1,0 +1,173 @@
+"""Shared fixtures: a throwaway data space, member homes made by the real CLI, real servers.
+
+Servers listen on 127.0.0.1 port 0 with real certificates; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from connector.cli.main import main as cli
+from connector.client import Peer, PeerIdentity
+from connector.config import load_settings
+from connector.identity import create_dataspace_ca
+from connector.server import RunningServer, start_server
+
+DATASPACE = "test-space"
+
+
+def run_cli(*args: str | Path) -> int:
+    """Run the connector command line in-process; returns its exit status."""
+    return cli([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def dataspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A development data-space CA shared by the whole test session."""
+    directory = tmp_path_factory.mktemp("dataspace")
+    create_dataspace_ca(directory, DATASPACE)
+    return directory
+
+
+@dataclass
+class Member:
+    """A member's home folder made by `connector init`."""
+
+    member_id: str
+    home: Path
+
+    def write_policy(self, name: str, text: str, *, sign: bool = True) -> Path:
+        """Write a policy file into the home's policies folder and (by default) sign it."""
+        path = self.home / "policies" / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        if sign:
+            assert run_cli("policy", "sign", "--home", self.home, path) == 0
+        return path
+
+    def ingest(self, source: Path, dataset: str, description: str = "") -> None:
+        """Load a data file into the member's database through the CLI."""
+        args = ["ingest", "--home", self.home, source, "--dataset", dataset]
+        assert run_cli(*args, "--description", description or dataset) == 0
+
+    def identity(self) -> PeerIdentity:
+        """This member's certificate and key, for querying others."""
+        return PeerIdentity.from_home(self.home)
+
+
+@pytest.fixture
+def make_member(tmp_path: Path, dataspace: Path) -> Callable[[str], Member]:
+    """Create member homes with `connector init`."""
+
+    def make(member_id: str) -> Member:
+        home = tmp_path / member_id
+        assert run_cli("init", home, "--member", member_id, "--dataspace", dataspace) == 0
+        return Member(member_id, home)
+
+    return make
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Member], RunningServer]]:
+    """Start real servers for members on 127.0.0.1:0; stopped at the end of the test."""
+    running: list[RunningServer] = []
+
+    def start(member: Member) -> RunningServer:
+        server = start_server(load_settings(member.home), "127.0.0.1:0")
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop(grace=1)
+
+
+def connect(server: RunningServer, member: Member, timeout: float = 30.0) -> Peer:
+    """A Peer client from member to a running server."""
+    return Peer(f"127.0.0.1:{server.port}", member.identity(), timeout=timeout)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll until condition() is true; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(0.05)
+
+
+def policy_text(
+    policy_id: str,
+    *,
+    members: str,
+    datasets: str = "[part_defects]",
+    purposes: str = "[quality-benchmarking]",
+    columns: str = "[plant, part_no, defect_code, defects, week]",
+    version: int = 1,
+    valid_from: str | None = None,
+    valid_until: str | None = None,
+) -> str:
+    """A usage policy in YAML, valid from yesterday to next year unless told otherwise."""
+    today = dt.date.today()
+    start = valid_from or str(today - dt.timedelta(days=1))
+    end = valid_until or str(today + dt.timedelta(days=365))
+    return f"""\
+id: {policy_id}
+version: {version}
+description: Test policy {policy_id}
+datasets: {datasets}
+grantees: {{members: {members}}}
+purposes: {purposes}
+valid: {{from: {start}, until: {end}}}
+columns:
+  allow: {columns}
+"""
+
+
+def write_defects_csv(path: Path, rows: int = 200) -> Path:
+    """A part-defects table: plants, parts, weekly defect counts and a confidential price."""
+    plants = ["Regensburg", "Dingolfing", "Leipzig", "Munich"]
+    lines = ["plant,part_no,defect_code,defects,week,supplier_price"]
+    for i in range(rows):
+        lines.append(
+            f"{plants[i % 4]},P-{1000 + i % 25},D{i % 7},{(i * 37) % 19},"
+            f"{dt.date(2026, 1, 5) + dt.timedelta(weeks=i % 40)},{100 + (i * 13) % 400}.5"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class Space:
+    """A provider with data and a signed policy for a grantee, its server running."""
+
+    provider: Member
+    grantee: Member
+    outsider: Member
+    server: RunningServer
+
+    def peer(self, member: Member | None = None, timeout: float = 30.0) -> Peer:
+        return connect(self.server, member or self.grantee, timeout)
+
+
+@pytest.fixture
+def space(
+    tmp_path: Path,
+    make_member: Callable[[str], Member],
+    serve: Callable[[Member], RunningServer],
+) -> Space:
+    """carmaker offers part_defects to supplier-a for quality-benchmarking; supplier-b has none."""
+    provider, grantee, outsider = (
+        make_member("carmaker"),
+        make_member("supplier-a"),
+        make_member("supplier-b"),
+    )
+    provider.ingest(write_defects_csv(tmp_path / "defects.csv"), "part_defects", "Weekly defects")
+    provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
+    return Space(provider, grantee, outsider, serve(provider))

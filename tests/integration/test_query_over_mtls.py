@@ -1,0 +1,324 @@
+"""A peer discovers and queries a provider over mutual TLS, only where a signed policy allows."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pyarrow as pa
+import pytest
+
+from connector._proto.connector.v1 import connector_pb2 as pb
+from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
+from connector.errors import PeerError, PermissionDenied, QueryRejected, QueryTimeout
+from connector.identity import create_dataspace_ca, issue_member_certificate
+from connector.server import RunningServer
+from tests.conftest import (
+    Member,
+    Space,
+    connect,
+    policy_text,
+    wait_for,
+    write_defects_csv,
+)
+
+GRANTED = ["plant", "part_no", "defect_code", "defects", "week"]
+PURPOSE = "quality-benchmarking"
+
+
+def test_catalog_lists_only_granted_datasets_and_columns(space: Space) -> None:
+    with space.peer() as peer:
+        catalog = peer.catalog()
+    assert [d.name for d in catalog] == ["part_defects"]
+    entry = catalog[0]
+    assert [name for name, _ in entry.columns] == GRANTED
+    assert entry.purposes == (PURPOSE,)
+    assert [(p.id, p.version) for p in entry.policies] == [("quality-benchmark", 1)]
+    assert entry.description == "Weekly defects"
+
+
+def test_catalog_is_empty_for_a_member_without_policy(space: Space) -> None:
+    with space.peer(space.outsider) as peer:
+        assert peer.catalog() == []
+
+
+def test_query_answers_with_arrow_and_a_verified_receipt(space: Space) -> None:
+    sql = "SELECT plant, sum(defects) AS defects FROM part_defects GROUP BY plant ORDER BY plant"
+    with space.peer() as peer:
+        result = peer.query(sql, PURPOSE, request_id="req-42")
+    assert result.table.column_names == ["plant", "defects"]
+    assert result.table.column("plant").to_pylist() == [
+        "Dingolfing",
+        "Leipzig",
+        "Munich",
+        "Regensburg",
+    ]
+    receipt = result.receipt
+    assert receipt.request_id == "req-42"
+    assert receipt.member_id == "supplier-a"
+    assert receipt.provider_id == "carmaker"
+    assert receipt.rows == 4
+    assert receipt.query_sha256 == hashlib.sha256(sql.encode()).hexdigest()
+    assert receipt.result_sha256 == hashlib.sha256(result.arrow_ipc).hexdigest()
+    assert [(p.id, p.version) for p in receipt.policies] == [("quality-benchmark", 1)]
+    assert not receipt.truncated
+
+
+def test_select_star_expands_to_the_granted_columns(space: Space) -> None:
+    with space.peer() as peer:
+        result = peer.query("SELECT * FROM part_defects", PURPOSE)
+    assert result.table.column_names == GRANTED
+    assert result.table.num_rows == 200
+
+
+def test_refused_for_purpose_with_the_reason(space: Space) -> None:
+    with space.peer() as peer, pytest.raises(PermissionDenied) as refused:
+        peer.query("SELECT plant FROM part_defects", "marketing")
+    assert any("purpose" in r and "marketing" in r for r in refused.value.reasons)
+
+
+def test_refused_for_a_column_with_the_reason(space: Space) -> None:
+    with space.peer() as peer, pytest.raises(PermissionDenied) as refused:
+        peer.query("SELECT plant, supplier_price FROM part_defects", PURPOSE)
+    assert any("supplier_price" in r for r in refused.value.reasons)
+
+
+def test_a_hidden_column_cannot_be_used_in_where_either(space: Space) -> None:
+    with space.peer() as peer, pytest.raises(PermissionDenied) as refused:
+        peer.query("SELECT plant FROM part_defects WHERE supplier_price > 300", PURPOSE)
+    assert any("supplier_price" in r for r in refused.value.reasons)
+
+
+def test_valid_certificate_without_policy_is_refused_without_leaking_terms(space: Space) -> None:
+    with space.peer(space.outsider) as peer, pytest.raises(PermissionDenied) as refused:
+        peer.query("SELECT plant FROM part_defects", PURPOSE)
+    text = " ".join(refused.value.reasons)
+    assert "no policy grants dataset part_defects to you" in text
+    assert "supplier-a" not in text and "quality-benchmark" not in text
+
+
+def test_unknown_dataset_is_refused_like_an_ungranted_one(space: Space) -> None:
+    with space.peer() as peer, pytest.raises(PermissionDenied) as refused:
+        peer.query("SELECT * FROM salaries", PURPOSE)
+    assert "no policy grants dataset salaries to you" in " ".join(refused.value.reasons)
+
+
+@pytest.mark.parametrize(
+    ("sql", "words"),
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", "read_csv"),
+        ("SELECT 1; DROP TABLE part_defects", "one"),
+        ("SELECT * FROM datasets.part_defects", "qualified"),
+        ("SELECT current_setting('memory_limit')", "current_setting"),
+        ("SELEC plant FROM part_defects", "syntax"),
+    ],
+)
+def test_forbidden_sql_is_invalid_argument(space: Space, sql: str, words: str) -> None:
+    with space.peer() as peer, pytest.raises(QueryRejected) as rejected:
+        peer.query(sql, PURPOSE)
+    assert words in str(rejected.value).lower()
+
+
+def test_rejection_names_the_position(space: Space) -> None:
+    with space.peer() as peer, pytest.raises(QueryRejected) as rejected:
+        peer.query("SELECT plant, read_text('/etc/hosts') FROM part_defects", PURPOSE)
+    assert "at character" in str(rejected.value)
+
+
+def test_max_rows_cuts_the_result_and_says_so(space: Space) -> None:
+    with space.peer() as peer:
+        result = peer.query("SELECT * FROM part_defects", PURPOSE, max_rows=7)
+    assert result.table.num_rows == 7
+    assert result.receipt.truncated
+    assert result.receipt.rows == 7
+
+
+def test_explain_gives_the_decision_and_relations(space: Space) -> None:
+    with space.peer() as peer:
+        allowed = peer.explain("SELECT plant FROM part_defects", PURPOSE)
+        denied = peer.explain("SELECT supplier_price FROM part_defects", PURPOSE)
+    assert allowed.allow
+    assert allowed.datasets == ("part_defects",)
+    assert allowed.relations[0][0] == "part_defects"
+    assert list(allowed.relations[0][1]) == GRANTED
+    assert not denied.allow
+    assert any("supplier_price" in r for r in denied.reasons)
+
+
+def test_a_large_result_streams_in_many_batches(tmp_path: Path, space: Space) -> None:
+    sql = "SELECT a.plant, b.week FROM part_defects a CROSS JOIN part_defects b"
+    with space.peer() as peer:
+        messages = list(peer.stream(sql, PURPOSE))
+    pieces = [m.arrow_ipc for m in messages if not m.HasField("receipt")]
+    assert messages[-1].HasField("receipt")
+    assert len(pieces) > 1
+    table = pa.ipc.open_stream(b"".join(pieces)).read_all()
+    assert table.num_rows == 200 * 200
+
+
+def test_server_keeps_serving_after_errors_and_under_concurrency(space: Space) -> None:
+    failures: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with space.peer() as peer:
+                if i % 3 == 0:
+                    with pytest.raises(QueryRejected):
+                        peer.query("SELECT * FROM glob('/*')", PURPOSE)
+                else:
+                    assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).table[
+                        "n"
+                    ].to_pylist() == [200]
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+SLOW = (
+    "SELECT count(*) FROM part_defects a, part_defects b, part_defects c, part_defects d "
+    "WHERE a.plant || b.plant || c.plant || d.plant = 'x'"
+)
+
+
+def test_client_deadline_interrupts_the_query_and_the_server_goes_on(space: Space) -> None:
+    started = time.monotonic()
+    with space.peer(timeout=0.5) as peer, pytest.raises(QueryTimeout):
+        peer.query(SLOW, PURPOSE)
+    with space.peer() as peer:
+        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).table.num_rows == 1
+    # The second query could run only once the first was interrupted (2 DuckDB threads).
+    assert time.monotonic() - started < 20
+
+
+def test_server_time_limit_ends_a_query_with_deadline_exceeded(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    config = provider.home / "connector.toml"
+    config.write_text(config.read_text().replace("max_query_seconds = 30", "max_query_seconds = 1"))
+    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
+    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    server = serve(provider)
+    with connect(server, grantee) as peer:
+        with pytest.raises(QueryTimeout, match="time limit"):
+            peer.query(SLOW, PURPOSE)
+        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).table.num_rows == 1
+
+
+def test_policy_reload_on_file_change(space: Space) -> None:
+    with space.peer(space.outsider) as peer:
+        assert peer.catalog() == []
+        space.provider.write_policy(
+            "outsider.yaml", policy_text("supplier-b-access", members="[supplier-b]")
+        )
+        wait_for(lambda: len(peer.catalog()) == 1)
+        (space.provider.home / "policies" / "outsider.yaml").unlink()
+        wait_for(lambda: peer.catalog() == [])
+
+
+def test_tampered_policy_is_not_loaded(space: Space) -> None:
+    path = space.provider.home / "policies" / "quality.yaml"
+    path.write_text(path.read_text().replace("[supplier-a]", "[supplier-a, supplier-b]"))
+    space.server.reload()
+    with space.peer(space.outsider) as peer:
+        assert peer.catalog() == []
+    with space.peer() as peer:
+        assert peer.catalog() == []
+
+
+def test_unsigned_and_expired_policies_grant_nothing(space: Space) -> None:
+    space.provider.write_policy(
+        "unsigned.yaml", policy_text("unsigned", members="[supplier-b]"), sign=False
+    )
+    space.provider.write_policy(
+        "expired.yaml",
+        policy_text(
+            "expired", members="[supplier-b]", valid_from="2020-01-01", valid_until="2021-01-01"
+        ),
+    )
+    space.server.reload()
+    with space.peer(space.outsider) as peer:
+        assert peer.catalog() == []
+
+
+def _channel(space: Space, creds: grpc.ChannelCredentials) -> pb_grpc.ConnectorStub:
+    channel = grpc.secure_channel(f"127.0.0.1:{space.server.port}", creds)
+    return pb_grpc.ConnectorStub(channel)
+
+
+def test_client_without_certificate_never_reaches_the_service(space: Space) -> None:
+    ca = (space.grantee.home / "tls" / "ca.pem").read_bytes()
+    stub = _channel(space, grpc.ssl_channel_credentials(root_certificates=ca))
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.GetCatalog(pb.CatalogRequest(), timeout=10)
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_from_another_ca_never_reaches_the_service(tmp_path: Path, space: Space) -> None:
+    create_dataspace_ca(tmp_path / "rogue", "test-space")
+    issue_member_certificate(tmp_path / "rogue", "supplier-a", tmp_path / "rogue-member")
+    identity = space.grantee.identity()
+    stub = _channel(
+        space,
+        grpc.ssl_channel_credentials(
+            root_certificates=identity.ca_pem,
+            private_key=(tmp_path / "rogue-member" / "key.pem").read_bytes(),
+            certificate_chain=(tmp_path / "rogue-member" / "cert.pem").read_bytes(),
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.GetCatalog(pb.CatalogRequest(), timeout=10)
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_peer_sees_unreachable_provider_clearly(space: Space) -> None:
+    from connector.client import Peer
+
+    with (
+        Peer("127.0.0.1:1", space.grantee.identity(), timeout=5) as peer,
+        pytest.raises(PeerError, match="unreachable"),
+    ):
+        peer.catalog()
+
+
+def test_revoked_member_is_refused_at_once_after_reload(space: Space) -> None:
+    config = space.provider.home / "connector.toml"
+    with space.peer() as peer:
+        assert len(peer.catalog()) == 1
+        config.write_text(config.read_text().replace("members = []", 'members = ["supplier-a"]'))
+        space.server.reload()
+        with pytest.raises(Exception) as refused:
+            peer.catalog()
+    assert "revoked" in str(refused.value)
+
+
+def test_revoked_certificate_serial_is_refused(space: Space) -> None:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((space.grantee.home / "tls" / "cert.pem").read_bytes())
+    config = space.provider.home / "connector.toml"
+    config.write_text(
+        config.read_text().replace("serials = []", f'serials = ["{cert.serial_number:x}"]')
+    )
+    space.server.reload()
+    stub = _channel(
+        space,
+        grpc.ssl_channel_credentials(
+            root_certificates=space.grantee.identity().ca_pem,
+            private_key=space.grantee.identity().key_pem,
+            certificate_chain=space.grantee.identity().cert_pem,
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.GetCatalog(pb.CatalogRequest(), timeout=10)
+    assert failed.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,144 @@
+"""`connector serve` as a real process: signals, reloads, and ingesting while it runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.client import Peer
+from connector.errors import StoreBusy
+from connector.store import ingest, list_datasets
+from tests.conftest import Member, policy_text, wait_for, write_defects_csv
+
+PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
+
+
+class ServerProcess:
+    """A `connector serve` child process and what it printed."""
+
+    def __init__(self, home: Path) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "connector.cli.main",
+                "serve",
+                "--home",
+                str(home),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(lambda: self.port != 0 or self.process.poll() is not None, timeout=30)
+        assert self.port, "".join(self.lines)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            found = PORT_LINE.search(line)
+            if found:
+                self.port = int(found.group(1))
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(timeout=10)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def server_process() -> Iterator[Callable[[Member], ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def start(member: Member) -> ServerProcess:
+        server = ServerProcess(member.home)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def provider_and_grantee(
+    tmp_path: Path, make_member: Callable[[str], Member]
+) -> tuple[Member, Member]:
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    provider.ingest(write_defects_csv(tmp_path / "defects.csv"), "part_defects")
+    provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
+    return provider, grantee
+
+
+def test_sigterm_stops_cleanly(
+    provider_and_grantee: tuple[Member, Member],
+    server_process: Callable[[Member], ServerProcess],
+) -> None:
+    provider, grantee = provider_and_grantee
+    server = server_process(provider)
+    with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
+        assert [d.name for d in peer.catalog()] == ["part_defects"]
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    assert "stopped" in server.log()
+
+
+def test_sighup_reloads_policies_at_once(
+    provider_and_grantee: tuple[Member, Member],
+    server_process: Callable[[Member], ServerProcess],
+) -> None:
+    provider, grantee = provider_and_grantee
+    server = server_process(provider)
+    (provider.home / "policies" / "quality.yaml").unlink()
+    os.kill(server.process.pid, signal.SIGHUP)
+    with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
+        wait_for(lambda: peer.catalog() == [], timeout=5)
+    assert "SIGHUP received" in server.log()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=30) == 0
+
+
+def test_ingest_while_serving_fails_clearly_and_leaves_the_file_intact(
+    tmp_path: Path,
+    provider_and_grantee: tuple[Member, Member],
+    server_process: Callable[[Member], ServerProcess],
+) -> None:
+    provider, grantee = provider_and_grantee
+    server = server_process(provider)
+    database = provider.home / "data.duckdb"
+    with pytest.raises(StoreBusy) as busy:
+        ingest(
+            database,
+            write_defects_csv(tmp_path / "more.csv", 10),
+            "part_defects",
+            description=None,
+            mode="append",
+        )
+    assert "stop" in str(busy.value)
+    with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
+        assert peer.query("SELECT count(*) AS n FROM part_defects", "quality-benchmarking").table[
+            "n"
+        ].to_pylist() == [200]
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    assert [d.rows for d in list_datasets(database)] == [200]

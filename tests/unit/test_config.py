@@ -1,0 +1,59 @@
+"""connector.toml: defaults, strictness and versioning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connector.config import load_settings, render_config
+from connector.errors import ConfigError
+
+
+def _home(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "connector.toml").write_text(text)
+    return tmp_path
+
+
+def test_rendered_config_reads_back(tmp_path: Path) -> None:
+    settings = load_settings(_home(tmp_path, render_config("acme", "space", "127.0.0.1:7000")))
+    assert settings.member_id == "acme"
+    assert settings.server.listen == "127.0.0.1:7000"
+    assert settings.cert == tmp_path / "tls" / "cert.pem"
+    assert settings.policies.trusted_signers == {"legal": tmp_path / "keys/policy-signing.key.pub"}
+    assert settings.revoked.members == frozenset()
+
+
+def test_missing_config_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="connector init"):
+        load_settings(tmp_path)
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    text = render_config("acme", "space", "127.0.0.1:7000").replace(
+        "threads = 2", "threads = 2\nthreds = 4"
+    )
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[server\]: threds"):
+        load_settings(_home(tmp_path, text))
+
+
+def test_newer_format_asks_for_an_upgrade(tmp_path: Path) -> None:
+    text = render_config("acme", "space", "x:1").replace("format = 1", "format = 2")
+    with pytest.raises(ConfigError, match="newer connector"):
+        load_settings(_home(tmp_path, text))
+
+
+def test_revoked_serials_are_hex(tmp_path: Path) -> None:
+    text = render_config("acme", "space", "x:1").replace(
+        "serials = []", 'serials = ["0a:ff", "zz"]'
+    )
+    with pytest.raises(ConfigError, match="'zz'"):
+        load_settings(_home(tmp_path, text))
+    ok = render_config("acme", "space", "x:1").replace("serials = []", 'serials = ["0a:ff"]')
+    assert load_settings(_home(tmp_path, ok)).revoked.serials == frozenset({0x0AFF})
+
+
+def test_wrong_type_is_named(tmp_path: Path) -> None:
+    text = render_config("acme", "space", "x:1").replace("threads = 2", 'threads = "two"')
+    with pytest.raises(ConfigError, match="threads has the wrong type"):
+        load_settings(_home(tmp_path, text))
