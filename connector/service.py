@@ -39,6 +39,16 @@ def _abort(context: grpc.ServicerContext, error: ConnectorError) -> NoReturn:
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
+def _internal(context: grpc.ServicerContext, method: str) -> NoReturn:
+    # A bug must not take the server down nor leak internals: log it, answer INTERNAL.
+    log.exception("%s failed unexpectedly", method)
+    context.abort(
+        grpc.StatusCode.INTERNAL,
+        "the provider's connector failed unexpectedly; its operators can find the cause in its log",
+    )
+    raise AssertionError("context.abort returns only by raising")  # pragma: no cover
+
+
 def _timestamp(moment: dt.datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment.astimezone(dt.UTC))
@@ -117,6 +127,8 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             datasets = self._provider.catalog(member)
         except ConnectorError as error:
             _abort(context, error)
+        except Exception:
+            _internal(context, "GetCatalog")
         signer = self._provider.signer
         return pb.Catalog(
             provider_id=self._provider.member_id,
@@ -134,6 +146,8 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             explanation = self._provider.explain(member, _peer_request(request))
         except ConnectorError as error:
             _abort(context, error)
+        except Exception:
+            _internal(context, "Explain")
         return _decision_message(explanation)
 
     def Query(  # noqa: N802
@@ -144,6 +158,8 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             run = self._provider.query(member, _peer_request(request))
         except ConnectorError as error:
             _abort(context, error)
+        except Exception:
+            _internal(context, "Query")
         context.add_callback(run.cancel)
         try:
             for piece in run.pieces(context.time_remaining()):
@@ -151,6 +167,8 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             fields, token = run.receipt()
         except ConnectorError as error:
             _abort(context, error)
+        except Exception:
+            _internal(context, "Query")
         finally:
             run.close()
         log.info(
