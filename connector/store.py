@@ -132,16 +132,9 @@ def _columns_of(con: duckdb.DuckDBPyConnection, table: str) -> tuple[ColumnInfo,
     return tuple(ColumnInfo(str(n), str(t)) for n, t in rows)
 
 
-def _staged_columns(con: duckdb.DuckDBPyConnection, source: Path) -> list[str]:
-    names = [str(d[0]) for d in con.execute("SELECT * FROM staged LIMIT 0").description]
-    lowered = [n.lower() for n in names]
-    if len(set(lowered)) != len(lowered):
-        dupes = sorted({n for n in lowered if lowered.count(n) > 1})
-        raise DataError(
-            f"{source.name}: column names differ only in case ({', '.join(dupes)}); "
-            "the connector compares column names case-insensitively, rename them"
-        )
-    return names
+def _staged_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    # DuckDB's readers already rename names that collide case-insensitively (A, a -> A, a_1).
+    return [str(d[0]) for d in con.execute("SELECT * FROM staged LIMIT 0").description]
 
 
 def ingest(
@@ -167,7 +160,7 @@ def ingest(
         try:
             literal = "'" + str(source).replace("'", "''") + "'"
             con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM {reader}({literal})")
-            names = _staged_columns(con, source)
+            names = _staged_columns(con)
         except duckdb.Error as exc:
             raise DataError(f"cannot read {source}: {str(exc).splitlines()[0]}") from None
         select = ", ".join(f"{quote_identifier(n)} AS {quote_identifier(n.lower())}" for n in names)
@@ -176,12 +169,18 @@ def ingest(
         try:
             existing = _columns_of(con, dataset)
             if mode == "append" and existing:
-                _check_append(con, existing, select, dataset)
-                con.execute(f"INSERT INTO {target} SELECT {select} FROM staged")
+                appended = _append_select(existing, names, dataset)
+                con.execute(f"INSERT INTO {target} SELECT {appended} FROM staged")
             else:
                 con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {select} FROM staged")
             info = _record(con, dataset, description, source, mode)
             con.execute("COMMIT")
+        except duckdb.Error as exc:
+            con.execute("ROLLBACK")
+            raise DataError(
+                f"cannot load {source.name} into {dataset}: {str(exc).splitlines()[0]}; "
+                "nothing was changed"
+            ) from None
         except BaseException:
             con.execute("ROLLBACK")
             raise
@@ -189,28 +188,18 @@ def ingest(
     return info
 
 
-def _check_append(
-    con: duckdb.DuckDBPyConnection, existing: tuple[ColumnInfo, ...], select: str, dataset: str
-) -> None:
-    con.execute(f"CREATE OR REPLACE TEMP VIEW incoming AS SELECT {select} FROM staged")
-    incoming = [
-        ColumnInfo(str(d[0]), str(t))
-        for d, (t,) in zip(
-            con.execute("SELECT * FROM incoming LIMIT 0").description,
-            con.execute(
-                "SELECT data_type FROM duckdb_columns() WHERE table_name = 'incoming' "
-                "ORDER BY column_index"
-            ).fetchall(),
-            strict=True,
-        )
-    ]
-    if list(existing) != incoming:
-        have = ", ".join(f"{c.name} {c.type}" for c in existing)
-        got = ", ".join(f"{c.name} {c.type}" for c in incoming)
+def _append_select(existing: tuple[ColumnInfo, ...], names: list[str], dataset: str) -> str:
+    """The SELECT that appends the staged rows: same columns, cast to the dataset's types."""
+    if [n.lower() for n in names] != [c.name for c in existing]:
+        have = ", ".join(c.name for c in existing)
         raise DataError(
-            f"cannot append to {dataset}: its columns are ({have}) but the file has ({got}); "
-            "fix the file or use --replace"
+            f"cannot append to {dataset}: its columns are ({have}) but the file has "
+            f"({', '.join(names)}); fix the file or use --replace"
         )
+    return ", ".join(
+        f"CAST({quote_identifier(n)} AS {c.type}) AS {quote_identifier(c.name)}"
+        for n, c in zip(names, existing, strict=True)
+    )
 
 
 def _record(

@@ -1,0 +1,246 @@
+"""The Rego decision library, run by both engines: default deny, reasons, grants, catalog.
+
+The OPA-server backend is tested against a small OPA-compatible HTTP endpoint written here
+(policy and data upload, data queries; evaluated with regopy): no OPA binary can be
+installed on this machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from regopy import Interpreter
+
+from connector.errors import PolicyEngineError
+from connector.policy.engine import (
+    DecisionRequest,
+    EmbeddedEngine,
+    OpaServerEngine,
+    PolicyEngine,
+)
+from connector.policy.model import UsagePolicy, parse_policy
+
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+
+def _policy(tmp_path: Path, pid: str, members: str, **terms: str) -> UsagePolicy:
+    text = f"""\
+id: {pid}
+version: {terms.get("version", "1")}
+description: test
+datasets: {terms.get("datasets", "[part_defects]")}
+grantees: {{members: {members}}}
+purposes: {terms.get("purposes", "[quality]")}
+valid: {{from: {terms.get("start", "2026-01-01")}, until: {terms.get("until", "2027-01-01")}}}
+columns:
+  allow: {terms.get("columns", "[plant, defects]")}
+"""
+    path = tmp_path / f"{pid}.yaml"
+    path.write_text(text)
+    return parse_policy(path)
+
+
+def _request(member: str, purpose: str = "quality", **columns: list[str]) -> DecisionRequest:
+    datasets = tuple(sorted(columns)) or ("part_defects",)
+    return DecisionRequest(
+        member=member,
+        purpose=purpose,
+        datasets=datasets,
+        columns={d: frozenset(c) for d, c in columns.items()},
+        uses_star=False,
+        time=NOW,
+    )
+
+
+class FakeOpa(BaseHTTPRequestHandler):
+    """Enough of OPA's REST API for the connector: PUT policies and data, POST data queries."""
+
+    modules: ClassVar[dict[str, str]] = {}
+    data: ClassVar[dict[str, Any]] = {}
+
+    def log_message(self, *args: object) -> None:
+        return
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _send(self, status: int, document: object | None = None) -> None:
+        body = b"" if document is None else json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        if self.path.startswith("/v1/policies/"):
+            self.modules[self.path.removeprefix("/v1/policies/")] = self._body().decode()
+            self._send(200, {})
+        elif self.path.startswith("/v1/data/"):
+            self.data[self.path.removeprefix("/v1/data/")] = json.loads(self._body())
+            self._send(204)
+        else:
+            self._send(404, {"code": "not_found"})
+
+    def do_POST(self) -> None:
+        rule = self.path.removeprefix("/v1/data/").replace("/", ".")
+        interpreter = Interpreter()
+        for name, text in self.modules.items():
+            interpreter.add_module(name, text)
+        interpreter.add_data(self.data)
+        interpreter.set_input(json.loads(self._body())["input"])
+        output = json.loads(str(interpreter.query(f"x = data.{rule}")))
+        self._send(200, {"result": output["bindings"]["x"]})
+
+
+@pytest.fixture
+def opa_url() -> Iterator[str]:
+    FakeOpa.modules, FakeOpa.data = {}, {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpa)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+EngineMaker = Callable[[list[UsagePolicy]], PolicyEngine]
+
+
+@pytest.fixture(params=["embedded", "opa"])
+def make_engine(request: pytest.FixtureRequest) -> EngineMaker:
+    if request.param == "embedded":
+        return EmbeddedEngine
+    url = request.getfixturevalue("opa_url")
+    return lambda policies: OpaServerEngine(policies, url)
+
+
+def test_default_deny_without_policies(make_engine: EngineMaker) -> None:
+    decision = make_engine([]).decide(_request("acme", part_defects=["plant"]))
+    assert not decision.allow
+    assert decision.reasons == ("no policy grants dataset part_defects to you",)
+    assert decision.grants == ()
+
+
+def test_grant_for_member_purpose_and_columns(tmp_path: Path, make_engine: EngineMaker) -> None:
+    engine = make_engine([_policy(tmp_path, "p1", "[acme]")])
+    decision = engine.decide(_request("acme", part_defects=["plant"]))
+    assert decision.allow and decision.reasons == ()
+    assert [(g.dataset, g.columns, g.policies) for g in decision.grants] == [
+        ("part_defects", ("defects", "plant"), (("p1", 1),))
+    ]
+
+
+def test_reasons_for_purpose_and_column(tmp_path: Path, make_engine: EngineMaker) -> None:
+    engine = make_engine([_policy(tmp_path, "p1", "[acme]")])
+    purpose = engine.decide(_request("acme", "marketing", part_defects=["plant"]))
+    assert purpose.reasons == (
+        "purpose marketing is not allowed for dataset part_defects (allowed: quality)",
+    )
+    column = engine.decide(_request("acme", part_defects=["plant", "price"]))
+    assert column.reasons == ("column price of dataset part_defects is not allowed",)
+    assert not column.allow and column.grants == ()
+
+
+def test_reasons_never_reveal_other_members_policies(
+    tmp_path: Path, make_engine: EngineMaker
+) -> None:
+    engine = make_engine(
+        [_policy(tmp_path, "secret-deal", "[rival]", purposes="[pricing]", columns="[price]")]
+    )
+    decision = engine.decide(_request("acme", "pricing", part_defects=["price"]))
+    assert decision.reasons == ("no policy grants dataset part_defects to you",)
+    assert engine.catalog("acme", NOW) == ()
+
+
+def test_expired_and_not_yet_valid(tmp_path: Path, make_engine: EngineMaker) -> None:
+    engine = make_engine(
+        [
+            _policy(tmp_path, "old", "[acme]", start="2025-01-01", until="2026-01-01"),
+            _policy(tmp_path, "new", "[bob]", start="2026-09-01", until="2027-01-01"),
+        ]
+    )
+    old = engine.decide(_request("acme", part_defects=["plant"]))
+    assert old.reasons == (
+        "policy old for dataset part_defects expired on 2026-01-01T00:00:00+00:00",
+    )
+    new = engine.decide(_request("bob", part_defects=["plant"]))
+    assert new.reasons == (
+        "policy new for dataset part_defects is valid only from 2026-09-01T00:00:00+00:00",
+    )
+
+
+def test_two_policies_grant_the_union_of_columns(tmp_path: Path, make_engine: EngineMaker) -> None:
+    engine = make_engine(
+        [
+            _policy(tmp_path, "a", "[acme]", columns="[plant]"),
+            _policy(tmp_path, "b", "[acme, bob]", columns="[defects, week]", version="4"),
+        ]
+    )
+    decision = engine.decide(_request("acme", part_defects=["plant", "week"]))
+    assert decision.allow
+    (grant,) = decision.grants
+    assert grant.columns == ("defects", "plant", "week")
+    assert grant.policies == (("a", 1), ("b", 4))
+
+
+def test_every_dataset_needs_a_grant(tmp_path: Path, make_engine: EngineMaker) -> None:
+    engine = make_engine([_policy(tmp_path, "p1", "[acme]")])
+    decision = engine.decide(_request("acme", part_defects=["plant"], prices=[]))
+    assert decision.reasons == ("no policy grants dataset prices to you",)
+
+
+def test_a_query_reading_no_dataset_is_denied(make_engine: EngineMaker) -> None:
+    request = DecisionRequest("acme", "quality", (), {}, False, NOW)
+    assert make_engine([]).decide(request).reasons == ("the query must read at least one dataset",)
+
+
+def test_catalog_lists_what_is_granted_now(tmp_path: Path, make_engine: EngineMaker) -> None:
+    engine = make_engine(
+        [
+            _policy(tmp_path, "a", "[acme]", columns="[plant]", purposes="[quality]"),
+            _policy(tmp_path, "b", "[acme]", columns="[week]", purposes="[planning]"),
+            _policy(tmp_path, "c", "[acme]", datasets="[other]", until="2026-02-01"),
+        ]
+    )
+    (entry,) = engine.catalog("acme", NOW)
+    assert entry.dataset == "part_defects"
+    assert entry.columns == ("plant", "week")
+    assert entry.purposes == ("planning", "quality")
+    assert entry.policies == (("a", 1), ("b", 1))
+
+
+def test_embedded_engine_is_safe_across_threads(tmp_path: Path) -> None:
+    engine = EmbeddedEngine([_policy(tmp_path, "p1", "[acme]")])
+    failures: list[BaseException] = []
+
+    def ask(member: str) -> None:
+        try:
+            for _ in range(50):
+                decision = engine.decide(_request(member, part_defects=["plant"]))
+                assert decision.allow is (member == "acme")
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in ("acme", "bob") * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_broken_rego_fails_closed() -> None:
+    with pytest.raises(PolicyEngineError, match="does not compile"):
+        EmbeddedEngine([], library="package connector.authz\n this is not rego")
+
+
+def test_unreachable_opa_server_is_an_engine_error() -> None:
+    with pytest.raises(PolicyEngineError, match="cannot load the policies into OPA"):
+        OpaServerEngine([], "http://127.0.0.1:1", timeout=0.5)

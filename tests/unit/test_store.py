@@ -1,0 +1,187 @@
+"""The DuckDB store: ingest in one transaction, and a sandbox that stops attacks on its own.
+
+The sandbox tests call the store directly, without the SQL guard, to show that the second
+layer (locked-down connection, per-request views, plan check) holds alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from connector.enforce import Relation, relations_for
+from connector.errors import DataError, QueryRejected, QueryTimeout, StoreError
+from connector.policy.engine import Decision, Grant
+from connector.store import SandboxLimits, Store, create_database, ingest, list_datasets
+
+CSV = "plant,Defects,price\nRegensburg,3,10.5\nLeipzig,5,11.0\n"
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "data.duckdb"
+    create_database(path)
+    (tmp_path / "d.csv").write_text(CSV)
+    ingest(path, tmp_path / "d.csv", "parts", description="Parts", mode="replace")
+    return path
+
+
+def test_ingest_csv_parquet_and_json(tmp_path: Path, database: Path) -> None:
+    duckdb.sql(f"COPY (SELECT 1 AS a, 'x' AS b) TO '{tmp_path / 'x.parquet'}' (FORMAT parquet)")
+    (tmp_path / "x.json").write_text(json.dumps({"a": 2, "b": "y"}) + "\n")
+    parquet = ingest(database, tmp_path / "x.parquet", "px", description=None, mode="replace")
+    assert (parquet.rows, [c.name for c in parquet.columns]) == (1, ["a", "b"])
+    both = ingest(database, tmp_path / "x.json", "px", description=None, mode="append")
+    assert both.rows == 2
+    infos = {i.name: i for i in list_datasets(database)}
+    assert infos["parts"].description == "Parts"
+    assert [c.name for c in infos["parts"].columns] == ["plant", "defects", "price"]
+
+
+def test_append_with_other_columns_is_refused_and_changes_nothing(
+    tmp_path: Path, database: Path
+) -> None:
+    (tmp_path / "other.csv").write_text("plant,count\nx,1\n")
+    with pytest.raises(DataError, match="cannot append to parts: its columns are"):
+        ingest(database, tmp_path / "other.csv", "parts", description=None, mode="append")
+    (info,) = list_datasets(database)
+    assert info.rows == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "words"),
+    [
+        ("Bad-Name", "d.csv", "invalid dataset name"),
+        ("ok", "missing.csv", "does not exist"),
+        ("ok", "notes.txt", "cannot tell the format"),
+        ("ok", "broken.parquet", "cannot read"),
+    ],
+)
+def test_ingest_errors_say_what_to_do(
+    tmp_path: Path, database: Path, name: str, file: str, words: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=words):
+        ingest(database, tmp_path / file, name, description=None, mode="replace")
+    assert [i.name for i in list_datasets(database)] == ["parts"]
+
+
+def test_columns_are_lower_cased_and_case_collisions_renamed(
+    tmp_path: Path, database: Path
+) -> None:
+    pq.write_table(pa.table({"A": [1], "a": [2]}), tmp_path / "dup.parquet")
+    info = ingest(database, tmp_path / "dup.parquet", "dup", description=None, mode="replace")
+    assert [c.name for c in info.columns] == ["a", "a_1"]
+
+
+def test_append_that_cannot_be_cast_changes_nothing(tmp_path: Path, database: Path) -> None:
+    (tmp_path / "bad.csv").write_text("plant,defects,price\nMunich,many,1.0\n")
+    with pytest.raises(DataError, match="nothing was changed"):
+        ingest(database, tmp_path / "bad.csv", "parts", description=None, mode="append")
+    (info,) = list_datasets(database)
+    assert info.rows == 2
+
+
+GRANTED = (
+    Relation("parts", ("plant", "defects"), 'SELECT "plant", "defects" FROM datasets."parts"'),
+)
+
+
+def _run(store: Store, sql: str) -> list[tuple[object, ...]]:
+    session = store.session()
+    try:
+        session.expose(GRANTED)
+        session.verify_plan(sql, GRANTED)
+        rows: list[tuple[object, ...]] = []
+        for batch in session.stream(sql, 1024, 5.0):
+            rows.extend(tuple(r.values()) for r in batch.to_pylist())
+        return rows
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/hosts')",
+        "SELECT * FROM glob('/*')",
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+        "SELECT price FROM datasets.parts",
+        "SELECT * FROM datasets.parts",
+        "SELECT * FROM query('SELECT price FROM datasets.parts')",
+        "SELECT * FROM query_table('datasets.parts')",
+        "SELECT * FROM duckdb_tables()",
+        "SELECT * FROM duckdb_settings()",
+        "SELECT * FROM _connector.datasets",
+        "SELECT price FROM parts",
+    ],
+)
+def test_sandbox_alone_stops_file_access_and_hidden_columns(database: Path, sql: str) -> None:
+    store = Store(database, SandboxLimits())
+    try:
+        with pytest.raises((QueryRejected, StoreError)):
+            _run(store, sql)
+        assert _run(store, "SELECT count(*) FROM parts") == [(2,)]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["SET enable_external_access = true", "SET lock_configuration = false", "RESET memory_limit"],
+)
+def test_sandbox_configuration_is_locked(database: Path, sql: str) -> None:
+    store = Store(database, SandboxLimits())
+    session = store.session()
+    try:
+        with pytest.raises(duckdb.Error):
+            session._cursor.execute(sql)
+    finally:
+        session.close()
+        store.close()
+
+
+def test_errors_do_not_echo_data_values(database: Path) -> None:
+    store = Store(database, SandboxLimits())
+    try:
+        with pytest.raises(QueryRejected) as failed:
+            _run(store, "SELECT CAST(plant AS INTEGER) FROM parts")
+        assert "Regensburg" not in str(failed.value)
+        with pytest.raises(QueryRejected) as unknown:
+            _run(store, "SELECT * FROM nothing_here")
+        assert "datasets." not in str(unknown.value)
+        assert "Did you mean" not in str(unknown.value)
+    finally:
+        store.close()
+
+
+def test_time_limit_interrupts_and_the_store_keeps_serving(database: Path) -> None:
+    store = Store(database, SandboxLimits(max_query_seconds=0.5))
+    slow = (
+        "WITH RECURSIVE t(n) AS (SELECT 1 FROM parts UNION ALL SELECT n + 1 FROM t) "
+        "SELECT count(*) FROM t"
+    )
+    try:
+        with pytest.raises(QueryTimeout):
+            _run(store, slow)
+        assert _run(store, "SELECT plant FROM parts ORDER BY plant") == [
+            ("Leipzig",),
+            ("Regensburg",),
+        ]
+    finally:
+        store.close()
+
+
+def test_relations_expose_only_granted_columns_in_dataset_order(database: Path) -> None:
+    decision = Decision(True, (), (Grant("parts", ("price", "plant", "nope"), (("p", 1),)),))
+    (relation,) = relations_for(decision, {i.name: i for i in list_datasets(database)})
+    assert relation.columns == ("plant", "price")
+    assert relation.sql == 'SELECT "plant", "price" FROM datasets."parts"'
