@@ -170,4 +170,7 @@ def space(
     )
     provider.ingest(write_defects_csv(tmp_path / "defects.csv"), "part_defects", "Weekly defects")
     provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
+    # Small batches, so that results of a few thousand rows already stream in many pieces.
+    config = provider.home / "connector.toml"
+    config.write_text(config.read_text().replace("batch_rows = 65536", "batch_rows = 1000"))
     return Space(provider, grantee, outsider, serve(provider))

@@ -322,3 +322,18 @@ def test_revoked_certificate_serial_is_refused(space: Space) -> None:
     with pytest.raises(grpc.RpcError) as failed:
         stub.GetCatalog(pb.CatalogRequest(), timeout=10)
     assert failed.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_running_query_survives_a_policy_reload(space: Space) -> None:
+    sql = "SELECT a.plant, b.week FROM part_defects a CROSS JOIN part_defects b"
+    with space.peer() as peer:
+        stream = peer.stream(sql, PURPOSE)
+        first = next(stream)
+        (space.provider.home / "policies" / "quality.yaml").unlink()
+        space.server.reload()
+        rest = list(stream)
+        assert peer.catalog() == []
+    pieces = [m.arrow_ipc for m in [first, *rest] if not m.HasField("receipt")]
+    assert rest[-1].HasField("receipt")
+    assert len(rest) > 30
+    assert pa.ipc.open_stream(b"".join(pieces)).read_all().num_rows == 200 * 200
