@@ -162,8 +162,8 @@ def connector_stream(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
 
 def connector_table(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
     def once() -> tuple[int, int]:
-        result = peer.query(sql, PURPOSE)
-        return result.table.num_rows, result.table.nbytes
+        table = peer.query(sql, PURPOSE)
+        return table.num_rows, table.nbytes
 
     return once
 

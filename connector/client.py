@@ -1,11 +1,11 @@
 """The peer side: ask another member's connector for its catalog, a decision, or a query result.
 
-    from connector.client import Peer, PeerIdentity
+    from connector.client import Peer, PeerIdentity, receipt_of
     with Peer("127.0.0.1:50051", PeerIdentity.from_home("homes/supplier")) as peer:
-        result = peer.query("SELECT plant, sum(defects) FROM part_defects GROUP BY plant",
-                            purpose="quality-benchmarking")
-        df = result.table.to_pandas()
-        print(result.receipt.rows, result.receipt.policies)
+        table = peer.query("SELECT plant, sum(defects) FROM part_defects GROUP BY plant",
+                           purpose="quality-benchmarking")
+        df = table.to_pandas()
+        print(receipt_of(table).rows, receipt_of(table).policies)
 
 Errors come back as the connector's own exceptions (PermissionDenied, QueryRejected, ...),
 never as grpc.RpcError.
@@ -14,6 +14,7 @@ never as grpc.RpcError.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,10 +32,20 @@ from connector.arrow_stream import read_ipc_pieces
 from connector.audit import PolicyUse, ReceiptFields, verify_receipt
 from connector.config import load_settings
 from connector.errors import ConnectorError, IdentityError, PeerError
-from connector.jws import JwsError
+from connector.jws import JwsError, b64url_decode
 from connector.status import error_from_status
 
-__all__ = ["CatalogEntry", "Peer", "PeerDecision", "PeerIdentity", "QueryResult"]
+__all__ = [
+    "RECEIPT_METADATA_KEY",
+    "CatalogEntry",
+    "Peer",
+    "PeerDecision",
+    "PeerIdentity",
+    "QueryResult",
+    "receipt_of",
+]
+
+RECEIPT_METADATA_KEY = b"connector.receipt"
 
 
 @dataclass(frozen=True)
@@ -95,9 +106,14 @@ class QueryResult:
     receipt_jws: str
     arrow_ipc: bytes
 
-    def to_pandas(self) -> object:
-        """The rows as a pandas DataFrame (needs pandas installed)."""
-        return self.table.to_pandas()
+
+def receipt_of(table: pa.Table) -> ReceiptFields:
+    """The receipt that Peer.query() verified and put in the table's schema metadata."""
+    token = (table.schema.metadata or {}).get(RECEIPT_METADATA_KEY)
+    if token is None:
+        raise PeerError("this table carries no connector receipt (it did not come from query())")
+    payload = token.decode().split(".")[1]
+    return ReceiptFields.from_json(b64url_decode(payload))
 
 
 def _uses(refs: object) -> tuple[PolicyUse, ...]:
@@ -198,10 +214,17 @@ class Peer:
         except grpc.RpcError as error:
             raise self._error(error) from None
 
-    def query(
+    def query(self, sql: str, purpose: str, *, max_rows: int = 0, request_id: str = "") -> pa.Table:
+        """Run sql under purpose; a pyarrow.Table carrying its verified receipt (receipt_of)."""
+        result = self.fetch(sql, purpose, max_rows=max_rows, request_id=request_id)
+        metadata = dict(result.table.schema.metadata or {})
+        metadata[RECEIPT_METADATA_KEY] = result.receipt_jws.encode()
+        return result.table.replace_schema_metadata(metadata)
+
+    def fetch(
         self, sql: str, purpose: str, *, max_rows: int = 0, request_id: str = ""
     ) -> QueryResult:
-        """Run sql under purpose; the rows as a pyarrow.Table with the verified receipt."""
+        """Run sql under purpose; the table, the verified receipt and the bytes received."""
         pieces: list[bytes] = []
         token = ""
         for message in self.stream(sql, purpose, max_rows=max_rows, request_id=request_id):
@@ -217,18 +240,20 @@ class Peer:
 
     def verify_receipt(self, token: str, data: bytes) -> ReceiptFields:
         """Check a receipt's signature with the provider's key and its digest against data."""
-        import hashlib
-
-        if self._receipt_key is None:
-            self.catalog()
-        assert self._receipt_key is not None
+        key = self._receipt_key or self._fetch_receipt_key()
         try:
-            fields = verify_receipt(token, self._receipt_key)
+            fields = verify_receipt(token, key)
         except JwsError as exc:
             raise PeerError(f"the receipt from {self.address} does not verify: {exc}") from None
         if fields.result_sha256 != hashlib.sha256(data).hexdigest():
             raise PeerError(f"the data from {self.address} does not match its receipt's digest")
         return fields
+
+    def _fetch_receipt_key(self) -> ed25519.Ed25519PublicKey:
+        self.catalog()
+        if self._receipt_key is None:
+            raise PeerError(f"{self.address} published no receipt key")
+        return self._receipt_key
 
     def _remember_key(self, pem: str) -> None:
         key = serialization.load_pem_public_key(pem.encode())

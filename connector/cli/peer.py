@@ -100,7 +100,7 @@ def _query(args: argparse.Namespace) -> int:
         raise ConfigError("--format parquet needs --output FILE")
     with _peer(args) as peer:
         try:
-            result = peer.query(args.sql, args.purpose, max_rows=args.max_rows)
+            result = peer.fetch(args.sql, args.purpose, max_rows=args.max_rows)
         except PermissionDenied as denied:
             raise PermissionDenied([f"{args.to} refused: {r}" for r in denied.reasons]) from None
     if args.output is None:

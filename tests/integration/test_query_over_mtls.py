@@ -14,6 +14,7 @@ import pytest
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
+from connector.client import receipt_of
 from connector.errors import PeerError, PermissionDenied, QueryRejected, QueryTimeout
 from connector.identity import create_dataspace_ca, issue_member_certificate
 from connector.server import RunningServer
@@ -49,7 +50,7 @@ def test_catalog_is_empty_for_a_member_without_policy(space: Space) -> None:
 def test_query_answers_with_arrow_and_a_verified_receipt(space: Space) -> None:
     sql = "SELECT plant, sum(defects) AS defects FROM part_defects GROUP BY plant ORDER BY plant"
     with space.peer() as peer:
-        result = peer.query(sql, PURPOSE, request_id="req-42")
+        result = peer.fetch(sql, PURPOSE, request_id="req-42")
     assert result.table.column_names == ["plant", "defects"]
     assert result.table.column("plant").to_pylist() == [
         "Dingolfing",
@@ -70,9 +71,10 @@ def test_query_answers_with_arrow_and_a_verified_receipt(space: Space) -> None:
 
 def test_select_star_expands_to_the_granted_columns(space: Space) -> None:
     with space.peer() as peer:
-        result = peer.query("SELECT * FROM part_defects", PURPOSE)
-    assert result.table.column_names == GRANTED
-    assert result.table.num_rows == 200
+        table = peer.query("SELECT * FROM part_defects", PURPOSE)
+    assert table.column_names == GRANTED
+    assert table.num_rows == 200
+    assert receipt_of(table).rows == 200
 
 
 def test_refused_for_purpose_with_the_reason(space: Space) -> None:
@@ -131,7 +133,7 @@ def test_rejection_names_the_position(space: Space) -> None:
 
 def test_max_rows_cuts_the_result_and_says_so(space: Space) -> None:
     with space.peer() as peer:
-        result = peer.query("SELECT * FROM part_defects", PURPOSE, max_rows=7)
+        result = peer.fetch("SELECT * FROM part_defects", PURPOSE, max_rows=7)
     assert result.table.num_rows == 7
     assert result.receipt.truncated
     assert result.receipt.rows == 7
@@ -170,7 +172,7 @@ def test_server_keeps_serving_after_errors_and_under_concurrency(space: Space) -
                     with pytest.raises(QueryRejected):
                         peer.query("SELECT * FROM glob('/*')", PURPOSE)
                 else:
-                    assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).table[
+                    assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)[
                         "n"
                     ].to_pylist() == [200]
         except BaseException as exc:
@@ -195,7 +197,7 @@ def test_client_deadline_interrupts_the_query_and_the_server_goes_on(space: Spac
     with space.peer(timeout=0.5) as peer, pytest.raises(QueryTimeout):
         peer.query(SLOW, PURPOSE)
     with space.peer() as peer:
-        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).table.num_rows == 1
+        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).num_rows == 1
     # The second query could run only once the first was interrupted (2 DuckDB threads).
     assert time.monotonic() - started < 20
 
@@ -212,7 +214,7 @@ def test_server_time_limit_ends_a_query_with_deadline_exceeded(
     with connect(server, grantee) as peer:
         with pytest.raises(QueryTimeout, match="time limit"):
             peer.query(SLOW, PURPOSE)
-        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).table.num_rows == 1
+        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).num_rows == 1
 
 
 def test_policy_reload_on_file_change(space: Space) -> None:

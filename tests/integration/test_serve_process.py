@@ -136,7 +136,7 @@ def test_ingest_while_serving_fails_clearly_and_leaves_the_file_intact(
         )
     assert "stop" in str(busy.value)
     with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
-        assert peer.query("SELECT count(*) AS n FROM part_defects", "quality-benchmarking").table[
+        assert peer.query("SELECT count(*) AS n FROM part_defects", "quality-benchmarking")[
             "n"
         ].to_pylist() == [200]
     server.process.send_signal(signal.SIGTERM)
