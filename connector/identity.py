@@ -89,6 +89,15 @@ def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) ->
     )
 
 
+def _save(
+    key: ec.EllipticCurvePrivateKey, key_path: Path, cert: x509.Certificate, cert_path: Path
+) -> Path:
+    """Write a key (0600) and its certificate; returns the certificate's path."""
+    _write_private(key_path, _pem_private(key))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -143,10 +152,7 @@ def create_dataspace_ca(directory: Path, name: str) -> Path:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_private(key_path, _pem_private(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
+    return _save(key, key_path, cert, cert_path)
 
 
 def dataspace_name_of(ca_cert: x509.Certificate) -> str:
@@ -237,11 +243,7 @@ def issue_member_certificate(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_private(out_dir / "key.pem", _pem_private(key))
-    cert_path = out_dir / "cert.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
+    return _save(key, out_dir / "key.pem", cert, out_dir / "cert.pem")
 
 
 def member_identity(cert: x509.Certificate) -> MemberIdentity:

@@ -144,106 +144,94 @@ def set_up(workdir: Path) -> dict[str, Path]:
     return homes
 
 
+def ask(
+    command: str, home: Path, to: str, purpose: str, sql: str, *extra: str, refused: bool = False
+) -> None:
+    """A peer's `connector query|explain`; the demo fails if the outcome is not the expected one."""
+    done = connector(
+        command, "--home", home, "--to", to, "--purpose", purpose, *extra, sql, check=False
+    )
+    if (done.returncode != 0) != refused:
+        raise SystemExit(f"demo step expected {'a refusal' if refused else 'an answer'}")
+
+
 def run_queries(homes: dict[str, Path], ports: dict[str, int]) -> None:
     northwind, axle, voltcell = (f"127.0.0.1:{ports[m]}" for m in MEMBERS)
+    supplier, carmaker = homes["axle-works"], homes["northwind-motors"]
     print("\n== 4. Axle Works discovers what Northwind Motors shares with it")
-    connector("catalog", "--home", homes["axle-works"], "--to", northwind)
+    connector("catalog", "--home", supplier, "--to", northwind)
 
     print("\n== 5. Answered: Axle Works benchmarks its defect rate per Northwind plant")
-    connector(
+    ask(
         "query",
-        "--home",
-        homes["axle-works"],
-        "--to",
+        supplier,
         northwind,
-        "--purpose",
         "quality-benchmarking",
         "SELECT plant, sum(defects) AS defects, sum(units_received) AS units, "
         "round(1e6 * sum(defects) / sum(units_received)) AS ppm FROM part_defects "
         "WHERE supplier = 'axle-works' GROUP BY plant ORDER BY ppm DESC",
     )
     print("\n== 6. Refused for purpose: the policy grants quality benchmarking, not marketing")
-    connector(
+    ask(
         "query",
-        "--home",
-        homes["axle-works"],
-        "--to",
+        supplier,
         northwind,
-        "--purpose",
         "marketing",
         "SELECT plant, sum(defects) FROM part_defects GROUP BY plant",
-        check=False,
+        refused=True,
     )
     print("\n== 7. Refused for a column: prices are not granted")
-    connector(
+    ask(
         "query",
-        "--home",
-        homes["axle-works"],
-        "--to",
+        supplier,
         northwind,
-        "--purpose",
         "quality-benchmarking",
         "SELECT part_no, avg(unit_price_eur) FROM part_defects GROUP BY part_no",
-        check=False,
+        refused=True,
     )
     print("\n== 8. Refused: Voltcell holds no policy for Axle Works' deliveries")
-    connector(
+    ask(
         "query",
-        "--home",
         homes["voltcell"],
-        "--to",
         axle,
-        "--purpose",
         "supply-planning",
         "SELECT * FROM deliveries",
-        check=False,
+        refused=True,
     )
     print("\n== 9. Refused: forbidden SQL never reaches the data (file access)")
-    connector(
+    ask(
         "query",
-        "--home",
-        homes["axle-works"],
-        "--to",
+        supplier,
         northwind,
-        "--purpose",
         "quality-benchmarking",
         "SELECT * FROM read_csv('/etc/passwd')",
-        check=False,
+        refused=True,
     )
     print("\n== 10. Answered: Northwind Motors reads cell test results and delivery performance")
-    connector(
+    ask(
         "query",
-        "--home",
-        homes["northwind-motors"],
-        "--to",
+        carmaker,
         voltcell,
-        "--purpose",
         "warranty-analysis",
         "SELECT line, cell_type, sum(failed) AS failed, sum(cells_tested) AS tested "
         "FROM cell_tests GROUP BY ALL ORDER BY line, cell_type",
     )
-    connector(
+    ask(
         "query",
-        "--home",
-        homes["northwind-motors"],
-        "--to",
+        carmaker,
         axle,
-        "--purpose",
         "supply-planning",
-        "--format",
-        "csv",
         "SELECT plant, count(*) AS deliveries, avg(CASE WHEN on_time THEN 1 ELSE 0 END) AS "
         "on_time_share FROM deliveries WHERE customer = 'northwind-motors' GROUP BY plant "
         "ORDER BY plant",
+        "--format",
+        "csv",
     )
     print("\n== 11. Explain: what a query would run on, without running it")
-    connector(
+    ask(
         "explain",
-        "--home",
         homes["voltcell"],
-        "--to",
         northwind,
-        "--purpose",
         "quality-benchmarking",
         "SELECT * FROM part_defects",
     )

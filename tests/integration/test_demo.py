@@ -1,0 +1,26 @@
+"""`make demo` keeps working: the example data space runs end to end and cleans up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--workdir", str(tmp_path / "space")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "ppm" in out and "4 rows from northwind-motors" in out
+    assert "purpose marketing is not allowed" in out
+    assert "column unit_price_eur of dataset part_defects is not allowed" in out
+    assert "no policy grants dataset deliveries to you" in out
+    assert "All connectors stopped" in out
