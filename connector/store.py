@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from connector.errors import (
 
 log = logging.getLogger(__name__)
 
+INTERRUPT_REPEATS = 200
+INTERRUPT_INTERVAL = 0.05
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 FORMATS = {
     ".csv": "csv",
@@ -359,6 +362,7 @@ class SandboxSession:
         self._running = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
+        self._timed_out = False
         self._lock = threading.Lock()
 
     def expose(self, relations: Sequence[ExposedRelation]) -> None:
@@ -384,7 +388,6 @@ class SandboxSession:
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
         timer = threading.Timer(timeout, self._time_up) if timeout else None
-        self._timed_out = False
         self._running.set()
         if timer:
             timer.daemon = True
@@ -402,17 +405,15 @@ class SandboxSession:
         self.interrupt()
 
     def _map(self, exc: duckdb.Error) -> Exception:
-        if isinstance(exc, duckdb.InterruptException) or "interrupt" in str(exc).lower():
-            if getattr(self, "_timed_out", False) or "timeout" in str(exc).lower():
-                return QueryTimeout("the query ran past its time limit and was stopped")
+        text = str(exc)
+        if self._timed_out or "execution time" in text.lower():
+            return QueryTimeout("the query ran past its time limit and was stopped")
+        if isinstance(exc, duckdb.InterruptException) or self._cancelled.is_set():
             return QueryCancelled("the query was cancelled")
         if isinstance(exc, duckdb.OutOfMemoryException):
             return ResourceExhausted(
                 "the query needs more memory than this connector allows; aggregate or filter more"
             )
-        text = str(exc)
-        if "max_execution_time" in text or "execution time" in text.lower():
-            return QueryTimeout("the query ran past its time limit and was stopped")
         log.info("peer query failed in DuckDB: %s", text.splitlines()[0] if text else exc)
         if isinstance(exc, _PEER_FAULTS):
             return QueryRejected(_peer_message(exc))
@@ -421,10 +422,19 @@ class SandboxSession:
     def interrupt(self) -> None:
         """Stop the running query; repeated until DuckDB has noticed (SECURITY.md)."""
         with self._lock:
-            if self._closed or not self._running.is_set():
+            if self._closed or not self._running.is_set() or self._cancelled.is_set():
                 return
             self._cancelled.set()
-            self._cursor.interrupt()
+        # An interrupt that arrives before DuckDB starts executing is lost: repeat it.
+        threading.Thread(target=self._keep_interrupting, name="interrupt", daemon=True).start()
+
+    def _keep_interrupting(self) -> None:
+        for _ in range(INTERRUPT_REPEATS):
+            with self._lock:
+                if self._closed or not self._running.is_set():
+                    return
+                self._cursor.interrupt()
+            time.sleep(INTERRUPT_INTERVAL)
 
     def finished(self) -> None:
         """The query is done; interrupts no longer apply."""
@@ -460,6 +470,8 @@ class ResultStream:
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         try:
             while True:
+                if self._session._cancelled.is_set():
+                    raise self._session._map(duckdb.InterruptException("interrupted"))
                 try:
                     batch = self._reader.read_next_batch()
                 except StopIteration:

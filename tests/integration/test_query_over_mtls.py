@@ -14,8 +14,14 @@ import pytest
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.client import receipt_of
-from connector.errors import PeerError, PermissionDenied, QueryRejected, QueryTimeout
+from connector.client import Peer, receipt_of
+from connector.errors import (
+    PeerError,
+    PermissionDenied,
+    QueryRejected,
+    QueryTimeout,
+    ResourceExhausted,
+)
 from connector.identity import create_dataspace_ca, issue_member_certificate
 from connector.server import RunningServer
 from tests.conftest import (
@@ -339,3 +345,33 @@ def test_a_running_query_survives_a_policy_reload(space: Space) -> None:
     assert rest[-1].HasField("receipt")
     assert len(rest) > 30
     assert pa.ipc.open_stream(b"".join(pieces)).read_all().num_rows == 200 * 200
+
+
+def test_a_cancelled_query_is_interrupted_and_frees_its_slot(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    config = provider.home / "connector.toml"
+    config.write_text(
+        config.read_text().replace("max_concurrent_queries = 8", "max_concurrent_queries = 1")
+    )
+    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
+    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    server = serve(provider)
+    identity = grantee.identity()
+    stub = _channel(
+        Space(provider, grantee, grantee, server),
+        grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem),
+    )
+    call = stub.Query(pb.QueryRequest(sql=SLOW, purpose=PURPOSE), timeout=60)
+    time.sleep(0.5)
+    call.cancel()
+    with connect(server, grantee) as peer:
+        wait_for(lambda: _answers(peer), timeout=10)
+
+
+def _answers(peer: Peer) -> bool:
+    try:
+        return peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
+    except ResourceExhausted:
+        return False
