@@ -375,3 +375,47 @@ def _answers(peer: Peer) -> bool:
         return peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
     except ResourceExhausted:
         return False
+
+
+def test_trusted_certificate_without_member_id_is_unauthenticated(
+    tmp_path: Path, dataspace: Path, space: Space
+) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_cert = x509.load_pem_x509_certificate((dataspace / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((dataspace / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "supplier-a")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("supplier-a")]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    stub = _channel(
+        space,
+        grpc.ssl_channel_credentials(
+            root_certificates=(dataspace / "ca.pem").read_bytes(),
+            private_key=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            certificate_chain=cert.public_bytes(serialization.Encoding.PEM),
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.GetCatalog(pb.CatalogRequest(), timeout=10)
+    assert failed.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "spiffe://DATASPACE/member/ID" in (failed.value.details() or "")
