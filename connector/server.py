@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,11 +20,11 @@ from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.audit import ReceiptSigner
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
-from connector.identity import load_ed25519_private, load_ed25519_public
-from connector.jws import key_id
+from connector.identity import load_ed25519_private
 from connector.policy.engine import PolicyEngine, build_engine
 from connector.policy.model import UsagePolicy
 from connector.policy.registry import PolicyRegistry
+from connector.policy.signing import trusted_keys
 from connector.provider import Provider
 from connector.service import ConnectorService
 from connector.store import SandboxLimits, Store
@@ -55,16 +54,6 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _trusted_signers(settings: Settings) -> Mapping[str, ed25519.Ed25519PublicKey]:
-    """The trusted policy signers by key id (the kid in each signature's header)."""
-    keys = {}
-    for name, path in settings.policies.trusted_signers.items():
-        key = load_ed25519_public(path)
-        keys[key_id(key)] = key
-        log.info("trusted policy signer %s: key id %s", name, key_id(key))
-    return keys
-
-
 def _engine_factory(settings: Settings) -> Callable[[Sequence[UsagePolicy]], PolicyEngine]:
     def factory(policies: Sequence[UsagePolicy]) -> PolicyEngine:
         return build_engine(settings.policies.engine, policies, opa_url=settings.policies.opa_url)
@@ -82,9 +71,9 @@ def build_provider(settings: Settings) -> Provider:
             max_query_seconds=settings.server.max_query_seconds,
         ),
     )
-    registry = PolicyRegistry(
-        settings.policies.directory, _trusted_signers(settings), _engine_factory(settings)
-    )
+    signers = trusted_keys(settings.policies.trusted_signers.values())
+    log.info("trusted policy signers: %s", ", ".join(signers) or "none")
+    registry = PolicyRegistry(settings.policies.directory, signers, _engine_factory(settings))
     return Provider(
         settings.member_id,
         settings.dataspace,

@@ -8,9 +8,15 @@ from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError
-from connector.identity import load_ed25519_private, load_ed25519_public
+from connector.identity import load_ed25519_private
 from connector.jws import key_id
-from connector.policy.signing import VerdictStatus, sign_policy, verify_policy
+from connector.policy.signing import (
+    VerdictStatus,
+    policy_files,
+    sign_policy,
+    trusted_keys,
+    verify_policy,
+)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,13 +51,8 @@ def _sign(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    trusted = {}
-    for path in settings.policies.trusted_signers.values():
-        key = load_ed25519_public(path)
-        trusted[key_id(key)] = key
-    files = args.files or sorted(
-        p for p in settings.policies.directory.iterdir() if p.suffix in (".yaml", ".yml")
-    )
+    trusted = trusted_keys(settings.policies.trusted_signers.values())
+    files = args.files or policy_files(settings.policies.directory)
     if not files:
         raise ConfigError(f"no policy files (*.yaml) in {settings.policies.directory}")
     now = dt.datetime.now(dt.UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
 from connector.errors import PolicyError
+from connector.identity import load_ed25519_public
 from connector.policy.model import UsagePolicy, parse_policy
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ class PolicyVerdict:
     status: VerdictStatus
     message: str
     policy: UsagePolicy | None = None
+
+
+def trusted_keys(public_key_files: Iterable[Path]) -> dict[str, ed25519.Ed25519PublicKey]:
+    """The trusted signers' Ed25519 public keys by key id (the kid of their signatures)."""
+    keys = {}
+    for path in public_key_files:
+        key = load_ed25519_public(path)
+        keys[jws.key_id(key)] = key
+    return keys
 
 
 def signature_path(path: Path) -> Path:
