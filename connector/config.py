@@ -68,6 +68,7 @@ class Settings:
     database: Path
     policy_signing_key: Path
     receipt_key: Path
+    audit_log: Path
     server: ServerSettings
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
@@ -179,6 +180,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         database=home / sections["store"].text("path", "data.duckdb"),
         policy_signing_key=home / sections["signing"].text("policy_key", "keys/policy-signing.key"),
         receipt_key=home / sections["signing"].text("receipt_key", "keys/receipt.key"),
+        audit_log=home / sections["audit"].text("path", "audit/audit.jsonl"),
         server=_server(sections["server"]),
         policies=_policies(sections["policies"], home),
         revoked=_revoked(sections["revoked"]),
@@ -188,7 +190,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
     return settings
 
 
-_SECTIONS = ("member", "server", "tls", "store", "policies", "signing", "revoked")
+_SECTIONS = ("member", "server", "tls", "store", "policies", "signing", "audit", "revoked")
 
 
 def _server(section: _Section) -> ServerSettings:
@@ -286,6 +288,9 @@ legal = "keys/policy-signing.key.pub"
 [signing]
 policy_key = "keys/policy-signing.key"   # legal team's key (keep it elsewhere in production)
 receipt_key = "keys/receipt.key"         # signs the receipts sent to peers
+
+[audit]                     # one hash-chained entry per request; `connector audit verify`
+path = "audit/audit.jsonl"
 
 [revoked]                   # refused at once, also after a reload (SIGHUP or file change)
 members = []

@@ -12,20 +12,30 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 
 from connector.arrow_stream import IpcPieces
-from connector.audit import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
+from connector.audit import (
+    AuditEntry,
+    AuditLog,
+    PolicyUse,
+    ReceiptFields,
+    ReceiptSigner,
+    policy_uses,
+)
 from connector.config import Revocations
 from connector.enforce import Relation, relations_for
 from connector.errors import (
+    ConnectorError,
     NotAuthenticated,
     PermissionDenied,
+    QueryCancelled,
     QueryRejected,
+    QueryTimeout,
     ResourceExhausted,
     StoreError,
 )
@@ -37,6 +47,14 @@ from connector.store import ColumnInfo, DatasetInfo, SandboxSession, Store
 
 log = logging.getLogger(__name__)
 
+OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
+    (NotAuthenticated, "unauthenticated"),
+    (PermissionDenied, "denied"),
+    (QueryRejected, "rejected"),
+    (ResourceExhausted, "exhausted"),
+    (QueryTimeout, "timeout"),
+    (QueryCancelled, "cancelled"),
+)
 _PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -94,6 +112,7 @@ class Provider:
         policies: PolicyRegistry,
         signer: ReceiptSigner,
         *,
+        audit: AuditLog,
         revoked: Revocations,
         batch_rows: int,
         max_query_seconds: float,
@@ -104,13 +123,37 @@ class Provider:
         self.store = store
         self.policies = policies
         self.signer = signer
+        self.audit = audit
         self.revoked = revoked
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
         self._slots = threading.BoundedSemaphore(max_concurrent_queries)
 
-    def authenticate(self, cert_pem: bytes | None) -> MemberIdentity:
+    def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
+        """Append the request's audit entry (once), with the outcome an error implies."""
+        if error is not None:
+            entry.outcome = next(
+                (name for kind, name in OUTCOMES if isinstance(error, kind)), "failed"
+            )
+            if isinstance(error, PermissionDenied):
+                entry.decision, entry.reasons = "deny", tuple(error.reasons)
+            elif isinstance(error, ConnectorError):
+                entry.reasons = (error.message,)
+        return self.audit.append(entry)
+
+    def authenticate(self, cert_pem: bytes | None, entry: AuditEntry) -> MemberIdentity:
         """The member a TLS-verified peer certificate names, refusing revoked ones."""
+        identity = self._identity(cert_pem)
+        entry.member_id = identity.member_id
+        revoked = self.revoked
+        if identity.member_id in revoked.members or identity.serial in revoked.serials:
+            raise NotAuthenticated(
+                f"member {identity.member_id!r} or its certificate is revoked by this connector; "
+                "ask the provider's IT team"
+            )
+        return identity
+
+    def _identity(self, cert_pem: bytes | None) -> MemberIdentity:
         if not cert_pem:
             raise NotAuthenticated("no client certificate was presented")
         try:
@@ -122,16 +165,10 @@ class Provider:
                 f"the certificate belongs to data space {identity.dataspace!r}; this connector "
                 f"serves {self.dataspace!r}"
             )
-        revoked = self.revoked
-        if identity.member_id in revoked.members or identity.serial in revoked.serials:
-            raise NotAuthenticated(
-                f"member {identity.member_id!r} or its certificate is revoked by this connector; "
-                "ask the provider's IT team"
-            )
         return identity
 
-    def catalog(self, member: MemberIdentity) -> list[CatalogDataset]:
-        """The datasets granted to member now, with only the granted columns."""
+    def catalog(self, member: MemberIdentity, entry: AuditEntry) -> list[CatalogDataset]:
+        """The datasets granted to member now, with only the granted columns (audited)."""
         datasets = self.store.datasets()
         engine = self.policies.snapshot.engine
         listed = []
@@ -143,18 +180,37 @@ class Provider:
             allowed = set(grant.columns)
             columns = tuple(c for c in info.columns if c.name in allowed)
             listed.append(CatalogDataset(info, columns, grant))
+        entry.datasets = tuple(d.info.name for d in listed)
+        entry.outcome = "answered"
+        self.record(entry)
         return listed
 
-    def explain(self, member: MemberIdentity, request: PeerRequest) -> Explanation:
-        """Decide and plan a query without running it."""
+    def explain(
+        self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
+    ) -> Explanation:
+        """Decide and plan a query without running it (audited)."""
+        explanation = self._explain(member, request, entry)
+        entry.outcome = "answered"
+        self.record(entry)
+        return explanation
+
+    def _explain(
+        self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
+    ) -> Explanation:
         shape = inspect_query(request.sql)
+        entry.datasets = shape.datasets
         decision = self._decide(member, request, shape)
+        entry.decision = "allow" if decision.allow else "deny"
+        entry.reasons = decision.reasons
+        entry.policies = decision_policies(decision)
+        entry.obligations = dict(decision.obligations)
         relations = relations_for(decision, self.store.datasets()) if decision.allow else ()
+        entry.columns = {r.dataset: list(r.columns) for r in relations}
         return Explanation(shape, decision, relations)
 
-    def query(self, member: MemberIdentity, request: PeerRequest) -> QueryRun:
+    def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed."""
-        explanation = self.explain(member, request)
+        explanation = self._explain(member, request, entry)
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
         if not self._slots.acquire(blocking=False):
@@ -162,7 +218,7 @@ class Provider:
                 "this connector is answering its maximum number of queries; retry shortly"
             )
         try:
-            return QueryRun(self, member, request, explanation)
+            return QueryRun(self, member, request, explanation, entry)
         except BaseException:
             self._slots.release()
             raise
@@ -200,8 +256,10 @@ class QueryRun:
         member: MemberIdentity,
         request: PeerRequest,
         explanation: Explanation,
+        entry: AuditEntry,
     ) -> None:
         self._provider = provider
+        self.entry = entry
         self._member = member
         self._request = request
         self._explanation = explanation
@@ -218,7 +276,7 @@ class QueryRun:
             if not self._finished:
                 self._session.interrupt()
 
-    def pieces(self, deadline_seconds: float | None = None) -> Iterator[bytes]:
+    def pieces(self, deadline_seconds: float | None = None) -> Generator[bytes, None, None]:
         """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size."""
         timeout = self._provider.max_query_seconds
         if deadline_seconds is not None:
@@ -241,13 +299,22 @@ class QueryRun:
                 if self.truncated:
                     break
             yield pieces.finish()
+        except GeneratorExit:
+            # The peer went away mid-stream: the query ends here and is on record as such.
+            self._provider.record(self.entry, QueryCancelled("the peer cancelled the query"))
+            raise
         finally:
             self.close()
 
     def receipt(self) -> tuple[ReceiptFields, str]:
-        """The receipt of a completed run and its JWS."""
+        """Record the completed run in the audit log, then sign its receipt."""
         if self._pieces is None:
             raise StoreError("the query produced no result to give a receipt for")
+        entry = self.entry
+        entry.rows, entry.bytes = self.rows, self._pieces.bytes_sent
+        entry.result_sha256, entry.truncated = self._pieces.sha256, self.truncated
+        entry.outcome = "answered"
+        seq = self._provider.record(entry)
         fields = ReceiptFields(
             request_id=self._request.request_id,
             member_id=self._member.member_id,
@@ -259,6 +326,7 @@ class QueryRun:
             bytes=self._pieces.bytes_sent,
             truncated=self.truncated,
             policies=decision_policies(self._explanation.decision),
+            audit_seq=seq,
         )
         return fields, self._provider.signer.sign(fields)
 

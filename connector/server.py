@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.audit import ReceiptSigner
+from connector.audit import AuditLog, ReceiptSigner
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private
@@ -74,12 +74,14 @@ def build_provider(settings: Settings) -> Provider:
     signers = trusted_keys(settings.policies.trusted_signers.values())
     log.info("trusted policy signers: %s", ", ".join(signers) or "none")
     registry = PolicyRegistry(settings.policies.directory, signers, _engine_factory(settings))
+    signer = ReceiptSigner(load_ed25519_private(settings.receipt_key))
     return Provider(
         settings.member_id,
         settings.dataspace,
         store,
         registry,
-        ReceiptSigner(load_ed25519_private(settings.receipt_key)),
+        signer,
+        audit=AuditLog(settings.audit_log, signer),
         revoked=settings.revoked,
         batch_rows=settings.server.batch_rows,
         max_query_seconds=settings.server.max_query_seconds,
@@ -132,6 +134,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.provider.store.close()
+        self.provider.audit.close()
 
 
 def _mtime(path: Path) -> int:

@@ -7,7 +7,9 @@ in the auth context, never from a request field.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
+import uuid
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -16,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.audit import PolicyUse, ReceiptFields
+from connector.audit import AuditEntry, PolicyUse, ReceiptFields
 from connector.errors import ConnectorError
 from connector.identity import MemberIdentity
 from connector.provider import (
@@ -101,34 +103,51 @@ def _receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         truncated=fields.truncated,
         policies=_policy_refs(fields.policies),
         issued_at=_timestamp(dt.datetime.fromisoformat(fields.issued_at)),
+        audit_seq=fields.audit_seq,
         jws=token,
     )
 
 
-def _peer_request(request: pb.QueryRequest) -> PeerRequest:
-    return PeerRequest.checked(request.sql, request.purpose, request.max_rows, request.request_id)
+def _peer_request(request: pb.QueryRequest, entry: AuditEntry) -> PeerRequest:
+    entry.query, entry.purpose = request.sql, request.purpose
+    entry.query_sha256 = hashlib.sha256(request.sql.encode()).hexdigest()
+    checked = PeerRequest.checked(
+        request.sql, request.purpose, request.max_rows, request.request_id
+    )
+    entry.request_id = checked.request_id
+    return checked
 
 
 class ConnectorService(pb_grpc.ConnectorServicer):
-    """connector.v1.Connector over a Provider."""
+    """connector.v1.Connector over a Provider; every request leaves one audit entry."""
 
     def __init__(self, provider: Provider) -> None:
         self._provider = provider
 
-    def _member(self, context: grpc.ServicerContext) -> MemberIdentity:
+    def _member(self, context: grpc.ServicerContext, entry: AuditEntry) -> MemberIdentity:
         certs = context.auth_context().get("x509_pem_cert") or [b""]
-        return self._provider.authenticate(certs[0])
+        return self._provider.authenticate(certs[0], entry)
+
+    def _refuse(
+        self, context: grpc.ServicerContext, entry: AuditEntry, error: Exception, method: str
+    ) -> NoReturn:
+        try:
+            self._provider.record(entry, error)
+        except Exception:
+            log.exception("could not write the audit entry of a refused %s", method)
+        if isinstance(error, ConnectorError):
+            _abort(context, error)
+        _internal(context, method)
 
     def GetCatalog(  # noqa: N802 (gRPC method name)
         self, request: pb.CatalogRequest, context: grpc.ServicerContext
     ) -> pb.Catalog:
+        entry = AuditEntry("catalog", request_id=str(uuid.uuid4()))
         try:
-            member = self._member(context)
-            datasets = self._provider.catalog(member)
-        except ConnectorError as error:
-            _abort(context, error)
-        except Exception:
-            _internal(context, "GetCatalog")
+            member = self._member(context, entry)
+            datasets = self._provider.catalog(member, entry)
+        except Exception as error:
+            self._refuse(context, entry, error, "GetCatalog")
         signer = self._provider.signer
         return pb.Catalog(
             provider_id=self._provider.member_id,
@@ -141,42 +160,42 @@ class ConnectorService(pb_grpc.ConnectorServicer):
     def Explain(  # noqa: N802
         self, request: pb.QueryRequest, context: grpc.ServicerContext
     ) -> pb.Decision:
+        entry = AuditEntry("explain")
         try:
-            member = self._member(context)
-            explanation = self._provider.explain(member, _peer_request(request))
-        except ConnectorError as error:
-            _abort(context, error)
-        except Exception:
-            _internal(context, "Explain")
+            member = self._member(context, entry)
+            explanation = self._provider.explain(member, _peer_request(request, entry), entry)
+        except Exception as error:
+            self._refuse(context, entry, error, "Explain")
         return _decision_message(explanation)
 
     def Query(  # noqa: N802
         self, request: pb.QueryRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.QueryResponse]:
+        entry = AuditEntry("query")
         try:
-            member = self._member(context)
-            run = self._provider.query(member, _peer_request(request))
-        except ConnectorError as error:
-            _abort(context, error)
-        except Exception:
-            _internal(context, "Query")
+            member = self._member(context, entry)
+            run = self._provider.query(member, _peer_request(request, entry), entry)
+        except Exception as error:
+            self._refuse(context, entry, error, "Query")
         context.add_callback(run.cancel)
+        pieces = run.pieces(context.time_remaining())
         try:
-            for piece in run.pieces(context.time_remaining()):
+            for piece in pieces:
                 yield pb.QueryResponse(arrow_ipc=piece)
+            # The audit entry is written (fsync) inside receipt(), before the peer gets it.
             fields, token = run.receipt()
-        except ConnectorError as error:
-            _abort(context, error)
-        except Exception:
-            _internal(context, "Query")
+        except Exception as error:
+            self._refuse(context, entry, error, "Query")
         finally:
+            pieces.close()  # records a cancellation when the peer left mid-stream
             run.close()
         log.info(
-            "answered %s for %s: %d rows, %d bytes, policies %s",
+            "answered %s for %s: %d rows, %d bytes, policies %s, audit entry %d",
             fields.request_id,
             member.member_id,
             fields.rows,
             fields.bytes,
             ", ".join(f"{p.id}@{p.version}" for p in fields.policies),
+            fields.audit_seq,
         )
         yield pb.QueryResponse(receipt=_receipt_message(fields, token))
