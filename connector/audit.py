@@ -192,7 +192,7 @@ class AuditLog:
             self._file.close()
 
     def _checkpoint(self) -> None:
-        claim = {"seq": self._seq, "head": self._head, "key_id": self._signer.key_id}
+        claim = {"anchored_seq": self._seq, "head": self._head, "key_id": self._signer.key_id}
         token = self._signer.sign_json(claim)
         self._write({"type": "checkpoint", **claim, "jws": token})
         self._since_checkpoint = 0
@@ -300,6 +300,6 @@ def _check_entry(
             claim = json.loads(jws.verify(str(entry.get("jws")), key).payload)
         except (jws.JwsError, json.JSONDecodeError):
             return f"line {line}: checkpoint {seq} is not signed by this connector's key"
-        if claim.get("seq") != seq - 1 or claim.get("head") != head:
+        if claim.get("anchored_seq") != seq - 1 or claim.get("head") != head:
             return f"line {line}: checkpoint {seq} signs another chain head"
     return None

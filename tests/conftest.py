@@ -6,7 +6,11 @@ Servers listen on 127.0.0.1 port 0 with real certificates; nothing is mocked.
 from __future__ import annotations
 
 import datetime as dt
+import re
+import subprocess
+import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,3 +178,51 @@ def space(
     config = provider.home / "connector.toml"
     config.write_text(config.read_text().replace("batch_rows = 65536", "batch_rows = 1000"))
     return Space(provider, grantee, outsider, serve(provider))
+
+
+PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
+
+
+class ServerProcess:
+    """A `connector serve` child process and what it printed."""
+
+    def __init__(self, home: Path) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "connector.cli.main",
+                "serve",
+                "--home",
+                str(home),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(lambda: self.port != 0 or self.process.poll() is not None, timeout=30)
+        assert self.port, "".join(self.lines)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            found = PORT_LINE.search(line)
+            if found:
+                self.port = int(found.group(1))
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(timeout=10)
+        assert self.process.stderr is not None
+        self.process.stderr.close()

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,54 +12,7 @@ import pytest
 from connector.client import Peer
 from connector.errors import StoreBusy
 from connector.store import ingest, list_datasets
-from tests.conftest import Member, policy_text, wait_for, write_defects_csv
-
-PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
-
-
-class ServerProcess:
-    """A `connector serve` child process and what it printed."""
-
-    def __init__(self, home: Path) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "connector.cli.main",
-                "serve",
-                "--home",
-                str(home),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.port = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_for(lambda: self.port != 0 or self.process.poll() is not None, timeout=30)
-        assert self.port, "".join(self.lines)
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            found = PORT_LINE.search(line)
-            if found:
-                self.port = int(found.group(1))
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self._reader.join(timeout=10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+from tests.conftest import Member, ServerProcess, policy_text, wait_for, write_defects_csv
 
 
 @pytest.fixture

@@ -1,0 +1,108 @@
+"""`connector audit show|verify|export`: who used what, and proof the record is whole."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from connector.audit import read_entries, verify_log
+from connector.cli.common import add_home, settings_of
+from connector.errors import ConfigError
+from connector.identity import load_ed25519_public, public_path
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the audit sub-commands."""
+    group = commands.add_parser("audit", help="show, verify and export the audit log")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    show = actions.add_parser("show", help="list requests: who asked what, and what left")
+    add_home(show)
+    show.add_argument("--member", help="only requests of this member")
+    show.add_argument("--dataset", help="only requests touching this dataset")
+    show.add_argument("--since", type=_moment, help="only from this date or ISO time (UTC)")
+    show.add_argument("--format", choices=("table", "json"), default="table")
+    show.set_defaults(run=_show)
+
+    verify = actions.add_parser(
+        "verify", help="check the hash chain and signed checkpoints; exit 0 only if intact"
+    )
+    add_home(verify)
+    verify.set_defaults(run=_verify)
+
+    export = actions.add_parser("export", help="write the log as JSON Lines (for a SIEM)")
+    add_home(export)
+    export.add_argument("--output", type=Path, metavar="FILE", help="default: stdout")
+    export.set_defaults(run=_export)
+
+
+def _moment(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date or ISO time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _requests(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    path = settings_of(args).audit_log
+    if not path.exists():
+        return
+    try:
+        for entry in read_entries(path):
+            if entry.get("type") == "request" and _wanted(entry, args):
+                yield entry
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}; run `connector audit verify`") from None
+
+
+def _wanted(entry: dict[str, Any], args: argparse.Namespace) -> bool:
+    if args.member and entry.get("member_id") != args.member:
+        return False
+    if args.dataset and args.dataset not in entry.get("datasets", []):
+        return False
+    return not (args.since and dt.datetime.fromisoformat(entry["time"]) < args.since)
+
+
+def _show(args: argparse.Namespace) -> int:
+    entries = list(_requests(args))
+    if args.format == "json":
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        policies = ",".join(f"{p['id']}@{p['version']}" for p in e.get("policies", []))
+        print(
+            f"{e['seq']:>6} {e['time'][:19]} {e['kind']:<7} {e.get('member_id') or '-':<18} "
+            f"{e['outcome']:<15} {','.join(e.get('datasets', [])) or '-':<20} "
+            f"rows={e.get('rows', 0)} {policies}"
+        )
+        for reason in e.get("reasons", []):
+            print(f"{'':>7}reason: {reason}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    verdict = verify_log(settings.audit_log, load_ed25519_public(public_path(settings.receipt_key)))
+    print(f"{settings.audit_log}: {verdict.message}")
+    return 0 if verdict.intact else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    path = settings_of(args).audit_log
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if path.exists():
+            for entry in read_entries(path):
+                out.write(json.dumps(entry, sort_keys=True) + "\n")
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}; run `connector audit verify`") from None
+    finally:
+        if args.output:
+            out.close()
+    return 0
