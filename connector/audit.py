@@ -1,15 +1,13 @@
-"""The record of every use: signed receipts for peers, a hash-chained audit log for owners.
+"""The audit log: one JSON line per request, hash-chained, anchored by signed checkpoints.
 
-A receipt is a JSON object signed as a compact JWS (EdDSA) with the provider's receipt key.
-The peer keeps it beside the result; the result's sha256 in it binds the exact Arrow bytes.
-The audit log is JSON Lines, each entry holding the hash of the one before; checkpoints
-signed with the same key anchor the chain, so changed, removed, inserted or reordered
-entries are found by `verify_log`.
+Each entry holds the hash of the one before; checkpoints signed with the connector's
+receipt key anchor the chain, so `verify_log` finds changed, removed, inserted or
+reordered entries and names the first one. Entries are fsync'd before the peer sees the
+end of its answer.
 """
 
 from __future__ import annotations
 
-import builtins
 import datetime as dt
 import hashlib
 import json
@@ -17,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,84 +23,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
-from connector.identity import public_pem
+from connector.receipt import PolicyUse, ReceiptSigner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PolicyUse:
-    """A policy (id and version) under which something was answered."""
-
-    id: str
-    version: int
-
-
-@dataclass(frozen=True)
-class ReceiptFields:
-    """Everything a receipt states; the signed JSON is exactly these fields."""
-
-    request_id: str
-    member_id: str
-    provider_id: str
-    purpose: str
-    query_sha256: str
-    result_sha256: str
-    rows: int
-    bytes: int
-    truncated: bool
-    policies: tuple[PolicyUse, ...]
-    audit_seq: int = 0
-    issued_at: str = field(
-        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-    )
-
-    def to_json(self) -> builtins.bytes:
-        """Canonical JSON (sorted keys, no spaces) of the fields."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: builtins.bytes) -> ReceiptFields:
-        """Parse the signed payload back; ValueError when it does not have the fields."""
-        raw: dict[str, Any] = json.loads(data)
-        policies = tuple(PolicyUse(str(p["id"]), int(p["version"])) for p in raw.pop("policies"))
-        return cls(policies=policies, **raw)
-
-
-class ReceiptSigner:
-    """Signs receipts with the provider's Ed25519 receipt key."""
-
-    def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
-        self._key = key
-        self.key_id = jws.key_id(key.public_key())
-        self.public_key_pem = public_pem(key.public_key()).decode()
-
-    def sign(self, fields: ReceiptFields) -> str:
-        """The compact JWS of the receipt."""
-        return jws.sign(fields.to_json(), self._key, detached=False)
-
-    def sign_json(self, claim: Mapping[str, Any]) -> str:
-        """A compact JWS over canonical JSON of claim (audit checkpoints)."""
-        payload = json.dumps(claim, sort_keys=True, separators=(",", ":")).encode()
-        return jws.sign(payload, self._key, detached=False)
-
-
-def verify_receipt(token: str, public_key: ed25519.Ed25519PublicKey) -> ReceiptFields:
-    """Check a receipt's signature and return what it states; jws.JwsError when it fails."""
-    verified = jws.verify(token, public_key)
-    try:
-        return ReceiptFields.from_json(verified.payload)
-    except (ValueError, KeyError, TypeError):
-        raise jws.JwsError("the receipt payload does not have the receipt fields") from None
-
-
-def policy_uses(pairs: Sequence[tuple[str, int]]) -> tuple[PolicyUse, ...]:
-    """Sorted, de-duplicated policy uses from (id, version) pairs."""
-    return tuple(PolicyUse(i, v) for i, v in sorted(set(pairs)))
-
-
-# ---------------------------------------------------------------------------------------
-# The audit log: one JSON line per request, hash-chained, anchored by signed checkpoints.
 
 GENESIS = "0" * 64
 CHECKPOINT_EVERY = 100

@@ -14,7 +14,6 @@ never as grpc.RpcError.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,16 +22,14 @@ from types import TracebackType
 
 import grpc
 import pyarrow as pa
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.arrow_stream import read_ipc_pieces
-from connector.audit import PolicyUse, ReceiptFields, verify_receipt
 from connector.config import load_settings
 from connector.errors import ConnectorError, IdentityError, PeerError
 from connector.jws import JwsError, b64url_decode
+from connector.receipt import PolicyUse, ReceiptBundle, ReceiptFields, verify_bundle
 from connector.status import error_from_status
 
 __all__ = [
@@ -103,8 +100,13 @@ class QueryResult:
 
     table: pa.Table
     receipt: ReceiptFields
-    receipt_jws: str
+    bundle: ReceiptBundle
     arrow_ipc: bytes
+
+    @property
+    def receipt_jws(self) -> str:
+        """The receipt as signed by the provider (compact JWS)."""
+        return self.bundle.receipt_jws
 
 
 def receipt_of(table: pa.Table) -> ReceiptFields:
@@ -137,7 +139,8 @@ class Peer:
             address, credentials, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
         self._stub = pb_grpc.ConnectorStub(self._channel)
-        self._receipt_key: ed25519.Ed25519PublicKey | None = None
+        self._ca_pem = identity.ca_pem
+        self._provider_proof: tuple[str, str] | None = None  # endorsement, certificate
 
     def __enter__(self) -> Peer:
         return self
@@ -170,7 +173,7 @@ class Peer:
             answer = self._stub.GetCatalog(pb.CatalogRequest(), timeout=self.timeout)
         except grpc.RpcError as error:
             raise self._error(error) from None
-        self._remember_key(answer.receipt_public_key_pem)
+        self._provider_proof = (answer.receipt_key_endorsement, answer.provider_certificate_pem)
         return [
             CatalogEntry(
                 name=d.name,
@@ -235,28 +238,16 @@ class Peer:
         if not token:
             raise PeerError(f"{self.address} ended the result without a receipt; do not trust it")
         data = b"".join(pieces)
-        receipt = self.verify_receipt(token, data)
-        return QueryResult(read_ipc_pieces([data]), receipt, token, data)
-
-    def verify_receipt(self, token: str, data: bytes) -> ReceiptFields:
-        """Check a receipt's signature with the provider's key and its digest against data."""
-        key = self._receipt_key or self._fetch_receipt_key()
+        bundle = ReceiptBundle(token, *(self._provider_proof or self._fetch_provider_proof()))
         try:
-            fields = verify_receipt(token, key)
-        except JwsError as exc:
+            receipt = verify_bundle(bundle, self._ca_pem, data)
+        except (JwsError, ConnectorError) as exc:
             raise PeerError(f"the receipt from {self.address} does not verify: {exc}") from None
-        if fields.result_sha256 != hashlib.sha256(data).hexdigest():
-            raise PeerError(f"the data from {self.address} does not match its receipt's digest")
-        return fields
+        return QueryResult(read_ipc_pieces([data]), receipt, bundle, data)
 
-    def _fetch_receipt_key(self) -> ed25519.Ed25519PublicKey:
+    def _fetch_provider_proof(self) -> tuple[str, str]:
+        """The provider's certificate and receipt-key endorsement, as its catalog gives them."""
         self.catalog()
-        if self._receipt_key is None:
-            raise PeerError(f"{self.address} published no receipt key")
-        return self._receipt_key
-
-    def _remember_key(self, pem: str) -> None:
-        key = serialization.load_pem_public_key(pem.encode())
-        if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise PeerError(f"{self.address} published a receipt key that is not Ed25519")
-        self._receipt_key = key
+        if self._provider_proof is None:
+            raise PeerError(f"{self.address} gave no certificate to check receipts against")
+        return self._provider_proof

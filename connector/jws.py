@@ -1,6 +1,8 @@
-"""JSON Web Signatures (RFC 7515) with EdDSA over Ed25519, compact form, attached or detached.
+"""JSON Web Signatures (RFC 7515), compact form: EdDSA (Ed25519) for policies, receipts and
+audit checkpoints; ES256 (P-256) only for the endorsement a member's TLS key gives its
+receipt key.
 
-Only `alg: EdDSA` is accepted when verifying: no `none`, no HMAC, no algorithm chosen by the
+Each verifier accepts exactly one algorithm: no `none`, no HMAC, no algorithm chosen by the
 signed data itself. Key ids are RFC 7638 JWK thumbprints, so any JOSE library agrees on them.
 """
 
@@ -15,8 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 ALGORITHM = "EdDSA"
 
@@ -62,6 +68,38 @@ def sign(payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool) -> s
     body = b64url(payload)
     signature = b64url(key.sign(f"{protected}.{body}".encode("ascii")))
     return f"{protected}.{'' if detached else body}.{signature}"
+
+
+def sign_es256(payload: bytes, key: ec.EllipticCurvePrivateKey) -> str:
+    """Compact JWS (ES256) over payload with a P-256 key, such as a member's TLS key."""
+    protected = b64url(json.dumps({"alg": "ES256"}, separators=(",", ":")).encode())
+    signing_input = f"{protected}.{b64url(payload)}".encode("ascii")
+    r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    return f"{protected}.{b64url(payload)}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def verify_es256(token: str, key: ec.EllipticCurvePublicKey) -> bytes:
+    """Check a compact ES256 JWS with a P-256 public key; returns the payload."""
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise JwsError("a compact JWS has three parts separated by '.'")
+    try:
+        header = json.loads(b64url_decode(parts[0]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise JwsError("the JWS header is not JSON") from None
+    if not isinstance(header, dict) or header.get("alg") != "ES256":
+        raise JwsError("the endorsement's algorithm must be ES256")
+    raw = b64url_decode(parts[2])
+    if len(raw) != 64:
+        raise JwsError("an ES256 signature is 64 bytes")
+    signature = encode_dss_signature(
+        int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+    )
+    try:
+        key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise JwsError("the signature does not match") from None
+    return b64url_decode(parts[1])
 
 
 def read_header(token: str) -> Mapping[str, Any]:

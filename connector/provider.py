@@ -19,14 +19,7 @@ from typing import Any
 from cryptography import x509
 
 from connector.arrow_stream import IpcPieces
-from connector.audit import (
-    AuditEntry,
-    AuditLog,
-    PolicyUse,
-    ReceiptFields,
-    ReceiptSigner,
-    policy_uses,
-)
+from connector.audit import AuditEntry, AuditLog
 from connector.config import Revocations
 from connector.enforce import Relation, relations_for
 from connector.errors import (
@@ -42,6 +35,7 @@ from connector.errors import (
 from connector.identity import MemberIdentity, member_identity
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest
 from connector.policy.registry import PolicyRegistry
+from connector.receipt import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo, SandboxSession, Store
 

@@ -12,20 +12,22 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.audit import AuditLog, ReceiptSigner
+from connector.audit import AuditLog
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
-from connector.identity import load_ed25519_private
+from connector.identity import load_ed25519_private, load_private_key
 from connector.policy.engine import PolicyEngine, build_engine
 from connector.policy.model import UsagePolicy
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.provider import Provider
+from connector.receipt import ReceiptSigner, endorse_receipt_key
 from connector.service import ConnectorService
 from connector.store import SandboxLimits, Store
 
@@ -74,7 +76,15 @@ def build_provider(settings: Settings) -> Provider:
     signers = trusted_keys(settings.policies.trusted_signers.values())
     log.info("trusted policy signers: %s", ", ".join(signers) or "none")
     registry = PolicyRegistry(settings.policies.directory, signers, _engine_factory(settings))
-    signer = ReceiptSigner(load_ed25519_private(settings.receipt_key))
+    receipt_key = load_ed25519_private(settings.receipt_key)
+    tls_key = load_private_key(settings.key)
+    if not isinstance(tls_key, ec.EllipticCurvePrivateKey):
+        raise IdentityError(f"{settings.key}: the TLS key must be EC P-256")
+    signer = ReceiptSigner(
+        receipt_key,
+        endorsement=endorse_receipt_key(tls_key, settings.member_id, receipt_key.public_key()),
+        certificate_pem=settings.cert.read_text(encoding="ascii"),
+    )
     return Provider(
         settings.member_id,
         settings.dataspace,

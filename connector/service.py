@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.audit import AuditEntry, PolicyUse, ReceiptFields
+from connector.audit import AuditEntry
 from connector.errors import ConnectorError
 from connector.identity import MemberIdentity
 from connector.provider import (
@@ -29,6 +29,7 @@ from connector.provider import (
     decision_policies,
     obligations_json,
 )
+from connector.receipt import PolicyUse, ReceiptFields
 from connector.status import status_of
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             datasets=[_dataset_message(d) for d in datasets],
             receipt_public_key_pem=signer.public_key_pem,
             receipt_key_id=signer.key_id,
+            provider_certificate_pem=signer.certificate_pem,
+            receipt_key_endorsement=signer.endorsement,
         )
 
     def Explain(  # noqa: N802

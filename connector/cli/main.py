@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from connector.cli import audit, data, dataspace, home, peer, policy, serve
+from connector.cli import audit, data, dataspace, home, peer, policy, receipt, serve
 from connector.errors import ConnectorError
 
 EXIT_ERROR = 1
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (dataspace, home, data, serve, policy, peer, audit):
+    for group in (dataspace, home, data, serve, policy, peer, receipt, audit):
         group.register(commands)
     return parser
 

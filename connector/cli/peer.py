@@ -16,7 +16,9 @@ from connector.cli.common import add_home, settings_of
 from connector.client import Peer, PeerIdentity
 from connector.errors import ConfigError, PermissionDenied
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "parquet", "arrow")
+BINARY_FORMATS = ("parquet", "arrow")
+RECEIPT_SUFFIX = ".receipt.json"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +38,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         command.add_argument("sql", metavar="SQL")
         if name == "query":
             command.add_argument("--format", choices=FORMATS, default="table")
-            command.add_argument("--output", type=Path, metavar="FILE", help="default: stdout")
+            command.add_argument(
+                "--output",
+                type=Path,
+                metavar="FILE",
+                help=f"default: stdout; the receipt is saved beside it as FILE{RECEIPT_SUFFIX} "
+                "(--format arrow keeps the exact bytes the receipt's digest covers)",
+            )
             command.add_argument("--max-rows", type=int, default=0, metavar="N")
         command.set_defaults(run=run)
 
@@ -96,8 +104,8 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    if args.format == "parquet" and args.output is None:
-        raise ConfigError("--format parquet needs --output FILE")
+    if args.format in BINARY_FORMATS and args.output is None:
+        raise ConfigError(f"--format {args.format} needs --output FILE")
     with _peer(args) as peer:
         try:
             result = peer.fetch(args.sql, args.purpose, max_rows=args.max_rows)
@@ -105,11 +113,15 @@ def _query(args: argparse.Namespace) -> int:
             raise PermissionDenied([f"{args.to} refused: {r}" for r in denied.reasons]) from None
     if args.output is None:
         _write(result.table, args.format, sys.stdout)
-    elif args.format == "parquet":
-        pq.write_table(result.table, args.output)
     else:
-        with args.output.open("w", encoding="utf-8", newline="") as out:
-            _write(result.table, args.format, out)
+        if args.format == "parquet":
+            pq.write_table(result.table, args.output)
+        elif args.format == "arrow":
+            args.output.write_bytes(result.arrow_ipc)
+        else:
+            with args.output.open("w", encoding="utf-8", newline="") as out:
+                _write(result.table, args.format, out)
+        result.bundle.save(args.output.with_name(args.output.name + RECEIPT_SUFFIX))
     receipt = result.receipt
     cut = " (cut at the row limit)" if receipt.truncated else ""
     print(

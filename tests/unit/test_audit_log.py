@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from connector.audit import AuditEntry, AuditLog, ReceiptSigner, read_entries, verify_log
+from connector.audit import AuditEntry, AuditLog, read_entries, verify_log
+from connector.receipt import ReceiptSigner
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
-from connector.audit import ReceiptFields, ReceiptSigner, policy_uses, verify_receipt
+from connector.receipt import ReceiptFields, ReceiptSigner, policy_uses, verify_receipt
 
 
 def _fields() -> ReceiptFields:

@@ -154,6 +154,8 @@ class Catalog(_message.Message):
     DATASETS_FIELD_NUMBER: _builtins.int
     RECEIPT_PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
     RECEIPT_KEY_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    RECEIPT_KEY_ENDORSEMENT_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     """The answering member."""
     member_id: _builtins.str
@@ -163,6 +165,11 @@ class Catalog(_message.Message):
     and its key id (RFC 7638 thumbprint) as it appears in the receipt's JWS header.
     """
     receipt_key_id: _builtins.str
+    provider_certificate_pem: _builtins.str
+    """The provider's own certificate (PEM), and a JWS (ES256) signed with its key that
+    names the receipt key: with them a receipt is checked against the owner's certificate.
+    """
+    receipt_key_endorsement: _builtins.str
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dataset]: ...
     def __init__(
@@ -173,10 +180,12 @@ class Catalog(_message.Message):
         datasets: _abc.Iterable[Global___Dataset] | None = ...,
         receipt_public_key_pem: _builtins.str = ...,
         receipt_key_id: _builtins.str = ...,
+        provider_certificate_pem: _builtins.str = ...,
+        receipt_key_endorsement: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "member_id", b"member_id", "provider_id", b"provider_id", "receipt_key_id", b"receipt_key_id", "receipt_public_key_pem", b"receipt_public_key_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "member_id", b"member_id", "provider_certificate_pem", b"provider_certificate_pem", "provider_id", b"provider_id", "receipt_key_endorsement", b"receipt_key_endorsement", "receipt_key_id", b"receipt_key_id", "receipt_public_key_pem", b"receipt_public_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
