@@ -249,6 +249,9 @@ def main() -> int:
         for member, home in homes.items():
             servers.append(start_server(member, home))
         run_queries(homes, {s.member: s.port for s in servers})
+        print("\n== 12. Northwind's IT team sees who used what, and checks the record is whole")
+        connector("audit", "show", "--home", homes["northwind-motors"])
+        connector("audit", "verify", "--home", homes["northwind-motors"])
         if args.keep_running:
             print("\nServing until Ctrl-C; homes are in", args.workdir)
             signal.sigwait({signal.SIGINT, signal.SIGTERM})

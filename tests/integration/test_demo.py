@@ -23,4 +23,5 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "purpose marketing is not allowed" in out
     assert "column unit_price_eur of dataset part_defects is not allowed" in out
     assert "no policy grants dataset deliveries to you" in out
+    assert "intact:" in out and "signed checkpoints" in out
     assert "All connectors stopped" in out
