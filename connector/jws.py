@@ -80,15 +80,7 @@ def sign_es256(payload: bytes, key: ec.EllipticCurvePrivateKey) -> str:
 
 def verify_es256(token: str, key: ec.EllipticCurvePublicKey) -> bytes:
     """Check a compact ES256 JWS with a P-256 public key; returns the payload."""
-    parts = token.strip().split(".")
-    if len(parts) != 3:
-        raise JwsError("a compact JWS has three parts separated by '.'")
-    try:
-        header = json.loads(b64url_decode(parts[0]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise JwsError("the JWS header is not JSON") from None
-    if not isinstance(header, dict) or header.get("alg") != "ES256":
-        raise JwsError("the endorsement's algorithm must be ES256")
+    parts, _ = _split(token, "ES256")
     raw = b64url_decode(parts[2])
     if len(raw) != 64:
         raise JwsError("an ES256 signature is 64 bytes")
@@ -102,8 +94,8 @@ def verify_es256(token: str, key: ec.EllipticCurvePublicKey) -> bytes:
     return b64url_decode(parts[1])
 
 
-def read_header(token: str) -> Mapping[str, Any]:
-    """The protected header of a compact JWS, checked to name EdDSA and a key id."""
+def _split(token: str, algorithm: str) -> tuple[list[str], dict[str, Any]]:
+    """The three parts of a compact JWS and its header, which must name `algorithm`."""
     parts = token.strip().split(".")
     if len(parts) != 3:
         raise JwsError("a compact JWS has three parts separated by '.'")
@@ -113,12 +105,18 @@ def read_header(token: str) -> Mapping[str, Any]:
         raise JwsError("the JWS header is not JSON") from None
     if not isinstance(header, dict):
         raise JwsError("the JWS header is not a JSON object")
-    if header.get("alg") != ALGORITHM:
-        raise JwsError(f"the JWS algorithm must be {ALGORITHM}, not {header.get('alg')!r}")
-    if not isinstance(header.get("kid"), str):
-        raise JwsError("the JWS header names no key id (kid)")
+    if header.get("alg") != algorithm:
+        raise JwsError(f"the JWS algorithm must be {algorithm}, not {header.get('alg')!r}")
     if "crit" in header:
         raise JwsError("the JWS header has critical extensions this connector does not know")
+    return parts, header
+
+
+def read_header(token: str) -> Mapping[str, Any]:
+    """The protected header of a compact JWS, checked to name EdDSA and a key id."""
+    _, header = _split(token, ALGORITHM)
+    if not isinstance(header.get("kid"), str):
+        raise JwsError("the JWS header names no key id (kid)")
     return header
 
 
