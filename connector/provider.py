@@ -16,6 +16,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 from cryptography import x509
 
 from connector.arrow_stream import IpcPieces
@@ -49,6 +50,8 @@ OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
     (QueryTimeout, "timeout"),
     (QueryCancelled, "cancelled"),
 )
+OBLIGATIONS_METADATA_KEY = "connector.obligations"
+POLICIES_METADATA_KEY = "connector.policies"
 _PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -280,7 +283,7 @@ class QueryRun:
             self._session.expose(self._explanation.relations)
             self._session.verify_plan(sql, self._explanation.relations)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
-            pieces = self._pieces = IpcPieces(result.schema)
+            pieces = self._pieces = IpcPieces(self._labelled(result.schema))
             cap = self._request.max_rows
             for whole in result:
                 batch = whole
@@ -299,6 +302,19 @@ class QueryRun:
             raise
         finally:
             self.close()
+
+    def _labelled(self, schema: pa.Schema) -> pa.Schema:
+        """The result schema with the obligations and policies in its metadata, for the
+        peer's tools."""
+        decision = self._explanation.decision
+        policies = [f"{p.id}@{p.version}" for p in decision_policies(decision)]
+        return schema.with_metadata(
+            {
+                **(schema.metadata or {}),
+                OBLIGATIONS_METADATA_KEY: json.dumps(dict(decision.obligations), sort_keys=True),
+                POLICIES_METADATA_KEY: json.dumps(policies),
+            }
+        )
 
     def receipt(self) -> tuple[ReceiptFields, str]:
         """Record the completed run in the audit log, then sign its receipt."""
@@ -321,6 +337,7 @@ class QueryRun:
             truncated=self.truncated,
             policies=decision_policies(self._explanation.decision),
             audit_seq=seq,
+            obligations=dict(self._explanation.decision.obligations),
         )
         return fields, self._provider.signer.sign(fields)
 

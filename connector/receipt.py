@@ -49,6 +49,7 @@ class ReceiptFields:
     truncated: bool
     policies: tuple[PolicyUse, ...]
     audit_seq: int = 0
+    obligations: dict[str, Any] = field(default_factory=dict)
     issued_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     )

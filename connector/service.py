@@ -105,6 +105,7 @@ def _receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         policies=_policy_refs(fields.policies),
         issued_at=_timestamp(dt.datetime.fromisoformat(fields.issued_at)),
         audit_seq=fields.audit_seq,
+        obligations_json=obligations_json(fields.obligations),
         jws=token,
     )
 

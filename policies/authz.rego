@@ -80,6 +80,24 @@ grants contains grant if {
 	}
 }
 
+# Obligations of every policy the answer rests on: the shortest deletion deadline, and all
+# attributions and terms. They travel to the peer in the receipt and the Arrow schema.
+used := {p | some d in input.datasets; some p in applicable(d)}
+
+delete_days := [n | some p in used; n := p.delete_within_days; n > 0]
+
+default deadline := {}
+
+deadline := {"delete_within_days": min(delete_days)} if count(delete_days) > 0
+
+obligations := object.union(
+	{
+		"attribution": sort({a | some p in used; a := p.attribution; a != ""}),
+		"terms": sort({t | some p in used; some t in p.terms}),
+	},
+	deadline,
+)
+
 default allow := false
 
 allow if {
@@ -91,7 +109,7 @@ decision := {
 	"allow": allow,
 	"reasons": [r | some r in reasons],
 	"grants": [g | some g in grants; allow],
-	"obligations": {},
+	"obligations": obligations,
 }
 
 # For GetCatalog: input {member, time_ns}. What is granted to the member now, any purpose.

@@ -22,6 +22,7 @@ MAX_POLICY_BYTES = 1024 * 1024
 POLICY_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 MEMBER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ANY_TEXT = re.compile(r"^[^\x00-\x08\x0b-\x1f\x7f]{1,2000}$")
 PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
 
 # key -> nested keys (None: a leaf). The only keys this connector version enforces.
@@ -35,8 +36,18 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "purposes": None,
     "valid": {"from": None, "until": None},
     "columns": {"allow": None},
+    "obligations": {"delete_within_days": None, "attribution": None, "terms": None},
 }
 REQUIRED = ("id", "version", "description", "datasets", "grantees", "purposes", "valid", "columns")
+
+
+@dataclass(frozen=True)
+class Obligations:
+    """What the peer takes on by receiving data; sent with every answer, not enforced here."""
+
+    delete_within_days: int = 0  # 0: no deletion deadline
+    attribution: str = ""
+    terms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class UsagePolicy:
     columns_allow: tuple[str, ...]
     path: Path
     sha256: str
+    obligations: Obligations = Obligations()
 
     def as_rego_data(self) -> dict[str, Any]:
         """The policy as the Rego library reads it (JSON-able)."""
@@ -68,6 +80,9 @@ class UsagePolicy:
             "valid_from": self.valid_from.isoformat(),
             "valid_until": self.valid_until.isoformat(),
             "columns": list(self.columns_allow),
+            "delete_within_days": self.obligations.delete_within_days,
+            "attribution": self.obligations.attribution,
+            "terms": list(self.obligations.terms),
         }
 
 
@@ -144,6 +159,7 @@ def _rule(pattern: re.Pattern[str]) -> str:
         IDENTIFIER.pattern: "a plain SQL name: letters, digits and _",
         MEMBER_ID.pattern: "a member id: lower-case letters, digits, '.', '_' and '-'",
         PURPOSE.pattern: "letters, digits, spaces and . _ : / -",
+        ANY_TEXT.pattern: "text of at most 2000 characters, no control characters",
     }.get(pattern.pattern, pattern.pattern)
 
 
@@ -219,7 +235,34 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
         columns_allow=lower(columns["allow"][1], "columns.allow"),
         path=path,
         sha256=sha256,
+        obligations=_obligations(reader, top["obligations"][1])
+        if "obligations" in top
+        else Obligations(),
     )
+
+
+def _obligations(reader: _Reader, node: yaml.Node) -> Obligations:
+    found = reader.mapping(node, "obligations", SCHEMA["obligations"] or {})
+    days = 0
+    if "delete_within_days" in found:
+        days_node = found["delete_within_days"][1]
+        days = reader.scalar(days_node, "obligations.delete_within_days")
+        if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+            raise reader.fail(
+                days_node,
+                "obligations.delete_within_days must be a whole number of days, at least 1",
+            )
+    attribution = (
+        reader.text(found["attribution"][1], "obligations.attribution")
+        if "attribution" in found
+        else ""
+    )
+    terms = (
+        reader.text_list(found["terms"][1], "obligations.terms", ANY_TEXT)
+        if "terms" in found
+        else ()
+    )
+    return Obligations(days, attribution, terms)
 
 
 def _lowered(reader: _Reader) -> Any:

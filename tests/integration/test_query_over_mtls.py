@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -419,3 +420,19 @@ def test_trusted_certificate_without_member_id_is_unauthenticated(
         stub.GetCatalog(pb.CatalogRequest(), timeout=10)
     assert failed.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "spiffe://DATASPACE/member/ID" in (failed.value.details() or "")
+
+
+def test_obligations_travel_in_receipt_and_arrow_schema(space: Space) -> None:
+    space.provider.write_policy(
+        "quality.yaml",
+        policy_text("quality-benchmark", members="[supplier-a]", version=2)
+        + "obligations: {delete_within_days: 90, attribution: 'Source: carmaker'}\n",
+    )
+    space.server.reload()
+    with space.peer() as peer:
+        table = peer.query("SELECT plant FROM part_defects", PURPOSE)
+    expected = {"delete_within_days": 90, "attribution": ["Source: carmaker"], "terms": []}
+    assert receipt_of(table).obligations == expected
+    metadata = table.schema.metadata
+    assert json.loads(metadata[b"connector.obligations"]) == expected
+    assert json.loads(metadata[b"connector.policies"]) == ["quality-benchmark@2"]

@@ -244,3 +244,27 @@ def test_broken_rego_fails_closed() -> None:
 def test_unreachable_opa_server_is_an_engine_error() -> None:
     with pytest.raises(PolicyEngineError, match="cannot load the policies into OPA"):
         OpaServerEngine([], "http://127.0.0.1:1", timeout=0.5)
+
+
+def test_obligations_of_every_policy_used_travel_with_the_decision(
+    tmp_path: Path, make_engine: EngineMaker
+) -> None:
+    def with_obligations(pid: str, obligations: str, **terms: str) -> UsagePolicy:
+        policy = _policy(tmp_path, pid, "[acme]", **terms)
+        policy.path.write_text(policy.path.read_text() + f"obligations: {obligations}\n")
+        return parse_policy(policy.path)
+
+    engine = make_engine(
+        [
+            with_obligations("a", "{delete_within_days: 90, attribution: 'Source: A'}"),
+            with_obligations("b", "{delete_within_days: 30, terms: [no resale]}", columns="[week]"),
+            with_obligations("c", "{delete_within_days: 1}", datasets="[other]"),
+        ]
+    )
+    decision = engine.decide(_request("acme", part_defects=["plant", "week"]))
+    assert decision.allow
+    assert decision.obligations == {
+        "delete_within_days": 30,
+        "attribution": ["Source: A"],
+        "terms": ["no resale"],
+    }

@@ -54,7 +54,9 @@ def test_a_good_policy_is_normalised(tmp_path: Path) -> None:
     [
         (GOOD + "rows: {where: {plant: [x]}}\n", 10, "unknown key 'rows'"),
         (GOOD.replace("  allow:", "  mask: {price: hash}\n  allow:"), 9, "unknown key 'mask'"),
-        (GOOD + "obligations: {attribution: x}\n", 10, "unknown key 'obligations'"),
+        (GOOD + "limits: {queries_per_day: 5}\n", 10, "unknown key 'limits'"),
+        (GOOD + "obligations: {delete_within_days: 0}\n", 10, "at least 1"),
+        (GOOD + "obligations: {pay: 5}\n", 10, "unknown key 'pay' in obligations"),
         (GOOD + "id: other\n", 10, "key 'id' appears twice"),
         (GOOD.replace("version: 3", "version: three"), 2, "version must be a whole number"),
         (GOOD.replace("version: 3", "version: 0"), 2, "version must be a whole number"),

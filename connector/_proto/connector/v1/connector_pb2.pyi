@@ -269,6 +269,7 @@ class Receipt(_message.Message):
     POLICIES_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     AUDIT_SEQ_FIELD_NUMBER: _builtins.int
+    OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
     JWS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     member_id: _builtins.str
@@ -285,6 +286,10 @@ class Receipt(_message.Message):
     """True when the result was cut at a row limit."""
     audit_seq: _builtins.int
     """The sequence number of this request's entry in the provider's audit log."""
+    obligations_json: _builtins.str
+    """What the peer takes on (delete_within_days, attribution, terms), as JSON text; the
+    same JSON is in the Arrow schema metadata under "connector.obligations".
+    """
     jws: _builtins.str
     """JWS compact serialisation (EdDSA / Ed25519) whose payload is the JSON
     object of the fields above (snake_case keys, issued_at as RFC 3339), signed with the
@@ -310,11 +315,12 @@ class Receipt(_message.Message):
         policies: _abc.Iterable[Global___PolicyRef] | None = ...,
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         audit_seq: _builtins.int = ...,
+        obligations_json: _builtins.str = ...,
         jws: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "issued_at", b"issued_at", "jws", b"jws", "member_id", b"member_id", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "issued_at", b"issued_at", "jws", b"jws", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
