@@ -69,6 +69,7 @@ class Settings:
     policy_signing_key: Path
     receipt_key: Path
     audit_log: Path
+    quota_ledger: Path
     server: ServerSettings
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
@@ -181,6 +182,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         policy_signing_key=home / sections["signing"].text("policy_key", "keys/policy-signing.key"),
         receipt_key=home / sections["signing"].text("receipt_key", "keys/receipt.key"),
         audit_log=home / sections["audit"].text("path", "audit/audit.jsonl"),
+        quota_ledger=home / sections["store"].text("quota_ledger", "state/quota.sqlite"),
         server=_server(sections["server"]),
         policies=_policies(sections["policies"], home),
         revoked=_revoked(sections["revoked"]),
@@ -276,6 +278,7 @@ ca = "tls/ca.pem"           # the data space's CA bundle: peers must chain to it
 
 [store]
 path = "data.duckdb"
+quota_ledger = "state/quota.sqlite"   # daily query and row counts per member and policy
 
 [policies]
 dir = "policies"

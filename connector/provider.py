@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,9 @@ from connector.errors import (
     StoreError,
 )
 from connector.identity import MemberIdentity, member_identity
-from connector.policy.engine import CatalogGrant, Decision, DecisionRequest
+from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
 from connector.policy.registry import PolicyRegistry
+from connector.quota import PolicyQuota, QuotaLedger
 from connector.receipt import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo, SandboxSession, Store
@@ -96,6 +97,8 @@ class Explanation:
     shape: QueryShape
     decision: Decision
     relations: tuple[Relation, ...]
+    quotas: tuple[PolicyQuota, ...] = ()
+    max_rows: int = 0  # the tightest max_rows_per_query of the policies used (0: none)
 
 
 class Provider:
@@ -110,6 +113,7 @@ class Provider:
         signer: ReceiptSigner,
         *,
         audit: AuditLog,
+        quotas: QuotaLedger,
         revoked: Revocations,
         batch_rows: int,
         max_query_seconds: float,
@@ -121,6 +125,7 @@ class Provider:
         self.policies = policies
         self.signer = signer
         self.audit = audit
+        self.quotas = quotas
         self.revoked = revoked
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
@@ -196,14 +201,23 @@ class Provider:
     ) -> Explanation:
         shape = inspect_query(request.sql)
         entry.datasets = shape.datasets
-        decision = self._decide(member, request, shape)
+        snapshot = self.policies.snapshot  # one load for the decision and its limits
+        decision = self._decide(snapshot.engine, member, request, shape)
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
         entry.policies = decision_policies(decision)
         entry.obligations = dict(decision.obligations)
         relations = relations_for(decision, self.store.datasets()) if decision.allow else ()
         entry.columns = {r.dataset: list(r.columns) for r in relations}
-        return Explanation(shape, decision, relations)
+        limits = [snapshot.by_id[p.id].limits for p in entry.policies if p.id in snapshot.by_id]
+        quotas = tuple(
+            PolicyQuota(p.id, lim.queries_per_day, lim.rows_per_day)
+            for p, lim in zip(entry.policies, limits, strict=True)
+            if lim.queries_per_day or lim.rows_per_day
+        )
+        return Explanation(
+            shape, decision, relations, quotas, tightest(lim.max_rows_per_query for lim in limits)
+        )
 
     def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed."""
@@ -215,6 +229,7 @@ class Provider:
                 "this connector is answering its maximum number of queries; retry shortly"
             )
         try:
+            self.quotas.claim_query(member.member_id, explanation.quotas, _now())
             return QueryRun(self, member, request, explanation, entry)
         except BaseException:
             self._slots.release()
@@ -224,7 +239,9 @@ class Provider:
         """Called by a QueryRun when it ends."""
         self._slots.release()
 
-    def _decide(self, member: MemberIdentity, request: PeerRequest, shape: QueryShape) -> Decision:
+    def _decide(
+        self, engine: PolicyEngine, member: MemberIdentity, request: PeerRequest, shape: QueryShape
+    ) -> Decision:
         datasets = self.store.datasets()
         columns = {
             name: frozenset(c.name for c in datasets[name].columns if c.name in shape.column_refs)
@@ -232,7 +249,7 @@ class Provider:
             else frozenset()
             for name in shape.datasets
         }
-        return self.policies.snapshot.engine.decide(
+        return engine.decide(
             DecisionRequest(
                 member=member.member_id,
                 purpose=request.purpose,
@@ -284,12 +301,13 @@ class QueryRun:
             self._session.verify_plan(sql, self._explanation.relations)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             pieces = self._pieces = IpcPieces(self._labelled(result.schema))
-            cap = self._request.max_rows
+            cap = tightest((self._request.max_rows, self._explanation.max_rows))
             for whole in result:
                 batch = whole
                 if cap and self.rows + whole.num_rows > cap:
                     batch = whole.slice(0, cap - self.rows)
                     self.truncated = True
+                batch = self._within_quota(batch)
                 if batch.num_rows:
                     self.rows += batch.num_rows
                     yield pieces.encode(batch)
@@ -302,6 +320,19 @@ class QueryRun:
             raise
         finally:
             self.close()
+
+    def _within_quota(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The part of batch the daily row quotas still allow (claimed before it is sent)."""
+        quotas = self._explanation.quotas
+        if not any(q.rows_per_day for q in quotas) or not batch.num_rows:
+            return batch
+        granted = self._provider.quotas.claim_rows(
+            self._member.member_id, quotas, batch.num_rows, _now()
+        )
+        if granted < batch.num_rows:
+            self.truncated = True
+            return batch.slice(0, granted)
+        return batch
 
     def _labelled(self, schema: pa.Schema) -> pa.Schema:
         """The result schema with the obligations and policies in its metadata, for the
@@ -349,6 +380,11 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._provider.release_slot()
+
+
+def tightest(limits: Iterable[int]) -> int:
+    """The smallest positive limit (0 when none is set)."""
+    return min((n for n in limits if n > 0), default=0)
 
 
 def decision_policies(decision: Decision) -> tuple[PolicyUse, ...]:

@@ -27,6 +27,7 @@ from connector.policy.model import UsagePolicy
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.provider import Provider
+from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
 from connector.service import ConnectorService
 from connector.store import SandboxLimits, Store
@@ -92,6 +93,7 @@ def build_provider(settings: Settings) -> Provider:
         registry,
         signer,
         audit=AuditLog(settings.audit_log, signer),
+        quotas=QuotaLedger(settings.quota_ledger),
         revoked=settings.revoked,
         batch_rows=settings.server.batch_rows,
         max_query_seconds=settings.server.max_query_seconds,
@@ -145,6 +147,7 @@ class RunningServer:
         self.server.stop(grace).wait()
         self.provider.store.close()
         self.provider.audit.close()
+        self.provider.quotas.close()
 
 
 def _mtime(path: Path) -> int:

@@ -37,6 +37,7 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "valid": {"from": None, "until": None},
     "columns": {"allow": None},
     "obligations": {"delete_within_days": None, "attribution": None, "terms": None},
+    "limits": {"max_rows_per_query": None, "queries_per_day": None, "rows_per_day": None},
 }
 REQUIRED = ("id", "version", "description", "datasets", "grantees", "purposes", "valid", "columns")
 
@@ -48,6 +49,15 @@ class Obligations:
     delete_within_days: int = 0  # 0: no deletion deadline
     attribution: str = ""
     terms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much a grantee may take (0: no limit of this kind)."""
+
+    max_rows_per_query: int = 0
+    queries_per_day: int = 0
+    rows_per_day: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class UsagePolicy:
     path: Path
     sha256: str
     obligations: Obligations = Obligations()
+    limits: Limits = Limits()
 
     def as_rego_data(self) -> dict[str, Any]:
         """The policy as the Rego library reads it (JSON-able)."""
@@ -235,10 +246,22 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
         columns_allow=lower(columns["allow"][1], "columns.allow"),
         path=path,
         sha256=sha256,
+        limits=_limits(reader, top["limits"][1]) if "limits" in top else Limits(),
         obligations=_obligations(reader, top["obligations"][1])
         if "obligations" in top
         else Obligations(),
     )
+
+
+def _limits(reader: _Reader, node: yaml.Node) -> Limits:
+    found = reader.mapping(node, "limits", SCHEMA["limits"] or {})
+    values = {}
+    for key, (_, value_node) in found.items():
+        value = reader.scalar(value_node, f"limits.{key}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise reader.fail(value_node, f"limits.{key} must be a whole number, at least 1")
+        values[key] = value
+    return Limits(**values)
 
 
 def _obligations(reader: _Reader, node: yaml.Node) -> Obligations:

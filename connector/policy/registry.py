@@ -7,6 +7,7 @@ running keep the engine they started with, so no query is dropped or sees half a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,11 @@ class PolicySnapshot:
     policies: tuple[UsagePolicy, ...]
     verdicts: tuple[PolicyVerdict, ...]
     loaded_at: dt.datetime
+
+    @functools.cached_property
+    def by_id(self) -> Mapping[str, UsagePolicy]:
+        """The policies in force by id."""
+        return {p.id: p for p in self.policies}
 
 
 def _folder_fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:

@@ -54,7 +54,9 @@ def test_a_good_policy_is_normalised(tmp_path: Path) -> None:
     [
         (GOOD + "rows: {where: {plant: [x]}}\n", 10, "unknown key 'rows'"),
         (GOOD.replace("  allow:", "  mask: {price: hash}\n  allow:"), 9, "unknown key 'mask'"),
-        (GOOD + "limits: {queries_per_day: 5}\n", 10, "unknown key 'limits'"),
+        (GOOD + "aggregate_only: {min_group_size: 5}\n", 10, "unknown key 'aggregate_only'"),
+        (GOOD + "limits: {queries_per_day: 0}\n", 10, "limits.queries_per_day must be"),
+        (GOOD + "limits: {max_rows: 5}\n", 10, "unknown key 'max_rows' in limits"),
         (GOOD + "obligations: {delete_within_days: 0}\n", 10, "at least 1"),
         (GOOD + "obligations: {pay: 5}\n", 10, "unknown key 'pay' in obligations"),
         (GOOD + "id: other\n", 10, "key 'id' appears twice"),
@@ -147,7 +149,7 @@ def test_signed_but_malformed_policy_is_malformed_with_line(tmp_path: Path) -> N
 def test_sign_refuses_a_malformed_policy(tmp_path: Path) -> None:
     key, _ = _keys()
     with pytest.raises(PolicyError, match="unknown key"):
-        sign_policy(_write(tmp_path, GOOD + "limits: {}\n"), key)
+        sign_policy(_write(tmp_path, GOOD + "rows: {}\n"), key)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,74 @@
+"""Policy limits end to end: rows per query, daily queries and rows, across a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from connector.config import load_settings
+from connector.errors import ResourceExhausted
+from connector.server import RunningServer, start_server
+from tests.conftest import Member, connect, policy_text, write_defects_csv
+
+PURPOSE = "quality-benchmarking"
+ALL = "SELECT plant, defects FROM part_defects"
+
+
+def _provider(
+    tmp_path: Path, make_member: Callable[[str], Member], limits: str
+) -> tuple[Member, Member]:
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
+    provider.write_policy(
+        "q.yaml", policy_text("q", members="[supplier-a]") + f"limits: {limits}\n"
+    )
+    return provider, grantee
+
+
+def test_max_rows_per_query_cuts_and_says_so(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = _provider(tmp_path, make_member, "{max_rows_per_query: 30}")
+    with connect(serve(provider), grantee) as peer:
+        result = peer.fetch(ALL, PURPOSE)
+        assert (result.table.num_rows, result.receipt.rows, result.receipt.truncated) == (
+            30,
+            30,
+            True,
+        )
+        small = peer.fetch(ALL, PURPOSE, max_rows=5)
+        assert small.table.num_rows == 5 and small.receipt.truncated
+
+
+def test_daily_quotas_hold_across_a_restart(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = _provider(tmp_path, make_member, "{queries_per_day: 3, rows_per_day: 250}")
+    server = serve(provider)
+    with connect(server, grantee) as peer:
+        first = peer.fetch(ALL, PURPOSE)
+        assert (first.receipt.rows, first.receipt.truncated) == (200, False)
+        second = peer.fetch(ALL, PURPOSE)
+        assert (second.receipt.rows, second.receipt.truncated) == (50, True)
+        with pytest.raises(ResourceExhausted, match=r"250 rows a day.*resets at"):
+            peer.fetch(ALL, PURPOSE)
+    server.stop(grace=1)
+    restarted = start_server(load_settings(provider.home), "127.0.0.1:0")
+    try:
+        with connect(restarted, grantee) as peer, pytest.raises(ResourceExhausted):
+            peer.fetch(ALL, PURPOSE)
+    finally:
+        restarted.stop(grace=1)
+
+
+def test_queries_per_day(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = _provider(tmp_path, make_member, "{queries_per_day: 2}")
+    with connect(serve(provider), grantee) as peer:
+        peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
+        peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
+        with pytest.raises(ResourceExhausted, match="2 queries a day"):
+            peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
