@@ -16,9 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import pyarrow as pa
@@ -79,6 +80,10 @@ class CatalogEntry:
     policies: tuple[PolicyUse, ...]
     valid_from: dt.datetime
     valid_until: dt.datetime
+    max_rows_per_query: int = 0
+    queries_per_day: int = 0
+    rows_per_day: int = 0
+    obligations: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,10 @@ class Peer:
                 policies=_uses(d.policies),
                 valid_from=d.valid_from.ToDatetime(dt.UTC),
                 valid_until=d.valid_until.ToDatetime(dt.UTC),
+                max_rows_per_query=d.max_rows_per_query,
+                queries_per_day=d.queries_per_day,
+                rows_per_day=d.rows_per_day,
+                obligations=json.loads(d.obligations_json) if d.obligations_json else {},
             )
             for d in answer.datasets
         ]

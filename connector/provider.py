@@ -6,6 +6,7 @@ servicer only converts messages and maps the exceptions raised here to status co
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -35,6 +36,7 @@ from connector.errors import (
 )
 from connector.identity import MemberIdentity, member_identity
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
+from connector.policy.model import Limits
 from connector.policy.registry import PolicyRegistry
 from connector.quota import PolicyQuota, QuotaLedger
 from connector.receipt import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
@@ -88,6 +90,8 @@ class CatalogDataset:
     info: DatasetInfo
     columns: tuple[ColumnInfo, ...]
     grant: CatalogGrant
+    limits: Limits
+    obligations: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -172,16 +176,24 @@ class Provider:
     def catalog(self, member: MemberIdentity, entry: AuditEntry) -> list[CatalogDataset]:
         """The datasets granted to member now, with only the granted columns (audited)."""
         datasets = self.store.datasets()
-        engine = self.policies.snapshot.engine
+        snapshot = self.policies.snapshot
         listed = []
-        for grant in engine.catalog(member.member_id, _now()):
+        for grant in snapshot.engine.catalog(member.member_id, _now()):
             info = datasets.get(grant.dataset)
             if info is None:
                 log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
                 continue
             allowed = set(grant.columns)
             columns = tuple(c for c in info.columns if c.name in allowed)
-            listed.append(CatalogDataset(info, columns, grant))
+            policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
+            limits = Limits(
+                *(
+                    tightest(getattr(p.limits, f) for p in policies)
+                    for f in Limits.__dataclass_fields__
+                )
+            )
+            obligations = {p.id: dataclasses.asdict(p.obligations) for p in policies}
+            listed.append(CatalogDataset(info, columns, grant, limits, obligations))
         entry.datasets = tuple(d.info.name for d in listed)
         entry.outcome = "answered"
         self.record(entry)

@@ -72,6 +72,10 @@ def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
         policies=[pb.PolicyRef(id=i, version=v) for i, v in sorted(grant.policies)],
         valid_from=_timestamp(grant.valid_from),
         valid_until=_timestamp(grant.valid_until),
+        max_rows_per_query=entry.limits.max_rows_per_query,
+        queries_per_day=entry.limits.queries_per_day,
+        rows_per_day=entry.limits.rows_per_day,
+        obligations_json=obligations_json(entry.obligations),
     )
 
 

@@ -74,6 +74,10 @@ def _catalog(args: argparse.Namespace) -> int:
                 "policies": [f"{p.id}@{p.version}" for p in e.policies],
                 "valid_from": e.valid_from.isoformat(),
                 "valid_until": e.valid_until.isoformat(),
+                "max_rows_per_query": e.max_rows_per_query,
+                "queries_per_day": e.queries_per_day,
+                "rows_per_day": e.rows_per_day,
+                "obligations": e.obligations,
             }
             for e in entries
         ]
@@ -87,6 +91,21 @@ def _catalog(args: argparse.Namespace) -> int:
         print(f"  purposes: {', '.join(e.purposes)}")
         print(f"  policies: {', '.join(f'{p.id}@{p.version}' for p in e.policies)}")
         print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
+        limits = [
+            f"{n} {what}"
+            for n, what in (
+                (e.max_rows_per_query, "rows per query"),
+                (e.queries_per_day, "queries a day"),
+                (e.rows_per_day, "rows a day"),
+            )
+            if n
+        ]
+        if limits:
+            print(f"  limits:   {', '.join(limits)}")
+        for policy, terms in e.obligations.items():
+            shown = {k: v for k, v in terms.items() if v}
+            if shown:
+                print(f"  you take on ({policy}): {json.dumps(shown)}")
     return 0
 
 

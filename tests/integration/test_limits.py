@@ -10,7 +10,7 @@ import pytest
 from connector.config import load_settings
 from connector.errors import ResourceExhausted
 from connector.server import RunningServer, start_server
-from tests.conftest import Member, connect, policy_text, write_defects_csv
+from tests.conftest import Member, connect, policy_text, run_cli, write_defects_csv
 
 PURPOSE = "quality-benchmarking"
 ALL = "SELECT plant, defects FROM part_defects"
@@ -72,3 +72,18 @@ def test_queries_per_day(
         peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
         with pytest.raises(ResourceExhausted, match="2 queries a day"):
             peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
+
+
+def test_catalog_shows_limits_and_obligations(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = _provider(
+        tmp_path, make_member, "{max_rows_per_query: 30, rows_per_day: 250}"
+    )
+    policy = provider.home / "policies" / "q.yaml"
+    policy.write_text(policy.read_text() + "obligations: {delete_within_days: 30}\n")
+    assert run_cli("policy", "sign", "--home", provider.home, policy) == 0
+    with connect(serve(provider), grantee) as peer:
+        (entry,) = peer.catalog()
+    assert (entry.max_rows_per_query, entry.queries_per_day, entry.rows_per_day) == (30, 0, 250)
+    assert entry.obligations["q"]["delete_within_days"] == 30

@@ -106,8 +106,19 @@ class Dataset(_message.Message):
     POLICIES_FIELD_NUMBER: _builtins.int
     VALID_FROM_FIELD_NUMBER: _builtins.int
     VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_PER_QUERY_FIELD_NUMBER: _builtins.int
+    QUERIES_PER_DAY_FIELD_NUMBER: _builtins.int
+    ROWS_PER_DAY_FIELD_NUMBER: _builtins.int
+    OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
+    max_rows_per_query: _builtins.int
+    """The tightest limits of the granting policies (0: none), and the obligations of each
+    granting policy as a JSON object keyed by policy id.
+    """
+    queries_per_day: _builtins.int
+    rows_per_day: _builtins.int
+    obligations_json: _builtins.str
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Column]:
         """The columns this peer may read (and only these)."""
@@ -136,10 +147,14 @@ class Dataset(_message.Message):
         policies: _abc.Iterable[Global___PolicyRef] | None = ...,
         valid_from: _timestamp_pb2.Timestamp | None = ...,
         valid_until: _timestamp_pb2.Timestamp | None = ...,
+        max_rows_per_query: _builtins.int = ...,
+        queries_per_day: _builtins.int = ...,
+        rows_per_day: _builtins.int = ...,
+        obligations_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "name", b"name", "policies", b"policies", "purposes", b"purposes", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "max_rows_per_query", b"max_rows_per_query", "name", b"name", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
