@@ -220,7 +220,10 @@ class Provider:
         entry.policies = decision_policies(decision)
         entry.obligations = dict(decision.obligations)
         relations = relations_for(decision, self.store.datasets()) if decision.allow else ()
-        entry.columns = {r.dataset: list(r.columns) for r in relations}
+        entry.columns = {
+            r.dataset: [c for c in r.columns if shape.uses_star or c in shape.column_refs]
+            for r in relations
+        }
         limits = [snapshot.by_id[p.id].limits for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
             PolicyQuota(p.id, lim.queries_per_day, lim.rows_per_day)
