@@ -40,8 +40,9 @@ from connector.policy.model import Limits
 from connector.policy.registry import PolicyRegistry
 from connector.quota import PolicyQuota, QuotaLedger
 from connector.receipt import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
+from connector.sandbox import SandboxSession, Store
 from connector.sqlguard import QueryShape, inspect_query
-from connector.store import ColumnInfo, DatasetInfo, SandboxSession, Store
+from connector.store import ColumnInfo, DatasetInfo
 
 log = logging.getLogger(__name__)
 

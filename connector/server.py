@@ -29,8 +29,8 @@ from connector.policy.signing import trusted_keys
 from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
+from connector.sandbox import SandboxLimits, Store
 from connector.service import ConnectorService
-from connector.store import SandboxLimits, Store
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import pytest
 from connector.enforce import Relation, relations_for
 from connector.errors import DataError, QueryRejected, QueryTimeout, StoreError
 from connector.policy.engine import Decision, Grant
-from connector.store import SandboxLimits, Store, create_database, ingest, list_datasets
+from connector.sandbox import SandboxLimits, Store
+from connector.store import create_database, ingest, list_datasets
 
 CSV = "plant,Defects,price\nRegensburg,3,10.5\nLeipzig,5,11.0\n"
 
