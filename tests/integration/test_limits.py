@@ -87,3 +87,21 @@ def test_catalog_shows_limits_and_obligations(
         (entry,) = peer.catalog()
     assert (entry.max_rows_per_query, entry.queries_per_day, entry.rows_per_day) == (30, 0, 250)
     assert entry.obligations["q"]["delete_within_days"] == 30
+
+
+def test_memory_limit_ends_a_query_with_resource_exhausted_and_others_go_on(
+    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    config = provider.home / "connector.toml"
+    config.write_text(config.read_text().replace('memory_limit = "1GB"', 'memory_limit = "30MB"'))
+    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
+    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    hungry = (
+        "SELECT length(string_agg(a.part_no || b.part_no, ',')) "
+        "FROM part_defects a, part_defects b, part_defects c"
+    )
+    with connect(serve(provider), grantee) as peer:
+        with pytest.raises(ResourceExhausted, match="more memory than this connector allows"):
+            peer.fetch(hungry, PURPOSE)
+        assert peer.fetch("SELECT count(*) FROM part_defects", PURPOSE).receipt.rows == 1
