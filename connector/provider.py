@@ -36,7 +36,7 @@ from connector.errors import (
 )
 from connector.identity import MemberIdentity, member_identity
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
-from connector.policy.model import Limits
+from connector.policy.model import Limits, UsagePolicy
 from connector.policy.registry import PolicyRegistry
 from connector.quota import PolicyQuota, QuotaLedger
 from connector.receipt import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
@@ -187,14 +187,10 @@ class Provider:
             allowed = set(grant.columns)
             columns = tuple(c for c in info.columns if c.name in allowed)
             policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
-            limits = Limits(
-                *(
-                    tightest(getattr(p.limits, f) for p in policies)
-                    for f in Limits.__dataclass_fields__
-                )
-            )
             obligations = {p.id: dataclasses.asdict(p.obligations) for p in policies}
-            listed.append(CatalogDataset(info, columns, grant, limits, obligations))
+            listed.append(
+                CatalogDataset(info, columns, grant, tightest_limits(policies), obligations)
+            )
         entry.datasets = tuple(d.info.name for d in listed)
         entry.outcome = "answered"
         self.record(entry)
@@ -225,15 +221,14 @@ class Provider:
             r.dataset: [c for c in r.columns if shape.uses_star or c in shape.column_refs]
             for r in relations
         }
-        limits = [snapshot.by_id[p.id].limits for p in entry.policies if p.id in snapshot.by_id]
+        used = [snapshot.by_id[p.id] for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
-            PolicyQuota(p.id, lim.queries_per_day, lim.rows_per_day)
-            for p, lim in zip(entry.policies, limits, strict=True)
-            if lim.queries_per_day or lim.rows_per_day
+            PolicyQuota(p.id, p.limits.queries_per_day, p.limits.rows_per_day)
+            for p in used
+            if p.limits.queries_per_day or p.limits.rows_per_day
         )
-        return Explanation(
-            shape, decision, relations, quotas, tightest(lim.max_rows_per_query for lim in limits)
-        )
+        max_rows = tightest_limits(used).max_rows_per_query
+        return Explanation(shape, decision, relations, quotas, max_rows)
 
     def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed."""
@@ -401,6 +396,16 @@ class QueryRun:
 def tightest(limits: Iterable[int]) -> int:
     """The smallest positive limit (0 when none is set)."""
     return min((n for n in limits if n > 0), default=0)
+
+
+def tightest_limits(policies: Iterable[UsagePolicy]) -> Limits:
+    """Each kind of limit at its tightest over the policies (0 where none sets it)."""
+    limits = [p.limits for p in policies]
+    return Limits(
+        max_rows_per_query=tightest(lim.max_rows_per_query for lim in limits),
+        queries_per_day=tightest(lim.queries_per_day for lim in limits),
+        rows_per_day=tightest(lim.rows_per_day for lim in limits),
+    )
 
 
 def decision_policies(decision: Decision) -> tuple[PolicyUse, ...]:
