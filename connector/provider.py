@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +120,7 @@ class Provider:
         audit: AuditLog,
         quotas: QuotaLedger,
         revoked: Revocations,
+        guard: Callable[[str], QueryShape] = inspect_query,
         batch_rows: int,
         max_query_seconds: float,
         max_concurrent_queries: int,
@@ -131,6 +132,8 @@ class Provider:
         self.signer = signer
         self.audit = audit
         self.quotas = quotas
+        # Replaceable only so a test can show the sandbox stops attacks without the guard.
+        self.guard = guard
         self.revoked = revoked
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
@@ -208,7 +211,7 @@ class Provider:
     def _explain(
         self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
     ) -> Explanation:
-        shape = inspect_query(request.sql)
+        shape = self.guard(request.sql)
         entry.datasets = shape.datasets
         snapshot = self.policies.snapshot  # one load for the decision and its limits
         decision = self._decide(snapshot.engine, member, request, shape)
