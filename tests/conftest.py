@@ -147,6 +147,30 @@ def write_defects_csv(path: Path, rows: int = 200) -> Path:
     return path
 
 
+ProviderPair = Callable[..., tuple[Member, Member]]
+
+
+@pytest.fixture
+def provider_pair(tmp_path: Path, make_member: Callable[[str], Member]) -> ProviderPair:
+    """carmaker with part_defects and policy q for supplier-a; settings edit connector.toml."""
+
+    def make(
+        *, settings: dict[str, str] | None = None, policy_extra: str = ""
+    ) -> tuple[Member, Member]:
+        provider, grantee = make_member("carmaker"), make_member("supplier-a")
+        config = provider.home / "connector.toml"
+        text = config.read_text()
+        for old, new in (settings or {}).items():
+            assert old in text, old
+            text = text.replace(old, new)
+        config.write_text(text)
+        provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
+        provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]") + policy_extra)
+        return provider, grantee
+
+    return make
+
+
 @dataclass
 class Space:
     """A provider with data and a signed policy for a grantee, its server running."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,11 @@ from connector.errors import ConnectorError, PermissionDenied, QueryRejected
 from connector.identity import load_ed25519_public
 from tests.conftest import (
     Member,
+    ProviderPair,
     ServerProcess,
     Space,
-    policy_text,
     run_cli,
     wait_for,
-    write_defects_csv,
 )
 
 PURPOSE = "quality-benchmarking"
@@ -111,12 +109,8 @@ def test_audit_cli_show_verify_export(
     assert "line 2 (entry 2) was changed" in capsys.readouterr().out
 
 
-def test_sigkill_under_load_loses_no_answered_query(
-    tmp_path: Path, make_member: Callable[[str], Member]
-) -> None:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
-    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+def test_sigkill_under_load_loses_no_answered_query(provider_pair: ProviderPair) -> None:
+    provider, grantee = provider_pair()
     server = ServerProcess(provider.home)
     answered: list[tuple[str, int]] = []
     stop = threading.Event()

@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from connector.config import load_settings
 from connector.errors import ResourceExhausted
 from connector.server import RunningServer, start_server
-from tests.conftest import Member, connect, policy_text, run_cli, write_defects_csv
+from tests.conftest import Member, ProviderPair, connect, run_cli
 
 PURPOSE = "quality-benchmarking"
 ALL = "SELECT plant, defects FROM part_defects"
 
 
-def _provider(
-    tmp_path: Path, make_member: Callable[[str], Member], limits: str
-) -> tuple[Member, Member]:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
-    provider.write_policy(
-        "q.yaml", policy_text("q", members="[supplier-a]") + f"limits: {limits}\n"
-    )
-    return provider, grantee
-
-
 def test_max_rows_per_query_cuts_and_says_so(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _provider(tmp_path, make_member, "{max_rows_per_query: 30}")
+    provider, grantee = provider_pair(policy_extra="limits: {max_rows_per_query: 30}\n")
     with connect(serve(provider), grantee) as peer:
         result = peer.fetch(ALL, PURPOSE)
         assert (result.table.num_rows, result.receipt.rows, result.receipt.truncated) == (
@@ -43,9 +31,11 @@ def test_max_rows_per_query_cuts_and_says_so(
 
 
 def test_daily_quotas_hold_across_a_restart(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _provider(tmp_path, make_member, "{queries_per_day: 3, rows_per_day: 250}")
+    provider, grantee = provider_pair(
+        policy_extra="limits: {queries_per_day: 3, rows_per_day: 250}\n"
+    )
     server = serve(provider)
     with connect(server, grantee) as peer:
         first = peer.fetch(ALL, PURPOSE)
@@ -64,9 +54,9 @@ def test_daily_quotas_hold_across_a_restart(
 
 
 def test_queries_per_day(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _provider(tmp_path, make_member, "{queries_per_day: 2}")
+    provider, grantee = provider_pair(policy_extra="limits: {queries_per_day: 2}\n")
     with connect(serve(provider), grantee) as peer:
         peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
         peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
@@ -75,10 +65,10 @@ def test_queries_per_day(
 
 
 def test_catalog_shows_limits_and_obligations(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _provider(
-        tmp_path, make_member, "{max_rows_per_query: 30, rows_per_day: 250}"
+    provider, grantee = provider_pair(
+        policy_extra="limits: {max_rows_per_query: 30, rows_per_day: 250}\n"
     )
     policy = provider.home / "policies" / "q.yaml"
     policy.write_text(policy.read_text() + "obligations: {delete_within_days: 30}\n")
@@ -90,13 +80,9 @@ def test_catalog_shows_limits_and_obligations(
 
 
 def test_memory_limit_ends_a_query_with_resource_exhausted_and_others_go_on(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    config = provider.home / "connector.toml"
-    config.write_text(config.read_text().replace('memory_limit = "1GB"', 'memory_limit = "30MB"'))
-    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
-    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    provider, grantee = provider_pair(settings={'memory_limit = "1GB"': 'memory_limit = "30MB"'})
     hungry = (
         "SELECT length(string_agg(a.part_no || b.part_no, ',')) "
         "FROM part_defects a, part_defects b, part_defects c"

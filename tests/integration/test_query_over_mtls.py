@@ -27,11 +27,11 @@ from connector.identity import create_dataspace_ca, issue_member_certificate
 from connector.server import RunningServer
 from tests.conftest import (
     Member,
+    ProviderPair,
     Space,
     connect,
     policy_text,
     wait_for,
-    write_defects_csv,
 )
 
 GRANTED = ["plant", "part_no", "defect_code", "defects", "week"]
@@ -210,13 +210,9 @@ def test_client_deadline_interrupts_the_query_and_the_server_goes_on(space: Spac
 
 
 def test_server_time_limit_ends_a_query_with_deadline_exceeded(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    config = provider.home / "connector.toml"
-    config.write_text(config.read_text().replace("max_query_seconds = 30", "max_query_seconds = 1"))
-    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
-    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    provider, grantee = provider_pair(settings={"max_query_seconds = 30": "max_query_seconds = 1"})
     server = serve(provider)
     with connect(server, grantee) as peer:
         with pytest.raises(QueryTimeout, match="time limit"):
@@ -349,15 +345,11 @@ def test_a_running_query_survives_a_policy_reload(space: Space) -> None:
 
 
 def test_a_cancelled_query_is_interrupted_and_frees_its_slot(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    config = provider.home / "connector.toml"
-    config.write_text(
-        config.read_text().replace("max_concurrent_queries = 8", "max_concurrent_queries = 1")
+    provider, grantee = provider_pair(
+        settings={"max_concurrent_queries = 8": "max_concurrent_queries = 1"}
     )
-    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
-    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
     server = serve(provider)
     identity = grantee.identity()
     stub = _channel(

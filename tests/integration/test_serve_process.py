@@ -12,7 +12,7 @@ import pytest
 from connector.client import Peer
 from connector.errors import StoreBusy
 from connector.store import ingest, list_datasets
-from tests.conftest import Member, ServerProcess, policy_text, wait_for, write_defects_csv
+from tests.conftest import Member, ProviderPair, ServerProcess, wait_for, write_defects_csv
 
 
 @pytest.fixture
@@ -30,13 +30,8 @@ def server_process() -> Iterator[Callable[[Member], ServerProcess]]:
 
 
 @pytest.fixture
-def provider_and_grantee(
-    tmp_path: Path, make_member: Callable[[str], Member]
-) -> tuple[Member, Member]:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    provider.ingest(write_defects_csv(tmp_path / "defects.csv"), "part_defects")
-    provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
-    return provider, grantee
+def provider_and_grantee(provider_pair: ProviderPair) -> tuple[Member, Member]:
+    return provider_pair()
 
 
 def test_sigterm_stops_cleanly(
@@ -58,7 +53,7 @@ def test_sighup_reloads_policies_at_once(
 ) -> None:
     provider, grantee = provider_and_grantee
     server = server_process(provider)
-    (provider.home / "policies" / "quality.yaml").unlink()
+    (provider.home / "policies" / "q.yaml").unlink()
     os.kill(server.process.pid, signal.SIGHUP)
     with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
         wait_for(lambda: peer.catalog() == [], timeout=5)
