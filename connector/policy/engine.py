@@ -113,6 +113,11 @@ def reason_text(reason: Mapping[str, Any]) -> str:
         return f"no policy grants dataset {d} to you"
     if code == "purpose":
         allowed = ", ".join(map(str, reason.get("allowed", [])))
+        if not allowed:
+            return (
+                f"purpose {reason['purpose']} is not allowed for dataset {d} "
+                "(none of your policies for it is in force now)"
+            )
         return f"purpose {reason['purpose']} is not allowed for dataset {d} (allowed: {allowed})"
     if code == "expired":
         return f"policy {reason['policy']} for dataset {d} expired on {reason['until']}"
@@ -125,8 +130,11 @@ def reason_text(reason: Mapping[str, Any]) -> str:
     )
 
 
-def decision_from(result: Any) -> Decision:
-    """A Decision from the Rego library's decision document; malformed means deny."""
+def decision_from(result: Any, requested: Sequence[str] = ()) -> Decision:
+    """A Decision from the Rego library's decision document; malformed means deny.
+
+    Checked again here: an allow needs a grant for every requested dataset.
+    """
     if not isinstance(result, dict) or not isinstance(result.get("allow"), bool):
         raise PolicyEngineError("the policy library returned no decision")
     try:
@@ -138,7 +146,10 @@ def decision_from(result: Any) -> Decision:
         obligations = dict(result.get("obligations") or {})
     except (KeyError, TypeError, ValueError, AttributeError):
         raise PolicyEngineError("the policy library returned a malformed decision") from None
-    allow = result["allow"] and not reasons and bool(grants)
+    ungranted = sorted(set(requested) - {g.dataset for g in grants})
+    allow = result["allow"] and not reasons and bool(grants) and not ungranted
+    if not allow and not reasons:
+        reasons = tuple(f"no policy grants dataset {d} to you for this purpose" for d in ungranted)
     return Decision(allow, reasons, grants if allow else (), obligations)
 
 
@@ -169,7 +180,18 @@ def catalog_from(result: Any) -> tuple[CatalogGrant, ...]:
 
 def policy_data(policies: Sequence[UsagePolicy]) -> dict[str, Any]:
     """The data document the Rego library reads."""
-    return {DATA_KEY: {"items": [p.as_rego_data() for p in policies]}}
+    return {DATA_KEY: {"items": [p.as_rego_data() for p in policies], "index": _index(policies)}}
+
+
+def _index(policies: Sequence[UsagePolicy]) -> dict[str, dict[str, list[int]]]:
+    """member -> dataset -> positions of the policies naming both, so that Rego reads only
+    the requester's policies (regopy's cost grows faster than linearly with what it scans)."""
+    index: dict[str, dict[str, list[int]]] = {}
+    for position, policy in enumerate(policies):
+        for member in policy.members:
+            for dataset in policy.datasets:
+                index.setdefault(member, {}).setdefault(dataset, []).append(position)
+    return index
 
 
 def rego_library() -> str:
@@ -211,7 +233,7 @@ class EmbeddedEngine:
 
     def decide(self, request: DecisionRequest) -> Decision:
         """The decision for one request."""
-        return decision_from(self._evaluate(DECISION, request.as_input()))
+        return decision_from(self._evaluate(DECISION, request.as_input()), request.datasets)
 
     def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]:
         """What is granted to member at time, any purpose."""
@@ -259,7 +281,7 @@ class OpaServerEngine:
 
     def decide(self, request: DecisionRequest) -> Decision:
         """The decision for one request."""
-        return decision_from(self._query("decision", request.as_input()))
+        return decision_from(self._query("decision", request.as_input()), request.datasets)
 
     def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]:
         """What is granted to member at time, any purpose."""

@@ -21,6 +21,8 @@ POLICY_FORMAT = 1
 MAX_POLICY_BYTES = 1024 * 1024
 POLICY_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Dataset names as the store accepts them (no leading "_": the store's own schemas use it).
+DATASET = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MEMBER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ANY_TEXT = re.compile(r"^[^\x00-\x08\x0b-\x1f\x7f]{1,2000}$")
 PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
@@ -157,8 +159,10 @@ class _Reader:
     def moment(self, node: yaml.Node, where: str) -> dt.datetime:
         value = self.scalar(node, where)
         if isinstance(value, dt.datetime):
-            moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-            return moment.astimezone(dt.UTC)
+            if value.tzinfo is None:
+                # RFC 3339: a time without a zone would silently be read as UTC.
+                raise self.fail(node, f"{where} needs a time zone, like 2026-01-31T08:00:00Z")
+            return value.astimezone(dt.UTC)
         if isinstance(value, dt.date):
             return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
         raise self.fail(node, f"{where} must be a date (2026-01-31) or a date-time with zone")
@@ -168,6 +172,7 @@ def _rule(pattern: re.Pattern[str]) -> str:
     return {
         POLICY_ID.pattern: "lower-case letters, digits, '.', '_' and '-'",
         IDENTIFIER.pattern: "a plain SQL name: letters, digits and _",
+        DATASET.pattern: "a dataset name: a letter, then letters, digits and _",
         MEMBER_ID.pattern: "a member id: lower-case letters, digits, '.', '_' and '-'",
         PURPOSE.pattern: "letters, digits, spaces and . _ : / -",
         ANY_TEXT.pattern: "text of at most 2000 characters, no control characters",
@@ -199,10 +204,19 @@ def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
 
 
 def _read(path: Path) -> bytes:
+    return read_limited(path, MAX_POLICY_BYTES)
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """The file's bytes; PolicyError when it cannot be read or is larger than limit bytes."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)  # never more: the file may be huge
     except OSError as exc:
         raise PolicyError(f"cannot read: {exc.strerror}", path=str(path)) from None
+    if len(data) > limit:
+        raise PolicyError(f"larger than {limit} bytes", path=str(path))
+    return data
 
 
 def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> UsagePolicy:
@@ -237,13 +251,13 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
     return UsagePolicy(
         id=reader.text(top["id"][1], "id", POLICY_ID),
         version=version,
-        description=reader.text(top["description"][1], "description"),
-        datasets=lower(top["datasets"][1], "datasets"),
+        description=reader.text(top["description"][1], "description", ANY_TEXT),
+        datasets=lower(top["datasets"][1], "datasets", DATASET),
         members=reader.text_list(grantees["members"][1], "grantees.members", MEMBER_ID),
         purposes=reader.text_list(top["purposes"][1], "purposes", PURPOSE),
         valid_from=start,
         valid_until=end,
-        columns_allow=lower(columns["allow"][1], "columns.allow"),
+        columns_allow=lower(columns["allow"][1], "columns.allow", IDENTIFIER),
         path=path,
         sha256=sha256,
         limits=_limits(reader, top["limits"][1]) if "limits" in top else Limits(),
@@ -289,11 +303,12 @@ def _obligations(reader: _Reader, node: yaml.Node) -> Obligations:
 
 
 def _lowered(reader: _Reader) -> Any:
-    def read(node: yaml.Node, where: str) -> tuple[str, ...]:
+    def read(node: yaml.Node, where: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
         if isinstance(node, yaml.SequenceNode):
             for item in node.value:
-                if isinstance(item, yaml.ScalarNode):
+                # ASCII only: str.lower() maps some non-ASCII letters (the Kelvin sign) to ASCII.
+                if isinstance(item, yaml.ScalarNode) and item.value.isascii():
                     item.value = item.value.lower()
-        return reader.text_list(node, where, IDENTIFIER)
+        return reader.text_list(node, where, pattern)
 
     return read

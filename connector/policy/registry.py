@@ -61,6 +61,18 @@ def _folder_fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(entries)
 
 
+def _next_date_change(verdicts: Sequence[PolicyVerdict]) -> dt.datetime | None:
+    """The next moment a verdict changes by the clock alone: a pending policy comes into force
+    or a policy in force expires. Polling reloads then, not on every tick (which rebuilt the
+    engine and logged every skipped file every few seconds while any policy was pending)."""
+    moments = [
+        v.policy.valid_from if v.status is VerdictStatus.NOT_YET_VALID else v.policy.valid_until
+        for v in verdicts
+        if v.policy is not None and v.status in (VerdictStatus.NOT_YET_VALID, VerdictStatus.VALID)
+    ]
+    return min(moments, default=None)
+
+
 class PolicyRegistry:
     """Holds the current PolicySnapshot and reloads it when the folder changes."""
 
@@ -95,9 +107,10 @@ class PolicyRegistry:
             return snapshot
 
     def reload_if_changed(self) -> bool:
-        """Reload when a file was added, changed or removed, or a pending policy came due."""
-        pending = any(v.status is VerdictStatus.NOT_YET_VALID for v in self._snapshot.verdicts)
-        if _folder_fingerprint(self._directory) == self._fingerprint and not pending:
+        """Reload when a file was added, changed or removed, or a policy came due or expired."""
+        due = _next_date_change(self._snapshot.verdicts)
+        came_due = due is not None and dt.datetime.now(dt.UTC) >= due
+        if _folder_fingerprint(self._directory) == self._fingerprint and not came_due:
             return False
         self.reload()
         return True

@@ -18,11 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from connector import jws
 from connector.errors import PolicyError
 from connector.identity import load_ed25519_public
-from connector.policy.model import UsagePolicy, parse_policy
+from connector.policy.model import MAX_POLICY_BYTES, UsagePolicy, parse_policy, read_limited
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_SUFFIX = ".jws"
+MAX_SIGNATURE_BYTES = 16 * 1024
 POLICY_SUFFIXES = (".yaml", ".yml")
 
 
@@ -73,10 +74,7 @@ def sign_policy(path: Path, private_key: ed25519.Ed25519PrivateKey) -> Path:
 
 
 def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"cannot read: {exc.strerror}", path=str(path)) from None
+    return read_limited(path, MAX_POLICY_BYTES)
 
 
 def verify_policy(
@@ -94,9 +92,11 @@ def verify_policy(
             VerdictStatus.UNSIGNED,
             f"no signature {sig_path.name}; have it signed with `connector policy sign`",
         )
-    token = sig_path.read_text(encoding="ascii", errors="replace").strip()
     try:
-        kid = jws.read_header(token)["kid"]
+        token = read_limited(sig_path, MAX_SIGNATURE_BYTES).decode("ascii", errors="replace")
+        kid = jws.read_header(token.strip())["kid"]
+    except PolicyError as exc:
+        return PolicyVerdict(path, VerdictStatus.MALFORMED, f"signature {exc}")
     except jws.JwsError as exc:
         return PolicyVerdict(
             path, VerdictStatus.MALFORMED, f"signature {sig_path.name} is malformed: {exc}"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from connector import jws
 from connector.errors import PolicyError
@@ -74,6 +77,11 @@ def test_a_good_policy_is_normalised(tmp_path: Path) -> None:
             6,
             "non-empty list",
         ),
+        (GOOD.replace("from: 2026-01-01", "from: 2026-01-01T08:00:00"), 7, "needs a time zone"),
+        (GOOD.replace("[Part_Defects]", "[_connector]"), 4, "a dataset name"),
+        (GOOD.replace("figures", 'figures\\e[2J"').replace("Weekly", '"Weekly'), 3, "control"),
+        (GOOD.replace("[plant, Defects]", '[plant, "\\u212a"]'), 9, "not allowed here"),
+        (GOOD + "<<: {rows: 1}\n", 10, "unknown key '<<'"),
     ],
 )
 def test_bad_policies_name_file_line_and_problem(
@@ -110,6 +118,11 @@ def test_signed_policy_is_valid_and_signature_is_standard_detached_jws(tmp_path:
         ("unknown", VerdictStatus.UNKNOWN_SIGNER, "not among this connector's trusted signers"),
         ("garbage", VerdictStatus.MALFORMED, "malformed"),
         ("alg-none", VerdictStatus.MALFORMED, "algorithm must be EdDSA"),
+        ("alg-hs256", VerdictStatus.MALFORMED, "algorithm must be EdDSA"),
+        ("one-byte", VerdictStatus.MODIFIED, "changed after it was signed"),
+        ("kid-of-trusted-other-key", VerdictStatus.MODIFIED, "sign it again"),
+        ("junk-in-signature", VerdictStatus.MALFORMED, "not base64url"),
+        ("huge-signature", VerdictStatus.MALFORMED, "larger than"),
     ],
 )
 def test_each_bad_signature_has_its_own_verdict(
@@ -130,6 +143,32 @@ def test_each_bad_signature_has_its_own_verdict(
     elif change == "alg-none":
         _, body, signature = sig.read_text().strip().split(".")
         sig.write_text(jws.b64url(b'{"alg":"none","kid":"x"}') + f".{body}.{signature}")
+    elif change == "alg-hs256":
+        # Algorithm confusion: an HMAC keyed with the trusted public key's bytes.
+        kid = jws.key_id(key.public_key())
+        header = jws.b64url(json.dumps({"alg": "HS256", "kid": kid}).encode())
+        secret = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        signing_input = f"{header}.{jws.b64url(path.read_bytes())}".encode()
+        mac = hmac.new(secret, signing_input, hashlib.sha256).digest()
+        sig.write_text(f"{header}..{jws.b64url(mac)}")
+    elif change == "one-byte":
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x01  # one bit of one column name
+        path.write_bytes(bytes(data))
+    elif change == "kid-of-trusted-other-key":
+        # Signed by an untrusted key that claims the trusted key's id: cannot be told
+        # from a changed file, and must never verify.
+        header = jws.b64url(
+            json.dumps({"alg": "EdDSA", "kid": jws.key_id(key.public_key())}).encode()
+        )
+        forger = ed25519.Ed25519PrivateKey.generate()
+        signature = forger.sign(f"{header}.{jws.b64url(path.read_bytes())}".encode())
+        sig.write_text(f"{header}..{jws.b64url(signature)}")
+    elif change == "junk-in-signature":
+        header, body, signature = sig.read_text().strip().split(".")
+        sig.write_text(f"{header}.{body}.{signature[:8]}*!*!{signature[8:]}")
+    elif change == "huge-signature":
+        sig.write_text("A" * (64 * 1024))
     verdict = verify_policy(path, trusted, NOW)
     assert verdict.status is status
     assert words in verdict.message
@@ -181,3 +220,13 @@ def test_folder_loads_only_valid_policies_and_refuses_duplicate_ids(tmp_path: Pa
         "c.yaml": VerdictStatus.VALID,
         "d.yml": VerdictStatus.UNSIGNED,
     }
+
+
+def test_an_oversized_policy_is_refused_before_its_signature_is_checked(tmp_path: Path) -> None:
+    key, trusted = _keys()
+    path = _write(tmp_path, GOOD)
+    sign_policy(path, key)
+    path.write_text(GOOD + "#" * (2 * 1024 * 1024))
+    verdict = verify_policy(path, trusted, NOW)
+    assert verdict.status is VerdictStatus.MALFORMED
+    assert "larger than 1048576 bytes" in verdict.message
