@@ -84,6 +84,21 @@ class CatalogEntry:
     queries_per_day: int = 0
     rows_per_day: int = 0
     obligations: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, str] = field(default_factory=dict)  # column -> hash | redact | null
+    row_filter: str = ""
+    min_group_size: int = 0  # not 0: aggregate-only
+
+
+@dataclass(frozen=True)
+class PeerRelation:
+    """What a query would run on under a dataset's name, as the provider explains it."""
+
+    dataset: str
+    columns: tuple[str, ...]
+    definition: str
+    masks: dict[str, str] = field(default_factory=dict)
+    row_filter: str = ""
+    min_group_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,10 +108,11 @@ class PeerDecision:
     allow: bool
     reasons: tuple[str, ...]
     policies: tuple[PolicyUse, ...]
-    relations: tuple[tuple[str, tuple[str, ...], str], ...]
+    relations: tuple[PeerRelation, ...]
     datasets: tuple[str, ...]
     query_sha256: str
     obligations: dict[str, object]
+    query: str = ""  # the SQL that would run (aggregate-only adds its HAVING)
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,9 @@ class Peer:
                 queries_per_day=d.queries_per_day,
                 rows_per_day=d.rows_per_day,
                 obligations=json.loads(d.obligations_json) if d.obligations_json else {},
+                masks={c.name: c.mask for c in d.columns if c.masked},
+                row_filter=d.row_filter,
+                min_group_size=d.min_group_size,
             )
             for d in answer.datasets
         ]
@@ -208,10 +227,21 @@ class Peer:
             allow=answer.allow,
             reasons=tuple(answer.reasons),
             policies=_uses(answer.policies),
-            relations=tuple((r.dataset, tuple(r.columns), r.definition) for r in answer.relations),
+            relations=tuple(
+                PeerRelation(
+                    r.dataset,
+                    tuple(r.columns),
+                    r.definition,
+                    dict(r.masks),
+                    r.row_filter,
+                    r.min_group_size,
+                )
+                for r in answer.relations
+            ),
             datasets=tuple(answer.datasets),
             query_sha256=answer.query_sha256,
             obligations=json.loads(answer.obligations_json) if answer.obligations_json else {},
+            query=answer.query,
         )
 
     def stream(

@@ -68,6 +68,7 @@ class Settings:
     database: Path
     policy_signing_key: Path
     receipt_key: Path
+    mask_key: Path
     audit_log: Path
     quota_ledger: Path
     server: ServerSettings
@@ -181,6 +182,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         database=home / sections["store"].text("path", "data.duckdb"),
         policy_signing_key=home / sections["signing"].text("policy_key", "keys/policy-signing.key"),
         receipt_key=home / sections["signing"].text("receipt_key", "keys/receipt.key"),
+        mask_key=home / sections["signing"].text("mask_key", "keys/mask.key"),
         audit_log=home / sections["audit"].text("path", "audit/audit.jsonl"),
         quota_ledger=home / sections["store"].text("quota_ledger", "state/quota.sqlite"),
         server=_server(sections["server"]),
@@ -266,7 +268,7 @@ dataspace = "{dataspace}"
 [server]
 listen = "{listen}"
 max_query_seconds = 30      # a query running longer is interrupted (DEADLINE_EXCEEDED)
-memory_limit = "1GB"        # DuckDB memory for all queries together
+memory_limit = "1GB"        # DuckDB memory for all queries and shaped copies together
 threads = 2                 # DuckDB threads
 batch_rows = 65536          # rows per Arrow record batch sent to the peer
 max_concurrent_queries = 8  # more at once are refused with RESOURCE_EXHAUSTED
@@ -291,6 +293,8 @@ legal = "keys/policy-signing.key.pub"
 [signing]
 policy_key = "keys/policy-signing.key"   # legal team's key (keep it elsewhere in production)
 receipt_key = "keys/receipt.key"         # signs the receipts sent to peers
+mask_key = "keys/mask.key"               # secret of hash masks (back it up: a new one
+                                         # changes every hashed value peers hold)
 
 [audit]                     # one hash-chained entry per request; `connector audit verify`
 path = "audit/audit.jsonl"

@@ -1,19 +1,27 @@
 """Turn a policy decision into the relations a query actually runs on.
 
-Each granted dataset becomes a per-request view with only the granted columns, in the
-dataset's own column order; the peer's SQL names the view, never the stored table.
+Each granted dataset becomes a per-request relation under the dataset's name with only the
+granted columns, in the dataset's own column order; the peer's SQL names it, never the
+stored table. A plain grant is a view of the stored table. A shaped grant (masks, row
+filters, aggregate-only) is a shaped copy the sandbox builds once: masked values and
+filtered-out rows are not in it, so no query over it can reach them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from connector.store import DatasetInfo, quote_identifier
+from connector.errors import PermissionDenied
+from connector.shaping import Shaping, is_measurement_type, mask_description, mask_sql
+from connector.store import ColumnInfo, DatasetInfo, quote_identifier
 
 log = logging.getLogger(__name__)
+
+MASKED_TYPE = {"hash": "VARCHAR", "redact": "VARCHAR"}
 
 
 class GrantLike(Protocol):
@@ -23,6 +31,8 @@ class GrantLike(Protocol):
     def dataset(self) -> str: ...
     @property
     def columns(self) -> tuple[str, ...]: ...
+    @property
+    def policies(self) -> tuple[tuple[str, int], ...]: ...
 
 
 class DecisionLike(Protocol):
@@ -32,39 +42,131 @@ class DecisionLike(Protocol):
     def grants(self) -> Iterable[GrantLike]: ...
 
 
+class ShapedPolicy(Protocol):
+    """What enforcement needs of a usage policy."""
+
+    @property
+    def shaping(self) -> Shaping: ...
+
+
 @dataclass(frozen=True)
 class Relation:
-    """A per-request view: the dataset name the peer uses, its columns and defining SQL."""
+    """What a query sees under a dataset's name: its columns, how they are shaped, its SQL.
+
+    `sql` may hold the connector's mask key: it is run, never shown; `description` is shown.
+    """
 
     dataset: str
-    columns: tuple[str, ...]
+    columns: tuple[ColumnInfo, ...]
     sql: str
+    description: str
+    shaping: Shaping = field(default_factory=Shaping)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The names of the columns a query may read."""
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def min_group_size(self) -> int:
+        """K when only aggregates over groups of at least K rows may leave (else 0)."""
+        return self.shaping.min_group_size
+
+    @property
+    def shaped_table(self) -> str:
+        """The name of the shaped copy ('' when the relation is a plain view)."""
+        if self.shaping.is_plain:
+            return ""
+        return "s_" + hashlib.sha256(self.sql.encode()).hexdigest()[:32]
+
+    @property
+    def orderable_columns(self) -> frozenset[str]:
+        """Unmasked columns of measurement types, the only ones min and max may read."""
+        masked = self.shaping.mask_of
+        return frozenset(
+            c.name for c in self.columns if c.name not in masked and is_measurement_type(c.type)
+        )
+
+
+def shaping_of(grant: GrantLike, policies: Mapping[str, ShapedPolicy]) -> Shaping:
+    """The one shaping every policy behind grant puts on its dataset; denies when they differ."""
+    found = {policies[i].shaping for i, _ in grant.policies if i in policies}
+    if len(found) != 1:
+        # The policy library refuses this already; a grant is never widened here.
+        raise PermissionDenied(
+            [f"the policies granting dataset {grant.dataset} shape it differently; ask the owner"]
+        )
+    return found.pop()
 
 
 def relations_for(
-    decision: DecisionLike, datasets: Mapping[str, DatasetInfo]
+    decision: DecisionLike,
+    datasets: Mapping[str, DatasetInfo],
+    policies: Mapping[str, ShapedPolicy],
+    mask_key: bytes,
 ) -> tuple[Relation, ...]:
-    """The views for every granted dataset that holds data, with only granted columns."""
+    """The relations for every granted dataset that holds data, with only granted columns."""
     relations = []
     for grant in decision.grants:
         info = datasets.get(grant.dataset)
-        if info is None:
-            continue
-        granted = set(grant.columns)
-        missing = granted - {c.name for c in info.columns}
-        if missing:
-            log.warning(
-                "policy grants columns %s of %s, which it does not have",
-                ", ".join(sorted(missing)),
-                grant.dataset,
+        if info is not None:
+            relations.append(
+                relation_for(info, set(grant.columns), shaping_of(grant, policies), mask_key)
             )
-        columns = tuple(c.name for c in info.columns if c.name in granted)
-        select = ", ".join(quote_identifier(c) for c in columns)
-        relations.append(
-            Relation(
-                grant.dataset,
-                columns,
-                f"SELECT {select} FROM datasets.{quote_identifier(grant.dataset)}",
-            )
-        )
     return tuple(relations)
+
+
+def visible_columns(
+    info: DatasetInfo, granted: set[str], shaping: Shaping
+) -> tuple[ColumnInfo, ...]:
+    """The granted columns of a dataset in its own order, typed as the peer sees them."""
+    masks = shaping.mask_of
+    return tuple(
+        ColumnInfo(c.name, MASKED_TYPE.get(masks.get(c.name, ""), c.type))
+        for c in info.columns
+        if c.name in granted
+    )
+
+
+def relation_for(
+    info: DatasetInfo, granted: set[str], shaping: Shaping, mask_key: bytes
+) -> Relation:
+    """The relation one dataset becomes under a grant of these columns with this shaping."""
+    missing = granted - {c.name for c in info.columns}
+    if missing:
+        log.warning(
+            "policy grants columns %s of %s, which it does not have",
+            ", ".join(sorted(missing)),
+            info.name,
+        )
+    types = {c.name: c.type for c in info.columns}
+    unknown = [f.column for f in shaping.filters if f.column not in types]
+    if unknown:
+        raise PermissionDenied(
+            [
+                f"the policy for dataset {info.name} filters rows on column "
+                f"{', '.join(unknown)}, which the dataset does not have; ask the owner to fix "
+                "the policy"
+            ]
+        )
+    masks = shaping.mask_of
+    shown = [c for c in info.columns if c.name in granted]
+    run, described = [], []
+    for column in shown:
+        kind = masks.get(column.name)
+        if kind is None:
+            run.append(quote_identifier(column.name))
+            described.append(column.name)
+        else:
+            run.append(mask_sql(column.name, kind, column.type, mask_key))
+            described.append(mask_description(column.name, kind))
+    where = shaping.where_sql()
+    condition = f" WHERE {where}" if where else ""
+    table = f"datasets.{quote_identifier(info.name)}"
+    return Relation(
+        dataset=info.name,
+        columns=visible_columns(info, granted, shaping),
+        sql=f"SELECT {', '.join(run)} FROM {table}{condition}",
+        description=f"SELECT {', '.join(described)} FROM {info.name}{condition}",
+        shaping=shaping,
+    )

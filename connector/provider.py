@@ -14,16 +14,17 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 from cryptography import x509
 
+from connector.aggregates import AggregateTerms, aggregate_form_help, aggregate_only_query
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry, AuditLog
 from connector.config import Revocations
-from connector.enforce import Relation, relations_for
+from connector.enforce import Relation, relations_for, visible_columns
 from connector.errors import (
     ConnectorError,
     NotAuthenticated,
@@ -41,6 +42,7 @@ from connector.policy.registry import PolicyRegistry
 from connector.quota import PolicyQuota, QuotaLedger
 from connector.receipt import PolicyUse, ReceiptFields, ReceiptSigner, policy_uses
 from connector.sandbox import SandboxSession, Store
+from connector.shaping import Shaping, strictest
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo
 
@@ -93,6 +95,7 @@ class CatalogDataset:
     grant: CatalogGrant
     limits: Limits
     obligations: Mapping[str, Any]
+    shaping: Shaping = field(default_factory=Shaping)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Explanation:
     relations: tuple[Relation, ...]
     quotas: tuple[PolicyQuota, ...] = ()
     max_rows: int = 0  # the tightest max_rows_per_query of the policies used (0: none)
+    sql: str = ""  # what runs: the peer's SQL, or its aggregate-only rewrite ("" if denied)
 
 
 class Provider:
@@ -121,6 +125,7 @@ class Provider:
         quotas: QuotaLedger,
         revoked: Revocations,
         guard: Callable[[str], QueryShape] = inspect_query,
+        mask_key: bytes,
         batch_rows: int,
         max_query_seconds: float,
         max_concurrent_queries: int,
@@ -134,6 +139,7 @@ class Provider:
         self.quotas = quotas
         # Replaceable only so a test can show the sandbox stops attacks without the guard.
         self.guard = guard
+        self.mask_key = mask_key
         self.revoked = revoked
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
@@ -187,12 +193,14 @@ class Provider:
             if info is None:
                 log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
                 continue
-            allowed = set(grant.columns)
-            columns = tuple(c for c in info.columns if c.name in allowed)
             policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
             obligations = {p.id: dataclasses.asdict(p.obligations) for p in policies}
+            shaping = strictest([p.shaping for p in policies])
+            columns = visible_columns(info, set(grant.columns), shaping)
             listed.append(
-                CatalogDataset(info, columns, grant, tightest_limits(policies), obligations)
+                CatalogDataset(
+                    info, columns, grant, tightest_limits(policies), obligations, shaping
+                )
             )
         entry.datasets = tuple(d.info.name for d in listed)
         entry.outcome = "answered"
@@ -215,15 +223,23 @@ class Provider:
         entry.datasets = shape.datasets
         snapshot = self.policies.snapshot  # one load for the decision and its limits
         decision = self._decide(snapshot.engine, member, request, shape)
+        relations: tuple[Relation, ...] = ()
+        if decision.allow:
+            try:
+                relations = relations_for(
+                    decision, self.store.datasets(), snapshot.by_id, self.mask_key
+                )
+            except PermissionDenied as denied:
+                decision = Decision(False, tuple(denied.reasons))
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
         entry.policies = decision_policies(decision)
         entry.obligations = dict(decision.obligations)
-        relations = relations_for(decision, self.store.datasets()) if decision.allow else ()
         entry.columns = {
-            r.dataset: [c for c in r.columns if shape.uses_star or c in shape.column_refs]
+            r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]
             for r in relations
         }
+        sql = aggregate_form(request.sql, shape, relations) if decision.allow else ""
         used = [snapshot.by_id[p.id] for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
             PolicyQuota(p.id, p.limits.queries_per_day, p.limits.rows_per_day)
@@ -231,7 +247,7 @@ class Provider:
             if p.limits.queries_per_day or p.limits.rows_per_day
         )
         max_rows = tightest_limits(used).max_rows_per_query
-        return Explanation(shape, decision, relations, quotas, max_rows)
+        return Explanation(shape, decision, relations, quotas, max_rows, sql)
 
     def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed."""
@@ -310,7 +326,7 @@ class QueryRun:
         if deadline_seconds is not None:
             timeout = max(0.001, min(timeout, deadline_seconds))
         try:
-            sql = self._request.sql
+            sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
             self._session.verify_plan(sql, self._explanation.relations)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
@@ -394,6 +410,29 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._provider.release_slot()
+
+
+def aggregate_form(sql: str, shape: QueryShape, relations: tuple[Relation, ...]) -> str:
+    """sql as it runs: rewritten to the aggregate-only form when it reads such a dataset."""
+    limited = [r for r in relations if r.min_group_size]
+    if not limited:
+        return sql
+    relation = limited[0]
+    if shape.datasets != (relation.dataset,):
+        help_text = aggregate_form_help(relation.dataset, relation.min_group_size)
+        raise QueryRejected(
+            "a query on an aggregate-only dataset may read no other dataset (no joins, unions "
+            f"or subqueries over others); {help_text}"
+        )
+    return aggregate_only_query(
+        sql,
+        AggregateTerms(
+            relation.dataset,
+            frozenset(relation.column_names),
+            relation.orderable_columns,
+            relation.min_group_size,
+        ),
+    )
 
 
 def tightest(limits: Iterable[int]) -> int:

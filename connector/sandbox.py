@@ -3,6 +3,11 @@
 The file is opened read-only once and locked down as SECURITY.md lists. Each request gets
 its own cursor with TEMP views that show only what its policy grants; the bound plan is
 checked to scan nothing else; results stream batch by batch; errors echo no data.
+
+Shaped relations (masks, row filters, aggregate-only) are built once as tables of an
+in-memory database attached before the lock-down (`shaped`). A query on a shaped dataset may
+scan only its shaped table, never the stored one: with the guard switched off, no SQL reaches
+a clear value or a filtered-out row, and no filter on a clear value can be timed.
 """
 
 from __future__ import annotations
@@ -14,24 +19,38 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
 
 from connector.errors import (
+    PermissionDenied,
     QueryCancelled,
     QueryRejected,
     QueryTimeout,
     ResourceExhausted,
     StoreError,
 )
-from connector.store import DatasetInfo, busy_or_error, quote_identifier, read_metadata
+from connector.shaping import (
+    AGGREGATE_ONLY_FUNCTIONS,
+    EXTREMUM_FUNCTIONS,
+    is_measurement_type,
+)
+from connector.store import (
+    DatasetInfo,
+    busy_or_error,
+    quote_identifier,
+    read_metadata,
+    sql_string,
+)
 
 log = logging.getLogger(__name__)
 
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
+STORED_CATALOG = "stored"  # the member's file, attached read-only
+SHAPED_CATALOG = "memory"  # the connection's own in-memory database holds shaped copies
 
 
 class ExposedRelation(Protocol):
@@ -40,9 +59,13 @@ class ExposedRelation(Protocol):
     @property
     def dataset(self) -> str: ...
     @property
-    def columns(self) -> tuple[str, ...]: ...
+    def column_names(self) -> tuple[str, ...]: ...
     @property
     def sql(self) -> str: ...
+    @property
+    def shaped_table(self) -> str: ...
+    @property
+    def min_group_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -78,16 +101,23 @@ class Store:
     def __init__(self, db_path: Path, limits: SandboxLimits) -> None:
         if not db_path.exists():
             raise StoreError(f"{db_path} does not exist: run `connector init` first")
+        # An in-memory connection (where shaped copies are built) with the member's file
+        # attached read-only, before the lock-down: afterwards ATTACH is refused.
+        self._db = duckdb.connect(":memory:")
         try:
-            self._db = duckdb.connect(str(db_path), read_only=True)
+            self._db.execute(f"ATTACH {sql_string(str(db_path))} AS {STORED_CATALOG} (READ_ONLY)")
         except duckdb.Error as exc:
+            self._db.close()
             raise busy_or_error(exc, db_path) from None
+        self._db.execute(f"USE {STORED_CATALOG}")
         try:
             self._datasets = read_metadata(self._db)
         except duckdb.CatalogException:
             self._datasets = {}
         _lock_down(self._db, limits)
         self.limits = limits
+        self._shaped: set[str] = set()
+        self._shaping = threading.Lock()
 
     def datasets(self) -> Mapping[str, DatasetInfo]:
         """The datasets as they were when the store was opened."""
@@ -95,7 +125,47 @@ class Store:
 
     def session(self) -> SandboxSession:
         """A fresh cursor for one request; its TEMP views vanish with it."""
-        return SandboxSession(self._db.cursor())
+        return SandboxSession(self._cursor(), self)
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor that reads names such as datasets."x" in the member's file."""
+        cursor = self._db.cursor()
+        cursor.execute(f"USE {STORED_CATALOG}")
+        return cursor
+
+    def shaped_table(self, relation: ExposedRelation) -> str:
+        """The qualified name of relation's shaped copy, built on first use.
+
+        The stored data cannot change while the server holds the file, so a copy stays valid.
+        """
+        name = relation.shaped_table
+        qualified = f"{SHAPED_CATALOG}.main.{quote_identifier(name)}"
+        with self._shaping:
+            if name in self._shaped:
+                return qualified
+            cursor = self._cursor()
+            try:
+                cursor.execute(f"CREATE TABLE {qualified} AS {relation.sql}")
+            except duckdb.OutOfMemoryException:
+                raise ResourceExhausted(
+                    f"dataset {relation.dataset} as your policy shapes it does not fit in this "
+                    "connector's memory limit; ask the owner"
+                ) from None
+            except duckdb.Error as exc:
+                # The owner's policy does not fit the data (a filter value of the wrong type).
+                log.error("cannot shape dataset %s as its policy says: %s", relation.dataset, exc)
+                raise PermissionDenied(
+                    [
+                        f"the policy for dataset {relation.dataset} cannot be applied to its "
+                        "data (a row filter or mask does not fit the column types); ask the "
+                        "owner to fix the policy"
+                    ]
+                ) from None
+            finally:
+                cursor.close()
+            self._shaped.add(name)
+            log.info("built the shaped copy %s of dataset %s", name, relation.dataset)
+        return qualified
 
     def close(self) -> None:
         """Close the database."""
@@ -140,8 +210,9 @@ def _peer_message(exc: duckdb.Error) -> str:
 class SandboxSession:
     """One request's cursor: exposes per-request views, checks the plan, streams results."""
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, cursor: duckdb.DuckDBPyConnection, store: Store) -> None:
         self._cursor = cursor
+        self._store = store
         self._running = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
@@ -151,13 +222,18 @@ class SandboxSession:
     def expose(self, relations: Sequence[ExposedRelation]) -> None:
         """Create the TEMP view of each relation under its dataset name."""
         for relation in relations:
+            source = relation.sql
+            if relation.shaped_table:
+                shaped = self._store.shaped_table(relation)  # our own name, a hash
+                source = f"SELECT * FROM {shaped}"  # noqa: S608
             self._cursor.execute(
-                f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {relation.sql}"
+                f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
             )
 
     def verify_plan(self, sql: str, relations: Sequence[ExposedRelation]) -> None:
-        """Second layer: the bound plan may scan only exposed columns of exposed datasets."""
-        allowed = {r.dataset: set(r.columns) for r in relations}
+        """Second layer: one SELECT whose bound plan scans only what the relations expose,
+        and reads aggregate-only relations only in the aggregate form."""
+        self._one_select(sql)
         try:
             rows = self._cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
         except duckdb.Error as exc:
@@ -165,8 +241,20 @@ class SandboxSession:
         plan = json.loads(rows[0][0]) if rows else {"error": True}
         if plan.get("error"):
             raise QueryRejected(_plan_error(plan))
-        for scan in _scans(plan):
-            _check_scan(scan, allowed)
+        allowed = {_source_of(r): r for r in relations}
+        for scan, ancestors in _scans(plan, ()):
+            relation = _check_scan(scan, allowed)
+            if relation.min_group_size:
+                check_aggregate_scan(ancestors, relation.min_group_size)
+
+    def _one_select(self, sql: str) -> None:
+        # The shaped database is writable: nothing but one SELECT may reach the planner.
+        try:
+            statements = self._cursor.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise QueryRejected(_peer_message(exc)) from None
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            raise QueryRejected("send exactly one SELECT statement")
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
@@ -282,36 +370,161 @@ def _plan_error(plan: Mapping[str, object]) -> str:
     return "the query cannot be planned in the sandbox"
 
 
-def _scans(node: object) -> Iterator[Mapping[str, object]]:
-    """Every LOGICAL_GET (and other leaf reader) in a serialised plan."""
+def _source_of(relation: ExposedRelation) -> tuple[str, str, str]:
+    """The (catalog, schema, table) a relation's scans must name."""
+    if relation.shaped_table:
+        return (SHAPED_CATALOG, "main", relation.shaped_table)
+    return (STORED_CATALOG, "datasets", relation.dataset)
+
+
+Ancestors = tuple[Mapping[str, Any], ...]
+
+
+def _scans(node: object, ancestors: Ancestors) -> Iterator[tuple[Mapping[str, Any], Ancestors]]:
+    """Every LOGICAL_GET of a serialised plan, with its operators from the nearest up."""
     if isinstance(node, dict):
-        if node.get("type") == "LOGICAL_GET":
-            yield node
+        kind = str(node.get("type", ""))
+        if kind.startswith("LOGICAL_"):
+            if any(word in kind for word in _WRITING_OPERATORS):
+                raise QueryRejected("only SELECT is allowed")
+            if kind == "LOGICAL_GET":
+                yield node, ancestors
+            ancestors = (node, *ancestors)
         for value in node.values():
-            yield from _scans(value)
+            yield from _scans(value, ancestors)
     elif isinstance(node, list):
         for item in node:
-            yield from _scans(item)
+            yield from _scans(item, ancestors)
 
 
-def _check_scan(scan: Mapping[str, object], allowed: Mapping[str, set[str]]) -> None:
+_WRITING_OPERATORS = (
+    "INSERT", "DELETE", "UPDATE", "CREATE", "ALTER", "DROP", "COPY", "EXPORT", "ATTACH",
+    "DETACH", "PRAGMA", "SET", "RESET", "LOAD", "TRANSACTION", "VACUUM", "SIMPLE", "MERGE",
+)  # fmt: skip
+
+
+def _check_scan(
+    scan: Mapping[str, Any], allowed: Mapping[tuple[str, str, str], ExposedRelation]
+) -> ExposedRelation:
+    """The relation a scan reads; QueryRejected unless it reads exposed columns of one."""
     function = scan.get("qname", {})
     name = function.get("path", [""])[-1] if isinstance(function, dict) else ""
     if name != "seq_scan":
         raise QueryRejected(f"the query reads through {name or 'a table function'}, not a dataset")
     data = scan.get("function_data")
-    if not isinstance(data, dict) or data.get("schema") != "datasets":
+    if not isinstance(data, dict):
         raise QueryRejected("the query reads a table that is not one of your datasets")
-    table = str(data.get("table"))
-    if table not in allowed:
-        raise QueryRejected(f"the query reads dataset {table}, which is not granted to you")
+    source = (str(data.get("catalog")), str(data.get("schema")), str(data.get("table")))
+    relation = allowed.get(source)
+    if relation is None:
+        raise QueryRejected("the query reads a table that is not one of your datasets as granted")
     names = scan.get("names")
     indexes = scan.get("column_indexes")
     if not isinstance(names, list) or not isinstance(indexes, list):
         raise QueryRejected("the sandbox could not check which columns the query reads")
+    visible = set(relation.column_names)
     for entry in indexes:
         index = entry.get("index") if isinstance(entry, dict) else None
         if not isinstance(index, int) or not 0 <= index < len(names):
             raise QueryRejected("the query reads a hidden column of a dataset")
-        if str(names[index]) not in allowed[table]:
-            raise QueryRejected(f"the query reads column {names[index]} of {table}, not granted")
+        if str(names[index]) not in visible:
+            raise QueryRejected(
+                f"the query reads column {names[index]} of {relation.dataset}, not granted"
+            )
+    return relation
+
+
+def check_aggregate_scan(ancestors: Ancestors, min_group_size: int) -> None:
+    """A scan of an aggregate-only relation must feed, through column-only steps, one
+    aggregate of allowed functions over plain columns, whose every group is kept only when
+    count(*) >= min_group_size."""
+    refused = QueryRejected(
+        "this dataset is aggregate-only: group by granted columns, use only count, sum, avg, "
+        f"min, max, stddev or variance of plain columns; groups under {min_group_size} rows "
+        "are dropped"
+    )
+    steps = iter(ancestors)
+    for node in steps:
+        kind = node.get("type")
+        if kind == "LOGICAL_FILTER":
+            continue
+        if kind == "LOGICAL_PROJECTION" and all(_is_ref(e) for e in node.get("expressions", [])):
+            continue
+        if kind != "LOGICAL_AGGREGATE_AND_GROUP_BY":
+            raise refused
+        aggregate = node
+        break
+    else:
+        raise refused
+    groups = aggregate.get("groups") or []
+    expressions = aggregate.get("expressions") or []
+    if not all(_is_ref(g) for g in groups) or not all(_allowed_aggregate(e) for e in expressions):
+        raise refused
+    count_outputs = {
+        len(groups) + i for i, e in enumerate(expressions) if _function_name(e) == "count_star"
+    }
+    having = next(steps, None)
+    if having is None or having.get("type") != "LOGICAL_FILTER":
+        raise refused
+    if not any(
+        _is_min_count(e, count_outputs, min_group_size)
+        for e in _conjuncts(having.get("expressions", []))
+    ):
+        raise refused
+
+
+def _is_ref(expression: Any) -> bool:
+    return isinstance(expression, dict) and expression.get("expression_class") == "BOUND_REF"
+
+
+def _function_name(expression: Mapping[str, Any]) -> str:
+    path = (expression.get("qname") or {}).get("path") or [""]
+    return str(path[-1])
+
+
+def _allowed_aggregate(expression: Any) -> bool:
+    if not isinstance(expression, dict) or expression.get("expression_class") != "BOUND_AGGREGATE":
+        return False
+    name = _function_name(expression)
+    children = expression.get("children") or []
+    if name not in AGGREGATE_ONLY_FUNCTIONS or expression.get("filter") is not None:
+        return False
+    if expression.get("order_bys") or not all(_is_ref(c) for c in children):
+        return False
+    if name in EXTREMUM_FUNCTIONS:
+        types = [a.get("id", "") for a in expression.get("arguments") or [] if isinstance(a, dict)]
+        return bool(types) and all(is_measurement_type(str(t)) for t in types)
+    return True
+
+
+def _conjuncts(expressions: list[Any]) -> Iterator[Mapping[str, Any]]:
+    for expression in expressions:
+        if not isinstance(expression, dict):
+            continue
+        if expression.get("type") == "CONJUNCTION_AND":
+            yield from _conjuncts(expression.get("children") or [])
+        else:
+            yield expression
+
+
+def _is_min_count(expression: Mapping[str, Any], counts: set[int], minimum: int) -> bool:
+    """expression is `count(*) >= N` with N >= minimum, count(*) of the aggregate below."""
+    children = expression.get("children") or []
+    if expression.get("type") != "COMPARE_GREATERTHANOREQUALTO" or len(children) != 2:
+        return False
+    left, right = children
+    if not _is_ref(left) or left.get("index") not in counts:
+        return False
+    value = _constant(right)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _constant(expression: Any) -> Any:
+    if not isinstance(expression, dict):
+        return None
+    if expression.get("expression_class") == "BOUND_CONSTANT":
+        value = expression.get("value") or {}
+        return None if value.get("is_null") else value.get("value")
+    if _function_name(expression) == "__cast" and len(expression.get("children") or []) == 1:
+        return _constant(expression["children"][0])
+    return None

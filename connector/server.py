@@ -31,6 +31,7 @@ from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
 from connector.sandbox import SandboxLimits, Store
 from connector.service import ConnectorService
+from connector.shaping import load_mask_key
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def build_provider(settings: Settings) -> Provider:
         audit=AuditLog(settings.audit_log, signer),
         quotas=QuotaLedger(settings.quota_ledger),
         revoked=settings.revoked,
+        mask_key=load_mask_key(settings.mask_key),
         batch_rows=settings.server.batch_rows,
         max_query_seconds=settings.server.max_query_seconds,
         max_concurrent_queries=settings.server.max_concurrent_queries,

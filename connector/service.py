@@ -64,10 +64,14 @@ def _policy_refs(uses: tuple[PolicyUse, ...]) -> list[pb.PolicyRef]:
 
 def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
     grant = entry.grant
+    masks = entry.shaping.mask_of
     return pb.Dataset(
         name=entry.info.name,
         description=entry.info.description,
-        columns=[pb.Column(name=c.name, type=c.type, masked=False) for c in entry.columns],
+        columns=[
+            pb.Column(name=c.name, type=c.type, masked=c.name in masks, mask=masks.get(c.name, ""))
+            for c in entry.columns
+        ],
         purposes=sorted(grant.purposes),
         policies=[pb.PolicyRef(id=i, version=v) for i, v in sorted(grant.policies)],
         valid_from=_timestamp(grant.valid_from),
@@ -76,6 +80,8 @@ def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
         queries_per_day=entry.limits.queries_per_day,
         rows_per_day=entry.limits.rows_per_day,
         obligations_json=obligations_json(entry.obligations),
+        row_filter=entry.shaping.where_sql(),
+        min_group_size=entry.shaping.min_group_size,
     )
 
 
@@ -86,12 +92,20 @@ def _decision_message(explanation: Explanation) -> pb.Decision:
         reasons=list(decision.reasons),
         policies=_policy_refs(decision_policies(decision)),
         relations=[
-            pb.Relation(dataset=r.dataset, columns=list(r.columns), definition=r.sql)
+            pb.Relation(
+                dataset=r.dataset,
+                columns=list(r.column_names),
+                definition=r.description,
+                masks=dict(r.shaping.masks),
+                row_filter=r.shaping.where_sql(),
+                min_group_size=r.min_group_size,
+            )
             for r in explanation.relations
         ],
         datasets=list(explanation.shape.datasets),
         query_sha256=explanation.shape.sha256,
         obligations_json=obligations_json(decision.obligations),
+        query=explanation.sql,
     )
 
 

@@ -157,6 +157,11 @@ class _ParserConnection(threading.local):
 _PARSER = _ParserConnection()
 
 
+def parser_connection() -> duckdb.DuckDBPyConnection:
+    """This thread's locked-down in-memory connection, which only parses and serialises."""
+    return _PARSER.con
+
+
 def _location(node: dict[str, Any]) -> int | None:
     value = node.get("query_location")
     return value if isinstance(value, int) and 0 <= value < UNKNOWN_LOCATION else None

@@ -69,6 +69,11 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sql_string(text: str) -> str:
+    """A DuckDB string literal, inner quotes doubled."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def busy_or_error(exc: duckdb.Error, path: Path) -> Exception:
     text = str(exc)
     if "lock" in text.lower():
@@ -139,7 +144,7 @@ def ingest(
     with _open_writable(db_path) as con:
         con.execute(_METADATA_DDL)
         try:
-            literal = "'" + str(source).replace("'", "''") + "'"
+            literal = sql_string(str(source))
             con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM {reader}({literal})")
             names = _staged_columns(con)
         except duckdb.Error as exc:

@@ -227,13 +227,22 @@ def run_queries(homes: dict[str, Path], ports: dict[str, int]) -> None:
         "--format",
         "csv",
     )
-    print("\n== 11. Explain: what a query would run on, without running it")
+    benchmark = (
+        "SELECT plant, defect_code, count(*) AS inspections, sum(defects) AS defects "
+        "FROM part_defects GROUP BY plant, defect_code ORDER BY plant, defect_code"
+    )
+    print("\n== 11. Explain: Voltcell's grant is aggregate-only, masked and filtered")
+    ask("explain", homes["voltcell"], northwind, "quality-benchmarking", benchmark)
+    print("\n== 12. Answered in aggregates: groups of fewer than 20 inspections are dropped")
+    ask("query", homes["voltcell"], northwind, "quality-benchmarking", benchmark)
+    print("\n== 13. Refused: raw rows of an aggregate-only dataset")
     ask(
-        "explain",
+        "query",
         homes["voltcell"],
         northwind,
         "quality-benchmarking",
         "SELECT * FROM part_defects",
+        refused=True,
     )
 
 
@@ -249,7 +258,7 @@ def main() -> int:
         for member, home in homes.items():
             servers.append(start_server(member, home))
         run_queries(homes, {s.member: s.port for s in servers})
-        print("\n== 12. Northwind's IT team sees who used what, and checks the record is whole")
+        print("\n== 14. Northwind's IT team sees who used what, and checks the record is whole")
         connector("audit", "show", "--home", homes["northwind-motors"])
         connector("audit", "verify", "--home", homes["northwind-motors"])
         if args.keep_running:

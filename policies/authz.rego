@@ -42,6 +42,11 @@ applicable := {d: ps | some d in requested; ps := in_date[d] & for_purpose[d]}
 
 granted_columns := {d: {c | some i in applicable[d]; some c in policies[i].columns} | some d in requested}
 
+# How each applicable policy shapes a dataset (masks, row filters, aggregate-only), as a
+# canonical text. Policies that apply together must shape it alike: a union of different
+# shapes could show in the clear what one of them masks or filters out.
+shapings := {d: {policies[i].shaping | some i in applicable[d]} | some d in requested}
+
 # Reasons are objects; the connector words them. (Formatting strings that come from data
 # inside Rego is avoided on purpose: regopy 1.5 quotes them twice.)
 reasons contains {"code": "no_dataset"} if count(input.datasets) == 0
@@ -87,6 +92,12 @@ reasons contains {"code": "column", "dataset": d, "column": c} if {
 	count(applicable[d]) > 0
 	some c in object.get(input.columns, d, [])
 	not c in granted_columns[d]
+}
+
+reasons contains {"code": "shaping", "dataset": d, "policies": ids} if {
+	some d in requested
+	count(shapings[d]) > 1
+	ids := sort({policies[i].id | some i in applicable[d]})
 }
 
 grants contains grant if {

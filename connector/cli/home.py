@@ -18,6 +18,7 @@ from connector.identity import (
     issue_member_certificate,
     load_certificate,
 )
+from connector.shaping import load_mask_key
 from connector.store import create_database
 
 
@@ -54,6 +55,7 @@ def _init(args: argparse.Namespace) -> int:
     shutil.copyfile(args.dataspace / CA_CERT_FILE, home / "tls" / "ca.pem")
     generate_ed25519_key(home / "keys" / "policy-signing.key")
     generate_ed25519_key(home / "keys" / "receipt.key")
+    load_mask_key(home / "keys" / "mask.key")  # made here so that it is backed up with the rest
     (home / "policies").mkdir(exist_ok=True)
     create_database(home / "data.duckdb")
     (home / CONFIG_FILE).write_text(render_config(member, dataspace, args.listen), encoding="utf-8")

@@ -69,7 +69,12 @@ def _catalog(args: argparse.Namespace) -> int:
             {
                 "dataset": e.name,
                 "description": e.description,
-                "columns": [{"name": n, "type": t} for n, t in e.columns],
+                "columns": [
+                    {"name": n, "type": t, **({"mask": e.masks[n]} if n in e.masks else {})}
+                    for n, t in e.columns
+                ],
+                "row_filter": e.row_filter,
+                "min_group_size": e.min_group_size,
                 "purposes": list(e.purposes),
                 "policies": [f"{p.id}@{p.version}" for p in e.policies],
                 "valid_from": e.valid_from.isoformat(),
@@ -87,7 +92,11 @@ def _catalog(args: argparse.Namespace) -> int:
         print(f"{args.to} grants you no datasets")
     for e in entries:
         print(f"{e.name}: {e.description}")
-        print(f"  columns:  {', '.join(f'{n} {t}' for n, t in e.columns)}")
+        print(f"  columns:  {', '.join(_column_text(n, t, e.masks) for n, t in e.columns)}")
+        if e.row_filter:
+            print(f"  rows:     only where {e.row_filter}")
+        if e.min_group_size:
+            print(f"  aggregate-only: groups of at least {e.min_group_size} rows")
         print(f"  purposes: {', '.join(e.purposes)}")
         print(f"  policies: {', '.join(f'{p.id}@{p.version}' for p in e.policies)}")
         print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
@@ -117,9 +126,18 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"  reason: {reason}")
     for policy in decision.policies:
         print(f"  policy: {policy.id}@{policy.version}")
-    for dataset, columns, definition in decision.relations:
-        print(f"  {dataset}: columns {', '.join(columns)}\n    runs on: {definition}")
+    for relation in decision.relations:
+        print(f"  {relation.dataset}: columns {', '.join(relation.columns)}")
+        print(f"    runs on: {relation.definition}")
+        if relation.min_group_size:
+            print(f"    aggregate-only: groups of at least {relation.min_group_size} rows")
+    if decision.query and decision.query != args.sql:
+        print(f"  runs as: {decision.query}")
     return 0 if decision.allow else 1
+
+
+def _column_text(name: str, type_name: str, masks: dict[str, str]) -> str:
+    return f"{name} {type_name} (masked: {masks[name]})" if name in masks else f"{name} {type_name}"
 
 
 def _query(args: argparse.Namespace) -> int:

@@ -125,6 +125,13 @@ def reason_text(reason: Mapping[str, Any]) -> str:
         return f"policy {reason['policy']} for dataset {d} is valid only from {reason['from']}"
     if code == "column":
         return f"column {reason['column']} of dataset {d} is not allowed"
+    if code == "shaping":
+        ids = ", ".join(map(str, reason.get("policies", [])))
+        return (
+            f"policies {ids} all grant dataset {d} to you for this purpose but with different "
+            "masks, row filters or aggregate-only terms; the owner must merge them into one "
+            "policy (or give them different purposes)"
+        )
     raise PolicyEngineError(
         f"the policy library gave a reason this connector does not know: {code}"
     )

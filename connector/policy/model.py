@@ -1,21 +1,30 @@
 """The usage-policy file format: parse, validate, normalise. Policy files are hostile input.
 
 Every error names the file and the line. Unknown keys are refused: a term this version
-would accept but not enforce (a mask, a row filter) would share more than legal intended.
+would accept but not enforce would share more than legal intended.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from connector.errors import PolicyError
+from connector.shaping import (
+    MASK_KINDS,
+    RANGE_OPERATORS,
+    FilterValue,
+    MaskKind,
+    RowFilter,
+    Shaping,
+)
 
 POLICY_FORMAT = 1
 MAX_POLICY_BYTES = 1024 * 1024
@@ -37,11 +46,14 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "grantees": {"members": None},
     "purposes": None,
     "valid": {"from": None, "until": None},
-    "columns": {"allow": None},
+    "columns": {"allow": None, "mask": None},
+    "rows": {"where": None},
+    "aggregate_only": {"min_group_size": None},
     "obligations": {"delete_within_days": None, "attribution": None, "terms": None},
     "limits": {"max_rows_per_query": None, "queries_per_day": None, "rows_per_day": None},
 }
 REQUIRED = ("id", "version", "description", "datasets", "grantees", "purposes", "valid", "columns")
+MAX_FILTER_VALUES = 1000
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,12 @@ class UsagePolicy:
     sha256: str
     obligations: Obligations = Obligations()
     limits: Limits = Limits()
+    shaping: Shaping = field(default_factory=Shaping)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the policy shows, in the clear or masked."""
+        return self.columns_allow + tuple(c for c, _ in self.shaping.masks)
 
     def as_rego_data(self) -> dict[str, Any]:
         """The policy as the Rego library reads it (JSON-able)."""
@@ -92,7 +110,8 @@ class UsagePolicy:
             "valid_until_ns": _ns(self.valid_until),
             "valid_from": self.valid_from.isoformat(),
             "valid_until": self.valid_until.isoformat(),
-            "columns": list(self.columns_allow),
+            "columns": list(self.columns),
+            "shaping": self.shaping.canonical(),
             "delete_within_days": self.obligations.delete_within_days,
             "attribution": self.obligations.attribution,
             "terms": list(self.obligations.terms),
@@ -248,6 +267,7 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
     if "allow" not in columns:
         raise reader.fail(top["columns"][1], "columns needs allow: [column, ...]")
     lower = _lowered(reader)
+    allow = lower(columns["allow"][1], "columns.allow", IDENTIFIER)
     return UsagePolicy(
         id=reader.text(top["id"][1], "id", POLICY_ID),
         version=version,
@@ -257,14 +277,119 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
         purposes=reader.text_list(top["purposes"][1], "purposes", PURPOSE),
         valid_from=start,
         valid_until=end,
-        columns_allow=lower(columns["allow"][1], "columns.allow", IDENTIFIER),
+        columns_allow=allow,
         path=path,
         sha256=sha256,
         limits=_limits(reader, top["limits"][1]) if "limits" in top else Limits(),
         obligations=_obligations(reader, top["obligations"][1])
         if "obligations" in top
         else Obligations(),
+        shaping=Shaping(
+            masks=_masks(reader, columns["mask"][1], allow) if "mask" in columns else (),
+            filters=_row_filters(reader, top["rows"][1]) if "rows" in top else (),
+            min_group_size=_min_group_size(reader, top["aggregate_only"][1])
+            if "aggregate_only" in top
+            else 0,
+        ),
     )
+
+
+def _column_name(reader: _Reader, node: yaml.Node, where: str) -> str:
+    name = reader.text(node, where)
+    lowered = name.lower() if name.isascii() else name
+    if not IDENTIFIER.fullmatch(lowered):
+        raise reader.fail(node, f"{where} {name!r} is not allowed here ({_rule(IDENTIFIER)})")
+    return lowered
+
+
+def _masks(
+    reader: _Reader, node: yaml.Node, allow: tuple[str, ...]
+) -> tuple[tuple[str, MaskKind], ...]:
+    if not isinstance(node, yaml.MappingNode) or not node.value:
+        raise reader.fail(node, "columns.mask must map columns to hash, redact or null")
+    masks: dict[str, MaskKind] = {}
+    for key_node, value_node in node.value:
+        column = _column_name(reader, key_node, "a column of columns.mask")
+        if column in masks:
+            raise reader.fail(key_node, f"column {column} is masked twice in columns.mask")
+        if column in allow:
+            raise reader.fail(
+                key_node,
+                f"column {column} is both allowed in the clear and masked; list it in "
+                "columns.allow or in columns.mask, not both",
+            )
+        # The word as written: YAML would read the mask kind null as no value at all.
+        kind = value_node.value if isinstance(value_node, yaml.ScalarNode) else None
+        if kind not in MASK_KINDS:
+            raise reader.fail(
+                value_node, f"columns.mask.{column} must be one of {', '.join(MASK_KINDS)}"
+            )
+        masks[column] = kind
+    return tuple(masks.items())
+
+
+def _row_filters(reader: _Reader, node: yaml.Node) -> tuple[RowFilter, ...]:
+    rows = reader.mapping(node, "rows", SCHEMA["rows"] or {})
+    if "where" not in rows:
+        raise reader.fail(node, "rows needs where: {column: [values]}")
+    where = rows["where"][1]
+    if not isinstance(where, yaml.MappingNode) or not where.value:
+        raise reader.fail(
+            where, "rows.where must map columns to [values] or to {gte: X, lt: Y} bounds"
+        )
+    filters: dict[str, RowFilter] = {}
+    for key_node, value_node in where.value:
+        column = _column_name(reader, key_node, "a column of rows.where")
+        if column in filters:
+            raise reader.fail(key_node, f"column {column} appears twice in rows.where")
+        filters[column] = _row_filter(reader, column, value_node)
+    return tuple(filters.values())
+
+
+def _row_filter(reader: _Reader, column: str, node: yaml.Node) -> RowFilter:
+    where = f"rows.where.{column}"
+    if isinstance(node, yaml.SequenceNode):
+        if not node.value or len(node.value) > MAX_FILTER_VALUES:
+            raise reader.fail(node, f"{where} must list 1 to {MAX_FILTER_VALUES} values")
+        values = tuple(_filter_value(reader, item, f"a value of {where}") for item in node.value)
+        return RowFilter(column, values=values)
+    if isinstance(node, yaml.MappingNode):
+        found = reader.mapping(node, where, dict.fromkeys(RANGE_OPERATORS))
+        if not found:
+            raise reader.fail(node, f"{where} needs a bound: gte, gt, lte or lt")
+        if {"gte", "gt"} <= found.keys() or {"lte", "lt"} <= found.keys():
+            raise reader.fail(node, f"{where} may have one lower bound and one upper bound")
+        bounds = tuple(
+            (op, _filter_value(reader, value, f"{where}.{op}")) for op, (_, value) in found.items()
+        )
+        return RowFilter(column, bounds=bounds)
+    raise reader.fail(node, f"{where} must be a list of values or a mapping of bounds")
+
+
+def _filter_value(reader: _Reader, node: yaml.Node, where: str) -> FilterValue:
+    value = reader.scalar(node, where)
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        raise reader.fail(node, f"{where} needs a time zone, like 2026-01-31T08:00:00Z")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise reader.fail(node, f"{where} must be a finite number")
+    if isinstance(value, str) and not ANY_TEXT.fullmatch(value):
+        raise reader.fail(node, f"{where} must be text of at most 2000 characters")
+    if value is None or not isinstance(value, str | int | float | bool | dt.date):
+        raise reader.fail(node, f"{where} must be text, a number, true/false or a date")
+    return value
+
+
+def _min_group_size(reader: _Reader, node: yaml.Node) -> int:
+    found = reader.mapping(node, "aggregate_only", SCHEMA["aggregate_only"] or {})
+    if "min_group_size" not in found:
+        raise reader.fail(node, "aggregate_only needs min_group_size: K (at least 2)")
+    size_node = found["min_group_size"][1]
+    size = reader.scalar(size_node, "aggregate_only.min_group_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 2 <= size <= 1_000_000:
+        raise reader.fail(
+            size_node, "aggregate_only.min_group_size must be a whole number from 2 to 1000000"
+        )
+    return size
 
 
 def _limits(reader: _Reader, node: yaml.Node) -> Limits:

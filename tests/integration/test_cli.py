@@ -63,7 +63,7 @@ def test_explain_shows_decision_and_view(space: Space, capsys: pytest.CaptureFix
     assert run_cli(*_peer_args(space, "explain"), "--purpose", PURPOSE, sql) == 0
     out = capsys.readouterr().out
     assert out.startswith("allowed")
-    assert 'FROM datasets."part_defects"' in out
+    assert "runs on: SELECT plant, part_no, defect_code, defects, week FROM part_defects" in out
     assert run_cli(*_peer_args(space, "explain"), "--purpose", "marketing", sql) == 1
     assert "denied" in capsys.readouterr().out
 

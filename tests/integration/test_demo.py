@@ -23,5 +23,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "purpose marketing is not allowed" in out
     assert "column unit_price_eur of dataset part_defects is not allowed" in out
     assert "no policy grants dataset deliveries to you" in out
+    assert "HAVING (count_star() >= 20)" in out and "hmac_sha256(<connector mask key>" in out
+    assert "15 rows from northwind-motors" in out  # groups under 20 inspections dropped
+    assert "dataset part_defects is aggregate-only" in out
     assert "intact:" in out and "signed checkpoints" in out
     assert "All connectors stopped" in out

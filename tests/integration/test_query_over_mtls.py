@@ -152,8 +152,8 @@ def test_explain_gives_the_decision_and_relations(space: Space) -> None:
         denied = peer.explain("SELECT supplier_price FROM part_defects", PURPOSE)
     assert allowed.allow
     assert allowed.datasets == ("part_defects",)
-    assert allowed.relations[0][0] == "part_defects"
-    assert list(allowed.relations[0][1]) == GRANTED
+    assert allowed.relations[0].dataset == "part_defects"
+    assert list(allowed.relations[0].columns) == GRANTED
     assert not denied.allow
     assert any("supplier_price" in r for r in denied.reasons)
 

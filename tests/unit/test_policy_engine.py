@@ -44,7 +44,7 @@ purposes: {terms.get("purposes", "[quality]")}
 valid: {{from: {terms.get("start", "2026-01-01")}, until: {terms.get("until", "2027-01-01")}}}
 columns:
   allow: {terms.get("columns", "[plant, defects]")}
-"""
+{terms.get("extra", "")}"""
     path = tmp_path / f"{pid}.yaml"
     path.write_text(text)
     return parse_policy(path)
@@ -191,6 +191,34 @@ def test_two_policies_grant_the_union_of_columns(tmp_path: Path, make_engine: En
     (grant,) = decision.grants
     assert grant.columns == ("defects", "plant", "week")
     assert grant.policies == (("a", 1), ("b", 4))
+
+
+def test_policies_that_shape_a_dataset_differently_are_refused_together(
+    tmp_path: Path, make_engine: EngineMaker
+) -> None:
+    masked = "  mask: {part_no: hash}"
+    engine = make_engine(
+        [
+            _policy(tmp_path, "clear", "[acme]", columns="[plant, part_no]"),
+            _policy(tmp_path, "masked", "[acme]", columns="[plant]", extra=masked),
+            _policy(tmp_path, "masked-too", "[bob]", columns="[defects]", extra=masked),
+            _policy(tmp_path, "masked-also", "[bob]", columns="[plant]", extra=masked),
+            _policy(tmp_path, "other", "[acme]", purposes="[audit]", extra=masked),
+        ]
+    )
+    conflict = engine.decide(_request("acme", part_defects=["plant"]))
+    assert not conflict.allow and conflict.grants == ()
+    assert conflict.reasons == (
+        "policies clear, masked all grant dataset part_defects to you for this purpose but "
+        "with different masks, row filters or aggregate-only terms; the owner must merge them "
+        "into one policy (or give them different purposes)",
+    )
+    # Alike shaping: the union of what each allows, masked columns included.
+    alike = engine.decide(_request("bob", part_defects=["plant", "part_no", "defects"]))
+    assert alike.allow
+    assert alike.grants[0].columns == ("defects", "part_no", "plant")
+    # Another purpose: only that purpose's policy applies, so there is nothing to merge.
+    assert engine.decide(_request("acme", "audit", part_defects=["part_no"])).allow
 
 
 def test_every_dataset_needs_a_grant(tmp_path: Path, make_engine: EngineMaker) -> None:

@@ -50,14 +50,47 @@ def test_a_good_policy_is_normalised(tmp_path: Path) -> None:
     assert policy.columns_allow == ("plant", "defects")
     assert policy.valid_from == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     assert policy.as_rego_data()["valid_until_ns"] == 1798761600 * 10**9
+    assert policy.shaping.is_plain
+
+
+def test_masks_row_filters_and_aggregate_only_are_read(tmp_path: Path) -> None:
+    text = GOOD.replace("  allow:", "  mask: {Part_No: hash, price: null}\n  allow:") + (
+        'rows:\n  where:\n    plant: [Regensburg, "O\'Hare"]\n'
+        "    week: {gte: 2026-03-01, lt: 2026-06-01}\n"
+        "    defects: {gt: 0.5}\n"
+        "aggregate_only: {min_group_size: 5}\n"
+    )
+    policy = parse_policy(_write(tmp_path, text))
+    assert policy.shaping.masks == (("part_no", "hash"), ("price", "null"))
+    assert policy.columns == ("plant", "defects", "part_no", "price")
+    assert policy.shaping.min_group_size == 5
+    assert policy.shaping.where_sql() == (
+        "(\"plant\" IN ('Regensburg', 'O''Hare')) AND "
+        "(\"week\" >= DATE '2026-03-01' AND \"week\" < DATE '2026-06-01') AND "
+        '("defects" > 0.5)'
+    )
+    assert policy.as_rego_data()["columns"] == ["plant", "defects", "part_no", "price"]
 
 
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
-        (GOOD + "rows: {where: {plant: [x]}}\n", 10, "unknown key 'rows'"),
-        (GOOD.replace("  allow:", "  mask: {price: hash}\n  allow:"), 9, "unknown key 'mask'"),
-        (GOOD + "aggregate_only: {min_group_size: 5}\n", 10, "unknown key 'aggregate_only'"),
+        (GOOD + "rows: {filter: {plant: [x]}}\n", 10, "unknown key 'filter' in rows"),
+        (GOOD + "rows: {where: {plant: []}}\n", 10, "must list 1 to 1000 values"),
+        (GOOD + "rows: {where: {plant: x}}\n", 10, "a list of values or a mapping of bounds"),
+        (GOOD + "rows: {where: {week: {gte: 1, gt: 2}}}\n", 10, "one lower bound"),
+        (GOOD + "rows: {where: {week: {between: 1}}}\n", 10, "unknown key 'between'"),
+        (GOOD + "rows: {where: {week: {lt: .nan}}}\n", 10, "finite number"),
+        (GOOD + "rows: {where: {week: [2026-01-01T08:00:00]}}\n", 10, "time zone"),
+        (GOOD + "rows: {where: {week: [null]}}\n", 10, "text, a number"),
+        (GOOD + "rows: {where: {'a b': [1]}}\n", 10, "not allowed here"),
+        (GOOD + "rows: {where: {plant: [1], PLANT: [2]}}\n", 10, "appears twice"),
+        (GOOD.replace("  allow:", "  mask: {price: sha1}\n  allow:"), 9, "hash, redact, null"),
+        (GOOD.replace("  allow:", "  mask: {plant: hash}\n  allow:"), 9, "both allowed"),
+        (GOOD.replace("  allow:", "  mask: {}\n  allow:"), 9, "must map columns"),
+        (GOOD + "aggregate_only: {min_group_size: 1}\n", 10, "from 2 to 1000000"),
+        (GOOD + "aggregate_only: {}\n", 10, "needs min_group_size"),
+        (GOOD + "aggregate_only: {k: 5}\n", 10, "unknown key 'k' in aggregate_only"),
         (GOOD + "limits: {queries_per_day: 0}\n", 10, "limits.queries_per_day must be"),
         (GOOD + "limits: {max_rows: 5}\n", 10, "unknown key 'max_rows' in limits"),
         (GOOD + "obligations: {delete_within_days: 0}\n", 10, "at least 1"),
@@ -188,7 +221,7 @@ def test_signed_but_malformed_policy_is_malformed_with_line(tmp_path: Path) -> N
 def test_sign_refuses_a_malformed_policy(tmp_path: Path) -> None:
     key, _ = _keys()
     with pytest.raises(PolicyError, match="unknown key"):
-        sign_policy(_write(tmp_path, GOOD + "rows: {}\n"), key)
+        sign_policy(_write(tmp_path, GOOD + "rows: {where: {plant: [x]}, extra: 1}\n"), key)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ layer (locked-down connection, per-request views, plan check) holds alone.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -14,11 +15,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connector.enforce import Relation, relations_for
+from connector.enforce import Relation, relation_for, relations_for
 from connector.errors import DataError, QueryRejected, QueryTimeout, StoreError
 from connector.policy.engine import Decision, Grant
 from connector.sandbox import SandboxLimits, Store
+from connector.shaping import Shaping
 from connector.store import create_database, ingest, list_datasets
+
+
+@dataclass(frozen=True)
+class UsagePolicyStub:
+    """Only the part of a usage policy that enforcement reads."""
+
+    shaping: Shaping
+
 
 CSV = "plant,Defects,price\nRegensburg,3,10.5\nLeipzig,5,11.0\n"
 
@@ -89,16 +99,20 @@ def test_append_that_cannot_be_cast_changes_nothing(tmp_path: Path, database: Pa
     assert info.rows == 2
 
 
-GRANTED = (
-    Relation("parts", ("plant", "defects"), 'SELECT "plant", "defects" FROM datasets."parts"'),
-)
+MASK_KEY = b"k" * 32
 
 
-def _run(store: Store, sql: str) -> list[tuple[object, ...]]:
+@pytest.fixture
+def granted(database: Path) -> tuple[Relation, ...]:
+    (info,) = list_datasets(database)
+    return (relation_for(info, {"plant", "defects"}, Shaping(), MASK_KEY),)
+
+
+def _run(store: Store, sql: str, relations: tuple[Relation, ...]) -> list[tuple[object, ...]]:
     session = store.session()
     try:
-        session.expose(GRANTED)
-        session.verify_plan(sql, GRANTED)
+        session.expose(relations)
+        session.verify_plan(sql, relations)
         rows: list[tuple[object, ...]] = []
         for batch in session.stream(sql, 1024, 5.0):
             rows.extend(tuple(r.values()) for r in batch.to_pylist())
@@ -125,12 +139,14 @@ def _run(store: Store, sql: str) -> list[tuple[object, ...]]:
         "SELECT price FROM parts",
     ],
 )
-def test_sandbox_alone_stops_file_access_and_hidden_columns(database: Path, sql: str) -> None:
+def test_sandbox_alone_stops_file_access_and_hidden_columns(
+    database: Path, granted: tuple[Relation, ...], sql: str
+) -> None:
     store = Store(database, SandboxLimits())
     try:
         with pytest.raises((QueryRejected, StoreError)):
-            _run(store, sql)
-        assert _run(store, "SELECT count(*) FROM parts") == [(2,)]
+            _run(store, sql, granted)
+        assert _run(store, "SELECT count(*) FROM parts", granted) == [(2,)]
     finally:
         store.close()
 
@@ -150,21 +166,23 @@ def test_sandbox_configuration_is_locked(database: Path, sql: str) -> None:
         store.close()
 
 
-def test_errors_do_not_echo_data_values(database: Path) -> None:
+def test_errors_do_not_echo_data_values(database: Path, granted: tuple[Relation, ...]) -> None:
     store = Store(database, SandboxLimits())
     try:
         with pytest.raises(QueryRejected) as failed:
-            _run(store, "SELECT CAST(plant AS INTEGER) FROM parts")
+            _run(store, "SELECT CAST(plant AS INTEGER) FROM parts", granted)
         assert "Regensburg" not in str(failed.value)
         with pytest.raises(QueryRejected) as unknown:
-            _run(store, "SELECT * FROM nothing_here")
+            _run(store, "SELECT * FROM nothing_here", granted)
         assert "datasets." not in str(unknown.value)
         assert "Did you mean" not in str(unknown.value)
     finally:
         store.close()
 
 
-def test_time_limit_interrupts_and_the_store_keeps_serving(database: Path) -> None:
+def test_time_limit_interrupts_and_the_store_keeps_serving(
+    database: Path, granted: tuple[Relation, ...]
+) -> None:
     store = Store(database, SandboxLimits(max_query_seconds=0.5))
     slow = (
         "WITH RECURSIVE t(n) AS (SELECT 1 FROM parts UNION ALL SELECT n + 1 FROM t) "
@@ -172,8 +190,8 @@ def test_time_limit_interrupts_and_the_store_keeps_serving(database: Path) -> No
     )
     try:
         with pytest.raises(QueryTimeout):
-            _run(store, slow)
-        assert _run(store, "SELECT plant FROM parts ORDER BY plant") == [
+            _run(store, slow, granted)
+        assert _run(store, "SELECT plant FROM parts ORDER BY plant", granted) == [
             ("Leipzig",),
             ("Regensburg",),
         ]
@@ -183,6 +201,9 @@ def test_time_limit_interrupts_and_the_store_keeps_serving(database: Path) -> No
 
 def test_relations_expose_only_granted_columns_in_dataset_order(database: Path) -> None:
     decision = Decision(True, (), (Grant("parts", ("price", "plant", "nope"), (("p", 1),)),))
-    (relation,) = relations_for(decision, {i.name: i for i in list_datasets(database)})
-    assert relation.columns == ("plant", "price")
+    datasets = {i.name: i for i in list_datasets(database)}
+    policies = {"p": UsagePolicyStub(Shaping())}
+    (relation,) = relations_for(decision, datasets, policies, MASK_KEY)
+    assert relation.column_names == ("plant", "price")
     assert relation.sql == 'SELECT "plant", "price" FROM datasets."parts"'
+    assert relation.shaped_table == ""

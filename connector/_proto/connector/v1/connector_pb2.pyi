@@ -75,21 +75,28 @@ class Column(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     MASKED_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """DuckDB type name, e.g. BIGINT, VARCHAR, DATE, DOUBLE."""
     masked: _builtins.bool
     """True when the column is visible only in masked form."""
+    mask: _builtins.str
+    """How it is masked: "hash" (HMAC-SHA-256 with the provider's secret key, hex: equal values
+    give equal hashes, so joins and counts work), "redact" (a fixed text) or "null".
+    Empty when the column is shown in the clear.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         type: _builtins.str = ...,
         masked: _builtins.bool = ...,
+        mask: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["masked", b"masked", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask", "masked", b"masked", "name", b"name", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -110,6 +117,8 @@ class Dataset(_message.Message):
     QUERIES_PER_DAY_FIELD_NUMBER: _builtins.int
     ROWS_PER_DAY_FIELD_NUMBER: _builtins.int
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
+    ROW_FILTER_FIELD_NUMBER: _builtins.int
+    MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     max_rows_per_query: _builtins.int
@@ -119,6 +128,12 @@ class Dataset(_message.Message):
     queries_per_day: _builtins.int
     rows_per_day: _builtins.int
     obligations_json: _builtins.str
+    row_filter: _builtins.str
+    """The rows this peer sees, as an SQL condition over the stored columns (empty: all rows)."""
+    min_group_size: _builtins.int
+    """When not 0 the dataset is aggregate-only: queries may only return aggregates, and
+    groups of fewer than this many rows are not returned.
+    """
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Column]:
         """The columns this peer may read (and only these)."""
@@ -151,10 +166,12 @@ class Dataset(_message.Message):
         queries_per_day: _builtins.int = ...,
         rows_per_day: _builtins.int = ...,
         obligations_json: _builtins.str = ...,
+        row_filter: _builtins.str = ...,
+        min_group_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "max_rows_per_query", b"max_rows_per_query", "name", b"name", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,15 +362,49 @@ Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
 class Relation(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MasksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DATASET_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
+    MASKS_FIELD_NUMBER: _builtins.int
+    ROW_FILTER_FIELD_NUMBER: _builtins.int
+    MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     definition: _builtins.str
-    """The SQL of the per-request view the query runs on."""
+    """What the query runs on under the dataset's name, as SQL over the stored dataset (a
+    hashed column reads hmac_sha256(<connector mask key>, column); the key is never shown).
+    """
+    row_filter: _builtins.str
+    """The policy's row filter (empty: all rows), and the aggregate-only minimum group size
+    (0: not aggregate-only).
+    """
+    min_group_size: _builtins.int
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The columns the query may read from this dataset."""
+
+    @_builtins.property
+    def masks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Masked columns: column name -> "hash", "redact" or "null"."""
 
     def __init__(
         self,
@@ -361,10 +412,13 @@ class Relation(_message.Message):
         dataset: _builtins.str = ...,
         columns: _abc.Iterable[_builtins.str] | None = ...,
         definition: _builtins.str = ...,
+        masks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        row_filter: _builtins.str = ...,
+        min_group_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "definition", b"definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "definition", b"definition", "masks", b"masks", "min_group_size", b"min_group_size", "row_filter", b"row_filter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,10 +435,15 @@ class Decision(_message.Message):
     DATASETS_FIELD_NUMBER: _builtins.int
     QUERY_SHA256_FIELD_NUMBER: _builtins.int
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
     allow: _builtins.bool
     query_sha256: _builtins.str
     obligations_json: _builtins.str
     """Obligations that would apply, as JSON text (an object; empty when none)."""
+    query: _builtins.str
+    """The SQL that would run: the query as sent or, on an aggregate-only dataset, with
+    "count(*) >= min_group_size" added to its HAVING (empty when not allowed).
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why not (or notes when allowed). Never describes policies made for other members."""
@@ -407,10 +466,11 @@ class Decision(_message.Message):
         datasets: _abc.Iterable[_builtins.str] | None = ...,
         query_sha256: _builtins.str = ...,
         obligations_json: _builtins.str = ...,
+        query: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "datasets", b"datasets", "obligations_json", b"obligations_json", "policies", b"policies", "query_sha256", b"query_sha256", "reasons", b"reasons", "relations", b"relations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "datasets", b"datasets", "obligations_json", b"obligations_json", "policies", b"policies", "query", b"query", "query_sha256", b"query_sha256", "reasons", b"reasons", "relations", b"relations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,227 @@
+"""The aggregate-only form: check that a query only aggregates, then add the group minimum.
+
+On an aggregate-only dataset a query is one SELECT over that dataset alone, grouped by plain
+granted columns, returning group columns and allowed aggregates of plain columns (and
+expressions over those). WHERE may name only grouping columns, so every group is a whole
+group of the shaped dataset, never a hand-picked part of one. The query is then rewritten to
+keep only groups of at least K rows (`HAVING ... AND count(*) >= K`); the sandbox checks the
+bound plan for the same form, so either layer alone stops raw rows and small groups.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from connector.errors import QueryRejected
+from connector.shaping import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS
+from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS, parser_connection
+
+FORM = (
+    "dataset {dataset} is aggregate-only: write SELECT <grouping columns>, <aggregates> FROM "
+    "{dataset} [WHERE <conditions on grouping columns>] GROUP BY <columns>; aggregates are "
+    "count, sum, avg, min, max, stddev and variance of one column (min and max of number or "
+    "date columns only); groups of fewer than {k} rows are not returned"
+)
+
+
+def aggregate_form_help(dataset: str, min_group_size: int) -> str:
+    """How to write a query on an aggregate-only dataset."""
+    return FORM.format(dataset=dataset, k=min_group_size)
+
+
+_REFUSED_OUTPUTS = {
+    "SUBQUERY": "subqueries",
+    "WINDOW": "window functions",
+    "STAR": "* and COLUMNS(...)",
+}
+
+
+@dataclass(frozen=True)
+class AggregateTerms:
+    """What the aggregate-only check needs to know of one relation."""
+
+    dataset: str
+    columns: frozenset[str]
+    measurement_columns: frozenset[str]  # the columns min and max may read
+    min_group_size: int
+
+
+def aggregate_only_query(sql: str, terms: AggregateTerms) -> str:
+    """The query with `count(*) >= K` added to its HAVING; QueryRejected unless it is in
+    the aggregate-only form."""
+    document = _serialised(sql)
+    node = document["statements"][0]["node"]
+    _FormCheck(terms).select(node)
+    node["having"] = _with_minimum(node.get("having"), terms.min_group_size)
+    con = parser_connection()
+    try:
+        rewritten = con.execute(
+            "SELECT json_deserialize_sql(?)", [json.dumps(document)]
+        ).fetchall()[0][0]
+    except duckdb.Error:
+        raise QueryRejected("the query could not be put in the aggregate-only form") from None
+    return str(rewritten)
+
+
+def _serialised(sql: str) -> dict[str, Any]:
+    con = parser_connection()
+    try:
+        document = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    except duckdb.Error:
+        raise QueryRejected("the query could not be parsed") from None
+    statements = document.get("statements") or []
+    if document.get("error") or len(statements) != 1:
+        raise QueryRejected("send exactly one SELECT statement")
+    result: dict[str, Any] = document
+    return result
+
+
+def _with_minimum(having: Any, minimum: int) -> dict[str, Any]:
+    template = (
+        "SELECT 1 HAVING count(*) >= {k}"
+        if having is None
+        else "SELECT 1 HAVING TRUE AND count(*) >= {k}"
+    )
+    node = _serialised(template.format(k=int(minimum)))["statements"][0]["node"]
+    condition: dict[str, Any] = node["having"]
+    if having is not None:
+        condition["children"][0] = having
+    return condition
+
+
+class _FormCheck:
+    """Refuses any part of a SELECT node outside the aggregate-only form."""
+
+    def __init__(self, terms: AggregateTerms) -> None:
+        self.terms = terms
+        self.help = aggregate_form_help(terms.dataset, terms.min_group_size)
+        self.groups: frozenset[str] = frozenset()
+
+    def fail(self, detail: str) -> QueryRejected:
+        return QueryRejected(f"{detail}; {self.help}")
+
+    def select(self, node: dict[str, Any]) -> None:
+        if node.get("type") != "SELECT_NODE":
+            raise self.fail("UNION, INTERSECT and EXCEPT are not allowed")
+        if (node.get("cte_map") or {}).get("map"):
+            raise self.fail("WITH is not allowed")
+        if node.get("qualify") is not None or node.get("sample") is not None:
+            raise self.fail("QUALIFY and samples are not allowed")
+        self._from(node.get("from_table") or {})
+        self.groups = self._groups(node)
+        aliases = set()
+        for item in node.get("select_list") or []:
+            self._output(item, "the select list")
+            if item.get("alias"):
+                aliases.add(str(item["alias"]).lower())
+        self._where(node.get("where_clause"))
+        if node.get("having") is not None:
+            self._output(node["having"], "HAVING")
+        for modifier in node.get("modifiers") or []:
+            for order in modifier.get("orders") or []:
+                self._output(order.get("expression"), "ORDER BY", aliases)
+
+    def _from(self, ref: dict[str, Any]) -> None:
+        if ref.get("type") != "BASE_TABLE" or str(ref.get("table_name", "")).lower() != (
+            self.terms.dataset
+        ):
+            raise self.fail(f"the query must read dataset {self.terms.dataset} alone (no joins)")
+
+    def _groups(self, node: dict[str, Any]) -> frozenset[str]:
+        if node.get("aggregate_handling") != "STANDARD_HANDLING":
+            raise self.fail("GROUP BY ALL is not allowed: name the grouping columns")
+        names = []
+        for expression in node.get("group_expressions") or []:
+            name = _column_name(expression)
+            if name is None or name not in self.terms.columns:
+                raise self.fail("GROUP BY may list only granted columns by name")
+            names.append(name)
+        if (node.get("group_sets") or [[]]) != [list(range(len(names)))]:
+            raise self.fail("GROUPING SETS, ROLLUP and CUBE are not allowed")
+        return frozenset(names)
+
+    def _where(self, where: Any) -> None:
+        for expression in _expressions(where):
+            if expression.get("class") in ("SUBQUERY", "WINDOW"):
+                raise self.fail("subqueries and window functions are not allowed")
+            if expression.get("class") == "FUNCTION" and _is_aggregate(expression):
+                raise self.fail("aggregates are not allowed in WHERE")
+            name = _column_name(expression)
+            if expression.get("class") == "COLUMN_REF" and name not in self.groups:
+                raise self.fail(f"WHERE may name only grouping columns, not {name}")
+
+    def _output(
+        self, value: Any, where: str, aliases: set[str] | frozenset[str] = frozenset()
+    ) -> None:
+        """Group columns, constants and allowed aggregates, combined by scalar functions."""
+        if not isinstance(value, dict):
+            return
+        kind = value.get("class")
+        if kind in _REFUSED_OUTPUTS:
+            raise self.fail(f"{_REFUSED_OUTPUTS[kind]} are not allowed in {where}")
+        if kind == "COLUMN_REF":
+            name = _column_name(value)
+            if name not in self.groups and name not in aliases:
+                raise self.fail(f"column {name} in {where} must be grouped or aggregated")
+            return
+        if kind == "FUNCTION" and _is_aggregate(value):
+            self._aggregate(value)
+            return
+        for child in value.values():
+            for expression in _direct_expressions(child):
+                self._output(expression, where, aliases)
+
+    def _aggregate(self, function: dict[str, Any]) -> None:
+        name = str(function.get("function_name", "")).lower()
+        if name not in AGGREGATE_ONLY_FUNCTIONS:
+            raise self.fail(f"aggregate {name}() is not allowed")
+        if function.get("filter") is not None or (function.get("order_bys") or {}).get("orders"):
+            raise self.fail("FILTER and ORDER BY inside an aggregate are not allowed")
+        if function.get("export_state"):
+            raise self.fail("EXPORT_STATE is not allowed")
+        arguments = [a.get("expression") for a in function.get("arguments") or []]
+        if name == "count_star" and not arguments:
+            return
+        column = _column_name(arguments[0]) if len(arguments) == 1 else None
+        if column is None or column not in self.terms.columns:
+            raise self.fail(f"{name}() must read one granted column by name")
+        if name in EXTREMUM_FUNCTIONS and column not in self.terms.measurement_columns:
+            raise self.fail(f"{name}() may read only unmasked number or date columns, not {column}")
+
+
+def _is_aggregate(function: dict[str, Any]) -> bool:
+    name = str(function.get("function_name", "")).lower()
+    return name in AGGREGATE_FUNCTIONS or name in WINDOW_FUNCTIONS or name == "count_star"
+
+
+def _column_name(expression: Any) -> str | None:
+    if not isinstance(expression, dict) or expression.get("class") != "COLUMN_REF":
+        return None
+    names = expression.get("column_names") or []
+    return str(names[-1]).lower() if names else None
+
+
+def _direct_expressions(value: Any) -> Iterator[dict[str, Any]]:
+    """The expression nodes directly below value (through lists and non-expression dicts)."""
+    if isinstance(value, dict):
+        if "class" in value:
+            yield value
+        else:
+            for child in value.values():
+                yield from _direct_expressions(child)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _direct_expressions(item)
+
+
+def _expressions(value: Any) -> Iterator[dict[str, Any]]:
+    """Every expression node at or below value."""
+    for expression in _direct_expressions(value):
+        yield expression
+        for child in expression.values():
+            yield from _expressions(child)

@@ -1,0 +1,229 @@
+"""Shaped relations in the sandbox alone (no SQL guard): masks, row filters, aggregate-only.
+
+Each query here goes straight to the store, as an attacker's SQL would if the guard let it
+through; the shaped copy and the plan check must hold by themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.enforce import Relation, relation_for
+from connector.errors import PermissionDenied, QueryRejected, StoreError
+from connector.sandbox import SandboxLimits, Store
+from connector.shaping import REDACTED, RowFilter, Shaping, hmac_sql, load_mask_key
+from connector.store import DatasetInfo, create_database, ingest, list_datasets
+
+KEY = bytes(range(32))
+ROWS = 100
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[tuple[Store, DatasetInfo]]:
+    path = tmp_path / "data.duckdb"
+    create_database(path)
+    lines = ["id,plant,serial,price,week"]
+    for i in range(ROWS):
+        week = dt.date(2026, 1, 5) + dt.timedelta(weeks=i % 20)
+        lines.append(f"{i},{'ABCD'[i % 4]},S-{i:04d},{100 + i}.5,{week}")
+    (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
+    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
+    store = Store(path, SandboxLimits())
+    yield store, list_datasets(path)[0]
+    store.close()
+
+
+def _run(store: Store, sql: str, relation: Relation) -> list[dict[str, object]]:
+    session = store.session()
+    try:
+        session.expose([relation])
+        session.verify_plan(sql, [relation])
+        rows: list[dict[str, object]] = []
+        for batch in session.stream(sql, 1024, 10.0):
+            rows.extend(batch.to_pylist())
+        return rows
+    finally:
+        session.close()
+
+
+MASKED = Shaping(
+    masks=(("serial", "hash"), ("price", "null"), ("week", "redact")),
+    filters=(RowFilter("plant", values=("A", "B")), RowFilter("id", bounds=(("lt", 60),))),
+)
+COLUMNS = {"id", "plant", "serial", "price", "week"}
+
+
+def test_hmac_in_sql_equals_rfc_2104(parts: tuple[Store, DatasetInfo]) -> None:
+    store, _ = parts
+    cursor = store.session()._cursor
+    for text in ("S-0001", "", "ü€", "\\x41", "a'b"):
+        got = cursor.execute(f"SELECT {hmac_sql('?', KEY)}", [text]).fetchone()
+        assert got == (hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest(),)
+
+
+def test_masks_and_row_filters_are_applied(parts: tuple[Store, DatasetInfo]) -> None:
+    store, info = parts
+    relation = relation_for(info, COLUMNS, MASKED, KEY)
+    rows = _run(store, "SELECT * FROM parts ORDER BY id", relation)
+    assert [r["id"] for r in rows] == [i for i in range(60) if i % 4 in (0, 1)]
+    first = rows[0]
+    assert first["serial"] == hmac.new(KEY, b"S-0000", hashlib.sha256).hexdigest()
+    assert (first["price"], first["week"], first["plant"]) == (None, REDACTED, "A")
+    assert "hmac_sha256(<connector mask key>, serial)" in relation.description
+    assert KEY.hex()[:16] not in relation.description
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # A filter or join on a clear value finds nothing: only hashes are there to compare.
+        ("SELECT count(*) AS n FROM parts WHERE serial = 'S-0004'", 0),
+        ("SELECT count(*) AS n FROM parts WHERE serial LIKE 'S-%'", 0),
+        ("SELECT count(*) AS n FROM parts WHERE plant = 'C'", 0),
+        ("SELECT count(*) AS n FROM parts WHERE id >= 60", 0),
+        ("SELECT count(*) AS n FROM parts WHERE price IS NOT NULL", 0),
+        ("SELECT count(DISTINCT week) AS n FROM parts", 1),
+        (
+            "WITH c AS (SELECT serial FROM parts) SELECT count(*) AS n FROM c "
+            "WHERE serial = 'S-0000'",
+            0,
+        ),
+        ("SELECT count(*) AS n FROM parts a JOIN parts b ON a.serial = b.serial", 30),
+    ],
+)
+def test_clear_values_and_filtered_rows_are_not_there(
+    parts: tuple[Store, DatasetInfo], sql: str, expected: int
+) -> None:
+    store, info = parts
+    relation = relation_for(info, COLUMNS, MASKED, KEY)
+    assert _run(store, sql, relation) == [{"n": expected}]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT serial FROM datasets.parts",
+        "SELECT count(*) FROM datasets.parts WHERE plant = 'C'",
+        "SELECT * FROM stored.datasets.parts",
+        "SELECT count(*) FROM parts p WHERE EXISTS (SELECT 1 FROM datasets.parts d "
+        "WHERE d.serial = 'S-0004')",
+        "SELECT * FROM query_table('datasets.parts')",
+        "SELECT * FROM memory.main.nothing",
+        "CREATE TABLE memory.main.x AS SELECT 1",
+        "INSERT INTO memory.main.x VALUES (1)",
+        "SELECT 1; DROP TABLE parts",
+        "USE memory",
+    ],
+)
+def test_the_stored_table_is_out_of_reach_of_a_shaped_grant(
+    parts: tuple[Store, DatasetInfo], sql: str
+) -> None:
+    store, info = parts
+    relation = relation_for(info, COLUMNS, MASKED, KEY)
+    with pytest.raises((QueryRejected, StoreError)):
+        _run(store, sql, relation)
+    assert _run(store, "SELECT count(*) AS n FROM parts", relation) == [{"n": 30}]
+
+
+AGGREGATE = Shaping(masks=(("serial", "hash"),), min_group_size=5)
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        (
+            "SELECT plant, count(*) AS n, sum(price) AS s FROM parts GROUP BY plant "
+            "HAVING count(*) >= 5 ORDER BY plant",
+            [
+                {
+                    "plant": p,
+                    "n": 25,
+                    "s": sum(100.5 + i for i in range(ROWS) if "ABCD"[i % 4] == p),
+                }
+                for p in "ABCD"
+            ],
+        ),
+        # A group per unique key has one row each: every group is dropped.
+        ("SELECT id, count(*) AS n FROM parts GROUP BY id HAVING count(*) >= 5", []),
+        ("SELECT serial, count(*) AS n FROM parts GROUP BY serial HAVING count(*) >= 7", []),
+        ("SELECT count(*) AS n FROM parts HAVING count(*) >= 5 AND count(*) = 1", []),
+        # The sandbox lets a WHERE pick rows (the guard allows only grouping columns there),
+        # but a picked group under the minimum still never leaves.
+        (
+            "SELECT plant, count(*) AS n FROM (SELECT * FROM parts WHERE id = 3) "
+            "GROUP BY plant HAVING count(*) >= 5",
+            [],
+        ),
+    ],
+)
+def test_aggregate_only_answers_only_big_enough_groups(
+    parts: tuple[Store, DatasetInfo], sql: str, expected: list[dict[str, object]]
+) -> None:
+    store, info = parts
+    relation = relation_for(info, COLUMNS, AGGREGATE, KEY)
+    assert _run(store, sql, relation) == expected
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM parts",
+        "SELECT id FROM parts ORDER BY id LIMIT 1",
+        "SELECT plant, count(*) FROM parts GROUP BY plant",
+        "SELECT plant, count(*) FROM parts GROUP BY plant HAVING count(*) >= 4",
+        "SELECT plant, count(*) FROM parts GROUP BY plant HAVING count(*) >= 5 OR true",
+        "SELECT plant, count(*) FROM parts GROUP BY plant HAVING count(DISTINCT id) >= 5",
+        "SELECT plant, sum(CASE WHEN id = 3 THEN price END) FROM parts GROUP BY plant "
+        "HAVING count(*) >= 5",
+        "SELECT plant, min(serial) FROM parts GROUP BY plant HAVING count(*) >= 5",
+        "SELECT plant, string_agg(serial) FROM parts GROUP BY plant HAVING count(*) >= 5",
+        "SELECT plant, list(id) FROM parts GROUP BY plant HAVING count(*) >= 5",
+        "SELECT plant, arg_max(id, price) FROM parts GROUP BY plant HAVING count(*) >= 5",
+        "SELECT plant, count(*) FILTER (WHERE id = 3) FROM parts GROUP BY plant "
+        "HAVING count(*) >= 5",
+        "SELECT id, row_number() OVER () FROM parts",
+        "SELECT (SELECT max(price) FROM parts)",
+        "SELECT p.plant, count(*) FROM parts p JOIN parts q ON p.id = q.id GROUP BY p.plant "
+        "HAVING count(*) >= 5",
+        "SELECT max(c) FROM (SELECT plant, count(*) AS c FROM parts GROUP BY plant "
+        "HAVING count(*) >= 5) UNION ALL SELECT id FROM parts",
+    ],
+)
+def test_aggregate_only_escapes_are_refused_by_the_sandbox_alone(
+    parts: tuple[Store, DatasetInfo], sql: str
+) -> None:
+    store, info = parts
+    relation = relation_for(info, COLUMNS, AGGREGATE, KEY)
+    with pytest.raises(QueryRejected):
+        _run(store, sql, relation)
+
+
+def test_a_row_filter_that_does_not_fit_the_data_denies(parts: tuple[Store, DatasetInfo]) -> None:
+    store, info = parts
+    wrong = Shaping(filters=(RowFilter("week", values=("not a date",)),))
+    with pytest.raises(PermissionDenied, match="cannot be applied to its data"):
+        _run(store, "SELECT count(*) FROM parts", relation_for(info, COLUMNS, wrong, KEY))
+    plain = relation_for(info, COLUMNS, Shaping(), KEY)
+    assert _run(store, "SELECT count(*) AS n FROM parts", plain) == [{"n": ROWS}]
+
+
+def test_a_filter_on_a_missing_column_denies(parts: tuple[Store, DatasetInfo]) -> None:
+    _, info = parts
+    with pytest.raises(PermissionDenied, match="does not have"):
+        relation_for(info, COLUMNS, Shaping(filters=(RowFilter("nope", values=(1,)),)), KEY)
+
+
+def test_the_mask_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "mask.key"
+    key = load_mask_key(path)
+    assert len(key) == 32 and load_mask_key(path) == key
+    assert path.stat().st_mode & 0o077 == 0
+    path.write_text("not hex\n")
+    with pytest.raises(Exception, match="restore it from backup"):
+        load_mask_key(path)
