@@ -71,6 +71,7 @@ class Settings:
     mask_key: Path
     audit_log: Path
     quota_ledger: Path
+    shaped_copies: Path
     server: ServerSettings
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
@@ -185,6 +186,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         mask_key=home / sections["signing"].text("mask_key", "keys/mask.key"),
         audit_log=home / sections["audit"].text("path", "audit/audit.jsonl"),
         quota_ledger=home / sections["store"].text("quota_ledger", "state/quota.sqlite"),
+        shaped_copies=home / sections["store"].text("shaped_copies", "state/shaped.duckdb"),
         server=_server(sections["server"]),
         policies=_policies(sections["policies"], home),
         revoked=_revoked(sections["revoked"]),
@@ -268,7 +270,7 @@ dataspace = "{dataspace}"
 [server]
 listen = "{listen}"
 max_query_seconds = 30      # a query running longer is interrupted (DEADLINE_EXCEEDED)
-memory_limit = "1GB"        # DuckDB memory for all queries and shaped copies together
+memory_limit = "1GB"        # DuckDB memory for all queries together
 threads = 2                 # DuckDB threads
 batch_rows = 65536          # rows per Arrow record batch sent to the peer
 max_concurrent_queries = 8  # more at once are refused with RESOURCE_EXHAUSTED
@@ -281,6 +283,7 @@ ca = "tls/ca.pem"           # the data space's CA bundle: peers must chain to it
 [store]
 path = "data.duckdb"
 quota_ledger = "state/quota.sqlite"   # daily query and row counts per member and policy
+shaped_copies = "state/shaped.duckdb" # masked / filtered copies of datasets, remade at start
 
 [policies]
 dir = "policies"

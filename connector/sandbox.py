@@ -4,10 +4,11 @@ The file is opened read-only once and locked down as SECURITY.md lists. Each req
 its own cursor with TEMP views that show only what its policy grants; the bound plan is
 checked to scan nothing else; results stream batch by batch; errors echo no data.
 
-Shaped relations (masks, row filters, aggregate-only) are built once as tables of an
-in-memory database attached before the lock-down (`shaped`). A query on a shaped dataset may
-scan only its shaped table, never the stored one: with the guard switched off, no SQL reaches
-a clear value or a filtered-out row, and no filter on a clear value can be timed.
+Shaped relations (masks, row filters, aggregate-only) are built once as tables of a scratch
+database attached before the lock-down (`shaped`: a file remade at every start, so copies
+larger than memory spill to disk). A query on a shaped dataset may scan only its shaped
+table, never the stored one: with the guard switched off, no SQL reaches a clear value or a
+filtered-out row, and no filter on a clear value can be timed.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
-SHAPED_CATALOG = "memory"  # the connection's own in-memory database holds shaped copies
+SHAPED_CATALOG = "shaped"  # the scratch database of shaped copies
 
 
 class ExposedRelation(Protocol):
@@ -98,17 +99,21 @@ def _lock_down(con: duckdb.DuckDBPyConnection, limits: SandboxLimits) -> None:
 class Store:
     """The server's read path: the database opened read-only once, shared by sessions."""
 
-    def __init__(self, db_path: Path, limits: SandboxLimits) -> None:
+    def __init__(
+        self, db_path: Path, limits: SandboxLimits, shaped_path: Path | None = None
+    ) -> None:
         if not db_path.exists():
             raise StoreError(f"{db_path} does not exist: run `connector init` first")
-        # An in-memory connection (where shaped copies are built) with the member's file
-        # attached read-only, before the lock-down: afterwards ATTACH is refused.
+        # An in-memory connection with the member's file attached read-only and the scratch
+        # database of shaped copies (in memory when no path is given), both before the
+        # lock-down: afterwards ATTACH is refused.
         self._db = duckdb.connect(":memory:")
         try:
             self._db.execute(f"ATTACH {sql_string(str(db_path))} AS {STORED_CATALOG} (READ_ONLY)")
         except duckdb.Error as exc:
             self._db.close()
             raise busy_or_error(exc, db_path) from None
+        self._attach_scratch(shaped_path)
         self._db.execute(f"USE {STORED_CATALOG}")
         try:
             self._datasets = read_metadata(self._db)
@@ -118,6 +123,27 @@ class Store:
         self.limits = limits
         self._shaped: set[str] = set()
         self._shaping = threading.Lock()
+
+    def _attach_scratch(self, path: Path | None) -> None:
+        if path is None:
+            self._db.execute(f"ATTACH ':memory:' AS {SHAPED_CATALOG}")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db.execute(f"ATTACH {sql_string(str(path))} AS {SHAPED_CATALOG}")
+            # Copies from the last run may follow older policies: start empty.
+            stale = self._db.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = ?",
+                [SHAPED_CATALOG],
+            ).fetchall()
+            for (table,) in stale:
+                self._db.execute(f"DROP TABLE {SHAPED_CATALOG}.main.{quote_identifier(table)}")
+        except duckdb.Error as exc:
+            self._db.close()
+            raise StoreError(
+                f"cannot create the scratch database {path} for shaped copies: {exc}; "
+                "check that the folder is writable and no other connector uses this home"
+            ) from None
 
     def datasets(self) -> Mapping[str, DatasetInfo]:
         """The datasets as they were when the store was opened."""

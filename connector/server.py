@@ -74,6 +74,7 @@ def build_provider(settings: Settings) -> Provider:
             threads=settings.server.threads,
             max_query_seconds=settings.server.max_query_seconds,
         ),
+        settings.shaped_copies,
     )
     signers = trusted_keys(settings.policies.trusted_signers.values())
     log.info("trusted policy signers: %s", ", ".join(signers) or "none")

@@ -227,3 +227,32 @@ def test_the_mask_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     path.write_text("not hex\n")
     with pytest.raises(Exception, match="restore it from backup"):
         load_mask_key(path)
+
+
+def test_shaped_copies_live_in_a_scratch_file_emptied_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "data.duckdb"
+    create_database(path)
+    (tmp_path / "p.csv").write_text("plant,serial\nA,S-1\nB,S-2\n")
+    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
+    (info,) = list_datasets(path)
+    scratch = tmp_path / "state" / "shaped.duckdb"
+    relation = relation_for(info, {"plant", "serial"}, Shaping(masks=(("serial", "hash"),)), KEY)
+    store = Store(path, SandboxLimits(), scratch)
+    try:
+        assert _run(store, "SELECT count(*) AS n FROM parts", relation) == [{"n": 2}]
+    finally:
+        store.close()
+    assert scratch.exists()
+    busy = Store(path, SandboxLimits(), scratch)
+    try:
+        with pytest.raises(StoreError, match="no other connector uses this home"):
+            Store(path, SandboxLimits(), scratch)
+        session = busy.session()
+        tables = session._cursor.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'shaped'"
+        ).fetchall()
+        session.close()
+        assert tables == [(0,)]  # the last run's copy is gone; it is rebuilt on first use
+        assert _run(busy, "SELECT count(*) AS n FROM parts", relation) == [{"n": 2}]
+    finally:
+        busy.close()
