@@ -7,6 +7,9 @@ All three read the same rows of the same DuckDB file in the same run:
                  streaming the same query (what a bare Arrow-over-gRPC service costs);
   connector      the full path: mTLS, SQL guard, Rego decision, sandboxed per-request views,
                  plan check, Arrow IPC pieces in protobuf messages, signed receipt.
+A second grant shapes the same rows (part_no hashed, a row filter every row passes): its
+first query builds the shaped copy, measured against local DuckDB computing the same masked
+rows; later queries read the copy.
 Servers and clients share this process and the machine's cores; the ratios are what to read.
 """
 
@@ -33,10 +36,14 @@ from connector.cli.main import main as cli
 from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
 from connector.server import start_server
+from connector.shaping import hmac_sql, load_mask_key
 
 DATASET = "part_events"
 PURPOSE = "benchmarking"
+SHAPED_PURPOSE = "shaped-benchmarking"
 BATCH_ROWS = 65_536
+SHAPED_FIRST = "connector stream, masked, first"
+SHAPED = "connector stream, masked"
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,22 @@ columns:
   allow: [plant, part_no, day, defects, cost]
 """
     )
-    run("policy", "sign", "--home", provider, policy)
+    shaped = provider / "policies" / "bench-shaped.yaml"
+    shaped.write_text(
+        f"""id: bench-shaped
+version: 1
+description: Benchmark grant, masked and filtered
+datasets: [{DATASET}]
+grantees: {{members: [grantee]}}
+purposes: [{SHAPED_PURPOSE}]
+valid: {{from: 2020-01-01, until: 2100-01-01}}
+columns:
+  allow: [plant, day, defects, cost]
+  mask: {{part_no: hash}}
+rows: {{where: {{defects: {{gte: 0}}}}}}
+"""
+    )
+    run("policy", "sign", "--home", provider, policy, shaped)
     return provider, grantee
 
 
@@ -146,11 +168,11 @@ def flight_client(port: int, identity: PeerIdentity, sql: str) -> Callable[[], t
     return once
 
 
-def connector_stream(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
+def connector_stream(peer: Peer, sql: str, purpose: str = PURPOSE) -> Callable[[], tuple[int, int]]:
     def once() -> tuple[int, int]:
         pieces = []
         rows = 0
-        for message in peer.stream(sql, PURPOSE):
+        for message in peer.stream(sql, purpose):
             if message.HasField("receipt"):
                 rows = message.receipt.rows
             else:
@@ -181,6 +203,12 @@ def report(results: list[Measurement], flight_tls: str) -> None:
             f"{name}: {base[name] / base['local DuckDB']:.2f}x local DuckDB, "
             f"{base[name] / base['Arrow Flight']:.2f}x Arrow Flight ({flight_tls})"
         )
+    local = base["local DuckDB, masked"]
+    for name in (SHAPED_FIRST, SHAPED):
+        print(
+            f"{name}: {base[name] / local:.2f}x local DuckDB computing the masked rows, "
+            f"{base[name] / base['Arrow Flight']:.2f}x Arrow Flight of the clear rows"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process (servers and clients together): {peak:.0f} MiB")
     print("servers and clients share this process and its cores; compare ratios, not seconds")
@@ -193,6 +221,11 @@ def measure(work: Path, rows: int, repeat: int) -> None:
     provider_tls = (settings.cert.read_bytes(), settings.key.read_bytes(), settings.ca.read_bytes())
     sql_peer = f"SELECT * FROM {DATASET}"
     sql_owner = f'SELECT * FROM datasets."{DATASET}"'
+    masked = hmac_sql("CAST(part_no AS VARCHAR)", load_mask_key(settings.mask_key))
+    sql_owner_masked = (
+        f"SELECT plant, {masked} AS part_no, day, defects, cost "
+        f'FROM datasets."{DATASET}" WHERE defects >= 0'
+    )
     server = start_server(settings, "127.0.0.1:0")
     flight_server = DuckDBFlightServer(settings.database, provider_tls)
     threading.Thread(target=flight_server.serve, daemon=True).start()
@@ -207,6 +240,13 @@ def measure(work: Path, rows: int, repeat: int) -> None:
                 ),
                 timed("connector stream", repeat, connector_stream(peer, sql_peer)),
                 timed("connector query()", repeat, connector_table(peer, sql_peer)),
+                timed(
+                    "local DuckDB, masked",
+                    repeat,
+                    local_duckdb(settings.database, sql_owner_masked),
+                ),
+                timed(SHAPED_FIRST, 1, connector_stream(peer, sql_peer, SHAPED_PURPOSE)),
+                timed(SHAPED, repeat, connector_stream(peer, sql_peer, SHAPED_PURPOSE)),
             ]
     finally:
         flight_server.shutdown()

@@ -122,9 +122,9 @@ class _FormCheck:
         self._where(node.get("where_clause"))
         if node.get("having") is not None:
             self._output(node["having"], "HAVING")
-        for modifier in node.get("modifiers") or []:
-            for order in modifier.get("orders") or []:
-                self._output(order.get("expression"), "ORDER BY", aliases)
+        # ORDER BY, DISTINCT ON and LIMIT: the same rule as the select list.
+        for expression in _direct_expressions(node.get("modifiers")):
+            self._output(expression, "ORDER BY, DISTINCT ON and LIMIT", aliases)
 
     def _from(self, ref: dict[str, Any]) -> None:
         if ref.get("type") != "BASE_TABLE" or str(ref.get("table_name", "")).lower() != (

@@ -162,6 +162,8 @@ AGGREGATE_ESCAPES: list[tuple[str, str]] = [
      "GROUP BY plant HAVING sum(CASE WHEN week = DATE '2026-01-05' THEN defects END) > 3"),
     ("an aggregate of an expression is refused", "SELECT plant, sum(defects * (week = DATE "
      "'2026-01-05')::INT) FROM part_defects GROUP BY plant"),
+    ("DISTINCT ON a conditional aggregate is refused", "SELECT DISTINCT ON (sum(CASE WHEN week "
+     "= DATE '2026-01-05' THEN defects END)) plant, count(*) FROM part_defects GROUP BY plant"),
     ("QUALIFY is refused", "SELECT plant, count(*) FROM part_defects GROUP BY plant "
      "QUALIFY row_number() OVER () = 1"),
     ("GROUP BY an expression is refused", "SELECT defects % 19, count(*) FROM part_defects "
