@@ -80,7 +80,7 @@ class Relation:
         return "s_" + hashlib.sha256(self.sql.encode()).hexdigest()[:32]
 
     @property
-    def orderable_columns(self) -> frozenset[str]:
+    def measurement_columns(self) -> frozenset[str]:
         """Unmasked columns of measurement types, the only ones min and max may read."""
         masked = self.shaping.mask_of
         return frozenset(

@@ -429,7 +429,7 @@ def aggregate_form(sql: str, shape: QueryShape, relations: tuple[Relation, ...])
         AggregateTerms(
             relation.dataset,
             frozenset(relation.column_names),
-            relation.orderable_columns,
+            relation.measurement_columns,
             relation.min_group_size,
         ),
     )

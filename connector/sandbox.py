@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
 SHAPED_CATALOG = "shaped"  # the scratch database of shaped copies
+MAX_SHAPED_COPIES = 64
 
 
 class ExposedRelation(Protocol):
@@ -100,7 +102,12 @@ class Store:
     """The server's read path: the database opened read-only once, shared by sessions."""
 
     def __init__(
-        self, db_path: Path, limits: SandboxLimits, shaped_path: Path | None = None
+        self,
+        db_path: Path,
+        limits: SandboxLimits,
+        shaped_path: Path | None = None,
+        *,
+        max_shaped_copies: int = MAX_SHAPED_COPIES,
     ) -> None:
         if not db_path.exists():
             raise StoreError(f"{db_path} does not exist: run `connector init` first")
@@ -121,7 +128,9 @@ class Store:
             self._datasets = {}
         _lock_down(self._db, limits)
         self.limits = limits
-        self._shaped: set[str] = set()
+        # Shaped copy -> sessions using it, least recently used first.
+        self._copies: OrderedDict[str, int] = OrderedDict()
+        self._max_copies = max_shaped_copies
         self._shaping = threading.Lock()
 
     def _attach_scratch(self, path: Path | None) -> None:
@@ -137,7 +146,7 @@ class Store:
                 [SHAPED_CATALOG],
             ).fetchall()
             for (table,) in stale:
-                self._db.execute(f"DROP TABLE {SHAPED_CATALOG}.main.{quote_identifier(table)}")
+                self._db.execute(f"DROP TABLE {_shaped_name(table)}")
         except duckdb.Error as exc:
             self._db.close()
             raise StoreError(
@@ -159,39 +168,63 @@ class Store:
         cursor.execute(f"USE {STORED_CATALOG}")
         return cursor
 
-    def shaped_table(self, relation: ExposedRelation) -> str:
-        """The qualified name of relation's shaped copy, built on first use.
+    def acquire_shaped(self, relation: ExposedRelation) -> str:
+        """The qualified name of relation's shaped copy, built on first use and kept from
+        being dropped until release_shaped(relation.shaped_table).
 
-        The stored data cannot change while the server holds the file, so a copy stays valid.
+        The stored data cannot change while the server holds the file, so a copy stays valid;
+        beyond max_shaped_copies the least recently used unused copies are dropped (a copy
+        of a changed policy is never used again).
         """
         name = relation.shaped_table
-        qualified = f"{SHAPED_CATALOG}.main.{quote_identifier(name)}"
         with self._shaping:
-            if name in self._shaped:
-                return qualified
+            if name not in self._copies:
+                self._build(relation)
+                self._copies[name] = 0
+            self._copies[name] += 1
+            self._copies.move_to_end(name)
+            self._drop_unused_beyond_limit()
+        return _shaped_name(name)
+
+    def release_shaped(self, name: str) -> None:
+        """A session no longer reads the shaped copy name."""
+        with self._shaping:
+            if self._copies.get(name, 0) > 0:
+                self._copies[name] -= 1
+
+    def _build(self, relation: ExposedRelation) -> None:
+        cursor = self._cursor()
+        try:
+            cursor.execute(f"CREATE TABLE {_shaped_name(relation.shaped_table)} AS {relation.sql}")
+        except duckdb.OutOfMemoryException:
+            raise ResourceExhausted(
+                f"dataset {relation.dataset} as your policy shapes it does not fit in this "
+                "connector's memory limit; ask the owner"
+            ) from None
+        except duckdb.Error as exc:
+            # The owner's policy does not fit the data (a filter value of the wrong type).
+            log.error("cannot shape dataset %s as its policy says: %s", relation.dataset, exc)
+            raise PermissionDenied(
+                [
+                    f"the policy for dataset {relation.dataset} cannot be applied to its "
+                    "data (a row filter or mask does not fit the column types); ask the "
+                    "owner to fix the policy"
+                ]
+            ) from None
+        finally:
+            cursor.close()
+        log.info("built the shaped copy %s of dataset %s", relation.shaped_table, relation.dataset)
+
+    def _drop_unused_beyond_limit(self) -> None:
+        unused = [name for name, users in self._copies.items() if users == 0]
+        for name in unused[: max(0, len(self._copies) - self._max_copies)]:
             cursor = self._cursor()
             try:
-                cursor.execute(f"CREATE TABLE {qualified} AS {relation.sql}")
-            except duckdb.OutOfMemoryException:
-                raise ResourceExhausted(
-                    f"dataset {relation.dataset} as your policy shapes it does not fit in this "
-                    "connector's memory limit; ask the owner"
-                ) from None
-            except duckdb.Error as exc:
-                # The owner's policy does not fit the data (a filter value of the wrong type).
-                log.error("cannot shape dataset %s as its policy says: %s", relation.dataset, exc)
-                raise PermissionDenied(
-                    [
-                        f"the policy for dataset {relation.dataset} cannot be applied to its "
-                        "data (a row filter or mask does not fit the column types); ask the "
-                        "owner to fix the policy"
-                    ]
-                ) from None
+                cursor.execute(f"DROP TABLE {_shaped_name(name)}")
             finally:
                 cursor.close()
-            self._shaped.add(name)
-            log.info("built the shaped copy %s of dataset %s", name, relation.dataset)
-        return qualified
+            del self._copies[name]
+            log.info("dropped the least recently used shaped copy %s", name)
 
     def close(self) -> None:
         """Close the database."""
@@ -239,6 +272,7 @@ class SandboxSession:
     def __init__(self, cursor: duckdb.DuckDBPyConnection, store: Store) -> None:
         self._cursor = cursor
         self._store = store
+        self._copies: list[str] = []
         self._running = threading.Event()
         self._cancelled = threading.Event()
         self._closed = False
@@ -250,7 +284,8 @@ class SandboxSession:
         for relation in relations:
             source = relation.sql
             if relation.shaped_table:
-                shaped = self._store.shaped_table(relation)  # our own name, a hash
+                shaped = self._store.acquire_shaped(relation)  # our own name, a hash
+                self._copies.append(relation.shaped_table)
                 source = f"SELECT * FROM {shaped}"  # noqa: S608
             self._cursor.execute(
                 f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
@@ -348,6 +383,8 @@ class SandboxSession:
             self._cursor.close()
         except duckdb.Error:
             log.debug("closing a sandbox cursor failed", exc_info=True)
+        for name in self._copies:
+            self._store.release_shaped(name)
 
 
 class ResultStream:
@@ -394,6 +431,10 @@ def _plan_error(plan: Mapping[str, object]) -> str:
     if kind == "parser":
         return "the query could not be parsed"
     return "the query cannot be planned in the sandbox"
+
+
+def _shaped_name(table: str) -> str:
+    return f"{SHAPED_CATALOG}.main.{quote_identifier(table)}"
 
 
 def _source_of(relation: ExposedRelation) -> tuple[str, str, str]:

@@ -256,3 +256,38 @@ def test_shaped_copies_live_in_a_scratch_file_emptied_at_start(tmp_path: Path) -
         assert _run(busy, "SELECT count(*) AS n FROM parts", relation) == [{"n": 2}]
     finally:
         busy.close()
+
+
+def test_unused_copies_beyond_the_limit_are_dropped_least_recent_first(tmp_path: Path) -> None:
+    path = tmp_path / "data.duckdb"
+    create_database(path)
+    (tmp_path / "p.csv").write_text("plant,serial\nA,S-1\nB,S-2\nC,S-3\n")
+    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
+    (info,) = list_datasets(path)
+
+    def only(*plants: str) -> Relation:
+        shaping = Shaping(filters=(RowFilter("plant", values=plants),))
+        return relation_for(info, {"plant", "serial"}, shaping, KEY)
+
+    def copies(store: Store) -> int:
+        session = store.session()
+        try:
+            sql = "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'shaped'"
+            return int(session._cursor.execute(sql).fetchall()[0][0])
+        finally:
+            session.close()
+
+    store = Store(path, SandboxLimits(), tmp_path / "shaped.duckdb", max_shaped_copies=1)
+    try:
+        assert _run(store, "SELECT count(*) AS n FROM parts", only("A")) == [{"n": 1}]
+        assert _run(store, "SELECT count(*) AS n FROM parts", only("A", "B")) == [{"n": 2}]
+        assert copies(store) == 1  # A's copy was unused: dropped
+        held = store.session()
+        held.expose([only("C")])  # in use until closed
+        assert _run(store, "SELECT count(*) AS n FROM parts", only("A")) == [{"n": 1}]
+        assert copies(store) == 2  # C is in use, so the limit waits for it
+        held.close()
+        assert _run(store, "SELECT count(*) AS n FROM parts", only("B")) == [{"n": 1}]
+        assert copies(store) == 1
+    finally:
+        store.close()
