@@ -90,13 +90,18 @@ class Relation:
 
 def shaping_of(grant: GrantLike, policies: Mapping[str, ShapedPolicy]) -> Shaping:
     """The one shaping every policy behind grant puts on its dataset; denies when they differ."""
-    found = {policies[i].shaping for i, _ in grant.policies if i in policies}
+    # Compared as the policy library compares them: by canonical text, not object equality.
+    found = {
+        policies[i].shaping.canonical(): policies[i].shaping
+        for i, _ in grant.policies
+        if i in policies
+    }
     if len(found) != 1:
         # The policy library refuses this already; a grant is never widened here.
         raise PermissionDenied(
             [f"the policies granting dataset {grant.dataset} shape it differently; ask the owner"]
         )
-    return found.pop()
+    return next(iter(found.values()))
 
 
 def relations_for(

@@ -17,6 +17,7 @@ from connector.policy.signing import (
     trusted_keys,
     verify_policy,
 )
+from connector.shaping import Shaping
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,4 +63,21 @@ def _verify(args: argparse.Namespace) -> int:
         ok = verdict.status is VerdictStatus.VALID
         failed += not ok
         print(f"{path}: {'valid' if ok else 'NOT VALID'}: {verdict.message}")
+        if verdict.policy is not None:
+            for line in _shaping_lines(verdict.policy.shaping):
+                print(f"  {line}")
     return 1 if failed else 0
+
+
+def _shaping_lines(shaping: Shaping) -> list[str]:
+    """What a policy does to its datasets beyond choosing columns, for the legal team."""
+    lines = []
+    if shaping.masks:
+        lines.append("masked: " + ", ".join(f"{c} ({kind})" for c, kind in shaping.masks))
+    if shaping.filters:
+        lines.append(f"rows: only where {shaping.where_sql()}")
+    if shaping.min_group_size:
+        lines.append(
+            f"aggregate-only: groups of at least {shaping.min_group_size} rows, no raw rows"
+        )
+    return lines

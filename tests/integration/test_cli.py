@@ -77,14 +77,28 @@ def test_policy_verify_says_for_each_file_why(
         "expired.yaml",
         policy_text("e", members="[x]", valid_from="2020-01-01", valid_until="2021-01-01"),
     )
+    provider.write_policy(
+        "shaped.yaml",
+        policy_text("s", members="[x]")
+        + "  mask: {supplier_price: hash}\n"
+        + "rows: {where: {plant: [Leipzig]}}\naggregate_only: {min_group_size: 5}\n",
+    )
     changed = provider.write_policy("changed.yaml", policy_text("c", members="[x]"))
     changed.write_text(changed.read_text().replace("[x]", "[x, y]"))
     assert run_cli("policy", "verify", "--home", provider.home) == 1
-    lines = {Path(line.split(":")[0]).name: line for line in capsys.readouterr().out.splitlines()}
+    out = capsys.readouterr().out
+    lines = {Path(line.split(":")[0]).name: line for line in out.splitlines()}
     assert "valid: quality-benchmark@1" in lines["quality.yaml"]
     assert "NOT VALID: no signature" in lines["unsigned.yaml"]
     assert "NOT VALID: e@1 expired" in lines["expired.yaml"]
     assert "changed after it was signed" in lines["changed.yaml"]
+    assert "valid: s@1" in lines["shaped.yaml"]
+    shaped = out.split(lines["shaped.yaml"])[1].splitlines()[1:4]
+    assert shaped == [
+        "  masked: supplier_price (hash)",
+        "  rows: only where (\"plant\" IN ('Leipzig'))",
+        "  aggregate-only: groups of at least 5 rows, no raw rows",
+    ]
 
 
 def test_unreachable_provider_is_a_clear_error(

@@ -10,11 +10,12 @@ import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from connector.enforce import Relation, relation_for
+from connector.enforce import Relation, relation_for, shaping_of
 from connector.errors import PermissionDenied, QueryRejected, StoreError
 from connector.sandbox import SandboxLimits, Store
 from connector.shaping import REDACTED, RowFilter, Shaping, hmac_sql, load_mask_key
@@ -291,3 +292,24 @@ def test_unused_copies_beyond_the_limit_are_dropped_least_recent_first(tmp_path:
         assert copies(store) == 1
     finally:
         store.close()
+
+
+def test_policies_with_the_same_shaping_written_differently_agree() -> None:
+    @dataclass(frozen=True)
+    class Policy:
+        shaping: Shaping
+
+    @dataclass(frozen=True)
+    class Grant:
+        dataset: str
+        columns: tuple[str, ...]
+        policies: tuple[tuple[str, int], ...]
+
+    plants, weeks = RowFilter("plant", values=("A",)), RowFilter("week", bounds=(("lt", 5),))
+    one, other = Shaping(filters=(plants, weeks)), Shaping(filters=(weeks, plants))
+    grant = Grant("parts", ("plant",), (("a", 1), ("b", 1)))
+    assert shaping_of(grant, {"a": Policy(one), "b": Policy(other)}) in (one, other)
+    flag = Shaping(filters=(RowFilter("ok", values=(True,)),))
+    number = Shaping(filters=(RowFilter("ok", values=(1,)),))
+    with pytest.raises(PermissionDenied, match="shape it differently"):
+        shaping_of(grant, {"a": Policy(flag), "b": Policy(number)})
