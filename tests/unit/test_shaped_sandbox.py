@@ -25,18 +25,24 @@ KEY = bytes(range(32))
 ROWS = 100
 
 
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[tuple[Store, DatasetInfo]]:
+def _parts_database(tmp_path: Path, csv: str) -> tuple[Path, DatasetInfo]:
+    """A member's database holding csv as dataset parts."""
     path = tmp_path / "data.duckdb"
     create_database(path)
+    (tmp_path / "p.csv").write_text(csv)
+    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
+    return path, list_datasets(path)[0]
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[tuple[Store, DatasetInfo]]:
     lines = ["id,plant,serial,price,week"]
     for i in range(ROWS):
         week = dt.date(2026, 1, 5) + dt.timedelta(weeks=i % 20)
         lines.append(f"{i},{'ABCD'[i % 4]},S-{i:04d},{100 + i}.5,{week}")
-    (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
-    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
+    path, info = _parts_database(tmp_path, "\n".join(lines) + "\n")
     store = Store(path, SandboxLimits())
-    yield store, list_datasets(path)[0]
+    yield store, info
     store.close()
 
 
@@ -231,11 +237,7 @@ def test_the_mask_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
 
 
 def test_shaped_copies_live_in_a_scratch_file_emptied_at_start(tmp_path: Path) -> None:
-    path = tmp_path / "data.duckdb"
-    create_database(path)
-    (tmp_path / "p.csv").write_text("plant,serial\nA,S-1\nB,S-2\n")
-    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
-    (info,) = list_datasets(path)
+    path, info = _parts_database(tmp_path, "plant,serial\nA,S-1\nB,S-2\n")
     scratch = tmp_path / "state" / "shaped.duckdb"
     relation = relation_for(info, {"plant", "serial"}, Shaping(masks=(("serial", "hash"),)), KEY)
     store = Store(path, SandboxLimits(), scratch)
@@ -260,11 +262,7 @@ def test_shaped_copies_live_in_a_scratch_file_emptied_at_start(tmp_path: Path) -
 
 
 def test_unused_copies_beyond_the_limit_are_dropped_least_recent_first(tmp_path: Path) -> None:
-    path = tmp_path / "data.duckdb"
-    create_database(path)
-    (tmp_path / "p.csv").write_text("plant,serial\nA,S-1\nB,S-2\nC,S-3\n")
-    ingest(path, tmp_path / "p.csv", "parts", description=None, mode="replace")
-    (info,) = list_datasets(path)
+    path, info = _parts_database(tmp_path, "plant,serial\nA,S-1\nB,S-2\nC,S-3\n")
 
     def only(*plants: str) -> Relation:
         shaping = Shaping(filters=(RowFilter("plant", values=plants),))
