@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from connector.errors import PermissionDenied
@@ -72,7 +73,7 @@ class Relation:
         """K when only aggregates over groups of at least K rows may leave (else 0)."""
         return self.shaping.min_group_size
 
-    @property
+    @cached_property  # read several times per query; hashing the SQL once is enough
     def shaped_table(self) -> str:
         """The name of the shaped copy ('' when the relation is a plain view)."""
         if self.shaping.is_plain:

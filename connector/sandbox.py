@@ -221,6 +221,10 @@ class Store:
             cursor = self._cursor()
             try:
                 cursor.execute(f"DROP TABLE {_shaped_name(name)}")
+            except duckdb.Error:
+                # Only disk is at stake: keep serving; the copy is tried again next time.
+                log.warning("could not drop the shaped copy %s", name, exc_info=True)
+                continue
             finally:
                 cursor.close()
             del self._copies[name]
