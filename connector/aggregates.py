@@ -11,15 +11,34 @@ bound plan for the same form, so either layer alone stops raw rows and small gro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
 from connector.errors import QueryRejected
-from connector.shaping import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS
 from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS, parser_connection
+
+# The aggregates an aggregate-only dataset answers (plan names; the peer may also write avg
+# as mean). Each reads one column; min and max only measurement columns (see enforce.py).
+AGGREGATE_ONLY_FUNCTIONS = frozenset(
+    "count count_star sum avg mean min max stddev stddev_samp stddev_pop variance var_samp "
+    "var_pop".split()
+)
+EXTREMUM_FUNCTIONS = frozenset({"min", "max"})
+
+# DuckDB types whose min and max are measurements, not identifiers or free text.
+MEASUREMENT_TYPES = frozenset(
+    "TINYINT SMALLINT INTEGER BIGINT HUGEINT UTINYINT USMALLINT UINTEGER UBIGINT UHUGEINT "
+    "FLOAT DOUBLE DECIMAL DATE TIME TIMESTAMP TIMESTAMP_S TIMESTAMP_MS TIMESTAMP_NS".split()
+) | {"TIMESTAMP WITH TIME ZONE"}
+
+
+def is_measurement_type(type_name: str) -> bool:
+    """True for numbers, dates and times (DECIMAL with or without its precision)."""
+    return type_name.split("(", maxsplit=1)[0] in MEASUREMENT_TYPES
+
 
 FORM = (
     "dataset {dataset} is aggregate-only: write SELECT <grouping columns>, <aggregates> FROM "
@@ -225,3 +244,41 @@ def _expressions(value: Any) -> Iterator[dict[str, Any]]:
         yield expression
         for child in expression.values():
             yield from _expressions(child)
+
+
+class AggregateRelation(Protocol):
+    """What the aggregate-only form needs of an enforced relation (see enforce.Relation)."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def column_names(self) -> tuple[str, ...]: ...
+    @property
+    def measurement_columns(self) -> frozenset[str]: ...
+    @property
+    def min_group_size(self) -> int: ...
+
+
+def aggregate_form(
+    sql: str, datasets: Sequence[str], relations: Sequence[AggregateRelation]
+) -> str:
+    """sql as it runs: rewritten to the aggregate-only form when it reads such a dataset."""
+    limited = [r for r in relations if r.min_group_size]
+    if not limited:
+        return sql
+    relation = limited[0]
+    if tuple(datasets) != (relation.dataset,):
+        help_text = aggregate_form_help(relation.dataset, relation.min_group_size)
+        raise QueryRejected(
+            "a query on an aggregate-only dataset may read no other dataset (no joins, unions "
+            f"or subqueries over others); {help_text}"
+        )
+    return aggregate_only_query(
+        sql,
+        AggregateTerms(
+            relation.dataset,
+            frozenset(relation.column_names),
+            relation.measurement_columns,
+            relation.min_group_size,
+        ),
+    )

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
+from connector.aggregates import is_measurement_type
 from connector.errors import PermissionDenied
-from connector.shaping import Shaping, is_measurement_type, mask_description, mask_sql
-from connector.store import ColumnInfo, DatasetInfo, quote_identifier
+from connector.shaping import Shaping, mask_description, mask_sql
+from connector.sqltext import quote_identifier
+from connector.store import ColumnInfo, DatasetInfo
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from connector.policy.signing import trusted_keys
 from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
-from connector.sandbox import SandboxLimits, Store
+from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.service import ConnectorService
 from connector.shaping import load_mask_key
 
@@ -67,7 +67,7 @@ def _engine_factory(settings: Settings) -> Callable[[Sequence[UsagePolicy]], Pol
 
 def build_provider(settings: Settings) -> Provider:
     """The Provider for a member's home: store opened, policies loaded, receipt key read."""
-    store = Store(
+    sandbox = SandboxDatabase(
         settings.database,
         SandboxLimits(
             memory_limit=settings.server.memory_limit,
@@ -91,7 +91,7 @@ def build_provider(settings: Settings) -> Provider:
     return Provider(
         settings.member_id,
         settings.dataspace,
-        store,
+        sandbox,
         registry,
         signer,
         audit=AuditLog(settings.audit_log, signer),
@@ -148,7 +148,7 @@ class RunningServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        self.provider.store.close()
+        self.provider.sandbox.close()
         self.provider.audit.close()
         self.provider.quotas.close()
 
@@ -186,7 +186,7 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
     try:
         port = server.add_secure_port(address, _tls_credentials(settings))
     except RuntimeError as exc:
-        provider.store.close()
+        provider.sandbox.close()
         raise ConfigError(
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import uuid
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Iterator, Mapping
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,15 +22,9 @@ from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.audit import AuditEntry
 from connector.errors import ConnectorError
 from connector.identity import MemberIdentity
-from connector.provider import (
-    CatalogDataset,
-    Explanation,
-    PeerRequest,
-    Provider,
-    decision_policies,
-    obligations_json,
-)
-from connector.receipt import PolicyUse, ReceiptFields
+from connector.provider import CatalogDataset, Provider
+from connector.receipt import PolicyUse, ReceiptFields, policy_uses
+from connector.request import Explanation, PeerRequest
 from connector.status import status_of
 
 log = logging.getLogger(__name__)
@@ -56,6 +51,11 @@ def _timestamp(moment: dt.datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(moment.astimezone(dt.UTC))
     return stamp
+
+
+def obligations_json(obligations: Mapping[str, Any]) -> str:
+    """Obligations as canonical JSON text (empty when there are none)."""
+    return json.dumps(dict(obligations), sort_keys=True) if obligations else ""
 
 
 def _policy_refs(uses: tuple[PolicyUse, ...]) -> list[pb.PolicyRef]:
@@ -90,7 +90,7 @@ def _decision_message(explanation: Explanation) -> pb.Decision:
     return pb.Decision(
         allow=decision.allow,
         reasons=list(decision.reasons),
-        policies=_policy_refs(decision_policies(decision)),
+        policies=_policy_refs(policy_uses(decision.policies)),
         relations=[
             pb.Relation(
                 dataset=r.dataset,

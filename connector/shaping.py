@@ -7,10 +7,8 @@ Values from policy files reach SQL only as typed literals rendered here.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from connector.errors import ConfigError
-from connector.store import quote_identifier, sql_string
+from connector.sqltext import SqlValue, quote_identifier, sql_literal
 
 MaskKind = Literal["hash", "redact", "null"]
 MASK_KINDS: tuple[MaskKind, ...] = ("hash", "redact", "null")
@@ -28,7 +26,7 @@ RANGE_OPERATORS = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}
 MASK_KEY_BYTES = 32
 HMAC_BLOCK = 64  # SHA-256's block size
 
-FilterValue = str | int | float | bool | dt.date | dt.datetime
+FilterValue = SqlValue
 
 
 @dataclass(frozen=True)
@@ -100,23 +98,6 @@ def strictest(shapings: list[Shaping]) -> Shaping:
     )
 
 
-def sql_literal(value: FilterValue) -> str:
-    """A typed SQL literal for a value read from a policy file."""
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("a row-filter number must be finite")
-        return repr(value)
-    if isinstance(value, dt.datetime):
-        return f"TIMESTAMPTZ '{value.isoformat()}'"
-    if isinstance(value, dt.date):
-        return f"DATE '{value.isoformat()}'"
-    return sql_string(value)
-
-
 def mask_sql(column: str, kind: MaskKind, column_type: str, key: bytes) -> str:
     """The SQL expression that shows column masked (named like the column)."""
     name = quote_identifier(column)
@@ -175,23 +156,3 @@ def load_mask_key(path: Path) -> bytes:
             f"the mask key {path} is shorter than {MASK_KEY_BYTES} bytes; restore it from backup"
         )
     return key
-
-
-# The aggregates an aggregate-only dataset answers (plan names; the peer may also write avg
-# as mean). Each reads one column; min and max only measurement columns (see enforce.py).
-AGGREGATE_ONLY_FUNCTIONS = frozenset(
-    "count count_star sum avg mean min max stddev stddev_samp stddev_pop variance var_samp "
-    "var_pop".split()
-)
-EXTREMUM_FUNCTIONS = frozenset({"min", "max"})
-
-# DuckDB types whose min and max are measurements, not identifiers or free text.
-MEASUREMENT_TYPES = frozenset(
-    "TINYINT SMALLINT INTEGER BIGINT HUGEINT UTINYINT USMALLINT UINTEGER UBIGINT UHUGEINT "
-    "FLOAT DOUBLE DECIMAL DATE TIME TIMESTAMP TIMESTAMP_S TIMESTAMP_MS TIMESTAMP_NS".split()
-) | {"TIMESTAMP WITH TIME ZONE"}
-
-
-def is_measurement_type(type_name: str) -> bool:
-    """True for numbers, dates and times (DECIMAL with or without its precision)."""
-    return type_name.split("(", maxsplit=1)[0] in MEASUREMENT_TYPES

@@ -21,6 +21,7 @@ from connector.errors import (
     StoreBusy,
     StoreError,
 )
+from connector.sqltext import quote_identifier, sql_string
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,6 @@ class DatasetInfo:
     rows: int
     columns: tuple[ColumnInfo, ...]
     ingested_at: dt.datetime
-
-
-def quote_identifier(name: str) -> str:
-    """A DuckDB identifier in double quotes, inner quotes doubled."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def sql_string(text: str) -> str:
-    """A DuckDB string literal, inner quotes doubled."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def busy_or_error(exc: duckdb.Error, path: Path) -> Exception:

@@ -70,6 +70,11 @@ class Decision:
     grants: tuple[Grant, ...] = ()
     obligations: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def policies(self) -> tuple[tuple[str, int], ...]:
+        """The (id, version) of every policy the grants rest on."""
+        return tuple(p for grant in self.grants for p in grant.policies)
+
 
 @dataclass(frozen=True)
 class CatalogGrant:

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,21 @@ class Limits:
     max_rows_per_query: int = 0
     queries_per_day: int = 0
     rows_per_day: int = 0
+
+    @classmethod
+    def tightest(cls, limits: Iterable[Limits]) -> Limits:
+        """Each kind of limit at its tightest over several policies (0 where none sets it)."""
+        every = list(limits)
+        return cls(
+            max_rows_per_query=tightest(lim.max_rows_per_query for lim in every),
+            queries_per_day=tightest(lim.queries_per_day for lim in every),
+            rows_per_day=tightest(lim.rows_per_day for lim in every),
+        )
+
+
+def tightest(limits: Iterable[int]) -> int:
+    """The smallest positive limit (0 when none is set)."""
+    return min((n for n in limits if n > 0), default=0)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import pytest
 
 from connector.enforce import Relation, relation_for, shaping_of
 from connector.errors import PermissionDenied, QueryRejected, StoreError
-from connector.sandbox import SandboxLimits, Store
+from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import REDACTED, RowFilter, Shaping, hmac_sql, load_mask_key
 from connector.store import DatasetInfo, create_database, ingest, list_datasets
 
@@ -35,18 +35,18 @@ def _parts_database(tmp_path: Path, csv: str) -> tuple[Path, DatasetInfo]:
 
 
 @pytest.fixture
-def parts(tmp_path: Path) -> Iterator[tuple[Store, DatasetInfo]]:
+def parts(tmp_path: Path) -> Iterator[tuple[SandboxDatabase, DatasetInfo]]:
     lines = ["id,plant,serial,price,week"]
     for i in range(ROWS):
         week = dt.date(2026, 1, 5) + dt.timedelta(weeks=i % 20)
         lines.append(f"{i},{'ABCD'[i % 4]},S-{i:04d},{100 + i}.5,{week}")
     path, info = _parts_database(tmp_path, "\n".join(lines) + "\n")
-    store = Store(path, SandboxLimits())
+    store = SandboxDatabase(path, SandboxLimits())
     yield store, info
     store.close()
 
 
-def _run(store: Store, sql: str, relation: Relation) -> list[dict[str, object]]:
+def _run(store: SandboxDatabase, sql: str, relation: Relation) -> list[dict[str, object]]:
     session = store.session()
     try:
         session.expose([relation])
@@ -66,7 +66,7 @@ MASKED = Shaping(
 COLUMNS = {"id", "plant", "serial", "price", "week"}
 
 
-def test_hmac_in_sql_equals_rfc_2104(parts: tuple[Store, DatasetInfo]) -> None:
+def test_hmac_in_sql_equals_rfc_2104(parts: tuple[SandboxDatabase, DatasetInfo]) -> None:
     store, _ = parts
     cursor = store.session()._cursor
     for text in ("S-0001", "", "ü€", "\\x41", "a'b"):
@@ -74,7 +74,7 @@ def test_hmac_in_sql_equals_rfc_2104(parts: tuple[Store, DatasetInfo]) -> None:
         assert got == (hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest(),)
 
 
-def test_masks_and_row_filters_are_applied(parts: tuple[Store, DatasetInfo]) -> None:
+def test_masks_and_row_filters_are_applied(parts: tuple[SandboxDatabase, DatasetInfo]) -> None:
     store, info = parts
     relation = relation_for(info, COLUMNS, MASKED, KEY)
     rows = _run(store, "SELECT * FROM parts ORDER BY id", relation)
@@ -105,7 +105,7 @@ def test_masks_and_row_filters_are_applied(parts: tuple[Store, DatasetInfo]) -> 
     ],
 )
 def test_clear_values_and_filtered_rows_are_not_there(
-    parts: tuple[Store, DatasetInfo], sql: str, expected: int
+    parts: tuple[SandboxDatabase, DatasetInfo], sql: str, expected: int
 ) -> None:
     store, info = parts
     relation = relation_for(info, COLUMNS, MASKED, KEY)
@@ -129,7 +129,7 @@ def test_clear_values_and_filtered_rows_are_not_there(
     ],
 )
 def test_the_stored_table_is_out_of_reach_of_a_shaped_grant(
-    parts: tuple[Store, DatasetInfo], sql: str
+    parts: tuple[SandboxDatabase, DatasetInfo], sql: str
 ) -> None:
     store, info = parts
     relation = relation_for(info, COLUMNS, MASKED, KEY)
@@ -170,7 +170,7 @@ AGGREGATE = Shaping(masks=(("serial", "hash"),), min_group_size=5)
     ],
 )
 def test_aggregate_only_answers_only_big_enough_groups(
-    parts: tuple[Store, DatasetInfo], sql: str, expected: list[dict[str, object]]
+    parts: tuple[SandboxDatabase, DatasetInfo], sql: str, expected: list[dict[str, object]]
 ) -> None:
     store, info = parts
     relation = relation_for(info, COLUMNS, AGGREGATE, KEY)
@@ -203,7 +203,7 @@ def test_aggregate_only_answers_only_big_enough_groups(
     ],
 )
 def test_aggregate_only_escapes_are_refused_by_the_sandbox_alone(
-    parts: tuple[Store, DatasetInfo], sql: str
+    parts: tuple[SandboxDatabase, DatasetInfo], sql: str
 ) -> None:
     store, info = parts
     relation = relation_for(info, COLUMNS, AGGREGATE, KEY)
@@ -211,7 +211,9 @@ def test_aggregate_only_escapes_are_refused_by_the_sandbox_alone(
         _run(store, sql, relation)
 
 
-def test_a_row_filter_that_does_not_fit_the_data_denies(parts: tuple[Store, DatasetInfo]) -> None:
+def test_a_row_filter_that_does_not_fit_the_data_denies(
+    parts: tuple[SandboxDatabase, DatasetInfo],
+) -> None:
     store, info = parts
     wrong = Shaping(filters=(RowFilter("week", values=("not a date",)),))
     with pytest.raises(PermissionDenied, match="cannot be applied to its data"):
@@ -220,7 +222,7 @@ def test_a_row_filter_that_does_not_fit_the_data_denies(parts: tuple[Store, Data
     assert _run(store, "SELECT count(*) AS n FROM parts", plain) == [{"n": ROWS}]
 
 
-def test_a_filter_on_a_missing_column_denies(parts: tuple[Store, DatasetInfo]) -> None:
+def test_a_filter_on_a_missing_column_denies(parts: tuple[SandboxDatabase, DatasetInfo]) -> None:
     _, info = parts
     with pytest.raises(PermissionDenied, match="does not have"):
         relation_for(info, COLUMNS, Shaping(filters=(RowFilter("nope", values=(1,)),)), KEY)
@@ -240,16 +242,16 @@ def test_shaped_copies_live_in_a_scratch_file_emptied_at_start(tmp_path: Path) -
     path, info = _parts_database(tmp_path, "plant,serial\nA,S-1\nB,S-2\n")
     scratch = tmp_path / "state" / "shaped.duckdb"
     relation = relation_for(info, {"plant", "serial"}, Shaping(masks=(("serial", "hash"),)), KEY)
-    store = Store(path, SandboxLimits(), scratch)
+    store = SandboxDatabase(path, SandboxLimits(), scratch)
     try:
         assert _run(store, "SELECT count(*) AS n FROM parts", relation) == [{"n": 2}]
     finally:
         store.close()
     assert scratch.exists()
-    busy = Store(path, SandboxLimits(), scratch)
+    busy = SandboxDatabase(path, SandboxLimits(), scratch)
     try:
         with pytest.raises(StoreError, match="no other connector uses this home"):
-            Store(path, SandboxLimits(), scratch)
+            SandboxDatabase(path, SandboxLimits(), scratch)
         session = busy.session()
         tables = session._cursor.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'shaped'"
@@ -268,7 +270,7 @@ def test_unused_copies_beyond_the_limit_are_dropped_least_recent_first(tmp_path:
         shaping = Shaping(filters=(RowFilter("plant", values=plants),))
         return relation_for(info, {"plant", "serial"}, shaping, KEY)
 
-    def copies(store: Store) -> int:
+    def copies(store: SandboxDatabase) -> int:
         session = store.session()
         try:
             sql = "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'shaped'"
@@ -276,7 +278,7 @@ def test_unused_copies_beyond_the_limit_are_dropped_least_recent_first(tmp_path:
         finally:
             session.close()
 
-    store = Store(path, SandboxLimits(), tmp_path / "shaped.duckdb", max_shaped_copies=1)
+    store = SandboxDatabase(path, SandboxLimits(), tmp_path / "shaped.duckdb", max_shaped_copies=1)
     try:
         assert _run(store, "SELECT count(*) AS n FROM parts", only("A")) == [{"n": 1}]
         assert _run(store, "SELECT count(*) AS n FROM parts", only("A", "B")) == [{"n": 2}]

@@ -18,7 +18,7 @@ import pytest
 from connector.enforce import Relation, relation_for, relations_for
 from connector.errors import DataError, QueryRejected, QueryTimeout, StoreError
 from connector.policy.engine import Decision, Grant
-from connector.sandbox import SandboxLimits, Store
+from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
 from connector.store import create_database, ingest, list_datasets
 
@@ -108,7 +108,9 @@ def granted(database: Path) -> tuple[Relation, ...]:
     return (relation_for(info, {"plant", "defects"}, Shaping(), MASK_KEY),)
 
 
-def _run(store: Store, sql: str, relations: tuple[Relation, ...]) -> list[tuple[object, ...]]:
+def _run(
+    store: SandboxDatabase, sql: str, relations: tuple[Relation, ...]
+) -> list[tuple[object, ...]]:
     session = store.session()
     try:
         session.expose(relations)
@@ -142,7 +144,7 @@ def _run(store: Store, sql: str, relations: tuple[Relation, ...]) -> list[tuple[
 def test_sandbox_alone_stops_file_access_and_hidden_columns(
     database: Path, granted: tuple[Relation, ...], sql: str
 ) -> None:
-    store = Store(database, SandboxLimits())
+    store = SandboxDatabase(database, SandboxLimits())
     try:
         with pytest.raises((QueryRejected, StoreError)):
             _run(store, sql, granted)
@@ -156,7 +158,7 @@ def test_sandbox_alone_stops_file_access_and_hidden_columns(
     ["SET enable_external_access = true", "SET lock_configuration = false", "RESET memory_limit"],
 )
 def test_sandbox_configuration_is_locked(database: Path, sql: str) -> None:
-    store = Store(database, SandboxLimits())
+    store = SandboxDatabase(database, SandboxLimits())
     session = store.session()
     try:
         with pytest.raises(duckdb.Error):
@@ -167,7 +169,7 @@ def test_sandbox_configuration_is_locked(database: Path, sql: str) -> None:
 
 
 def test_errors_do_not_echo_data_values(database: Path, granted: tuple[Relation, ...]) -> None:
-    store = Store(database, SandboxLimits())
+    store = SandboxDatabase(database, SandboxLimits())
     try:
         with pytest.raises(QueryRejected) as failed:
             _run(store, "SELECT CAST(plant AS INTEGER) FROM parts", granted)
@@ -183,7 +185,7 @@ def test_errors_do_not_echo_data_values(database: Path, granted: tuple[Relation,
 def test_time_limit_interrupts_and_the_store_keeps_serving(
     database: Path, granted: tuple[Relation, ...]
 ) -> None:
-    store = Store(database, SandboxLimits(max_query_seconds=0.5))
+    store = SandboxDatabase(database, SandboxLimits(max_query_seconds=0.5))
     slow = (
         "WITH RECURSIVE t(n) AS (SELECT 1 FROM parts UNION ALL SELECT n + 1 FROM t) "
         "SELECT count(*) FROM t"

@@ -1,0 +1,52 @@
+"""What a peer asks, checked, and what the connector decides about it (the dry run)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from connector.enforce import Relation
+from connector.errors import QueryRejected
+from connector.policy.engine import Decision
+from connector.quota import PolicyQuota
+from connector.sqlguard import QueryShape
+
+_PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass(frozen=True)
+class PeerRequest:
+    """A peer's query request, its fields checked (they are hostile input)."""
+
+    sql: str
+    purpose: str
+    max_rows: int
+    request_id: str
+
+    @classmethod
+    def checked(cls, sql: str, purpose: str, max_rows: int, request_id: str) -> PeerRequest:
+        """Validate the fields; QueryRejected says which one is wrong and how to fix it."""
+        if not _PURPOSE.fullmatch(purpose):
+            raise QueryRejected(
+                "purpose must be 1-128 letters, digits, spaces or . _ : / - (the purpose your "
+                "catalog lists for the dataset)"
+            )
+        if request_id and not _REQUEST_ID.fullmatch(request_id):
+            raise QueryRejected("request_id must be 1-128 printable ASCII characters, or empty")
+        if max_rows < 0:
+            raise QueryRejected("max_rows must not be negative")
+        return cls(sql, purpose, max_rows, request_id or str(uuid.uuid4()))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The dry run of a query: the decision and the relations it would run on."""
+
+    shape: QueryShape
+    decision: Decision
+    relations: tuple[Relation, ...]
+    quotas: tuple[PolicyQuota, ...] = ()
+    max_rows: int = 0  # the tightest max_rows_per_query of the policies used (0: none)
+    sql: str = ""  # what runs: the peer's SQL, or its aggregate-only rewrite ("" if denied)

@@ -1,0 +1,57 @@
+"""DuckDB's errors as a peer may see them: fixed texts that echo no data and no hidden name.
+
+DuckDB's own messages carry values (a failed cast prints the string it could not convert)
+and names the peer did not write; these texts are what a peer gets instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import duckdb
+
+# DuckDB error classes a peer may learn about, with a fixed text that echoes no data.
+_SAFE_MESSAGES: tuple[tuple[type[duckdb.Error], str], ...] = (
+    (duckdb.ConversionException, "a value could not be converted to the requested type"),
+    (duckdb.OutOfRangeException, "a value was out of range for its type"),
+    (duckdb.TypeMismatchException, "a value had the wrong type for an operation"),
+    (duckdb.InvalidInputException, "a function was given invalid input"),
+)
+
+UNAVAILABLE_NAME = (
+    "the query names a column, table or function that is not available to you; "
+    "use the columns and datasets of your catalog"
+)
+
+# Errors caused by the peer's query (INVALID_ARGUMENT), not by the connector.
+PEER_FAULTS = (
+    duckdb.ConversionException,
+    duckdb.OutOfRangeException,
+    duckdb.InvalidInputException,
+    duckdb.TypeMismatchException,
+    duckdb.BinderException,
+    duckdb.CatalogException,
+    duckdb.ParserException,
+)
+
+
+def peer_message(exc: duckdb.Error) -> str:
+    """A message for the peer that carries no data values and no names it did not write."""
+    for kind, text in _SAFE_MESSAGES:
+        if isinstance(exc, kind):
+            return text
+    if isinstance(exc, duckdb.BinderException | duckdb.CatalogException):
+        return UNAVAILABLE_NAME
+    if isinstance(exc, duckdb.ParserException):
+        return "the query could not be parsed"
+    return "the query failed while running"
+
+
+def plan_error_message(plan: Mapping[str, object]) -> str:
+    """The peer's message for a plan that json_serialize_plan could not produce."""
+    kind = str(plan.get("error_type", ""))
+    if kind in ("binder", "catalog"):
+        return UNAVAILABLE_NAME
+    if kind == "parser":
+        return "the query could not be parsed"
+    return "the query cannot be planned in the sandbox"
