@@ -23,7 +23,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
-from connector.receipt import PolicyUse, ReceiptSigner
+from connector.canonical import canonical_bytes, canonical_json
+from connector.policy.ref import PolicyRef
+from connector.receipt import ReceiptSigner
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class AuditEntry:
     columns: dict[str, list[str]] = field(default_factory=dict)
     decision: str = ""
     reasons: tuple[str, ...] = ()
-    policies: tuple[PolicyUse, ...] = ()
+    policies: tuple[PolicyRef, ...] = ()
     obligations: dict[str, Any] = field(default_factory=dict)
     rows: int = 0
     bytes: int = 0
@@ -66,9 +68,7 @@ class AuditEntry:
 
 def _entry_hash(entry: Mapping[str, Any]) -> str:
     body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    return hashlib.sha256(canonical_bytes(body)).hexdigest()
 
 
 class AuditLog:
@@ -129,7 +129,7 @@ class AuditLog:
             "prev": self._head,
         }
         entry["hash"] = _entry_hash(entry)
-        self._file.write(json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n")
+        self._file.write(canonical_json(entry) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._seq, self._head = seq, entry["hash"]

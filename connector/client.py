@@ -30,7 +30,8 @@ from connector.arrow_stream import read_ipc_pieces
 from connector.config import load_settings
 from connector.errors import ConnectorError, IdentityError, PeerError
 from connector.jws import JwsError, b64url_decode
-from connector.receipt import PolicyUse, ReceiptBundle, ReceiptFields, verify_bundle
+from connector.policy.ref import PolicyRef
+from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
 from connector.status import error_from_status
 
 __all__ = [
@@ -77,7 +78,7 @@ class CatalogEntry:
     description: str
     columns: tuple[tuple[str, str], ...]
     purposes: tuple[str, ...]
-    policies: tuple[PolicyUse, ...]
+    policies: tuple[PolicyRef, ...]
     valid_from: dt.datetime
     valid_until: dt.datetime
     max_rows_per_query: int = 0
@@ -107,7 +108,7 @@ class PeerDecision:
 
     allow: bool
     reasons: tuple[str, ...]
-    policies: tuple[PolicyUse, ...]
+    policies: tuple[PolicyRef, ...]
     relations: tuple[PeerRelation, ...]
     datasets: tuple[str, ...]
     query_sha256: str
@@ -139,8 +140,8 @@ def receipt_of(table: pa.Table) -> ReceiptFields:
     return ReceiptFields.from_json(b64url_decode(payload))
 
 
-def _uses(refs: object) -> tuple[PolicyUse, ...]:
-    return tuple(PolicyUse(r.id, r.version) for r in refs)  # type: ignore[attr-defined]
+def _uses(refs: object) -> tuple[PolicyRef, ...]:
+    return tuple(PolicyRef(r.id, r.version) for r in refs)  # type: ignore[attr-defined]
 
 
 class Peer:
@@ -186,7 +187,7 @@ class Peer:
                 f"{self.address} is unreachable or refused the TLS handshake (is it running, and "
                 f"do both sides trust the same data-space CA?): {details}"
             )
-        return error_from_status(code, details)
+        return error_from_status(code, details, error.trailing_metadata() or ())
 
     def catalog(self) -> list[CatalogEntry]:
         """The datasets this provider grants to us, with columns and terms."""

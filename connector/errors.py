@@ -1,14 +1,21 @@
 """One exception tree for the whole connector.
 
-Core modules raise these; `service.py` maps them to gRPC status codes in one table and
-`client.py` maps gRPC errors back. Every message says what was wrong and what to do.
+Each class carries what it means on the wire and on record: `status` (the name of the gRPC
+status code a peer receives; `status.py` turns names into codes, so this module imports no
+grpc) and `outcome` (the audit log's word for a request it ended). Every message says what
+was wrong and what to do.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ConnectorError(Exception):
     """Base of every error the connector raises on purpose."""
+
+    status: ClassVar[str] = "INTERNAL"
+    outcome: ClassVar[str] = "failed"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -28,6 +35,9 @@ class IdentityError(ConnectorError):
 
 class NotAuthenticated(ConnectorError):
     """The peer's certificate is trusted but names no member, or the member is revoked."""
+
+    status = "UNAUTHENTICATED"
+    outcome = "unauthenticated"
 
 
 class PolicyError(ConnectorError):
@@ -49,9 +59,14 @@ class SignatureError(PolicyError):
 class PolicyEngineError(ConnectorError):
     """The Rego decision library failed to build or evaluate (fails closed: deny)."""
 
+    status = "PERMISSION_DENIED"  # fails closed; on record as failed, for the owner to fix
+
 
 class QueryRejected(ConnectorError):
     """The peer's SQL is malformed or uses something not allowed; carries the position."""
+
+    status = "INVALID_ARGUMENT"
+    outcome = "rejected"
 
     def __init__(self, message: str, *, position: int | None = None) -> None:
         text = message if position is None else f"{message} (at character {position + 1})"
@@ -63,21 +78,34 @@ class QueryRejected(ConnectorError):
 class PermissionDenied(ConnectorError):
     """The usage policies do not allow this request; carries the reasons."""
 
+    status = "PERMISSION_DENIED"
+    outcome = "denied"
+
     def __init__(self, reasons: list[str]) -> None:
         self.reasons = list(reasons) or ["no policy allows this request"]
+        # Joined only for reading; the reasons travel one by one (status.REASON_KEY).
         super().__init__("; ".join(self.reasons))
 
 
 class ResourceExhausted(ConnectorError):
     """A limit was reached: result size, memory, concurrent queries or quota."""
 
+    status = "RESOURCE_EXHAUSTED"
+    outcome = "exhausted"
+
 
 class QueryTimeout(ConnectorError):
     """The query ran past its time limit and was interrupted."""
 
+    status = "DEADLINE_EXCEEDED"
+    outcome = "timeout"
+
 
 class QueryCancelled(ConnectorError):
     """The peer cancelled the query; it was interrupted in DuckDB."""
+
+    status = "CANCELLED"
+    outcome = "cancelled"
 
 
 class DataError(ConnectorError):
@@ -86,6 +114,8 @@ class DataError(ConnectorError):
 
 class StoreBusy(ConnectorError):
     """The DuckDB file is held by another process (usually a running server)."""
+
+    status = "UNAVAILABLE"
 
 
 class StoreError(ConnectorError):

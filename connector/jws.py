@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from connector.canonical import canonical_bytes, canonical_json
+
 ALGORITHM = "EdDSA"
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -60,14 +62,14 @@ def b64url_decode(text: str) -> bytes:
 def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
     """RFC 7638 thumbprint of the key as an OKP JWK, base64url."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    jwk = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": b64url(raw)}, separators=(",", ":"))
+    jwk = canonical_json({"crv": "Ed25519", "kty": "OKP", "x": b64url(raw)})
     return b64url(hashlib.sha256(jwk.encode()).digest())
 
 
 def sign(payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool) -> str:
     """Compact JWS over payload; with detached=True the payload part is left empty."""
     header = {"alg": ALGORITHM, "kid": key_id(key.public_key())}
-    protected = b64url(json.dumps(header, separators=(",", ":")).encode())
+    protected = b64url(canonical_bytes(header))
     body = b64url(payload)
     signature = b64url(key.sign(f"{protected}.{body}".encode("ascii")))
     return f"{protected}.{'' if detached else body}.{signature}"
@@ -75,7 +77,7 @@ def sign(payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool) -> s
 
 def sign_es256(payload: bytes, key: ec.EllipticCurvePrivateKey) -> str:
     """Compact JWS (ES256) over payload with a P-256 key, such as a member's TLS key."""
-    protected = b64url(json.dumps({"alg": "ES256"}, separators=(",", ":")).encode())
+    protected = b64url(canonical_bytes({"alg": "ES256"}))
     signing_input = f"{protected}.{b64url(payload)}".encode("ascii")
     r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
     return f"{protected}.{b64url(payload)}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"

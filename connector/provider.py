@@ -24,18 +24,16 @@ from connector.errors import (
     ConnectorError,
     NotAuthenticated,
     PermissionDenied,
-    QueryCancelled,
-    QueryRejected,
-    QueryTimeout,
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
 from connector.policy.model import Limits
+from connector.policy.ref import policy_refs
 from connector.policy.registry import PolicyRegistry
 from connector.query_run import QueryRun
 from connector.quota import PolicyQuota, QuotaLedger
-from connector.receipt import ReceiptSigner, policy_uses
+from connector.receipt import ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase
 from connector.shaping import Shaping, strictest
@@ -43,15 +41,6 @@ from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo
 
 log = logging.getLogger(__name__)
-
-OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
-    (NotAuthenticated, "unauthenticated"),
-    (PermissionDenied, "denied"),
-    (QueryRejected, "rejected"),
-    (ResourceExhausted, "exhausted"),
-    (QueryTimeout, "timeout"),
-    (QueryCancelled, "cancelled"),
-)
 
 
 @dataclass(frozen=True)
@@ -104,9 +93,7 @@ class Provider:
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
         if error is not None:
-            entry.outcome = next(
-                (name for kind, name in OUTCOMES if isinstance(error, kind)), "failed"
-            )
+            entry.outcome = error.outcome if isinstance(error, ConnectorError) else "failed"
             if isinstance(error, PermissionDenied):
                 entry.decision, entry.reasons = "deny", tuple(error.reasons)
             elif isinstance(error, ConnectorError):
@@ -194,7 +181,7 @@ class Provider:
                 decision = Decision(False, tuple(denied.reasons))
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
-        entry.policies = policy_uses(decision.policies)
+        entry.policies = policy_refs(decision.policies)
         entry.obligations = dict(decision.obligations)
         entry.columns = {
             r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]

@@ -8,7 +8,6 @@ audit entry written, then the signed receipt.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 from collections.abc import Generator
 from typing import Protocol
@@ -17,11 +16,13 @@ import pyarrow as pa
 
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry
+from connector.canonical import canonical_json
 from connector.errors import QueryCancelled, StoreError
 from connector.identity import MemberIdentity
 from connector.policy.model import tightest
+from connector.policy.ref import policy_refs
 from connector.quota import QuotaLedger
-from connector.receipt import ReceiptFields, ReceiptSigner, policy_uses
+from connector.receipt import ReceiptFields, ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase, SandboxSession
 
@@ -121,12 +122,12 @@ class QueryRun:
         """The result schema with the obligations and policies in its metadata, for the
         peer's tools."""
         decision = self._explanation.decision
-        policies = [f"{p.id}@{p.version}" for p in policy_uses(decision.policies)]
+        policies = [str(ref) for ref in policy_refs(decision.policies)]
         return schema.with_metadata(
             {
                 **(schema.metadata or {}),
-                OBLIGATIONS_METADATA_KEY: json.dumps(dict(decision.obligations), sort_keys=True),
-                POLICIES_METADATA_KEY: json.dumps(policies),
+                OBLIGATIONS_METADATA_KEY: canonical_json(dict(decision.obligations)),
+                POLICIES_METADATA_KEY: canonical_json(policies),
             }
         )
 
@@ -149,7 +150,7 @@ class QueryRun:
             rows=self.rows,
             bytes=self._pieces.bytes_sent,
             truncated=self.truncated,
-            policies=policy_uses(self._explanation.decision.policies),
+            policies=policy_refs(self._explanation.decision.policies),
             audit_seq=seq,
             obligations=dict(self._explanation.decision.obligations),
         )

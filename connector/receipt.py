@@ -12,7 +12,7 @@ import builtins
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from connector import jws
+from connector.canonical import canonical_bytes
 from connector.identity import member_identity, public_pem
-
-
-@dataclass(frozen=True)
-class PolicyUse:
-    """A policy (id and version) under which something was answered."""
-
-    id: str
-    version: int
+from connector.policy.ref import PolicyRef
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class ReceiptFields:
     rows: int
     bytes: int
     truncated: bool
-    policies: tuple[PolicyUse, ...]
+    policies: tuple[PolicyRef, ...]
     audit_seq: int = 0
     obligations: dict[str, Any] = field(default_factory=dict)
     issued_at: str = field(
@@ -56,13 +50,13 @@ class ReceiptFields:
 
     def to_json(self) -> builtins.bytes:
         """Canonical JSON (sorted keys, no spaces) of the fields."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return canonical_bytes(asdict(self))
 
     @classmethod
     def from_json(cls, data: builtins.bytes) -> ReceiptFields:
         """Parse the signed payload back; ValueError when it does not have the fields."""
         raw: dict[str, Any] = json.loads(data)
-        policies = tuple(PolicyUse(str(p["id"]), int(p["version"])) for p in raw.pop("policies"))
+        policies = tuple(PolicyRef(str(p["id"]), int(p["version"])) for p in raw.pop("policies"))
         return cls(policies=policies, **raw)
 
 
@@ -84,8 +78,7 @@ class ReceiptSigner:
 
     def sign_json(self, claim: Mapping[str, Any]) -> str:
         """A compact JWS over canonical JSON of claim (audit checkpoints)."""
-        payload = json.dumps(claim, sort_keys=True, separators=(",", ":")).encode()
-        return jws.sign(payload, self._key, detached=False)
+        return jws.sign(canonical_bytes(dict(claim)), self._key, detached=False)
 
 
 def verify_receipt(token: str, public_key: ed25519.Ed25519PublicKey) -> ReceiptFields:
@@ -97,11 +90,6 @@ def verify_receipt(token: str, public_key: ed25519.Ed25519PublicKey) -> ReceiptF
         raise jws.JwsError("the receipt payload does not have the receipt fields") from None
 
 
-def policy_uses(pairs: Sequence[tuple[str, int]]) -> tuple[PolicyUse, ...]:
-    """Sorted, de-duplicated policy uses from (id, version) pairs."""
-    return tuple(PolicyUse(i, v) for i, v in sorted(set(pairs)))
-
-
 def endorse_receipt_key(
     tls_key: ec.EllipticCurvePrivateKey, provider_id: str, receipt_key: ed25519.Ed25519PublicKey
 ) -> str:
@@ -111,7 +99,7 @@ def endorse_receipt_key(
         "receipt_key_id": jws.key_id(receipt_key),
         "receipt_public_key": public_pem(receipt_key).decode(),
     }
-    return jws.sign_es256(json.dumps(claim, sort_keys=True).encode(), tls_key)
+    return jws.sign_es256(canonical_bytes(claim), tls_key)
 
 
 def endorsed_receipt_key(

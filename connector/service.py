@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Iterator, Mapping
@@ -20,12 +19,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.audit import AuditEntry
+from connector.canonical import canonical_json
 from connector.errors import ConnectorError
 from connector.identity import MemberIdentity
+from connector.policy.ref import PolicyRef, joined, policy_refs
 from connector.provider import CatalogDataset, Provider
-from connector.receipt import PolicyUse, ReceiptFields, policy_uses
+from connector.receipt import ReceiptFields
 from connector.request import Explanation, PeerRequest
-from connector.status import status_of
+from connector.status import reasons_metadata, status_of
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 def _abort(context: grpc.ServicerContext, error: ConnectorError) -> NoReturn:
     code = status_of(error)
     log.info("request refused (%s): %s", code.name, error.message)
+    context.set_trailing_metadata(reasons_metadata(error))
     context.abort(code, error.message)
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
@@ -55,10 +57,10 @@ def _timestamp(moment: dt.datetime) -> Timestamp:
 
 def obligations_json(obligations: Mapping[str, Any]) -> str:
     """Obligations as canonical JSON text (empty when there are none)."""
-    return json.dumps(dict(obligations), sort_keys=True) if obligations else ""
+    return canonical_json(dict(obligations)) if obligations else ""
 
 
-def _policy_refs(uses: tuple[PolicyUse, ...]) -> list[pb.PolicyRef]:
+def _policy_refs(uses: tuple[PolicyRef, ...]) -> list[pb.PolicyRef]:
     return [pb.PolicyRef(id=u.id, version=u.version) for u in uses]
 
 
@@ -90,7 +92,7 @@ def _decision_message(explanation: Explanation) -> pb.Decision:
     return pb.Decision(
         allow=decision.allow,
         reasons=list(decision.reasons),
-        policies=_policy_refs(policy_uses(decision.policies)),
+        policies=_policy_refs(policy_refs(decision.policies)),
         relations=[
             pb.Relation(
                 dataset=r.dataset,
@@ -217,7 +219,7 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             member.member_id,
             fields.rows,
             fields.bytes,
-            ", ".join(f"{p.id}@{p.version}" for p in fields.policies),
+            joined(fields.policies),
             fields.audit_seq,
         )
         yield pb.QueryResponse(receipt=_receipt_message(fields, token))

@@ -8,7 +8,6 @@ Values from policy files reach SQL only as typed literals rendered here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from connector.canonical import canonical_json
 from connector.errors import ConfigError
 from connector.sqltext import SqlValue, quote_identifier, sql_literal
 
@@ -71,13 +71,12 @@ class Shaping:
 
     def canonical(self) -> str:
         """A stable text of the shaping: equal texts mean equal shaping."""
-        return json.dumps(
+        return canonical_json(
             {
                 "masks": sorted(self.masks),
                 "where": sorted(f.sql() for f in self.filters),
                 "min_group_size": self.min_group_size,
-            },
-            sort_keys=True,
+            }
         )
 
 

@@ -14,6 +14,7 @@ from connector.audit import read_entries, verify_log
 from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError
 from connector.identity import load_ed25519_public, public_path
+from connector.policy.ref import PolicyRef
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,7 +76,7 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
-        policies = ",".join(f"{p['id']}@{p['version']}" for p in e.get("policies", []))
+        policies = ",".join(str(PolicyRef(**p)) for p in e.get("policies", []))
         print(
             f"{e['seq']:>6} {e['time'][:19]} {e['kind']:<7} {e.get('member_id') or '-':<18} "
             f"{e['outcome']:<15} {','.join(e.get('datasets', [])) or '-':<20} "

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from connector.cli.common import add_home, settings_of
 from connector.client import Peer, PeerIdentity
 from connector.errors import ConfigError, PermissionDenied
+from connector.policy.ref import joined
 
 FORMATS = ("table", "csv", "json", "parquet", "arrow")
 BINARY_FORMATS = ("parquet", "arrow")
@@ -76,7 +77,7 @@ def _catalog(args: argparse.Namespace) -> int:
                 "row_filter": e.row_filter,
                 "min_group_size": e.min_group_size,
                 "purposes": list(e.purposes),
-                "policies": [f"{p.id}@{p.version}" for p in e.policies],
+                "policies": [str(p) for p in e.policies],
                 "valid_from": e.valid_from.isoformat(),
                 "valid_until": e.valid_until.isoformat(),
                 "max_rows_per_query": e.max_rows_per_query,
@@ -98,7 +99,7 @@ def _catalog(args: argparse.Namespace) -> int:
         if e.min_group_size:
             print(f"  aggregate-only: groups of at least {e.min_group_size} rows")
         print(f"  purposes: {', '.join(e.purposes)}")
-        print(f"  policies: {', '.join(f'{p.id}@{p.version}' for p in e.policies)}")
+        print(f"  policies: {joined(e.policies)}")
         print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
         limits = [
             f"{n} {what}"
@@ -125,7 +126,7 @@ def _explain(args: argparse.Namespace) -> int:
     for reason in decision.reasons:
         print(f"  reason: {reason}")
     for policy in decision.policies:
-        print(f"  policy: {policy.id}@{policy.version}")
+        print(f"  policy: {policy}")
     for relation in decision.relations:
         print(f"  {relation.dataset}: columns {', '.join(relation.columns)}")
         print(f"    runs on: {relation.definition}")
@@ -163,7 +164,7 @@ def _query(args: argparse.Namespace) -> int:
     cut = " (cut at the row limit)" if receipt.truncated else ""
     print(
         f"{receipt.rows} rows{cut} from {receipt.provider_id}, request {receipt.request_id}, "
-        f"policies {', '.join(f'{p.id}@{p.version}' for p in receipt.policies)}",
+        f"policies {joined(receipt.policies)}",
         file=sys.stderr,
     )
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError, PeerError
 from connector.jws import JwsError
+from connector.policy.ref import joined
 from connector.receipt import ReceiptBundle, verify_bundle
 
 
@@ -39,7 +40,7 @@ def _verify(args: argparse.Namespace) -> int:
     except JwsError as exc:
         raise PeerError(f"{args.receipt}: NOT VALID: {exc}") from None
     checked = "signature and data" if data is not None else "signature (no --data given)"
-    policies = ", ".join(f"{p.id}@{p.version}" for p in fields.policies)
+    policies = joined(fields.policies)
     print(
         f"{args.receipt}: valid ({checked}): {fields.rows} rows from {fields.provider_id} to "
         f"{fields.member_id}, request {fields.request_id}, purpose {fields.purpose}, "

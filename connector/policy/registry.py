@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from connector.errors import ConnectorError
 from connector.policy.engine import PolicyEngine
 from connector.policy.model import UsagePolicy
+from connector.policy.ref import PolicyRef, joined
 from connector.policy.signing import (
     SIGNATURE_SUFFIX,
     PolicyVerdict,
@@ -127,7 +128,7 @@ class PolicyRegistry:
             "policies loaded from %s: %d in force (%s), %d skipped",
             self._directory,
             len(policies),
-            ", ".join(f"{p.id}@{p.version}" for p in policies) or "none",
+            joined(PolicyRef(p.id, p.version) for p in policies) or "none",
             len(verdicts) - len(policies),
         )
         return PolicySnapshot(engine, tuple(policies), tuple(verdicts), now)

@@ -19,6 +19,7 @@ from connector import jws
 from connector.errors import PolicyError
 from connector.identity import load_ed25519_public
 from connector.policy.model import MAX_POLICY_BYTES, UsagePolicy, parse_policy, read_limited
+from connector.policy.ref import PolicyRef
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def verify_policy(
 
 
 def _dated_verdict(path: Path, policy: UsagePolicy, now: dt.datetime) -> PolicyVerdict:
-    name = f"{policy.id}@{policy.version}"
+    name = str(PolicyRef(policy.id, policy.version))
     if now >= policy.valid_until:
         return PolicyVerdict(
             path,

@@ -8,7 +8,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
-from connector.receipt import ReceiptFields, ReceiptSigner, policy_uses, verify_receipt
+from connector.policy.ref import policy_refs
+from connector.receipt import ReceiptFields, ReceiptSigner, verify_receipt
 
 
 def _fields() -> ReceiptFields:
@@ -22,7 +23,7 @@ def _fields() -> ReceiptFields:
         rows=3,
         bytes=100,
         truncated=False,
-        policies=policy_uses([("p", 2), ("p", 2), ("o", 1)]),
+        policies=policy_refs([("p", 2), ("p", 2), ("o", 1)]),
     )
 
 
