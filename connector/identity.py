@@ -19,9 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from connector.errors import IdentityError, NotAuthenticated
+from connector.names import DATASPACE, MEMBER_ID
 
-MEMBER_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-DATASPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 CA_VALID_DAYS = 3650
@@ -51,7 +50,7 @@ def spiffe_id(dataspace: str, member_id: str) -> str:
 
 def check_member_id(member_id: str) -> str:
     """Return member_id if it is a valid member id, else raise IdentityError saying the rule."""
-    if not MEMBER_ID_PATTERN.fullmatch(member_id):
+    if not MEMBER_ID.fullmatch(member_id):
         raise IdentityError(
             f"invalid member id {member_id!r}: use 1-63 lower-case letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
@@ -61,7 +60,7 @@ def check_member_id(member_id: str) -> str:
 
 def check_dataspace_name(name: str) -> str:
     """Return name if it is a valid data-space name (a SPIFFE trust domain)."""
-    if not DATASPACE_PATTERN.fullmatch(name):
+    if not DATASPACE.fullmatch(name):
         raise IdentityError(
             f"invalid data-space name {name!r}: use 1-63 lower-case letters, digits, '.' or "
             "'-' (it becomes the SPIFFE trust domain)"
@@ -262,7 +261,7 @@ def member_identity(cert: x509.Certificate) -> MemberIdentity:
             "the certificate must carry exactly one spiffe://DATASPACE/member/ID URI SAN"
         )
     match = re.fullmatch(r"spiffe://([^/]+)/member/([^/]+)", ids[0])
-    if match is None or not MEMBER_ID_PATTERN.fullmatch(match.group(2)):
+    if match is None or not MEMBER_ID.fullmatch(match.group(2)):
         raise NotAuthenticated(f"the certificate's SPIFFE id {ids[0]!r} names no member")
     orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     display = str(orgs[0].value) if orgs else match.group(2)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
 from connector.enforce import Relation
 from connector.errors import QueryRejected
+from connector.names import PURPOSE, REQUEST_ID
 from connector.policy.engine import Decision
 from connector.quota import PolicyQuota
 from connector.sqlguard import QueryShape
-
-_PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -28,12 +25,12 @@ class PeerRequest:
     @classmethod
     def checked(cls, sql: str, purpose: str, max_rows: int, request_id: str) -> PeerRequest:
         """Validate the fields; QueryRejected says which one is wrong and how to fix it."""
-        if not _PURPOSE.fullmatch(purpose):
+        if not PURPOSE.fullmatch(purpose):
             raise QueryRejected(
                 "purpose must be 1-128 letters, digits, spaces or . _ : / - (the purpose your "
                 "catalog lists for the dataset)"
             )
-        if request_id and not _REQUEST_ID.fullmatch(request_id):
+        if request_id and not REQUEST_ID.fullmatch(request_id):
             raise QueryRejected("request_id must be 1-128 printable ASCII characters, or empty")
         if max_rows < 0:
             raise QueryRejected("max_rows must not be negative")

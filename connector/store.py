@@ -21,11 +21,11 @@ from connector.errors import (
     StoreBusy,
     StoreError,
 )
+from connector.names import DATASET_NAME
 from connector.sqltext import quote_identifier, sql_string
 
 log = logging.getLogger(__name__)
 
-DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 FORMATS = {
     ".csv": "csv",
     ".tsv": "csv",
