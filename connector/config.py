@@ -45,6 +45,8 @@ class PolicySettings:
     engine: str = "embedded"
     opa_url: str = ""
     reload_seconds: float = 2.0
+    opa_token_file: Path | None = None  # a bearer token for the OPA server, in a file
+    opa_ca: Path | None = None  # the CA that signed the OPA server's HTTPS certificate
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,10 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
     opa_url = section.text("opa_url", "")
     if engine == "opa" and not opa_url:
         raise ConfigError(f"{section.path}: [policies] engine = 'opa' needs opa_url")
+    token_file = section.text("opa_token_file", "")
+    opa_ca = section.text("opa_ca", "")
+    if opa_ca and not opa_url.startswith("https://"):
+        raise ConfigError(f"{section.path}: [policies] opa_ca needs an https:// opa_url")
     signers = section.table("trusted_signers")
     if not all(isinstance(v, str) for v in signers.values()):
         raise ConfigError(
@@ -241,6 +247,8 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
         trusted_signers={name: home / str(file) for name, file in signers.items()},
         engine=engine,
         opa_url=opa_url,
+        opa_token_file=home / token_file if token_file else None,
+        opa_ca=home / opa_ca if opa_ca else None,
         reload_seconds=section.number("reload_seconds", 2.0, 0.1),
     )
 
@@ -288,6 +296,8 @@ shaped_copies = "state/shaped.duckdb" # masked / filtered copies of datasets, re
 [policies]
 dir = "policies"
 engine = "embedded"         # or "opa" with opa_url = "http://127.0.0.1:8181"
+# opa_token_file = "keys/opa.token"  # bearer token sent to the OPA server (file, 0600)
+# opa_ca = "tls/opa-ca.pem"          # CA of the OPA server's certificate (https:// opa_url)
 reload_seconds = 2
 
 [policies.trusted_signers]  # name = Ed25519 public key (PEM) whose policy signatures count

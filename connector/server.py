@@ -22,8 +22,9 @@ from connector.audit import AuditLog
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
-from connector.policy.engine import PolicyEngine, build_engine
+from connector.policy.engine import OpaConnection, PolicyEngine, build_engine
 from connector.policy.model import UsagePolicy
+from connector.policy.opa import opa_namespace
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.provider import Provider
@@ -59,10 +60,31 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 
 def _engine_factory(settings: Settings) -> Callable[[Sequence[UsagePolicy]], PolicyEngine]:
+    opa = None
+    if settings.policies.engine == "opa":
+        opa = OpaConnection(
+            settings.policies.opa_url,
+            opa_namespace(settings.dataspace, settings.member_id),
+            token=_opa_token(settings.policies.opa_token_file),
+            ca_file=str(settings.policies.opa_ca or ""),
+        )
+
     def factory(policies: Sequence[UsagePolicy]) -> PolicyEngine:
-        return build_engine(settings.policies.engine, policies, opa_url=settings.policies.opa_url)
+        return build_engine(settings.policies.engine, policies, opa=opa)
 
     return factory
+
+
+def _opa_token(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the OPA token file {path}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"the OPA token file {path} must hold one token on one line")
+    return token
 
 
 def build_provider(settings: Settings) -> Provider:

@@ -139,15 +139,20 @@ allow if {
 	}
 }
 
+# Every answer echoes the revision of the policies it was computed from, so the connector
+# can tell an answer from its own policies from one computed from anything else.
 decision := {
 	"allow": allow,
 	"reasons": [r | some r in reasons],
 	"grants": [g | some g in grants; allow],
 	"obligations": obligations,
+	"revision": data.usage_policies.revision,
 }
 
 # For GetCatalog: input {member, time_ns}. What is granted to the member now, any purpose.
-catalog := [entry |
+catalog := {"revision": data.usage_policies.revision, "entries": catalog_entries}
+
+catalog_entries := [entry |
 	my_index[d]
 	ps := [p | some i in named_for(d); p := policies[i]; current(p)]
 	count(ps) > 0

@@ -8,25 +8,40 @@ failure to evaluate is a PolicyEngineError, which the service turns into a denia
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any, Protocol, TypeVar
 
 from regopy import Interpreter
 
+from connector.canonical import canonical_bytes
 from connector.errors import PolicyEngineError
+from connector.policy.answers import AnswerFault, catalog_grant_fault, decision_grant_fault
 from connector.policy.model import UsagePolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REGO_LIBRARY = Path(__file__).resolve().parents[2] / "policies" / "authz.rego"
 DECISION = "connector/authz/decision"
 CATALOG = "connector/authz/catalog"
 DATA_KEY = "usage_policies"
+
+
+@dataclass(frozen=True)
+class OpaConnection:
+    """How to reach an OPA server: its URL, a bearer token, a CA file for HTTPS, and the
+    names this connector writes under there (unique per data space and member)."""
+
+    url: str
+    namespace: str
+    token: str = ""
+    ca_file: str = ""
+    timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,7 @@ class DecisionRequest:
             "datasets": list(self.datasets),
             "columns": {d: sorted(c) for d, c in self.columns.items()},
             "uses_star": self.uses_star,
-            "time_ns": _ns(self.time),
+            "time_ns": ns(self.time),
         }
 
 
@@ -96,7 +111,7 @@ class PolicyEngine(Protocol):
     def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]: ...
 
 
-def _ns(moment: dt.datetime) -> int:
+def ns(moment: dt.datetime) -> int:
     return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
 
 
@@ -142,13 +157,15 @@ def reason_text(reason: Mapping[str, Any]) -> str:
     )
 
 
-def decision_from(result: Any, requested: Sequence[str] = ()) -> Decision:
+def decision_from(result: Any, requested: Sequence[str], revision: str) -> Decision:
     """A Decision from the Rego library's decision document; malformed means deny.
 
-    Checked again here: an allow needs a grant for every requested dataset.
+    Checked again here: the answer comes from this revision of the policies, and an allow
+    needs a grant for every requested dataset.
     """
     if not isinstance(result, dict) or not isinstance(result.get("allow"), bool):
         raise PolicyEngineError("the policy library returned no decision")
+    _check_revision(result, revision)
     try:
         grants = tuple(
             Grant(str(g["dataset"]), tuple(map(str, g["columns"])), _policy_pairs(g["policies"]))
@@ -165,10 +182,11 @@ def decision_from(result: Any, requested: Sequence[str] = ()) -> Decision:
     return Decision(allow, reasons, grants if allow else (), obligations)
 
 
-def catalog_from(result: Any) -> tuple[CatalogGrant, ...]:
-    """CatalogGrants from the Rego library's catalog document."""
-    if not isinstance(result, list):
+def catalog_from(result: Any, revision: str) -> tuple[CatalogGrant, ...]:
+    """CatalogGrants from the Rego library's catalog document (of this revision)."""
+    if not isinstance(result, dict) or not isinstance(result.get("entries"), list):
         raise PolicyEngineError("the policy library returned no catalog")
+    _check_revision(result, revision)
     try:
         return tuple(
             sorted(
@@ -181,7 +199,7 @@ def catalog_from(result: Any) -> tuple[CatalogGrant, ...]:
                         _from_ns(int(e["valid_from_ns"])),
                         _from_ns(int(e["valid_until_ns"])),
                     )
-                    for e in result
+                    for e in result["entries"]
                 ),
                 key=lambda g: g.dataset,
             )
@@ -190,9 +208,27 @@ def catalog_from(result: Any) -> tuple[CatalogGrant, ...]:
         raise PolicyEngineError("the policy library returned a malformed catalog") from None
 
 
+class UntrustedAnswer(PolicyEngineError):
+    """The engine answered from other policies than the ones this connector gave it."""
+
+
+def _check_revision(result: Mapping[str, Any], revision: str) -> None:
+    if result.get("revision") != revision:
+        raise UntrustedAnswer(
+            f"the policy engine answered from policies of revision {result.get('revision')!r}, "
+            f"not from this connector's revision {revision!r} (another writer changed them?)"
+        )
+
+
 def policy_data(policies: Sequence[UsagePolicy]) -> dict[str, Any]:
-    """The data document the Rego library reads."""
-    return {DATA_KEY: {"items": [p.as_rego_data() for p in policies], "index": _index(policies)}}
+    """The data document the Rego library reads, with the revision its answers echo."""
+    items = [p.as_rego_data() for p in policies]
+    return {DATA_KEY: {"items": items, "index": _index(policies), "revision": data_revision(items)}}
+
+
+def data_revision(items: Sequence[Mapping[str, Any]]) -> str:
+    """The revision of a set of normalised policies: a hash of their canonical JSON."""
+    return hashlib.sha256(canonical_bytes(list(items))).hexdigest()[:32]
 
 
 def _index(policies: Sequence[UsagePolicy]) -> dict[str, dict[str, list[int]]]:
@@ -221,7 +257,9 @@ class EmbeddedEngine:
         builder = Interpreter()
         try:
             builder.add_module("authz.rego", library or rego_library())
-            builder.add_data(policy_data(policies))
+            data = policy_data(policies)
+            self.revision = str(data[DATA_KEY]["revision"])
+            builder.add_data(data)
             self._bundle = builder.build(None, [DECISION, CATALOG])
         except Exception as exc:
             raise PolicyEngineError(f"the Rego library does not compile: {exc}") from None
@@ -245,11 +283,15 @@ class EmbeddedEngine:
 
     def decide(self, request: DecisionRequest) -> Decision:
         """The decision for one request."""
-        return decision_from(self._evaluate(DECISION, request.as_input()), request.datasets)
+        return decision_from(
+            self._evaluate(DECISION, request.as_input()), request.datasets, self.revision
+        )
 
     def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]:
         """What is granted to member at time, any purpose."""
-        return catalog_from(self._evaluate(CATALOG, {"member": member, "time_ns": _ns(time)}))
+        return catalog_from(
+            self._evaluate(CATALOG, {"member": member, "time_ns": ns(time)}), self.revision
+        )
 
 
 def _first_expression(results: Any) -> Any:
@@ -261,49 +303,69 @@ def _first_expression(results: Any) -> Any:
     raise PolicyEngineError("policy evaluation returned no result")
 
 
-class OpaServerEngine:
-    """Evaluates the same Rego library in an OPA server (REST API, opa-python-client)."""
+class CheckedEngine:
+    """An engine whose answers are obeyed only as far as the signed policies they name
+    allow (policy/answers.py). After one answer that goes beyond them, every answer is a
+    denial until the policies are loaded again (a new engine, a new push to OPA)."""
 
-    def __init__(self, policies: Sequence[UsagePolicy], url: str, timeout: float = 2.0) -> None:
-        from opa_client import OpaClient
+    def __init__(self, inner: PolicyEngine, policies: Sequence[UsagePolicy]) -> None:
+        self._inner = inner
+        self._by_id = {p.id: p for p in policies}
+        self._fault = ""
 
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PolicyEngineError(f"opa_url {url!r} must look like http://127.0.0.1:8181")
-        self._client = OpaClient(
-            host=parts.hostname,
-            port=parts.port or (443 if parts.scheme == "https" else 8181),
-            ssl=parts.scheme == "https",
-            timeout=timeout,
+    def _answer(self, ask: Callable[[], T]) -> T:
+        self._check_trusted()
+        try:
+            return ask()
+        except UntrustedAnswer as exc:
+            raise self._distrust(AnswerFault(exc.message)) from None
+
+    def _distrust(self, fault: AnswerFault) -> PolicyEngineError:
+        self._fault = fault.detail
+        log.error(
+            "the policy engine answered beyond the signed policies (%s); denying every request "
+            "until the policies are loaded again (SIGHUP, or a change in policies/)",
+            fault.detail,
         )
-        try:
-            self._client.update_policy_from_string(rego_library(), "connector-authz")
-            self._client.update_or_create_data(policy_data(policies)[DATA_KEY], DATA_KEY)
-        except Exception as exc:
-            raise PolicyEngineError(f"cannot load the policies into OPA at {url}: {exc}") from None
+        return PolicyEngineError("the policy engine gave an answer this connector cannot trust")
 
-    def _query(self, rule: str, document: dict[str, Any]) -> Any:
-        try:
-            answer = self._client.query_rule(document, "connector/authz", rule)
-        except Exception as exc:
-            raise PolicyEngineError(f"the OPA server did not answer: {exc}") from None
-        if not isinstance(answer, dict) or "result" not in answer:
-            raise PolicyEngineError("the OPA server returned no result (is the library loaded?)")
-        return answer["result"]
+    def _check_trusted(self) -> None:
+        if self._fault:
+            raise PolicyEngineError("the policy engine is not trusted until the policies reload")
 
     def decide(self, request: DecisionRequest) -> Decision:
-        """The decision for one request."""
-        return decision_from(self._query("decision", request.as_input()), request.datasets)
+        """The inner engine's decision, denied when it goes beyond the signed policies."""
+        decision = self._answer(lambda: self._inner.decide(request))
+        for grant in decision.grants:
+            fault = (
+                AnswerFault(f"a grant of {grant.dataset}, which the query does not read")
+                if grant.dataset not in request.datasets
+                else decision_grant_fault(
+                    grant, request.member, request.purpose, self._by_id, request.time
+                )
+            )
+            if fault is not None:
+                raise self._distrust(fault)
+        return decision
 
     def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]:
-        """What is granted to member at time, any purpose."""
-        return catalog_from(self._query("catalog", {"member": member, "time_ns": _ns(time)}))
+        """The inner engine's catalog, refused when it goes beyond the signed policies."""
+        entries = self._answer(lambda: self._inner.catalog(member, time))
+        for entry in entries:
+            fault = catalog_grant_fault(entry, member, entry.purposes, self._by_id, time)
+            if fault is not None:
+                raise self._distrust(fault)
+        return entries
 
 
-def build_engine(kind: str, policies: Sequence[UsagePolicy], *, opa_url: str = "") -> PolicyEngine:
-    """The engine named in connector.toml over these policies."""
+def build_engine(
+    kind: str, policies: Sequence[UsagePolicy], *, opa: OpaConnection | None = None
+) -> PolicyEngine:
+    """The engine named in connector.toml over these policies, its answers checked."""
     if kind == "embedded":
-        return EmbeddedEngine(policies)
-    if kind == "opa":
-        return OpaServerEngine(policies, opa_url)
+        return CheckedEngine(EmbeddedEngine(policies), policies)
+    if kind == "opa" and opa is not None:
+        from connector.policy.opa import OpaServerEngine
+
+        return CheckedEngine(OpaServerEngine(policies, opa), policies)
     raise PolicyEngineError(f"unknown policy engine {kind!r}; use 'embedded' or 'opa'")

@@ -8,27 +8,27 @@ installed on this machine.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-from regopy import Interpreter
 
 from connector.errors import PolicyEngineError
 from connector.policy.engine import (
     DecisionRequest,
     EmbeddedEngine,
-    OpaServerEngine,
+    OpaConnection,
     PolicyEngine,
+    build_engine,
 )
 from connector.policy.model import UsagePolicy, parse_policy
+from connector.policy.opa import OpaServerEngine
+from tests.opa_endpoint import opa_endpoint
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 
@@ -62,55 +62,10 @@ def _request(member: str, purpose: str = "quality", **columns: list[str]) -> Dec
     )
 
 
-class FakeOpa(BaseHTTPRequestHandler):
-    """Enough of OPA's REST API for the connector: PUT policies and data, POST data queries."""
-
-    modules: ClassVar[dict[str, str]] = {}
-    data: ClassVar[dict[str, Any]] = {}
-
-    def log_message(self, *args: object) -> None:
-        return
-
-    def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
-
-    def _send(self, status: int, document: object | None = None) -> None:
-        body = b"" if document is None else json.dumps(document).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_PUT(self) -> None:
-        if self.path.startswith("/v1/policies/"):
-            self.modules[self.path.removeprefix("/v1/policies/")] = self._body().decode()
-            self._send(200, {})
-        elif self.path.startswith("/v1/data/"):
-            self.data[self.path.removeprefix("/v1/data/")] = json.loads(self._body())
-            self._send(204)
-        else:
-            self._send(404, {"code": "not_found"})
-
-    def do_POST(self) -> None:
-        rule = self.path.removeprefix("/v1/data/").replace("/", ".")
-        interpreter = Interpreter()
-        for name, text in self.modules.items():
-            interpreter.add_module(name, text)
-        interpreter.add_data(self.data)
-        interpreter.set_input(json.loads(self._body())["input"])
-        output = json.loads(str(interpreter.query(f"x = data.{rule}")))
-        self._send(200, {"result": output["bindings"]["x"]})
-
-
 @pytest.fixture
 def opa_url() -> Iterator[str]:
-    FakeOpa.modules, FakeOpa.data = {}, {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpa)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with opa_endpoint() as (url, _):
+        yield url
 
 
 EngineMaker = Callable[[list[UsagePolicy]], PolicyEngine]
@@ -121,7 +76,7 @@ def make_engine(request: pytest.FixtureRequest) -> EngineMaker:
     if request.param == "embedded":
         return EmbeddedEngine
     url = request.getfixturevalue("opa_url")
-    return lambda policies: OpaServerEngine(policies, url)
+    return lambda policies: build_engine("opa", policies, opa=OpaConnection(url, "ctest"))
 
 
 def test_default_deny_without_policies(make_engine: EngineMaker) -> None:
@@ -272,9 +227,12 @@ def test_broken_rego_fails_closed() -> None:
         EmbeddedEngine([], library="package connector.authz\n this is not rego")
 
 
-def test_unreachable_opa_server_is_an_engine_error() -> None:
-    with pytest.raises(PolicyEngineError, match="cannot load the policies into OPA"):
-        OpaServerEngine([], "http://127.0.0.1:1", timeout=0.5)
+def test_unreachable_opa_server_is_an_engine_error(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(PolicyEngineError, match="could not be loaded into the OPA server") as error:
+        OpaServerEngine([], OpaConnection("http://127.0.0.1:1", "ctest", timeout=0.5))
+    # The owner's log names the server; the error (which may reach a peer) does not.
+    assert "127.0.0.1:1" not in str(error.value)
+    assert "127.0.0.1:1" in caplog.text
 
 
 def test_obligations_of_every_policy_used_travel_with_the_decision(
