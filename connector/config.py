@@ -47,6 +47,7 @@ class PolicySettings:
     reload_seconds: float = 2.0
     opa_token_file: Path | None = None  # a bearer token for the OPA server, in a file
     opa_ca: Path | None = None  # the CA that signed the OPA server's HTTPS certificate
+    mask_consistency: str = "warn"  # or "refuse": see policy/consistency.py
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,12 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
     opa_url = section.text("opa_url", "")
     if engine == "opa" and not opa_url:
         raise ConfigError(f"{section.path}: [policies] engine = 'opa' needs opa_url")
+    mask_consistency = section.text("mask_consistency", "warn")
+    if mask_consistency not in ("warn", "refuse"):
+        raise ConfigError(
+            f"{section.path}: [policies] mask_consistency must be 'warn' or 'refuse', not "
+            f"{mask_consistency!r}"
+        )
     token_file = section.text("opa_token_file", "")
     opa_ca = section.text("opa_ca", "")
     if opa_ca and not opa_url.startswith("https://"):
@@ -249,6 +256,7 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
         opa_url=opa_url,
         opa_token_file=home / token_file if token_file else None,
         opa_ca=home / opa_ca if opa_ca else None,
+        mask_consistency=mask_consistency,
         reload_seconds=section.number("reload_seconds", 2.0, 0.1),
     )
 
@@ -299,6 +307,8 @@ engine = "embedded"         # or "opa" with opa_url = "http://127.0.0.1:8181"
 # opa_token_file = "keys/opa.token"  # bearer token sent to the OPA server (file, 0600)
 # opa_ca = "tls/opa-ca.pem"          # CA of the OPA server's certificate (https:// opa_url)
 reload_seconds = 2
+mask_consistency = "warn"   # a column masked for a member by one policy and clear by
+                            # another: "warn" in the log, or "refuse" that member's queries
 
 [policies.trusted_signers]  # name = Ed25519 public key (PEM) whose policy signatures count
 legal = "keys/policy-signing.key.pub"

@@ -27,6 +27,7 @@ from connector.errors import (
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
+from connector.policy.consistency import conflicts_for
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
 from connector.policy.model import Limits
 from connector.policy.ref import policy_refs
@@ -74,6 +75,7 @@ class Provider:
         batch_rows: int,
         max_query_seconds: float,
         max_concurrent_queries: int,
+        mask_consistency: str = "warn",
     ) -> None:
         self.member_id = member_id
         self.dataspace = dataspace
@@ -89,6 +91,7 @@ class Provider:
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
         self._slots = threading.BoundedSemaphore(max_concurrent_queries)
+        self.mask_consistency = mask_consistency
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -171,6 +174,10 @@ class Provider:
         entry.datasets = shape.datasets
         snapshot = self.policies.snapshot  # one load for the decision and its limits
         decision = self._decide(snapshot.engine, member, request, shape)
+        if decision.allow and self.mask_consistency == "refuse":
+            clashes = conflicts_for(snapshot.mask_conflicts, member.member_id, shape.datasets)
+            if clashes:
+                decision = Decision(False, tuple(c.peer_reason() for c in clashes))
         relations: tuple[Relation, ...] = ()
         if decision.allow:
             try:

@@ -123,6 +123,7 @@ def build_provider(settings: Settings) -> Provider:
         batch_rows=settings.server.batch_rows,
         max_query_seconds=settings.server.max_query_seconds,
         max_concurrent_queries=settings.server.max_concurrent_queries,
+        mask_consistency=settings.policies.mask_consistency,
     )
 
 

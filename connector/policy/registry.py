@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector.errors import ConnectorError
+from connector.policy.consistency import MaskConflict, mask_conflicts
 from connector.policy.engine import PolicyEngine
 from connector.policy.model import UsagePolicy
 from connector.policy.ref import PolicyRef, joined
@@ -45,6 +46,11 @@ class PolicySnapshot:
     def by_id(self) -> Mapping[str, UsagePolicy]:
         """The policies in force by id."""
         return {p.id: p for p in self.policies}
+
+    @functools.cached_property
+    def mask_conflicts(self) -> tuple[MaskConflict, ...]:
+        """Columns masked for a member by one policy in force and clear by another."""
+        return mask_conflicts(self.policies)
 
 
 def _folder_fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
@@ -131,4 +137,7 @@ class PolicyRegistry:
             joined(PolicyRef(p.id, p.version) for p in policies) or "none",
             len(verdicts) - len(policies),
         )
-        return PolicySnapshot(engine, tuple(policies), tuple(verdicts), now)
+        snapshot = PolicySnapshot(engine, tuple(policies), tuple(verdicts), now)
+        for conflict in snapshot.mask_conflicts:
+            log.warning("policies in force disagree on a mask: %s", conflict.describe())
+        return snapshot
