@@ -210,10 +210,10 @@ PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
 class ServerProcess:
     """A `connector serve` child process and what it printed."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, python: str = sys.executable) -> None:
         self.process = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "connector.cli.main",
                 "serve",

@@ -26,7 +26,7 @@ from connector.policy.model import UsagePolicy
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REGO_LIBRARY = Path(__file__).resolve().parents[2] / "policies" / "authz.rego"
+REGO_LIBRARY = Path(__file__).resolve().parent / "authz.rego"
 DECISION = "connector/authz/decision"
 CATALOG = "connector/authz/catalog"
 DATA_KEY = "usage_policies"
@@ -247,16 +247,20 @@ def rego_library() -> str:
     try:
         return REGO_LIBRARY.read_text(encoding="utf-8")
     except OSError as exc:
-        raise PolicyEngineError(f"cannot read the Rego library {REGO_LIBRARY}: {exc}") from None
+        raise PolicyEngineError(
+            f"cannot read the Rego library {REGO_LIBRARY}: {exc.strerror}; the connector's "
+            "installation is incomplete: reinstall it"
+        ) from None
 
 
 class EmbeddedEngine:
     """Evaluates the Rego library in-process with regopy; compiled once per policy load."""
 
     def __init__(self, policies: Sequence[UsagePolicy], library: str | None = None) -> None:
+        text = library or rego_library()  # a missing file is not a compile error
         builder = Interpreter()
         try:
-            builder.add_module("authz.rego", library or rego_library())
+            builder.add_module("authz.rego", text)
             data = policy_data(policies)
             self.revision = str(data[DATA_KEY]["revision"])
             builder.add_data(data)
