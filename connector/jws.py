@@ -129,6 +129,9 @@ def _split(token: str, algorithm: str) -> tuple[list[str], dict[str, Any]]:
     parts = token.strip().split(".")
     if len(parts) != 3:
         raise JwsError("a compact JWS has three parts separated by '.'")
+    if not all(_B64URL.fullmatch(part) for part in parts):
+        # Checked here for all three: the signing input is re-encoded as ASCII below.
+        raise JwsError("not base64url: a compact JWS holds only base64url characters and two '.'")
     try:
         header = parse_json(b64url_decode(parts[0]))
     except JwsError as exc:

@@ -418,3 +418,13 @@ def test_a_signature_spelled_with_unused_bits_set_does_not_verify(tmp_path: Path
     assert "not canonical base64url" in verdict.message
     with pytest.raises(jws.JwsError, match="not canonical"):
         jws.b64url_decode("AB")  # 'B' sets an unused bit: 'AA' is the only spelling of b"\0"
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_token_with_a_character_outside_base64url_is_a_jws_error(where: int) -> None:
+    # Found by tests/fuzz: a non-ASCII payload part raised UnicodeEncodeError from verify().
+    key, _ = _keys()
+    parts = jws.sign(b"{}", key, detached=False).split(".")
+    parts[where] = "\x80" + parts[where]
+    with pytest.raises(jws.JwsError):
+        jws.verify(".".join(parts), key.public_key())
