@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -12,7 +13,7 @@ from connector.errors import ConnectorError, PermissionDenied, QueryRejected
 from connector.jws import b64url
 from connector.policy.signing import signature_path
 from connector.sqlbounds import MAX_BRACKET_DEPTH, MAX_TOKENS
-from tests.conftest import Space, policy_text, wait_for
+from tests.conftest import Member, ServerProcess, Space, policy_text, wait_for
 
 NORMAL = "SELECT plant, sum(defects) AS n FROM part_defects GROUP BY plant"
 PURPOSE = "quality-benchmarking"
@@ -112,3 +113,18 @@ def test_a_withdrawn_grant_is_not_answered_beside_a_nested_header_signature(
 
     wait_for(refused, timeout=20)
     assert space.server.provider.policies.snapshot.policies == ()
+
+
+def test_serve_starts_beside_a_nested_header_signature_and_says_why_it_is_skipped(
+    make_member: Callable[[str], Member],
+) -> None:
+    provider = make_member("carmaker")
+    bad = provider.write_policy("bad.yaml", policy_text("bad", members="[x]"), sign=False)
+    signature_path(bad).write_text(_nested_header_signature())
+    server = ServerProcess(provider.home)
+    try:
+        wait_for(lambda: "policy bad.yaml skipped" in server.log(), timeout=15)
+        assert "nested more than" in server.log()
+        assert server.process.poll() is None
+    finally:
+        server.close()
