@@ -2,7 +2,7 @@
 
 `make test` runs each target briefly (profile "quick", derandomized under CI=true so that CI
 is repeatable); `make fuzz` runs many more random examples (profile "long", FUZZ_EXAMPLES per
-target, default 20000). Choose another with HYPOTHESIS_PROFILE=name.
+target, default 5000). Choose another with HYPOTHESIS_PROFILE=name.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "long",
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")),
     deadline=None,
     database=None,
     suppress_health_check=_SLOW_OK,
