@@ -6,6 +6,7 @@ errors: a typo in a security setting must not be silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -20,6 +21,18 @@ CONFIG_FILE = "connector.toml"
 CONFIG_FORMAT = 1
 HOME_ENV = "CONNECTOR_HOME"
 ENGINES = ("embedded", "opa")
+# connector.toml is two levels deep; tomllib recurses once per level of arrays and inline
+# tables, so thousands of levels raised RecursionError. Bounded before parsing.
+MAX_TOML_DEPTH = 16
+MAX_WHOLE = 2**31 - 1  # gRPC and DuckDB take these settings as 32-bit integers
+MAX_SECONDS = 7 * 24 * 3600.0
+# Strings and comments, whose brackets do not nest: multi-line forms first.
+_TOML_SKIP = re.compile(
+    "|".join(
+        (r'"""[\s\S]*?"""', r"'''[\s\S]*?'''", r'"(?:[^"\\\n]|\\.)*"', r"'[^'\n]*'", r"#[^\n]*")
+    )
+)
+_TOML_BRACKET = re.compile(r"[\[\]{}]")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
@@ -92,7 +105,9 @@ def load_settings(home: Path) -> Settings:
     """Read HOME/connector.toml; ConfigError names the file, the key and what is expected."""
     path = home / CONFIG_FILE
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _check_nesting(path, text)
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(
             f"{path} not found: run `connector init {home} --member ID --dataspace DIR` first, "
@@ -102,7 +117,25 @@ def load_settings(home: Path) -> Settings:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:  # only if the depth check above missed a way to nest
+        raise ConfigError(
+            f"{path} is nested too deeply; write it as `connector init` does"
+        ) from None
     return _settings_from(raw, home, path)
+
+
+def _check_nesting(path: Path, text: str) -> None:
+    """ConfigError when arrays or inline tables nest deeper than MAX_TOML_DEPTH."""
+    depth = 0
+    for bracket in _TOML_BRACKET.finditer(_TOML_SKIP.sub("", text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > MAX_TOML_DEPTH:
+            line = text.count("\n", 0, bracket.start()) + 1
+            raise ConfigError(
+                f"{path}:{line}: nested more than {MAX_TOML_DEPTH} levels deep; "
+                "write it as `connector init` does"
+            )
+        depth = max(depth, 0)
 
 
 class _Section:
@@ -132,16 +165,26 @@ class _Section:
     def text(self, key: str, default: Any = None) -> str:
         return str(self._get(key, str, _REQUIRED if default is None else default))
 
-    def number(self, key: str, default: float, minimum: float) -> float:
-        value = float(self._get(key, (int, float), default))
-        if value < minimum:
-            raise ConfigError(f"{self.path}: [{self.name}] {key} must be at least {minimum}")
+    def number(self, key: str, default: float, minimum: float, maximum: float) -> float:
+        raw = self._get(key, (int, float), default)
+        try:
+            value = float(raw)
+        except OverflowError:  # an integer of hundreds of digits
+            value = math.inf
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise ConfigError(
+                f"{self.path}: [{self.name}] {key} must be a number from {minimum:g} to "
+                f"{maximum:g}, not {str(raw)[:40]}"
+            )
         return value
 
-    def whole(self, key: str, default: int, minimum: int) -> int:
+    def whole(self, key: str, default: int, minimum: int, maximum: int = MAX_WHOLE) -> int:
         value = int(self._get(key, int, default))
-        if value < minimum:
-            raise ConfigError(f"{self.path}: [{self.name}] {key} must be at least {minimum}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(
+                f"{self.path}: [{self.name}] {key} must be a whole number from {minimum} to "
+                f"{maximum}, not {str(value)[:40]}"
+            )
         return value
 
     def strings(self, key: str) -> list[str]:
@@ -211,7 +254,7 @@ def _server(section: _Section) -> ServerSettings:
     return ServerSettings(
         listen=section.text("listen", ServerSettings.listen),
         max_query_seconds=section.number(
-            "max_query_seconds", ServerSettings.max_query_seconds, 0.1
+            "max_query_seconds", ServerSettings.max_query_seconds, 0.1, MAX_SECONDS
         ),
         memory_limit=memory,
         threads=section.whole("threads", ServerSettings.threads, 1),
@@ -257,7 +300,7 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
         opa_token_file=home / token_file if token_file else None,
         opa_ca=home / opa_ca if opa_ca else None,
         mask_consistency=mask_consistency,
-        reload_seconds=section.number("reload_seconds", 2.0, 0.1),
+        reload_seconds=section.number("reload_seconds", 2.0, 0.1, MAX_SECONDS),
     )
 
 

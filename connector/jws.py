@@ -29,6 +29,11 @@ from connector.canonical import canonical_bytes, canonical_json
 
 ALGORITHM = "EdDSA"
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# JOSE headers and the connector's claims are a few levels deep; Python's json recurses once
+# per level, so 5,000 nested brackets raised RecursionError out of every verifier.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 class JwsError(ValueError):
@@ -54,9 +59,31 @@ def b64url_decode(text: str) -> bytes:
     if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise JwsError("not base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise JwsError("not base64url") from None
+    # Canonical only: the unused low bits of the last character must be zero, so that one
+    # signature has exactly one spelling (RFC 4648 section 3.5).
+    if b64url(data) != text:
+        raise JwsError("not canonical base64url (unused bits set in the last character)")
+    return data
+
+
+def parse_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with the nesting bounded first; JwsError when it is not JSON or too deep."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise JwsError("not UTF-8 JSON") from None
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > max_depth:
+            raise JwsError(f"JSON nested more than {max_depth} levels deep")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise JwsError("not JSON") from None
 
 
 def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
@@ -104,10 +131,13 @@ def _split(token: str, algorithm: str) -> tuple[list[str], dict[str, Any]]:
     parts = token.strip().split(".")
     if len(parts) != 3:
         raise JwsError("a compact JWS has three parts separated by '.'")
+    if not all(_B64URL.fullmatch(part) for part in parts):
+        # Checked here for all three: the signing input is re-encoded as ASCII below.
+        raise JwsError("not base64url: a compact JWS holds only base64url characters and two '.'")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise JwsError("the JWS header is not JSON") from None
+        header = parse_json(b64url_decode(parts[0]))
+    except JwsError as exc:
+        raise JwsError(f"the JWS header is not usable: {exc}") from None
     if not isinstance(header, dict):
         raise JwsError("the JWS header is not a JSON object")
     if header.get("alg") != algorithm:

@@ -55,7 +55,7 @@ class ReceiptFields:
     @classmethod
     def from_json(cls, data: builtins.bytes) -> ReceiptFields:
         """Parse the signed payload back; ValueError when it does not have the fields."""
-        raw: dict[str, Any] = json.loads(data)
+        raw: dict[str, Any] = jws.parse_json(data)
         policies = tuple(PolicyRef(str(p["id"]), int(p["version"])) for p in raw.pop("policies"))
         return cls(policies=policies, **raw)
 
@@ -133,7 +133,7 @@ class ReceiptBundle:
     @classmethod
     def load(cls, path: Path) -> ReceiptBundle:
         """Read a bundle written by save(); ValueError when it is not one."""
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = jws.parse_json(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict) or set(raw) != {f for f in cls.__dataclass_fields__}:
             raise ValueError(f"{path} is not a connector receipt file")
         return cls(**{k: str(v) for k, v in raw.items()})

@@ -20,9 +20,9 @@ from typing import Any
 import duckdb
 
 from connector.errors import QueryRejected
+from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 
 UNKNOWN_LOCATION = 2**64 - 1
-DEFAULT_MAX_LENGTH = 100_000
 MAX_DEPTH = 600
 
 # Scalar functions and operators as DuckDB's parser names them. Deliberately absent: anything
@@ -173,12 +173,9 @@ def _reject(reason: str, node: dict[str, Any] | None = None) -> QueryRejected:
 
 def inspect_query(sql: str, *, max_length: int = DEFAULT_MAX_LENGTH) -> QueryShape:
     """Check a peer's SQL; report the datasets and columns it names, or raise QueryRejected."""
+    check_query_bounds(sql, max_length)
     if not sql.strip():
         raise QueryRejected("the query is empty; send one SELECT statement")
-    if len(sql) > max_length:
-        raise QueryRejected(f"the query is longer than {max_length} characters")
-    if "\x00" in sql:
-        raise QueryRejected("the query contains a NUL character")
     findings = _Findings()
     try:
         tree = _parse(sql)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector.errors import ConnectorError
 from connector.policy.consistency import MaskConflict, mask_conflicts
-from connector.policy.engine import PolicyEngine
+from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
 from connector.policy.model import UsagePolicy
 from connector.policy.ref import PolicyRef, joined
 from connector.policy.signing import (
@@ -30,6 +30,7 @@ from connector.policy.signing import (
 
 log = logging.getLogger(__name__)
 
+RETRY_FAILED_SECONDS = 30  # not every poll: a lasting fault would fill the log
 EngineFactory = Callable[[Sequence[UsagePolicy]], PolicyEngine]
 
 
@@ -80,6 +81,23 @@ def _next_date_change(verdicts: Sequence[PolicyVerdict]) -> dt.datetime | None:
     return min(moments, default=None)
 
 
+class DenyingEngine:
+    """The engine in force after a failed load: refuses everything and says why."""
+
+    REASON = (
+        "no policy is in force: the owner's policy files could not be loaded; "
+        "ask the owner to check the connector's log"
+    )
+
+    def decide(self, request: DecisionRequest) -> Decision:
+        """Always a refusal; peers are not told the owner's file names or errors."""
+        return Decision(False, (self.REASON,))
+
+    def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]:
+        """Nothing is offered."""
+        return ()
+
+
 class PolicyRegistry:
     """Holds the current PolicySnapshot and reloads it when the folder changes."""
 
@@ -94,7 +112,7 @@ class PolicyRegistry:
         self._engine_factory = engine_factory
         self._lock = threading.Lock()
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
-        self._snapshot = self._load()
+        self._snapshot = self._load_or_deny()
 
     @property
     def snapshot(self) -> PolicySnapshot:
@@ -104,23 +122,46 @@ class PolicyRegistry:
     def reload(self) -> PolicySnapshot:
         """Verify every file again, build a new engine and swap it in; log each skipped file."""
         with self._lock:
-            try:
-                snapshot = self._load()
-            except ConnectorError as exc:
-                # Keeping the old policies could keep a grant that was just withdrawn.
-                log.error("policy reload failed, denying everything until fixed: %s", exc)
-                snapshot = PolicySnapshot(self._engine_factory(()), (), (), dt.datetime.now(dt.UTC))
-            self._snapshot = snapshot
-            return snapshot
+            self._snapshot = self._load_or_deny()
+            return self._snapshot
 
     def reload_if_changed(self) -> bool:
-        """Reload when a file was added, changed or removed, or a policy came due or expired."""
+        """Reload when a file was added, changed or removed, or a policy came due or expired,
+        and retry a failed load every RETRY_FAILED_SECONDS (an OPA server back up)."""
+        now = dt.datetime.now(dt.UTC)
         due = _next_date_change(self._snapshot.verdicts)
-        came_due = due is not None and dt.datetime.now(dt.UTC) >= due
-        if _folder_fingerprint(self._directory) == self._fingerprint and not came_due:
+        came_due = due is not None and now >= due
+        retry = isinstance(self._snapshot.engine, DenyingEngine) and (
+            now - self._snapshot.loaded_at
+        ) >= dt.timedelta(seconds=RETRY_FAILED_SECONDS)
+        if _folder_fingerprint(self._directory) == self._fingerprint and not (came_due or retry):
             return False
         self.reload()
         return True
+
+    def _load_or_deny(self) -> PolicySnapshot:
+        """A complete load, or on any failure a snapshot with no policy in force that says why.
+
+        Any exception, not only the connector's own: keeping the old policies could keep a
+        grant that was just withdrawn (a RecursionError from a hostile signature file did).
+        """
+        try:
+            return self._load()
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ConnectorError) else type(exc).__name__
+            log.error(
+                "loading policies from %s failed, denying everything until fixed: %s",
+                self._directory,
+                reason,
+                exc_info=not isinstance(exc, ConnectorError),
+            )
+            failed = PolicyVerdict(
+                self._directory,
+                VerdictStatus.MALFORMED,
+                f"loading the policies failed ({reason}); no policy is in force until fixed",
+            )
+            # Not the factory: it may be what failed (an OPA server out of reach).
+            return PolicySnapshot(DenyingEngine(), (), (failed,), dt.datetime.now(dt.UTC))
 
     def _load(self) -> PolicySnapshot:
         self._fingerprint = _folder_fingerprint(self._directory)

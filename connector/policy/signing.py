@@ -81,7 +81,26 @@ def _read(path: Path) -> bytes:
 def verify_policy(
     path: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey], now: dt.datetime
 ) -> PolicyVerdict:
-    """Verdict on one file: signature first (over the exact bytes), then content, then dates."""
+    """Verdict on one file: signature first (over the exact bytes), then content, then dates.
+
+    Never raises: whatever goes wrong with one file, that file is not in force and says why.
+    """
+    try:
+        return _verify(path, trusted, now)
+    except Exception as exc:
+        # A reader bug must cost the file, not keep old policies in force or crash `verify`.
+        log.exception("checking policy %s failed unexpectedly", path)
+        return PolicyVerdict(
+            path,
+            VerdictStatus.MALFORMED,
+            f"could not be checked ({type(exc).__name__}); it is not in force. "
+            "Check the file and its signature, and report this",
+        )
+
+
+def _verify(
+    path: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey], now: dt.datetime
+) -> PolicyVerdict:
     try:
         data = _read(path)
     except PolicyError as exc:

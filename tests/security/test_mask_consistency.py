@@ -98,7 +98,7 @@ def test_conflicts_name_both_policies_and_only_shared_members_and_datasets(
         + "  mask: {k: hash}\n",
     )
     clear = policy("c", policy_text("c", members="[b, c]", datasets="[d2, d3]", columns="[k]"))
-    unrelated = policy("u", policy_text("u", members="[a]", datasets="[d1]", columns="[y]"))
+    unrelated = policy("u", policy_text("u", members="[a]", datasets="[d1]", columns="[w]"))
     conflicts = mask_conflicts([masked, clear, unrelated])  # type: ignore[list-item]
     assert [
         (c.member, c.dataset, c.column, str(c.masked_by), str(c.clear_by)) for c in conflicts

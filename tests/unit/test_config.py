@@ -57,3 +57,54 @@ def test_wrong_type_is_named(tmp_path: Path) -> None:
     text = render_config("acme", "space", "x:1").replace("threads = 2", 'threads = "two"')
     with pytest.raises(ConfigError, match="threads has the wrong type"):
         load_settings(_home(tmp_path, text))
+
+
+RENDERED = render_config("acme", "space", "127.0.0.1:7000")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "words"),
+    [
+        ("reload_seconds = 2", "reload_seconds = nan", "reload_seconds must be a number"),
+        ("reload_seconds = 2", "reload_seconds = inf", "reload_seconds must be a number"),
+        ("reload_seconds = 2", "reload_seconds = -nan", "reload_seconds must be a number"),
+        ("max_query_seconds = 30", "max_query_seconds = inf", "max_query_seconds must be"),
+        ("max_query_seconds = 30", "max_query_seconds = +inf", "max_query_seconds must be"),
+        ("max_query_seconds = 30", "max_query_seconds = 1e300", "max_query_seconds must be"),
+        ("max_query_seconds = 30", "max_query_seconds = " + "9" * 400, "max_query_seconds"),
+        ("reload_seconds = 2", "reload_seconds = " + "1" * 400, "reload_seconds must be"),
+        ("threads = 2", "threads = " + "9" * 400, "threads must be a whole number"),
+        ("max_message_bytes", "max_message_bytes = 4294967296\n#", "max_message_bytes must"),
+    ],
+)
+def test_every_number_setting_is_finite_and_in_range(
+    tmp_path: Path, old: str, new: str, words: str
+) -> None:
+    text = RENDERED.replace(old, new)
+    if "max_message_bytes" in old:
+        text = text.replace("[tls]", "max_message_bytes = 4294967296\n\n[tls]")
+    assert text != RENDERED
+    with pytest.raises(ConfigError, match=words):
+        load_settings(_home(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        "x = " + "[" * 5000 + "]" * 5000,
+        "x = " + "{a = " * 5000 + "1" + "}" * 5000,
+        "x = " + "[" * 20 + "]" * 20,
+    ],
+)
+def test_deeply_nested_toml_is_an_error_not_a_recursion_error(tmp_path: Path, nested: str) -> None:
+    text = RENDERED.replace("[revoked]", nested + "\n\n[revoked]")
+    with pytest.raises(ConfigError, match="nested more than 16 levels deep"):
+        load_settings(_home(tmp_path, text))
+
+
+def test_brackets_in_toml_strings_and_comments_do_not_count(tmp_path: Path) -> None:
+    text = RENDERED.replace(
+        'dataspace = "space"',
+        'dataspace = "' + "[" * 40 + '"  # ' + "{" * 40 + "\n# " + "[" * 40,
+    )
+    assert load_settings(_home(tmp_path, text)).dataspace == "[" * 40

@@ -6,6 +6,8 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from connector.policy.signing import (
     signature_path,
     verify_policy,
 )
+from tests.conftest import Member, run_cli
 
 GOOD = """\
 id: acme-quality
@@ -108,7 +111,7 @@ def test_masks_row_filters_and_aggregate_only_are_read(tmp_path: Path) -> None:
         (
             GOOD.replace("purposes: [quality-benchmarking]", "purposes: !!binary aGVsbG8="),
             6,
-            "non-empty list",
+            "YAML tags (tag:yaml.org,2002:binary) are not allowed",
         ),
         (GOOD.replace("from: 2026-01-01", "from: 2026-01-01T08:00:00"), 7, "needs a time zone"),
         (GOOD.replace("[Part_Defects]", "[_connector]"), 4, "a dataset name"),
@@ -263,3 +266,165 @@ def test_an_oversized_policy_is_refused_before_its_signature_is_checked(tmp_path
     verdict = verify_policy(path, trusted, NOW)
     assert verdict.status is VerdictStatus.MALFORMED
     assert "larger than 1048576 bytes" in verdict.message
+
+
+# Issue 18: YAML values that failed to construct (ValueError, AttributeError, KeyError,
+# OverflowError escaped), and values YAML 1.1 read with another meaning, without a word.
+UNREADABLE_VALUES = [
+    ("until: 2027-01-01", "until: 2026-02-30", 7, "2026-02-30 is not a date in the calendar"),
+    ("until: 2027-01-01", "until: 2027-13-01", 7, "2027-13-01 is not a date in the calendar"),
+    ("version: 3", "version: !!int 0x", 2, "YAML tags (tag:yaml.org,2002:int) are not allowed"),
+    ("version: 3", "version: !!bool maybe", 2, "YAML tags"),
+    ("from: 2026-01-01", "from: 0001-01-01T00:00:00+01:00", 7, "out of range"),
+    ("from: 2026-01-01", "from: 2026-01-01T25:00:00Z", 7, "not a date in the calendar"),
+    ("from: 2026-01-01", "from: 2026-1-1", 7, "looks like a date"),
+    ("version: 3", "version: " + "9" * 30, 2, "too large"),
+]
+AMBIGUOUS_VALUES = [
+    (GOOD + "aggregate_only: {min_group_size: 024}\n", 10, "write 24, or quote it as '024'"),
+    (GOOD + "limits: {queries_per_day: 1:30}\n", 10, "base-60"),
+    (GOOD + "limits: {queries_per_day: 0x10}\n", 10, "not a decimal number"),
+    (GOOD + "limits: {queries_per_day: 0o10}\n", 10, "not a decimal number"),
+    (GOOD + "limits: {queries_per_day: 1_000}\n", 10, "without '_'"),
+    (GOOD + "limits: {queries_per_day: .inf}\n", 10, "not a finite number"),
+    (GOOD + "rows: {where: {defects: [010]}}\n", 10, "write 10, or quote it as '010'"),
+    (GOOD + "rows: {where: {plant: [Leipzig, no]}}\n", 10, "write true or false, or quote"),
+    (GOOD + "rows: {where: {plant: [on]}}\n", 10, "quote it as 'on'"),
+    (GOOD + "rows: {where: {plant: [Y]}}\n", 10, "quote it as 'Y'"),
+    (GOOD + "rows: {where: {defects: {gte: 07}}}\n", 10, "leading zero"),
+    (GOOD + "rows: {where: {week: {gte: 2026-02-30}}}\n", 10, "not a date in the calendar"),
+    (GOOD + "obligations: {delete_within_days: 030}\n", 10, "write 30"),
+    (GOOD.replace("version: 3", "version: 03"), 2, "write 3, or quote it as '03'"),
+    (GOOD.replace("description: Weekly defect figures", "description: yes"), 3, "quote it"),
+    (GOOD.replace("[plant, Defects]", "[plant, Off]"), 9, "quote it as 'off'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [(GOOD.replace(old, new), line, words) for old, new, line, words in UNREADABLE_VALUES]
+    + AMBIGUOUS_VALUES,
+)
+def test_values_yaml_cannot_build_or_would_misread_name_file_line_and_fix(
+    tmp_path: Path, text: str, line: int, words: str
+) -> None:
+    assert text != GOOD
+    path = _write(tmp_path, text)
+    with pytest.raises(PolicyError) as failed:
+        parse_policy(path)
+    assert f"{path}:{line}:" in str(failed.value)
+    assert words in str(failed.value)
+    # `policy sign` refuses with the same message; `policy verify` reports it as malformed.
+    key, trusted = _keys()
+    with pytest.raises(PolicyError, match=re.escape(words)):
+        sign_policy(path, key)
+    signature_path(path).write_text(jws.sign(path.read_bytes(), key, detached=True))
+    verdict = verify_policy(path, trusted, NOW)
+    assert verdict.status is VerdictStatus.MALFORMED
+    assert f"{path}:{line}:" in verdict.message
+
+
+def test_quoted_values_are_text_and_plain_ones_keep_their_meaning(tmp_path: Path) -> None:
+    text = GOOD + (
+        "rows:\n  where:\n    plant: ['no', \"024\", '1:30', Leipzig, 'yes']\n"
+        "    defects: {gte: 0, lt: 10.5}\n    week: {gte: 2026-03-01}\n"
+        "    flag: [true, false]\naggregate_only: {min_group_size: 24}\n"
+        "limits: {queries_per_day: 90, rows_per_day: +100}\n"
+    )
+    policy = parse_policy(_write(tmp_path, text))
+    plant, defects, week, flag = policy.shaping.filters
+    assert plant.values == ("no", "024", "1:30", "Leipzig", "yes")
+    assert defects.bounds == (("gte", 0), ("lt", 10.5))
+    assert week.bounds == (("gte", dt.date(2026, 3, 1)),)
+    assert flag.values == (True, False)
+    assert policy.shaping.min_group_size == 24
+    assert (policy.limits.queries_per_day, policy.limits.rows_per_day) == (90, 100)
+    stamped = GOOD.replace("from: 2026-01-01", "from: 2026-01-01T08:30:00.5+02:00")
+    assert parse_policy(_write(tmp_path, stamped)).valid_from == dt.datetime(
+        2026, 1, 1, 6, 30, 0, 500000, tzinfo=dt.UTC
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (GOOD + "terms: " + "[" * 5000 + "]" * 5000 + "\n", 10),
+        (GOOD + "terms: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", 10),
+        (GOOD + "".join(" " * i + f"k{i}:\n" for i in range(400)), 26),
+        (GOOD + "terms: " + "[" * 17 + "]" * 17 + "\n", 10),
+    ],
+)
+def test_deeply_nested_yaml_is_a_policy_error_not_a_recursion_error(
+    tmp_path: Path, text: str, line: int
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(PolicyError, match="nested more than 16 levels deep") as failed:
+        parse_policy(path)
+    assert f"{path}:{line}:" in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        GOOD.replace("[plant, Defects]", "&cols [plant, Defects]"),
+        GOOD.replace("datasets: [Part_Defects]", "datasets: &d [Part_Defects]")
+        + "rows: {where: {plant: *d}}\n",
+    ],
+)
+def test_anchors_and_aliases_are_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(PolicyError, match="anchors and aliases"):
+        parse_policy(_write(tmp_path, text))
+
+
+def _nested_header_signature(depth: int = 5000) -> str:
+    header = jws.b64url(("[" * depth + "]" * depth).encode())
+    return f"{header}..{jws.b64url(bytes(64))}\n"
+
+
+def test_a_signature_with_a_deeply_nested_header_is_malformed_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    key, trusted = _keys()
+    path = _write(tmp_path, GOOD)
+    sign_policy(path, key)
+    signature_path(path).write_text(_nested_header_signature())
+    verdict = verify_policy(path, trusted, NOW)
+    assert verdict.status is VerdictStatus.MALFORMED
+    assert "nested more than" in verdict.message
+
+
+def test_policy_verify_reports_the_file_with_a_nested_header_instead_of_crashing(
+    make_member: Callable[[str], Member], capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = make_member("acme").home
+    path = home / "policies" / "p.yaml"
+    path.write_text(GOOD)
+    signature_path(path).write_text(_nested_header_signature())
+    assert run_cli("policy", "verify", "--home", home) == 1
+    assert f"{path}: NOT VALID: signature" in capsys.readouterr().out
+
+
+def test_a_signature_spelled_with_unused_bits_set_does_not_verify(tmp_path: Path) -> None:
+    key, trusted = _keys()
+    path = _write(tmp_path, GOOD)
+    sign_policy(path, key)
+    token = signature_path(path).read_text().strip()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    # 64 bytes are 86 characters: the last one carries 2 bits of data and 4 unused bits.
+    last = alphabet[alphabet.index(token[-1]) ^ 0b0001]
+    signature_path(path).write_text(token[:-1] + last + "\n")
+    verdict = verify_policy(path, trusted, NOW)
+    assert verdict.status is VerdictStatus.MALFORMED
+    assert "not canonical base64url" in verdict.message
+    with pytest.raises(jws.JwsError, match="not canonical"):
+        jws.b64url_decode("AB")  # 'B' sets an unused bit: 'AA' is the only spelling of b"\0"
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_token_with_a_character_outside_base64url_is_a_jws_error(where: int) -> None:
+    # Found by tests/fuzz: a non-ASCII payload part raised UnicodeEncodeError from verify().
+    key, _ = _keys()
+    parts = jws.sign(b"{}", key, detached=False).split(".")
+    parts[where] = "\x80" + parts[where]
+    with pytest.raises(jws.JwsError):
+        jws.verify(".".join(parts), key.public_key())
