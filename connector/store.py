@@ -10,12 +10,14 @@ import datetime as dt
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import duckdb
 
+from connector.csv_strict import check_structure, dialect_from
 from connector.errors import (
     DataError,
     StoreBusy,
@@ -34,7 +36,7 @@ FORMATS = {
     ".ndjson": "json",
     ".jsonl": "json",
 }
-_READERS = {"csv": "read_csv_auto", "parquet": "read_parquet", "json": "read_json_auto"}
+_READERS = {"csv": "read_csv", "parquet": "read_parquet", "json": "read_json_auto"}
 _METADATA_DDL = """
 CREATE SCHEMA IF NOT EXISTS datasets;
 CREATE SCHEMA IF NOT EXISTS _connector;
@@ -122,8 +124,10 @@ def ingest(
     description: str | None,
     mode: Literal["replace", "append"],
     file_format: str | None = None,
+    csv_options: Mapping[str, str] | None = None,
 ) -> DatasetInfo:
-    """Load source into dataset in one transaction: all rows or none."""
+    """Load source into dataset in one transaction: all rows or none (a CSV file is
+    checked strictly first: see csv_strict.py)."""
     if not DATASET_NAME.fullmatch(dataset):
         raise DataError(
             f"invalid dataset name {dataset!r}: use 1-63 lower-case letters, digits and _, "
@@ -131,12 +135,20 @@ def ingest(
         )
     if not source.is_file():
         raise DataError(f"{source} does not exist or is not a file")
-    reader = _READERS[_file_format(source, file_format)]
+    fmt = _file_format(source, file_format)
+    options = ""
+    if fmt == "csv":
+        dialect = dialect_from(csv_options or {}, source)
+        check_structure(source, dialect)
+        options = ", " + dialect.reader_options()
+    elif csv_options:
+        raise DataError("--csv-option applies to CSV files only")
+    reader = _READERS[fmt]
     with _open_writable(db_path) as con:
         con.execute(_METADATA_DDL)
         try:
             literal = sql_string(str(source))
-            con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM {reader}({literal})")
+            con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM {reader}({literal}{options})")
             names = _staged_columns(con)
         except duckdb.Error as exc:
             raise DataError(f"cannot read {source}: {str(exc).splitlines()[0]}") from None

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
+from connector.errors import DataError
 from connector.store import ingest, list_datasets
 
 
@@ -32,6 +33,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="add the rows to the dataset (the columns must match)",
     )
     load.add_argument("--format", choices=("csv", "parquet", "json"), help="default: by suffix")
+    load.add_argument(
+        "--csv-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the CSV dialect when it is not detected: delimiter (, ; tab |), quote, escape, "
+        "encoding (default utf-8); repeat for several",
+    )
     load.set_defaults(run=_ingest, mode="replace")
 
     show = commands.add_parser("datasets", help="list the datasets in this member's database")
@@ -48,11 +57,22 @@ def _ingest(args: argparse.Namespace) -> int:
         description=args.description,
         mode=args.mode,
         file_format=args.format,
+        csv_options=_csv_options(args.csv_option),
     )
     verb = "replaced with" if args.mode == "replace" else "appended to, now"
     columns = ", ".join(f"{c.name} {c.type}" for c in info.columns)
     print(f"dataset {info.name} {verb} {info.rows} rows: {columns}")
     return 0
+
+
+def _csv_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DataError(f"--csv-option {pair!r} must look like KEY=VALUE, e.g. delimiter=;")
+        options[key.strip()] = value
+    return options
 
 
 def _datasets(args: argparse.Namespace) -> int:
