@@ -13,6 +13,25 @@ from collections.abc import Iterable
 import pyarrow as pa
 
 
+def narrowed_schema(schema: pa.Schema) -> pa.Schema:
+    """schema with whole-number decimals as int64: DuckDB gives sums of integers as HUGEINT,
+    which Arrow carries as decimal128(38, 0), and peers' tools read as Decimal objects."""
+    return pa.schema(
+        [
+            field.with_type(pa.int64())
+            if pa.types.is_decimal(field.type) and field.type.scale == 0
+            else field
+            for field in schema
+        ],
+        metadata=schema.metadata,
+    )
+
+
+def narrowed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """batch cast to the narrowed schema; ArrowInvalid when a value does not fit."""
+    return batch if batch.schema.equals(schema) else batch.cast(schema, safe=True)
+
+
 class _ChunkSink(io.RawIOBase):
     """A write-only file that keeps what was written until it is taken."""
 

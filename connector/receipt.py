@@ -125,6 +125,7 @@ class ReceiptBundle:
     receipt_jws: str
     endorsement: str
     provider_certificate_pem: str
+    data_format: str = "arrow"  # how the result beside it was saved (result_files.FORMATS)
 
     def save(self, path: Path) -> None:
         """Write the bundle as JSON."""
@@ -134,7 +135,9 @@ class ReceiptBundle:
     def load(cls, path: Path) -> ReceiptBundle:
         """Read a bundle written by save(); ValueError when it is not one."""
         raw = jws.parse_json(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict) or set(raw) != {f for f in cls.__dataclass_fields__}:
+        known = set(cls.__dataclass_fields__)
+        required = known - {"data_format"}  # receipts saved before it existed lack it
+        if not isinstance(raw, dict) or not required <= set(raw) <= known:
             raise ValueError(f"{path} is not a connector receipt file")
         return cls(**{k: str(v) for k, v in raw.items()})
 

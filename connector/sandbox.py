@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from connector.arrow_stream import narrowed, narrowed_schema
 from connector.errors import (
     QueryCancelled,
     QueryRejected,
@@ -256,7 +257,7 @@ class ResultStream:
         session: SandboxSession,
         timer: threading.Timer | None,
     ) -> None:
-        self.schema: pa.Schema = reader.schema
+        self.schema: pa.Schema = narrowed_schema(reader.schema)
         self._reader = reader
         self._session = session
         self._timer = timer
@@ -274,6 +275,13 @@ class ResultStream:
                     raise self._session._map(exc) from None
                 except pa.ArrowException as exc:
                     raise self._session._map(duckdb.Error(str(exc))) from None
+                try:
+                    batch = narrowed(batch, self.schema)
+                except pa.ArrowInvalid:
+                    raise QueryRejected(
+                        "a whole number in the result does not fit in 64 bits; cast it in the "
+                        "query (to DOUBLE or VARCHAR)"
+                    ) from None
                 yield batch
         finally:
             if self._timer:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import IO
-
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 
 from connector.cli.common import add_home, settings_of
 from connector.client import Peer, PeerIdentity
 from connector.errors import ConfigError, PermissionDenied
 from connector.policy.ref import joined
+from connector.result_files import ARROW_SUFFIX, FORMATS, save, write_text
 
-FORMATS = ("table", "csv", "json", "parquet", "arrow")
 BINARY_FORMATS = ("parquet", "arrow")
 RECEIPT_SUFFIX = ".receipt.json"
 
@@ -44,7 +40,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 type=Path,
                 metavar="FILE",
                 help=f"default: stdout; the receipt is saved beside it as FILE{RECEIPT_SUFFIX} "
-                "(--format arrow keeps the exact bytes the receipt's digest covers)",
+                f"and, unless --format arrow, the exact Arrow bytes it signs as FILE{ARROW_SUFFIX}",
             )
             command.add_argument("--max-rows", type=int, default=0, metavar="N")
         command.set_defaults(run=run)
@@ -150,16 +146,11 @@ def _query(args: argparse.Namespace) -> int:
         except PermissionDenied as denied:
             raise PermissionDenied([f"{args.to} refused: {r}" for r in denied.reasons]) from None
     if args.output is None:
-        _write(result.table, args.format, sys.stdout)
+        write_text(result.table, args.format, sys.stdout)
     else:
-        if args.format == "parquet":
-            pq.write_table(result.table, args.output)
-        elif args.format == "arrow":
-            args.output.write_bytes(result.arrow_ipc)
-        else:
-            with args.output.open("w", encoding="utf-8", newline="") as out:
-                _write(result.table, args.format, out)
-        result.bundle.save(args.output.with_name(args.output.name + RECEIPT_SUFFIX))
+        save(result.table, result.arrow_ipc, args.format, args.output)
+        bundle = dataclasses.replace(result.bundle, data_format=args.format)
+        bundle.save(args.output.with_name(args.output.name + RECEIPT_SUFFIX))
     receipt = result.receipt
     cut = " (cut at the row limit)" if receipt.truncated else ""
     print(
@@ -168,25 +159,3 @@ def _query(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _write(table: pa.Table, fmt: str, out: IO[str]) -> None:
-    if fmt == "csv":
-        sink = pa.BufferOutputStream()
-        pa_csv.write_csv(table, sink)
-        out.write(sink.getvalue().to_pybytes().decode())
-    elif fmt == "json":
-        for row in table.to_pylist():
-            out.write(json.dumps(row, default=str) + "\n")
-    else:
-        out.write(_as_text_table(table))
-
-
-def _as_text_table(table: pa.Table) -> str:
-    rows = [[("" if v is None else str(v)) for v in row.values()] for row in table.to_pylist()]
-    header = table.column_names
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines) + "\n"

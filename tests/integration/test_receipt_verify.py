@@ -87,3 +87,51 @@ def test_certificate_from_another_ca_is_refused(
     )
     assert _verify(space, receipt) == 1
     assert "not issued by your data space's CA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_a_receipt_beside_any_format_verifies_with_only_the_ca(
+    tmp_path: Path, space: Space, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = tmp_path / f"defects.{fmt}"
+    args = ["query", "--home", space.grantee.home, "--to", f"127.0.0.1:{space.server.port}"]
+    sql = "SELECT plant, sum(defects) AS d FROM part_defects GROUP BY plant"
+    assert run_cli(*args, "--purpose", PURPOSE, "--format", fmt, "--output", result, sql) == 0
+    receipt = result.with_name(result.name + ".receipt.json")
+    ca = space.grantee.home / "tls" / "ca.pem"
+    capsys.readouterr()
+    # No home: only the data space's CA, as for an auditor who is no member.
+    assert run_cli("receipt", "verify", receipt, "--ca", ca, "--data", result) == 0
+    assert f"and defects.{fmt} as their {fmt}" in capsys.readouterr().out
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(result)
+        pq.write_table(table.slice(1), result)  # one row taken out
+    else:
+        result.write_text(result.read_text().replace("Leipzig", "Leipzlg"))
+    assert run_cli("receipt", "verify", receipt, "--ca", ca, "--data", result) == 1
+    assert "was changed after it was saved" in capsys.readouterr().err
+
+
+def test_numbers_in_json_output_are_numbers(
+    space: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["query", "--home", space.grantee.home, "--to", f"127.0.0.1:{space.server.port}"]
+    sql = "SELECT sum(defects) AS d, avg(defects) AS a, 1.5::DECIMAL(4,2) AS x FROM part_defects"
+    assert run_cli(*args, "--purpose", PURPOSE, "--format", "json", sql) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert isinstance(row["d"], int) and isinstance(row["a"], float) and row["x"] == 1.5
+
+
+def test_receipt_verify_without_ca_or_home_says_what_to_pass(
+    tmp_path: Path,
+    kept: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, receipt = kept
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CONNECTOR_HOME", raising=False)
+    assert run_cli("receipt", "verify", receipt) == 1
+    assert "connector.toml not found" in capsys.readouterr().err
