@@ -10,7 +10,7 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from connector.errors import (
 from connector.identity import MemberIdentity, member_identity
 from connector.policy.consistency import conflicts_for
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
-from connector.policy.model import Limits
+from connector.policy.model import Limits, UsagePolicy
 from connector.policy.ref import policy_refs
 from connector.policy.registry import PolicyRegistry
 from connector.query_run import QueryRun
@@ -37,7 +37,7 @@ from connector.quota import PolicyQuota, QuotaLedger
 from connector.receipt import ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase
-from connector.shaping import Shaping, strictest
+from connector.shaping import Shaping
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo
 
@@ -54,6 +54,52 @@ class CatalogDataset:
     limits: Limits
     obligations: Mapping[str, Any]
     shaping: Shaping = field(default_factory=Shaping)
+
+
+def catalog_entries(
+    info: DatasetInfo, grant: CatalogGrant, policies: Sequence[UsagePolicy]
+) -> list[CatalogDataset]:
+    """One entry per set of purposes that gets the same terms: each is exactly what a query
+    under those purposes sees (columns, masks, filters, group minimum, limits, policies)."""
+    by_terms: dict[tuple[tuple[str, int], ...], list[str]] = {}
+    applicable_of: dict[tuple[tuple[str, int], ...], list[UsagePolicy]] = {}
+    for purpose in grant.purposes:
+        applicable = [p for p in policies if purpose in p.purposes]
+        if len({p.shaping.canonical() for p in applicable}) != 1:
+            # Queries under this purpose are refused (policies shape the dataset differently);
+            # listing a merged shape would misstate what the peer gets.
+            log.warning(
+                "dataset %s is not listed for purpose %r: its policies shape it differently",
+                info.name,
+                purpose,
+            )
+            continue
+        key = tuple(sorted((p.id, p.version) for p in applicable))
+        by_terms.setdefault(key, []).append(purpose)
+        applicable_of[key] = applicable
+    entries = []
+    for key, purposes in by_terms.items():
+        applicable = applicable_of[key]
+        shaping = applicable[0].shaping
+        granted = {c for p in applicable for c in p.columns} & set(grant.columns)
+        entries.append(
+            CatalogDataset(
+                info,
+                visible_columns(info, granted, shaping),
+                dataclasses.replace(
+                    grant,
+                    columns=tuple(sorted(granted)),
+                    purposes=tuple(sorted(purposes)),
+                    policies=tuple(sorted((p.id, p.version) for p in applicable)),
+                    valid_from=min(p.valid_from for p in applicable),
+                    valid_until=max(p.valid_until for p in applicable),
+                ),
+                Limits.tightest(p.limits for p in applicable),
+                {p.id: dataclasses.asdict(p.obligations) for p in applicable},
+                shaping,
+            )
+        )
+    return entries
 
 
 class Provider:
@@ -140,19 +186,7 @@ class Provider:
                 log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
                 continue
             policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
-            obligations = {p.id: dataclasses.asdict(p.obligations) for p in policies}
-            shaping = strictest([p.shaping for p in policies])
-            columns = visible_columns(info, set(grant.columns), shaping)
-            listed.append(
-                CatalogDataset(
-                    info,
-                    columns,
-                    grant,
-                    Limits.tightest(p.limits for p in policies),
-                    obligations,
-                    shaping,
-                )
-            )
+            listed.extend(catalog_entries(info, grant, policies))
         entry.datasets = tuple(d.info.name for d in listed)
         entry.outcome = "answered"
         self.record(entry)

@@ -80,23 +80,6 @@ class Shaping:
         )
 
 
-def strictest(shapings: list[Shaping]) -> Shaping:
-    """All the masks and filters and the largest group minimum of several shapings (how the
-    catalog shows a dataset that policies for different purposes shape differently)."""
-    masks: dict[str, MaskKind] = {}
-    filters: dict[str, RowFilter] = {}
-    for shaping in shapings:
-        for column, kind in shaping.masks:
-            masks.setdefault(column, kind)
-        for row_filter in shaping.filters:
-            filters.setdefault(row_filter.sql(), row_filter)
-    return Shaping(
-        masks=tuple(sorted(masks.items())),
-        filters=tuple(filters[k] for k in sorted(filters)),
-        min_group_size=max((s.min_group_size for s in shapings), default=0),
-    )
-
-
 def mask_sql(column: str, kind: MaskKind, column_type: str, key: bytes) -> str:
     """The SQL expression that shows column masked (named like the column)."""
     name = quote_identifier(column)
