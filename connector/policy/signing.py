@@ -132,7 +132,11 @@ def _verify(
     try:
         jws.verify(token, key, detached_payload=data)
     except jws.JwsError as exc:
-        status = VerdictStatus.MODIFIED if "does not match" in str(exc) else VerdictStatus.MALFORMED
+        status = (
+            VerdictStatus.MODIFIED
+            if isinstance(exc, jws.SignatureMismatch)
+            else VerdictStatus.MALFORMED
+        )
         return PolicyVerdict(
             path,
             status,
