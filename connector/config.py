@@ -61,6 +61,7 @@ class PolicySettings:
     opa_token_file: Path | None = None  # a bearer token for the OPA server, in a file
     opa_ca: Path | None = None  # the CA that signed the OPA server's HTTPS certificate
     mask_consistency: str = "warn"  # or "refuse": see policy/consistency.py
+    versions_file: Path | None = None  # highest version in force per policy (None: not kept)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,7 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
         opa_ca=home / opa_ca if opa_ca else None,
         mask_consistency=mask_consistency,
         reload_seconds=section.number("reload_seconds", 2.0, 0.1, MAX_SECONDS),
+        versions_file=home / section.text("versions_file", "state/policy_versions.json"),
     )
 
 

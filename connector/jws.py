@@ -40,6 +40,10 @@ class JwsError(ValueError):
     """A JWS is malformed, uses another algorithm, or its signature does not verify."""
 
 
+class SignatureMismatch(JwsError):
+    """A well-formed JWS whose signature does not match the signed bytes and key."""
+
+
 @dataclass(frozen=True)
 class VerifiedJws:
     """A JWS whose signature checked out: its header and payload bytes."""
@@ -122,7 +126,7 @@ def verify_es256(token: str, key: ec.EllipticCurvePublicKey) -> bytes:
     try:
         key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise JwsError("the signature does not match") from None
+        raise SignatureMismatch("the signature does not match") from None
     return b64url_decode(parts[1])
 
 
@@ -168,5 +172,5 @@ def verify(
     try:
         key.verify(b64url_decode(signature), f"{protected}.{body}".encode("ascii"))
     except InvalidSignature:
-        raise JwsError("the signature does not match") from None
+        raise SignatureMismatch("the signature does not match") from None
     return VerifiedJws(header, b64url_decode(body))

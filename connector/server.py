@@ -27,6 +27,7 @@ from connector.policy.model import UsagePolicy
 from connector.policy.opa import opa_namespace
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
+from connector.policy.versions import VersionMemory
 from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
@@ -100,7 +101,12 @@ def build_provider(settings: Settings) -> Provider:
     )
     signers = trusted_keys(settings.policies.trusted_signers.values())
     log.info("trusted policy signers: %s", ", ".join(signers) or "none")
-    registry = PolicyRegistry(settings.policies.directory, signers, _engine_factory(settings))
+    registry = PolicyRegistry(
+        settings.policies.directory,
+        signers,
+        _engine_factory(settings),
+        VersionMemory(settings.policies.versions_file),
+    )
     receipt_key = load_ed25519_private(settings.receipt_key)
     tls_key = load_private_key(settings.key)
     if not isinstance(tls_key, ec.EllipticCurvePrivateKey):

@@ -69,7 +69,9 @@ class DatasetInfo:
 
 def busy_or_error(exc: duckdb.Error, path: Path) -> Exception:
     text = str(exc)
-    if "lock" in text.lower():
+    # DuckDB has no exception type of its own for a file locked by another process: it is an
+    # IOException like a missing or unreadable file, told apart only by its message.
+    if isinstance(exc, duckdb.IOException) and "lock" in text.lower():
         pid = re.search(r"PID (\d+)", text)
         holder = f" (process {pid.group(1)})" if pid else ""
         return StoreBusy(

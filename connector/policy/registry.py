@@ -2,6 +2,8 @@
 
 A reload builds a complete new engine first and swaps one reference; requests already
 running keep the engine they started with, so no query is dropped or sees half a load.
+Versions only go up: each version put in force is recorded (policy/versions.py) before the
+swap, and a lower or reused version is refused from then on, also after a restart.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ from connector.policy.signing import (
     VerdictStatus,
     load_policy_dir,
 )
+from connector.policy.versions import InForce, VersionMemory
 
 log = logging.getLogger(__name__)
 
 RETRY_FAILED_SECONDS = 30  # not every poll: a lasting fault would fill the log
+# A load that saw the folder change under it (a publish renaming files in) is done again;
+# a few times, then the last one counts: it is still a correct verdict on what it read.
+MAX_SETTLE_ATTEMPTS = 5
+_REFUSED_ON_PURPOSE = (VerdictStatus.ROLLED_BACK, VerdictStatus.VERSION_REUSED)
 EngineFactory = Callable[[Sequence[UsagePolicy]], PolicyEngine]
 
 
@@ -106,10 +113,13 @@ class PolicyRegistry:
         directory: Path,
         trusted_signers: Mapping[str, ed25519.Ed25519PublicKey],
         engine_factory: EngineFactory,
+        versions: VersionMemory | None = None,
     ) -> None:
+        """versions: where the versions in force are remembered (default: this process only)."""
         self._directory = directory
         self._trusted = dict(trusted_signers)
         self._engine_factory = engine_factory
+        self._versions = versions or VersionMemory(None)
         self._lock = threading.Lock()
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
         self._snapshot = self._load_or_deny()
@@ -164,13 +174,21 @@ class PolicyRegistry:
             return PolicySnapshot(DenyingEngine(), (), (failed,), dt.datetime.now(dt.UTC))
 
     def _load(self) -> PolicySnapshot:
-        self._fingerprint = _folder_fingerprint(self._directory)
-        now = dt.datetime.now(dt.UTC)
-        policies, verdicts = load_policy_dir(self._directory, self._trusted, now)
+        now, policies, verdicts = self._read_settled()
         engine = self._engine_factory(policies)
-        for verdict in verdicts:
-            if verdict.status is not VerdictStatus.VALID:
-                log.warning("policy %s skipped: %s", verdict.path.name, verdict.message)
+        _log_verdicts(verdicts, policies)
+        in_force = [
+            InForce(v.policy.id, v.policy.version, v.sha256)
+            for v in verdicts
+            if v.status is VerdictStatus.VALID and v.policy is not None
+        ]
+        # Recorded before the swap: a version in force is never forgotten, even by a crash.
+        for item in self._versions.record(in_force):
+            log.info(
+                "policy %s is in force at version %d; lower versions are refused from now on",
+                item.policy_id,
+                item.version,
+            )
         log.info(
             "policies loaded from %s: %d in force (%s), %d skipped",
             self._directory,
@@ -182,3 +200,47 @@ class PolicyRegistry:
         for conflict in snapshot.mask_conflicts:
             log.warning("policies in force disagree on a mask: %s", conflict.describe())
         return snapshot
+
+    def _read_settled(self) -> tuple[dt.datetime, list[UsagePolicy], list[PolicyVerdict]]:
+        """Verdicts on the folder, read again while its files changed during the reading.
+
+        Files renamed in between the listing and the reading of a policy and its signature
+        would otherwise give a torn verdict (gone, unsigned) and withdraw a grant until the
+        next poll.
+        """
+        remembered = self._versions.records
+        for _ in range(MAX_SETTLE_ATTEMPTS):
+            before = _folder_fingerprint(self._directory)
+            now = dt.datetime.now(dt.UTC)
+            policies, verdicts = load_policy_dir(self._directory, self._trusted, now, remembered)
+            self._fingerprint = _folder_fingerprint(self._directory)
+            if self._fingerprint == before:
+                break
+        return now, policies, verdicts
+
+
+def _log_verdicts(verdicts: Sequence[PolicyVerdict], policies: Sequence[UsagePolicy]) -> None:
+    """One line per file not in force; for a pending version, what is in force until then."""
+    in_force = {p.id: p for p in policies}
+    for verdict in verdicts:
+        if verdict.status is VerdictStatus.VALID:
+            continue
+        if verdict.status is VerdictStatus.NOT_YET_VALID and verdict.policy is not None:
+            pending, current = verdict.policy, in_force.get(verdict.policy.id)
+            until_then = (
+                f"version {current.version} stays in force until then"
+                if current is not None
+                else f"until then no version of {pending.id} is in force"
+            )
+            log.warning(
+                "policy %s (%s): version %d is valid only from %s; %s",
+                pending.id,
+                verdict.path.name,
+                pending.version,
+                pending.valid_from.isoformat(),
+                until_then,
+            )
+        elif verdict.status in _REFUSED_ON_PURPOSE:
+            log.error("policy %s refused: %s", verdict.path.name, verdict.message)
+        else:
+            log.warning("policy %s skipped: %s", verdict.path.name, verdict.message)

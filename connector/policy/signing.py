@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
+from connector.atomic_file import write_atomically
 from connector.errors import PolicyError
 from connector.identity import load_ed25519_public
 from connector.policy.model import MAX_POLICY_BYTES, UsagePolicy, parse_policy, read_limited
 from connector.policy.ref import PolicyRef
+from connector.policy.versions import VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +42,23 @@ class VerdictStatus(enum.Enum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not yet valid"
     DUPLICATE = "duplicate id"
+    SUPERSEDED = "superseded"
+    ROLLED_BACK = "rolled back"
+    VERSION_REUSED = "version reused"
 
 
 @dataclass(frozen=True)
 class PolicyVerdict:
-    """The verdict on one policy file; policy is set when the file parsed and verified."""
+    """The verdict on one policy file; policy is set when the file parsed and verified.
+
+    sha256 is the digest of the bytes the signature was checked over (set with policy).
+    """
 
     path: Path
     status: VerdictStatus
     message: str
     policy: UsagePolicy | None = None
+    sha256: str = ""
 
 
 def trusted_keys(public_key_files: Iterable[Path]) -> dict[str, ed25519.Ed25519PublicKey]:
@@ -70,8 +80,14 @@ def sign_policy(path: Path, private_key: ed25519.Ed25519PrivateKey) -> Path:
     data = _read(path)
     parse_policy(path, data)
     target = signature_path(path)
-    target.write_text(jws.sign(data, private_key, detached=True) + "\n", encoding="ascii")
+    # Atomically: a reload must never read half a signature (it withdrew the grant).
+    write_atomically(target, signature_bytes(data, private_key))
     return target
+
+
+def signature_bytes(data: bytes, private_key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The content of a policy's .jws file: a detached JWS over data and a newline."""
+    return (jws.sign(data, private_key, detached=True) + "\n").encode("ascii")
 
 
 def _read(path: Path) -> bytes:
@@ -132,7 +148,11 @@ def _verify(
     try:
         jws.verify(token, key, detached_payload=data)
     except jws.JwsError as exc:
-        status = VerdictStatus.MODIFIED if "does not match" in str(exc) else VerdictStatus.MALFORMED
+        status = (
+            VerdictStatus.MODIFIED
+            if isinstance(exc, jws.SignatureMismatch)
+            else VerdictStatus.MALFORMED
+        )
         return PolicyVerdict(
             path,
             status,
@@ -144,7 +164,7 @@ def _verify(
         policy = parse_policy(path, data)
     except PolicyError as exc:
         return PolicyVerdict(path, VerdictStatus.MALFORMED, str(exc))
-    return _dated_verdict(path, policy, now)
+    return replace(_dated_verdict(path, policy, now), sha256=hashlib.sha256(data).hexdigest())
 
 
 def _dated_verdict(path: Path, policy: UsagePolicy, now: dt.datetime) -> PolicyVerdict:
@@ -178,34 +198,101 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
 
 
-def _unique(verdict: PolicyVerdict, by_id: Mapping[str, list[PolicyVerdict]]) -> PolicyVerdict:
-    """The verdict, turned into DUPLICATE when another valid file uses the same policy id."""
-    policy = verdict.policy
-    same = by_id.get(policy.id, []) if policy is not None else []
-    if verdict.status is not VerdictStatus.VALID or policy is None or len(same) < 2:
-        return verdict
-    others = ", ".join(v.path.name for v in same if v is not verdict)
-    return PolicyVerdict(
-        verdict.path,
-        VerdictStatus.DUPLICATE,
-        f"policy id {policy.id} is also used by {others}; give each policy its own id",
-        policy,
-    )
+def against_memory(
+    verdict: PolicyVerdict, remembered: Mapping[str, VersionRecord]
+) -> PolicyVerdict:
+    """The verdict, refused when an equal or higher version of its policy was already in force.
 
-
-def load_policy_dir(
-    directory: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey], now: dt.datetime
-) -> tuple[list[UsagePolicy], list[PolicyVerdict]]:
-    """The policies in force and a verdict for every file.
-
-    Two valid files with the same policy id are both refused: which one legal meant is not
-    for the connector to guess.
+    Only files that could come into force are judged (valid or not yet valid); an expired
+    or broken file keeps its own verdict.
     """
-    verdicts = [verify_policy(path, trusted, now) for path in policy_files(directory)]
+    policy = verdict.policy
+    if policy is None or verdict.status not in (VerdictStatus.VALID, VerdictStatus.NOT_YET_VALID):
+        return verdict
+    refusal = memory_refusal(policy, verdict.sha256, remembered)
+    if refusal is None:
+        return verdict
+    return replace(verdict, status=refusal[0], message=refusal[1])
+
+
+def memory_refusal(
+    policy: UsagePolicy, sha256: str, remembered: Mapping[str, VersionRecord]
+) -> tuple[VerdictStatus, str] | None:
+    """Why this version may never come into force given the versions already in force, if so."""
+    known = remembered.get(policy.id)
+    if known is None or policy.version > known.version:
+        return None
+    if policy.version < known.version:
+        return VerdictStatus.ROLLED_BACK, (
+            f"rolled back: version {policy.version} is older than version {known.version} "
+            f"already in force (policy {policy.id}); an old version never comes back: "
+            f"to change the terms, publish a version above {known.version}"
+        )
+    if sha256 != known.sha256:
+        return VerdictStatus.VERSION_REUSED, (
+            f"version {policy.version} of policy {policy.id} was already in force with "
+            f"other content; a changed policy needs a new version: set `version: "
+            f"{known.version + 1}` and sign it again"
+        )
+    return None
+
+
+def _one_per_id(verdicts: Sequence[PolicyVerdict]) -> list[PolicyVerdict]:
+    """At most one valid file per policy id: the highest version.
+
+    A lower version beside a higher one is superseded (that is how a new version replaces
+    the old one without a gap); two valid files with the same highest version are both
+    refused: which one legal meant is not for the connector to guess.
+    """
     by_id: dict[str, list[PolicyVerdict]] = {}
     for verdict in verdicts:
         if verdict.status is VerdictStatus.VALID and verdict.policy is not None:
             by_id.setdefault(verdict.policy.id, []).append(verdict)
-    final = [_unique(verdict, by_id) for verdict in verdicts]
+    return [_judged(verdict, by_id) for verdict in verdicts]
+
+
+def _judged(verdict: PolicyVerdict, by_id: Mapping[str, list[PolicyVerdict]]) -> PolicyVerdict:
+    policy = verdict.policy
+    same = by_id.get(policy.id, []) if policy is not None else []
+    if verdict.status is not VerdictStatus.VALID or policy is None or len(same) < 2:
+        return verdict
+    top = max(v.policy.version for v in same if v.policy is not None)
+    highest = [v for v in same if v.policy is not None and v.policy.version == top]
+    if policy.version < top:
+        where = ", ".join(v.path.name for v in highest)
+        return replace(
+            verdict,
+            status=VerdictStatus.SUPERSEDED,
+            message=(
+                f"{PolicyRef(policy.id, policy.version)} is superseded by version {top} "
+                f"({where}); this file can be removed"
+            ),
+        )
+    if len(highest) < 2:
+        return verdict
+    others = ", ".join(v.path.name for v in highest if v is not verdict)
+    return replace(
+        verdict,
+        status=VerdictStatus.DUPLICATE,
+        message=(
+            f"policy id {policy.id} version {top} is also in {others}; keep one file per "
+            "version, or give each policy its own id"
+        ),
+    )
+
+
+def load_policy_dir(
+    directory: Path,
+    trusted: Mapping[str, ed25519.Ed25519PublicKey],
+    now: dt.datetime,
+    remembered: Mapping[str, VersionRecord] | None = None,
+) -> tuple[list[UsagePolicy], list[PolicyVerdict]]:
+    """The policies in force and a verdict for every file.
+
+    remembered: the versions already in force before (a lower or reused one is refused).
+    """
+    verdicts = [verify_policy(path, trusted, now) for path in policy_files(directory)]
+    # Superseded first: an old file beside its successor is a leftover, not a rollback.
+    final = [against_memory(v, remembered or {}) for v in _one_per_id(verdicts)]
     policies = [v.policy for v in final if v.status is VerdictStatus.VALID and v.policy]
     return policies, final

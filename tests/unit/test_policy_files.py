@@ -428,3 +428,13 @@ def test_a_token_with_a_character_outside_base64url_is_a_jws_error(where: int) -
     parts[where] = "\x80" + parts[where]
     with pytest.raises(jws.JwsError):
         jws.verify(".".join(parts), key.public_key())
+
+
+def test_a_signature_that_does_not_match_is_its_own_exception_type() -> None:
+    key, _ = _keys()
+    token = jws.sign(b"signed bytes", key, detached=True)
+    with pytest.raises(jws.SignatureMismatch):
+        jws.verify(token, key.public_key(), detached_payload=b"other bytes")
+    with pytest.raises(jws.JwsError) as malformed:
+        jws.verify(token.replace(".", "!", 1), key.public_key(), detached_payload=b"x")
+    assert not isinstance(malformed.value, jws.SignatureMismatch)

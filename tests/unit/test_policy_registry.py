@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from connector import jws
 from connector.policy.engine import DecisionRequest, EmbeddedEngine
 from connector.policy.model import UsagePolicy
-from connector.policy.registry import PolicyRegistry
+from connector.policy.registry import DenyingEngine, PolicyRegistry
 from connector.policy.signing import VerdictStatus, sign_policy, signature_path
+from connector.policy.versions import VersionMemory
 
 
 def _signed_policy(folder: Path, key: ed25519.Ed25519PrivateKey, start: str, end: str) -> Path:
@@ -137,3 +140,170 @@ def test_the_first_load_fails_closed_too(tmp_path: Path) -> None:
     registry = PolicyRegistry(tmp_path, {}, factory)
     assert registry.snapshot.policies == ()
     assert not _decide(registry)
+
+
+def _versioned(folder: Path, key: ed25519.Ed25519PrivateKey, version: int, **kw: str) -> Path:
+    """Policy p at a version, granting plant (and, before version 2, part_no)."""
+    columns = "[plant, part_no]" if version < 2 else "[plant]"
+    start, end = kw.get("start", "2020-01-01"), kw.get("end", "2099-01-01")
+    path = folder / kw.get("name", "p.yaml")
+    path.write_text(
+        f"id: p\nversion: {version}\ndescription: {kw.get('description', 'test')}\n"
+        "datasets: [part_defects]\ngrantees: {members: [acme]}\npurposes: [quality]\n"
+        f"valid: {{from: {start}, until: {end}}}\ncolumns: {{allow: {columns}}}\n"
+    )
+    sign_policy(path, key)
+    return path
+
+
+def _durable_registry(folder: Path, key: ed25519.Ed25519PrivateKey, memory: Path) -> PolicyRegistry:
+    trusted = {jws.key_id(key.public_key()): key.public_key()}
+    return PolicyRegistry(folder, trusted, EmbeddedEngine, VersionMemory(memory))
+
+
+def _status(registry: PolicyRegistry, name: str) -> VerdictStatus:
+    return next(v.status for v in registry.snapshot.verdicts if v.path.name == name)
+
+
+def test_a_rolled_back_version_is_refused_also_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    folder, memory = tmp_path / "policies", tmp_path / "state" / "versions.json"
+    folder.mkdir()
+    old = _versioned(folder, key, 1)
+    old_bytes, old_signature = old.read_bytes(), signature_path(old).read_bytes()
+    registry = _durable_registry(folder, key, memory)
+    assert [p.version for p in registry.snapshot.policies] == [1]
+    _versioned(folder, key, 2)
+    registry.reload()
+    assert [p.version for p in registry.snapshot.policies] == [2]
+    assert json.loads(memory.read_text())["policies"]["p"]["version"] == 2
+    old.write_bytes(old_bytes)
+    signature_path(old).write_bytes(old_signature)
+    with caplog.at_level(logging.ERROR):
+        registry.reload()
+    assert registry.snapshot.policies == ()
+    assert _status(registry, "p.yaml") is VerdictStatus.ROLLED_BACK
+    assert "rolled back: version 1 is older than version 2 already in force" in caplog.text
+    restarted = _durable_registry(folder, key, memory)
+    assert restarted.snapshot.policies == ()
+    assert _status(restarted, "p.yaml") is VerdictStatus.ROLLED_BACK
+
+
+def test_an_expired_version_is_still_remembered(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    memory = tmp_path / "versions.json"
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    _versioned(folder, key, 2)
+    _durable_registry(folder, key, memory)
+    _versioned(folder, key, 2, end="2021-01-01")  # re-signed as expired: reused version
+    _versioned(folder, key, 1)  # and the old, unexpired version 1 copied back
+    registry = _durable_registry(folder, key, memory)
+    assert registry.snapshot.policies == ()
+    assert _status(registry, "p.yaml") is VerdictStatus.ROLLED_BACK
+
+
+def test_the_same_version_with_other_content_is_refused(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    folder, memory = tmp_path / "policies", tmp_path / "versions.json"
+    folder.mkdir()
+    _versioned(folder, key, 2)
+    registry = _durable_registry(folder, key, memory)
+    assert [p.version for p in registry.snapshot.policies] == [2]
+    _versioned(folder, key, 2, description="changed")
+    registry.reload()
+    assert registry.snapshot.policies == ()
+    (verdict,) = registry.snapshot.verdicts
+    assert verdict.status is VerdictStatus.VERSION_REUSED
+    assert "set `version: 3`" in verdict.message
+    _versioned(folder, key, 2)  # the bytes that were in force: accepted again
+    registry.reload()
+    assert [p.version for p in registry.snapshot.policies] == [2]
+
+
+def test_a_higher_version_beside_the_old_one_supersedes_it_without_a_gap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    _versioned(folder, key, 1)
+    _versioned(folder, key, 2, name="p.v2.yaml", start="2090-01-01")
+    with caplog.at_level(logging.WARNING):
+        registry = _durable_registry(folder, key, tmp_path / "v.json")
+    assert [p.version for p in registry.snapshot.policies] == [1]
+    assert "version 2 is valid only from 2090-01-01" in caplog.text
+    assert "version 1 stays in force until then" in caplog.text
+    _versioned(folder, key, 2, name="p.v2.yaml")
+    registry.reload()
+    assert [p.version for p in registry.snapshot.policies] == [2]
+    registry.reload()
+    assert _status(registry, "p.yaml") is VerdictStatus.SUPERSEDED
+    (folder / "p.v2.yaml").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _versioned(folder, key, 3, name="p.v3.yaml", start="2090-01-01")
+        registry.reload()
+    assert "until then no version of p is in force" in caplog.text
+
+
+def test_two_files_with_the_same_highest_version_are_both_refused(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    _versioned(folder, key, 1)
+    _versioned(folder, key, 2, name="a.yaml")
+    _versioned(folder, key, 2, name="b.yaml", description="other")
+    registry = _durable_registry(folder, key, tmp_path / "v.json")
+    assert registry.snapshot.policies == ()
+    assert [_status(registry, n) for n in ("a.yaml", "b.yaml", "p.yaml")] == [
+        VerdictStatus.DUPLICATE,
+        VerdictStatus.DUPLICATE,
+        VerdictStatus.SUPERSEDED,
+    ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b'{"format": 1}',
+        b'{"format": 9, "policies": {}}',
+        b'{"format": 1, "policies": {"p": {"version": true, "sha256": "00"}}}',
+        b'{"format": 1, "policies": {"p": {"version": 0, "sha256": "' + b"0" * 64 + b'"}}}',
+    ],
+)
+def test_an_unreadable_version_record_denies_everything(tmp_path: Path, content: bytes) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    _versioned(folder, key, 1)
+    memory = tmp_path / "versions.json"
+    memory.write_bytes(content)
+    registry = _durable_registry(folder, key, memory)
+    assert registry.snapshot.policies == ()
+    assert isinstance(registry.snapshot.engine, DenyingEngine)
+    assert "record of policy versions in force" in registry.snapshot.verdicts[0].message
+
+
+def test_a_version_that_cannot_be_recorded_is_not_put_in_force(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    _versioned(folder, key, 1)
+    memory = tmp_path / "state" / "versions.json"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))  # a full disk, as root sees one
+    try:
+        registry = _durable_registry(folder, key, memory)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert registry.snapshot.policies == ()
+    assert "cannot record the policy versions" in registry.snapshot.verdicts[0].message
+    assert not memory.exists()
+    assert list(memory.parent.iterdir()) == []  # no temporary file left behind
+    registry.reload()
+    assert [p.version for p in registry.snapshot.policies] == [1]
+    assert json.loads(memory.read_text())["policies"]["p"]["version"] == 1
