@@ -310,9 +310,11 @@ class _Planner:
             raise self.fail("the select list is empty")
         aggregate_names = {o.name.lower() for o in outputs if o.kind != "group"}
         self._modifiers(node.get("modifiers") or [], aggregate_names)
-        select = [f"{quote_identifier(g)} AS {a}" for g, a in self.group_aliases.items()] + [
-            f"{m.sql} AS {m.alias}" for m in self.measurements.values()
-        ]
+        # The aliases hold '-', which no granted column name can: an ORDER BY a grouping
+        # column never binds to a measurement instead.
+        select = [
+            f"{quote_identifier(g)} AS {quote_identifier(a)}" for g, a in self.group_aliases.items()
+        ] + [f"{m.sql} AS {quote_identifier(m.alias)}" for m in self.measurements.values()]
         template = _serialised(f"SELECT {', '.join(select)}")["statements"][0]["node"]
         node["select_list"] = template["select_list"]
         try:
@@ -330,7 +332,7 @@ class _Planner:
         if column is not None:
             if column not in self.groups:
                 raise self.fail(f"column {column} in the select list must be grouped")
-            alias = self.group_aliases.setdefault(column, f"_g{len(self.group_aliases)}")
+            alias = self.group_aliases.setdefault(column, f"g-{len(self.group_aliases)}")
             return Output(_alias(item) or column, "group", alias)
         if item.get("class") != "FUNCTION":
             raise self.fail(
@@ -380,7 +382,7 @@ class _Planner:
     def _measure(self, text: str, sql: str, sensitivity: int | float, integer: bool) -> str:
         found = self.measurements.get(text)
         if found is None:
-            alias = f"_m{len(self.measurements)}"
+            alias = f"m-{len(self.measurements)}"
             found = self.measurements[text] = Measurement(alias, text, sql, sensitivity, integer)
         return found.alias
 

@@ -11,6 +11,7 @@ an undeclared grouping is refused, and the spent budget survives a restart.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from connector.client import Peer
 from connector.errors import QueryRejected, ResourceExhausted
 from connector.server import RunningServer
-from tests.conftest import Member, connect, policy_text
+from tests.conftest import Member, connect, policy_text, run_cli
 
 NOISY = "noisy-benchmark"
 DECLARED = "declared-groups"
@@ -274,3 +275,27 @@ def test_a_grouping_the_owner_did_not_declare_is_refused(space: Space) -> None:
             ).num_rows
             == 4
         )
+
+
+def test_the_cli_prints_the_noise_terms_and_the_budget(
+    space: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peer_args = (
+        "--home",
+        space.members["supplier-b"].home,
+        "--to",
+        f"127.0.0.1:{space.server.port}",
+    )
+    capsys.readouterr()
+    assert run_cli("catalog", *peer_args) == 0
+    catalog = capsys.readouterr().out
+    assert "noise: epsilon 1 a query" in catalog and "defects in [0, 1000]" in catalog
+    assert "privacy budget: 3 of 3 left today" in catalog
+    assert run_cli("explain", *peer_args, "--purpose", NOISY, COARSE) == 0
+    explained = capsys.readouterr().out
+    assert "noised: sum(defects): discrete Laplace noise, scale 2000" in explained
+    assert "privacy budget: 3 of 3 left today" in explained
+    assert run_cli("catalog", *peer_args, "--format", "json") == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["noise"]["epsilon_remaining"] == PER_DAY
+    assert entry["noise"]["bounds"] == {"defects": [0, 1000]}

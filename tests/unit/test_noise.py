@@ -133,10 +133,10 @@ def test_the_measurements_query_and_the_answer(tmp_path: Path) -> None:
     assert "GROUP BY plant" in plan.sql and "LIMIT 2" in plan.sql and "max" not in plan.sql
     measured = pa.record_batch(
         {
-            "_g0": ["x"] * 2000,
-            "_m0": pa.array([5000] * 2000, pa.int64()),
-            "_m1": pa.array([100] * 2000, pa.int64()),
-            "_m2": pa.array([100] * 2000, pa.int64()),
+            "g-0": ["x"] * 2000,
+            "m-0": pa.array([5000] * 2000, pa.int64()),
+            "m-1": pa.array([100] * 2000, pa.int64()),
+            "m-2": pa.array([100] * 2000, pa.int64()),
         }
     )
     answer = plan.apply(measured)
@@ -147,6 +147,17 @@ def test_the_measurements_query_and_the_answer(tmp_path: Path) -> None:
     assert abs(statistics.mean(sums) - 5000) < 150
     assert statistics.pstdev(sums) > 300
     assert sum(s == 5000 for s in sums) < 50
+
+
+def test_fractional_sums_get_laplace_noise_over_doubles(tmp_path: Path) -> None:
+    relation = _relation(_parse(tmp_path, NOISE))
+    plan = noise_plan("SELECT sum(price) AS p FROM part_defects", relation)
+    assert plan is not None
+    (measurement,) = plan.measurements
+    assert (measurement.integer, measurement.sensitivity) == (False, 2.5)
+    answer = plan.apply(pa.record_batch({"m-0": pa.array([10.0, None], pa.float64())}))
+    assert answer.schema.types == [pa.float64()]
+    assert None not in answer.column("p").to_pylist()  # a sum over nothing is noised 0
 
 
 def test_declared_sets_refuse_other_groupings(tmp_path: Path) -> None:
