@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import duckdb
 
 from connector.errors import QueryRejected
+from connector.noise import NoisyRelation, grouping_form
 from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS, parser_connection
 
 # The aggregates an aggregate-only dataset answers (plan names; the peer may also write avg
@@ -246,7 +247,7 @@ def _expressions(value: Any) -> Iterator[dict[str, Any]]:
             yield from _expressions(child)
 
 
-class AggregateRelation(Protocol):
+class AggregateRelation(NoisyRelation, Protocol):
     """What the aggregate-only form needs of an enforced relation (see enforce.Relation)."""
 
     @property
@@ -274,7 +275,7 @@ def aggregate_form(
             f"or subqueries over others); {help_text}"
         )
     return aggregate_only_query(
-        sql,
+        grouping_form(sql, relation),  # declared grouping sets; the measurements under noise
         AggregateTerms(
             relation.dataset,
             frozenset(relation.column_names),

@@ -37,6 +37,7 @@ from connector.status import error_from_status
 __all__ = [
     "RECEIPT_METADATA_KEY",
     "CatalogEntry",
+    "NoiseInfo",
     "Peer",
     "PeerDecision",
     "PeerIdentity",
@@ -71,6 +72,39 @@ class PeerIdentity:
 
 
 @dataclass(frozen=True)
+class NoiseInfo:
+    """Differential-privacy terms of an aggregate-only dataset, with our budget left today."""
+
+    epsilon: float
+    epsilon_per_day: float
+    bounds: dict[str, tuple[float, float]]
+    epsilon_remaining: float
+    budget_resets_at: dt.datetime | None
+    mechanisms: tuple[str, ...] = ()  # Explain: how the query would be noised
+
+    @classmethod
+    def from_message(cls, message: Any) -> NoiseInfo:
+        """From a NoiseTerms message."""
+        resets = message.budget_resets_at if message.HasField("budget_resets_at") else None
+        return cls(
+            epsilon=message.epsilon,
+            epsilon_per_day=message.epsilon_per_day,
+            bounds={b.column: (b.low, b.high) for b in message.bounds},
+            epsilon_remaining=message.epsilon_remaining,
+            budget_resets_at=resets.ToDatetime(dt.UTC) if resets is not None else None,
+            mechanisms=tuple(message.mechanisms),
+        )
+
+
+def _noise_of(message: Any) -> NoiseInfo | None:
+    return NoiseInfo.from_message(message.noise) if message.HasField("noise") else None
+
+
+def _group_by_of(message: Any) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(g.columns) for g in message.group_by)
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     """A dataset a provider offers to this peer, with the columns and terms granted."""
 
@@ -88,6 +122,8 @@ class CatalogEntry:
     masks: dict[str, str] = field(default_factory=dict)  # column -> hash | redact | null
     row_filter: str = ""
     min_group_size: int = 0  # not 0: aggregate-only
+    noise: NoiseInfo | None = None  # answers carry differential-privacy noise
+    group_by: tuple[tuple[str, ...], ...] = ()  # the only GROUP BY sets allowed (): any
 
 
 @dataclass(frozen=True)
@@ -100,6 +136,8 @@ class PeerRelation:
     masks: dict[str, str] = field(default_factory=dict)
     row_filter: str = ""
     min_group_size: int = 0
+    noise: NoiseInfo | None = None
+    group_by: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -212,6 +250,8 @@ class Peer:
                 masks={c.name: c.mask for c in d.columns if c.masked},
                 row_filter=d.row_filter,
                 min_group_size=d.min_group_size,
+                noise=_noise_of(d),
+                group_by=_group_by_of(d),
             )
             for d in answer.datasets
         ]
@@ -236,6 +276,8 @@ class Peer:
                     dict(r.masks),
                     r.row_filter,
                     r.min_group_size,
+                    _noise_of(r),
+                    _group_by_of(r),
                 )
                 for r in answer.relations
             ),

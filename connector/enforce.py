@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +26,11 @@ from connector.store import ColumnInfo, DatasetInfo
 log = logging.getLogger(__name__)
 
 MASKED_TYPE = {"hash": "VARCHAR", "redact": "VARCHAR"}
+INTEGER_TYPES = frozenset(
+    "TINYINT SMALLINT INTEGER BIGINT HUGEINT UTINYINT USMALLINT UINTEGER UBIGINT UHUGEINT".split()
+)
+FRACTIONAL_TYPES = frozenset({"FLOAT", "DOUBLE", "DECIMAL"})
+CLAMPED_FRACTION_TYPE = "DOUBLE"  # clamped FLOAT and DECIMAL columns: bounds stay exact
 
 
 class GrantLike(Protocol):
@@ -83,6 +89,12 @@ class Relation:
         return "s_" + hashlib.sha256(self.sql.encode()).hexdigest()[:32]
 
     @property
+    def clamps(self) -> Mapping[str, tuple[int | float, int | float]]:
+        """Column -> the [low, high] its values are clamped to in the shaped copy (the
+        policy's noise bounds, narrowed to whole numbers on integer columns)."""
+        return clamps_of(self.shaping, {c.name: c.type for c in self.columns})
+
+    @property
     def measurement_columns(self) -> frozenset[str]:
         """Unmasked columns of measurement types, the only ones min and max may read."""
         masked = self.shaping.mask_of
@@ -129,10 +141,67 @@ def visible_columns(
 ) -> tuple[ColumnInfo, ...]:
     """The granted columns of a dataset in its own order, typed as the peer sees them."""
     masks = shaping.mask_of
+    bounded = shaping.noise.bounds_of if shaping.noise else {}
     return tuple(
-        ColumnInfo(c.name, MASKED_TYPE.get(masks.get(c.name, ""), c.type))
+        ColumnInfo(c.name, MASKED_TYPE.get(masks.get(c.name, ""), _clamped_type(c, bounded)))
         for c in info.columns
         if c.name in granted
+    )
+
+
+def _base_type(type_name: str) -> str:
+    return type_name.split("(", maxsplit=1)[0]
+
+
+def _clamped_type(column: ColumnInfo, bounded: Mapping[str, object]) -> str:
+    if column.name in bounded and _base_type(column.type) in FRACTIONAL_TYPES:
+        return CLAMPED_FRACTION_TYPE
+    return column.type
+
+
+def clamps_of(
+    shaping: Shaping, types: Mapping[str, str]
+) -> dict[str, tuple[int | float, int | float]]:
+    """The noise bounds of the columns present, as the shaped copy applies them: whole
+    numbers inside [low, high] on integer columns (so the clamp never rounds outwards)."""
+    if shaping.noise is None:
+        return {}
+    clamps: dict[str, tuple[int | float, int | float]] = {}
+    for column, low, high in shaping.noise.bounds:
+        if column not in types:
+            continue
+        if _base_type(types[column]) in INTEGER_TYPES:
+            clamps[column] = (math.ceil(low), math.floor(high))
+        else:
+            clamps[column] = (float(low), float(high))
+    return clamps
+
+
+def _check_bounded_columns(info: DatasetInfo, shaping: Shaping) -> None:
+    """PermissionDenied when a noise bound names a column that is not a number column, or
+    an integer column with no whole number inside its bounds."""
+    types = {c.name: _base_type(c.type) for c in info.columns}
+    clamps = clamps_of(shaping, types)
+    for column, _, _ in shaping.noise.bounds if shaping.noise else ():
+        kind = types.get(column)
+        if kind not in INTEGER_TYPES | FRACTIONAL_TYPES or clamps[column][0] > clamps[column][1]:
+            raise PermissionDenied(
+                [
+                    f"the policy for dataset {info.name} bounds column {column} for noise, "
+                    "which is not a number column with a whole number inside its bounds; ask "
+                    "the owner to fix the policy"
+                ]
+            )
+
+
+def _clamp_sql(column: ColumnInfo, low: float, high: float) -> str:
+    """The column clamped to [low, high] under its own name; NULL stays NULL (DuckDB's
+    greatest/least skip NULL arguments, so a bare clamp would turn NULL into high)."""
+    name = quote_identifier(column.name)
+    target = column.type if _base_type(column.type) in INTEGER_TYPES else CLAMPED_FRACTION_TYPE
+    return (
+        f"CAST(CASE WHEN {name} IS NULL THEN NULL ELSE greatest({low!r}, least({high!r}, "
+        f"{name})) END AS {target}) AS {name}"
     )
 
 
@@ -157,12 +226,18 @@ def relation_for(
                 "the policy"
             ]
         )
+    _check_bounded_columns(info, shaping)
+    clamps = clamps_of(shaping, types)
     masks = shaping.mask_of
     shown = [c for c in info.columns if c.name in granted]
     run, described = [], []
     for column in shown:
         kind = masks.get(column.name)
-        if kind is None:
+        if column.name in clamps:
+            low, high = clamps[column.name]
+            run.append(_clamp_sql(column, low, high))
+            described.append(f"greatest({low!r}, least({high!r}, {column.name})) AS {column.name}")
+        elif kind is None:
             run.append(quote_identifier(column.name))
             described.append(column.name)
         else:

@@ -27,6 +27,7 @@ from connector.errors import (
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
+from connector.noise import MICRO, BudgetStatus, PrivacyCharge, charges, noise_plan
 from connector.policy.consistency import conflicts_for
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
 from connector.policy.model import Limits, UsagePolicy
@@ -54,6 +55,7 @@ class CatalogDataset:
     limits: Limits
     obligations: Mapping[str, Any]
     shaping: Shaping = field(default_factory=Shaping)
+    budget: BudgetStatus | None = None  # the privacy budget left today (noised datasets)
 
 
 def catalog_entries(
@@ -186,7 +188,10 @@ class Provider:
                 log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
                 continue
             policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
-            listed.extend(catalog_entries(info, grant, policies))
+            for listed_entry in catalog_entries(info, grant, policies):
+                shapings = [(i, snapshot.by_id[i].shaping) for i, _ in listed_entry.grant.policies]
+                budget = self._budget(member.member_id, shapings)
+                listed.append(dataclasses.replace(listed_entry, budget=budget))
         entry.datasets = tuple(d.info.name for d in listed)
         entry.outcome = "answered"
         self.record(entry)
@@ -236,7 +241,26 @@ class Provider:
             if p.limits.queries_per_day or p.limits.rows_per_day
         )
         max_rows = Limits.tightest(p.limits for p in used).max_rows_per_query
-        return Explanation(shape, decision, relations, quotas, max_rows, sql)
+        noisy = next((r for r in relations if r.shaping.noise), None) if sql else None
+        plan = noise_plan(request.sql, noisy) if noisy is not None else None
+        noising = [(p.id, p.shaping) for p in used if p.shaping.noise]
+        privacy = charges(plan.noise, [i for i, _ in noising]) if plan is not None else ()
+        budget = self._budget(member.member_id, noising)
+        return Explanation(shape, decision, relations, quotas, max_rows, sql, plan, privacy, budget)
+
+    def _budget(self, member_id: str, policies: list[tuple[str, Shaping]]) -> BudgetStatus | None:
+        """The privacy budget member_id has left today under the noising policies given."""
+        left: list[tuple[int, int]] = []
+        resets = _now()
+        for policy_id, shaping in policies:
+            if shaping.noise is not None:
+                spent, resets = self.quotas.privacy_spent(member_id, policy_id, _now())
+                daily = charges(shaping.noise, [policy_id])[0].per_day
+                left.append((max(0, daily - spent), daily))
+        if not left:
+            return None
+        remaining, daily = min(left)
+        return BudgetStatus(daily / MICRO, remaining / MICRO, resets)
 
     def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed."""
@@ -249,10 +273,16 @@ class Provider:
             )
         try:
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
+            self._spend_privacy(member.member_id, explanation.privacy)
             return QueryRun(self, member, request, explanation, entry)
         except BaseException:
             self._slots.release()
             raise
+
+    def _spend_privacy(self, member_id: str, privacy: tuple[PrivacyCharge, ...]) -> None:
+        """Claim a noisy query's epsilon before it runs (Explain never spends any)."""
+        if privacy:
+            self.quotas.claim_privacy(member_id, privacy, _now())
 
     def release_slot(self) -> None:
         """Called by a QueryRun when it ends."""

@@ -84,9 +84,12 @@ class QueryRun:
             self._session.expose(self._explanation.relations)
             self._session.verify_plan(sql, self._explanation.relations)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
-            pieces = self._pieces = IpcPieces(self._labelled(result.schema))
+            noise = self._explanation.noise  # noised answers: each batch noised, renamed
+            schema = noise.schema(result.schema) if noise else result.schema
+            pieces = self._pieces = IpcPieces(self._labelled(schema))
             cap = tightest((self._request.max_rows, self._explanation.max_rows))
-            for whole in result:
+            for measured in result:
+                whole = noise.apply(measured) if noise else measured
                 batch = whole
                 if cap and self.rows + whole.num_rows > cap:
                     batch = whole.slice(0, cap - self.rows)

@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connector.errors import ResourceExhausted
+from connector.noise import MICRO, PrivacyCharge
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL, member TEXT NOT NULL, policy TEXT NOT NULL,
     queries INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, member, policy)
+)
+"""
+# The privacy budget a member spent under a noising policy, in whole micro-epsilons.
+_PRIVACY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS privacy (
+    day TEXT NOT NULL, member TEXT NOT NULL, policy TEXT NOT NULL,
+    spent INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, member, policy)
 )
 """
@@ -58,6 +67,7 @@ class QuotaLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._db.execute(_PRIVACY_SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -124,3 +134,48 @@ class QuotaLedger:
         """Queries and rows counted today for member under policy."""
         with self._lock:
             return self._counts(_today(now)[0], member, policy_id)
+
+    def _spent(self, day: str, member: str, policy: str) -> int:
+        row = self._db.execute(
+            "SELECT spent FROM privacy WHERE day = ? AND member = ? AND policy = ?",
+            (day, member, policy),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def claim_privacy(
+        self, member: str, charges: Sequence[PrivacyCharge], now: dt.datetime
+    ) -> None:
+        """Spend one query's epsilon under every policy, or none; ResourceExhausted says when
+        the daily privacy budget resets."""
+        day, reset = _today(now)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for charge in charges:
+                    spent = self._spent(day, member, charge.policy_id)
+                    if spent + charge.cost > charge.per_day:
+                        raise ResourceExhausted(
+                            f"the daily privacy budget of policy {charge.policy_id} "
+                            f"(epsilon {charge.per_day / MICRO:g}) is spent: "
+                            f"{max(0, charge.per_day - spent) / MICRO:g} is left and a query "
+                            f"costs {charge.cost / MICRO:g}; it resets at {reset.isoformat()}"
+                        )
+                for charge in charges:
+                    self._db.execute(
+                        "INSERT INTO privacy VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (day, member, policy) DO UPDATE SET spent = spent + "
+                        "excluded.spent",
+                        (day, member, charge.policy_id, charge.cost),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def privacy_spent(
+        self, member: str, policy_id: str, now: dt.datetime
+    ) -> tuple[int, dt.datetime]:
+        """Micro-epsilons member spent today under policy, and when that count resets."""
+        day, reset = _today(now)
+        with self._lock:
+            return self._spent(day, member, policy_id), reset

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from connector.enforce import Relation
 from connector.errors import QueryRejected
 from connector.names import PURPOSE, REQUEST_ID
+from connector.noise import BudgetStatus, NoisePlan, PrivacyCharge
 from connector.policy.engine import Decision
 from connector.quota import PolicyQuota
 from connector.sqlguard import QueryShape
@@ -47,3 +48,6 @@ class Explanation:
     quotas: tuple[PolicyQuota, ...] = ()
     max_rows: int = 0  # the tightest max_rows_per_query of the policies used (0: none)
     sql: str = ""  # what runs: the peer's SQL, or its aggregate-only rewrite ("" if denied)
+    noise: NoisePlan | None = None  # how the answer is noised (None: exact)
+    privacy: tuple[PrivacyCharge, ...] = ()  # the privacy budget the query spends
+    budget: BudgetStatus | None = None  # the member's privacy budget left today

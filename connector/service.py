@@ -22,10 +22,12 @@ from connector.audit import AuditEntry
 from connector.canonical import canonical_json
 from connector.errors import ConnectorError
 from connector.identity import MemberIdentity
+from connector.noise import BudgetStatus
 from connector.policy.ref import PolicyRef, joined, policy_refs
 from connector.provider import CatalogDataset, Provider
 from connector.receipt import ReceiptFields
 from connector.request import Explanation, PeerRequest
+from connector.shaping import Shaping
 from connector.status import reasons_metadata, status_of
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,26 @@ def _policy_refs(uses: tuple[PolicyRef, ...]) -> list[pb.PolicyRef]:
     return [pb.PolicyRef(id=u.id, version=u.version) for u in uses]
 
 
+def _noise_message(
+    shaping: Shaping, budget: BudgetStatus | None, mechanisms: tuple[str, ...] = ()
+) -> pb.NoiseTerms | None:
+    noise = shaping.noise
+    if noise is None:
+        return None
+    return pb.NoiseTerms(
+        epsilon=noise.epsilon,
+        epsilon_per_day=noise.epsilon_per_day,
+        bounds=[pb.ColumnBounds(column=c, low=lo, high=hi) for c, lo, hi in noise.bounds],
+        epsilon_remaining=budget.remaining if budget else noise.epsilon_per_day,
+        budget_resets_at=_timestamp(budget.resets_at) if budget else None,
+        mechanisms=list(mechanisms),
+    )
+
+
+def _grouping_sets(shaping: Shaping) -> list[pb.GroupingSet]:
+    return [pb.GroupingSet(columns=list(columns)) for columns in shaping.group_by]
+
+
 def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
     grant = entry.grant
     masks = entry.shaping.mask_of
@@ -84,6 +106,8 @@ def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
         obligations_json=obligations_json(entry.obligations),
         row_filter=entry.shaping.where_sql(),
         min_group_size=entry.shaping.min_group_size,
+        noise=_noise_message(entry.shaping, entry.budget),
+        group_by=_grouping_sets(entry.shaping),
     )
 
 
@@ -101,6 +125,12 @@ def _decision_message(explanation: Explanation) -> pb.Decision:
                 masks=dict(r.shaping.masks),
                 row_filter=r.shaping.where_sql(),
                 min_group_size=r.min_group_size,
+                noise=_noise_message(
+                    r.shaping,
+                    explanation.budget,
+                    explanation.noise.mechanisms() if explanation.noise else (),
+                ),
+                group_by=_grouping_sets(r.shaping),
             )
             for r in explanation.relations
         ],

@@ -48,12 +48,49 @@ class RowFilter:
 
 
 @dataclass(frozen=True)
+class Noise:
+    """Differential privacy on an aggregate-only dataset: the epsilon one query spends, the
+    epsilon a member may spend a day, and the [low, high] each summed column is clamped to."""
+
+    epsilon: float
+    epsilon_per_day: float
+    bounds: tuple[tuple[str, float, float], ...] = ()
+
+    @property
+    def bounds_of(self) -> Mapping[str, tuple[float, float]]:
+        """Column -> (low, high)."""
+        return {column: (low, high) for column, low, high in self.bounds}
+
+    def as_json(self) -> dict[str, object]:
+        """The terms as plain JSON values (for canonical texts and tools)."""
+        return {
+            "epsilon": self.epsilon,
+            "epsilon_per_day": self.epsilon_per_day,
+            "bounds": {column: [low, high] for column, low, high in sorted(self.bounds)},
+        }
+
+    def describe(self) -> str:
+        """The terms as a legal team or a peer reads them."""
+        bounds = ", ".join(f"{c} in [{_number(lo)}, {_number(hi)}]" for c, lo, hi in self.bounds)
+        return (
+            f"noise: epsilon {_number(self.epsilon)} a query, {_number(self.epsilon_per_day)} a "
+            f"day per member; sums clamped to {bounds or '(no column may be summed)'}"
+        )
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
 class Shaping:
-    """Masks, row filters and the minimum group size one policy puts on its datasets."""
+    """Masks, row filters and the aggregate-only terms one policy puts on its datasets."""
 
     masks: tuple[tuple[str, MaskKind], ...] = ()
     filters: tuple[RowFilter, ...] = ()
     min_group_size: int = 0  # 0: rows may leave; K: only aggregates over >= K rows
+    noise: Noise | None = None  # aggregate-only answers carry calibrated noise
+    group_by: tuple[tuple[str, ...], ...] = ()  # the only GROUP BY sets allowed (): any
 
     @property
     def is_plain(self) -> bool:
@@ -71,13 +108,17 @@ class Shaping:
 
     def canonical(self) -> str:
         """A stable text of the shaping: equal texts mean equal shaping."""
-        return canonical_json(
-            {
-                "masks": sorted(self.masks),
-                "where": sorted(f.sql() for f in self.filters),
-                "min_group_size": self.min_group_size,
-            }
-        )
+        terms: dict[str, object] = {
+            "masks": sorted(self.masks),
+            "where": sorted(f.sql() for f in self.filters),
+            "min_group_size": self.min_group_size,
+        }
+        # Only when set, so the text of a policy without them is as it always was.
+        if self.noise:
+            terms["noise"] = self.noise.as_json()
+        if self.group_by:
+            terms["group_by"] = sorted(sorted(columns) for columns in self.group_by)
+        return canonical_json(terms)
 
 
 def mask_sql(column: str, kind: MaskKind, column_type: str, key: bytes) -> str:

@@ -7,9 +7,10 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from connector.cli.common import add_home, settings_of
-from connector.client import Peer, PeerIdentity
+from connector.client import NoiseInfo, Peer, PeerIdentity
 from connector.errors import ConfigError, PermissionDenied
 from connector.policy.ref import joined
 from connector.result_files import ARROW_SUFFIX, FORMATS, save, write_text
@@ -72,6 +73,7 @@ def _catalog(args: argparse.Namespace) -> int:
                 ],
                 "row_filter": e.row_filter,
                 "min_group_size": e.min_group_size,
+                **_noise_json(e.noise, e.group_by),
                 "purposes": list(e.purposes),
                 "policies": [str(p) for p in e.policies],
                 "valid_from": e.valid_from.isoformat(),
@@ -94,6 +96,8 @@ def _catalog(args: argparse.Namespace) -> int:
             print(f"  rows:     only where {e.row_filter}")
         if e.min_group_size:
             print(f"  aggregate-only: groups of at least {e.min_group_size} rows")
+        for line in _noise_lines(e.noise, e.group_by):
+            print(f"  {line}")
         print(f"  purposes: {', '.join(e.purposes)}")
         print(f"  policies: {joined(e.policies)}")
         print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
@@ -128,9 +132,53 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"    runs on: {relation.definition}")
         if relation.min_group_size:
             print(f"    aggregate-only: groups of at least {relation.min_group_size} rows")
+        for line in _noise_lines(relation.noise, relation.group_by):
+            print(f"    {line}")
     if decision.query and decision.query != args.sql:
         print(f"  runs as: {decision.query}")
     return 0 if decision.allow else 1
+
+
+def _noise_lines(noise: NoiseInfo | None, group_by: tuple[tuple[str, ...], ...]) -> list[str]:
+    """The noise terms, the privacy budget left and the declared grouping sets."""
+    lines = []
+    if group_by:
+        lines.append("group by only: " + "; ".join(", ".join(g) for g in group_by))
+    if noise is not None:
+        bounds = ", ".join(f"{c} in [{lo:g}, {hi:g}]" for c, (lo, hi) in noise.bounds.items())
+        lines.append(
+            f"noise: epsilon {noise.epsilon:g} a query (count, sum, avg only; sums of "
+            f"{bounds or 'no column'})"
+        )
+        resets = (
+            f", resets {noise.budget_resets_at:%Y-%m-%d %H:%M} UTC"
+            if noise.budget_resets_at
+            else ""
+        )
+        lines.append(
+            f"privacy budget: {noise.epsilon_remaining:g} of {noise.epsilon_per_day:g} left "
+            f"today{resets}"
+        )
+        lines += [f"noised: {m}" for m in noise.mechanisms]
+    return lines
+
+
+def _noise_json(noise: NoiseInfo | None, group_by: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    """The noise terms and grouping sets as JSON fields (none when the dataset has none)."""
+    fields: dict[str, Any] = {}
+    if group_by:
+        fields["group_by"] = [list(g) for g in group_by]
+    if noise is not None:
+        fields["noise"] = {
+            "epsilon": noise.epsilon,
+            "epsilon_per_day": noise.epsilon_per_day,
+            "bounds": {c: list(b) for c, b in noise.bounds.items()},
+            "epsilon_remaining": noise.epsilon_remaining,
+            "budget_resets_at": noise.budget_resets_at.isoformat()
+            if noise.budget_resets_at
+            else None,
+        }
+    return fields
 
 
 def _column_text(name: str, type_name: str, masks: dict[str, str]) -> str:

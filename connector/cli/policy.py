@@ -166,4 +166,36 @@ def _shaping_lines(shaping: Shaping) -> list[str]:
         lines.append(
             f"aggregate-only: groups of at least {shaping.min_group_size} rows, no raw rows"
         )
+    if shaping.noise is not None:
+        lines.append(shaping.noise.describe())
+    if shaping.group_by:
+        lines.append("group by only: " + "; ".join(", ".join(g) for g in shaping.group_by))
+    lines += [f"WARNING: {warning}" for warning in nested_grouping_warnings(shaping)]
     return lines
+
+
+def nested_grouping_warnings(shaping: Shaping) -> list[str]:
+    """Warnings for declared grouping sets that can be differenced (only without noise): a
+    set inside another always can; any two sets can through the columns they share."""
+    if shaping.noise is not None:
+        return []
+    warnings = []
+    sets = shaping.group_by
+    for i, first in enumerate(sets):
+        for second in sets[i + 1 :]:
+            coarse, fine = (first, second) if len(first) <= len(second) else (second, first)
+            if set(coarse) < set(fine):
+                warnings.append(
+                    f"grouping sets ({', '.join(coarse)}) and ({', '.join(fine)}) nest: without "
+                    f"noise, the ({', '.join(coarse)}) answer minus the ({', '.join(fine)}) "
+                    "answer gives back the groups under min_group_size that the finer query "
+                    "drops (differencing); declare one set, or add noise"
+                )
+                continue
+            common = ", ".join(c for c in first if c in second) or "the grand total"
+            warnings.append(
+                f"grouping sets ({', '.join(first)}) and ({', '.join(second)}) both add up to "
+                f"({common}): when one of them drops no group, the other's dropped small groups "
+                "can be recovered by subtraction; declare one set, or add noise"
+            )
+    return warnings

@@ -23,6 +23,7 @@ from connector.shaping import (
     RANGE_OPERATORS,
     FilterValue,
     MaskKind,
+    Noise,
     RowFilter,
     Shaping,
 )
@@ -49,7 +50,7 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "valid": {"from": None, "until": None},
     "columns": {"allow": None, "mask": None},
     "rows": {"where": None},
-    "aggregate_only": {"min_group_size": None},
+    "aggregate_only": {"min_group_size": None, "noise": None, "group_by": None},
     "obligations": {"delete_within_days": None, "attribution": None, "terms": None},
     "limits": {"max_rows_per_query": None, "queries_per_day": None, "rows_per_day": None},
 }
@@ -79,6 +80,11 @@ _DATETIME = re.compile(
     r"(?:[ \t]*(Z|z|[-+][0-9]{2}:[0-9]{2}))?"
 )
 _DATE_LIKE = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt \t].*)?", re.DOTALL)
+NOISE_KEYS = {"epsilon": None, "epsilon_per_day": None, "bounds": None}
+MAX_EPSILON = 10.0
+MAX_EPSILON_PER_DAY = 1000.0
+MIN_EPSILON = 1e-6  # the budget ledger counts whole micro-epsilons
+MAX_BOUND = 1e15  # sums of clamped values stay exact in 64-bit integers and doubles
 
 
 @dataclass(frozen=True)
@@ -437,6 +443,7 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
         raise reader.fail(top["columns"][1], "columns needs allow: [column, ...]")
     lower = _lowered(reader)
     allow = lower(columns["allow"][1], "columns.allow", IDENTIFIER)
+    masks = _masks(reader, columns["mask"][1], allow) if "mask" in columns else ()
     return UsagePolicy(
         id=reader.text(top["id"][1], "id", POLICY_ID),
         version=version,
@@ -454,11 +461,13 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
         if "obligations" in top
         else Obligations(),
         shaping=Shaping(
-            masks=_masks(reader, columns["mask"][1], allow) if "mask" in columns else (),
+            masks=masks,
             filters=_row_filters(reader, top["rows"][1]) if "rows" in top else (),
-            min_group_size=_min_group_size(reader, top["aggregate_only"][1])
-            if "aggregate_only" in top
-            else 0,
+            **(
+                _aggregate_only(reader, top["aggregate_only"][1], allow, masks)
+                if "aggregate_only" in top
+                else {}
+            ),
         ),
     )
 
@@ -548,11 +557,123 @@ def _filter_value(reader: _Reader, node: yaml.Node, where: str) -> FilterValue:
     return value
 
 
-def _min_group_size(reader: _Reader, node: yaml.Node) -> int:
+def _aggregate_only(
+    reader: _Reader, node: yaml.Node, allow: tuple[str, ...], masks: tuple[tuple[str, Any], ...]
+) -> dict[str, Any]:
+    """The Shaping fields of aggregate_only: min_group_size, noise and group_by."""
     found = reader.mapping(node, "aggregate_only", SCHEMA["aggregate_only"] or {})
     if "min_group_size" not in found:
         raise reader.fail(node, "aggregate_only needs min_group_size: K (at least 2)")
-    size_node = found["min_group_size"][1]
+    terms: dict[str, Any] = {"min_group_size": _min_group_size(reader, found["min_group_size"][1])}
+    if "noise" in found:
+        terms["noise"] = _noise(reader, found["noise"][1], allow)
+    if "group_by" in found:
+        granted = set(allow) | {column for column, _ in masks}
+        terms["group_by"] = _group_by(reader, found["group_by"][1], granted)
+    return terms
+
+
+def _noise(reader: _Reader, node: yaml.Node, allow: tuple[str, ...]) -> Noise:
+    found = reader.mapping(node, "aggregate_only.noise", NOISE_KEYS)
+    for key in ("epsilon", "epsilon_per_day"):
+        if key not in found:
+            raise reader.fail(
+                node,
+                f"aggregate_only.noise needs {key}: a number, like "
+                "{epsilon: 1.0, epsilon_per_day: 5.0, bounds: {defects: [0, 100]}}",
+            )
+    epsilon_node = found["epsilon"][1]
+    epsilon = _positive_number(reader, epsilon_node, "aggregate_only.noise.epsilon")
+    if not MIN_EPSILON <= epsilon <= MAX_EPSILON:
+        raise reader.fail(
+            epsilon_node,
+            f"aggregate_only.noise.epsilon must be greater than 0 and at most {MAX_EPSILON:g} "
+            "(smaller is more private; 0.1 to 1 is usual)",
+        )
+    daily_node = found["epsilon_per_day"][1]
+    daily = _positive_number(reader, daily_node, "aggregate_only.noise.epsilon_per_day")
+    if not epsilon <= daily <= MAX_EPSILON_PER_DAY:
+        raise reader.fail(
+            daily_node,
+            f"aggregate_only.noise.epsilon_per_day must be at least epsilon ({epsilon:g}) and at "
+            f"most {MAX_EPSILON_PER_DAY:g}: it is what one member may spend in a day",
+        )
+    bounds = _bounds(reader, found["bounds"][1], allow) if "bounds" in found else ()
+    return Noise(epsilon=epsilon, epsilon_per_day=daily, bounds=bounds)
+
+
+def _positive_number(reader: _Reader, node: yaml.Node, where: str) -> float:
+    value = reader.scalar(node, where)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise reader.fail(node, f"{where} must be a number, like 1.0")
+    if not math.isfinite(value) or value <= 0:
+        raise reader.fail(node, f"{where} must be a finite number greater than 0")
+    return float(value)
+
+
+def _bounds(
+    reader: _Reader, node: yaml.Node, allow: tuple[str, ...]
+) -> tuple[tuple[str, float, float], ...]:
+    where = "aggregate_only.noise.bounds"
+    if not isinstance(node, yaml.MappingNode) or not node.value:
+        raise reader.fail(
+            node, f"{where} must map columns to [low, high], like {{defects: [0, 100]}}"
+        )
+    bounds: dict[str, tuple[float, float]] = {}
+    for key_node, value_node in node.value:
+        column = _column_name(reader, key_node, f"a column of {where}")
+        if column in bounds:
+            raise reader.fail(key_node, f"column {column} appears twice in {where}")
+        if column not in allow:
+            raise reader.fail(
+                key_node,
+                f"{where}.{column}: only a column in columns.allow (not masked) can be summed; "
+                "allow it or remove its bounds",
+            )
+        if not isinstance(value_node, yaml.SequenceNode) or len(value_node.value) != 2:
+            raise reader.fail(value_node, f"{where}.{column} must be [low, high], like [0, 100]")
+        low, high = (_bound(reader, item, f"{where}.{column}") for item in value_node.value)
+        if not low < high:
+            raise reader.fail(value_node, f"{where}.{column} needs low < high, like [0, 100]")
+        bounds[column] = (low, high)
+    return tuple((column, low, high) for column, (low, high) in bounds.items())
+
+
+def _bound(reader: _Reader, node: yaml.Node, where: str) -> float:
+    value = reader.scalar(node, where)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise reader.fail(node, f"{where} must hold two numbers, like [0, 100]")
+    if not math.isfinite(value) or abs(value) > MAX_BOUND:
+        raise reader.fail(node, f"{where} must hold finite numbers of at most {MAX_BOUND:g}")
+    return value
+
+
+def _group_by(reader: _Reader, node: yaml.Node, granted: set[str]) -> tuple[tuple[str, ...], ...]:
+    where = "aggregate_only.group_by"
+    example = "like [[plant], [plant, week]]"
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        raise reader.fail(node, f"{where} must be a non-empty list of column lists, {example}")
+    sets: list[tuple[str, ...]] = []
+    for item in node.value:
+        if not isinstance(item, yaml.SequenceNode) or not item.value:
+            raise reader.fail(item, f"each entry of {where} must be a non-empty list, {example}")
+        columns = tuple(_column_name(reader, c, f"a column of {where}") for c in item.value)
+        if len(set(columns)) != len(columns):
+            raise reader.fail(item, f"an entry of {where} lists a column twice")
+        for column, column_node in zip(columns, item.value, strict=True):
+            if column not in granted:
+                raise reader.fail(
+                    column_node,
+                    f"{where} names column {column}, which the policy does not grant; grant it "
+                    "in columns.allow or columns.mask, or remove it",
+                )
+        if any(set(columns) == set(seen) for seen in sets):
+            raise reader.fail(item, f"{where} declares the set {list(columns)} twice")
+        sets.append(columns)
+    return tuple(sets)
+
+
+def _min_group_size(reader: _Reader, size_node: yaml.Node) -> int:
     size = reader.scalar(size_node, "aggregate_only.min_group_size")
     if not isinstance(size, int) or isinstance(size, bool) or not 2 <= size <= 1_000_000:
         raise reader.fail(

@@ -11,7 +11,7 @@ them. Errors are gRPC status codes with a message that says what was wrong:
                       or the member or certificate is revoked
   PERMISSION_DENIED   no valid, signed, in-date policy allows the request (reasons given)
   INVALID_ARGUMENT    the SQL is malformed or uses something not allowed (with position)
-  RESOURCE_EXHAUSTED  a result, memory or concurrency limit was reached
+  RESOURCE_EXHAUSTED  a result, memory, concurrency or privacy-budget limit was reached
   DEADLINE_EXCEEDED   the query ran past its time limit and was interrupted
 """
 
@@ -119,6 +119,8 @@ class Dataset(_message.Message):
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
     ROW_FILTER_FIELD_NUMBER: _builtins.int
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     max_rows_per_query: _builtins.int
@@ -152,6 +154,16 @@ class Dataset(_message.Message):
 
     @_builtins.property
     def valid_until(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def noise(self) -> Global___NoiseTerms:
+        """Set when aggregate answers carry differential-privacy noise (see NoiseTerms), with this
+        peer's privacy budget left today.
+        """
+
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupingSet]:
+        """When not empty, the only GROUP BY column sets a query may use (any order within a set)."""
+
     def __init__(
         self,
         *,
@@ -168,14 +180,113 @@ class Dataset(_message.Message):
         obligations_json: _builtins.str = ...,
         row_filter: _builtins.str = ...,
         min_group_size: _builtins.int = ...,
+        noise: Global___NoiseTerms | None = ...,
+        group_by: _abc.Iterable[Global___GroupingSet] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "group_by", b"group_by", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "noise", b"noise", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class NoiseTerms(_message.Message):
+    """Differential privacy on an aggregate-only dataset: count(*), count(col) and sum(col) get
+    Laplace noise (discrete over integers), the query's epsilon split evenly over them; sum
+    and avg read values clamped to the bounds; avg is the noisy sum over the noisy count.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPSILON_FIELD_NUMBER: _builtins.int
+    EPSILON_PER_DAY_FIELD_NUMBER: _builtins.int
+    BOUNDS_FIELD_NUMBER: _builtins.int
+    EPSILON_REMAINING_FIELD_NUMBER: _builtins.int
+    BUDGET_RESETS_AT_FIELD_NUMBER: _builtins.int
+    MECHANISMS_FIELD_NUMBER: _builtins.int
+    epsilon: _builtins.float
+    """What one query spends, and what this peer may spend a day (UTC) under the policy."""
+    epsilon_per_day: _builtins.float
+    epsilon_remaining: _builtins.float
+    """This peer's budget left today and when it resets (0 left: queries are refused with
+    RESOURCE_EXHAUSTED until then).
+    """
+    @_builtins.property
+    def bounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnBounds]:
+        """The columns sum and avg may read, each clamped to [low, high]."""
+
+    @_builtins.property
+    def budget_resets_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def mechanisms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Explain only: how this query would be noised, one line a measurement (mechanism, scale,
+        sensitivity, epsilon).
+        """
+
+    def __init__(
+        self,
+        *,
+        epsilon: _builtins.float = ...,
+        epsilon_per_day: _builtins.float = ...,
+        bounds: _abc.Iterable[Global___ColumnBounds] | None = ...,
+        epsilon_remaining: _builtins.float = ...,
+        budget_resets_at: _timestamp_pb2.Timestamp | None = ...,
+        mechanisms: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_resets_at", b"budget_resets_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounds", b"bounds", "budget_resets_at", b"budget_resets_at", "epsilon", b"epsilon", "epsilon_per_day", b"epsilon_per_day", "epsilon_remaining", b"epsilon_remaining", "mechanisms", b"mechanisms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NoiseTerms: _TypeAlias = NoiseTerms  # noqa: Y015
+
+@_typing.final
+class ColumnBounds(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMN_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    column: _builtins.str
+    low: _builtins.float
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        column: _builtins.str = ...,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column", b"column", "high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ColumnBounds: _TypeAlias = ColumnBounds  # noqa: Y015
+
+@_typing.final
+class GroupingSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupingSet: _TypeAlias = GroupingSet  # noqa: Y015
 
 @_typing.final
 class Catalog(_message.Message):
@@ -388,6 +499,8 @@ class Relation(_message.Message):
     MASKS_FIELD_NUMBER: _builtins.int
     ROW_FILTER_FIELD_NUMBER: _builtins.int
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    NOISE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     definition: _builtins.str
     """What the query runs on under the dataset's name, as SQL over the stored dataset (a
@@ -406,6 +519,14 @@ class Relation(_message.Message):
     def masks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Masked columns: column name -> "hash", "redact" or "null"."""
 
+    @_builtins.property
+    def noise(self) -> Global___NoiseTerms:
+        """As in Dataset: the noise terms (with how this query would be noised and the budget
+        left) and the declared grouping sets.
+        """
+
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupingSet]: ...
     def __init__(
         self,
         *,
@@ -415,10 +536,12 @@ class Relation(_message.Message):
         masks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         row_filter: _builtins.str = ...,
         min_group_size: _builtins.int = ...,
+        noise: Global___NoiseTerms | None = ...,
+        group_by: _abc.Iterable[Global___GroupingSet] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "definition", b"definition", "masks", b"masks", "min_group_size", b"min_group_size", "row_filter", b"row_filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dataset", b"dataset", "definition", b"definition", "group_by", b"group_by", "masks", b"masks", "min_group_size", b"min_group_size", "noise", b"noise", "row_filter", b"row_filter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,7 +565,8 @@ class Decision(_message.Message):
     """Obligations that would apply, as JSON text (an object; empty when none)."""
     query: _builtins.str
     """The SQL that would run: the query as sent or, on an aggregate-only dataset, with
-    "count(*) >= min_group_size" added to its HAVING (empty when not allowed).
+    "count(*) >= min_group_size" added to its HAVING (empty when not allowed); under noise,
+    the exact measurements it computes before the noise is added.
     """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

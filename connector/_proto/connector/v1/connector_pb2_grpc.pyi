@@ -11,7 +11,7 @@ them. Errors are gRPC status codes with a message that says what was wrong:
                       or the member or certificate is revoked
   PERMISSION_DENIED   no valid, signed, in-date policy allows the request (reasons given)
   INVALID_ARGUMENT    the SQL is malformed or uses something not allowed (with position)
-  RESOURCE_EXHAUSTED  a result, memory or concurrency limit was reached
+  RESOURCE_EXHAUSTED  a result, memory, concurrency or privacy-budget limit was reached
   DEADLINE_EXCEEDED   the query ran past its time limit and was interrupted
 """
 
