@@ -46,6 +46,7 @@ class ServerSettings:
     threads: int = 2
     batch_rows: int = 65_536
     max_concurrent_queries: int = 8
+    explains_per_minute: int = 60
     max_message_bytes: int = 4 * 1024 * 1024
 
 
@@ -263,6 +264,9 @@ def _server(section: _Section) -> ServerSettings:
         max_concurrent_queries=section.whole(
             "max_concurrent_queries", ServerSettings.max_concurrent_queries, 1
         ),
+        explains_per_minute=section.whole(
+            "explains_per_minute", ServerSettings.explains_per_minute, 1
+        ),
         max_message_bytes=section.whole(
             "max_message_bytes", ServerSettings.max_message_bytes, 1024
         ),
@@ -335,6 +339,7 @@ memory_limit = "1GB"        # DuckDB memory for all queries together
 threads = 2                 # DuckDB threads
 batch_rows = 65536          # rows per Arrow record batch sent to the peer
 max_concurrent_queries = 8  # more at once are refused with RESOURCE_EXHAUSTED
+explains_per_minute = 60    # per member; Explain costs no quota, so it is rate-limited
 
 [tls]
 cert = "tls/cert.pem"

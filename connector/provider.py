@@ -35,6 +35,7 @@ from connector.policy.ref import policy_refs
 from connector.policy.registry import PolicyRegistry
 from connector.query_run import QueryRun
 from connector.quota import PolicyQuota, QuotaLedger
+from connector.rate import RateLimit
 from connector.receipt import ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase
@@ -124,6 +125,7 @@ class Provider:
         max_query_seconds: float,
         max_concurrent_queries: int,
         mask_consistency: str = "warn",
+        explains_per_minute: int = 60,
     ) -> None:
         self.member_id = member_id
         self.dataspace = dataspace
@@ -140,6 +142,8 @@ class Provider:
         self.max_query_seconds = max_query_seconds
         self._slots = threading.BoundedSemaphore(max_concurrent_queries)
         self.mask_consistency = mask_consistency
+        # Explain costs no quota: without a limit it would be a free probe.
+        self._explains = RateLimit(explains_per_minute)
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -200,7 +204,13 @@ class Provider:
     def explain(
         self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
     ) -> Explanation:
-        """Decide and plan a query without running it (audited)."""
+        """Decide and plan a query without running it (audited; rate-limited per member)."""
+        wait = self._explains.take(member.member_id)
+        if wait:
+            raise ResourceExhausted(
+                f"more than {self._explains.per_minute} explain requests a minute from you; "
+                f"retry in {wait:.0f} s"
+            )
         explanation = self._explain(member, request, entry)
         entry.outcome = "answered"
         self.record(entry)
@@ -223,8 +233,11 @@ class Provider:
                 relations = relations_for(
                     decision, self.sandbox.datasets(), snapshot.by_id, self.mask_key
                 )
+                # Before any form check, copy or data: a name that does not exist is refused
+                # exactly as a hidden one (no oracle through Explain, errors or timing).
+                self.sandbox.check_names(request.sql, relations, shape.datasets)
             except PermissionDenied as denied:
-                decision = Decision(False, tuple(denied.reasons))
+                decision, relations = Decision(False, tuple(denied.reasons)), ()
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
         entry.policies = policy_refs(decision.policies)

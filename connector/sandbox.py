@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -32,7 +33,7 @@ from connector.errors import (
     StoreError,
 )
 from connector.plancheck import ExposedRelation, SourceName, check_plan
-from connector.sandbox_errors import PEER_FAULTS, peer_message, plan_error_message
+from connector.sandbox_errors import PEER_FAULTS, peer_message, plan_refusal
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,
     SHAPED_CATALOG,
@@ -40,9 +41,19 @@ from connector.shaped_copies import (
     attach_scratch,
 )
 from connector.sqltext import quote_identifier, sql_string
-from connector.store import DatasetInfo, busy_or_error, read_metadata
+from connector.store import ColumnInfo, DatasetInfo, busy_or_error, read_metadata
 
 log = logging.getLogger(__name__)
+
+
+class TypedRelation(Protocol):
+    """A relation's name and its columns with their types (see enforce.Relation)."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def columns(self) -> tuple[ColumnInfo, ...]: ...
+
 
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
@@ -120,6 +131,28 @@ class SandboxDatabase:
         """A fresh cursor for one request; its TEMP views vanish with it."""
         return SandboxSession(self._cursor(), self.shaped)
 
+    def check_names(
+        self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
+    ) -> None:
+        """Bind sql against empty stand-ins of the relations (their names and types only):
+        every name the query uses resolves, or the same refusal Query would give. Explain
+        and Query both bind this way before any data or shaped copy is touched, so neither
+        answers nor timing tell a hidden name from one that does not exist."""
+        cursor = self._cursor()
+        try:
+            for relation in relations:
+                columns = ", ".join(
+                    f"CAST(NULL AS {c.type}) AS {quote_identifier(c.name)}"
+                    for c in relation.columns
+                )
+                cursor.execute(
+                    f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS "
+                    f"SELECT {columns or 'NULL AS _'} LIMIT 0"
+                )
+            bound_plan(cursor, sql, datasets)
+        finally:
+            cursor.close()
+
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor that reads names such as datasets."x" in the member's file."""
         cursor = self._db.cursor()
@@ -156,27 +189,13 @@ class SandboxSession:
                 f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
             )
 
-    def verify_plan(self, sql: str, relations: Sequence[ExposedRelation]) -> None:
+    def verify_plan(
+        self, sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str] = ()
+    ) -> None:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
         and reads aggregate-only relations only in the aggregate form."""
-        self._one_select(sql)
-        try:
-            rows = self._cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
-        except duckdb.Error as exc:
-            raise QueryRejected(peer_message(exc)) from None
-        plan = json.loads(rows[0][0]) if rows else {"error": True}
-        if plan.get("error"):
-            raise QueryRejected(plan_error_message(plan))
+        plan = bound_plan(self._cursor, sql, datasets or [r.dataset for r in relations])
         check_plan(plan, {_source_of(r): r for r in relations})
-
-    def _one_select(self, sql: str) -> None:
-        # The shaped database is writable: nothing but one SELECT may reach the planner.
-        try:
-            statements = self._cursor.extract_statements(sql)
-        except duckdb.Error as exc:
-            raise QueryRejected(peer_message(exc)) from None
-        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-            raise QueryRejected("send exactly one SELECT statement")
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
@@ -287,6 +306,34 @@ class ResultStream:
             if self._timer:
                 self._timer.cancel()
             self._session.finished()
+
+
+def bound_plan(
+    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
+) -> dict[str, Any]:
+    """The bound plan of one SELECT as DuckDB serialises it; refusals for what cannot bind."""
+    # The shaped database is writable: nothing but one SELECT may reach the planner.
+    try:
+        statements = cursor.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRejected(peer_message(exc)) from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryRejected("send exactly one SELECT statement")
+    try:
+        rows = cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
+    except duckdb.Error as exc:
+        raise QueryRejected(peer_message(exc)) from None
+    text = rows[0][0] if rows else ""
+    try:
+        plan = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        plan = None
+    if not isinstance(plan, dict):
+        # DuckDB gives no plan for some queries (an integer literal of over 38 digits).
+        raise QueryRejected("the query cannot be planned in the sandbox (a value too large?)")
+    if plan.get("error"):
+        raise plan_refusal(plan, datasets)
+    return plan
 
 
 def _source_of(relation: ExposedRelation) -> SourceName:

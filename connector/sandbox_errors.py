@@ -6,9 +6,13 @@ and names the peer did not write; these texts are what a peer gets instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import duckdb
+
+from connector.errors import ConnectorError, PermissionDenied, QueryRejected
+from connector.refusals import column_refusal
 
 # DuckDB error classes a peer may learn about, with a fixed text that echoes no data.
 _SAFE_MESSAGES: tuple[tuple[type[duckdb.Error], str], ...] = (
@@ -55,3 +59,40 @@ def plan_error_message(plan: Mapping[str, object]) -> str:
     if kind == "parser":
         return "the query could not be parsed"
     return "the query cannot be planned in the sandbox"
+
+
+_QUALIFIED_MISSING = re.compile(
+    r'^[A-Za-z][A-Za-z ]* "[^"]*" does not have a column named "([^"]+)"'
+)
+
+
+def plan_refusal(plan: Mapping[str, object], datasets: Sequence[str]) -> ConnectorError:
+    """The refusal for a query DuckDB could not bind: a missing column reads exactly as a
+    hidden one does (refusals.py); other names and syntax errors say what and where."""
+    name = str(plan.get("name", ""))
+    subtype = str(plan.get("error_subtype", ""))
+    position = _position(plan)
+    if plan.get("error_type") == "binder" and not name:
+        # A qualified reference (t.x) comes without the structured name field; the message
+        # then names only what the peer wrote: the qualifier and the column.
+        found = _QUALIFIED_MISSING.search(str(plan.get("error_message", "")))
+        if found:
+            name, subtype = found.group(1), "COLUMN_NOT_FOUND"
+    if plan.get("error_type") == "binder" and subtype == "COLUMN_NOT_FOUND" and name:
+        return PermissionDenied([column_refusal(name.lower(), datasets)])
+    if plan.get("error_type") == "catalog" and subtype == "MISSING_ENTRY" and name:
+        kind = str(plan.get("type", "")).lower()
+        if kind == "table":
+            return QueryRejected(
+                f"{name} is not a dataset in your catalog for this purpose", position=position
+            )
+        return QueryRejected(f"{kind or 'name'} {name} does not exist", position=position)
+    return QueryRejected(plan_error_message(plan), position=position)
+
+
+def _position(plan: Mapping[str, object]) -> int | None:
+    try:
+        position = int(str(plan.get("position", "")))
+    except ValueError:
+        return None
+    return position if position >= 0 else None

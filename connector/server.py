@@ -130,6 +130,7 @@ def build_provider(settings: Settings) -> Provider:
         max_query_seconds=settings.server.max_query_seconds,
         max_concurrent_queries=settings.server.max_concurrent_queries,
         mask_consistency=settings.policies.mask_consistency,
+        explains_per_minute=settings.server.explains_per_minute,
     )
 
 

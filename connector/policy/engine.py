@@ -22,6 +22,7 @@ from connector.canonical import canonical_bytes
 from connector.errors import PolicyEngineError
 from connector.policy.answers import AnswerFault, catalog_grant_fault, decision_grant_fault
 from connector.policy.model import UsagePolicy
+from connector.refusals import column_refusal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,7 +124,7 @@ def _policy_pairs(raw: Any) -> tuple[tuple[str, int], ...]:
     return tuple((str(i), int(v)) for i, v in raw)
 
 
-def reason_text(reason: Mapping[str, Any]) -> str:
+def reason_text(reason: Mapping[str, Any], requested: Sequence[str] = ()) -> str:
     """The words for one reason object of the Rego library."""
     code = reason.get("code")
     d = reason.get("dataset", "")
@@ -144,7 +145,7 @@ def reason_text(reason: Mapping[str, Any]) -> str:
     if code == "not_yet_valid":
         return f"policy {reason['policy']} for dataset {d} is valid only from {reason['from']}"
     if code == "column":
-        return f"column {reason['column']} of dataset {d} is not allowed"
+        return column_refusal(str(reason["column"]), requested or [d])
     if code == "shaping":
         ids = ", ".join(map(str, reason.get("policies", [])))
         return (
@@ -171,7 +172,7 @@ def decision_from(result: Any, requested: Sequence[str], revision: str) -> Decis
             Grant(str(g["dataset"]), tuple(map(str, g["columns"])), _policy_pairs(g["policies"]))
             for g in result.get("grants", [])
         )
-        reasons = tuple(sorted(reason_text(r) for r in result.get("reasons", [])))
+        reasons = tuple(sorted({reason_text(r, requested) for r in result.get("reasons", [])}))
         obligations = dict(result.get("obligations") or {})
     except (KeyError, TypeError, ValueError, AttributeError):
         raise PolicyEngineError("the policy library returned a malformed decision") from None

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from connector.enforce import Relation, relation_for, relations_for
-from connector.errors import DataError, QueryRejected, QueryTimeout, StoreError
+from connector.errors import DataError, PermissionDenied, QueryRejected, QueryTimeout, StoreError
 from connector.policy.engine import Decision, Grant
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
@@ -146,7 +146,8 @@ def test_sandbox_alone_stops_file_access_and_hidden_columns(
 ) -> None:
     store = SandboxDatabase(database, SandboxLimits())
     try:
-        with pytest.raises((QueryRejected, StoreError)):
+        # A hidden column is refused as "not allowed", as the policy decision words it.
+        with pytest.raises((QueryRejected, StoreError, PermissionDenied)):
             _run(store, sql, granted)
         assert _run(store, "SELECT count(*) FROM parts", granted) == [(2,)]
     finally:
