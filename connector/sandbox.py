@@ -12,7 +12,6 @@ a clear value or a filtered-out row, and no filter on a clear value can be timed
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from connector.shaped_copies import (
     attach_scratch,
 )
 from connector.sqltext import quote_identifier, sql_string
+from connector.sqltree import plan_document
 from connector.store import DatasetInfo, busy_or_error, read_metadata
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class SandboxSession:
             rows = self._cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
         except duckdb.Error as exc:
             raise QueryRejected(peer_message(exc)) from None
-        plan = json.loads(rows[0][0]) if rows else {"error": True}
+        plan = plan_document(rows[0][0] if rows else None)
         if plan.get("error"):
             raise QueryRejected(plan_error_message(plan))
         check_plan(plan, {_source_of(r): r for r in relations})
