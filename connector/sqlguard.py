@@ -2,9 +2,10 @@
 
 One SELECT statement only. Every relation must be an unqualified name (a dataset, or a CTE
 in scope); no table functions, no functions outside FUNCTIONS below, no parameters, no
-lambdas, no recursive CTEs, no samples, no time travel. The walker knows the shape of the
-JSON that `json_serialize_sql` gives in DuckDB 2.0 and refuses any node it does not know.
-The guard knows nothing of policies: it reports datasets and column names; policy decides.
+lambdas, no recursive CTEs, no samples, no time travel. The walker reads the JSON that
+`json_serialize_sql` gives in DuckDB 2.0 through sqltree.py and refuses any node it does not
+know. The guard knows nothing of policies: it reports datasets and column names (a position,
+a pattern or a whole row counts as *); policy decides.
 """
 
 from __future__ import annotations
