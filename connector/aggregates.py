@@ -11,12 +11,13 @@ bound plan for the same form, so either layer alone stops raw rows and small gro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import duckdb
 
+from connector import sqltree
 from connector.errors import QueryRejected
 from connector.noise import NoisyRelation, grouping_form
 from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS, parser_connection
@@ -57,7 +58,6 @@ def aggregate_form_help(dataset: str, min_group_size: int) -> str:
 _REFUSED_OUTPUTS = {
     "SUBQUERY": "subqueries",
     "WINDOW": "window functions",
-    "STAR": "* and COLUMNS(...)",
 }
 
 
@@ -76,7 +76,10 @@ def aggregate_only_query(sql: str, terms: AggregateTerms) -> str:
     the aggregate-only form."""
     document = _serialised(sql)
     node = document["statements"][0]["node"]
-    _FormCheck(terms).select(node)
+    try:
+        _FormCheck(terms).select(node)
+    except RecursionError:
+        raise QueryRejected("the query is nested too deeply") from None
     node["having"] = _with_minimum(node.get("having"), terms.min_group_size)
     con = parser_connection()
     try:
@@ -121,14 +124,15 @@ class _FormCheck:
         self.terms = terms
         self.help = aggregate_form_help(terms.dataset, terms.min_group_size)
         self.groups: frozenset[str] = frozenset()
+        self.qualifiers = frozenset({terms.dataset})
 
     def fail(self, detail: str) -> QueryRejected:
         return QueryRejected(f"{detail}; {self.help}")
 
     def select(self, node: dict[str, Any]) -> None:
-        if node.get("type") != "SELECT_NODE":
+        if sqltree.query_type(node) != "SELECT_NODE":
             raise self.fail("UNION, INTERSECT and EXCEPT are not allowed")
-        if (node.get("cte_map") or {}).get("map"):
+        if sqltree.cte_entries(node):
             raise self.fail("WITH is not allowed")
         if node.get("qualify") is not None or node.get("sample") is not None:
             raise self.fail("QUALIFY and samples are not allowed")
@@ -143,108 +147,108 @@ class _FormCheck:
         if node.get("having") is not None:
             self._output(node["having"], "HAVING")
         # ORDER BY, DISTINCT ON and LIMIT: the same rule as the select list.
-        for expression in _direct_expressions(node.get("modifiers")):
+        for expression in sqltree.modifier_expressions(node):
             self._output(expression, "ORDER BY, DISTINCT ON and LIMIT", aliases)
 
     def _from(self, ref: dict[str, Any]) -> None:
-        if ref.get("type") != "BASE_TABLE" or str(ref.get("table_name", "")).lower() != (
-            self.terms.dataset
+        if sqltree.table_ref_type(ref) != "BASE_TABLE" or (
+            sqltree.table_name(ref).lower() != self.terms.dataset
         ):
             raise self.fail(f"the query must read dataset {self.terms.dataset} alone (no joins)")
+        if sqltree.table_alias(ref):
+            self.qualifiers = frozenset({sqltree.table_alias(ref)})
+
+    def _plain_column(self, expression: object, where: str) -> str | None:
+        """The granted column expression names plainly (plant, or part_defects.plant); None
+        for an expression that is no column reference; refuses every other way of naming
+        a column (#n, *, COLUMNS(...), struct fields, the whole row)."""
+        if not sqltree.is_expression(expression):
+            return None
+        reference = sqltree.column_reference(expression)
+        if reference is None:
+            return None
+        if reference.kind is sqltree.ReferenceKind.POSITION:
+            raise self.fail(f"positional references (#n) are not allowed in {where}: name columns")
+        if reference.kind is sqltree.ReferenceKind.STAR:
+            raise self.fail(f"* and COLUMNS(...) are not allowed in {where}")
+        names = reference.names
+        if len(names) == 2 and names[0] in self.qualifiers:
+            names = names[1:]
+        if len(names) != 1:
+            raise self.fail(
+                f"struct fields ({'.'.join(reference.names)}) are not allowed in {where}"
+            )
+        if names[0] not in self.terms.columns:
+            raise self.fail(f"{where} may name only granted columns, not {names[0]}")
+        return names[0]
 
     def _groups(self, node: dict[str, Any]) -> frozenset[str]:
         if node.get("aggregate_handling") != "STANDARD_HANDLING":
             raise self.fail("GROUP BY ALL is not allowed: name the grouping columns")
         names = []
         for expression in node.get("group_expressions") or []:
-            name = _column_name(expression)
-            if name is None or name not in self.terms.columns:
+            name = self._plain_column(expression, "GROUP BY")
+            if name is None:
                 raise self.fail("GROUP BY may list only granted columns by name")
             names.append(name)
         if (node.get("group_sets") or [[]]) != [list(range(len(names)))]:
             raise self.fail("GROUPING SETS, ROLLUP and CUBE are not allowed")
         return frozenset(names)
 
-    def _where(self, where: Any) -> None:
-        for expression in _expressions(where):
-            if expression.get("class") in ("SUBQUERY", "WINDOW"):
+    def _where(self, where: object) -> None:
+        for expression in sqltree.all_expressions(where):
+            kind = sqltree.expression_class(expression)
+            if kind in ("SUBQUERY", "WINDOW"):
                 raise self.fail("subqueries and window functions are not allowed")
-            if expression.get("class") == "FUNCTION" and _is_aggregate(expression):
+            if kind == "FUNCTION" and _is_aggregate(expression):
                 raise self.fail("aggregates are not allowed in WHERE")
-            name = _column_name(expression)
-            if expression.get("class") == "COLUMN_REF" and name not in self.groups:
+            name = self._plain_column(expression, "WHERE")
+            if name is not None and name not in self.groups:
                 raise self.fail(f"WHERE may name only grouping columns, not {name}")
 
     def _output(
-        self, value: Any, where: str, aliases: set[str] | frozenset[str] = frozenset()
+        self, value: object, where: str, aliases: set[str] | frozenset[str] = frozenset()
     ) -> None:
         """Group columns, constants and allowed aggregates, combined by scalar functions."""
-        if not isinstance(value, dict):
+        if not sqltree.is_expression(value):
             return
-        kind = value.get("class")
+        kind = sqltree.expression_class(value)
         if kind in _REFUSED_OUTPUTS:
             raise self.fail(f"{_REFUSED_OUTPUTS[kind]} are not allowed in {where}")
-        if kind == "COLUMN_REF":
-            name = _column_name(value)
-            if name not in self.groups and name not in aliases:
+        reference = sqltree.column_reference(value)
+        if reference is not None:
+            if reference.is_plain_name and reference.names[0] in aliases:
+                return
+            name = self._plain_column(value, where)
+            if name not in self.groups:
                 raise self.fail(f"column {name} in {where} must be grouped or aggregated")
             return
         if kind == "FUNCTION" and _is_aggregate(value):
             self._aggregate(value)
             return
-        for child in value.values():
-            for expression in _direct_expressions(child):
-                self._output(expression, where, aliases)
+        for expression in sqltree.child_expressions(value):
+            self._output(expression, where, aliases)
 
     def _aggregate(self, function: dict[str, Any]) -> None:
-        name = str(function.get("function_name", "")).lower()
+        name = sqltree.function_name(function)
         if name not in AGGREGATE_ONLY_FUNCTIONS:
             raise self.fail(f"aggregate {name}() is not allowed")
-        if function.get("filter") is not None or (function.get("order_bys") or {}).get("orders"):
-            raise self.fail("FILTER and ORDER BY inside an aggregate are not allowed")
-        if function.get("export_state"):
-            raise self.fail("EXPORT_STATE is not allowed")
-        arguments = [a.get("expression") for a in function.get("arguments") or []]
+        if sqltree.function_has_modifiers(function):
+            raise self.fail("FILTER, ORDER BY and EXPORT_STATE inside an aggregate are not allowed")
+        arguments = sqltree.function_arguments(function)
         if name == "count_star" and not arguments:
             return
-        column = _column_name(arguments[0]) if len(arguments) == 1 else None
-        if column is None or column not in self.terms.columns:
+        where = f"the argument of {name}()"
+        column = self._plain_column(arguments[0], where) if len(arguments) == 1 else None
+        if column is None:
             raise self.fail(f"{name}() must read one granted column by name")
         if name in EXTREMUM_FUNCTIONS and column not in self.terms.measurement_columns:
             raise self.fail(f"{name}() may read only unmasked number or date columns, not {column}")
 
 
 def _is_aggregate(function: dict[str, Any]) -> bool:
-    name = str(function.get("function_name", "")).lower()
+    name = sqltree.function_name(function)
     return name in AGGREGATE_FUNCTIONS or name in WINDOW_FUNCTIONS or name == "count_star"
-
-
-def _column_name(expression: Any) -> str | None:
-    if not isinstance(expression, dict) or expression.get("class") != "COLUMN_REF":
-        return None
-    names = expression.get("column_names") or []
-    return str(names[-1]).lower() if names else None
-
-
-def _direct_expressions(value: Any) -> Iterator[dict[str, Any]]:
-    """The expression nodes directly below value (through lists and non-expression dicts)."""
-    if isinstance(value, dict):
-        if "class" in value:
-            yield value
-        else:
-            for child in value.values():
-                yield from _direct_expressions(child)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _direct_expressions(item)
-
-
-def _expressions(value: Any) -> Iterator[dict[str, Any]]:
-    """Every expression node at or below value."""
-    for expression in _direct_expressions(value):
-        yield expression
-        for child in expression.values():
-            yield from _expressions(child)
 
 
 class AggregateRelation(NoisyRelation, Protocol):

@@ -1,20 +1,38 @@
 """The second layer: check the bound plan of a peer's query before it runs.
 
-DuckDB binds the query (`json_serialize_plan`), resolving views, CTEs and macros to the
-tables they read. Every scan must be a plain scan of a relation exposed to this request,
-reading only its exposed columns; a scan of an aggregate-only relation must feed the
-aggregate-only form. This holds with or without the SQL guard in front.
+DuckDB binds the query (`json_serialize_plan`), resolving views, CTEs, macros, positional
+references and COLUMNS(...) to the table columns they read. Every scan must be a plain scan
+of a relation exposed to this request, reading only its exposed columns; a scan of an
+aggregate-only relation must feed the aggregate-only form, and every filter on its rows
+before the aggregate may read only the columns it groups by. This holds with or without the
+SQL guard in front.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from connector import sqltree
 from connector.aggregates import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS, is_measurement_type
 from connector.errors import QueryRejected
+from connector.sqltree import Ancestors, Node, SourceName
 
-SourceName = tuple[str, str, str]  # (catalog, schema, table) as the plan names a scan
+__all__ = ["ExposedRelation", "SourceName", "check_aggregate_scan", "check_plan"]
+
+# DuckDB's VOLATILE functions (duckdb_functions().stability; tests/unit/test_sqltree.py
+# checks the list): a filter calling one can pick part of a group without reading a column.
+VOLATILE_FUNCTIONS = frozenset(
+    "current_connection_id current_query current_query_id current_transaction_id currval "
+    "error gen_random_uuid nextval random setseed setval sleep_ms stats uuid uuidv4 uuidv7 "
+    "vector_type write_log".split()
+)
+# Bound expressions a filter under an aggregate-only scan may hold; anything else (a
+# subquery, a lambda, an unknown node) is refused.
+ROW_FILTER_CLASSES = frozenset(
+    "BOUND_REF BOUND_CONSTANT BOUND_FUNCTION BOUND_COMPARISON BOUND_CONJUNCTION BOUND_OPERATOR "
+    "BOUND_CAST BOUND_CASE BOUND_BETWEEN".split()
+)
 
 
 class ExposedRelation(Protocol):
@@ -35,30 +53,19 @@ class ExposedRelation(Protocol):
 def check_plan(plan: Mapping[str, Any], allowed: Mapping[SourceName, ExposedRelation]) -> None:
     """QueryRejected unless every scan of plan reads an allowed relation's exposed columns,
     and aggregate-only relations only in the aggregate form."""
-    for scan, ancestors in _scans(plan, ()):
-        relation = _check_scan(scan, allowed)
-        if relation.min_group_size:
-            check_aggregate_scan(ancestors, relation.min_group_size)
-
-
-Ancestors = tuple[Mapping[str, Any], ...]
-
-
-def _scans(node: object, ancestors: Ancestors) -> Iterator[tuple[Mapping[str, Any], Ancestors]]:
-    """Every LOGICAL_GET of a serialised plan, with its operators from the nearest up."""
-    if isinstance(node, dict):
-        kind = str(node.get("type", ""))
-        if kind.startswith("LOGICAL_"):
+    try:
+        for operator, ancestors in sqltree.operators(plan):
+            kind = sqltree.operator_type(operator)
             if any(word in kind for word in _WRITING_OPERATORS):
                 raise QueryRejected("only SELECT is allowed")
-            if kind == "LOGICAL_GET":
-                yield node, ancestors
-            ancestors = (node, *ancestors)
-        for value in node.values():
-            yield from _scans(value, ancestors)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _scans(item, ancestors)
+            if kind != "LOGICAL_GET":
+                continue
+            scan = sqltree.scan_of(operator)
+            relation = _check_scan(scan, allowed)
+            if relation.min_group_size:
+                check_aggregate_scan(scan, ancestors, relation.min_group_size)
+    except RecursionError:
+        raise QueryRejected("the query is nested too deeply") from None
 
 
 _WRITING_OPERATORS = (
@@ -68,127 +75,170 @@ _WRITING_OPERATORS = (
 
 
 def _check_scan(
-    scan: Mapping[str, Any], allowed: Mapping[SourceName, ExposedRelation]
+    scan: sqltree.Scan, allowed: Mapping[SourceName, ExposedRelation]
 ) -> ExposedRelation:
     """The relation a scan reads; QueryRejected unless it reads exposed columns of one."""
-    function = scan.get("qname", {})
-    name = function.get("path", [""])[-1] if isinstance(function, dict) else ""
-    if name != "seq_scan":
-        raise QueryRejected(f"the query reads through {name or 'a table function'}, not a dataset")
-    data = scan.get("function_data")
-    if not isinstance(data, dict):
+    if scan.function != "seq_scan":
+        name = scan.function or "a table function"
+        raise QueryRejected(f"the query reads through {name}, not a dataset")
+    if scan.source is None:
         raise QueryRejected("the query reads a table that is not one of your datasets")
-    source = (str(data.get("catalog")), str(data.get("schema")), str(data.get("table")))
-    relation = allowed.get(source)
+    relation = allowed.get(scan.source)
     if relation is None:
         raise QueryRejected("the query reads a table that is not one of your datasets as granted")
-    names = scan.get("names")
-    indexes = scan.get("column_indexes")
-    if not isinstance(names, list) or not isinstance(indexes, list):
+    columns = scan.output_columns()
+    if columns is None:
         raise QueryRejected("the sandbox could not check which columns the query reads")
     visible = set(relation.column_names)
-    for entry in indexes:
-        index = entry.get("index") if isinstance(entry, dict) else None
-        if not isinstance(index, int) or not 0 <= index < len(names):
+    for column in columns:
+        if column is None:
             raise QueryRejected("the query reads a hidden column of a dataset")
-        if str(names[index]) not in visible:
+        if column not in visible:
             raise QueryRejected(
-                f"the query reads column {names[index]} of {relation.dataset}, not granted"
+                f"the query reads column {column} of {relation.dataset}, not granted"
             )
     return relation
 
 
-def check_aggregate_scan(ancestors: Ancestors, min_group_size: int) -> None:
-    """A scan of an aggregate-only relation must feed, through column-only steps, one
-    aggregate of allowed functions over plain columns, whose every group is kept only when
-    count(*) >= min_group_size."""
+def check_aggregate_scan(scan: sqltree.Scan, ancestors: Ancestors, min_group_size: int) -> None:
+    """A scan of an aggregate-only relation must feed, through column-only steps and filters
+    on grouping columns, one aggregate of allowed functions over plain columns, whose every
+    group is kept only when count(*) >= min_group_size."""
     refused = QueryRejected(
-        "this dataset is aggregate-only: group by granted columns, use only count, sum, avg, "
-        f"min, max, stddev or variance of plain columns; groups under {min_group_size} rows "
-        "are dropped"
+        "this dataset is aggregate-only: group by granted columns, filter only on grouping "
+        "columns, use only count, sum, avg, min, max, stddev or variance of plain columns; "
+        f"groups under {min_group_size} rows are dropped"
     )
+    if scan.table_filters:
+        raise refused  # never produced unoptimised; fail closed rather than read them
+    # The scan's column names, carried up through each step: columns[i] is the table column
+    # the step's i-th output holds (None: a computed value).
+    columns: list[str | None] = list(scan.output_columns() or ())
+    filters: list[tuple[Node, list[str | None]]] = []
     steps = iter(ancestors)
     for node in steps:
-        kind = node.get("type")
+        kind = sqltree.operator_type(node)
         if kind == "LOGICAL_FILTER":
-            continue
-        if kind == "LOGICAL_PROJECTION" and all(_is_ref(e) for e in node.get("expressions", [])):
-            continue
-        if kind != "LOGICAL_AGGREGATE_AND_GROUP_BY":
+            filters.append((node, columns))
+            columns = _after_filter(node, columns, refused)
+        elif kind == "LOGICAL_PROJECTION":
+            columns = _after_projection(node, columns, refused)
+        elif kind == "LOGICAL_AGGREGATE_AND_GROUP_BY":
+            aggregate = node
+            break
+        else:
             raise refused
-        aggregate = node
-        break
     else:
         raise refused
-    groups = aggregate.get("groups") or []
-    expressions = aggregate.get("expressions") or []
-    if not all(_is_ref(g) for g in groups) or not all(_allowed_aggregate(e) for e in expressions):
+    groups = sqltree.aggregate_groups(aggregate)
+    expressions = sqltree.operator_expressions(aggregate)
+    if not all(sqltree.is_bound_ref(g) for g in groups):
         raise refused
+    if not all(_allowed_aggregate(e) for e in expressions):
+        raise refused
+    grouping = {_column_at(columns, g, refused) for g in groups if sqltree.is_bound_ref(g)}
+    for node, inputs in filters:
+        _check_row_filter(node, inputs, grouping, refused)
+    _check_minimum(groups, expressions, next(steps, None), min_group_size, refused)
+
+
+def _column_at(columns: Sequence[str | None], ref: Node, refused: QueryRejected) -> str:
+    index = sqltree.bound_ref_index(ref)
+    if index is None or not 0 <= index < len(columns) or columns[index] is None:
+        raise refused
+    return str(columns[index])
+
+
+def _after_projection(
+    node: Node, columns: list[str | None], refused: QueryRejected
+) -> list[str | None]:
+    outputs: list[str | None] = []
+    for expression in sqltree.operator_expressions(node):
+        if not sqltree.is_bound_ref(expression):
+            raise refused  # a computed column before the aggregate
+        outputs.append(_column_at(columns, expression, refused))
+    return outputs
+
+
+def _after_filter(
+    node: Node, columns: list[str | None], refused: QueryRejected
+) -> list[str | None]:
+    selection = sqltree.projection_map(node)
+    if not selection:
+        return columns
+    outputs: list[str | None] = []
+    for index in selection:
+        if not isinstance(index, int) or not 0 <= index < len(columns):
+            raise refused
+        outputs.append(columns[index])
+    return outputs
+
+
+def _check_row_filter(
+    node: Node, columns: list[str | None], grouping: set[str], refused: QueryRejected
+) -> None:
+    """A filter before the aggregate keeps or drops whole groups: it may read only grouping
+    columns (by any name: #n and COLUMNS(...) are bound to columns here) and call no
+    volatile function."""
+    for expression in sqltree.bound_expressions(sqltree.operator_expressions(node)):
+        kind = sqltree.bound_class(expression)
+        if kind not in ROW_FILTER_CLASSES:
+            raise refused
+        if kind == "BOUND_REF" and _column_at(columns, expression, refused) not in grouping:
+            raise QueryRejected(
+                f"{refused.message}; this query filters on "
+                f"{_column_at(columns, expression, refused)}, which it does not group by"
+            )
+        if kind == "BOUND_FUNCTION" and sqltree.bound_function_name(expression) in (
+            VOLATILE_FUNCTIONS
+        ):
+            raise refused
+
+
+def _check_minimum(
+    groups: list[object],
+    expressions: list[object],
+    having: Node | None,
+    min_group_size: int,
+    refused: QueryRejected,
+) -> None:
+    """The step above the aggregate keeps only groups with count(*) >= min_group_size."""
     count_outputs = {
-        len(groups) + i for i, e in enumerate(expressions) if _function_name(e) == "count_star"
+        len(groups) + i
+        for i, e in enumerate(expressions)
+        if isinstance(e, dict) and sqltree.bound_function_name(e) == "count_star"
     }
-    having = next(steps, None)
-    if having is None or having.get("type") != "LOGICAL_FILTER":
+    if having is None or sqltree.operator_type(having) != "LOGICAL_FILTER":
         raise refused
     if not any(
         _is_min_count(e, count_outputs, min_group_size)
-        for e in _conjuncts(having.get("expressions", []))
+        for e in sqltree.conjuncts(sqltree.operator_expressions(having))
     ):
         raise refused
 
 
-def _is_ref(expression: Any) -> bool:
-    return isinstance(expression, dict) and expression.get("expression_class") == "BOUND_REF"
-
-
-def _function_name(expression: Mapping[str, Any]) -> str:
-    path = (expression.get("qname") or {}).get("path") or [""]
-    return str(path[-1])
-
-
-def _allowed_aggregate(expression: Any) -> bool:
-    if not isinstance(expression, dict) or expression.get("expression_class") != "BOUND_AGGREGATE":
+def _allowed_aggregate(expression: object) -> bool:
+    if not isinstance(expression, dict) or sqltree.bound_class(expression) != "BOUND_AGGREGATE":
         return False
-    name = _function_name(expression)
-    children = expression.get("children") or []
+    name = sqltree.bound_function_name(expression)
     if name not in AGGREGATE_ONLY_FUNCTIONS or expression.get("filter") is not None:
         return False
-    if expression.get("order_bys") or not all(_is_ref(c) for c in children):
+    children = sqltree.bound_children(expression)
+    if expression.get("order_bys") or not all(sqltree.is_bound_ref(c) for c in children):
         return False
     if name in EXTREMUM_FUNCTIONS:
-        types = [a.get("id", "") for a in expression.get("arguments") or [] if isinstance(a, dict)]
-        return bool(types) and all(is_measurement_type(str(t)) for t in types)
+        types = sqltree.bound_argument_types(expression)
+        return bool(types) and all(is_measurement_type(t) for t in types)
     return True
-
-
-def _conjuncts(expressions: list[Any]) -> Iterator[Mapping[str, Any]]:
-    for expression in expressions:
-        if not isinstance(expression, dict):
-            continue
-        if expression.get("type") == "CONJUNCTION_AND":
-            yield from _conjuncts(expression.get("children") or [])
-        else:
-            yield expression
 
 
 def _is_min_count(expression: Mapping[str, Any], counts: set[int], minimum: int) -> bool:
     """expression is `count(*) >= N` with N >= minimum, count(*) of the aggregate below."""
-    children = expression.get("children") or []
+    children = sqltree.bound_children(expression)
     if expression.get("type") != "COMPARE_GREATERTHANOREQUALTO" or len(children) != 2:
         return False
     left, right = children
-    if not _is_ref(left) or left.get("index") not in counts:
+    if not sqltree.is_bound_ref(left) or sqltree.bound_ref_index(left) not in counts:
         return False
-    value = _constant(right)
+    value = sqltree.bound_constant(right)
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _constant(expression: Any) -> Any:
-    if not isinstance(expression, dict):
-        return None
-    if expression.get("expression_class") == "BOUND_CONSTANT":
-        value = expression.get("value") or {}
-        return None if value.get("is_null") else value.get("value")
-    if _function_name(expression) == "__cast" and len(expression.get("children") or []) == 1:
-        return _constant(expression["children"][0])
-    return None

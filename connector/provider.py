@@ -24,6 +24,7 @@ from connector.errors import (
     ConnectorError,
     NotAuthenticated,
     PermissionDenied,
+    QueryRejected,
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
@@ -228,6 +229,7 @@ class Provider:
             if clashes:
                 decision = Decision(False, tuple(c.peer_reason() for c in clashes))
         relations: tuple[Relation, ...] = ()
+        unbound: QueryRejected | None = None
         if decision.allow:
             try:
                 relations = relations_for(
@@ -236,6 +238,10 @@ class Provider:
                 # Before any form check, copy or data: a name that does not exist is refused
                 # exactly as a hidden one (no oracle through Explain, errors or timing).
                 self.sandbox.check_names(request.sql, relations, shape.datasets)
+            except QueryRejected as error:
+                # Not a missing name (that is PermissionDenied): a type or form the binder
+                # refuses. The aggregate-only form check below says it better, if it applies.
+                unbound = error
             except PermissionDenied as denied:
                 decision, relations = Decision(False, tuple(denied.reasons)), ()
         entry.decision = "allow" if decision.allow else "deny"
@@ -247,6 +253,8 @@ class Provider:
             for r in relations
         }
         sql = aggregate_form(request.sql, shape.datasets, relations) if decision.allow else ""
+        if unbound is not None:
+            raise unbound
         used = [snapshot.by_id[p.id] for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
             PolicyQuota(p.id, p.limits.queries_per_day, p.limits.rows_per_day)

@@ -12,7 +12,6 @@ a clear value or a filtered-out row, and no filter on a clear value can be timed
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ from connector.shaped_copies import (
     attach_scratch,
 )
 from connector.sqltext import quote_identifier, sql_string
+from connector.sqltree import plan_document
 from connector.store import ColumnInfo, DatasetInfo, busy_or_error, read_metadata
 
 log = logging.getLogger(__name__)
@@ -323,14 +323,7 @@ def bound_plan(
         rows = cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
     except duckdb.Error as exc:
         raise QueryRejected(peer_message(exc)) from None
-    text = rows[0][0] if rows else ""
-    try:
-        plan = json.loads(text) if text else None
-    except json.JSONDecodeError:
-        plan = None
-    if not isinstance(plan, dict):
-        # DuckDB gives no plan for some queries (an integer literal of over 38 digits).
-        raise QueryRejected("the query cannot be planned in the sandbox (a value too large?)")
+    plan = plan_document(rows[0][0] if rows else None)
     if plan.get("error"):
         raise plan_refusal(plan, datasets)
     return plan

@@ -2,9 +2,10 @@
 
 One SELECT statement only. Every relation must be an unqualified name (a dataset, or a CTE
 in scope); no table functions, no functions outside FUNCTIONS below, no parameters, no
-lambdas, no recursive CTEs, no samples, no time travel. The walker knows the shape of the
-JSON that `json_serialize_sql` gives in DuckDB 2.0 and refuses any node it does not know.
-The guard knows nothing of policies: it reports datasets and column names; policy decides.
+lambdas, no recursive CTEs, no samples, no time travel. The walker reads the JSON that
+`json_serialize_sql` gives in DuckDB 2.0 through sqltree.py and refuses any node it does not
+know. The guard knows nothing of policies: it reports datasets and column names (a position,
+a pattern or a whole row counts as *); policy decides.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
 
+from connector import sqltree
 from connector.errors import QueryRejected
 from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 
@@ -101,23 +102,6 @@ REFUSED_CLASSES = {
     "LAMBDA_REF": "lambda functions are not allowed",
     "DEFAULT": "DEFAULT is not allowed in a query",
 }
-# Query nodes and FROM items may only be reached through the typed walk, never generically.
-STRUCTURAL_TYPES = frozenset(
-    {
-        "SELECT_NODE",
-        "SET_OPERATION_NODE",
-        "RECURSIVE_CTE_NODE",
-        "CTE_NODE",
-        "BASE_TABLE",
-        "JOIN",
-        "SUBQUERY",
-        "TABLE_FUNCTION",
-        "EXPRESSION_LIST",
-        "EMPTY",
-        "SHOW_REF",
-        "PIVOT",
-    }
-)
 RESERVED_PREFIXES = ("duckdb_", "sqlite_", "pg_", "information_schema", "_connector")
 PATH_LIKE = re.compile(r"[/\\.:]")
 
@@ -136,8 +120,28 @@ class QueryShape:
 @dataclass
 class _Findings:
     datasets: set[str] = field(default_factory=set)
-    columns: set[str] = field(default_factory=set)
+    relations: set[str] = field(default_factory=set)  # datasets, CTEs and aliases
+    names: list[tuple[str, ...]] = field(default_factory=list)  # column names as written
+    columns: set[str] = field(default_factory=set)  # USING columns
     uses_star: bool = False
+
+    def read_columns(self) -> tuple[frozenset[str], bool]:
+        """The columns the names read, and whether the query reads whole rows.
+
+        `x` names a column, or the whole row of relation x (a struct of every column);
+        `a.b` names column b of relation a, or field b of struct column a.
+        """
+        columns = set(self.columns)
+        uses_star = self.uses_star
+        for names in self.names:
+            if len(names) == 1:
+                columns.add(names[0])
+                uses_star = uses_star or names[0] in self.relations
+            elif names[0] in self.relations:
+                columns.add(names[1])
+            else:
+                columns.add(names[0])
+        return frozenset(columns), uses_star
 
 
 class _ParserConnection(threading.local):
@@ -182,12 +186,13 @@ def inspect_query(sql: str, *, max_length: int = DEFAULT_MAX_LENGTH) -> QuerySha
         _Walker(findings).query_node(tree, frozenset(), 0)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
+    columns, uses_star = findings.read_columns()
     return QueryShape(
         sql=sql,
         sha256=hashlib.sha256(sql.encode("utf-8")).hexdigest(),
         datasets=tuple(sorted(findings.datasets)),
-        column_refs=frozenset(findings.columns),
-        uses_star=findings.uses_star,
+        column_refs=columns,
+        uses_star=uses_star,
     )
 
 
@@ -239,36 +244,29 @@ class _Walker:
             raise QueryRejected("the query is nested too deeply")
         if not isinstance(node, dict):
             raise QueryRejected("the query has a part the connector cannot check")
-        kind = node.get("type")
+        kind = sqltree.query_type(node)
         scope = ctes | self._ctes(node, ctes, depth)
         if kind == "SELECT_NODE":
             if node.get("sample") is not None:
                 raise _reject("TABLESAMPLE / USING SAMPLE is not allowed", node)
             self.table_ref(node.get("from_table"), scope, depth + 1)
-            for key in (
-                "select_list",
-                "where_clause",
-                "group_expressions",
-                "having",
-                "qualify",
-                "modifiers",
-            ):
+            for key in ("select_list", "where_clause", "group_expressions", "having", "qualify"):
                 self.expressions(node.get(key), scope, depth + 1)
+            self.expressions(list(sqltree.modifier_expressions(node)), scope, depth + 1)
         elif kind == "SET_OPERATION_NODE":
-            children = [c for c in (node.get("left"), node.get("right")) if c is not None]
-            for child in children + list(node.get("children") or []):
+            for child in sqltree.set_operation_children(node):
                 self.query_node(child, scope, depth + 1)
-            self.expressions(node.get("modifiers"), scope, depth + 1)
+            self.expressions(list(sqltree.modifier_expressions(node)), scope, depth + 1)
         elif kind in ("RECURSIVE_CTE_NODE", "CTE_NODE"):
             raise _reject("recursive CTEs are not allowed", node)
         else:
             raise _reject(f"this kind of query ({kind}) is not allowed", node)
 
     def _ctes(self, node: dict[str, Any], outer: frozenset[str], depth: int) -> frozenset[str]:
-        entries = (node.get("cte_map") or {}).get("map") or []
-        names = frozenset(str(e.get("key", "")).lower() for e in entries)
-        for entry in entries:
-            value = entry.get("value") or {}
+        entries = sqltree.cte_entries(node)
+        names = frozenset(name for name, _ in entries)
+        self.found.relations.update(names)
+        for _, value in entries:
             if value.get("key_targets") or value.get("payload_aggregates"):
                 raise QueryRejected("recursive CTEs (USING KEY) are not allowed")
             # A CTE body sees the outer names and the CTEs of its WITH (fails closed if
@@ -281,9 +279,11 @@ class _Walker:
             raise QueryRejected("the query is nested too deeply")
         if not isinstance(ref, dict):
             raise QueryRejected("the query has a FROM part the connector cannot check")
-        kind = ref.get("type")
+        kind = sqltree.table_ref_type(ref)
         if ref.get("sample") is not None:
             raise _reject("TABLESAMPLE / USING SAMPLE is not allowed", ref)
+        if sqltree.table_alias(ref):
+            self.found.relations.add(sqltree.table_alias(ref))
         if kind == "BASE_TABLE":
             self._base_table(ref, ctes)
         elif kind == "JOIN":
@@ -292,7 +292,7 @@ class _Walker:
             self.expressions(ref.get("condition"), ctes, depth + 1)
             self.found.columns.update(str(c).lower() for c in ref.get("using_columns") or [])
         elif kind == "SUBQUERY":
-            self.query_node((ref.get("subquery") or {}).get("node"), ctes, depth + 1)
+            self.query_node(sqltree.subquery_body(ref), ctes, depth + 1)
         elif kind == "EXPRESSION_LIST":
             self.expressions(ref.get("values"), ctes, depth + 1)
         elif kind == "EMPTY":
@@ -310,7 +310,7 @@ class _Walker:
             raise _reject(f"this kind of FROM item ({kind}) is not allowed", ref)
 
     def _base_table(self, ref: dict[str, Any], ctes: frozenset[str]) -> None:
-        name = str(ref.get("table_name", ""))
+        name = sqltree.table_name(ref)
         if ref.get("schema_name") or ref.get("catalog_name"):
             raise _reject(
                 f"qualified table names are not allowed: use the dataset name only ({name})", ref
@@ -318,6 +318,7 @@ class _Walker:
         if ref.get("at_clause") is not None:
             raise _reject("time travel (AT ...) is not allowed", ref)
         lowered = name.lower()
+        self.found.relations.add(lowered)
         if lowered in ctes:
             return
         if PATH_LIKE.search(name):
@@ -328,57 +329,46 @@ class _Walker:
 
     def expressions(self, value: Any, ctes: frozenset[str], depth: int) -> None:
         """Check every expression below value (a node, list, or modifier structure)."""
-        for node in _dicts(value, depth):
+        if depth > MAX_DEPTH:
+            raise QueryRejected("the query is nested too deeply")
+        try:
+            nodes = list(sqltree.direct_expressions(value))
+        except QueryRejected as unknown:
+            raise _reject(unknown.message) from None
+        for node in nodes:
             self.expression(node, ctes, depth)
 
     def expression(self, node: dict[str, Any], ctes: frozenset[str], depth: int) -> None:
         if depth > MAX_DEPTH:
             raise QueryRejected("the query is nested too deeply")
-        kind = node.get("class")
-        if kind is None:
-            if node.get("type") in STRUCTURAL_TYPES:
-                raise _reject("the query has a part the connector cannot check", node)
-            # A structure that is not an expression (ORDER BY entry, LIMIT modifier...).
-            self.expressions(list(node.values()), ctes, depth + 1)
-            return
+        kind = sqltree.expression_class(node)
         if kind in REFUSED_CLASSES:
             raise _reject(REFUSED_CLASSES[kind], node)
         if kind not in EXPRESSION_CLASSES:
             raise _reject(f"this kind of expression ({kind}) is not allowed", node)
-        if kind == "COLUMN_REF":
-            self._column(node)
-            return
-        if kind in ("FUNCTION", "WINDOW"):
+        reference = sqltree.column_reference(node)
+        if reference is not None:
+            self._reference(node, reference)
+        elif kind in ("FUNCTION", "WINDOW"):
             self._function(node)
-        elif kind == "STAR":
-            self.found.uses_star = True
         elif kind == "SUBQUERY":
-            self.query_node((node.get("subquery") or {}).get("node"), ctes, depth + 1)
-            self.expressions(node.get("child"), ctes, depth + 1)
-            return
-        rest = [v for k, v in node.items() if k not in ("subquery",)]
-        self.expressions(rest, ctes, depth + 1)
+            self.query_node(sqltree.subquery_body(node), ctes, depth + 1)
+        # A STAR's COLUMNS(...) selector, EXCLUDE and REPLACE are walked like any child.
+        self.expressions(list(sqltree.child_expressions(node)), ctes, depth + 1)
 
-    def _column(self, node: dict[str, Any]) -> None:
-        names = node.get("column_names") or []
-        if not names or len(names) > 2:
-            raise _reject("qualified column names are allowed only as table.column", node)
-        self.found.columns.add(str(names[-1]).lower())
+    def _reference(self, node: dict[str, Any], reference: sqltree.ColumnReference) -> None:
+        if reference.kind is sqltree.ReferenceKind.NAME:
+            if not reference.names or len(reference.names) > 2:
+                raise _reject("qualified column names are allowed only as table.column", node)
+            self.found.names.append(reference.names)
+        else:
+            # #n and every star form read columns the guard cannot name: like *, they
+            # count as reading every column the policy exposes, and no more.
+            self.found.uses_star = True
 
     def _function(self, node: dict[str, Any]) -> None:
-        name = str(node.get("function_name", "")).lower()
-        if node.get("schema") or node.get("catalog"):
+        name = sqltree.function_name(node)
+        if sqltree.function_is_qualified(node):
             raise _reject(f"functions must not be qualified with a schema ({name})", node)
         if name not in FUNCTIONS:
             raise _reject(f"function {name}() is not allowed", node)
-
-
-def _dicts(value: Any, depth: int) -> Iterator[dict[str, Any]]:
-    """The dicts directly in value (descending through lists)."""
-    if depth > MAX_DEPTH:
-        raise QueryRejected("the query is nested too deeply")
-    if isinstance(value, dict):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from _dicts(item, depth + 1)

@@ -143,3 +143,41 @@ def test_sha256_is_of_the_text_as_sent() -> None:
 
     sql = "SELECT 'Grüße' FROM t"
     assert inspect_query(sql).sha256 == hashlib.sha256(sql.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("sql", "columns", "star"),
+    [
+        # A position or a pattern reads columns the guard cannot name: it counts as *.
+        ("SELECT #2 FROM t", set(), True),
+        ("SELECT count(*) FROM t WHERE #4 < 500", set(), True),
+        ("SELECT a FROM t WHERE COLUMNS('serial') <> 'x'", {"a"}, True),
+        ("SELECT COLUMNS('ser.*') FROM t", set(), True),
+        ("SELECT max(COLUMNS(* EXCLUDE (a))) FROM t", set(), True),
+        ("SELECT * REPLACE (lower(b) AS b) FROM t", {"b"}, True),
+        ("SELECT t.* FROM t", set(), True),
+        ("SELECT COLUMNS([a, b]) FROM t", {"a", "b"}, True),
+        ("SELECT a FROM t GROUP BY COLUMNS('a|b')", {"a"}, True),
+        # t.a is column a of t; s.f is field f of struct column s (it parses like table.column).
+        ("SELECT t.a FROM t", {"a"}, False),
+        ("SELECT x.a FROM t AS x", {"a"}, False),
+        ("SELECT s.f FROM t", {"s"}, False),
+        ("SELECT count(*) FROM t WHERE s.f = 1", {"s"}, False),
+        # A relation's name as a value is its whole row: every column, like *.
+        ("SELECT t FROM t", {"t"}, True),
+        ("SELECT count(*) FROM t AS x WHERE x IS NOT NULL", {"x"}, True),
+        ("SELECT struct_extract(x, 'secret') FROM t AS x", {"x"}, True),
+        ("SELECT (x).secret FROM t AS x", {"x"}, True),
+        ("WITH c AS (SELECT a FROM t) SELECT c FROM c", {"a", "c"}, True),
+    ],
+)
+def test_every_way_of_naming_a_column_is_reported(sql: str, columns: set[str], star: bool) -> None:
+    shape = inspect_query(sql)
+    assert shape.column_refs == frozenset(columns)
+    assert shape.uses_star is star
+
+
+def test_lambdas_in_columns_are_refused() -> None:
+    # COLUMNS(lambda) parses as list_filter(*, lambda): refused as a function not allowed.
+    with pytest.raises(QueryRejected, match="list_filter"):
+        inspect_query("SELECT COLUMNS(c -> c LIKE 'ser%') FROM t")

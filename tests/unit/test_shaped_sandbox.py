@@ -160,12 +160,11 @@ AGGREGATE = Shaping(masks=(("serial", "hash"),), min_group_size=5)
         ("SELECT id, count(*) AS n FROM parts GROUP BY id HAVING count(*) >= 5", []),
         ("SELECT serial, count(*) AS n FROM parts GROUP BY serial HAVING count(*) >= 7", []),
         ("SELECT count(*) AS n FROM parts HAVING count(*) >= 5 AND count(*) = 1", []),
-        # The sandbox lets a WHERE pick rows (the guard allows only grouping columns there),
-        # but a picked group under the minimum still never leaves.
+        # A filter on a grouping column keeps or drops whole groups.
         (
-            "SELECT plant, count(*) AS n FROM (SELECT * FROM parts WHERE id = 3) "
+            "SELECT plant, count(*) AS n FROM (SELECT * FROM parts WHERE plant = 'B') "
             "GROUP BY plant HAVING count(*) >= 5",
-            [],
+            [{"plant": "B", "n": 25}],
         ),
     ],
 )
@@ -200,6 +199,9 @@ def test_aggregate_only_answers_only_big_enough_groups(
         "HAVING count(*) >= 5",
         "SELECT max(c) FROM (SELECT plant, count(*) AS c FROM parts GROUP BY plant "
         "HAVING count(*) >= 5) UNION ALL SELECT id FROM parts",
+        # A filter on a column the query does not group by picks rows out of a group.
+        "SELECT plant, count(*) AS n FROM (SELECT * FROM parts WHERE id = 3) "
+        "GROUP BY plant HAVING count(*) >= 5",
     ],
 )
 def test_aggregate_only_escapes_are_refused_by_the_sandbox_alone(
