@@ -203,12 +203,20 @@ class Provider:
         sql = aggregate_form(request.sql, shape.datasets, relations) if decision.allow else ""
         used = [snapshot.by_id[p.id] for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
-            PolicyQuota(p.id, p.limits.queries_per_day, p.limits.rows_per_day)
+            PolicyQuota(p.id, lim.queries_per_day, lim.rows_per_day, lim.bytes_per_day)
             for p in used
-            if p.limits.queries_per_day or p.limits.rows_per_day
+            if (lim := p.limits).queries_per_day or lim.rows_per_day or lim.bytes_per_day
         )
-        max_rows = Limits.tightest(p.limits for p in used).max_rows_per_query
-        return Explanation(shape, decision, relations, quotas, max_rows, sql)
+        limits = Limits.tightest(p.limits for p in used)
+        return Explanation(
+            shape,
+            decision,
+            relations,
+            quotas,
+            max_rows=limits.max_rows_per_query,
+            max_bytes=limits.max_bytes_per_query,
+            sql=sql,
+        )
 
     def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed."""

@@ -1,14 +1,17 @@
 """One running query: the peer's SQL on the sandbox, cut to its limits, then its receipt.
 
 A QueryRun is made by `Provider.query` once the decision allows the query. It streams Arrow
-IPC pieces with bounded memory, claims daily rows before they are sent, and ends with the
-audit entry written, then the signed receipt.
+IPC pieces with bounded memory, cuts the result at the row and byte limits, claims daily rows
+and bytes before they are sent, and ends with the audit entry written, then the signed
+receipt. Bytes are Arrow IPC bytes as sent: the schema message and the end-of-stream marker
+count too, so every byte of the stream was claimed before it left.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from collections.abc import Generator
 from typing import Protocol
@@ -17,16 +20,19 @@ import pyarrow as pa
 
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry
-from connector.errors import QueryCancelled, StoreError
+from connector.errors import QueryCancelled, ResourceExhausted, StoreError
 from connector.identity import MemberIdentity
 from connector.policy.model import tightest
-from connector.quota import QuotaLedger
+from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner, policy_uses
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase, SandboxSession
 
+log = logging.getLogger(__name__)
+
 OBLIGATIONS_METADATA_KEY = "connector.obligations"
 POLICIES_METADATA_KEY = "connector.policies"
+END_OF_STREAM_BYTES = 8  # the Arrow IPC stream's end marker (continuation + zero length)
 
 
 class AnsweringSide(Protocol):
@@ -65,7 +71,13 @@ class QueryRun:
         self._finished = False
         self.rows = 0
         self.truncated = False
+        self.limited_by = ""  # the limit that cut the result
         self._pieces: IpcPieces | None = None
+        self._counted = tuple(q for q in explanation.quotas if q.counts_sent)
+        self._counts_bytes = bool(explanation.max_bytes) or any(
+            q.bytes_per_day for q in explanation.quotas
+        )
+        self._bytes_claimed = 0
 
     def cancel(self) -> None:
         """Interrupt the query in DuckDB (the peer went away or its deadline passed)."""
@@ -83,17 +95,18 @@ class QueryRun:
             self._session.expose(self._explanation.relations)
             self._session.verify_plan(sql, self._explanation.relations)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
-            pieces = self._pieces = IpcPieces(self._labelled(result.schema))
-            cap = tightest((self._request.max_rows, self._explanation.max_rows))
+            schema = self._labelled(result.schema)
+            if self._counts_bytes:
+                schema = _without_dictionaries(schema)
+            pieces = self._pieces = IpcPieces(schema)
+            self._claim_frame(schema)
             for whole in result:
-                batch = whole
-                if cap and self.rows + whole.num_rows > cap:
-                    batch = whole.slice(0, cap - self.rows)
-                    self.truncated = True
-                batch = self._within_quota(batch)
+                batch = self._within_limits(whole.cast(schema) if self._counts_bytes else whole)
                 if batch.num_rows:
                     self.rows += batch.num_rows
-                    yield pieces.encode(batch)
+                    data = pieces.encode(batch)
+                    self._check_claimed(pieces.bytes_sent)
+                    yield data
                 if self.truncated:
                     break
             yield pieces.finish()
@@ -104,18 +117,61 @@ class QueryRun:
         finally:
             self.close()
 
-    def _within_quota(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The part of batch the daily row quotas still allow (claimed before it is sent)."""
-        quotas = self._explanation.quotas
-        if not any(q.rows_per_day for q in quotas) or not batch.num_rows:
+    def _cut(self, limit: str) -> None:
+        self.truncated, self.limited_by = True, limit
+
+    def _within_limits(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The part of batch the row and byte limits still allow, claimed before it is sent."""
+        cap = tightest((self._request.max_rows, self._explanation.max_rows))
+        if cap and self.rows + batch.num_rows > cap:
+            limit = "max_rows" if cap == self._request.max_rows else "max_rows_per_query"
+            batch = batch.slice(0, cap - self.rows)
+            self._cut(limit)
+        wanted = batch.num_rows
+        max_bytes = self._explanation.max_bytes
+        if not wanted or not (self._counted or max_bytes):
             return batch
-        granted = self._provider.quotas.claim_rows(
-            self._member.member_id, quotas, batch.num_rows, _now()
-        )
-        if granted < batch.num_rows:
-            self.truncated = True
-            return batch.slice(0, granted)
-        return batch
+        left = max_bytes - self._bytes_claimed if max_bytes else None
+
+        def size_of(rows: int) -> int:
+            return batch.slice(0, rows).serialize().size if self._counts_bytes else 0
+
+        if self._counted:
+            rows, size, limit = self._provider.quotas.claim_sent(
+                self._member.member_id, self._counted, wanted, size_of, now=_now(), max_bytes=left
+            )
+        else:
+            rows = most_rows(wanted, size_of, -1 if left is None else left)
+            size, limit = size_of(rows) if rows else 0, "max_bytes_per_query"
+        self._bytes_claimed += size
+        if rows < wanted:
+            self._cut(limit)
+        return batch.slice(0, rows)
+
+    def _claim_frame(self, schema: pa.Schema) -> None:
+        """Claim the schema message and end marker (all or nothing) before anything is sent."""
+        if not self._counts_bytes:
+            return
+        frame = schema.serialize().size + END_OF_STREAM_BYTES
+        max_bytes = self._explanation.max_bytes
+        if max_bytes and frame > max_bytes:
+            raise ResourceExhausted(
+                f"the result's schema alone ({frame} bytes) exceeds the policy's "
+                f"max_bytes_per_query ({max_bytes}); select fewer columns"
+            )
+        if self._counted:
+            self._provider.quotas.claim_bytes(self._member.member_id, self._counted, frame, _now())
+        self._bytes_claimed = frame
+
+    def _check_claimed(self, sent: int) -> None:
+        # The prediction (serialize) matches the stream writer byte for byte once dictionaries
+        # are decoded; a difference would be a pyarrow change worth knowing about.
+        if self._counts_bytes and sent + END_OF_STREAM_BYTES > self._bytes_claimed:
+            log.warning(
+                "sent %d bytes of which only %d were claimed",
+                sent + END_OF_STREAM_BYTES,
+                self._bytes_claimed,
+            )
 
     def _labelled(self, schema: pa.Schema) -> pa.Schema:
         """The result schema with the obligations and policies in its metadata, for the
@@ -137,6 +193,7 @@ class QueryRun:
         entry = self.entry
         entry.rows, entry.bytes = self.rows, self._pieces.bytes_sent
         entry.result_sha256, entry.truncated = self._pieces.sha256, self.truncated
+        entry.limited_by = self.limited_by
         entry.outcome = "answered"
         seq = self._provider.record(entry)
         fields = ReceiptFields(
@@ -149,6 +206,7 @@ class QueryRun:
             rows=self.rows,
             bytes=self._pieces.bytes_sent,
             truncated=self.truncated,
+            limited_by=self.limited_by,
             policies=policy_uses(self._explanation.decision.policies),
             audit_seq=seq,
             obligations=dict(self._explanation.decision.obligations),
@@ -163,6 +221,14 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._provider.release_slot()
+
+
+def _without_dictionaries(schema: pa.Schema) -> pa.Schema:
+    """schema with dictionary columns as plain values: their IPC size is then predictable."""
+    fields = [
+        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema
+    ]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _now() -> dt.datetime:

@@ -49,4 +49,5 @@ class Explanation:
     relations: tuple[Relation, ...]
     quotas: tuple[PolicyQuota, ...] = ()
     max_rows: int = 0  # the tightest max_rows_per_query of the policies used (0: none)
+    max_bytes: int = 0  # the tightest max_bytes_per_query of the policies used (0: none)
     sql: str = ""  # what runs: the peer's SQL, or its aggregate-only rewrite ("" if denied)

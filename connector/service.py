@@ -79,6 +79,8 @@ def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
         max_rows_per_query=entry.limits.max_rows_per_query,
         queries_per_day=entry.limits.queries_per_day,
         rows_per_day=entry.limits.rows_per_day,
+        max_bytes_per_query=entry.limits.max_bytes_per_query,
+        bytes_per_day=entry.limits.bytes_per_day,
         obligations_json=obligations_json(entry.obligations),
         row_filter=entry.shaping.where_sql(),
         min_group_size=entry.shaping.min_group_size,
@@ -124,6 +126,7 @@ def _receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         issued_at=_timestamp(dt.datetime.fromisoformat(fields.issued_at)),
         audit_seq=fields.audit_seq,
         obligations_json=obligations_json(fields.obligations),
+        limited_by=fields.limited_by,
         jws=token,
     )
 

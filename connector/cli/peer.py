@@ -82,6 +82,8 @@ def _catalog(args: argparse.Namespace) -> int:
                 "max_rows_per_query": e.max_rows_per_query,
                 "queries_per_day": e.queries_per_day,
                 "rows_per_day": e.rows_per_day,
+                "max_bytes_per_query": e.max_bytes_per_query,
+                "bytes_per_day": e.bytes_per_day,
                 "obligations": e.obligations,
             }
             for e in entries
@@ -106,6 +108,8 @@ def _catalog(args: argparse.Namespace) -> int:
                 (e.max_rows_per_query, "rows per query"),
                 (e.queries_per_day, "queries a day"),
                 (e.rows_per_day, "rows a day"),
+                (e.max_bytes_per_query, "bytes per query"),
+                (e.bytes_per_day, "bytes a day"),
             )
             if n
         ]
@@ -160,7 +164,7 @@ def _query(args: argparse.Namespace) -> int:
                 _write(result.table, args.format, out)
         result.bundle.save(args.output.with_name(args.output.name + RECEIPT_SUFFIX))
     receipt = result.receipt
-    cut = " (cut at the row limit)" if receipt.truncated else ""
+    cut = f" (cut at the limit {receipt.limited_by or 'of rows'})" if receipt.truncated else ""
     print(
         f"{receipt.rows} rows{cut} from {receipt.provider_id}, request {receipt.request_id}, "
         f"policies {', '.join(f'{p.id}@{p.version}' for p in receipt.policies)}",
