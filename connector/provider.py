@@ -192,22 +192,25 @@ class Provider:
                 )
             except PermissionDenied as denied:
                 decision = Decision(False, tuple(denied.reasons))
+        used = [snapshot.by_id[i] for i, _ in decision.policies if i in snapshot.by_id]
+        limits = Limits.tightest(p.limits for p in used)
+        entry.policies = policy_uses(decision.policies)  # also the ones whose limits refuse
+        if decision.allow and shape.packing and limits.limits_rows:
+            decision = Decision(False, (_packing_refused(shape.packing),))
+            relations = ()
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
-        entry.policies = policy_uses(decision.policies)
         entry.obligations = dict(decision.obligations)
         entry.columns = {
             r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]
             for r in relations
         }
         sql = aggregate_form(request.sql, shape.datasets, relations) if decision.allow else ""
-        used = [snapshot.by_id[p.id] for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
             PolicyQuota(p.id, lim.queries_per_day, lim.rows_per_day, lim.bytes_per_day)
             for p in used
             if (lim := p.limits).queries_per_day or lim.rows_per_day or lim.bytes_per_day
         )
-        limits = Limits.tightest(p.limits for p in used)
         return Explanation(
             shape,
             decision,
@@ -258,6 +261,14 @@ class Provider:
                 time=_now(),
             )
         )
+
+
+def _packing_refused(packing: str) -> str:
+    return (
+        f"{packing}; the policies of these datasets limit rows per query or per day, so a "
+        "result row must not carry many rows: ask for the rows themselves (within the limits) "
+        "or for aggregates such as count, sum, avg, min and max"
+    )
 
 
 def _now() -> dt.datetime:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry
-from connector.errors import QueryCancelled, ResourceExhausted, StoreError
+from connector.errors import PermissionDenied, QueryCancelled, ResourceExhausted, StoreError
 from connector.identity import MemberIdentity
 from connector.policy.model import tightest
 from connector.quota import QuotaLedger, most_rows
@@ -95,6 +95,7 @@ class QueryRun:
             self._session.expose(self._explanation.relations)
             self._session.verify_plan(sql, self._explanation.relations)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
+            self._refuse_packed_lists(result.schema)
             schema = self._labelled(result.schema)
             if self._counts_bytes:
                 schema = _without_dictionaries(schema)
@@ -116,6 +117,23 @@ class QueryRun:
             raise
         finally:
             self.close()
+
+    def _refuse_packed_lists(self, schema: pa.Schema) -> None:
+        """Second layer under row limits: a list or map the datasets do not hold was built
+        by the query, so a row could carry many rows (the guard refuses this first)."""
+        explanation = self._explanation
+        if not (explanation.max_rows or any(q.rows_per_day for q in explanation.quotas)):
+            return
+        if any(_is_collection(c.type) for r in explanation.relations for c in r.columns):
+            return  # the dataset holds lists itself: the guard's check is what applies
+        built = [f.name for f in schema if _nested_collection(f.type)]
+        if built:
+            raise PermissionDenied(
+                [
+                    f"result column {built[0]!r} gathers many rows into one value; the "
+                    "policies limit rows, so ask for the rows themselves or for aggregates"
+                ]
+            )
 
     def _cut(self, limit: str) -> None:
         self.truncated, self.limited_by = True, limit
@@ -221,6 +239,23 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._provider.release_slot()
+
+
+def _is_collection(duckdb_type: str) -> bool:
+    """A DuckDB column type holding several values (LIST, ARRAY, MAP, or a STRUCT of them)."""
+    return "[" in duckdb_type or "MAP(" in duckdb_type.upper()
+
+
+def _nested_collection(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return True
+    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_map(arrow_type):
+        return True
+    if pa.types.is_list_view(arrow_type) or pa.types.is_large_list_view(arrow_type):
+        return True
+    return pa.types.is_struct(arrow_type) and any(
+        _nested_collection(arrow_type.field(i).type) for i in range(arrow_type.num_fields)
+    )
 
 
 def _without_dictionaries(schema: pa.Schema) -> pa.Schema:

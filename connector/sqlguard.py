@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from connector.errors import QueryRejected
+from connector.packing import packed_rows
 
 UNKNOWN_LOCATION = 2**64 - 1
 DEFAULT_MAX_LENGTH = 100_000
@@ -131,6 +132,7 @@ class QueryShape:
     datasets: tuple[str, ...]
     column_refs: frozenset[str]
     uses_star: bool
+    packing: str = ""  # what packs several rows into one (connector/packing.py), or ''
 
 
 @dataclass
@@ -191,6 +193,7 @@ def inspect_query(sql: str, *, max_length: int = DEFAULT_MAX_LENGTH) -> QuerySha
         datasets=tuple(sorted(findings.datasets)),
         column_refs=frozenset(findings.columns),
         uses_star=findings.uses_star,
+        packing=packed_rows(tree),
     )
 
 
