@@ -34,6 +34,8 @@ class ServerSettings:
     batch_rows: int = 65_536
     max_concurrent_queries: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_queries_per_member: int = 4  # at most max_concurrent_queries
+    stall_seconds: float = 30.0  # an answer its peer does not read for this long is ended
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,13 @@ def _server(section: _Section) -> ServerSettings:
         raise ConfigError(
             f"{section.path}: [server] memory_limit {memory!r} is not a size like '1GB' or '512MiB'"
         )
+    total = section.whole("max_concurrent_queries", ServerSettings.max_concurrent_queries, 1)
+    per_member = section.whole("max_concurrent_queries_per_member", max(1, total // 2), 1)
+    if per_member > total:
+        raise ConfigError(
+            f"{section.path}: [server] max_concurrent_queries_per_member ({per_member}) must "
+            f"not exceed max_concurrent_queries ({total})"
+        )
     return ServerSettings(
         listen=section.text("listen", ServerSettings.listen),
         max_query_seconds=section.number(
@@ -213,12 +222,12 @@ def _server(section: _Section) -> ServerSettings:
         memory_limit=memory,
         threads=section.whole("threads", ServerSettings.threads, 1),
         batch_rows=section.whole("batch_rows", ServerSettings.batch_rows, 1),
-        max_concurrent_queries=section.whole(
-            "max_concurrent_queries", ServerSettings.max_concurrent_queries, 1
-        ),
+        max_concurrent_queries=total,
         max_message_bytes=section.whole(
             "max_message_bytes", ServerSettings.max_message_bytes, 1024
         ),
+        max_concurrent_queries_per_member=per_member,
+        stall_seconds=section.number("stall_seconds", ServerSettings.stall_seconds, 0.1),
     )
 
 
@@ -274,6 +283,8 @@ memory_limit = "1GB"        # DuckDB memory for all queries together
 threads = 2                 # DuckDB threads
 batch_rows = 65536          # rows per Arrow record batch sent to the peer
 max_concurrent_queries = 8  # more at once are refused with RESOURCE_EXHAUSTED
+# max_concurrent_queries_per_member = 4  # one member's share; default: half the above
+stall_seconds = 30          # an answer the peer stops reading is ended after this long
 
 [tls]
 cert = "tls/cert.pem"

@@ -80,6 +80,10 @@ class QueryCancelled(ConnectorError):
     """The peer cancelled the query; it was interrupted in DuckDB."""
 
 
+class QueryStalled(QueryCancelled):
+    """The peer stopped reading the answer for longer than allowed; the stream was ended."""
+
+
 class DataError(ConnectorError):
     """A file to ingest is missing, unreadable or in a format the connector cannot load."""
 

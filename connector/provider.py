@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from connector.errors import (
     PermissionDenied,
     QueryCancelled,
     QueryRejected,
+    QueryStalled,
     QueryTimeout,
     ResourceExhausted,
 )
@@ -39,6 +39,7 @@ from connector.receipt import ReceiptSigner, policy_uses
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase
 from connector.shaping import Shaping, strictest
+from connector.slots import QuerySlots, StallWatch
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo
 
@@ -50,6 +51,7 @@ OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
     (QueryRejected, "rejected"),
     (ResourceExhausted, "exhausted"),
     (QueryTimeout, "timeout"),
+    (QueryStalled, "stalled"),
     (QueryCancelled, "cancelled"),
 )
 
@@ -85,6 +87,8 @@ class Provider:
         batch_rows: int,
         max_query_seconds: float,
         max_concurrent_queries: int,
+        max_concurrent_queries_per_member: int = 0,
+        stall_seconds: float = 30.0,
     ) -> None:
         self.member_id = member_id
         self.dataspace = dataspace
@@ -99,7 +103,9 @@ class Provider:
         self.revoked = revoked
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
-        self._slots = threading.BoundedSemaphore(max_concurrent_queries)
+        per_member = max_concurrent_queries_per_member or max(1, max_concurrent_queries // 2)
+        self.slots = QuerySlots(max_concurrent_queries, per_member)
+        self.stall_watch = StallWatch(stall_seconds)
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -221,25 +227,27 @@ class Provider:
             sql=sql,
         )
 
-    def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
-        """Check and start a query; raises before anything is sent when it is not allowed."""
+    def query(
+        self,
+        member: MemberIdentity,
+        request: PeerRequest,
+        entry: AuditEntry,
+        deadline_seconds: float | None = None,
+    ) -> QueryRun:
+        """Check and start a query; raises before anything is sent when it is not allowed.
+        deadline_seconds bounds the wait for a slot (None: the peer set no deadline)."""
         explanation = self._explain(member, request, entry)
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
-        if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                "this connector is answering its maximum number of queries; retry shortly"
-            )
+        slot = self.slots.acquire(member.member_id, deadline_seconds=deadline_seconds)
         try:
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
-            return QueryRun(self, member, request, explanation, entry)
+            run = QueryRun(self, member, request, explanation, entry, slot=slot)
         except BaseException:
-            self._slots.release()
+            slot.finish()
             raise
-
-    def release_slot(self) -> None:
-        """Called by a QueryRun when it ends."""
-        self._slots.release()
+        self.stall_watch.watch(run)
+        return run
 
     def _decide(
         self, engine: PolicyEngine, member: MemberIdentity, request: PeerRequest, shape: QueryShape

@@ -13,20 +13,29 @@ import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from typing import Protocol
 
 import pyarrow as pa
 
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry
-from connector.errors import PermissionDenied, QueryCancelled, ResourceExhausted, StoreError
+from connector.errors import (
+    PermissionDenied,
+    QueryCancelled,
+    QueryStalled,
+    QueryTimeout,
+    ResourceExhausted,
+    StoreError,
+)
 from connector.identity import MemberIdentity
 from connector.policy.model import tightest
 from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner, policy_uses
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase, SandboxSession
+from connector.slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,6 @@ class AnsweringSide(Protocol):
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int: ...
 
-    def release_slot(self) -> None: ...
-
 
 class QueryRun:
     """One running query: yields Arrow IPC pieces, then its signed receipt."""
@@ -60,8 +67,14 @@ class QueryRun:
         request: PeerRequest,
         explanation: Explanation,
         entry: AuditEntry,
+        *,
+        slot: Slot,
     ) -> None:
         self._provider = provider
+        self._slot = slot
+        self._waiting_since: float | None = None  # suspended at a yield since (monotonic)
+        self.stalled = False
+        self.end_stream: Callable[[], None] | None = None  # set by the transport
         self.entry = entry
         self._member = member
         self._request = request
@@ -80,14 +93,43 @@ class QueryRun:
         self._bytes_claimed = 0
 
     def cancel(self) -> None:
-        """Interrupt the query in DuckDB (the peer went away or its deadline passed)."""
+        """Interrupt the query in DuckDB (the peer went away or its deadline passed); its
+        slot is free at once, while DuckDB stops in the background."""
         with self._lock:
             if not self._finished:
                 self._session.interrupt()
+        self._slot.leave()
+
+    @property
+    def done(self) -> bool:
+        """True once the run has ended and released its session."""
+        return self._finished
+
+    def waiting_for_peer(self) -> float:
+        """Seconds the run has waited for the peer to take its last piece (0: not waiting)."""
+        since = self._waiting_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def stall(self) -> None:
+        """End the answer: the peer stopped reading (recorded as `stalled`)."""
+        log.info("ending a query whose peer read nothing for %.1f s", self.waiting_for_peer())
+        self.stalled = True
+        if self.end_stream is not None:
+            self.end_stream()
+        self.cancel()
+
+    def _handed_over(self, data: bytes) -> Generator[bytes, None, None]:
+        self._waiting_since = time.monotonic()
+        yield data
+        self._waiting_since = None
 
     def pieces(self, deadline_seconds: float | None = None) -> Generator[bytes, None, None]:
         """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size."""
         timeout = self._provider.max_query_seconds
+        if deadline_seconds is not None and deadline_seconds <= 0:
+            # The peer gave up while the query waited for a slot: do not start it.
+            self.close()
+            raise QueryTimeout("the query's deadline passed before it could start")
         if deadline_seconds is not None:
             timeout = max(0.001, min(timeout, deadline_seconds))
         try:
@@ -107,13 +149,18 @@ class QueryRun:
                     self.rows += batch.num_rows
                     data = pieces.encode(batch)
                     self._check_claimed(pieces.bytes_sent)
-                    yield data
+                    yield from self._handed_over(data)
                 if self.truncated:
                     break
-            yield pieces.finish()
+            yield from self._handed_over(pieces.finish())
         except GeneratorExit:
             # The peer went away mid-stream: the query ends here and is on record as such.
-            self._provider.record(self.entry, QueryCancelled("the peer cancelled the query"))
+            ended = (
+                QueryStalled("the peer stopped reading the answer; the stream was ended")
+                if self.stalled
+                else QueryCancelled("the peer cancelled the query")
+            )
+            self._provider.record(self.entry, ended)
             raise
         finally:
             self.close()
@@ -238,7 +285,7 @@ class QueryRun:
                 return
             self._finished = True
         self._session.close()
-        self._provider.release_slot()
+        self._slot.finish()
 
 
 def _is_collection(duckdb_type: str) -> bool:

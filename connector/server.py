@@ -101,6 +101,8 @@ def build_provider(settings: Settings) -> Provider:
         batch_rows=settings.server.batch_rows,
         max_query_seconds=settings.server.max_query_seconds,
         max_concurrent_queries=settings.server.max_concurrent_queries,
+        max_concurrent_queries_per_member=settings.server.max_concurrent_queries_per_member,
+        stall_seconds=settings.server.stall_seconds,
     )
 
 

@@ -199,10 +199,13 @@ class ConnectorService(pb_grpc.ConnectorServicer):
         entry = AuditEntry("query")
         try:
             member = self._member(context, entry)
-            run = self._provider.query(member, _peer_request(request, entry), entry)
+            run = self._provider.query(
+                member, _peer_request(request, entry), entry, context.time_remaining()
+            )
         except Exception as error:
             self._refuse(context, entry, error, "Query")
         context.add_callback(run.cancel)
+        run.end_stream = context.cancel  # a peer that stops reading is cut off
         pieces = run.pieces(context.time_remaining())
         try:
             for piece in pieces:
