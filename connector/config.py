@@ -77,6 +77,7 @@ class Settings:
     server: ServerSettings
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
+    shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -192,6 +193,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         server=_server(sections["server"]),
         policies=_policies(sections["policies"], home),
         revoked=_revoked(sections["revoked"]),
+        shaped_copies_max_bytes=_byte_size(sections["store"], "shaped_copies_max_bytes", "1GiB"),
     )
     for section in sections.values():
         section.finish()
@@ -229,6 +231,28 @@ def _server(section: _Section) -> ServerSettings:
         max_concurrent_queries_per_member=per_member,
         stall_seconds=section.number("stall_seconds", ServerSettings.stall_seconds, 0.1),
     )
+
+
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4})
+
+
+def _byte_size(section: _Section, key: str, default: str) -> int:
+    """A size in bytes, written as a whole number or as text such as '512MiB' (at least 1 MiB)."""
+    value = section._get(key, (int, str), default)
+    if isinstance(value, int):
+        size = value
+    else:
+        found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)", value.strip())
+        unit = found.group(2).lower() if found else ""
+        if not found or unit not in _UNITS:
+            raise ConfigError(
+                f"{section.path}: [{section.name}] {key} {value!r} is not a size like '1GiB'"
+            )
+        size = int(float(found.group(1)) * _UNITS[unit])
+    if size < 1024**2:
+        raise ConfigError(f"{section.path}: [{section.name}] {key} must be at least 1MiB")
+    return size
 
 
 def _policies(section: _Section, home: Path) -> PolicySettings:
@@ -295,6 +319,7 @@ ca = "tls/ca.pem"           # the data space's CA bundle: peers must chain to it
 path = "data.duckdb"
 quota_ledger = "state/quota.sqlite"   # daily query and row counts per member and policy
 shaped_copies = "state/shaped.duckdb" # masked / filtered copies of datasets, remade at start
+shaped_copies_max_bytes = "1GiB"      # beyond this, unused copies are dropped
 
 [policies]
 dir = "policies"

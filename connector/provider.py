@@ -106,6 +106,7 @@ class Provider:
         per_member = max_concurrent_queries_per_member or max(1, max_concurrent_queries // 2)
         self.slots = QuerySlots(max_concurrent_queries, per_member)
         self.stall_watch = StallWatch(stall_seconds)
+        self._pruned_for: object = None  # the policy snapshot the shaped copies follow
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -189,6 +190,8 @@ class Provider:
         shape = self.guard(request.sql)
         entry.datasets = shape.datasets
         snapshot = self.policies.snapshot  # one load for the decision and its limits
+        if snapshot is not self._pruned_for:
+            self.prune_shaped_copies()
         decision = self._decide(snapshot.engine, member, request, shape)
         relations: tuple[Relation, ...] = ()
         if decision.allow:
@@ -248,6 +251,14 @@ class Provider:
             raise
         self.stall_watch.watch(run)
         return run
+
+    def prune_shaped_copies(self) -> None:
+        """Drop the shaped copies that no policy in force can use (called when they change)."""
+        snapshot = self.policies.snapshot
+        self._pruned_for = snapshot
+        self.sandbox.shaped.keep_reachable(
+            {(d, p.shaping.canonical()) for p in snapshot.policies for d in p.datasets}
+        )
 
     def _decide(
         self, engine: PolicyEngine, member: MemberIdentity, request: PeerRequest, shape: QueryShape

@@ -76,6 +76,7 @@ def build_provider(settings: Settings) -> Provider:
         ),
         settings.shaped_copies,
     )
+    sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
     signers = trusted_keys(settings.policies.trusted_signers.values())
     log.info("trusted policy signers: %s", ", ".join(signers) or "none")
     registry = PolicyRegistry(settings.policies.directory, signers, _engine_factory(settings))
@@ -125,6 +126,7 @@ class RunningServer:
         except ConfigError as exc:
             log.error("connector.toml not reloaded, keeping the previous revocations: %s", exc)
         self.provider.policies.reload()
+        self.provider.prune_shaped_copies()
 
     def _watch(self) -> None:
         config = self.settings.home / "connector.toml"
@@ -134,8 +136,8 @@ class RunningServer:
                 if _mtime(config) != last:
                     last = _mtime(config)
                     self.reload()
-                else:
-                    self.provider.policies.reload_if_changed()
+                elif self.provider.policies.reload_if_changed():
+                    self.provider.prune_shaped_copies()
             except Exception:
                 # The watcher must outlive any single bad reload.
                 log.exception("reload failed")
