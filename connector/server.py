@@ -152,6 +152,7 @@ class RunningServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.provider.stall_watch.stop()
         self.provider.sandbox.close()
         self.provider.audit.close()
         self.provider.quotas.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter
 from typing import Protocol
 
@@ -152,6 +151,11 @@ class StallWatch:
         self._runs: set[Stallable] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Stop watching (the server is stopping)."""
+        self._stopped.set()
 
     def watch(self, run: Stallable) -> None:
         """Watch run until it is done."""
@@ -163,8 +167,7 @@ class StallWatch:
 
     def _loop(self) -> None:
         interval = min(1.0, self.stall_seconds / 4)
-        while True:
-            time.sleep(interval)
+        while not self._stopped.wait(interval):
             with self._lock:
                 self._runs = {r for r in self._runs if not r.done}
                 stalled = [r for r in self._runs if r.waiting_for_peer() > self.stall_seconds]
