@@ -6,9 +6,10 @@ start (with its .wal): copies from the last run may follow older policies, and a
 file would keep its size. A copy is built on its first use and kept while sessions read it.
 Copies are bounded in number and in bytes: beyond either bound the least recently used
 copies no session reads are dropped (the file stays within the byte bound plus the copies in
-use and the most recent one). When the policies in force change, copies that no
-policy in force can use (their dataset and shaping are no longer granted) are dropped as
-soon as no session reads them. Dropped copies' blocks are reused by later copies.
+use and the most recent one). When the policies in force change, copies that no policy in
+force can use (their dataset and shaping are no longer granted) are dropped as soon as no
+session reads them. Dropped copies' blocks are reused once the scratch database is
+checkpointed, which DuckDB allows only at a moment no query reads a copy.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class ShapedCopies:
         self._max_copies = max_copies
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._checkpoint_due = False  # dropped copies' blocks are reusable after a checkpoint
 
     def acquire(self, relation: ExposedRelation) -> str:
         """The qualified name of relation's shaped copy, built on first use and kept from
@@ -196,9 +198,11 @@ class ShapedCopies:
             if name not in doomed:
                 doomed.append(name)
                 count, size = count - 1, size - self._copies[name].bytes
-        dropped = [name for name in doomed if self._drop(name)]
-        if dropped:
-            _checkpoint(self._cursor)  # so that later copies reuse the freed blocks
+        if [name for name in doomed if self._drop(name)]:
+            self._checkpoint_due = True
+        # DuckDB refuses to checkpoint while a query reads a copy: try when none does.
+        if self._checkpoint_due and not any(c.users for c in self._copies.values()):
+            self._checkpoint_due = not _checkpoint(self._cursor)
 
     def _drop(self, name: str) -> bool:
         cursor = self._cursor()
@@ -236,11 +240,14 @@ def _least_bytes(cursor: duckdb.DuckDBPyConnection, table: str) -> int:
     return int(row[0] or 0) * CELL_BYTES if row else 0
 
 
-def _checkpoint(cursor_of: Callable[[], duckdb.DuckDBPyConnection]) -> None:
+def _checkpoint(cursor_of: Callable[[], duckdb.DuckDBPyConnection]) -> bool:
+    """Checkpoint the scratch database, so that later copies reuse dropped copies' blocks."""
     cursor = cursor_of()
     try:
         cursor.execute(f"CHECKPOINT {SHAPED_CATALOG}")
-    except duckdb.Error:
-        log.warning("could not checkpoint the shaped copies", exc_info=True)
+    except duckdb.Error as exc:
+        log.debug("checkpoint of the shaped copies postponed: %s", exc)
+        return False
     finally:
         cursor.close()
+    return True
