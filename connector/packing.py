@@ -75,6 +75,33 @@ def _packing(node: dict[str, Any]) -> str:
     return ""
 
 
+def packed_in_plan(plan: Any) -> str:
+    """What in a bound plan (json_serialize_plan) packs several rows into one ('' if
+    nothing): the sandbox's check, independent of how the SQL spelled it."""
+    for node in _nodes(plan):
+        kind = node.get("expression_class")
+        if kind not in ("BOUND_AGGREGATE", "BOUND_WINDOW"):
+            continue
+        path = (node.get("qname") or {}).get("path") or [""]
+        name = str(path[-1]).lower()
+        returns = str((node.get("return_type") or {}).get("id", ""))
+        if returns in COLLECTION_TYPES:
+            return f"{name or 'an aggregate'}() returns a {returns.lower()} of many rows' values"
+        if name in PACKING_AGGREGATES:
+            return f"{name}() gathers many rows into one value"
+        if kind == "BOUND_WINDOW" and str(node.get("type")) in OFFSET_WINDOW_TYPES:
+            return "a window function reads other rows' values into each row"
+        if kind == "BOUND_WINDOW" and (node.get("start_expr") or node.get("end_expr")):
+            return "a window frame with an offset reads other rows into each row"
+    return ""
+
+
+COLLECTION_TYPES = frozenset({"LIST", "ARRAY", "MAP"})
+OFFSET_WINDOW_TYPES = frozenset(
+    {"WINDOW_LAG", "WINDOW_LEAD", "WINDOW_FIRST_VALUE", "WINDOW_LAST_VALUE", "WINDOW_NTH_VALUE"}
+)
+
+
 def _is_constant(argument: Any) -> bool:
     expression = argument.get("expression") if isinstance(argument, dict) else None
     return isinstance(expression, dict) and expression.get("class") == "CONSTANT"

@@ -30,6 +30,7 @@ from connector.errors import (
     StoreError,
 )
 from connector.identity import MemberIdentity
+from connector.packing import packed_in_plan
 from connector.policy.model import tightest
 from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner, policy_uses
@@ -135,7 +136,8 @@ class QueryRun:
         try:
             sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
-            self._session.verify_plan(sql, self._explanation.relations)
+            plan = self._session.verify_plan(sql, self._explanation.relations)
+            self._refuse_packing(packed_in_plan(plan))
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             self._refuse_packed_lists(result.schema)
             schema = self._labelled(result.schema)
@@ -165,11 +167,27 @@ class QueryRun:
         finally:
             self.close()
 
+    @property
+    def _limits_rows(self) -> bool:
+        explanation = self._explanation
+        return bool(explanation.max_rows or any(q.rows_per_day for q in explanation.quotas))
+
+    def _refuse_packing(self, packing: str) -> None:
+        """Second layer under row limits: the bound plan packs rows (the guard refuses the
+        query first, from its text)."""
+        if packing and self._limits_rows:
+            raise PermissionDenied(
+                [
+                    f"{packing}; the policies limit rows, so ask for the rows themselves or "
+                    "for aggregates such as count, sum, avg, min and max"
+                ]
+            )
+
     def _refuse_packed_lists(self, schema: pa.Schema) -> None:
         """Second layer under row limits: a list or map the datasets do not hold was built
         by the query, so a row could carry many rows (the guard refuses this first)."""
         explanation = self._explanation
-        if not (explanation.max_rows or any(q.rows_per_day for q in explanation.quotas)):
+        if not self._limits_rows:
             return
         if any(_is_collection(c.type) for r in explanation.relations for c in r.columns):
             return  # the dataset holds lists itself: the guard's check is what applies

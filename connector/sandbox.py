@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -155,9 +156,9 @@ class SandboxSession:
                 f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
             )
 
-    def verify_plan(self, sql: str, relations: Sequence[ExposedRelation]) -> None:
+    def verify_plan(self, sql: str, relations: Sequence[ExposedRelation]) -> dict[str, Any]:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
-        and reads aggregate-only relations only in the aggregate form."""
+        and reads aggregate-only relations only in the aggregate form; returns the plan."""
         self._one_select(sql)
         try:
             rows = self._cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
@@ -167,6 +168,7 @@ class SandboxSession:
         if plan.get("error"):
             raise QueryRejected(plan_error_message(plan))
         check_plan(plan, {_source_of(r): r for r in relations})
+        return plan
 
     def _one_select(self, sql: str) -> None:
         # The shaped database is writable: nothing but one SELECT may reach the planner.
