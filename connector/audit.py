@@ -53,6 +53,7 @@ class AuditEntry:
     bytes: int = 0
     result_sha256: str = ""
     truncated: bool = False
+    limited_by: str = ""  # the limit that cut the result (see Receipt.limited_by)
     outcome: str = ""
     started: float = field(default_factory=time.monotonic)
     seq: int = 0

@@ -118,6 +118,8 @@ class CatalogEntry:
     max_rows_per_query: int = 0
     queries_per_day: int = 0
     rows_per_day: int = 0
+    max_bytes_per_query: int = 0
+    bytes_per_day: int = 0
     obligations: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, str] = field(default_factory=dict)  # column -> hash | redact | null
     row_filter: str = ""
@@ -246,6 +248,8 @@ class Peer:
                 max_rows_per_query=d.max_rows_per_query,
                 queries_per_day=d.queries_per_day,
                 rows_per_day=d.rows_per_day,
+                max_bytes_per_query=d.max_bytes_per_query,
+                bytes_per_day=d.bytes_per_day,
                 obligations=json.loads(d.obligations_json) if d.obligations_json else {},
                 masks={c.name: c.mask for c in d.columns if c.masked},
                 row_filter=d.row_filter,

@@ -48,6 +48,8 @@ class ServerSettings:
     max_concurrent_queries: int = 8
     explains_per_minute: int = 60
     max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_queries_per_member: int = 4  # at most max_concurrent_queries
+    stall_seconds: float = 30.0  # an answer its peer does not read for this long is ended
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Settings:
     server: ServerSettings
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
+    shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -238,6 +241,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         server=_server(sections["server"]),
         policies=_policies(sections["policies"], home),
         revoked=_revoked(sections["revoked"]),
+        shaped_copies_max_bytes=_byte_size(sections["store"], "shaped_copies_max_bytes", "1GiB"),
     )
     for section in sections.values():
         section.finish()
@@ -253,6 +257,13 @@ def _server(section: _Section) -> ServerSettings:
         raise ConfigError(
             f"{section.path}: [server] memory_limit {memory!r} is not a size like '1GB' or '512MiB'"
         )
+    total = section.whole("max_concurrent_queries", ServerSettings.max_concurrent_queries, 1)
+    per_member = section.whole("max_concurrent_queries_per_member", max(1, total // 2), 1)
+    if per_member > total:
+        raise ConfigError(
+            f"{section.path}: [server] max_concurrent_queries_per_member ({per_member}) must "
+            f"not exceed max_concurrent_queries ({total})"
+        )
     return ServerSettings(
         listen=section.text("listen", ServerSettings.listen),
         max_query_seconds=section.number(
@@ -261,16 +272,40 @@ def _server(section: _Section) -> ServerSettings:
         memory_limit=memory,
         threads=section.whole("threads", ServerSettings.threads, 1),
         batch_rows=section.whole("batch_rows", ServerSettings.batch_rows, 1),
-        max_concurrent_queries=section.whole(
-            "max_concurrent_queries", ServerSettings.max_concurrent_queries, 1
-        ),
+        max_concurrent_queries=total,
         explains_per_minute=section.whole(
             "explains_per_minute", ServerSettings.explains_per_minute, 1
         ),
         max_message_bytes=section.whole(
             "max_message_bytes", ServerSettings.max_message_bytes, 1024
         ),
+        max_concurrent_queries_per_member=per_member,
+        stall_seconds=section.number(
+            "stall_seconds", ServerSettings.stall_seconds, 0.1, MAX_SECONDS
+        ),
     )
+
+
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4})
+
+
+def _byte_size(section: _Section, key: str, default: str) -> int:
+    """A size in bytes, written as a whole number or as text such as '512MiB' (at least 1 MiB)."""
+    value = section._get(key, (int, str), default)
+    if isinstance(value, int):
+        size = value
+    else:
+        found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)", value.strip())
+        unit = found.group(2).lower() if found else ""
+        if not found or unit not in _UNITS:
+            raise ConfigError(
+                f"{section.path}: [{section.name}] {key} {value!r} is not a size like '1GiB'"
+            )
+        size = int(float(found.group(1)) * _UNITS[unit])
+    if size < 1024**2:
+        raise ConfigError(f"{section.path}: [{section.name}] {key} must be at least 1MiB")
+    return size
 
 
 def _policies(section: _Section, home: Path) -> PolicySettings:
@@ -340,6 +375,8 @@ threads = 2                 # DuckDB threads
 batch_rows = 65536          # rows per Arrow record batch sent to the peer
 max_concurrent_queries = 8  # more at once are refused with RESOURCE_EXHAUSTED
 explains_per_minute = 60    # per member; Explain costs no quota, so it is rate-limited
+# max_concurrent_queries_per_member = 4  # one member's share; default: half the above
+stall_seconds = 30          # an answer the peer stops reading is ended after this long
 
 [tls]
 cert = "tls/cert.pem"
@@ -350,6 +387,7 @@ ca = "tls/ca.pem"           # the data space's CA bundle: peers must chain to it
 path = "data.duckdb"
 quota_ledger = "state/quota.sqlite"   # daily query and row counts per member and policy
 shaped_copies = "state/shaped.duckdb" # masked / filtered copies of datasets, remade at start
+shaped_copies_max_bytes = "1GiB"      # beyond this, unused copies are dropped
 
 [policies]
 dir = "policies"

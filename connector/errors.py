@@ -108,6 +108,12 @@ class QueryCancelled(ConnectorError):
     outcome = "cancelled"
 
 
+class QueryStalled(QueryCancelled):
+    """The peer stopped reading the answer for longer than allowed; the stream was ended."""
+
+    outcome = "stalled"
+
+
 class DataError(ConnectorError):
     """A file to ingest is missing, unreadable or in a format the connector cannot load."""
 

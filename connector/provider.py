@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from connector.receipt import ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase
 from connector.shaping import Shaping
+from connector.slots import QuerySlots, StallWatch
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import ColumnInfo, DatasetInfo
 
@@ -127,6 +127,8 @@ class Provider:
         max_concurrent_queries: int,
         mask_consistency: str = "warn",
         explains_per_minute: int = 60,
+        max_concurrent_queries_per_member: int = 0,
+        stall_seconds: float = 30.0,
     ) -> None:
         self.member_id = member_id
         self.dataspace = dataspace
@@ -141,7 +143,10 @@ class Provider:
         self.revoked = revoked
         self.batch_rows = batch_rows
         self.max_query_seconds = max_query_seconds
-        self._slots = threading.BoundedSemaphore(max_concurrent_queries)
+        per_member = max_concurrent_queries_per_member or max(1, max_concurrent_queries // 2)
+        self.slots = QuerySlots(max_concurrent_queries, per_member)
+        self.stall_watch = StallWatch(stall_seconds)
+        self._pruned_for: object = None  # the policy snapshot the shaped copies follow
         self.mask_consistency = mask_consistency
         # Explain costs no quota: without a limit it would be a free probe.
         self._explains = RateLimit(explains_per_minute)
@@ -223,6 +228,8 @@ class Provider:
         shape = self.guard(request.sql)
         entry.datasets = shape.datasets
         snapshot = self.policies.snapshot  # one load for the decision and its limits
+        if snapshot is not self._pruned_for:
+            self.prune_shaped_copies()
         decision = self._decide(snapshot.engine, member, request, shape)
         if decision.allow and self.mask_consistency == "refuse":
             clashes = conflicts_for(snapshot.mask_conflicts, member.member_id, shape.datasets)
@@ -244,30 +251,43 @@ class Provider:
                 unbound = error
             except PermissionDenied as denied:
                 decision, relations = Decision(False, tuple(denied.reasons)), ()
+        used = [snapshot.by_id[i] for i, _ in decision.policies if i in snapshot.by_id]
+        limits = Limits.tightest(p.limits for p in used)
+        entry.policies = policy_refs(decision.policies)  # also the ones whose limits refuse
+        if decision.allow and shape.packing and limits.limits_rows:
+            decision = Decision(False, (_packing_refused(shape.packing),))
+            relations = ()
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
-        entry.policies = policy_refs(decision.policies)
         entry.obligations = dict(decision.obligations)
         entry.columns = {
             r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]
             for r in relations
         }
         sql = aggregate_form(request.sql, shape.datasets, relations) if decision.allow else ""
-        if unbound is not None:
+        if unbound is not None and decision.allow:
             raise unbound
-        used = [snapshot.by_id[p.id] for p in entry.policies if p.id in snapshot.by_id]
         quotas = tuple(
-            PolicyQuota(p.id, p.limits.queries_per_day, p.limits.rows_per_day)
+            PolicyQuota(p.id, lim.queries_per_day, lim.rows_per_day, lim.bytes_per_day)
             for p in used
-            if p.limits.queries_per_day or p.limits.rows_per_day
+            if (lim := p.limits).queries_per_day or lim.rows_per_day or lim.bytes_per_day
         )
-        max_rows = Limits.tightest(p.limits for p in used).max_rows_per_query
         noisy = next((r for r in relations if r.shaping.noise), None) if sql else None
         plan = noise_plan(request.sql, noisy) if noisy is not None else None
         noising = [(p.id, p.shaping) for p in used if p.shaping.noise]
         privacy = charges(plan.noise, [i for i, _ in noising]) if plan is not None else ()
-        budget = self._budget(member.member_id, noising)
-        return Explanation(shape, decision, relations, quotas, max_rows, sql, plan, privacy, budget)
+        return Explanation(
+            shape,
+            decision,
+            relations,
+            quotas,
+            max_rows=limits.max_rows_per_query,
+            max_bytes=limits.max_bytes_per_query,
+            sql=sql,
+            noise=plan,
+            privacy=privacy,
+            budget=self._budget(member.member_id, noising),
+        )
 
     def _budget(self, member_id: str, policies: list[tuple[str, Shaping]]) -> BudgetStatus | None:
         """The privacy budget member_id has left today under the noising policies given."""
@@ -283,31 +303,41 @@ class Provider:
         remaining, daily = min(left)
         return BudgetStatus(daily / MICRO, remaining / MICRO, resets)
 
-    def query(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> QueryRun:
-        """Check and start a query; raises before anything is sent when it is not allowed."""
+    def query(
+        self,
+        member: MemberIdentity,
+        request: PeerRequest,
+        entry: AuditEntry,
+        deadline_seconds: float | None = None,
+    ) -> QueryRun:
+        """Check and start a query; raises before anything is sent when it is not allowed.
+        deadline_seconds bounds the wait for a slot (None: the peer set no deadline)."""
         explanation = self._explain(member, request, entry)
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
-        if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                "this connector is answering its maximum number of queries; retry shortly"
-            )
+        slot = self.slots.acquire(member.member_id, deadline_seconds=deadline_seconds)
         try:
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
             self._spend_privacy(member.member_id, explanation.privacy)
-            return QueryRun(self, member, request, explanation, entry)
+            run = QueryRun(self, member, request, explanation, entry, slot=slot)
         except BaseException:
-            self._slots.release()
+            slot.finish()
             raise
+        self.stall_watch.watch(run)
+        return run
 
     def _spend_privacy(self, member_id: str, privacy: tuple[PrivacyCharge, ...]) -> None:
         """Claim a noisy query's epsilon before it runs (Explain never spends any)."""
         if privacy:
             self.quotas.claim_privacy(member_id, privacy, _now())
 
-    def release_slot(self) -> None:
-        """Called by a QueryRun when it ends."""
-        self._slots.release()
+    def prune_shaped_copies(self) -> None:
+        """Drop the shaped copies that no policy in force can use (called when they change)."""
+        snapshot = self.policies.snapshot
+        self._pruned_for = snapshot
+        self.sandbox.shaped.keep_reachable(
+            {(d, p.shaping.canonical()) for p in snapshot.policies for d in p.datasets}
+        )
 
     def _decide(
         self, engine: PolicyEngine, member: MemberIdentity, request: PeerRequest, shape: QueryShape
@@ -329,6 +359,14 @@ class Provider:
                 time=_now(),
             )
         )
+
+
+def _packing_refused(packing: str) -> str:
+    return (
+        f"{packing}; the policies of these datasets limit rows per query or per day, so a "
+        "result row must not carry many rows: ask for the rows themselves (within the limits) "
+        "or for aggregates such as count, sum, avg, min and max"
+    )
 
 
 def _now() -> dt.datetime:

@@ -1,15 +1,19 @@
 """One running query: the peer's SQL on the sandbox, cut to its limits, then its receipt.
 
 A QueryRun is made by `Provider.query` once the decision allows the query. It streams Arrow
-IPC pieces with bounded memory, claims daily rows before they are sent, and ends with the
-audit entry written, then the signed receipt.
+IPC pieces with bounded memory, cuts the result at the row and byte limits, claims daily rows
+and bytes before they are sent, and ends with the audit entry written, then the signed
+receipt. Bytes are Arrow IPC bytes as sent: the schema message and the end-of-stream marker
+count too, so every byte of the stream was claimed before it left.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from typing import Protocol
 
 import pyarrow as pa
@@ -17,17 +21,29 @@ import pyarrow as pa
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry
 from connector.canonical import canonical_json
-from connector.errors import QueryCancelled, StoreError
+from connector.errors import (
+    PermissionDenied,
+    QueryCancelled,
+    QueryStalled,
+    QueryTimeout,
+    ResourceExhausted,
+    StoreError,
+)
 from connector.identity import MemberIdentity
+from connector.packing import packed_in_plan
 from connector.policy.model import tightest
 from connector.policy.ref import policy_refs
-from connector.quota import QuotaLedger
+from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase, SandboxSession
+from connector.slots import Slot
+
+log = logging.getLogger(__name__)
 
 OBLIGATIONS_METADATA_KEY = "connector.obligations"
 POLICIES_METADATA_KEY = "connector.policies"
+END_OF_STREAM_BYTES = 8  # the Arrow IPC stream's end marker (continuation + zero length)
 
 
 class AnsweringSide(Protocol):
@@ -42,8 +58,6 @@ class AnsweringSide(Protocol):
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int: ...
 
-    def release_slot(self) -> None: ...
-
 
 class QueryRun:
     """One running query: yields Arrow IPC pieces, then its signed receipt."""
@@ -55,8 +69,14 @@ class QueryRun:
         request: PeerRequest,
         explanation: Explanation,
         entry: AuditEntry,
+        *,
+        slot: Slot,
     ) -> None:
         self._provider = provider
+        self._slot = slot
+        self._waiting_since: float | None = None  # suspended at a yield since (monotonic)
+        self.stalled = False
+        self.end_stream: Callable[[], None] | None = None  # set by the transport
         self.entry = entry
         self._member = member
         self._request = request
@@ -66,60 +86,179 @@ class QueryRun:
         self._finished = False
         self.rows = 0
         self.truncated = False
+        self.limited_by = ""  # the limit that cut the result
         self._pieces: IpcPieces | None = None
+        self._counted = tuple(q for q in explanation.quotas if q.counts_sent)
+        self._counts_bytes = bool(explanation.max_bytes) or any(
+            q.bytes_per_day for q in explanation.quotas
+        )
+        self._bytes_claimed = 0
 
     def cancel(self) -> None:
-        """Interrupt the query in DuckDB (the peer went away or its deadline passed)."""
+        """Interrupt the query in DuckDB (the peer went away or its deadline passed); its
+        slot is free at once, while DuckDB stops in the background."""
         with self._lock:
             if not self._finished:
                 self._session.interrupt()
+        self._slot.leave()
+
+    @property
+    def done(self) -> bool:
+        """True once the run has ended and released its session."""
+        return self._finished
+
+    def waiting_for_peer(self) -> float:
+        """Seconds the run has waited for the peer to take its last piece (0: not waiting)."""
+        since = self._waiting_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def stall(self) -> None:
+        """End the answer: the peer stopped reading (recorded as `stalled`)."""
+        log.info("ending a query whose peer read nothing for %.1f s", self.waiting_for_peer())
+        self.stalled = True
+        if self.end_stream is not None:
+            self.end_stream()
+        self.cancel()
+
+    def _handed_over(self, data: bytes) -> Generator[bytes, None, None]:
+        self._waiting_since = time.monotonic()
+        yield data
+        self._waiting_since = None
 
     def pieces(self, deadline_seconds: float | None = None) -> Generator[bytes, None, None]:
         """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size."""
         timeout = self._provider.max_query_seconds
+        if deadline_seconds is not None and deadline_seconds <= 0:
+            # The peer gave up while the query waited for a slot: do not start it.
+            self.close()
+            raise QueryTimeout("the query's deadline passed before it could start")
         if deadline_seconds is not None:
             timeout = max(0.001, min(timeout, deadline_seconds))
         try:
             sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
-            self._session.verify_plan(sql, self._explanation.relations)
+            plan = self._session.verify_plan(sql, self._explanation.relations)
+            self._refuse_packing(packed_in_plan(plan))
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             noise = self._explanation.noise  # noised answers: each batch noised, renamed
-            schema = noise.schema(result.schema) if noise else result.schema
-            pieces = self._pieces = IpcPieces(self._labelled(schema))
-            cap = tightest((self._request.max_rows, self._explanation.max_rows))
-            for measured in result:
-                whole = noise.apply(measured) if noise else measured
-                batch = whole
-                if cap and self.rows + whole.num_rows > cap:
-                    batch = whole.slice(0, cap - self.rows)
-                    self.truncated = True
-                batch = self._within_quota(batch)
+            measured = noise.schema(result.schema) if noise else result.schema
+            self._refuse_packed_lists(measured)
+            schema = self._labelled(measured)
+            if self._counts_bytes:
+                schema = _without_dictionaries(schema)
+            pieces = self._pieces = IpcPieces(schema)
+            self._claim_frame(schema)
+            for raw in result:
+                whole = noise.apply(raw) if noise else raw
+                batch = self._within_limits(whole.cast(schema) if self._counts_bytes else whole)
                 if batch.num_rows:
                     self.rows += batch.num_rows
-                    yield pieces.encode(batch)
+                    data = pieces.encode(batch)
+                    self._check_claimed(pieces.bytes_sent)
+                    yield from self._handed_over(data)
                 if self.truncated:
                     break
-            yield pieces.finish()
+            yield from self._handed_over(pieces.finish())
         except GeneratorExit:
             # The peer went away mid-stream: the query ends here and is on record as such.
-            self._provider.record(self.entry, QueryCancelled("the peer cancelled the query"))
+            ended = (
+                QueryStalled("the peer stopped reading the answer; the stream was ended")
+                if self.stalled
+                else QueryCancelled("the peer cancelled the query")
+            )
+            self._provider.record(self.entry, ended)
             raise
         finally:
             self.close()
 
-    def _within_quota(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The part of batch the daily row quotas still allow (claimed before it is sent)."""
-        quotas = self._explanation.quotas
-        if not any(q.rows_per_day for q in quotas) or not batch.num_rows:
+    @property
+    def _limits_rows(self) -> bool:
+        explanation = self._explanation
+        return bool(explanation.max_rows or any(q.rows_per_day for q in explanation.quotas))
+
+    def _refuse_packing(self, packing: str) -> None:
+        """Second layer under row limits: the bound plan packs rows (the guard refuses the
+        query first, from its text)."""
+        if packing and self._limits_rows:
+            raise PermissionDenied(
+                [
+                    f"{packing}; the policies limit rows, so ask for the rows themselves or "
+                    "for aggregates such as count, sum, avg, min and max"
+                ]
+            )
+
+    def _refuse_packed_lists(self, schema: pa.Schema) -> None:
+        """Second layer under row limits: a list or map the datasets do not hold was built
+        by the query, so a row could carry many rows (the guard refuses this first)."""
+        explanation = self._explanation
+        if not self._limits_rows:
+            return
+        if any(_is_collection(c.type) for r in explanation.relations for c in r.columns):
+            return  # the dataset holds lists itself: the guard's check is what applies
+        built = [f.name for f in schema if _nested_collection(f.type)]
+        if built:
+            raise PermissionDenied(
+                [
+                    f"result column {built[0]!r} gathers many rows into one value; the "
+                    "policies limit rows, so ask for the rows themselves or for aggregates"
+                ]
+            )
+
+    def _cut(self, limit: str) -> None:
+        self.truncated, self.limited_by = True, limit
+
+    def _within_limits(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The part of batch the row and byte limits still allow, claimed before it is sent."""
+        cap = tightest((self._request.max_rows, self._explanation.max_rows))
+        if cap and self.rows + batch.num_rows > cap:
+            limit = "max_rows" if cap == self._request.max_rows else "max_rows_per_query"
+            batch = batch.slice(0, cap - self.rows)
+            self._cut(limit)
+        wanted = batch.num_rows
+        max_bytes = self._explanation.max_bytes
+        if not wanted or not (self._counted or max_bytes):
             return batch
-        granted = self._provider.quotas.claim_rows(
-            self._member.member_id, quotas, batch.num_rows, _now()
-        )
-        if granted < batch.num_rows:
-            self.truncated = True
-            return batch.slice(0, granted)
-        return batch
+        left = max_bytes - self._bytes_claimed if max_bytes else None
+
+        def size_of(rows: int) -> int:
+            return batch.slice(0, rows).serialize().size if self._counts_bytes else 0
+
+        if self._counted:
+            rows, size, limit = self._provider.quotas.claim_sent(
+                self._member.member_id, self._counted, wanted, size_of, now=_now(), max_bytes=left
+            )
+        else:
+            rows = most_rows(wanted, size_of, -1 if left is None else left)
+            size, limit = size_of(rows) if rows else 0, "max_bytes_per_query"
+        self._bytes_claimed += size
+        if rows < wanted:
+            self._cut(limit)
+        return batch.slice(0, rows)
+
+    def _claim_frame(self, schema: pa.Schema) -> None:
+        """Claim the schema message and end marker (all or nothing) before anything is sent."""
+        if not self._counts_bytes:
+            return
+        frame = schema.serialize().size + END_OF_STREAM_BYTES
+        max_bytes = self._explanation.max_bytes
+        if max_bytes and frame > max_bytes:
+            raise ResourceExhausted(
+                f"the result's schema alone ({frame} bytes) exceeds the policy's "
+                f"max_bytes_per_query ({max_bytes}); select fewer columns"
+            )
+        if self._counted:
+            self._provider.quotas.claim_bytes(self._member.member_id, self._counted, frame, _now())
+        self._bytes_claimed = frame
+
+    def _check_claimed(self, sent: int) -> None:
+        # The prediction (serialize) matches the stream writer byte for byte once dictionaries
+        # are decoded; a difference would be a pyarrow change worth knowing about.
+        if self._counts_bytes and sent + END_OF_STREAM_BYTES > self._bytes_claimed:
+            log.warning(
+                "sent %d bytes of which only %d were claimed",
+                sent + END_OF_STREAM_BYTES,
+                self._bytes_claimed,
+            )
 
     def _labelled(self, schema: pa.Schema) -> pa.Schema:
         """The result schema with the obligations and policies in its metadata, for the
@@ -141,6 +280,7 @@ class QueryRun:
         entry = self.entry
         entry.rows, entry.bytes = self.rows, self._pieces.bytes_sent
         entry.result_sha256, entry.truncated = self._pieces.sha256, self.truncated
+        entry.limited_by = self.limited_by
         entry.outcome = "answered"
         seq = self._provider.record(entry)
         fields = ReceiptFields(
@@ -153,6 +293,7 @@ class QueryRun:
             rows=self.rows,
             bytes=self._pieces.bytes_sent,
             truncated=self.truncated,
+            limited_by=self.limited_by,
             policies=policy_refs(self._explanation.decision.policies),
             audit_seq=seq,
             obligations=dict(self._explanation.decision.obligations),
@@ -166,7 +307,32 @@ class QueryRun:
                 return
             self._finished = True
         self._session.close()
-        self._provider.release_slot()
+        self._slot.finish()
+
+
+def _is_collection(duckdb_type: str) -> bool:
+    """A DuckDB column type holding several values (LIST, ARRAY, MAP, or a STRUCT of them)."""
+    return "[" in duckdb_type or "MAP(" in duckdb_type.upper()
+
+
+def _nested_collection(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return True
+    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_map(arrow_type):
+        return True
+    if pa.types.is_list_view(arrow_type) or pa.types.is_large_list_view(arrow_type):
+        return True
+    return pa.types.is_struct(arrow_type) and any(
+        _nested_collection(arrow_type.field(i).type) for i in range(arrow_type.num_fields)
+    )
+
+
+def _without_dictionaries(schema: pa.Schema) -> pa.Schema:
+    """schema with dictionary columns as plain values: their IPC size is then predictable."""
+    fields = [
+        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema
+    ]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _now() -> dt.datetime:

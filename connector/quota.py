@@ -1,8 +1,8 @@
 """Daily quotas per member and policy, counted durably in SQLite (the DuckDB file is read-only).
 
-Queries are claimed when a query starts and rows batch by batch before they are sent, each
-in its own transaction, so concurrent queries together never pass a limit and the counts
-survive restarts and crashes (a crash can only over-count rows that were claimed).
+Queries are claimed when a query starts, and rows and Arrow IPC bytes batch by batch before
+they are sent, each in its own transaction, so concurrent queries together never pass a limit
+and the counts survive restarts and crashes (a crash can only over-count what was claimed).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL, member TEXT NOT NULL, policy TEXT NOT NULL,
     queries INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, member, policy)
 )
 """
@@ -32,6 +33,8 @@ CREATE TABLE IF NOT EXISTS privacy (
     PRIMARY KEY (day, member, policy)
 )
 """
+# Ledgers written before byte quotas existed lack the bytes column.
+_ADD_BYTES = "ALTER TABLE usage ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,21 @@ class PolicyQuota:
     policy_id: str
     queries_per_day: int = 0
     rows_per_day: int = 0
+    bytes_per_day: int = 0
+
+    @property
+    def counts_sent(self) -> bool:
+        """True when rows or bytes sent must be claimed."""
+        return bool(self.rows_per_day or self.bytes_per_day)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one member used today under one policy."""
+
+    queries: int = 0
+    rows: int = 0
+    bytes: int = 0
 
 
 def _today(now: dt.datetime) -> tuple[str, dt.datetime]:
@@ -49,13 +67,22 @@ def _today(now: dt.datetime) -> tuple[str, dt.datetime]:
     return day.isoformat(), reset
 
 
-def _used_up(quota: PolicyQuota, queries: int, rows: int) -> str:
+def _used_up(quota: PolicyQuota, used: Usage) -> str:
     """Which limit is reached ('' when none)."""
-    if quota.queries_per_day and queries >= quota.queries_per_day:
+    if quota.queries_per_day and used.queries >= quota.queries_per_day:
         return f"{quota.queries_per_day} queries a day"
-    if quota.rows_per_day and rows >= quota.rows_per_day:
+    if quota.rows_per_day and used.rows >= quota.rows_per_day:
         return f"{quota.rows_per_day} rows a day"
+    if quota.bytes_per_day and used.bytes >= quota.bytes_per_day:
+        return f"{quota.bytes_per_day} bytes a day"
     return ""
+
+
+def _exhausted(quota: PolicyQuota, what: str, reset: dt.datetime) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the daily quota of policy {quota.policy_id} ({what}) is used up; it resets at "
+        f"{reset.isoformat()}"
+    )
 
 
 class QuotaLedger:
@@ -68,6 +95,9 @@ class QuotaLedger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
         self._db.execute(_PRIVACY_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
+        if "bytes" not in columns:
+            self._db.execute(_ADD_BYTES)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -75,18 +105,19 @@ class QuotaLedger:
         with self._lock:
             self._db.close()
 
-    def _counts(self, day: str, member: str, policy: str) -> tuple[int, int]:
+    def _counts(self, day: str, member: str, policy: str) -> Usage:
         row = self._db.execute(
-            "SELECT queries, rows FROM usage WHERE day = ? AND member = ? AND policy = ?",
+            "SELECT queries, rows, bytes FROM usage WHERE day = ? AND member = ? AND policy = ?",
             (day, member, policy),
         ).fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
+        return Usage(int(row[0]), int(row[1]), int(row[2])) if row else Usage()
 
-    def _add(self, day: str, member: str, policy: str, queries: int, rows: int) -> None:
+    def _add(self, day: str, member: str, policy: str, added: Usage) -> None:
         self._db.execute(
-            "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, member, policy) "
-            "DO UPDATE SET queries = queries + excluded.queries, rows = rows + excluded.rows",
-            (day, member, policy, queries, rows),
+            "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (day, member, policy) "
+            "DO UPDATE SET queries = queries + excluded.queries, rows = rows + excluded.rows, "
+            "bytes = bytes + excluded.bytes",
+            (day, member, policy, added.queries, added.rows, added.bytes),
         )
 
     def claim_query(self, member: str, quotas: Sequence[PolicyQuota], now: dt.datetime) -> None:
@@ -96,14 +127,11 @@ class QuotaLedger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for quota in quotas:
-                    used_up = _used_up(quota, *self._counts(day, member, quota.policy_id))
+                    used_up = _used_up(quota, self._counts(day, member, quota.policy_id))
                     if used_up:
-                        raise ResourceExhausted(
-                            f"the daily quota of policy {quota.policy_id} ({used_up}) is used "
-                            f"up; it resets at {reset.isoformat()}"
-                        )
+                        raise _exhausted(quota, used_up, reset)
                 for quota in quotas:
-                    self._add(day, member, quota.policy_id, 1, 0)
+                    self._add(day, member, quota.policy_id, Usage(queries=1))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -113,25 +141,71 @@ class QuotaLedger:
         self, member: str, quotas: Sequence[PolicyQuota], wanted: int, now: dt.datetime
     ) -> int:
         """Claim up to `wanted` rows against every policy; returns how many may be sent."""
-        day, _ = _today(now)
+        return self.claim_sent(member, quotas, wanted, lambda _: 0, now=now)[0]
+
+    def claim_bytes(
+        self, member: str, quotas: Sequence[PolicyQuota], size: int, now: dt.datetime
+    ) -> None:
+        """Claim exactly `size` bytes (all or nothing); ResourceExhausted when they do not fit."""
+        day, reset = _today(now)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                granted = wanted
                 for quota in quotas:
-                    if quota.rows_per_day:
-                        _, rows = self._counts(day, member, quota.policy_id)
-                        granted = min(granted, max(0, quota.rows_per_day - rows))
+                    used = self._counts(day, member, quota.policy_id).bytes
+                    if quota.bytes_per_day and used + size > quota.bytes_per_day:
+                        raise _exhausted(quota, f"{quota.bytes_per_day} bytes a day", reset)
                 for quota in quotas:
-                    self._add(day, member, quota.policy_id, 0, granted)
+                    self._add(day, member, quota.policy_id, Usage(bytes=size))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return granted
+
+    def claim_sent(
+        self,
+        member: str,
+        quotas: Sequence[PolicyQuota],
+        wanted: int,
+        size_of: Callable[[int], int],
+        *,
+        now: dt.datetime,
+        max_bytes: int | None = None,
+    ) -> tuple[int, int, str]:
+        """Claim the most of `wanted` rows whose bytes (`size_of(rows)`, growing with rows)
+        fit every policy's daily rows and bytes and `max_bytes` (None: no cap). Returns the
+        rows and bytes claimed, which may then be sent, and the limit that cut them ('')."""
+        day, _ = _today(now)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows_left, bytes_left = wanted, -1 if max_bytes is None else max_bytes
+                bytes_limit = "max_bytes_per_query"
+                for quota in quotas:
+                    used = self._counts(day, member, quota.policy_id)
+                    if quota.rows_per_day:
+                        rows_left = min(rows_left, max(0, quota.rows_per_day - used.rows))
+                    left = max(0, quota.bytes_per_day - used.bytes)
+                    if quota.bytes_per_day and (bytes_left < 0 or left < bytes_left):
+                        bytes_left, bytes_limit = left, "bytes_per_day"
+                rows = most_rows(rows_left, size_of, bytes_left)
+                size = size_of(rows) if rows else 0
+                for quota in quotas:
+                    self._add(day, member, quota.policy_id, Usage(rows=rows, bytes=size))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        limit = "" if rows == wanted else "rows_per_day" if rows == rows_left else bytes_limit
+        return rows, size, limit
 
     def usage(self, member: str, policy_id: str, now: dt.datetime) -> tuple[int, int]:
         """Queries and rows counted today for member under policy."""
+        used = self.used(member, policy_id, now)
+        return used.queries, used.rows
+
+    def used(self, member: str, policy_id: str, now: dt.datetime) -> Usage:
+        """Queries, rows and bytes counted today for member under policy."""
         with self._lock:
             return self._counts(_today(now)[0], member, policy_id)
 
@@ -179,3 +253,17 @@ class QuotaLedger:
         day, reset = _today(now)
         with self._lock:
             return self._spent(day, member, policy_id), reset
+
+
+def most_rows(rows: int, size_of: Callable[[int], int], budget: int) -> int:
+    """The largest n <= rows with size_of(n) <= budget (budget < 0: no limit)."""
+    if budget < 0 or rows == 0 or size_of(rows) <= budget:
+        return rows
+    low, high = 0, rows  # size_of(low) fits (0 rows are never sent), size_of(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if size_of(middle) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -44,6 +44,7 @@ class ReceiptFields:
     policies: tuple[PolicyRef, ...]
     audit_seq: int = 0
     obligations: dict[str, Any] = field(default_factory=dict)
+    limited_by: str = ""  # the limit that cut the result ("" when not truncated)
     issued_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     )

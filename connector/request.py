@@ -47,6 +47,7 @@ class Explanation:
     relations: tuple[Relation, ...]
     quotas: tuple[PolicyQuota, ...] = ()
     max_rows: int = 0  # the tightest max_rows_per_query of the policies used (0: none)
+    max_bytes: int = 0  # the tightest max_bytes_per_query of the policies used (0: none)
     sql: str = ""  # what runs: the peer's SQL, or its aggregate-only rewrite ("" if denied)
     noise: NoisePlan | None = None  # how the answer is noised (None: exact)
     privacy: tuple[PrivacyCharge, ...] = ()  # the privacy budget the query spends

@@ -191,11 +191,12 @@ class SandboxSession:
 
     def verify_plan(
         self, sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str] = ()
-    ) -> None:
+    ) -> dict[str, Any]:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
-        and reads aggregate-only relations only in the aggregate form."""
+        and reads aggregate-only relations only in the aggregate form; returns the plan."""
         plan = bound_plan(self._cursor, sql, datasets or [r.dataset for r in relations])
         check_plan(plan, {_source_of(r): r for r in relations})
+        return plan
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""

@@ -99,6 +99,7 @@ def build_provider(settings: Settings) -> Provider:
         ),
         settings.shaped_copies,
     )
+    sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
     signers = trusted_keys(settings.policies.trusted_signers.values())
     log.info("trusted policy signers: %s", ", ".join(signers) or "none")
     registry = PolicyRegistry(
@@ -131,6 +132,8 @@ def build_provider(settings: Settings) -> Provider:
         max_concurrent_queries=settings.server.max_concurrent_queries,
         mask_consistency=settings.policies.mask_consistency,
         explains_per_minute=settings.server.explains_per_minute,
+        max_concurrent_queries_per_member=settings.server.max_concurrent_queries_per_member,
+        stall_seconds=settings.server.stall_seconds,
     )
 
 
@@ -153,6 +156,7 @@ class RunningServer:
         except ConfigError as exc:
             log.error("connector.toml not reloaded, keeping the previous revocations: %s", exc)
         self.provider.policies.reload()
+        self.provider.prune_shaped_copies()
 
     def _watch(self) -> None:
         config = self.settings.home / "connector.toml"
@@ -162,8 +166,8 @@ class RunningServer:
                 if _mtime(config) != last:
                     last = _mtime(config)
                     self.reload()
-                else:
-                    self.provider.policies.reload_if_changed()
+                elif self.provider.policies.reload_if_changed():
+                    self.provider.prune_shaped_copies()
             except Exception:
                 # The watcher must outlive any single bad reload.
                 log.exception("reload failed")
@@ -178,6 +182,7 @@ class RunningServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.provider.stall_watch.stop()
         self.provider.sandbox.close()
         self.provider.audit.close()
         self.provider.quotas.close()

@@ -103,6 +103,8 @@ def _dataset_message(entry: CatalogDataset) -> pb.Dataset:
         max_rows_per_query=entry.limits.max_rows_per_query,
         queries_per_day=entry.limits.queries_per_day,
         rows_per_day=entry.limits.rows_per_day,
+        max_bytes_per_query=entry.limits.max_bytes_per_query,
+        bytes_per_day=entry.limits.bytes_per_day,
         obligations_json=obligations_json(entry.obligations),
         row_filter=entry.shaping.where_sql(),
         min_group_size=entry.shaping.min_group_size,
@@ -156,6 +158,7 @@ def _receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         issued_at=_timestamp(dt.datetime.fromisoformat(fields.issued_at)),
         audit_seq=fields.audit_seq,
         obligations_json=obligations_json(fields.obligations),
+        limited_by=fields.limited_by,
         jws=token,
     )
 
@@ -228,10 +231,13 @@ class ConnectorService(pb_grpc.ConnectorServicer):
         entry = AuditEntry("query")
         try:
             member = self._member(context, entry)
-            run = self._provider.query(member, _peer_request(request, entry), entry)
+            run = self._provider.query(
+                member, _peer_request(request, entry), entry, context.time_remaining()
+            )
         except Exception as error:
             self._refuse(context, entry, error, "Query")
         context.add_callback(run.cancel)
+        run.end_stream = context.cancel  # a peer that stops reading is cut off
         pieces = run.pieces(context.time_remaining())
         try:
             for piece in pieces:

@@ -21,6 +21,7 @@ import duckdb
 
 from connector import sqltree
 from connector.errors import QueryRejected
+from connector.packing import packed_rows
 from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 
 UNKNOWN_LOCATION = 2**64 - 1
@@ -115,6 +116,7 @@ class QueryShape:
     datasets: tuple[str, ...]
     column_refs: frozenset[str]
     uses_star: bool
+    packing: str = ""  # what packs several rows into one (connector/packing.py), or ''
 
 
 @dataclass
@@ -193,6 +195,7 @@ def inspect_query(sql: str, *, max_length: int = DEFAULT_MAX_LENGTH) -> QuerySha
         datasets=tuple(sorted(findings.datasets)),
         column_refs=columns,
         uses_star=uses_star,
+        packing=packed_rows(tree),
     )
 
 

@@ -81,6 +81,8 @@ def _catalog(args: argparse.Namespace) -> int:
                 "max_rows_per_query": e.max_rows_per_query,
                 "queries_per_day": e.queries_per_day,
                 "rows_per_day": e.rows_per_day,
+                "max_bytes_per_query": e.max_bytes_per_query,
+                "bytes_per_day": e.bytes_per_day,
                 "obligations": e.obligations,
             }
             for e in entries
@@ -107,6 +109,8 @@ def _catalog(args: argparse.Namespace) -> int:
                 (e.max_rows_per_query, "rows per query"),
                 (e.queries_per_day, "queries a day"),
                 (e.rows_per_day, "rows a day"),
+                (e.max_bytes_per_query, "bytes per query"),
+                (e.bytes_per_day, "bytes a day"),
             )
             if n
         ]
@@ -200,7 +204,7 @@ def _query(args: argparse.Namespace) -> int:
         bundle = dataclasses.replace(result.bundle, data_format=args.format)
         bundle.save(args.output.with_name(args.output.name + RECEIPT_SUFFIX))
     receipt = result.receipt
-    cut = " (cut at the row limit)" if receipt.truncated else ""
+    cut = f" (cut at the limit {receipt.limited_by or 'of rows'})" if receipt.truncated else ""
     print(
         f"{receipt.rows} rows{cut} from {receipt.provider_id}, request {receipt.request_id}, "
         f"policies {joined(receipt.policies)}",

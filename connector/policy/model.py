@@ -52,7 +52,13 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "rows": {"where": None},
     "aggregate_only": {"min_group_size": None, "noise": None, "group_by": None},
     "obligations": {"delete_within_days": None, "attribution": None, "terms": None},
-    "limits": {"max_rows_per_query": None, "queries_per_day": None, "rows_per_day": None},
+    "limits": {
+        "max_rows_per_query": None,
+        "queries_per_day": None,
+        "rows_per_day": None,
+        "max_bytes_per_query": None,
+        "bytes_per_day": None,
+    },
 }
 REQUIRED = ("id", "version", "description", "datasets", "grantees", "purposes", "valid", "columns")
 MAX_FILTER_VALUES = 1000
@@ -98,11 +104,13 @@ class Obligations:
 
 @dataclass(frozen=True)
 class Limits:
-    """How much a grantee may take (0: no limit of this kind)."""
+    """How much a grantee may take (0: no limit of this kind); bytes are Arrow IPC bytes sent."""
 
     max_rows_per_query: int = 0
     queries_per_day: int = 0
     rows_per_day: int = 0
+    max_bytes_per_query: int = 0
+    bytes_per_day: int = 0
 
     @classmethod
     def tightest(cls, limits: Iterable[Limits]) -> Limits:
@@ -112,7 +120,14 @@ class Limits:
             max_rows_per_query=tightest(lim.max_rows_per_query for lim in every),
             queries_per_day=tightest(lim.queries_per_day for lim in every),
             rows_per_day=tightest(lim.rows_per_day for lim in every),
+            max_bytes_per_query=tightest(lim.max_bytes_per_query for lim in every),
+            bytes_per_day=tightest(lim.bytes_per_day for lim in every),
         )
+
+    @property
+    def limits_rows(self) -> bool:
+        """True when a row limit applies (rows packed into one row would bypass it)."""
+        return bool(self.max_rows_per_query or self.rows_per_day)
 
 
 def tightest(limits: Iterable[int]) -> int:

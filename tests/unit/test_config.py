@@ -108,3 +108,36 @@ def test_brackets_in_toml_strings_and_comments_do_not_count(tmp_path: Path) -> N
         'dataspace = "' + "[" * 40 + '"  # ' + "{" * 40 + "\n# " + "[" * 40,
     )
     assert load_settings(_home(tmp_path, text)).dataspace == "[" * 40
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [('"1GiB"', 1024**3), ('"512MB"', 512 * 1000**2), ("2097152", 2 * 1024**2)],
+)
+def test_shaped_copies_max_bytes_reads_sizes(tmp_path: Path, written: str, size: int) -> None:
+    text = render_config("acme", "space", "127.0.0.1:0").replace(
+        'shaped_copies_max_bytes = "1GiB"', f"shaped_copies_max_bytes = {written}"
+    )
+    assert load_settings(_home(tmp_path, text)).shaped_copies_max_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [('"lots"', "not a size"), ("1000", "at least 1MiB"), ('"3 parsecs"', "not a size")],
+)
+def test_shaped_copies_max_bytes_refuses_what_is_not_a_size(
+    tmp_path: Path, written: str, message: str
+) -> None:
+    text = render_config("acme", "space", "127.0.0.1:0").replace(
+        'shaped_copies_max_bytes = "1GiB"', f"shaped_copies_max_bytes = {written}"
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_settings(_home(tmp_path, text))
+
+
+def test_the_per_member_share_defaults_to_half_the_slots(tmp_path: Path) -> None:
+    text = render_config("acme", "space", "127.0.0.1:0").replace(
+        "max_concurrent_queries = 8", "max_concurrent_queries = 6"
+    )
+    server = load_settings(_home(tmp_path, text)).server
+    assert (server.max_concurrent_queries_per_member, server.stall_seconds) == (3, 30.0)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
 from connector.errors import ResourceExhausted
-from connector.quota import PolicyQuota, QuotaLedger
+from connector.quota import PolicyQuota, QuotaLedger, Usage
 
 NOW = dt.datetime(2026, 11, 25, 15, 30, tzinfo=dt.UTC)
 
@@ -70,4 +71,71 @@ def test_the_tightest_policy_limits_a_query_under_several(tmp_path: Path) -> Non
     quotas = [PolicyQuota("a", rows_per_day=100), PolicyQuota("b", rows_per_day=40)]
     assert ledger.claim_rows("acme", quotas, 70, NOW) == 40
     assert ledger.usage("acme", "a", NOW) == (0, 40)
+    ledger.close()
+
+
+def test_bytes_per_day_cuts_at_a_row_whose_bytes_fit_and_names_the_limit(tmp_path: Path) -> None:
+    ledger = QuotaLedger(tmp_path / "q.sqlite")
+    quotas = [PolicyQuota("p", bytes_per_day=1000)]
+    ledger.claim_bytes("acme", quotas, 200, NOW)
+    rows, size, limit = ledger.claim_sent("acme", quotas, 50, lambda n: 100 + 30 * n, now=NOW)
+    assert (rows, size, limit) == (23, 790, "bytes_per_day")  # 100 + 30 * 23 <= 800
+    assert ledger.used("acme", "p", NOW).bytes == 990
+    assert ledger.claim_sent("acme", quotas, 5, lambda n: 100 + 30 * n, now=NOW)[0] == 0
+    with pytest.raises(ResourceExhausted, match=r"1000 bytes a day.*resets at"):
+        ledger.claim_bytes("acme", quotas, 11, NOW)
+    ledger.claim_bytes("acme", quotas, 10, NOW)
+    with pytest.raises(ResourceExhausted, match="1000 bytes a day"):
+        ledger.claim_query("acme", quotas, NOW)
+    ledger.close()
+
+
+def test_the_tighter_of_a_query_cap_and_the_daily_bytes_names_the_cut(tmp_path: Path) -> None:
+    ledger = QuotaLedger(tmp_path / "q.sqlite")
+    quotas = [PolicyQuota("p", rows_per_day=100, bytes_per_day=10_000)]
+    size = lambda n: 10 * n  # noqa: E731
+    assert ledger.claim_sent("acme", quotas, 50, size, now=NOW, max_bytes=205) == (
+        20,
+        200,
+        "max_bytes_per_query",
+    )
+    assert ledger.claim_sent("acme", quotas, 90, size, now=NOW) == (80, 800, "rows_per_day")
+    assert ledger.used("acme", "p", NOW) == Usage(0, 100, 1000)
+    ledger.close()
+
+
+def test_concurrent_byte_claims_never_pass_the_limit(tmp_path: Path) -> None:
+    ledger = QuotaLedger(tmp_path / "q.sqlite")
+    quotas = [PolicyQuota("p", bytes_per_day=50_000)]
+    sent: list[int] = []
+
+    def worker() -> None:
+        for _ in range(40):
+            sent.append(ledger.claim_sent("acme", quotas, 100, lambda n: 7 * n + 3, now=NOW)[1])
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(sent) == ledger.used("acme", "p", NOW).bytes <= 50_000
+    assert sum(sent) > 50_000 - 703  # the last claims fill what is left
+    ledger.close()
+
+
+def test_a_ledger_from_before_byte_quotas_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE usage (day TEXT NOT NULL, member TEXT NOT NULL, policy TEXT NOT NULL, "
+        "queries INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0, "
+        "PRIMARY KEY (day, member, policy))"
+    )
+    old.execute("INSERT INTO usage VALUES ('2026-11-25', 'acme', 'p', 3, 40)")
+    old.commit()
+    old.close()
+    ledger = QuotaLedger(path)
+    assert ledger.used("acme", "p", NOW) == Usage(3, 40, 0)
+    ledger.claim_bytes("acme", [PolicyQuota("p", bytes_per_day=100)], 60, NOW)
+    assert ledger.used("acme", "p", NOW) == Usage(3, 40, 60)
     ledger.close()

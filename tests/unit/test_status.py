@@ -14,7 +14,16 @@ from connector.server import RunningServer
 from connector.status import error_from_status, reasons_metadata, status_of
 from tests.conftest import Member, connect, policy_text, write_defects_csv
 
-OUTCOMES = {"failed", "unauthenticated", "denied", "rejected", "exhausted", "timeout", "cancelled"}
+OUTCOMES = {
+    "failed",
+    "unauthenticated",
+    "denied",
+    "rejected",
+    "exhausted",
+    "timeout",
+    "cancelled",
+    "stalled",
+}
 
 
 def _every_error_class() -> list[type[errors.ConnectorError]]:

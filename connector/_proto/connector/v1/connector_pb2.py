@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63onnector/v1/connector.proto\x12\x0c\x63onnector.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0e\x43\x61talogRequest\"(\n\tPolicyRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"B\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06masked\x18\x03 \x01(\x08\x12\x0c\n\x04mask\x18\x04 \x01(\t\"\xd8\x03\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x14.connector.v1.Column\x12\x10\n\x08purposes\x18\x04 \x03(\t\x12)\n\x08policies\x18\x05 \x03(\x0b\x32\x17.connector.v1.PolicyRef\x12.\n\nvalid_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12max_rows_per_query\x18\x08 \x01(\x04\x12\x17\n\x0fqueries_per_day\x18\t \x01(\x04\x12\x14\n\x0crows_per_day\x18\n \x01(\x04\x12\x18\n\x10obligations_json\x18\x0b \x01(\t\x12\x12\n\nrow_filter\x18\x0c \x01(\t\x12\x16\n\x0emin_group_size\x18\r \x01(\x04\x12\'\n\x05noise\x18( \x01(\x0b\x32\x18.connector.v1.NoiseTerms\x12+\n\x08group_by\x18) \x03(\x0b\x32\x19.connector.v1.GroupingSet\"\xc7\x01\n\nNoiseTerms\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\x17\n\x0f\x65psilon_per_day\x18\x02 \x01(\x01\x12*\n\x06\x62ounds\x18\x03 \x03(\x0b\x32\x1a.connector.v1.ColumnBounds\x12\x19\n\x11\x65psilon_remaining\x18\x04 \x01(\x01\x12\x34\n\x10\x62udget_resets_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmechanisms\x18\x06 \x03(\t\"9\n\x0c\x43olumnBounds\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\"\x1e\n\x0bGroupingSet\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\"\xd5\x01\n\x07\x43\x61talog\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\'\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x15.connector.v1.Dataset\x12\x1e\n\x16receipt_public_key_pem\x18\x04 \x01(\t\x12\x16\n\x0ereceipt_key_id\x18\x05 \x01(\t\x12 \n\x18provider_certificate_pem\x18\x06 \x01(\t\x12\x1f\n\x17receipt_key_endorsement\x18\x07 \x01(\t\"R\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x10\n\x08max_rows\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Y\n\rQueryResponse\x12\x13\n\tarrow_ipc\x18\x01 \x01(\x0cH\x00\x12(\n\x07receipt\x18\x02 \x01(\x0b\x32\x15.connector.v1.ReceiptH\x00\x42\t\n\x07payload\"\xc7\x02\n\x07Receipt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x13\n\x0bprovider_id\x18\x03 \x01(\t\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x14\n\x0cquery_sha256\x18\x05 \x01(\t\x12\x15\n\rresult_sha256\x18\x06 \x01(\t\x12\x0c\n\x04rows\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\x12\x11\n\ttruncated\x18\t \x01(\x08\x12)\n\x08policies\x18\n \x03(\x0b\x32\x17.connector.v1.PolicyRef\x12-\n\tissued_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\taudit_seq\x18\r \x01(\x04\x12\x18\n\x10obligations_json\x18\x0e \x01(\t\x12\x0b\n\x03jws\x18\x0c \x01(\t\"\xa2\x02\n\x08Relation\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\x12\x12\n\ndefinition\x18\x03 \x01(\t\x12\x30\n\x05masks\x18\x04 \x03(\x0b\x32!.connector.v1.Relation.MasksEntry\x12\x12\n\nrow_filter\x18\x05 \x01(\t\x12\x16\n\x0emin_group_size\x18\x06 \x01(\x04\x12\'\n\x05noise\x18( \x01(\x0b\x32\x18.connector.v1.NoiseTerms\x12+\n\x08group_by\x18) \x03(\x0b\x32\x19.connector.v1.GroupingSet\x1a,\n\nMasksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\x08\x44\x65\x63ision\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12)\n\x08policies\x18\x03 \x03(\x0b\x32\x17.connector.v1.PolicyRef\x12)\n\trelations\x18\x04 \x03(\x0b\x32\x16.connector.v1.Relation\x12\x10\n\x08\x64\x61tasets\x18\x05 \x03(\t\x12\x14\n\x0cquery_sha256\x18\x06 \x01(\t\x12\x18\n\x10obligations_json\x18\x07 \x01(\t\x12\r\n\x05query\x18\x08 \x01(\t2\xd1\x01\n\tConnector\x12\x41\n\nGetCatalog\x12\x1c.connector.v1.CatalogRequest\x1a\x15.connector.v1.Catalog\x12\x42\n\x05Query\x12\x1a.connector.v1.QueryRequest\x1a\x1b.connector.v1.QueryResponse0\x01\x12=\n\x07\x45xplain\x12\x1a.connector.v1.QueryRequest\x1a\x16.connector.v1.Decisionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63onnector/v1/connector.proto\x12\x0c\x63onnector.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0e\x43\x61talogRequest\"(\n\tPolicyRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"B\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06masked\x18\x03 \x01(\x08\x12\x0c\n\x04mask\x18\x04 \x01(\t\"\x8c\x04\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x14.connector.v1.Column\x12\x10\n\x08purposes\x18\x04 \x03(\t\x12)\n\x08policies\x18\x05 \x03(\x0b\x32\x17.connector.v1.PolicyRef\x12.\n\nvalid_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12max_rows_per_query\x18\x08 \x01(\x04\x12\x17\n\x0fqueries_per_day\x18\t \x01(\x04\x12\x14\n\x0crows_per_day\x18\n \x01(\x04\x12\x18\n\x10obligations_json\x18\x0b \x01(\t\x12\x12\n\nrow_filter\x18\x0c \x01(\t\x12\x16\n\x0emin_group_size\x18\r \x01(\x04\x12\x1b\n\x13max_bytes_per_query\x18\x0e \x01(\x04\x12\x15\n\rbytes_per_day\x18\x0f \x01(\x04\x12\'\n\x05noise\x18( \x01(\x0b\x32\x18.connector.v1.NoiseTerms\x12+\n\x08group_by\x18) \x03(\x0b\x32\x19.connector.v1.GroupingSet\"\xc7\x01\n\nNoiseTerms\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\x17\n\x0f\x65psilon_per_day\x18\x02 \x01(\x01\x12*\n\x06\x62ounds\x18\x03 \x03(\x0b\x32\x1a.connector.v1.ColumnBounds\x12\x19\n\x11\x65psilon_remaining\x18\x04 \x01(\x01\x12\x34\n\x10\x62udget_resets_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmechanisms\x18\x06 \x03(\t\"9\n\x0c\x43olumnBounds\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\"\x1e\n\x0bGroupingSet\x12\x0f\n\x07\x63olumns\x18\x01 \x03(\t\"\xd5\x01\n\x07\x43\x61talog\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\'\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x15.connector.v1.Dataset\x12\x1e\n\x16receipt_public_key_pem\x18\x04 \x01(\t\x12\x16\n\x0ereceipt_key_id\x18\x05 \x01(\t\x12 \n\x18provider_certificate_pem\x18\x06 \x01(\t\x12\x1f\n\x17receipt_key_endorsement\x18\x07 \x01(\t\"R\n\x0cQueryRequest\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x10\n\x08max_rows\x18\x03 \x01(\x04\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"Y\n\rQueryResponse\x12\x13\n\tarrow_ipc\x18\x01 \x01(\x0cH\x00\x12(\n\x07receipt\x18\x02 \x01(\x0b\x32\x15.connector.v1.ReceiptH\x00\x42\t\n\x07payload\"\xdb\x02\n\x07Receipt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x13\n\x0bprovider_id\x18\x03 \x01(\t\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x14\n\x0cquery_sha256\x18\x05 \x01(\t\x12\x15\n\rresult_sha256\x18\x06 \x01(\t\x12\x0c\n\x04rows\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\x12\x11\n\ttruncated\x18\t \x01(\x08\x12)\n\x08policies\x18\n \x03(\x0b\x32\x17.connector.v1.PolicyRef\x12-\n\tissued_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\taudit_seq\x18\r \x01(\x04\x12\x18\n\x10obligations_json\x18\x0e \x01(\t\x12\x12\n\nlimited_by\x18\x0f \x01(\t\x12\x0b\n\x03jws\x18\x0c \x01(\t\"\xa2\x02\n\x08Relation\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x0f\n\x07\x63olumns\x18\x02 \x03(\t\x12\x12\n\ndefinition\x18\x03 \x01(\t\x12\x30\n\x05masks\x18\x04 \x03(\x0b\x32!.connector.v1.Relation.MasksEntry\x12\x12\n\nrow_filter\x18\x05 \x01(\t\x12\x16\n\x0emin_group_size\x18\x06 \x01(\x04\x12\'\n\x05noise\x18( \x01(\x0b\x32\x18.connector.v1.NoiseTerms\x12+\n\x08group_by\x18) \x03(\x0b\x32\x19.connector.v1.GroupingSet\x1a,\n\nMasksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\x08\x44\x65\x63ision\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12)\n\x08policies\x18\x03 \x03(\x0b\x32\x17.connector.v1.PolicyRef\x12)\n\trelations\x18\x04 \x03(\x0b\x32\x16.connector.v1.Relation\x12\x10\n\x08\x64\x61tasets\x18\x05 \x03(\t\x12\x14\n\x0cquery_sha256\x18\x06 \x01(\t\x12\x18\n\x10obligations_json\x18\x07 \x01(\t\x12\r\n\x05query\x18\x08 \x01(\t2\xd1\x01\n\tConnector\x12\x41\n\nGetCatalog\x12\x1c.connector.v1.CatalogRequest\x1a\x15.connector.v1.Catalog\x12\x42\n\x05Query\x12\x1a.connector.v1.QueryRequest\x1a\x1b.connector.v1.QueryResponse0\x01\x12=\n\x07\x45xplain\x12\x1a.connector.v1.QueryRequest\x1a\x16.connector.v1.Decisionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,27 +41,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLUMN']._serialized_start=139
   _globals['_COLUMN']._serialized_end=205
   _globals['_DATASET']._serialized_start=208
-  _globals['_DATASET']._serialized_end=680
-  _globals['_NOISETERMS']._serialized_start=683
-  _globals['_NOISETERMS']._serialized_end=882
-  _globals['_COLUMNBOUNDS']._serialized_start=884
-  _globals['_COLUMNBOUNDS']._serialized_end=941
-  _globals['_GROUPINGSET']._serialized_start=943
-  _globals['_GROUPINGSET']._serialized_end=973
-  _globals['_CATALOG']._serialized_start=976
-  _globals['_CATALOG']._serialized_end=1189
-  _globals['_QUERYREQUEST']._serialized_start=1191
-  _globals['_QUERYREQUEST']._serialized_end=1273
-  _globals['_QUERYRESPONSE']._serialized_start=1275
-  _globals['_QUERYRESPONSE']._serialized_end=1364
-  _globals['_RECEIPT']._serialized_start=1367
-  _globals['_RECEIPT']._serialized_end=1694
-  _globals['_RELATION']._serialized_start=1697
-  _globals['_RELATION']._serialized_end=1987
-  _globals['_RELATION_MASKSENTRY']._serialized_start=1943
-  _globals['_RELATION_MASKSENTRY']._serialized_end=1987
-  _globals['_DECISION']._serialized_start=1990
-  _globals['_DECISION']._serialized_end=2199
-  _globals['_CONNECTOR']._serialized_start=2202
-  _globals['_CONNECTOR']._serialized_end=2411
+  _globals['_DATASET']._serialized_end=732
+  _globals['_NOISETERMS']._serialized_start=735
+  _globals['_NOISETERMS']._serialized_end=934
+  _globals['_COLUMNBOUNDS']._serialized_start=936
+  _globals['_COLUMNBOUNDS']._serialized_end=993
+  _globals['_GROUPINGSET']._serialized_start=995
+  _globals['_GROUPINGSET']._serialized_end=1025
+  _globals['_CATALOG']._serialized_start=1028
+  _globals['_CATALOG']._serialized_end=1241
+  _globals['_QUERYREQUEST']._serialized_start=1243
+  _globals['_QUERYREQUEST']._serialized_end=1325
+  _globals['_QUERYRESPONSE']._serialized_start=1327
+  _globals['_QUERYRESPONSE']._serialized_end=1416
+  _globals['_RECEIPT']._serialized_start=1419
+  _globals['_RECEIPT']._serialized_end=1766
+  _globals['_RELATION']._serialized_start=1769
+  _globals['_RELATION']._serialized_end=2059
+  _globals['_RELATION_MASKSENTRY']._serialized_start=2015
+  _globals['_RELATION_MASKSENTRY']._serialized_end=2059
+  _globals['_DECISION']._serialized_start=2062
+  _globals['_DECISION']._serialized_end=2271
+  _globals['_CONNECTOR']._serialized_start=2274
+  _globals['_CONNECTOR']._serialized_end=2483
 # @@protoc_insertion_point(module_scope)

@@ -119,6 +119,8 @@ class Dataset(_message.Message):
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
     ROW_FILTER_FIELD_NUMBER: _builtins.int
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_PER_QUERY_FIELD_NUMBER: _builtins.int
+    BYTES_PER_DAY_FIELD_NUMBER: _builtins.int
     NOISE_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
@@ -136,6 +138,11 @@ class Dataset(_message.Message):
     """When not 0 the dataset is aggregate-only: queries may only return aggregates, and
     groups of fewer than this many rows are not returned.
     """
+    max_bytes_per_query: _builtins.int
+    """The tightest byte limits of the granting policies (0: none), counted in Arrow IPC bytes
+    sent (the concatenated arrow_ipc fields of a Query stream).
+    """
+    bytes_per_day: _builtins.int
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Column]:
         """The columns this peer may read (and only these)."""
@@ -180,12 +187,14 @@ class Dataset(_message.Message):
         obligations_json: _builtins.str = ...,
         row_filter: _builtins.str = ...,
         min_group_size: _builtins.int = ...,
+        max_bytes_per_query: _builtins.int = ...,
+        bytes_per_day: _builtins.int = ...,
         noise: Global___NoiseTerms | None = ...,
         group_by: _abc.Iterable[Global___GroupingSet] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "description", b"description", "group_by", b"group_by", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "noise", b"noise", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_day", b"bytes_per_day", "columns", b"columns", "description", b"description", "group_by", b"group_by", "max_bytes_per_query", b"max_bytes_per_query", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "noise", b"noise", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,6 +422,7 @@ class Receipt(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     AUDIT_SEQ_FIELD_NUMBER: _builtins.int
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
+    LIMITED_BY_FIELD_NUMBER: _builtins.int
     JWS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     member_id: _builtins.str
@@ -426,13 +436,16 @@ class Receipt(_message.Message):
     rows: _builtins.int
     bytes: _builtins.int
     truncated: _builtins.bool
-    """True when the result was cut at a row limit."""
+    """True when the result was cut at a limit; limited_by names it (max_rows, the request's
+    own limit; max_rows_per_query, rows_per_day, max_bytes_per_query, bytes_per_day).
+    """
     audit_seq: _builtins.int
     """The sequence number of this request's entry in the provider's audit log."""
     obligations_json: _builtins.str
     """What the peer takes on (delete_within_days, attribution, terms), as JSON text; the
     same JSON is in the Arrow schema metadata under "connector.obligations".
     """
+    limited_by: _builtins.str
     jws: _builtins.str
     """JWS compact serialisation (EdDSA / Ed25519) whose payload is the JSON
     object of the fields above (snake_case keys, issued_at as RFC 3339), signed with the
@@ -459,11 +472,12 @@ class Receipt(_message.Message):
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         audit_seq: _builtins.int = ...,
         obligations_json: _builtins.str = ...,
+        limited_by: _builtins.str = ...,
         jws: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "issued_at", b"issued_at", "jws", b"jws", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "issued_at", b"issued_at", "jws", b"jws", "limited_by", b"limited_by", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,179 @@
+"""Query slots: how many queries run at once, in total and per member.
+
+A slot is taken when a query is admitted and given back as soon as its peer is gone
+(cancelled, deadline passed, stream ended for stalling), not when DuckDB notices the
+interrupt, which can take seconds. So that queries still stopping in DuckDB cannot pile up,
+a second bound counts DuckDB executions until they really end: at most twice the number of
+slots. A new query whose slot is free waits briefly for an execution to finish stopping
+rather than being refused, since stopping ones end within a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Protocol
+
+from connector.errors import QueryTimeout, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+EXECUTION_WAIT_SECONDS = 5.0  # longer than DuckDB takes to notice an interrupt (about 3 s)
+ADMISSION_WAIT_SECONDS = 0.5  # covers a peer that left a moment ago and is not yet noticed
+
+
+class QuerySlots:
+    """Admits queries within a total and a per-member bound; thread-safe."""
+
+    def __init__(self, total: int, per_member: int) -> None:
+        self.total = total
+        self.per_member = min(per_member, total)
+        self.max_executing = 2 * total
+        self._admitted = 0
+        self._executing = 0
+        self._by_member: Counter[str] = Counter()
+        self._changed = threading.Condition()
+
+    def acquire(
+        self,
+        member: str,
+        admission_wait: float = ADMISSION_WAIT_SECONDS,
+        execution_wait: float = EXECUTION_WAIT_SECONDS,
+        deadline_seconds: float | None = None,
+    ) -> Slot:
+        """A slot for one of member's queries; ResourceExhausted when none is free, and
+        QueryTimeout when the peer's deadline passes while waiting."""
+        if deadline_seconds is not None:
+            admission_wait = min(admission_wait, deadline_seconds)
+            execution_wait = min(execution_wait, deadline_seconds)
+        with self._changed:
+            self._changed.wait_for(lambda: self._free_for(member), admission_wait)
+            if self._by_member[member] >= self.per_member:
+                raise ResourceExhausted(
+                    f"you already run {self.per_member} queries at once on this connector, "
+                    "the most one member may; wait for one to finish"
+                )
+            if self._admitted >= self.total:
+                raise ResourceExhausted(
+                    "this connector is answering its maximum number of queries; retry shortly"
+                )
+            self._admitted += 1
+            self._by_member[member] += 1
+            slot = Slot(self, member)
+            if not self._changed.wait_for(
+                lambda: self._executing < self.max_executing, execution_wait
+            ):
+                slot.leave()
+                if deadline_seconds is not None and execution_wait >= deadline_seconds:
+                    raise QueryTimeout(
+                        "the query's deadline passed while it waited for this connector to "
+                        "finish stopping abandoned queries"
+                    )
+                raise ResourceExhausted(
+                    "this connector is still stopping abandoned queries; retry shortly"
+                )
+            self._executing += 1
+        return slot
+
+    def _free_for(self, member: str) -> bool:
+        return self._admitted < self.total and self._by_member[member] < self.per_member
+
+    def in_use(self, member: str | None = None) -> int:
+        """Admitted queries (of member, when given)."""
+        with self._changed:
+            return self._admitted if member is None else self._by_member[member]
+
+    def executing(self) -> int:
+        """Queries DuckDB may still be running, including those stopping."""
+        with self._changed:
+            return self._executing
+
+    def _leave(self, member: str) -> None:
+        with self._changed:
+            self._admitted -= 1
+            self._by_member[member] -= 1
+            if not self._by_member[member]:
+                del self._by_member[member]
+            self._changed.notify_all()
+
+    def _end_execution(self) -> None:
+        with self._changed:
+            self._executing -= 1
+            self._changed.notify_all()
+
+
+class Slot:
+    """One admitted query: leave() when its peer is gone, finish() when DuckDB is done."""
+
+    def __init__(self, slots: QuerySlots, member: str) -> None:
+        self._slots = slots
+        self._member = member
+        self._lock = threading.Lock()
+        self._left = False
+        self._finished = False
+
+    def leave(self) -> None:
+        """The peer is gone (or the query ended): the slot is free for others. Idempotent."""
+        with self._lock:
+            if self._left:
+                return
+            self._left = True
+        self._slots._leave(self._member)
+
+    def finish(self) -> None:
+        """DuckDB no longer runs the query: frees the slot and the execution. Idempotent."""
+        self.leave()
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self._slots._end_execution()
+
+
+class Stallable(Protocol):
+    """A running answer the stall watch can end."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def waiting_for_peer(self) -> float: ...
+
+    def stall(self) -> None: ...
+
+
+class StallWatch:
+    """Ends answers whose peer has not taken the next piece for stall_seconds, freeing
+    their slot (a peer that opens streams and never reads would otherwise hold them)."""
+
+    def __init__(self, stall_seconds: float) -> None:
+        self.stall_seconds = stall_seconds
+        self._runs: set[Stallable] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Stop watching (the server is stopping)."""
+        self._stopped.set()
+
+    def watch(self, run: Stallable) -> None:
+        """Watch run until it is done."""
+        with self._lock:
+            self._runs.add(run)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="stall-watch", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        interval = min(1.0, self.stall_seconds / 4)
+        while not self._stopped.wait(interval):
+            with self._lock:
+                self._runs = {r for r in self._runs if not r.done}
+                stalled = [r for r in self._runs if r.waiting_for_peer() > self.stall_seconds]
+            for run in stalled:
+                try:
+                    run.stall()
+                except Exception:
+                    # The watch must outlive one answer that fails to end.
+                    log.exception("could not end a stalled answer")

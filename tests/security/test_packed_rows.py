@@ -1,0 +1,122 @@
+"""Row limits against packing, over mutual TLS: rows packed into lists, strings or maps.
+
+The policy allows 5 rows a query and 20 a day of part_defects (200 rows). Every way of
+putting many rows into one result row (aggregates, window aggregates, top-n forms, ARRAY
+subqueries, builders over aggregates) is refused, again and again, while the plain rows
+still come within the limits; the audit records the refusals. With the guard off, the
+sandbox still refuses a result that carries a list the dataset does not hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+
+from connector.audit import read_entries
+from connector.config import load_settings
+from connector.errors import PermissionDenied, ResourceExhausted
+from connector.server import RunningServer
+from connector.sqlguard import QueryShape, inspect_query
+from tests.conftest import Member, ProviderPair, connect
+
+PURPOSE = "quality-benchmarking"
+ROW_LIMITS = "limits: {max_rows_per_query: 5, rows_per_day: 20}\n"
+
+PACKED = [
+    "SELECT list(struct_pack(p := plant, n := part_no, d := defects)) FROM part_defects",
+    "SELECT string_agg(plant || ':' || part_no || ':' || defects, ',') FROM part_defects",
+    "SELECT group_concat(part_no) FROM part_defects",
+    "SELECT listagg(part_no, ',') FROM part_defects",
+    "SELECT array_agg(defects ORDER BY week) FROM part_defects",
+    "SELECT histogram(part_no) FROM part_defects",
+    "SELECT max(defects, 200) FROM part_defects",
+    "SELECT min_by(part_no, defects, 200) FROM part_defects",
+    "SELECT arg_max(part_no, week, 200) FROM part_defects",
+    "SELECT quantile_disc(defects, [0.01, 0.02, 0.03, 0.04, 0.05]) FROM part_defects",
+    "SELECT ARRAY(SELECT part_no FROM part_defects)",
+    "SELECT [list(part_no), list(plant)] FROM part_defects",
+    "SELECT struct_pack(a := list(part_no)) FROM part_defects",
+    "SELECT list_value(max(part_no), min(part_no), max(plant)) FROM part_defects",
+    "SELECT plant, list(part_no) FROM part_defects GROUP BY plant",
+    "SELECT (SELECT string_agg(part_no, ',') FROM part_defects) AS packed",
+    "WITH x AS (SELECT list(part_no) AS l FROM part_defects) SELECT l FROM x",
+    "SELECT list(part_no) OVER () FROM part_defects LIMIT 1",
+    "SELECT string_agg(part_no, ',') OVER (ORDER BY week) FROM part_defects LIMIT 1",
+    "SELECT lag(part_no, 7) OVER (ORDER BY week) FROM part_defects LIMIT 1",
+    "SELECT lead(part_no, 3) OVER (ORDER BY week), nth_value(part_no, 9) OVER (ORDER BY week) "
+    "FROM part_defects LIMIT 1",
+    "SELECT max(part_no) OVER (ORDER BY week ROWS BETWEEN 4 PRECEDING AND 4 PRECEDING) "
+    "FROM part_defects LIMIT 5",
+    "SELECT * FROM (SELECT array_agg(part_no) AS a FROM part_defects) WHERE len(a) > 0",
+]
+
+
+@pytest.mark.parametrize("sql", PACKED)
+def test_packed_rows_do_not_leave_past_the_row_limits(
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer], sql: str
+) -> None:
+    provider, grantee = provider_pair(policy_extra=ROW_LIMITS)
+    with connect(serve(provider), grantee) as peer:
+        for _ in range(6):  # the attack found it answered six times in a row
+            with pytest.raises(PermissionDenied, match="limit rows"):
+                peer.fetch(sql, PURPOSE)
+        plain = peer.fetch("SELECT plant, part_no FROM part_defects", PURPOSE)
+        assert (plain.table.num_rows, plain.receipt.limited_by) == (5, "max_rows_per_query")
+        assert peer.fetch("SELECT count(*), max(defects) FROM part_defects", PURPOSE).receipt.rows
+    entries = [e for e in read_entries(load_settings(provider.home).audit_log)]
+    refused = [e for e in entries if e.get("kind") == "query" and e.get("decision") == "deny"]
+    assert len(refused) == 6 and all("limit rows" in e["reasons"][0] for e in refused)
+    assert refused[0]["policies"] == [{"id": "q", "version": 1}]
+
+
+def test_the_daily_row_limit_holds_over_many_queries(
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = provider_pair(policy_extra=ROW_LIMITS)
+    received = 0
+    with connect(serve(provider), grantee) as peer:
+        for sql in PACKED[:6]:
+            with pytest.raises(PermissionDenied):
+                peer.fetch(sql, PURPOSE)
+        for offset in range(0, 40, 5):
+            try:
+                result = peer.fetch(
+                    f"SELECT part_no FROM part_defects ORDER BY week, part_no OFFSET {offset}",
+                    PURPOSE,
+                )
+            except ResourceExhausted:
+                break
+            received += result.table.num_rows
+    assert received == 20
+
+
+def test_packing_is_allowed_where_no_row_limit_applies(
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
+) -> None:
+    provider, grantee = provider_pair(policy_extra="limits: {queries_per_day: 100}\n")
+    with connect(serve(provider), grantee) as peer:
+        result = peer.fetch(PACKED[0], PURPOSE)
+    assert len(result.table.column(0)[0].as_py()) == 200
+
+
+def _guard_blind_to_packing(sql: str) -> QueryShape:
+    return dataclasses.replace(inspect_query(sql), packing="")
+
+
+# Builders over a few aggregates are bounded by the query's text: only the guard refuses them.
+BY_PLAN = [s for s in PACKED if not s.startswith("SELECT list_value(")]
+
+
+@pytest.mark.parametrize("sql", BY_PLAN)
+def test_the_sandbox_refuses_packing_with_the_guard_blind(
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer], sql: str
+) -> None:
+    provider, grantee = provider_pair(policy_extra=ROW_LIMITS)
+    server = serve(provider)
+    server.provider.guard = _guard_blind_to_packing  # this test's server only
+    with connect(server, grantee) as peer:
+        with pytest.raises(PermissionDenied, match="policies limit rows"):
+            peer.fetch(sql, PURPOSE)
+        assert peer.fetch("SELECT count(*), max(defects) FROM part_defects", PURPOSE).receipt.rows
