@@ -14,6 +14,7 @@ from connector.audit import read_entries, verify_log
 from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError
 from connector.identity import load_ed25519_public, public_path
+from connector.safetext import escaped
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,15 +76,27 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
-        policies = ",".join(f"{p['id']}@{p['version']}" for p in e.get("policies", []))
-        print(
-            f"{e['seq']:>6} {e['time'][:19]} {e['kind']:<7} {e.get('member_id') or '-':<18} "
-            f"{e['outcome']:<15} {','.join(e.get('datasets', [])) or '-':<20} "
-            f"rows={e.get('rows', 0)} {policies}"
-        )
+        print(_table_line(e))
         for reason in e.get("reasons", []):
-            print(f"{'':>7}reason: {reason}")
+            print(f"{'':>7}reason: {escaped(reason)}")
     return 0
+
+
+def _table_line(entry: dict[str, Any]) -> str:
+    """One entry as a table line; every field is escaped (peers control many of them)."""
+    policies = ",".join(f"{p.get('id')}@{p.get('version')}" for p in entry.get("policies", []))
+    datasets = ",".join(str(d) for d in entry.get("datasets", [])) or "-"
+    fields = [
+        f"{escaped(entry.get('seq')):>6}",
+        escaped(str(entry.get("time", ""))[:19]),
+        f"{escaped(entry.get('kind', '')):<7}",
+        f"{escaped(entry.get('member_id') or '-'):<18}",
+        f"{escaped(entry.get('outcome', '')):<15}",
+        f"{escaped(datasets):<20}",
+        f"rows={escaped(entry.get('rows', 0))}",
+        escaped(policies),
+    ]
+    return " ".join(fields)
 
 
 def _verify(args: argparse.Namespace) -> int:

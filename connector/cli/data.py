@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
+from connector.safetext import escaped
 from connector.store import ingest, list_datasets
 
 
@@ -51,11 +52,15 @@ def _ingest(args: argparse.Namespace) -> int:
     )
     verb = "replaced with" if args.mode == "replace" else "appended to, now"
     columns = ", ".join(f"{c.name} {c.type}" for c in info.columns)
-    print(f"dataset {info.name} {verb} {info.rows} rows: {columns}")
+    print(escaped(f"dataset {info.name} {verb} {info.rows} rows: {columns}"))
     return 0
 
 
 def _datasets(args: argparse.Namespace) -> int:
     for info in list_datasets(settings_of(args).database):
-        print(f"{info.name}  {info.rows} rows  {len(info.columns)} columns  {info.description}")
+        print(
+            escaped(
+                f"{info.name}  {info.rows} rows  {len(info.columns)} columns  {info.description}"
+            )
+        )
     return 0

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from connector.cli.common import add_home, settings_of
 from connector.client import Peer, PeerIdentity
 from connector.errors import ConfigError, PermissionDenied
+from connector.safetext import escaped
 
 FORMATS = ("table", "csv", "json", "parquet", "arrow")
 BINARY_FORMATS = ("parquet", "arrow")
@@ -89,17 +90,19 @@ def _catalog(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not entries:
-        print(f"{args.to} grants you no datasets")
+        print(escaped(f"{args.to} grants you no datasets"))
     for e in entries:
-        print(f"{e.name}: {e.description}")
-        print(f"  columns:  {', '.join(_column_text(n, t, e.masks) for n, t in e.columns)}")
+        print(escaped(f"{e.name}: {e.description}"))
+        print(
+            escaped(f"  columns:  {', '.join(_column_text(n, t, e.masks) for n, t in e.columns)}")
+        )
         if e.row_filter:
-            print(f"  rows:     only where {e.row_filter}")
+            print(escaped(f"  rows:     only where {e.row_filter}"))
         if e.min_group_size:
-            print(f"  aggregate-only: groups of at least {e.min_group_size} rows")
-        print(f"  purposes: {', '.join(e.purposes)}")
-        print(f"  policies: {', '.join(f'{p.id}@{p.version}' for p in e.policies)}")
-        print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
+            print(escaped(f"  aggregate-only: groups of at least {e.min_group_size} rows"))
+        print(escaped(f"  purposes: {', '.join(e.purposes)}"))
+        print(escaped(f"  policies: {', '.join(f'{p.id}@{p.version}' for p in e.policies)}"))
+        print(escaped(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}"))
         limits = [
             f"{n} {what}"
             for n, what in (
@@ -110,11 +113,11 @@ def _catalog(args: argparse.Namespace) -> int:
             if n
         ]
         if limits:
-            print(f"  limits:   {', '.join(limits)}")
+            print(escaped(f"  limits:   {', '.join(limits)}"))
         for policy, terms in e.obligations.items():
             shown = {k: v for k, v in terms.items() if v}
             if shown:
-                print(f"  you take on ({policy}): {json.dumps(shown)}")
+                print(escaped(f"  you take on ({policy}): {json.dumps(shown)}"))
     return 0
 
 
@@ -123,16 +126,16 @@ def _explain(args: argparse.Namespace) -> int:
         decision = peer.explain(args.sql, args.purpose)
     print("allowed" if decision.allow else "denied")
     for reason in decision.reasons:
-        print(f"  reason: {reason}")
+        print(escaped(f"  reason: {reason}"))
     for policy in decision.policies:
-        print(f"  policy: {policy.id}@{policy.version}")
+        print(escaped(f"  policy: {policy.id}@{policy.version}"))
     for relation in decision.relations:
-        print(f"  {relation.dataset}: columns {', '.join(relation.columns)}")
-        print(f"    runs on: {relation.definition}")
+        print(escaped(f"  {relation.dataset}: columns {', '.join(relation.columns)}"))
+        print(escaped(f"    runs on: {relation.definition}"))
         if relation.min_group_size:
-            print(f"    aggregate-only: groups of at least {relation.min_group_size} rows")
+            print(escaped(f"    aggregate-only: groups of at least {relation.min_group_size} rows"))
     if decision.query and decision.query != args.sql:
-        print(f"  runs as: {decision.query}")
+        print(escaped(f"  runs as: {decision.query}"))
     return 0 if decision.allow else 1
 
 
@@ -161,9 +164,12 @@ def _query(args: argparse.Namespace) -> int:
         result.bundle.save(args.output.with_name(args.output.name + RECEIPT_SUFFIX))
     receipt = result.receipt
     cut = " (cut at the row limit)" if receipt.truncated else ""
+    policies = ", ".join(f"{p.id}@{p.version}" for p in receipt.policies)
     print(
-        f"{receipt.rows} rows{cut} from {receipt.provider_id}, request {receipt.request_id}, "
-        f"policies {', '.join(f'{p.id}@{p.version}' for p in receipt.policies)}",
+        escaped(
+            f"{receipt.rows} rows{cut} from {receipt.provider_id}, "
+            f"request {receipt.request_id}, policies {policies}"
+        ),
         file=sys.stderr,
     )
     return 0
@@ -182,8 +188,9 @@ def _write(table: pa.Table, fmt: str, out: IO[str]) -> None:
 
 
 def _as_text_table(table: pa.Table) -> str:
-    rows = [[("" if v is None else str(v)) for v in row.values()] for row in table.to_pylist()]
-    header = table.column_names
+    # Names and values come from the provider: escaped, so they cannot drive the terminal.
+    rows = [[("" if v is None else escaped(v)) for v in row.values()] for row in table.to_pylist()]
+    header = [escaped(name) for name in table.column_names]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

@@ -17,6 +17,7 @@ from connector.policy.signing import (
     trusted_keys,
     verify_policy,
 )
+from connector.safetext import escaped
 from connector.shaping import Shaping
 
 
@@ -46,7 +47,7 @@ def _sign(args: argparse.Namespace) -> int:
     key = load_ed25519_private(args.key or settings.policy_signing_key)
     for path in args.files:
         signature = sign_policy(path, key)
-        print(f"{path}: signed by key {key_id(key.public_key())} -> {signature}")
+        print(escaped(f"{path}: signed by key {key_id(key.public_key())} -> {signature}"))
     return 0
 
 
@@ -62,10 +63,10 @@ def _verify(args: argparse.Namespace) -> int:
         verdict = verify_policy(path, trusted, now)
         ok = verdict.status is VerdictStatus.VALID
         failed += not ok
-        print(f"{path}: {'valid' if ok else 'NOT VALID'}: {verdict.message}")
+        print(escaped(f"{path}: {'valid' if ok else 'NOT VALID'}: {verdict.message}"))
         if verdict.policy is not None:
             for line in _shaping_lines(verdict.policy.shaping):
-                print(f"  {line}")
+                print(f"  {escaped(line)}")
     return 1 if failed else 0
 
 

@@ -9,6 +9,7 @@ from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError, PeerError
 from connector.jws import JwsError
 from connector.receipt import ReceiptBundle, verify_bundle
+from connector.safetext import escaped
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,8 +42,10 @@ def _verify(args: argparse.Namespace) -> int:
     checked = "signature and data" if data is not None else "signature (no --data given)"
     policies = ", ".join(f"{p.id}@{p.version}" for p in fields.policies)
     print(
-        f"{args.receipt}: valid ({checked}): {fields.rows} rows from {fields.provider_id} to "
-        f"{fields.member_id}, request {fields.request_id}, purpose {fields.purpose}, "
-        f"policies {policies}, issued {fields.issued_at}, audit entry {fields.audit_seq}"
+        escaped(
+            f"{args.receipt}: valid ({checked}): {fields.rows} rows from {fields.provider_id} "
+            f"to {fields.member_id}, request {fields.request_id}, purpose {fields.purpose}, "
+            f"policies {policies}, issued {fields.issued_at}, audit entry {fields.audit_seq}"
+        )
     )
     return 0
