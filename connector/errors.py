@@ -80,6 +80,22 @@ class QueryCancelled(ConnectorError):
     """The peer cancelled the query; it was interrupted in DuckDB."""
 
 
+class RequestExpired(QueryTimeout):
+    """The request's deadline passed before the connector could read it."""
+
+
+class RequestAbandoned(QueryCancelled):
+    """The peer cancelled (or the transport refused) the request before it was read."""
+
+
+class AnswerTooLarge(ResourceExhausted):
+    """One piece of an answer is larger than the transport's message limit."""
+
+
+class AuditUnavailable(ConnectorError):
+    """The audit log cannot be written (disk full, file-size limit, read-only): refuse all."""
+
+
 class DataError(ConnectorError):
     """A file to ingest is missing, unreadable or in a format the connector cannot load."""
 

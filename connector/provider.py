@@ -21,12 +21,15 @@ from connector.audit import AuditEntry, AuditLog
 from connector.config import Revocations
 from connector.enforce import Relation, relations_for, visible_columns
 from connector.errors import (
+    AnswerTooLarge,
     ConnectorError,
     NotAuthenticated,
     PermissionDenied,
     QueryCancelled,
     QueryRejected,
     QueryTimeout,
+    RequestAbandoned,
+    RequestExpired,
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
@@ -48,7 +51,10 @@ OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
     (NotAuthenticated, "unauthenticated"),
     (PermissionDenied, "denied"),
     (QueryRejected, "rejected"),
+    (AnswerTooLarge, "too_large"),
     (ResourceExhausted, "exhausted"),
+    (RequestExpired, "expired"),
+    (RequestAbandoned, "abandoned"),
     (QueryTimeout, "timeout"),
     (QueryCancelled, "cancelled"),
 )

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from connector.arrow_stream import IpcPieces
 from connector.audit import AuditEntry
-from connector.errors import QueryCancelled, StoreError
+from connector.errors import StoreError
 from connector.identity import MemberIdentity
 from connector.policy.model import tightest
 from connector.quota import QuotaLedger
@@ -97,11 +97,9 @@ class QueryRun:
                 if self.truncated:
                     break
             yield pieces.finish()
-        except GeneratorExit:
-            # The peer went away mid-stream: the query ends here and is on record as such.
-            self._provider.record(self.entry, QueryCancelled("the peer cancelled the query"))
-            raise
         finally:
+            # A peer that goes away mid-stream is recorded by the transport, which knows
+            # what it handed over.
             self.close()
 
     def _within_quota(self, batch: pa.RecordBatch) -> pa.RecordBatch:

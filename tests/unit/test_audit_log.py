@@ -117,7 +117,8 @@ def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
 
     def write(worker: int) -> None:
         for i in range(25):
-            seqs.append(log.append(AuditEntry("query", request_id=f"{worker}-{i}")))
+            entry = AuditEntry("query", request_id=f"{worker}-{i}", outcome="answered")
+            seqs.append(log.append(entry))
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
     for t in threads:
