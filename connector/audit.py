@@ -63,7 +63,7 @@ _MALFORMED = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069
 def text_digest(value: str | bytes) -> dict[str, Any]:
     """What is recorded of text too long or malformed to keep: sha256, length, prefix."""
     if isinstance(value, bytes):
-        raw, text = value, value[: PREFIX_CHARS * 4].decode("utf-8", "backslashreplace")
+        raw, text = value, value[: PREFIX_CHARS * 4].decode("utf-8", "surrogateescape")
     else:
         raw, text = value.encode("utf-8", "surrogatepass"), value
     return {

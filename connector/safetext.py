@@ -29,6 +29,8 @@ def _escape_one(match: re.Match[str]) -> str:
     if unicodedata.category(char) not in _HIDDEN_CATEGORIES:
         return char
     point = ord(char)
+    if 0xDC80 <= point <= 0xDCFF:  # a byte that was not UTF-8, decoded with surrogateescape
+        return f"\\x{point - 0xDC00:02x}"
     if point <= 0xFF:
         return f"\\x{point:02x}"
     if point <= 0xFFFF:
