@@ -150,6 +150,7 @@ class QueryRun:
             policies=policy_uses(self._explanation.decision.policies),
             audit_seq=seq,
             obligations=dict(self._explanation.decision.obligations),
+            client_reference=entry.client_reference,
         )
         return fields, self._provider.signer.sign(fields)
 

@@ -6,6 +6,7 @@ in the auth context, never from a request field.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -136,8 +137,14 @@ def _receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         issued_at=_timestamp(dt.datetime.fromisoformat(fields.issued_at)),
         audit_seq=fields.audit_seq,
         obligations_json=obligations_json(fields.obligations),
+        client_reference=fields.client_reference,
         jws=token,
     )
+
+
+def new_request_id() -> str:
+    """A request id assigned by this connector (random, so unique across restarts too)."""
+    return str(uuid.uuid4())
 
 
 class MalformedRequest:
@@ -191,8 +198,9 @@ def _peer_request(request: pb.QueryRequest | MalformedRequest, entry: AuditEntry
     checked = PeerRequest.checked(
         request.sql, request.purpose, request.max_rows, request.request_id
     )
-    entry.request_id = checked.request_id
-    return checked
+    # The connector's own id goes on record and in the receipt: a peer cannot make two
+    # requests (its own, or another member's) share one. Its id is the client reference.
+    return dataclasses.replace(checked, request_id=entry.request_id)
 
 
 class _Handed:
@@ -298,7 +306,7 @@ class ConnectorService:
         self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> pb.Catalog:
         """The datasets granted to the calling member."""
-        entry = AuditEntry("catalog", request_id=str(uuid.uuid4()))
+        entry = AuditEntry("catalog", request_id=new_request_id())
         try:
             member = self._admit(context, entry)
             self._receive(requests, context)
@@ -322,7 +330,7 @@ class ConnectorService:
         self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> pb.Decision:
         """The decision for a query, without running it."""
-        entry = AuditEntry("explain")
+        entry = AuditEntry("explain", request_id=new_request_id())
         try:
             member = self._admit(context, entry)
             request = _peer_request(self._receive(requests, context), entry)
@@ -345,7 +353,7 @@ class ConnectorService:
     def _query(
         self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[pb.QueryResponse]:
-        entry = AuditEntry("query")
+        entry = AuditEntry("query", request_id=new_request_id())
         try:
             member = self._admit(context, entry)
             request = _peer_request(self._receive(requests, context), entry)

@@ -16,6 +16,9 @@ from connector.errors import ConfigError
 from connector.identity import load_ed25519_public, public_path
 from connector.safetext import escaped
 
+# Requests, aggregates of a member's throttled refusals, and audit-log outages.
+SHOWN_TYPES = ("request", "refusals", "outage")
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the audit sub-commands."""
@@ -56,7 +59,7 @@ def _requests(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         return
     try:
         for entry in read_entries(path):
-            if entry.get("type") == "request" and _wanted(entry, args):
+            if entry.get("type") in SHOWN_TYPES and _wanted(entry, args):
                 yield entry
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}; run `connector audit verify`") from None
@@ -70,12 +73,33 @@ def _wanted(entry: dict[str, Any], args: argparse.Namespace) -> bool:
     return not (args.since and dt.datetime.fromisoformat(entry["time"]) < args.since)
 
 
+def _summary_line(entry: dict[str, Any]) -> str:
+    """A refusals aggregate or an outage as one table line (escaped)."""
+    head = f"{escaped(entry.get('seq')):>6} {escaped(str(entry.get('time', ''))[:19])}"
+    if entry.get("type") == "refusals":
+        outcomes = ", ".join(f"{k} {v}" for k, v in entry.get("outcomes", {}).items())
+        return escaped(
+            f"{head} refusals {entry.get('member_id') or '-'}: {entry.get('count')} more "
+            f"refused requests counted, not listed ({outcomes}), {entry.get('first')} .. "
+            f"{entry.get('last')}"
+        )
+    refused = sum(entry.get("refused", {}).values())
+    return escaped(
+        f"{head} outage   the audit log could not be written from {entry.get('from')} until "
+        f"{entry.get('until')} ({entry.get('cause')}): {refused} requests refused, "
+        f"{entry.get('late_entries', 0)} entries written late"
+    )
+
+
 def _show(args: argparse.Namespace) -> int:
     entries = list(_requests(args))
     if args.format == "json":
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
+        if e.get("type") != "request":
+            print(_summary_line(e))
+            continue
         print(_table_line(e))
         for reason in e.get("reasons", []):
             print(f"{'':>7}reason: {escaped(reason)}")

@@ -59,7 +59,8 @@ def test_each_request_is_on_record_with_its_outcome(space: Space) -> None:
     query = entries[1]
     receipt = answered.receipt
     assert query["seq"] == receipt.audit_seq
-    assert query["request_id"] == "answered-1"
+    assert query["request_id"] == receipt.request_id
+    assert query["client_reference"] == receipt.client_reference == "answered-1"
     assert query["rows"] == receipt.rows == 4
     assert query["result_sha256"] == receipt.result_sha256
     assert query["query"] == sql

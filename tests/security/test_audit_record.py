@@ -25,8 +25,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector.audit import read_entries, verify_log
+from connector.errors import ConnectorError
 from connector.identity import load_ed25519_public
-from tests.conftest import Member, ProviderPair, ServerProcess, Space, run_cli, wait_for
+from tests.conftest import (
+    Member,
+    ProviderPair,
+    ServerProcess,
+    Space,
+    policy_text,
+    run_cli,
+    wait_for,
+)
 
 PURPOSE = "quality-benchmarking"
 QUERY = "/connector.v1.Connector/Query"
@@ -122,7 +131,9 @@ def test_oversized_control_character_queries_cannot_flood_the_log(space: Space) 
     _verify(space.provider)
 
 
-def test_many_small_refused_requests_are_throttled_and_counted(space: Space) -> None:
+def test_many_small_refused_requests_are_throttled_and_counted(
+    space: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Hundreds of small refused requests: recorded one by one up to a burst, then refused
     quickly and counted in aggregate entries; the log grows by at most 1x what was sent."""
     before = _log_path(space.provider).stat().st_size if _log_path(space.provider).exists() else 0
@@ -146,6 +157,9 @@ def test_many_small_refused_requests_are_throttled_and_counted(space: Space) -> 
     aggregates = [e for e in entries if e["type"] == "refusals"]
     assert aggregates and all(set(e["outcomes"]) <= {"rejected", "exhausted"} for e in aggregates)
     _verify(space.provider)
+    capsys.readouterr()
+    assert run_cli("audit", "show", "--home", space.provider.home, "--member", "supplier-b") == 0
+    assert "more refused requests counted, not listed" in capsys.readouterr().out
 
 
 def test_invalid_utf8_sql_is_recorded_and_refused(space: Space) -> None:
@@ -393,3 +407,35 @@ def test_audit_show_and_server_log_escape_what_peers_send(
     requests = [e for e in _entries(provider) if e["type"] == "request"]
     # One line per entry and per reason: nothing the peer sent starts a line of its own.
     assert len(shown.splitlines()) == sum(1 + len(e["reasons"]) for e in requests)
+
+
+# -- 7. request ids are the connector's ------------------------------------------------
+
+
+def test_peers_cannot_choose_the_request_id(space: Space, make_member: Any) -> None:
+    """Two members (and one member twice) send the same request_id: the audit log and the
+    receipts carry distinct ids the connector assigned, the peers' id beside them."""
+    space.provider.write_policy("other.yaml", policy_text("other", members="[supplier-b]"))
+    sql = "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant"
+    receipts = []
+    wait_for(lambda: _answers(space, space.outsider, sql))
+    for member in (space.grantee, space.grantee, space.outsider):
+        with space.peer(member) as peer:
+            receipts.append(peer.fetch(sql, PURPOSE, request_id="same-id").receipt)
+    ids = [r.request_id for r in receipts]
+    assert len(set(ids)) == 3 and "same-id" not in ids
+    assert {r.client_reference for r in receipts} == {"same-id"}
+    recorded = [
+        e for e in _entries(space.provider) if e["type"] == "request" and e["client_reference"]
+    ]
+    assert [e["request_id"] for e in recorded] == ids
+    assert all(e["client_reference"] == "same-id" for e in recorded)
+
+
+def _answers(space: Space, member: Member, sql: str) -> bool:
+    with space.peer(member) as peer:
+        try:
+            peer.query(sql, PURPOSE)
+        except ConnectorError:
+            return False
+    return True
