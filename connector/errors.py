@@ -92,8 +92,16 @@ class AnswerTooLarge(ResourceExhausted):
     """One piece of an answer is larger than the transport's message limit."""
 
 
-class AuditUnavailable(ConnectorError):
+class Unavailable(ConnectorError):
+    """The connector cannot answer for now for a reason of its own (storage): retry later."""
+
+
+class AuditUnavailable(Unavailable):
     """The audit log cannot be written (disk full, file-size limit, read-only): refuse all."""
+
+
+class StateUnavailable(Unavailable):
+    """The connector's state volume (quotas, scratch copies) cannot be written."""
 
 
 class DataError(ConnectorError):

@@ -31,6 +31,7 @@ from connector.errors import (
     RequestAbandoned,
     RequestExpired,
     ResourceExhausted,
+    Unavailable,
 )
 from connector.identity import MemberIdentity, member_identity
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
@@ -57,6 +58,7 @@ OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
     (RequestAbandoned, "abandoned"),
     (QueryTimeout, "timeout"),
     (QueryCancelled, "cancelled"),
+    (Unavailable, "unavailable"),
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -22,17 +23,19 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from connector._proto.connector.v1 import connector_pb2 as pb
-from connector.audit import AuditEntry, bounded
+from connector.audit import AuditEntry, bounded, write_failure_cause
 from connector.errors import (
     AnswerTooLarge,
     AuditUnavailable,
     ConnectorError,
+    PolicyEngineError,
     QueryCancelled,
     QueryRejected,
     QueryTimeout,
     RequestAbandoned,
     RequestExpired,
     ResourceExhausted,
+    StateUnavailable,
 )
 from connector.identity import MemberIdentity
 from connector.provider import CatalogDataset, Provider
@@ -43,10 +46,40 @@ from connector.status import status_of
 log = logging.getLogger(__name__)
 
 
+# What a peer is told instead of an error text that would show the provider's internals
+# (engine output, JSON decode positions, the OPA server's address); the owner's log and the
+# audit entry keep the detail.
+ENGINE_FAILED = (
+    "the provider's policy engine could not reach a decision, so nothing is answered; the "
+    "provider's operators can see why in its log"
+)
+STATE_FAILED = (
+    "the provider's connector cannot write its working state right now, so it answers "
+    "nothing; retry later"
+)
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+_STORAGE_TEXTS = ("disk is full", "no space left", "readonly database", "read-only file system")
+
+
+def storage_trouble(error: BaseException) -> str | None:
+    """What is wrong with storage when error means a full or read-only volume, else None."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return write_failure_cause(error)
+    text = str(error).lower()
+    return next((t for t in _STORAGE_TEXTS if t in text), None)
+
+
+def _peer_text(error: ConnectorError) -> str:
+    return ENGINE_FAILED if isinstance(error, PolicyEngineError) else error.message
+
+
 def _abort(context: grpc.ServicerContext, error: ConnectorError) -> NoReturn:
     code = status_of(error)
-    log.info("request refused (%s): %s", code.name, error.message)
-    context.abort(code, error.message)
+    if isinstance(error, PolicyEngineError):
+        log.error("the policy engine failed (the peer is told only that): %s", error.message)
+    else:
+        log.info("request refused (%s): %s", code.name, error.message)
+    context.abort(code, _peer_text(error))
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
@@ -292,6 +325,11 @@ class ConnectorService:
     def _refuse(
         self, context: grpc.ServicerContext, entry: AuditEntry, error: Exception, method: str
     ) -> NoReturn:
+        trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)
+        if trouble is not None:
+            # A full or read-only state volume: the owner is told exactly that.
+            log.error("%s refused: the connector's state volume: %s (%s)", method, trouble, error)
+            error = StateUnavailable(STATE_FAILED)
         try:
             self._provider.record(entry, error)
         except AuditUnavailable as unavailable:

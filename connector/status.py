@@ -15,7 +15,7 @@ STATUS_OF: tuple[tuple[type[errors.ConnectorError], grpc.StatusCode], ...] = (
     (errors.QueryTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.QueryCancelled, grpc.StatusCode.CANCELLED),
     (errors.StoreBusy, grpc.StatusCode.UNAVAILABLE),
-    (errors.AuditUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreError, grpc.StatusCode.INTERNAL),
 )
 
