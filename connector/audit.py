@@ -262,19 +262,24 @@ class AuditLog:
             return seq
 
     def opened(self, entry: AuditEntry) -> int:
-        """Write the "opened" entry of an answer about to be sent; AuditUnavailable if not."""
+        """Write the "opened" entry of an answer about to be sent; AuditUnavailable (the
+        refusal counted for the outage entry) if it cannot be written."""
         with self._lock:
-            if self._outage is not None and not self._retry(force=False):
-                raise AuditUnavailable(self._peer_reason())
-            entry.opened_seq = self._write({"type": "opened", **entry.opened_record()})
-            self._after_write()
-            return entry.opened_seq
+            if self._outage is None or self._retry(force=False):
+                with contextlib.suppress(AuditUnavailable):
+                    entry.opened_seq = self._write({"type": "opened", **entry.opened_record()})
+                    self._after_write()
+                    return entry.opened_seq
+            if self._outage is not None:
+                self._outage.refused[entry.member_id] += 1  # nothing was sent: a refusal
+            raise AuditUnavailable(self._peer_reason())
 
-    def check_writable(self) -> None:
-        """Raise AuditUnavailable while the log cannot be written (the refusal's entry is
-        then counted in the outage entry)."""
+    def check_writable(self, member_id: str) -> None:
+        """Raise AuditUnavailable while the log cannot be written; the refused request is
+        counted for the outage entry (so do not append its entry as well)."""
         with self._lock:
             if self._outage is not None and not self._retry(force=False):
+                self._outage.refused[member_id] += 1
                 raise AuditUnavailable(self._peer_reason())
 
     def throttled(self, member_id: str) -> bool:

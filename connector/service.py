@@ -291,7 +291,7 @@ class ConnectorService:
         """Who asks, and whether the connector takes the request now (refused quickly)."""
         member = self._member(context, entry)
         audit = self._provider.audit
-        audit.check_writable()
+        audit.check_writable(member.member_id)
         if audit.throttled(member.member_id):
             raise ResourceExhausted(
                 "too many of your recent requests were refused; wait a minute, then fix "
@@ -331,7 +331,8 @@ class ConnectorService:
             log.error("%s refused: the connector's state volume: %s (%s)", method, trouble, error)
             error = StateUnavailable(STATE_FAILED)
         try:
-            self._provider.record(entry, error)
+            if not isinstance(error, AuditUnavailable):  # else already counted or kept
+                self._provider.record(entry, error)
         except AuditUnavailable as unavailable:
             error = unavailable
         except Exception:
