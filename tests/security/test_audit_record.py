@@ -347,6 +347,44 @@ def test_short_deadlines_under_load_leave_every_request_on_record(space: Space) 
     _verify(space.provider)
 
 
+def test_requests_over_the_concurrency_limits_are_refused_on_record(
+    provider_pair: ProviderPair, serve: Any
+) -> None:
+    """More concurrent requests than the server takes: the ones turned away (by the query
+    slots or the in-flight limit; gRPC's own limit used to refuse them without a trace)
+    are on record too."""
+    provider, grantee = provider_pair(
+        settings={"max_concurrent_queries = 8": "max_concurrent_queries = 1"}
+    )
+    server = serve(provider)
+    slow = "SELECT count(*) AS n FROM part_defects a, part_defects b, part_defects c"
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+    start = threading.Barrier(48)
+
+    def one(worker: int) -> None:
+        with _channel(server.port, grantee) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            start.wait()
+            try:
+                list(_raw_query(channel)(_request(slow, f"c{worker}"), timeout=20))
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+            with lock:
+                codes.append(code)
+
+    threads = [threading.Thread(target=one, args=(w,)) for w in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    server.stop(grace=5)
+    assert _recorded_requests(_entries(provider), "supplier-a") == len(codes) == 48
+    _verify(provider)
+
+
 # -- 5. interrupts are outcomes, not failures -------------------------------------------
 
 
