@@ -58,11 +58,16 @@ def _requests(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     try:
-        for entry in read_entries(path):
-            if entry.get("type") in SHOWN_TYPES and _wanted(entry, args):
-                yield entry
+        entries = list(read_entries(path))
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}; run `connector audit verify`") from None
+    # An answer whose "opened" entry has no final entry is still streaming, or the server
+    # stopped in the middle of it: shown, since bytes may have left.
+    finished = {e.get("request_id") for e in entries if e.get("type") == "request"}
+    for entry in entries:
+        unfinished = entry.get("type") == "opened" and entry.get("request_id") not in finished
+        if (entry.get("type") in SHOWN_TYPES or unfinished) and _wanted(entry, args):
+            yield entry
 
 
 def _wanted(entry: dict[str, Any], args: argparse.Namespace) -> bool:
@@ -97,6 +102,12 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
+        if e.get("type") == "opened":
+            print(_table_line({**e, "outcome": "opened"}))
+            print(
+                f"{'':>7}note: no final entry (still streaming, or the server stopped mid-answer)"
+            )
+            continue
         if e.get("type") != "request":
             print(_summary_line(e))
             continue

@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from connector.audit import read_entries, verify_log
+from connector.audit import AuditEntry, AuditLog, read_entries, verify_log
 from connector.client import Peer
 from connector.errors import ConnectorError, PermissionDenied, QueryRejected
 from connector.identity import load_ed25519_public
+from connector.receipt import ReceiptSigner
 from tests.conftest import (
     Member,
     ProviderPair,
@@ -160,3 +163,24 @@ def test_sigkill_under_load_loses_no_answered_query(provider_pair: ProviderPair)
     verdict = verify_log(log, key)
     assert verdict.intact, verdict.message
     assert verdict.entries > len(answered)
+
+
+def test_audit_show_lists_answers_opened_but_never_finished(
+    make_member: Callable[[str], Member], capsys: pytest.CaptureFixture[str]
+) -> None:
+    member = make_member("carmaker")
+    log = AuditLog(
+        member.home / "audit" / "audit.jsonl", ReceiptSigner(Ed25519PrivateKey.generate())
+    )
+    finished = AuditEntry("query", request_id="r-done", member_id="acme", decision="allow")
+    log.opened(finished)
+    finished.outcome = "answered"
+    log.append(finished)
+    log.opened(AuditEntry("query", request_id="r-cut", member_id="acme", decision="allow"))
+    log.close()
+    capsys.readouterr()
+    assert run_cli("audit", "show", "--home", member.home) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert "answered" in lines[0] and "opened" in lines[1]
+    assert "no final entry" in lines[2]
