@@ -3,19 +3,32 @@
 Each entry holds the hash of the one before; checkpoints signed with the connector's
 receipt key anchor the chain, so `verify_log` finds changed, removed, inserted or
 reordered entries and names the first one. Entries are fsync'd before the peer sees the
-end of its answer.
+end of its answer, and an "opened" entry before the first byte of it.
+
+The log is also hostile-input safe: fields a peer controls are size-checked before they
+are recorded (over-long or malformed text is kept as sha256, length and a short escaped
+prefix); a member's refusals beyond a burst are counted and written as one aggregate entry
+instead of one line each; and when the file cannot be written (disk full, file-size limit,
+read-only) a failed write is rolled back, so the chain never holds a torn line, the log
+reports itself unavailable (the server refuses everything and says NOT_SERVING) and it
+resumes by itself, first writing an "outage" entry that counts what was refused meanwhile.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +37,57 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
 from connector.canonical import canonical_bytes, canonical_json
+from connector.errors import AuditUnavailable
 from connector.policy.ref import PolicyRef
 from connector.receipt import ReceiptSigner
+from connector.safetext import escaped
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 CHECKPOINT_EVERY = 100
+
+RECORDED_QUERY_CHARS = 16_384  # longer queries are recorded by hash, length and prefix
+RECORDED_FIELD_CHARS = 512  # the same for every other text field (reasons, names, purpose)
+PREFIX_CHARS = 48
+REFUSAL_BURST = 20  # refusals of one member recorded one by one before throttling
+REFUSALS_PER_SECOND = 0.5  # ... and the rate at which that allowance comes back
+AGGREGATE_SECONDS = 5.0  # throttled refusals are written as one entry at most this often
+RETRY_SECONDS = 0.5  # how often an unwritable log is tried again
+MAX_LATE_ENTRIES = 1000  # final entries of opened answers kept in memory during an outage
+
+# Outcomes that are always recorded one by one: something was (or may have been) answered.
+ALWAYS_RECORDED = frozenset({"answered", "cancelled", "timeout", "too_large", "failed"})
+# Controls (except tab and newline), bidi overrides and lone surrogates mark malformed text.
+_MALFORMED = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def text_digest(value: str | bytes) -> dict[str, Any]:
+    """What is recorded of text too long or malformed to keep: sha256, length, prefix."""
+    if isinstance(value, bytes):
+        raw, text = value, value[: PREFIX_CHARS * 4].decode("utf-8", "surrogateescape")
+    else:
+        raw, text = value.encode("utf-8", "surrogatepass"), value
+    return {
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "length": len(value),
+        "prefix": escaped(text[:PREFIX_CHARS]),
+    }
+
+
+def is_recordable(text: str, limit: int = RECORDED_FIELD_CHARS) -> bool:
+    """Whether text may be recorded whole: short enough and free of hidden controls."""
+    return len(text) <= limit and not _MALFORMED.search(text)
+
+
+def bounded(text: str, limit: int = RECORDED_FIELD_CHARS) -> str:
+    """text itself when recordable, else a bracketed summary (length, sha256, prefix)."""
+    if is_recordable(text, limit):
+        return text
+    digest = text_digest(text)
+    return (
+        f"[{digest['length']} characters, sha256 {digest['sha256']}, begins {digest['prefix']!r}]"
+    )
 
 
 @dataclass
@@ -55,16 +112,46 @@ class AuditEntry:
     truncated: bool = False
     limited_by: str = ""  # the limit that cut the result (see Receipt.limited_by)
     outcome: str = ""
+    query_length: int = 0
+    query_prefix: str = ""  # only when the query is too long or malformed to keep whole
+    client_reference: str = ""
+    opened_seq: int = 0  # the "opened" entry written before the first byte of the answer
     started: float = field(default_factory=time.monotonic)
     seq: int = 0
 
+    def set_query(self, sql: str | builtins.bytes) -> None:
+        """Record the peer's query whole if it is short and clean, else by digest."""
+        digest = text_digest(sql)
+        self.query_sha256, self.query_length = digest["sha256"], digest["length"]
+        if isinstance(sql, str) and is_recordable(sql, RECORDED_QUERY_CHARS):
+            self.query, self.query_prefix = sql, ""
+        else:
+            self.query, self.query_prefix = "", digest["prefix"]
+
     def as_record(self) -> dict[str, Any]:
-        """The JSON-able fields written to the log."""
+        """The JSON-able fields written to the log, each text field size-checked."""
         record = asdict(self)
         record.pop("started")
         record.pop("seq")
+        for name in ("request_id", "member_id", "purpose", "client_reference", "decision"):
+            record[name] = bounded(record[name])
+        record["datasets"] = [bounded(d) for d in self.datasets]
+        record["reasons"] = [bounded(r) for r in self.reasons]
+        record["columns"] = {
+            bounded(d): [bounded(c) for c in cols] for d, cols in self.columns.items()
+        }
         record["duration_ms"] = round((time.monotonic() - self.started) * 1000, 3)
         return record
+
+    def opened_record(self) -> dict[str, Any]:
+        """The "opened" entry: who asked what and the decision, before anything is sent."""
+        full = self.as_record()
+        keep = ("kind", "request_id", "member_id", "purpose", "query_sha256", "datasets")
+        return {
+            **{k: full[k] for k in keep},
+            "decision": full["decision"],
+            "policies": full["policies"],
+        }
 
 
 def _entry_hash(entry: Mapping[str, Any]) -> str:
@@ -72,48 +159,225 @@ def _entry_hash(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_bytes(body)).hexdigest()
 
 
+def _now_text() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def write_failure_cause(error: OSError) -> str:
+    """What an OSError from writing the log means, in the owner's words."""
+    causes = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EFBIG: "the file-size limit is reached",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "the file is not writable",
+        errno.EPERM: "the file is not writable",
+        errno.EBADF: "the file is not open for writing",
+    }
+    return causes.get(error.errno or 0, error.strerror or str(error))
+
+
+@dataclass
+class _Throttled:
+    """One member's refusals: the allowance left and what was counted instead of written."""
+
+    tokens: float
+    stamp: float
+    count: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    first: str = ""
+    last: str = ""
+
+
+@dataclass
+class _Outage:
+    """What happened while the log could not be written."""
+
+    since: str
+    cause: str
+    refused: Counter[str] = field(default_factory=Counter)
+    late: list[dict[str, Any]] = field(default_factory=list)
+    lost: int = 0
+    tried: float = 0.0
+
+
 class AuditLog:
     """Append-only, fsync'd, hash-chained JSON Lines; thread-safe."""
 
     def __init__(
-        self, path: Path, signer: ReceiptSigner, *, checkpoint_every: int = CHECKPOINT_EVERY
+        self,
+        path: Path,
+        signer: ReceiptSigner,
+        *,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        refusal_burst: int = REFUSAL_BURST,
+        refusals_per_second: float = REFUSALS_PER_SECOND,
     ) -> None:
         self.path = path
         self._signer = signer
         self._every = checkpoint_every
+        self._burst = refusal_burst
+        self._refill = refusals_per_second
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._head = _recover_tail(path)
         self._since_checkpoint = 0
-        self._file = path.open("a", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size  # where the last whole line ends
+        self._throttled: dict[str, _Throttled] = {}
+        self._last_aggregate = time.monotonic()
+        self._outage: _Outage | None = None
+        self.on_change: Callable[[bool], None] | None = None  # told when writability changes
 
     @property
     def head(self) -> tuple[int, str]:
         """Sequence number and hash of the last entry."""
         return self._seq, self._head
 
+    @property
+    def available(self) -> bool:
+        """Whether the log can be written (requests are refused while it cannot)."""
+        return self._outage is None
+
     def append(self, entry: AuditEntry) -> int:
-        """Write the entry durably (fsync) once; returns its sequence number."""
+        """Write the entry durably (fsync) once; returns its sequence number.
+
+        A refusal beyond the member's allowance is counted for an aggregate entry instead
+        (returns 0). Raises AuditUnavailable when the log cannot be written.
+        """
         with self._lock:
             if entry.seq:
                 return entry.seq
-            seq = entry.seq = self._write({"type": "request", **entry.as_record()})
-            self._since_checkpoint += 1
-            if self._since_checkpoint >= self._every:
-                self._checkpoint()
+            refusal = entry.outcome not in ALWAYS_RECORDED and not entry.opened_seq
+            if refusal and not self._allowance(entry):
+                return 0
+            record = {"type": "request", **entry.as_record()}
+            if self._outage is not None and not self._retry(force=False):
+                self._keep_for_later(entry, record)
+            try:
+                seq = entry.seq = self._write(record)
+            except AuditUnavailable:
+                self._keep_for_later(entry, record)
+                raise
+            self._after_write()
             return seq
+
+    def opened(self, entry: AuditEntry) -> int:
+        """Write the "opened" entry of an answer about to be sent; AuditUnavailable (the
+        refusal counted for the outage entry) if it cannot be written."""
+        with self._lock:
+            if self._outage is None or self._retry(force=False):
+                with contextlib.suppress(AuditUnavailable):
+                    entry.opened_seq = self._write({"type": "opened", **entry.opened_record()})
+                    self._after_write()
+                    return entry.opened_seq
+            if self._outage is not None:
+                self._outage.refused[entry.member_id] += 1  # nothing was sent: a refusal
+            raise AuditUnavailable(self._peer_reason())
+
+    def check_writable(self, member_id: str) -> None:
+        """Raise AuditUnavailable while the log cannot be written; the refused request is
+        counted for the outage entry (so do not append its entry as well)."""
+        with self._lock:
+            if self._outage is not None and not self._retry(force=False):
+                self._outage.refused[member_id] += 1
+                raise AuditUnavailable(self._peer_reason())
+
+    def throttled(self, member_id: str) -> bool:
+        """Whether member_id has used up its allowance of recorded refusals for now."""
+        with self._lock:
+            bucket = self._throttled.get(member_id)
+            return bucket is not None and self._tokens(bucket) < 1
+
+    def tick(self) -> bool:
+        """Periodic work: retry an unwritable log, write due aggregates; returns available."""
+        with self._lock:
+            if self._outage is not None:
+                self._retry(force=True)
+            if self._outage is None:
+                self._write_aggregates(force=False)
+            return self._outage is None
 
     def checkpoint(self) -> None:
         """Anchor the chain now: a checkpoint entry signed with the connector's key."""
         with self._lock:
-            if self._since_checkpoint:
+            if self._since_checkpoint and self._outage is None:
                 self._checkpoint()
 
     def close(self) -> None:
-        """Checkpoint and close the file."""
-        self.checkpoint()
+        """Write pending aggregates and a checkpoint, then close the file (once)."""
         with self._lock:
-            self._file.close()
+            if self._fd < 0:
+                return
+            try:
+                if self._outage is not None:
+                    self._retry(force=True)
+                if self._outage is None:
+                    self._write_aggregates(force=True)
+                    if self._since_checkpoint:
+                        self._checkpoint()
+            except AuditUnavailable:
+                log.error("audit log %s closed without its last checkpoint", self.path)
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- refusals beyond the allowance ------------------------------------------------
+
+    def _tokens(self, bucket: _Throttled) -> float:
+        now = time.monotonic()
+        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._refill)
+        bucket.stamp = now
+        return bucket.tokens
+
+    def _allowance(self, entry: AuditEntry) -> bool:
+        """Take one recorded refusal from the member's allowance; count it if none is left."""
+        bucket = self._throttled.setdefault(
+            entry.member_id, _Throttled(float(self._burst), time.monotonic())
+        )
+        if self._tokens(bucket) >= 1:
+            bucket.tokens -= 1
+            return True
+        moment = _now_text()
+        bucket.count += 1
+        bucket.outcomes[entry.outcome or "refused"] += 1
+        bucket.first = bucket.first or moment
+        bucket.last = moment
+        if self._outage is None:
+            # If this write fails the count stays, to be written once the log works again.
+            with contextlib.suppress(AuditUnavailable):
+                self._write_aggregates(force=False)
+        return False
+
+    def _write_aggregates(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_aggregate < AGGREGATE_SECONDS:
+            return
+        self._last_aggregate = now
+        for member, bucket in list(self._throttled.items()):
+            if bucket.count:
+                self._write(
+                    {
+                        "type": "refusals",
+                        "member_id": bounded(member),
+                        "count": bucket.count,
+                        "outcomes": dict(sorted(bucket.outcomes.items())),
+                        "first": bucket.first,
+                        "last": bucket.last,
+                    }
+                )
+                bucket.count, bucket.outcomes, bucket.first = 0, Counter(), ""
+                self._after_write()
+            elif self._tokens(bucket) >= self._burst:
+                del self._throttled[member]  # full allowance again: forget the member
+
+    # -- writing, failing and recovering ----------------------------------------------
+
+    def _after_write(self) -> None:
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self._every:
+            # The entry itself is on disk; a later write anchors it.
+            with contextlib.suppress(AuditUnavailable):
+                self._checkpoint()
 
     def _checkpoint(self) -> None:
         claim = {"anchored_seq": self._seq, "head": self._head, "key_id": self._signer.key_id}
@@ -122,19 +386,134 @@ class AuditLog:
         self._since_checkpoint = 0
 
     def _write(self, fields: dict[str, Any]) -> int:
+        if self._outage is not None:
+            raise AuditUnavailable(self._peer_reason())
+        return self._write_line(fields)
+
+    def _write_line(self, fields: dict[str, Any]) -> int:
         seq = self._seq + 1
-        entry = {
-            "seq": seq,
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
-            **fields,
-            "prev": self._head,
-        }
+        entry = {"seq": seq, "time": _now_text(), **fields, "prev": self._head}
         entry["hash"] = _entry_hash(entry)
-        self._file.write(canonical_json(entry) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = (canonical_json(entry) + "\n").encode()
+        try:
+            self._put(line)
+        except OSError as error:
+            self._fail(error)
+            raise AuditUnavailable(self._peer_reason()) from None
         self._seq, self._head = seq, entry["hash"]
+        self._size += len(line)
         return seq
+
+    def _put(self, line: bytes) -> None:
+        """Write the whole line and fsync it, or leave the file as it was."""
+        view = memoryview(line)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError:
+            self._roll_back()
+            raise
+
+    def _roll_back(self) -> None:
+        """Cut off what a failed write left (a torn line must never stay in the chain)."""
+        try:
+            if os.fstat(self._fd).st_size != self._size:
+                os.ftruncate(self._fd, self._size)
+                os.fsync(self._fd)
+        except OSError:
+            log.warning("audit log %s: could not cut a failed write yet; will retry", self.path)
+
+    def _fail(self, error: OSError) -> None:
+        cause = write_failure_cause(error)
+        if self._outage is None:
+            self._outage = _Outage(_now_text(), cause, tried=time.monotonic())
+            log.error(
+                "audit log %s cannot be written (%s: %s); every request is refused until it "
+                "can, and the health service says NOT_SERVING",
+                self.path,
+                cause,
+                error.strerror or error,
+            )
+            self._notify(False)
+        else:
+            self._outage.tried = time.monotonic()
+
+    def _peer_reason(self) -> str:
+        return (
+            "the provider's connector cannot write its audit log, so it answers nothing until "
+            "its operators fix that; retry later"
+        )
+
+    def _keep_for_later(self, entry: AuditEntry, record: dict[str, Any]) -> None:
+        """During an outage: a final entry of an opened answer is kept to be written on
+        recovery; any other request is counted in the outage entry."""
+        outage = self._outage
+        if outage is None:
+            return
+        if entry.opened_seq:
+            if len(outage.late) < MAX_LATE_ENTRIES:
+                outage.late.append(record)
+            else:
+                outage.lost += 1
+        else:
+            outage.refused[entry.member_id] += 1
+        raise AuditUnavailable(self._peer_reason())
+
+    def _retry(self, *, force: bool) -> bool:
+        """Try to write again (at most every RETRY_SECONDS unless forced); True if it works."""
+        outage = self._outage
+        if outage is None:
+            return True
+        now = time.monotonic()
+        if not force and now - outage.tried < RETRY_SECONDS:
+            return False
+        outage.tried = now
+        try:
+            self._reopen()
+            self._write_line(
+                {
+                    "type": "outage",
+                    "from": outage.since,
+                    "until": _now_text(),
+                    "cause": outage.cause,
+                    "refused": dict(sorted(outage.refused.items())),
+                    "late_entries": len(outage.late),
+                    "lost_entries": outage.lost,
+                }
+            )
+            outage.refused.clear()
+            while outage.late:
+                self._write_line({**outage.late[0], "late": True})
+                outage.late.pop(0)
+        except (OSError, AuditUnavailable):
+            return False
+        self._outage = None
+        log.warning("audit log %s can be written again; serving", self.path)
+        self._notify(True)
+        self._after_write()
+        return True
+
+    def _reopen(self) -> None:
+        """Open the file again (it may have been replaced or made writable) at a whole line."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.close(self._fd)
+        self._fd = fd
+        size = os.fstat(fd).st_size
+        if size > self._size:
+            os.ftruncate(fd, self._size)
+            os.fsync(fd)
+        elif size < self._size:
+            log.error("audit log %s is shorter than what was written to it", self.path)
+            self._size = size
+
+    def _notify(self, available: bool) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(available)
+            except Exception:
+                log.exception("the audit log's availability listener failed")
 
 
 def _recover_tail(path: Path) -> tuple[int, str]:

@@ -114,6 +114,39 @@ class QueryStalled(QueryCancelled):
     outcome = "stalled"
 
 
+class RequestExpired(QueryTimeout):
+    """The request's deadline passed before the connector could read it."""
+
+    outcome = "expired"
+
+
+class RequestAbandoned(QueryCancelled):
+    """The peer cancelled (or the transport refused) the request before it was read."""
+
+    outcome = "abandoned"
+
+
+class AnswerTooLarge(ResourceExhausted):
+    """One piece of an answer is larger than the transport's message limit."""
+
+    outcome = "too_large"
+
+
+class Unavailable(ConnectorError):
+    """The connector cannot answer for now for a reason of its own (storage): retry later."""
+
+    status = "UNAVAILABLE"
+    outcome = "unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    """The audit log cannot be written (disk full, file-size limit, read-only): refuse all."""
+
+
+class StateUnavailable(Unavailable):
+    """The connector's state volume (quotas, scratch copies) cannot be written."""
+
+
 class DataError(ConnectorError):
     """A file to ingest is missing, unreadable or in a format the connector cannot load."""
 

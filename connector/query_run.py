@@ -23,8 +23,6 @@ from connector.audit import AuditEntry
 from connector.canonical import canonical_json
 from connector.errors import (
     PermissionDenied,
-    QueryCancelled,
-    QueryStalled,
     QueryTimeout,
     ResourceExhausted,
     StoreError,
@@ -159,16 +157,9 @@ class QueryRun:
                 if self.truncated:
                     break
             yield from self._handed_over(pieces.finish())
-        except GeneratorExit:
-            # The peer went away mid-stream: the query ends here and is on record as such.
-            ended = (
-                QueryStalled("the peer stopped reading the answer; the stream was ended")
-                if self.stalled
-                else QueryCancelled("the peer cancelled the query")
-            )
-            self._provider.record(self.entry, ended)
-            raise
         finally:
+            # A peer that goes away mid-stream is recorded by the transport, which knows
+            # what it handed over.
             self.close()
 
     @property
@@ -297,6 +288,7 @@ class QueryRun:
             policies=policy_refs(self._explanation.decision.policies),
             audit_seq=seq,
             obligations=dict(self._explanation.decision.obligations),
+            client_reference=entry.client_reference,
         )
         return fields, self._provider.signer.sign(fields)
 

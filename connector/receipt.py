@@ -45,6 +45,7 @@ class ReceiptFields:
     audit_seq: int = 0
     obligations: dict[str, Any] = field(default_factory=dict)
     limited_by: str = ""  # the limit that cut the result ("" when not truncated)
+    client_reference: str = ""  # the peer's own id for the request; request_id is ours
     issued_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     )

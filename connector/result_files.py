@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from connector.safetext import escaped
+
 FORMATS = ("table", "csv", "json", "parquet", "arrow")
 TEXT_FORMATS = ("table", "csv", "json")
 ARROW_SUFFIX = ".arrow"
@@ -50,8 +52,9 @@ def _json_value(value: Any) -> Any:
 
 
 def _aligned(table: pa.Table) -> str:
-    rows = [[("" if v is None else str(v)) for v in row.values()] for row in table.to_pylist()]
-    header = table.column_names
+    # Names and values come from the provider: escaped, so they cannot drive the terminal.
+    rows = [[("" if v is None else escaped(v)) for v in row.values()] for row in table.to_pylist()]
+    header = [escaped(name) for name in table.column_names]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

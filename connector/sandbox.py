@@ -207,10 +207,12 @@ class SandboxSession:
             timer.start()
         try:
             reader = self._cursor.sql(sql).to_arrow_reader(batch_rows)
-        except duckdb.Error as exc:
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:
             if timer:
                 timer.cancel()
-            raise self._map(exc) from None
+            raise self._map(
+                exc if isinstance(exc, duckdb.Error) else duckdb.Error(str(exc))
+            ) from None
         return ResultStream(reader, self, timer)
 
     def _time_up(self) -> None:
@@ -221,7 +223,8 @@ class SandboxSession:
         text = str(exc)
         if self._timed_out or "execution time" in text.lower():
             return QueryTimeout("the query ran past its time limit and was stopped")
-        if isinstance(exc, duckdb.InterruptException) or self._cancelled.is_set():
+        interrupted = isinstance(exc, duckdb.InterruptException) or "INTERRUPT" in text
+        if interrupted or self._cancelled.is_set():
             return QueryCancelled("the query was cancelled")
         if isinstance(exc, duckdb.OutOfMemoryException):
             return ResourceExhausted(
@@ -293,7 +296,8 @@ class ResultStream:
                     return
                 except duckdb.Error as exc:
                     raise self._session._map(exc) from None
-                except pa.ArrowException as exc:
+                except (pa.ArrowException, OSError) as exc:
+                    # pyarrow reports DuckDB's interrupt as a plain OSError ("INTERRUPT Error").
                     raise self._session._map(duckdb.Error(str(exc))) from None
                 try:
                     batch = narrowed(batch, self.schema)

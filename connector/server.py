@@ -16,8 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from connector._proto.connector.v1 import connector_pb2 as pb
-from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.audit import AuditLog
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
@@ -32,13 +30,37 @@ from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
 from connector.sandbox import SandboxDatabase, SandboxLimits
-from connector.service import ConnectorService
+from connector.service import SERVICE_NAME as CONNECTOR_SERVICE
+from connector.service import ConnectorService, add_to_server
 from connector.shaping import load_mask_key
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Connector"].full_name
+SERVICE_NAME = CONNECTOR_SERVICE
 STOP_GRACE_SECONDS = 10.0
+HEALTH_SECONDS = 0.5  # how often an unwritable audit log is retried while NOT_SERVING
+
+
+class ArrivalCounter(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Counts each connector request when it arrives, before it waits for a worker.
+
+    Runs on gRPC's serving thread, so it does no I/O: the handler records the request.
+    """
+
+    def __init__(self, service: ConnectorService) -> None:
+        self._service = service
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Count the arrival of a connector method; pass everything on unchanged."""
+        handler = continuation(handler_call_details)
+        method = getattr(handler_call_details, "method", "") or ""
+        if handler is not None and method.startswith(f"/{SERVICE_NAME}/"):
+            self._service.arrived()
+        return handler
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -148,6 +170,25 @@ class RunningServer:
     settings: Settings
     _stop: threading.Event
     _watcher: threading.Thread | None = None
+    _health_keeper: threading.Thread | None = None
+
+    def set_serving(self, serving: bool) -> None:
+        """Tell the health service whether requests are answered now."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _keep_health(self) -> None:
+        # Retries an unwritable audit log (it resumes by itself) and writes due aggregates.
+        while not self._stop.wait(HEALTH_SECONDS):
+            try:
+                self.provider.audit.tick()
+            except Exception:
+                log.exception("audit upkeep failed")
 
     def reload(self) -> None:
         """Re-read the revocation list and re-verify every policy now."""
@@ -176,6 +217,10 @@ class RunningServer:
         """Reload policies and revocations when their files change (polling)."""
         self._watcher = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
         self._watcher.start()
+        self._health_keeper = threading.Thread(
+            target=self._keep_health, name="audit-upkeep", daemon=True
+        )
+        self._health_keeper.start()
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop taking requests, let running ones finish within grace seconds, close the store."""
@@ -205,13 +250,20 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         ("grpc.max_connection_idle_ms", 600_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    workers = settings.server.max_concurrent_queries + 4
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        options=options,
-        maximum_concurrent_rpcs=workers * 4,
+    # Workers enough that a request rarely waits; requests beyond max_in_flight (counted
+    # from arrival) are refused by the handler, on record, not by gRPC without a trace.
+    max_in_flight = settings.server.max_concurrent_queries * 4 + 8
+    service = ConnectorService(
+        provider,
+        max_piece_bytes=settings.server.max_message_bytes * 4 - 1024,
+        max_in_flight=max_in_flight,
     )
-    pb_grpc.add_ConnectorServicer_to_server(ConnectorService(provider), server)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_in_flight + 8, thread_name_prefix="rpc"),
+        interceptors=[ArrivalCounter(service)],
+        options=options,
+    )
+    add_to_server(service, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -226,9 +278,9 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
     server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(server, port, provider, health_servicer, settings, threading.Event())
+    running.set_serving(provider.audit.available)
+    provider.audit.on_change = running.set_serving
     running.start_watching()
     log.info("member %s serving on %s (port %d), mutual TLS", settings.member_id, address, port)
     return running

@@ -6,25 +6,44 @@ in the auth context, never from a request field.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import logging
+import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import empty_pb2, unknown_fields
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from connector._proto.connector.v1 import connector_pb2 as pb
-from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.audit import AuditEntry
+from connector.audit import AuditEntry, bounded, write_failure_cause
 from connector.canonical import canonical_json
-from connector.errors import ConnectorError
+from connector.errors import (
+    AnswerTooLarge,
+    AuditUnavailable,
+    ConnectorError,
+    PermissionDenied,
+    PolicyEngineError,
+    QueryCancelled,
+    QueryRejected,
+    QueryStalled,
+    QueryTimeout,
+    RequestAbandoned,
+    RequestExpired,
+    ResourceExhausted,
+    StateUnavailable,
+)
 from connector.identity import MemberIdentity
 from connector.noise import BudgetStatus
 from connector.policy.ref import PolicyRef, joined, policy_refs
 from connector.provider import CatalogDataset, Provider
+from connector.query_run import QueryRun
 from connector.receipt import ReceiptFields
 from connector.request import Explanation, PeerRequest
 from connector.shaping import Shaping
@@ -33,11 +52,42 @@ from connector.status import reasons_metadata, status_of
 log = logging.getLogger(__name__)
 
 
+# What a peer is told instead of an error text that would show the provider's internals
+# (engine output, JSON decode positions, the OPA server's address); the owner's log and the
+# audit entry keep the detail.
+ENGINE_FAILED = (
+    "the provider's policy engine could not reach a decision, so nothing is answered; the "
+    "provider's operators can see why in its log"
+)
+STATE_FAILED = (
+    "the provider's connector cannot write its working state right now, so it answers "
+    "nothing; retry later"
+)
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+_STORAGE_TEXTS = ("disk is full", "no space left", "readonly database", "read-only file system")
+
+
+def storage_trouble(error: BaseException) -> str | None:
+    """What is wrong with storage when error means a full or read-only volume, else None."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return write_failure_cause(error)
+    text = str(error).lower()
+    return next((t for t in _STORAGE_TEXTS if t in text), None)
+
+
+def _peer_text(error: ConnectorError) -> str:
+    return ENGINE_FAILED if isinstance(error, PolicyEngineError) else error.message
+
+
 def _abort(context: grpc.ServicerContext, error: ConnectorError) -> NoReturn:
     code = status_of(error)
-    log.info("request refused (%s): %s", code.name, error.message)
-    context.set_trailing_metadata(reasons_metadata(error))
-    context.abort(code, error.message)
+    if isinstance(error, PolicyEngineError):
+        log.error("the policy engine failed (the peer is told only that): %s", error.message)
+    else:
+        log.info("request refused (%s): %s", code.name, error.message)
+    if isinstance(error, PermissionDenied):
+        context.set_trailing_metadata(reasons_metadata(error))
+    context.abort(code, _peer_text(error))
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
@@ -159,35 +209,171 @@ def _receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         audit_seq=fields.audit_seq,
         obligations_json=obligations_json(fields.obligations),
         limited_by=fields.limited_by,
+        client_reference=fields.client_reference,
         jws=token,
     )
 
 
-def _peer_request(request: pb.QueryRequest, entry: AuditEntry) -> PeerRequest:
-    entry.query, entry.purpose = request.sql, request.purpose
-    entry.query_sha256 = hashlib.sha256(request.sql.encode()).hexdigest()
+def new_request_id() -> str:
+    """A request id assigned by this connector (random, so unique across restarts too)."""
+    return str(uuid.uuid4())
+
+
+class MalformedRequest:
+    """A request message that could not be decoded (e.g. a text field not valid UTF-8)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.sql = _field_bytes(raw, 1)
+
+    def describe(self) -> str:
+        """What was wrong, for the peer and the record."""
+        return (
+            "the request could not be decoded: its text fields (sql, purpose, request_id) "
+            "must be valid UTF-8 and the message a valid QueryRequest"
+        )
+
+
+def _field_bytes(raw: bytes, number: int) -> bytes | None:
+    """The raw bytes of a length-delimited field, read without UTF-8 checks."""
+    try:
+        holder = empty_pb2.Empty.FromString(raw)
+        fields: Any = unknown_fields.UnknownFieldSet(holder)  # iterable; the stubs say not
+        for item in fields:
+            if item.field_number == number and isinstance(item.data, bytes):
+                return item.data
+    except (DecodeError, ValueError, TypeError):
+        return None
+    return None
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    """A deserializer that never fails: undecodable bytes become a MalformedRequest, so the
+    handler runs, records the request and refuses it (gRPC would answer INTERNAL)."""
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message.FromString(raw)
+        except (DecodeError, ValueError):
+            return MalformedRequest(raw)
+
+    return deserialize
+
+
+def _peer_request(request: pb.QueryRequest | MalformedRequest, entry: AuditEntry) -> PeerRequest:
+    if isinstance(request, MalformedRequest):
+        entry.set_query(request.sql if request.sql is not None else request.raw)
+        raise QueryRejected(request.describe())
+    entry.set_query(request.sql)
+    entry.purpose = bounded(request.purpose)
+    entry.client_reference = bounded(request.request_id)
     checked = PeerRequest.checked(
         request.sql, request.purpose, request.max_rows, request.request_id
     )
-    entry.request_id = checked.request_id
-    return checked
+    # The connector's own id goes on record and in the receipt: a peer cannot make two
+    # requests (its own, or another member's) share one. Its id is the client reference.
+    return dataclasses.replace(checked, request_id=entry.request_id)
 
 
-class ConnectorService(pb_grpc.ConnectorServicer):
-    """connector.v1.Connector over a Provider; every request leaves one audit entry."""
+class _Handed:
+    """What was handed to the transport so far: rows, bytes and their sha256."""
 
-    def __init__(self, provider: Provider) -> None:
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bytes = 0
+        self._digest = hashlib.sha256()
+
+    def add(self, piece: bytes, rows: int) -> None:
+        self.rows = rows
+        self.bytes += len(piece)
+        self._digest.update(piece)
+
+    def onto(self, entry: AuditEntry) -> None:
+        entry.rows, entry.bytes = self.rows, self.bytes
+        entry.result_sha256 = self._digest.hexdigest() if self.bytes else ""
+
+
+class ConnectorService:
+    """connector.v1.Connector over a Provider; every request leaves an audit entry.
+
+    Handlers take the request stream (see `add_to_server`), so they run even for a request
+    that expired or was cancelled while it waited for a worker, and record it.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        max_piece_bytes: int = 4 * 4 * 1024 * 1024,
+        max_in_flight: int = 0,
+    ) -> None:
         self._provider = provider
+        self._max_piece_bytes = max_piece_bytes
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+
+    def arrived(self) -> None:
+        """A request arrived (called before it waits for a worker); no I/O."""
+        with self._count_lock:
+            self._in_flight += 1
+
+    def _left(self) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
 
     def _member(self, context: grpc.ServicerContext, entry: AuditEntry) -> MemberIdentity:
         certs = context.auth_context().get("x509_pem_cert") or [b""]
         return self._provider.authenticate(certs[0], entry)
 
+    def _admit(self, context: grpc.ServicerContext, entry: AuditEntry) -> MemberIdentity:
+        """Who asks, and whether the connector takes the request now (refused quickly)."""
+        member = self._member(context, entry)
+        audit = self._provider.audit
+        audit.check_writable(member.member_id)
+        if audit.throttled(member.member_id):
+            raise ResourceExhausted(
+                "too many of your recent requests were refused; wait a minute, then fix "
+                "the requests before sending more"
+            )
+        if self._max_in_flight and self._in_flight > self._max_in_flight:
+            raise ResourceExhausted(
+                "this connector has its maximum number of requests in progress; retry shortly"
+            )
+        return member
+
+    def _receive(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """The one request message; a request that expired or was dropped is an error."""
+        try:
+            request = next(requests)
+        except StopIteration:
+            raise QueryRejected("the call carried no request message") from None
+        except grpc.RpcError:
+            if context.time_remaining() is not None and context.time_remaining() <= 0:
+                raise RequestExpired(
+                    "the request's deadline passed before the connector could read it"
+                ) from None
+            raise RequestAbandoned(
+                "the request was cancelled, or exceeded the message size limit, before the "
+                "connector read it"
+            ) from None
+        if not context.is_active():
+            raise RequestExpired("the request's deadline passed before a worker was free")
+        return request
+
     def _refuse(
         self, context: grpc.ServicerContext, entry: AuditEntry, error: Exception, method: str
     ) -> NoReturn:
+        trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)
+        if trouble is not None:
+            # A full or read-only state volume: the owner is told exactly that.
+            log.error("%s refused: the connector's state volume: %s (%s)", method, trouble, error)
+            error = StateUnavailable(STATE_FAILED)
         try:
-            self._provider.record(entry, error)
+            if not isinstance(error, AuditUnavailable):  # else already counted or kept
+                self._provider.record(entry, error)
+        except AuditUnavailable as unavailable:
+            error = unavailable
         except Exception:
             log.exception("could not write the audit entry of a refused %s", method)
         if isinstance(error, ConnectorError):
@@ -195,14 +381,18 @@ class ConnectorService(pb_grpc.ConnectorServicer):
         _internal(context, method)
 
     def GetCatalog(  # noqa: N802 (gRPC method name)
-        self, request: pb.CatalogRequest, context: grpc.ServicerContext
+        self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> pb.Catalog:
-        entry = AuditEntry("catalog", request_id=str(uuid.uuid4()))
+        """The datasets granted to the calling member."""
+        entry = AuditEntry("catalog", request_id=new_request_id())
         try:
-            member = self._member(context, entry)
+            member = self._admit(context, entry)
+            self._receive(requests, context)
             datasets = self._provider.catalog(member, entry)
         except Exception as error:
             self._refuse(context, entry, error, "GetCatalog")
+        finally:
+            self._left()
         signer = self._provider.signer
         return pb.Catalog(
             provider_id=self._provider.member_id,
@@ -215,39 +405,73 @@ class ConnectorService(pb_grpc.ConnectorServicer):
         )
 
     def Explain(  # noqa: N802
-        self, request: pb.QueryRequest, context: grpc.ServicerContext
+        self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> pb.Decision:
-        entry = AuditEntry("explain")
+        """The decision for a query, without running it."""
+        entry = AuditEntry("explain", request_id=new_request_id())
         try:
-            member = self._member(context, entry)
-            explanation = self._provider.explain(member, _peer_request(request, entry), entry)
+            member = self._admit(context, entry)
+            request = _peer_request(self._receive(requests, context), entry)
+            explanation = self._provider.explain(member, request, entry)
         except Exception as error:
             self._refuse(context, entry, error, "Explain")
+        finally:
+            self._left()
         return _decision_message(explanation)
 
     def Query(  # noqa: N802
-        self, request: pb.QueryRequest, context: grpc.ServicerContext
+        self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[pb.QueryResponse]:
-        entry = AuditEntry("query")
+        """Run a query: Arrow IPC pieces, then the signed receipt."""
         try:
-            member = self._member(context, entry)
-            run = self._provider.query(
-                member, _peer_request(request, entry), entry, context.time_remaining()
-            )
+            yield from self._query(requests, context)
+        finally:
+            self._left()
+
+    def _query(
+        self, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[pb.QueryResponse]:
+        entry = AuditEntry("query", request_id=new_request_id())
+        try:
+            member = self._admit(context, entry)
+            request = _peer_request(self._receive(requests, context), entry)
+            run = self._provider.query(member, request, entry, context.time_remaining())
         except Exception as error:
+            self._refuse(context, entry, error, "Query")
+        try:
+            # Nothing leaves before the request and its decision are on disk.
+            self._provider.audit.opened(entry)
+        except AuditUnavailable as error:
+            run.close()
             self._refuse(context, entry, error, "Query")
         context.add_callback(run.cancel)
         run.end_stream = context.cancel  # a peer that stops reading is cut off
         pieces = run.pieces(context.time_remaining())
+        handed = _Handed()
         try:
             for piece in pieces:
+                if len(piece) > self._max_piece_bytes:
+                    raise AnswerTooLarge(
+                        f"one piece of the answer is {len(piece)} bytes, over the "
+                        f"{self._max_piece_bytes}-byte message limit; select fewer or "
+                        "narrower columns"
+                    )
+                handed.add(piece, run.rows)
                 yield pb.QueryResponse(arrow_ipc=piece)
             # The audit entry is written (fsync) inside receipt(), before the peer gets it.
             fields, token = run.receipt()
+        except GeneratorExit:
+            # The peer went away while a piece was in flight: on record with what it got.
+            handed.onto(entry)
+            self._record_quietly(entry, self._interruption(context, run))
+            raise
         except Exception as error:
+            handed.onto(entry)
+            if isinstance(error, QueryCancelled) and _expired(context):
+                error = QueryTimeout("the query ran past the request's deadline and was stopped")
             self._refuse(context, entry, error, "Query")
         finally:
-            pieces.close()  # records a cancellation when the peer left mid-stream
+            pieces.close()
             run.close()
         log.info(
             "answered %s for %s: %d rows, %d bytes, policies %s, audit entry %d",
@@ -259,3 +483,56 @@ class ConnectorService(pb_grpc.ConnectorServicer):
             fields.audit_seq,
         )
         yield pb.QueryResponse(receipt=_receipt_message(fields, token))
+
+    @staticmethod
+    def _interruption(context: grpc.ServicerContext, run: QueryRun) -> ConnectorError:
+        if run.stalled:
+            return QueryStalled("the peer stopped reading the answer; the stream was ended")
+        if _expired(context):
+            return QueryTimeout("the request's deadline passed while the answer was sent")
+        return QueryCancelled("the peer cancelled the query while the answer was sent")
+
+    def _record_quietly(self, entry: AuditEntry, error: ConnectorError) -> None:
+        try:
+            self._provider.record(entry, error)
+        except AuditUnavailable:
+            log.warning("the end of request %s waits for the audit log", entry.request_id)
+        except Exception:
+            log.exception("could not write the audit entry of request %s", entry.request_id)
+
+
+def _expired(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def add_to_server(service: ConnectorService, server: grpc.Server) -> None:
+    """Register the connector.v1.Connector methods on server.
+
+    Every method takes the request as a stream: gRPC then always calls the handler, even
+    when the request expired or was cancelled while it waited for a worker (a unary handler
+    would be skipped without a trace), and a request it cannot decode reaches the handler
+    as a MalformedRequest instead of an INTERNAL error without a record.
+    """
+    handlers = {
+        "GetCatalog": grpc.stream_unary_rpc_method_handler(
+            service.GetCatalog,
+            request_deserializer=_lenient(pb.CatalogRequest),
+            response_serializer=pb.Catalog.SerializeToString,
+        ),
+        "Query": grpc.stream_stream_rpc_method_handler(
+            service.Query,
+            request_deserializer=_lenient(pb.QueryRequest),
+            response_serializer=pb.QueryResponse.SerializeToString,
+        ),
+        "Explain": grpc.stream_unary_rpc_method_handler(
+            service.Explain,
+            request_deserializer=_lenient(pb.QueryRequest),
+            response_serializer=pb.Decision.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Connector"].full_name

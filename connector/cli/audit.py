@@ -15,6 +15,10 @@ from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError
 from connector.identity import load_ed25519_public, public_path
 from connector.policy.ref import PolicyRef
+from connector.safetext import escaped
+
+# Requests, aggregates of a member's throttled refusals, and audit-log outages.
+SHOWN_TYPES = ("request", "refusals", "outage")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,11 +59,16 @@ def _requests(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     try:
-        for entry in read_entries(path):
-            if entry.get("type") == "request" and _wanted(entry, args):
-                yield entry
+        entries = list(read_entries(path))
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}; run `connector audit verify`") from None
+    # An answer whose "opened" entry has no final entry is still streaming, or the server
+    # stopped in the middle of it: shown, since bytes may have left.
+    finished = {e.get("request_id") for e in entries if e.get("type") == "request"}
+    for entry in entries:
+        unfinished = entry.get("type") == "opened" and entry.get("request_id") not in finished
+        if (entry.get("type") in SHOWN_TYPES or unfinished) and _wanted(entry, args):
+            yield entry
 
 
 def _wanted(entry: dict[str, Any], args: argparse.Namespace) -> bool:
@@ -70,21 +79,62 @@ def _wanted(entry: dict[str, Any], args: argparse.Namespace) -> bool:
     return not (args.since and dt.datetime.fromisoformat(entry["time"]) < args.since)
 
 
+def _summary_line(entry: dict[str, Any]) -> str:
+    """A refusals aggregate or an outage as one table line (escaped)."""
+    head = f"{escaped(entry.get('seq')):>6} {escaped(str(entry.get('time', ''))[:19])}"
+    if entry.get("type") == "refusals":
+        outcomes = ", ".join(f"{k} {v}" for k, v in entry.get("outcomes", {}).items())
+        return escaped(
+            f"{head} refusals {entry.get('member_id') or '-'}: {entry.get('count')} more "
+            f"refused requests counted, not listed ({outcomes}), {entry.get('first')} .. "
+            f"{entry.get('last')}"
+        )
+    refused = sum(entry.get("refused", {}).values())
+    return escaped(
+        f"{head} outage   the audit log could not be written from {entry.get('from')} until "
+        f"{entry.get('until')} ({entry.get('cause')}): {refused} requests refused, "
+        f"{entry.get('late_entries', 0)} entries written late"
+    )
+
+
 def _show(args: argparse.Namespace) -> int:
     entries = list(_requests(args))
     if args.format == "json":
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
-        policies = ",".join(str(PolicyRef(**p)) for p in e.get("policies", []))
-        print(
-            f"{e['seq']:>6} {e['time'][:19]} {e['kind']:<7} {e.get('member_id') or '-':<18} "
-            f"{e['outcome']:<15} {','.join(e.get('datasets', [])) or '-':<20} "
-            f"rows={e.get('rows', 0)} {policies}"
-        )
+        if e.get("type") == "opened":
+            print(_table_line({**e, "outcome": "opened"}))
+            print(
+                f"{'':>7}note: no final entry (still streaming, or the server stopped mid-answer)"
+            )
+            continue
+        if e.get("type") != "request":
+            print(_summary_line(e))
+            continue
+        print(_table_line(e))
         for reason in e.get("reasons", []):
-            print(f"{'':>7}reason: {reason}")
+            print(f"{'':>7}reason: {escaped(reason)}")
     return 0
+
+
+def _table_line(entry: dict[str, Any]) -> str:
+    """One entry as a table line; every field is escaped (peers control many of them)."""
+    policies = ",".join(
+        str(PolicyRef(str(p.get("id")), p.get("version", 0))) for p in entry.get("policies", [])
+    )
+    datasets = ",".join(str(d) for d in entry.get("datasets", [])) or "-"
+    fields = [
+        f"{escaped(entry.get('seq')):>6}",
+        escaped(str(entry.get("time", ""))[:19]),
+        f"{escaped(entry.get('kind', '')):<7}",
+        f"{escaped(entry.get('member_id') or '-'):<18}",
+        f"{escaped(entry.get('outcome', '')):<15}",
+        f"{escaped(datasets):<20}",
+        f"rows={escaped(entry.get('rows', 0))}",
+        escaped(policies),
+    ]
+    return " ".join(fields)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
 from connector.errors import DataError
+from connector.safetext import escaped
 from connector.store import ingest, list_datasets
 
 
@@ -61,7 +62,7 @@ def _ingest(args: argparse.Namespace) -> int:
     )
     verb = "replaced with" if args.mode == "replace" else "appended to, now"
     columns = ", ".join(f"{c.name} {c.type}" for c in info.columns)
-    print(f"dataset {info.name} {verb} {info.rows} rows: {columns}")
+    print(escaped(f"dataset {info.name} {verb} {info.rows} rows: {columns}"))
     return 0
 
 
@@ -77,5 +78,9 @@ def _csv_options(pairs: list[str]) -> dict[str, str]:
 
 def _datasets(args: argparse.Namespace) -> int:
     for info in list_datasets(settings_of(args).database):
-        print(f"{info.name}  {info.rows} rows  {len(info.columns)} columns  {info.description}")
+        print(
+            escaped(
+                f"{info.name}  {info.rows} rows  {len(info.columns)} columns  {info.description}"
+            )
+        )
     return 0

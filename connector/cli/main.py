@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from connector.cli import audit, data, dataspace, home, peer, policy, receipt, serve
 from connector.errors import ConnectorError
+from connector.safetext import escape_log_lines, escaped
 
 EXIT_ERROR = 1
 
@@ -34,10 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    escape_log_lines()
     try:
         status: int = args.run(args)
     except ConnectorError as error:
-        print(f"connector: error: {error}", file=sys.stderr)
+        print(f"connector: error: {escaped(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ from connector.client import NoiseInfo, Peer, PeerIdentity
 from connector.errors import ConfigError, PermissionDenied
 from connector.policy.ref import joined
 from connector.result_files import ARROW_SUFFIX, FORMATS, save, write_text
+from connector.safetext import escaped
 
 BINARY_FORMATS = ("parquet", "arrow")
 RECEIPT_SUFFIX = ".receipt.json"
@@ -90,19 +91,21 @@ def _catalog(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not entries:
-        print(f"{args.to} grants you no datasets")
+        print(escaped(f"{args.to} grants you no datasets"))
     for e in entries:
-        print(f"{e.name}: {e.description}")
-        print(f"  columns:  {', '.join(_column_text(n, t, e.masks) for n, t in e.columns)}")
+        print(escaped(f"{e.name}: {e.description}"))
+        print(
+            escaped(f"  columns:  {', '.join(_column_text(n, t, e.masks) for n, t in e.columns)}")
+        )
         if e.row_filter:
-            print(f"  rows:     only where {e.row_filter}")
+            print(escaped(f"  rows:     only where {e.row_filter}"))
         if e.min_group_size:
-            print(f"  aggregate-only: groups of at least {e.min_group_size} rows")
+            print(escaped(f"  aggregate-only: groups of at least {e.min_group_size} rows"))
         for line in _noise_lines(e.noise, e.group_by):
-            print(f"  {line}")
-        print(f"  purposes: {', '.join(e.purposes)}")
-        print(f"  policies: {joined(e.policies)}")
-        print(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}")
+            print(escaped(f"  {line}"))
+        print(escaped(f"  purposes: {', '.join(e.purposes)}"))
+        print(escaped(f"  policies: {joined(e.policies)}"))
+        print(escaped(f"  valid:    {e.valid_from:%Y-%m-%d} .. {e.valid_until:%Y-%m-%d}"))
         limits = [
             f"{n} {what}"
             for n, what in (
@@ -115,11 +118,11 @@ def _catalog(args: argparse.Namespace) -> int:
             if n
         ]
         if limits:
-            print(f"  limits:   {', '.join(limits)}")
+            print(escaped(f"  limits:   {', '.join(limits)}"))
         for policy, terms in e.obligations.items():
             shown = {k: v for k, v in terms.items() if v}
             if shown:
-                print(f"  you take on ({policy}): {json.dumps(shown)}")
+                print(escaped(f"  you take on ({policy}): {json.dumps(shown)}"))
     return 0
 
 
@@ -128,18 +131,18 @@ def _explain(args: argparse.Namespace) -> int:
         decision = peer.explain(args.sql, args.purpose)
     print("allowed" if decision.allow else "denied")
     for reason in decision.reasons:
-        print(f"  reason: {reason}")
+        print(escaped(f"  reason: {reason}"))
     for policy in decision.policies:
-        print(f"  policy: {policy}")
+        print(escaped(f"  policy: {policy}"))
     for relation in decision.relations:
-        print(f"  {relation.dataset}: columns {', '.join(relation.columns)}")
-        print(f"    runs on: {relation.definition}")
+        print(escaped(f"  {relation.dataset}: columns {', '.join(relation.columns)}"))
+        print(escaped(f"    runs on: {relation.definition}"))
         if relation.min_group_size:
-            print(f"    aggregate-only: groups of at least {relation.min_group_size} rows")
+            print(escaped(f"    aggregate-only: groups of at least {relation.min_group_size} rows"))
         for line in _noise_lines(relation.noise, relation.group_by):
-            print(f"    {line}")
+            print(escaped(f"    {line}"))
     if decision.query and decision.query != args.sql:
-        print(f"  runs as: {decision.query}")
+        print(escaped(f"  runs as: {decision.query}"))
     return 0 if decision.allow else 1
 
 
@@ -206,8 +209,10 @@ def _query(args: argparse.Namespace) -> int:
     receipt = result.receipt
     cut = f" (cut at the limit {receipt.limited_by or 'of rows'})" if receipt.truncated else ""
     print(
-        f"{receipt.rows} rows{cut} from {receipt.provider_id}, request {receipt.request_id}, "
-        f"policies {joined(receipt.policies)}",
+        escaped(
+            f"{receipt.rows} rows{cut} from {receipt.provider_id}, "
+            f"request {receipt.request_id}, policies {joined(receipt.policies)}"
+        ),
         file=sys.stderr,
     )
     return 0

@@ -27,6 +27,7 @@ from connector.policy.signing import (
     verify_policy,
 )
 from connector.policy.versions import VersionMemory, VersionRecord
+from connector.safetext import escaped
 from connector.shaping import Shaping
 
 
@@ -76,14 +77,14 @@ def _sign(args: argparse.Namespace) -> int:
     remembered = _remembered(settings)
     for path in args.files:
         signature = sign_policy(path, key)
-        print(f"{path}: signed by key {key_id(key.public_key())} -> {signature}")
+        print(escaped(f"{path}: signed by key {key_id(key.public_key())} -> {signature}"))
         data = read_limited(path, MAX_POLICY_BYTES)
         refusal = memory_refusal(
             parse_policy(path, data), hashlib.sha256(data).hexdigest(), remembered
         )
         if refusal is not None:
             print(
-                f"{path}: warning: this connector will not put it in force: {refusal[1]}",
+                escaped(f"{path}: warning: this connector will not put it in force: {refusal[1]}"),
                 file=sys.stderr,
             )
     return 0
@@ -148,10 +149,10 @@ def _verify(args: argparse.Namespace) -> int:
     for verdict in verdicts:
         ok = verdict.status is VerdictStatus.VALID
         failed += not ok
-        print(f"{verdict.path}: {'valid' if ok else 'NOT VALID'}: {verdict.message}")
+        print(escaped(f"{verdict.path}: {'valid' if ok else 'NOT VALID'}: {verdict.message}"))
         if verdict.policy is not None:
             for line in _shaping_lines(verdict.policy.shaping):
-                print(f"  {line}")
+                print(f"  {escaped(line)}")
     return 1 if failed else 0
 
 

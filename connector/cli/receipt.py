@@ -17,6 +17,7 @@ from connector.jws import JwsError
 from connector.policy.ref import joined
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
 from connector.result_files import ARROW_SUFFIX, arrow_copy, matches
+from connector.safetext import escaped
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,10 +77,12 @@ def _verify(args: argparse.Namespace) -> int:
     except JwsError as exc:
         raise PeerError(f"{args.receipt}: NOT VALID: {exc}") from None
     print(
-        f"{args.receipt}: valid ({checked}): {fields.rows} rows from {fields.provider_id} to "
-        f"{fields.member_id}, request {fields.request_id}, purpose {fields.purpose}, "
-        f"policies {joined(fields.policies)}, issued {fields.issued_at}, "
-        f"audit entry {fields.audit_seq}"
+        escaped(
+            f"{args.receipt}: valid ({checked}): {fields.rows} rows from {fields.provider_id} "
+            f"to {fields.member_id}, request {fields.request_id}, purpose {fields.purpose}, "
+            f"policies {joined(fields.policies)}, issued {fields.issued_at}, "
+            f"audit entry {fields.audit_seq}"
+        )
     )
     return 0
 

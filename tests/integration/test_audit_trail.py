@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from connector.audit import read_entries, verify_log
+from connector.audit import AuditEntry, AuditLog, read_entries, verify_log
 from connector.client import Peer
 from connector.errors import ConnectorError, PermissionDenied, QueryRejected
 from connector.identity import load_ed25519_public
+from connector.receipt import ReceiptSigner
 from tests.conftest import (
     Member,
     ProviderPair,
@@ -59,7 +62,8 @@ def test_each_request_is_on_record_with_its_outcome(space: Space) -> None:
     query = entries[1]
     receipt = answered.receipt
     assert query["seq"] == receipt.audit_seq
-    assert query["request_id"] == "answered-1"
+    assert query["request_id"] == receipt.request_id
+    assert query["client_reference"] == receipt.client_reference == "answered-1"
     assert query["rows"] == receipt.rows == 4
     assert query["result_sha256"] == receipt.result_sha256
     assert query["query"] == sql
@@ -100,13 +104,15 @@ def test_audit_cli_show_verify_export(
     kinds = [(e["kind"], e["outcome"]) for e in json.loads(capsys.readouterr().out)]
     assert kinds == [("catalog", "answered"), ("query", "answered"), ("query", "denied")]
     assert run_cli("audit", "export", "--home", home, "--output", tmp_path / "siem.jsonl") == 0
-    assert len((tmp_path / "siem.jsonl").read_text().splitlines()) == 3
+    exported = [json.loads(line) for line in (tmp_path / "siem.jsonl").read_text().splitlines()]
+    # The answered query has its "opened" entry, written before the first byte left.
+    assert [e["type"] for e in exported] == ["request", "opened", "request", "request"]
     assert run_cli("audit", "verify", "--home", home) == 0
-    assert "intact: 3 entries" in capsys.readouterr().out
+    assert "intact: 4 entries" in capsys.readouterr().out
     log = home / "audit" / "audit.jsonl"
     log.write_text(log.read_text().replace('"rows":200', '"rows":1'))
     assert run_cli("audit", "verify", "--home", home) == 1
-    assert "line 2 (entry 2) was changed" in capsys.readouterr().out
+    assert "line 3 (entry 3) was changed" in capsys.readouterr().out
 
 
 def test_sigkill_under_load_loses_no_answered_query(provider_pair: ProviderPair) -> None:
@@ -157,3 +163,24 @@ def test_sigkill_under_load_loses_no_answered_query(provider_pair: ProviderPair)
     verdict = verify_log(log, key)
     assert verdict.intact, verdict.message
     assert verdict.entries > len(answered)
+
+
+def test_audit_show_lists_answers_opened_but_never_finished(
+    make_member: Callable[[str], Member], capsys: pytest.CaptureFixture[str]
+) -> None:
+    member = make_member("carmaker")
+    log = AuditLog(
+        member.home / "audit" / "audit.jsonl", ReceiptSigner(Ed25519PrivateKey.generate())
+    )
+    finished = AuditEntry("query", request_id="r-done", member_id="acme", decision="allow")
+    log.opened(finished)
+    finished.outcome = "answered"
+    log.append(finished)
+    log.opened(AuditEntry("query", request_id="r-cut", member_id="acme", decision="allow"))
+    log.close()
+    capsys.readouterr()
+    assert run_cli("audit", "show", "--home", member.home) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert "answered" in lines[0] and "opened" in lines[1]
+    assert "no final entry" in lines[2]

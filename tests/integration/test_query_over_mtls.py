@@ -66,7 +66,7 @@ def test_query_answers_with_arrow_and_a_verified_receipt(space: Space) -> None:
         "Regensburg",
     ]
     receipt = result.receipt
-    assert receipt.request_id == "req-42"
+    assert receipt.client_reference == "req-42" != receipt.request_id  # the id is the provider's
     assert receipt.member_id == "supplier-a"
     assert receipt.provider_id == "carmaker"
     assert receipt.rows == 4

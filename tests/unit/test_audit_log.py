@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector.audit import AuditEntry, AuditLog, read_entries, verify_log
+from connector.errors import AuditUnavailable
 from connector.receipt import ReceiptSigner
 
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -117,7 +120,8 @@ def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
 
     def write(worker: int) -> None:
         for i in range(25):
-            seqs.append(log.append(AuditEntry("query", request_id=f"{worker}-{i}")))
+            entry = AuditEntry("query", request_id=f"{worker}-{i}", outcome="answered")
+            seqs.append(log.append(entry))
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
     for t in threads:
@@ -135,3 +139,107 @@ def test_an_entry_is_written_once(tmp_path: Path) -> None:
     entry = AuditEntry("query")
     assert log.append(entry) == log.append(entry) == 1
     log.close()
+
+
+def _full_disk_log(tmp_path: Path) -> tuple[Path, AuditLog, list[bool]]:
+    """A log whose file is /dev/full: every write fails with ENOSPC, as on a full disk."""
+    path = tmp_path / "audit.jsonl"
+    path.symlink_to("/dev/full")
+    log = AuditLog(path, ReceiptSigner(KEY))
+    changes: list[bool] = []
+    log.on_change = changes.append
+    return path, log, changes
+
+
+def _writable_again(path: Path) -> None:
+    path.unlink()
+    path.write_bytes(b"")
+
+
+def test_a_full_disk_makes_the_log_unavailable_until_it_recovers(tmp_path: Path) -> None:
+    path, log, changes = _full_disk_log(tmp_path)
+    with pytest.raises(AuditUnavailable, match="cannot write its audit log"):
+        log.append(AuditEntry("query", member_id="acme", outcome="denied"))
+    assert not log.available and changes == [False]
+    with pytest.raises(AuditUnavailable):
+        log.check_writable("acme")
+    assert not log.tick()  # still full
+    _writable_again(path)
+    assert log.tick() and log.available and changes == [False, True]
+    log.append(AuditEntry("query", member_id="acme", outcome="answered"))
+    log.close()
+    entries = list(read_entries(path))
+    assert [e["type"] for e in entries] == ["outage", "request", "checkpoint"]
+    assert entries[0]["cause"] == "the disk is full"
+    assert entries[0]["refused"] == {"acme": 2}
+    assert verify_log(path, KEY.public_key()).intact
+
+
+def test_an_answer_cut_by_an_outage_is_recorded_late(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, ReceiptSigner(KEY))
+    entry = AuditEntry("query", member_id="acme", decision="allow")
+    assert log.opened(entry) == 1
+    # The disk fills while the answer streams (the open file now fails with ENOSPC): the
+    # final entry waits in memory.
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, log._fd)
+    os.close(full)
+    entry.outcome, entry.rows, entry.bytes = "answered", 5, 321
+    with pytest.raises(AuditUnavailable):
+        log.append(entry)
+    assert log.tick()  # the file is opened again: writable
+    log.close()
+    entries = list(read_entries(path))
+    assert [e["type"] for e in entries] == ["opened", "outage", "request", "checkpoint"]
+    assert entries[1]["late_entries"] == 1
+    late = entries[2]
+    assert (late["late"], late["rows"], late["bytes"], late["opened_seq"]) == (True, 5, 321, 1)
+    assert verify_log(path, KEY.public_key()).intact
+
+
+def test_refusals_beyond_the_burst_are_counted_in_one_entry(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, ReceiptSigner(KEY), refusal_burst=3, refusals_per_second=0.001)
+    seqs = [log.append(AuditEntry("query", member_id="m", outcome="denied")) for _ in range(10)]
+    assert seqs[:3] == [1, 2, 3] and seqs[3:] == [0] * 7
+    assert log.throttled("m") and not log.throttled("other")
+    log.append(AuditEntry("query", member_id="m", outcome="answered"))  # always recorded
+    log.close()
+    entries = list(read_entries(path))
+    aggregate = next(e for e in entries if e["type"] == "refusals")
+    assert (aggregate["member_id"], aggregate["count"]) == ("m", 7)
+    assert aggregate["outcomes"] == {"denied": 7}
+    assert sum(1 for e in entries if e["type"] == "request") == 4
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1 " + "x" * 20_000,  # over-long
+        "SELECT '\x1b]0;title\x07'",  # control characters
+        "SELECT '\u202eevil'",  # bidi override
+        b"SELECT '\xff\xfe'",  # not UTF-8
+    ],
+)
+def test_long_or_malformed_queries_are_kept_by_digest(tmp_path: Path, sql: str | bytes) -> None:
+    entry = AuditEntry("query", outcome="rejected")
+    entry.set_query(sql)
+    raw = sql if isinstance(sql, bytes) else sql.encode()
+    assert entry.query == ""
+    assert entry.query_sha256 == hashlib.sha256(raw).hexdigest()
+    assert entry.query_length == len(sql)
+    assert 0 < len(entry.query_prefix) < 200 and entry.query_prefix.isprintable()
+
+
+def test_short_clean_queries_are_kept_whole() -> None:
+    entry = AuditEntry("query")
+    entry.set_query("SELECT plant,\n\tcount(*) FROM part_defects GROUP BY plant")
+    assert entry.query.startswith("SELECT plant") and entry.query_prefix == ""
+
+
+def test_other_text_fields_are_bounded() -> None:
+    entry = AuditEntry("query", reasons=("r" * 5000, "ok"), datasets=("d\x1b",), purpose="p")
+    record = entry.as_record()
+    assert record["reasons"][1] == "ok" and len(record["reasons"][0]) < 300
+    assert "\x1b" not in record["datasets"][0] and "sha256" in record["datasets"][0]

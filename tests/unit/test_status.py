@@ -23,6 +23,10 @@ OUTCOMES = {
     "timeout",
     "cancelled",
     "stalled",
+    "expired",
+    "abandoned",
+    "too_large",
+    "unavailable",
 }
 
 

@@ -358,8 +358,9 @@ class QueryRequest(_message.Message):
     max_rows: _builtins.int
     """Optional cap on rows the caller wants (0 = no cap of its own)."""
     request_id: _builtins.str
-    """Optional caller-chosen id (at most 128 printable characters); the server makes one
-    when empty. It is echoed in the receipt.
+    """Optional caller-chosen reference (at most 128 printable ASCII characters). The
+    connector assigns the request id itself (unique per connector); this reference is kept
+    beside it, as Receipt.client_reference and in the provider's audit log.
     """
     def __init__(
         self,
@@ -423,8 +424,10 @@ class Receipt(_message.Message):
     AUDIT_SEQ_FIELD_NUMBER: _builtins.int
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
     LIMITED_BY_FIELD_NUMBER: _builtins.int
+    CLIENT_REFERENCE_FIELD_NUMBER: _builtins.int
     JWS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """Assigned by the answering connector, unique among its requests."""
     member_id: _builtins.str
     """The member that asked (from its certificate) and the member that answered."""
     provider_id: _builtins.str
@@ -446,6 +449,10 @@ class Receipt(_message.Message):
     same JSON is in the Arrow schema metadata under "connector.obligations".
     """
     limited_by: _builtins.str
+    client_reference: _builtins.str
+    """The caller's own reference (QueryRequest.request_id) as received; request_id above is
+    the one the connector assigned.
+    """
     jws: _builtins.str
     """JWS compact serialisation (EdDSA / Ed25519) whose payload is the JSON
     object of the fields above (snake_case keys, issued_at as RFC 3339), signed with the
@@ -473,11 +480,12 @@ class Receipt(_message.Message):
         audit_seq: _builtins.int = ...,
         obligations_json: _builtins.str = ...,
         limited_by: _builtins.str = ...,
+        client_reference: _builtins.str = ...,
         jws: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "issued_at", b"issued_at", "jws", b"jws", "limited_by", b"limited_by", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "client_reference", b"client_reference", "issued_at", b"issued_at", "jws", b"jws", "limited_by", b"limited_by", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
