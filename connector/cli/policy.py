@@ -14,6 +14,7 @@ from connector.config import Settings
 from connector.errors import ConfigError
 from connector.identity import load_ed25519_private
 from connector.jws import key_id
+from connector.policy.consistency import mask_conflicts
 from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
 from connector.policy.publish import Published, publish_policy
 from connector.policy.signing import (
@@ -153,6 +154,10 @@ def _verify(args: argparse.Namespace) -> int:
         if verdict.policy is not None:
             for line in _shaping_lines(verdict.policy.shaping):
                 print(f"  {escaped(line)}")
+    # Judged over the folder, as the server would put it in force.
+    in_force = [v.policy for v in folder if v.status is VerdictStatus.VALID and v.policy]
+    for conflict in mask_conflicts(in_force):
+        print(escaped(f"WARNING: {conflict.describe()}"))
     return 1 if failed else 0
 
 

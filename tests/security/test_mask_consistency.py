@@ -12,7 +12,7 @@ from connector.errors import PermissionDenied
 from connector.policy.consistency import mask_conflicts
 from connector.policy.model import parse_policy
 from connector.server import RunningServer
-from tests.conftest import Member, connect, policy_text, write_defects_csv
+from tests.conftest import Member, connect, policy_text, run_cli, write_defects_csv
 
 BENCH, AUDIT = "bench", "audit"
 
@@ -103,3 +103,15 @@ def test_conflicts_name_both_policies_and_only_shared_members_and_datasets(
     assert [
         (c.member, c.dataset, c.column, str(c.masked_by), str(c.clear_by)) for c in conflicts
     ] == [("b", "d2", "k", "m@1", "c@1")]
+
+
+def test_policy_verify_warns_about_the_pair(
+    tmp_path: Path, make_member: Callable[[str], Member], capsys: pytest.CaptureFixture[str]
+) -> None:
+    provider = _provider(make_member, tmp_path)
+    _two_grants(provider)
+    capsys.readouterr()
+    assert run_cli("policy", "verify", "--home", provider.home) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: column part_no of dataset part_defects is masked for member supplier-a" in out
+    assert "by bench@1 but in the clear by audit@1" in out

@@ -6,9 +6,7 @@ error text; the owner's log keeps the detail.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -16,7 +14,7 @@ from connector.client import Peer
 from connector.errors import PermissionDenied
 from connector.server import RunningServer
 from tests.conftest import Member, ProviderPair
-from tests.unit.test_policy_engine import FakeOpa
+from tests.opa_endpoint import opa_endpoint
 
 PURPOSE = "quality-benchmarking"
 
@@ -26,21 +24,17 @@ def test_a_failing_policy_engine_shows_the_peer_no_internals(
     serve: Callable[[Member], RunningServer],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    FakeOpa.modules, FakeOpa.data = {}, {}
-    opa = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpa)
-    threading.Thread(target=opa.serve_forever, daemon=True).start()
-    port = opa.server_address[1]
+    endpoint = opa_endpoint()
+    url, _ = endpoint.__enter__()
+    port = url.rsplit(":", 1)[1]
     provider, grantee = provider_pair(
-        settings={
-            'engine = "embedded"': f'engine = "opa"\nopa_url = "http://127.0.0.1:{port}"',
-        }
+        settings={'engine = "embedded"': f'engine = "opa"\nopa_url = "{url}"'}
     )
     server = serve(provider)
     sql = "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant"
     with Peer(f"127.0.0.1:{server.port}", grantee.identity(), timeout=30) as peer:
         assert peer.query(sql, PURPOSE).num_rows == 4
-        opa.shutdown()
-        opa.server_close()  # the OPA server is gone
+        endpoint.__exit__(None, None, None)  # the OPA server is gone
         with pytest.raises(PermissionDenied) as refused:
             peer.query(sql, PURPOSE)
     text = str(refused.value)
