@@ -204,7 +204,7 @@ def _parse(sql: str) -> dict[str, Any]:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
-        raise _syntax_error(exc) from None
+        raise _syntax_error(exc, _error_position(con, sql)) from None
     if len(statements) != 1:
         raise QueryRejected(
             f"send exactly one statement, not {len(statements)} (no ';' between statements)"
@@ -219,7 +219,9 @@ def _parse(sql: str) -> dict[str, Any]:
     document = json.loads(text)
     if document.get("error"):
         message = str(document.get("error_message", "the query could not be parsed"))
-        raise QueryRejected(f"syntax error: {message.splitlines()[0]}")
+        first = message.splitlines()[0]
+        text = first if first.startswith("syntax error") else f"syntax error: {first}"
+        raise QueryRejected(text, position=_position_of(document))
     nodes = document.get("statements", [])
     if len(nodes) != 1 or not isinstance(nodes[0].get("node"), dict):
         raise QueryRejected("send exactly one SELECT statement")
@@ -227,13 +229,32 @@ def _parse(sql: str) -> dict[str, Any]:
     return node
 
 
-def _syntax_error(exc: duckdb.Error) -> QueryRejected:
+def _syntax_error(exc: duckdb.Error, position: int | None = None) -> QueryRejected:
     first = str(exc).splitlines()[0] if str(exc) else "the query could not be parsed"
     first = first.replace("Parser Error: ", "")
     if "expression depth" in first:
         return QueryRejected("the query is nested too deeply")
-    found = re.search(r"at or near \"[^\"]*\"|at end of input", first)
-    return QueryRejected(f"syntax error: {first}" if found or first else "syntax error")
+    text = first if first.startswith("syntax error") else f"syntax error: {first}"
+    return QueryRejected(text, position=position)
+
+
+def _error_position(con: duckdb.DuckDBPyConnection, sql: str) -> int | None:
+    """Where DuckDB's parser stopped: its serialised error carries the position, which the
+    exception's text only draws as a caret."""
+    try:
+        text = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
+        document = json.loads(text)
+    except (duckdb.Error, ValueError, IndexError):
+        return None
+    return _position_of(document) if isinstance(document, dict) else None
+
+
+def _position_of(document: dict[str, Any]) -> int | None:
+    try:
+        position = int(str(document.get("position", "")))
+    except ValueError:
+        return None
+    return position if position >= 0 else None
 
 
 class _Walker:

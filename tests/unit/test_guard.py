@@ -181,3 +181,14 @@ def test_lambdas_in_columns_are_refused() -> None:
     # COLUMNS(lambda) parses as list_filter(*, lambda): refused as a function not allowed.
     with pytest.raises(QueryRejected, match="list_filter"):
         inspect_query("SELECT COLUMNS(c -> c LIKE 'ser%') FROM t")
+
+
+@pytest.mark.parametrize(
+    ("sql", "position"),
+    [("SELEC plant FROM t", 0), ("SELECT plant FROM t WHERE", 20), ("SELECT a,, b FROM t", 9)],
+)
+def test_syntax_errors_say_where(sql: str, position: int) -> None:
+    with pytest.raises(QueryRejected) as refused:
+        inspect_query(sql)
+    assert refused.value.position == position
+    assert f"(at character {position + 1})" in str(refused.value)
