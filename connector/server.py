@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
 from connector.policy.engine import OpaConnection, PolicyEngine, build_engine
+from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
 from connector.policy.opa import opa_namespace
 from connector.policy.registry import PolicyRegistry
@@ -33,6 +34,7 @@ from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.service import SERVICE_NAME as CONNECTOR_SERVICE
 from connector.service import ConnectorService, add_to_server
 from connector.shaping import load_mask_key
+from connector.store import DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,13 @@ def _opa_token(path: Path | None) -> str:
     return token
 
 
+def _log_misfits(policies: Sequence[UsagePolicy], datasets: Mapping[str, DatasetInfo]) -> None:
+    """Say in the log why a policy in force grants nothing (a dataset or column typo...)."""
+    for policy in policies:
+        for warning in fit_warnings(policy, datasets):
+            log.warning("policy %s@%d: %s", policy.id, policy.version, warning)
+
+
 def build_provider(settings: Settings) -> Provider:
     """The Provider for a member's home: store opened, policies loaded, receipt key read."""
     sandbox = SandboxDatabase(
@@ -129,6 +138,7 @@ def build_provider(settings: Settings) -> Provider:
         signers,
         _engine_factory(settings),
         VersionMemory(settings.policies.versions_file),
+        on_load=lambda snapshot: _log_misfits(snapshot.policies, sandbox.datasets()),
     )
     receipt_key = load_ed25519_private(settings.receipt_key)
     tls_key = load_private_key(settings.key)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
-from connector.errors import ConfigError
+from connector.errors import ConfigError, ConnectorError
 from connector.identity import load_ed25519_private
 from connector.jws import key_id
 from connector.policy.consistency import mask_conflicts
+from connector.policy.fit import fit_warnings
 from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
 from connector.policy.publish import Published, publish_policy
 from connector.policy.signing import (
@@ -30,6 +31,7 @@ from connector.policy.signing import (
 from connector.policy.versions import VersionMemory, VersionRecord
 from connector.safetext import escaped
 from connector.shaping import Shaping
+from connector.store import DatasetInfo, list_datasets
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -154,11 +156,25 @@ def _verify(args: argparse.Namespace) -> int:
         if verdict.policy is not None:
             for line in _shaping_lines(verdict.policy.shaping):
                 print(f"  {escaped(line)}")
+    datasets = _datasets_or_note(settings.database)
+    for verdict in verdicts:
+        if verdict.status is VerdictStatus.VALID and verdict.policy and datasets is not None:
+            for warning in fit_warnings(verdict.policy, datasets):
+                print(escaped(f"{verdict.path}: WARNING: {warning}"))
     # Judged over the folder, as the server would put it in force.
     in_force = [v.policy for v in folder if v.status is VerdictStatus.VALID and v.policy]
     for conflict in mask_conflicts(in_force):
         print(escaped(f"WARNING: {conflict.describe()}"))
     return 1 if failed else 0
+
+
+def _datasets_or_note(database: Path) -> dict[str, DatasetInfo] | None:
+    """The home's datasets, to check policies against (None, with a note, when unreadable)."""
+    try:
+        return {info.name: info for info in list_datasets(database)}
+    except ConnectorError as error:
+        print(escaped(f"note: datasets and columns not checked: {error}"), file=sys.stderr)
+        return None
 
 
 def _shaping_lines(shaping: Shaping) -> list[str]:

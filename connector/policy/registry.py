@@ -114,8 +114,11 @@ class PolicyRegistry:
         trusted_signers: Mapping[str, ed25519.Ed25519PublicKey],
         engine_factory: EngineFactory,
         versions: VersionMemory | None = None,
+        on_load: Callable[[PolicySnapshot], None] | None = None,
     ) -> None:
-        """versions: where the versions in force are remembered (default: this process only)."""
+        """versions: where the versions in force are remembered (default: this process only);
+        on_load: told of every snapshot put in force (e.g. to log what cannot work)."""
+        self._on_load = on_load
         self._directory = directory
         self._trusted = dict(trusted_signers)
         self._engine_factory = engine_factory
@@ -123,6 +126,7 @@ class PolicyRegistry:
         self._lock = threading.Lock()
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
         self._snapshot = self._load_or_deny()
+        self._announce(self._snapshot)
 
     @property
     def snapshot(self) -> PolicySnapshot:
@@ -133,7 +137,16 @@ class PolicyRegistry:
         """Verify every file again, build a new engine and swap it in; log each skipped file."""
         with self._lock:
             self._snapshot = self._load_or_deny()
+            self._announce(self._snapshot)
             return self._snapshot
+
+    def _announce(self, snapshot: PolicySnapshot) -> None:
+        if self._on_load is None:
+            return
+        try:
+            self._on_load(snapshot)
+        except Exception:
+            log.exception("a listener of policy loads failed (the policies are in force)")
 
     def reload_if_changed(self) -> bool:
         """Reload when a file was added, changed or removed, or a policy came due or expired,
