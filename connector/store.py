@@ -17,6 +17,7 @@ from typing import Literal
 
 import duckdb
 
+from connector.column_names import dataset_columns
 from connector.csv_strict import check_structure, dialect_from
 from connector.errors import (
     DataError,
@@ -127,6 +128,7 @@ def ingest(
     mode: Literal["replace", "append"],
     file_format: str | None = None,
     csv_options: Mapping[str, str] | None = None,
+    normalise_names: bool = False,
 ) -> DatasetInfo:
     """Load source into dataset in one transaction: all rows or none (a CSV file is
     checked strictly first: see csv_strict.py)."""
@@ -154,13 +156,17 @@ def ingest(
             names = _staged_columns(con)
         except duckdb.Error as exc:
             raise DataError(f"cannot read {source}: {str(exc).splitlines()[0]}") from None
-        select = ", ".join(f"{quote_identifier(n)} AS {quote_identifier(n.lower())}" for n in names)
+        columns = dataset_columns(names, normalise=normalise_names)
+        select = ", ".join(
+            f"{quote_identifier(n)} AS {quote_identifier(c)}"
+            for n, c in zip(names, columns, strict=True)
+        )
         target = f"datasets.{quote_identifier(dataset)}"
         con.execute("BEGIN TRANSACTION")
         try:
             existing = _columns_of(con, dataset)
             if mode == "append" and existing:
-                appended = _append_select(existing, names, dataset)
+                appended = _append_select(existing, names, columns, dataset)
                 con.execute(f"INSERT INTO {target} SELECT {appended} FROM staged")
             else:
                 con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {select} FROM staged")
@@ -179,9 +185,11 @@ def ingest(
     return info
 
 
-def _append_select(existing: tuple[ColumnInfo, ...], names: list[str], dataset: str) -> str:
+def _append_select(
+    existing: tuple[ColumnInfo, ...], names: list[str], columns: list[str], dataset: str
+) -> str:
     """The SELECT that appends the staged rows: same columns, cast to the dataset's types."""
-    if [n.lower() for n in names] != [c.name for c in existing]:
+    if columns != [c.name for c in existing]:
         have = ", ".join(c.name for c in existing)
         raise DataError(
             f"cannot append to {dataset}: its columns are ({have}) but the file has "

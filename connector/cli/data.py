@@ -35,6 +35,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     load.add_argument("--format", choices=("csv", "parquet", "json"), help="default: by suffix")
     load.add_argument(
+        "--normalise-names",
+        action="store_true",
+        help="load headers that are not plain SQL names (plant name, Größe) as plain names "
+        "(plant_name, grosse); without it such a file is refused with the names it would get",
+    )
+    load.add_argument(
         "--csv-option",
         action="append",
         default=[],
@@ -59,6 +65,7 @@ def _ingest(args: argparse.Namespace) -> int:
         mode=args.mode,
         file_format=args.format,
         csv_options=_csv_options(args.csv_option),
+        normalise_names=args.normalise_names,
     )
     verb = "replaced with" if args.mode == "replace" else "appended to, now"
     columns = ", ".join(f"{c.name} {c.type}" for c in info.columns)
