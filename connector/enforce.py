@@ -19,6 +19,7 @@ from typing import Protocol
 
 from connector.aggregates import is_measurement_type
 from connector.errors import PermissionDenied
+from connector.policy.answers import GrantShape
 from connector.shaping import Shaping, mask_description, mask_sql
 from connector.sqltext import quote_identifier
 from connector.store import ColumnInfo, DatasetInfo
@@ -33,22 +34,11 @@ FRACTIONAL_TYPES = frozenset({"FLOAT", "DOUBLE", "DECIMAL"})
 CLAMPED_FRACTION_TYPE = "DOUBLE"  # clamped FLOAT and DECIMAL columns: bounds stay exact
 
 
-class GrantLike(Protocol):
-    """What enforcement needs of a policy grant."""
-
-    @property
-    def dataset(self) -> str: ...
-    @property
-    def columns(self) -> tuple[str, ...]: ...
-    @property
-    def policies(self) -> tuple[tuple[str, int], ...]: ...
-
-
 class DecisionLike(Protocol):
     """What enforcement needs of a policy decision."""
 
     @property
-    def grants(self) -> Iterable[GrantLike]: ...
+    def grants(self) -> Iterable[GrantShape]: ...
 
 
 class ShapedPolicy(Protocol):
@@ -103,7 +93,7 @@ class Relation:
         )
 
 
-def shaping_of(grant: GrantLike, policies: Mapping[str, ShapedPolicy]) -> Shaping:
+def shaping_of(grant: GrantShape, policies: Mapping[str, ShapedPolicy]) -> Shaping:
     """The one shaping every policy behind grant puts on its dataset; denies when they differ."""
     # Compared as the policy library compares them: by canonical text, not object equality.
     found = {

@@ -13,6 +13,7 @@ import duckdb
 
 from connector.errors import ConnectorError, PermissionDenied, QueryRejected
 from connector.refusals import column_refusal
+from connector.sqltree import error_position
 
 # DuckDB error classes a peer may learn about, with a fixed text that echoes no data.
 _SAFE_MESSAGES: tuple[tuple[type[duckdb.Error], str], ...] = (
@@ -71,7 +72,7 @@ def plan_refusal(plan: Mapping[str, object], datasets: Sequence[str]) -> Connect
     hidden one does (refusals.py); other names and syntax errors say what and where."""
     name = str(plan.get("name", ""))
     subtype = str(plan.get("error_subtype", ""))
-    position = _position(plan)
+    position = error_position(plan)
     if plan.get("error_type") == "binder" and not name:
         # A qualified reference (t.x) comes without the structured name field; the message
         # then names only what the peer wrote: the qualifier and the column.
@@ -88,11 +89,3 @@ def plan_refusal(plan: Mapping[str, object], datasets: Sequence[str]) -> Connect
             )
         return QueryRejected(f"{kind or 'name'} {name} does not exist", position=position)
     return QueryRejected(plan_error_message(plan), position=position)
-
-
-def _position(plan: Mapping[str, object]) -> int | None:
-    try:
-        position = int(str(plan.get("position", "")))
-    except ValueError:
-        return None
-    return position if position >= 0 else None

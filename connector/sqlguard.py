@@ -23,6 +23,7 @@ from connector import sqltree
 from connector.errors import QueryRejected
 from connector.packing import packed_rows
 from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
+from connector.sqltree import error_position
 
 UNKNOWN_LOCATION = 2**64 - 1
 MAX_DEPTH = 600
@@ -221,7 +222,7 @@ def _parse(sql: str) -> dict[str, Any]:
         message = str(document.get("error_message", "the query could not be parsed"))
         first = message.splitlines()[0]
         text = first if first.startswith("syntax error") else f"syntax error: {first}"
-        raise QueryRejected(text, position=_position_of(document))
+        raise QueryRejected(text, position=error_position(document))
     nodes = document.get("statements", [])
     if len(nodes) != 1 or not isinstance(nodes[0].get("node"), dict):
         raise QueryRejected("send exactly one SELECT statement")
@@ -246,15 +247,7 @@ def _error_position(con: duckdb.DuckDBPyConnection, sql: str) -> int | None:
         document = json.loads(text)
     except (duckdb.Error, ValueError, IndexError):
         return None
-    return _position_of(document) if isinstance(document, dict) else None
-
-
-def _position_of(document: dict[str, Any]) -> int | None:
-    try:
-        position = int(str(document.get("position", "")))
-    except ValueError:
-        return None
-    return position if position >= 0 else None
+    return error_position(document) if isinstance(document, dict) else None
 
 
 class _Walker:

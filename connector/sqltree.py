@@ -393,3 +393,12 @@ def _has_table_filters(value: object) -> bool:
     if not isinstance(value, dict):
         return True
     return any(v for v in value.values())
+
+
+def error_position(document: Mapping[str, Any]) -> int | None:
+    """Where a serialised DuckDB error (from json_serialize_sql or _plan) points, if it does."""
+    try:
+        position = int(str(document.get("position", "")))
+    except ValueError:
+        return None
+    return position if position >= 0 else None

@@ -18,7 +18,7 @@ from connector.policy.model import UsagePolicy
 
 
 class GrantShape(Protocol):
-    """What is checked of one grant in an answer."""
+    """What is checked (and enforced) of one grant in an answer."""
 
     @property
     def dataset(self) -> str: ...
