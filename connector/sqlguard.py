@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from connector.errors import QueryRejected
+from connector.valuesize import check_value_sizes
 
 UNKNOWN_LOCATION = 2**64 - 1
 DEFAULT_MAX_LENGTH = 100_000
@@ -183,6 +184,7 @@ def inspect_query(sql: str, *, max_length: int = DEFAULT_MAX_LENGTH) -> QuerySha
     try:
         tree = _parse(sql)
         _Walker(findings).query_node(tree, frozenset(), 0)
+        check_value_sizes(tree)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
     return QueryShape(
