@@ -20,11 +20,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.audit import AuditEntry
-from connector.errors import ConnectorError
+from connector.errors import ConnectorError, ResourceExhausted
 from connector.identity import MemberIdentity
 from connector.provider import CatalogDataset, Provider
 from connector.receipt import PolicyUse, ReceiptFields, policy_uses
 from connector.request import Explanation, PeerRequest
+from connector.sandbox import OUT_OF_MEMORY
 from connector.status import status_of
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ class ConnectorService(pb_grpc.ConnectorServicer):
     def _refuse(
         self, context: grpc.ServicerContext, entry: AuditEntry, error: Exception, method: str
     ) -> NoReturn:
+        if isinstance(error, MemoryError):  # at the process's memory limit (process_memory.py)
+            error = ResourceExhausted(OUT_OF_MEMORY)
         try:
             self._provider.record(entry, error)
         except Exception:
