@@ -141,18 +141,28 @@ class _Findings:
     uses_star: bool = False
 
 
+def _parser_database() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    for statement in (
+        "SET enable_external_access = false",
+        "SET autoload_known_extensions = false",
+        "SET autoinstall_known_extensions = false",
+        "SET lock_configuration = true",
+    ):
+        con.execute(statement)
+    return con
+
+
+# One database for all threads: each DuckDB database starts about nine threads of its own,
+# whose stacks would count against the server's address-space limit (process_memory.py).
+_PARSER_DATABASE = _parser_database()
+
+
 class _ParserConnection(threading.local):
-    """One locked-down in-memory DuckDB connection per thread, used only to parse."""
+    """One cursor per thread on the locked-down in-memory database, used only to parse."""
 
     def __init__(self) -> None:
-        self.con = duckdb.connect(":memory:")
-        for statement in (
-            "SET enable_external_access = false",
-            "SET autoload_known_extensions = false",
-            "SET autoinstall_known_extensions = false",
-            "SET lock_configuration = true",
-        ):
-            self.con.execute(statement)
+        self.con = _PARSER_DATABASE.cursor()
 
 
 _PARSER = _ParserConnection()
