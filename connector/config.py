@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from connector.errors import ConfigError
+from connector.process_memory import AUTO, MIN_OVERHEAD, parse_size
 
 CONFIG_FILE = "connector.toml"
 CONFIG_FORMAT = 1
@@ -43,6 +44,7 @@ class ServerSettings:
     listen: str = "127.0.0.1:50051"
     max_query_seconds: float = 30.0
     memory_limit: str = "1GB"
+    process_memory_limit: str = AUTO
     threads: int = 2
     batch_rows: int = 65_536
     max_concurrent_queries: int = 8
@@ -270,6 +272,7 @@ def _server(section: _Section) -> ServerSettings:
             "max_query_seconds", ServerSettings.max_query_seconds, 0.1, MAX_SECONDS
         ),
         memory_limit=memory,
+        process_memory_limit=_process_memory(section, memory),
         threads=section.whole("threads", ServerSettings.threads, 1),
         batch_rows=section.whole("batch_rows", ServerSettings.batch_rows, 1),
         max_concurrent_queries=total,
@@ -306,6 +309,19 @@ def _byte_size(section: _Section, key: str, default: str) -> int:
     if size < 1024**2:
         raise ConfigError(f"{section.path}: [{section.name}] {key} must be at least 1MiB")
     return size
+
+
+def _process_memory(section: _Section, memory_limit: str) -> str:
+    value = section.text("process_memory_limit", AUTO)
+    if value.strip().lower() == AUTO:
+        return AUTO
+    size, least = parse_size(value), (parse_size(memory_limit) or 0) + MIN_OVERHEAD
+    if size is None or size < least:
+        raise ConfigError(
+            f'{section.path}: [server] process_memory_limit {value!r} must be "auto" or a '
+            f"size like '2GiB' of at least memory_limit + 256MiB ({least >> 20} MiB)"
+        )
+    return value
 
 
 def _policies(section: _Section, home: Path) -> PolicySettings:
@@ -371,6 +387,10 @@ dataspace = "{dataspace}"
 listen = "{listen}"
 max_query_seconds = 30      # a query running longer is interrupted (DEADLINE_EXCEEDED)
 memory_limit = "1GB"        # DuckDB memory for all queries together
+process_memory_limit = "auto"  # memory `connector serve` may add to what it maps at start;
+                            # "auto" is memory_limit + 512MiB. DuckDB does not count strings
+                            # a query builds: past this limit that query ends with
+                            # RESOURCE_EXHAUSTED and the server goes on (Linux)
 threads = 2                 # DuckDB threads
 batch_rows = 65536          # rows per Arrow record batch sent to the peer
 max_concurrent_queries = 8  # more at once are refused with RESOURCE_EXHAUSTED

@@ -58,6 +58,10 @@ class TypedRelation(Protocol):
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
+OUT_OF_MEMORY = "the query needs more memory than this connector allows; aggregate or filter more"
+# How an allocation that failed inside DuckDB can be worded when it is not raised as
+# OutOfMemoryException (a failed allocation at the process's address-space limit).
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "bad allocation", "bad_alloc", "failed to allocate")
 
 
 @dataclass(frozen=True)
@@ -204,10 +208,11 @@ class SandboxSession:
         self._running.set()
         if timer:
             timer.daemon = True
-            timer.start()
         try:
+            if timer:
+                timer.start()
             reader = self._cursor.sql(sql).to_arrow_reader(batch_rows)
-        except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        except (duckdb.Error, pa.ArrowException, OSError, MemoryError, RuntimeError) as exc:
             if timer:
                 timer.cancel()
             raise self._map(
@@ -219,17 +224,20 @@ class SandboxSession:
         self._timed_out = True
         self.interrupt()
 
-    def _map(self, exc: duckdb.Error) -> Exception:
+    def _map(self, exc: Exception) -> Exception:
         text = str(exc)
         if self._timed_out or "execution time" in text.lower():
             return QueryTimeout("the query ran past its time limit and was stopped")
         interrupted = isinstance(exc, duckdb.InterruptException) or "INTERRUPT" in text
         if interrupted or self._cancelled.is_set():
             return QueryCancelled("the query was cancelled")
-        if isinstance(exc, duckdb.OutOfMemoryException):
-            return ResourceExhausted(
-                "the query needs more memory than this connector allows; aggregate or filter more"
-            )
+        if _out_of_memory(exc):
+            return ResourceExhausted(OUT_OF_MEMORY)
+        if not isinstance(exc, duckdb.Error):
+            log.warning("peer query failed outside DuckDB: %r", exc)
+            if isinstance(exc, RuntimeError):  # a thread could not start: no memory for its stack
+                return ResourceExhausted(OUT_OF_MEMORY)
+            return StoreError("the query failed while running")
         log.info("peer query failed in DuckDB: %s", text.splitlines()[0] if text else exc)
         if isinstance(exc, PEER_FAULTS):
             return QueryRejected(peer_message(exc))
@@ -242,7 +250,10 @@ class SandboxSession:
                 return
             self._cancelled.set()
         # An interrupt that arrives before DuckDB starts executing is lost: repeat it.
-        threading.Thread(target=self._keep_interrupting, name="interrupt", daemon=True).start()
+        try:
+            threading.Thread(target=self._keep_interrupting, name="interrupt", daemon=True).start()
+        except RuntimeError:  # no memory for another thread: interrupt from here, once
+            self._cursor.interrupt()
 
     def _keep_interrupting(self) -> None:
         for _ in range(INTERRUPT_REPEATS):
@@ -294,11 +305,10 @@ class ResultStream:
                     batch = self._reader.read_next_batch()
                 except StopIteration:
                     return
-                except duckdb.Error as exc:
+                except (duckdb.Error, pa.ArrowException, MemoryError, OSError) as exc:
+                    # pyarrow reports DuckDB's interrupt ("INTERRUPT Error") and a failed
+                    # allocation in DuckDB's reader as plain OSErrors: _map reads them all.
                     raise self._session._map(exc) from None
-                except (pa.ArrowException, OSError) as exc:
-                    # pyarrow reports DuckDB's interrupt as a plain OSError ("INTERRUPT Error").
-                    raise self._session._map(duckdb.Error(str(exc))) from None
                 try:
                     batch = narrowed(batch, self.schema)
                 except pa.ArrowInvalid:
@@ -332,6 +342,14 @@ def bound_plan(
     if plan.get("error"):
         raise plan_refusal(plan, datasets)
     return plan
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """A failed allocation, whichever layer reports it (DuckDB, Arrow or Python)."""
+    if isinstance(exc, duckdb.OutOfMemoryException | MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in _OUT_OF_MEMORY_TEXTS)
 
 
 def _source_of(relation: ExposedRelation) -> SourceName:

@@ -27,6 +27,7 @@ from connector.policy.opa import opa_namespace
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.policy.versions import VersionMemory
+from connector.process_memory import limit_address_space, prepare_allocators, process_allowance
 from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
@@ -296,9 +297,28 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
     return running
 
 
+def _limit_memory(settings: Settings) -> None:
+    """The sandbox's own memory bound (process_memory.py): set once everything is loaded."""
+    server = settings.server
+    limit = limit_address_space(process_allowance(server.memory_limit, server.process_memory_limit))
+    if limit is None:
+        log.warning(
+            "this platform cannot limit the server's address space: only DuckDB's memory_limit, "
+            "which does not count strings that queries build, bounds a peer's query"
+        )
+        return
+    log.info(
+        "memory: the process may map %d MiB beyond the %d MiB it maps now (process_memory_limit)",
+        limit.allowance >> 20,
+        limit.mapped_at_start >> 20,
+    )
+
+
 def serve_forever(settings: Settings, listen: str | None = None) -> None:
     """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations."""
+    prepare_allocators()
     running = start_server(settings, listen)
+    _limit_memory(settings)
     stop = threading.Event()
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:

@@ -46,6 +46,7 @@ from connector.provider import CatalogDataset, Provider
 from connector.query_run import QueryRun
 from connector.receipt import ReceiptFields
 from connector.request import Explanation, PeerRequest
+from connector.sandbox import OUT_OF_MEMORY
 from connector.shaping import Shaping
 from connector.status import reasons_metadata, status_of
 
@@ -364,6 +365,8 @@ class ConnectorService:
     def _refuse(
         self, context: grpc.ServicerContext, entry: AuditEntry, error: Exception, method: str
     ) -> NoReturn:
+        if isinstance(error, MemoryError):  # at the process's memory limit (process_memory.py)
+            error = ResourceExhausted(OUT_OF_MEMORY)
         trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)
         if trouble is not None:
             # A full or read-only state volume: the owner is told exactly that.

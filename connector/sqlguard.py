@@ -24,6 +24,7 @@ from connector.errors import QueryRejected
 from connector.packing import packed_rows
 from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 from connector.sqltree import error_position
+from connector.valuesize import check_value_sizes
 
 UNKNOWN_LOCATION = 2**64 - 1
 MAX_DEPTH = 600
@@ -147,18 +148,28 @@ class _Findings:
         return frozenset(columns), uses_star
 
 
+def _parser_database() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    for statement in (
+        "SET enable_external_access = false",
+        "SET autoload_known_extensions = false",
+        "SET autoinstall_known_extensions = false",
+        "SET lock_configuration = true",
+    ):
+        con.execute(statement)
+    return con
+
+
+# One database for all threads: each DuckDB database starts about nine threads of its own,
+# whose stacks would count against the server's address-space limit (process_memory.py).
+_PARSER_DATABASE = _parser_database()
+
+
 class _ParserConnection(threading.local):
-    """One locked-down in-memory DuckDB connection per thread, used only to parse."""
+    """One cursor per thread on the locked-down in-memory database, used only to parse."""
 
     def __init__(self) -> None:
-        self.con = duckdb.connect(":memory:")
-        for statement in (
-            "SET enable_external_access = false",
-            "SET autoload_known_extensions = false",
-            "SET autoinstall_known_extensions = false",
-            "SET lock_configuration = true",
-        ):
-            self.con.execute(statement)
+        self.con = _PARSER_DATABASE.cursor()
 
 
 _PARSER = _ParserConnection()
@@ -187,6 +198,7 @@ def inspect_query(sql: str, *, max_length: int = DEFAULT_MAX_LENGTH) -> QuerySha
     try:
         tree = _parse(sql)
         _Walker(findings).query_node(tree, frozenset(), 0)
+        check_value_sizes(tree)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
     columns, uses_star = findings.read_columns()

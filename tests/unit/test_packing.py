@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from connector.errors import QueryRejected
 from connector.sqlguard import inspect_query
 
 PACKS = [
@@ -38,7 +39,14 @@ PLAIN = [
 
 @pytest.mark.parametrize(("sql", "reason"), PACKS)
 def test_packing_constructs_are_reported(sql: str, reason: str) -> None:
-    assert reason in inspect_query(sql).packing
+    try:
+        shape = inspect_query(sql)
+    except QueryRejected as refused:
+        # The value-size rule refuses some packing forms outright (a packed value that a
+        # subquery could repeat across rows); refused is as good as reported.
+        assert reason.split("(", maxsplit=1)[0] in str(refused)
+    else:
+        assert reason in shape.packing
 
 
 @pytest.mark.parametrize("sql", PLAIN)
