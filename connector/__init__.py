@@ -4,15 +4,30 @@ import ctypes
 import importlib.util
 from pathlib import Path
 
-# regopy's library replaces C++ operator new/delete with its own allocator (snmalloc). Loaded
-# privately (as Python loads it), it shares libstdc++ with duckdb, pyarrow and grpc while
-# binding new/delete differently, and memory freed by the other allocator is never given
-# back: about 20 KB per Rego decision, or far more when regopy comes first (issue 17). Loaded
-# globally before any of them, every library binds new/delete to the same allocator.
-_spec = importlib.util.find_spec("regopy")
-if _spec is not None and _spec.origin is not None:
-    _library = Path(_spec.origin).parent / "librego_shared.so"
-    if _library.exists():
-        ctypes.CDLL(str(_library), mode=ctypes.RTLD_GLOBAL)
+
+def _load_rego_allocator() -> bool:
+    """Load regopy's library globally; False when a C++ library came first (see below).
+
+    The library replaces C++ operator new/delete with its own allocator (snmalloc). Loaded
+    privately (as Python loads it), it shares libstdc++ with duckdb, pyarrow and grpc while
+    binding new/delete differently, and memory freed to the wrong allocator is never given
+    back: about 20 KB per Rego decision (issue 17). Loaded globally before any of them, every
+    library binds new/delete to the same allocator.
+    """
+    spec = importlib.util.find_spec("regopy")
+    if spec is None or spec.origin is None:
+        return True
+    library = Path(spec.origin).parent / "librego_shared.so"
+    if not library.exists():
+        return True
+    try:
+        first = "libstdc++" not in Path("/proc/self/maps").read_text()
+    except OSError:
+        first = True
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    return first
+
+
+REGO_ALLOCATOR_FIRST = _load_rego_allocator()
 
 __version__ = "0.1.0"

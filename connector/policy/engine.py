@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from regopy import Interpreter
 
+from connector import REGO_ALLOCATOR_FIRST
 from connector.errors import PolicyEngineError
 from connector.policy.model import UsagePolicy
 
@@ -218,6 +219,12 @@ class EmbeddedEngine:
     """Evaluates the Rego library in-process with regopy; compiled once per policy load."""
 
     def __init__(self, policies: Sequence[UsagePolicy], library: str | None = None) -> None:
+        if not REGO_ALLOCATOR_FIRST:
+            log.warning(
+                "a C++ library was loaded before the connector package: each Rego decision "
+                "will keep about 20 KB of memory; import connector before duckdb, pyarrow or "
+                "grpc (as `connector serve` does)"
+            )
         builder = Interpreter()
         try:
             builder.add_module("authz.rego", library or rego_library())

@@ -67,3 +67,13 @@ def test_decisions_do_not_accumulate_memory(tmp_path: Path) -> None:
     )
     growth = float(done.stdout.strip().splitlines()[-1])
     assert growth < ALLOWED_GROWTH_MB, f"{DECISIONS} decisions kept {growth:.1f} MB"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize(("first", "expected"), [("", "True"), ("import duckdb; ", "False")])
+def test_a_cpp_library_loaded_before_the_connector_is_noticed(first: str, expected: str) -> None:
+    script = f"{first}import connector; print(connector.REGO_ALLOCATOR_FIRST)"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == expected
