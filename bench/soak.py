@@ -118,9 +118,11 @@ def run(*args: str | Path) -> None:
         raise SystemExit(f"set-up step failed: connector {' '.join(map(str, args))}")
 
 
-def shaped_policy(version: int) -> str:
-    """The policy re-signed during the soak: each version filters rows differently, so each
-    builds a new shaped copy (what a legal team's edit does)."""
+def shaped_policy(version: int, reshape: bool = True) -> str:
+    """The policy re-signed during the soak. With reshape, each version filters rows
+    differently (a bound every row passes, and a varying one), so each builds a new shaped
+    copy, as a legal team's edit of a filter does; without, only the version changes."""
+    bound = f"{{gte: {version % 4}}}, cost: {{lt: {100 + version}}}" if reshape else "{gte: 0}"
     return f"""id: soak-shaped
 version: {version}
 description: Masked and filtered grant, edited during the soak
@@ -131,7 +133,7 @@ valid: {{from: 2020-01-01, until: 2100-01-01}}
 columns:
   allow: [plant, day, defects, cost]
   mask: {{part_no: hash}}
-rows: {{where: {{defects: {{gte: {version % 4}}}}}}}
+rows: {{where: {{defects: {bound}}}}}
 """
 
 
@@ -391,19 +393,22 @@ def peer_loop(
 # ---------------------------------------------------------------------------- the operator
 
 
-def resign(provider: Path, version: int) -> None:
+def resign(provider: Path, version: int, reshape: bool) -> None:
     """What a legal team does: edit the policy file, then sign it with the CLI."""
     path = provider / "policies" / "soak-shaped.yaml"
-    path.write_text(shaped_policy(version))
-    subprocess.run(
+    path.write_text(shaped_policy(version, reshape))
+    done = subprocess.run(
         [*CONNECTOR, "policy", "sign", "--home", str(provider), str(path)],
         capture_output=True,
-        check=True,
+        text=True,
+        check=False,
     )
+    if done.returncode:
+        print(f"re-signing version {version} failed: {done.stderr.strip()}", flush=True)
 
 
 def operator_loop(
-    server: Server, stop: threading.Event, every_resign: float, every_hup: float
+    server: Server, stop: threading.Event, every_resign: float, every_hup: float, reshape: bool
 ) -> Counter[str]:
     """Re-sign the shaped policy and send SIGHUP on their schedules until stop."""
     done: Counter[str] = Counter()
@@ -413,7 +418,7 @@ def operator_loop(
         elapsed = time.monotonic() - started
         if every_resign and elapsed >= next_resign:
             version += 1
-            resign(server.home, version)
+            resign(server.home, version, reshape)
             done["re-signed"] += 1
             next_resign += every_resign
         if every_hup and elapsed >= next_hup:
@@ -673,7 +678,9 @@ def soak(args: argparse.Namespace, work: Path) -> bool:
         operated: Counter[str] = Counter()
         operator = threading.Thread(
             target=lambda: operated.update(
-                operator_loop(server, stop_operator, args.resign_every, args.hup_every)
+                operator_loop(
+                    server, stop_operator, args.resign_every, args.hup_every, not args.same_shape
+                )
             ),
             daemon=True,
         )
@@ -733,6 +740,9 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--resign-every", type=float, default=30)
     parser.add_argument("--hup-every", type=float, default=60)
+    parser.add_argument(
+        "--same-shape", action="store_true", help="re-sign without changing the row filter"
+    )
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--only", type=lambda t: t.split(","), help="only these request kinds")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
