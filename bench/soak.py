@@ -672,7 +672,10 @@ def soak(args: argparse.Namespace, work: Path) -> bool:
         for kind in kinds:  # one of each kind, then the idle level
             run_.tally.add(first_peer.send(kind, random.Random(0)))
         first_peer.close()
-        run_.sample_for(args.interval)
+        # The idle level: after a short load from a few peers (worker threads, pools and
+        # caches touched once) and a quiet spell.
+        run_.load(args.peers[0], 2 * args.interval, kinds)
+        run_.sample_for(2 * args.interval)
         idle_mb = run_.samples[-1].rss_mb
         stop_operator = threading.Event()
         operated: Counter[str] = Counter()
