@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CODE   := connector tests bench examples protos
 
-.PHONY: install demo test fuzz lint protos bench clean
+.PHONY: install demo test fuzz lint protos bench soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.11 ...")'
@@ -36,6 +36,10 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/stream.py
+
+# A bounded mixed load against a real server (not part of `make test`): SOAK_ARGS="--duration 600".
+soak: $(STAMP)
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-space

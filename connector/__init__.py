@@ -1,6 +1,35 @@
 """Federated data-sharing connector: answer peers' queries only where a signed policy allows."""
 
+import ctypes
+import importlib.util
 import os
+from pathlib import Path
+
+
+def _load_rego_allocator() -> bool:
+    """Load regopy's library globally; False when a C++ library came first (see below).
+
+    The library replaces C++ operator new/delete with its own allocator (snmalloc). Loaded
+    privately (as Python loads it), it shares libstdc++ with duckdb, pyarrow and grpc while
+    binding new/delete differently, and memory freed to the wrong allocator is never given
+    back: about 20 KB per Rego decision (issue 17). Loaded globally before any of them, every
+    library binds new/delete to the same allocator.
+    """
+    spec = importlib.util.find_spec("regopy")
+    if spec is None or spec.origin is None:
+        return True
+    library = Path(spec.origin).parent / "librego_shared.so"
+    if not library.exists():
+        return True
+    try:
+        first = "libstdc++" not in Path("/proc/self/maps").read_text()
+    except OSError:
+        first = True
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    return first
+
+
+REGO_ALLOCATOR_FIRST = _load_rego_allocator()
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,7 @@ from connector.audit import AuditLog
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
+from connector.memory import QuietTrimmer
 from connector.policy.engine import OpaConnection, PolicyEngine, build_engine
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
@@ -213,7 +214,9 @@ class RunningServer:
     def _watch(self) -> None:
         config = self.settings.home / "connector.toml"
         last = _mtime(config)
+        trimmer = QuietTrimmer()
         while not self._stop.wait(self.settings.policies.reload_seconds):
+            trimmer.observe(self.provider.audit.head[0])
             try:
                 if _mtime(config) != last:
                     last = _mtime(config)

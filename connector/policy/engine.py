@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from regopy import Interpreter
 
+from connector import REGO_ALLOCATOR_FIRST
 from connector.canonical import canonical_bytes
 from connector.errors import PolicyEngineError
 from connector.policy.answers import AnswerFault, catalog_grant_fault, decision_grant_fault
@@ -258,6 +259,12 @@ class EmbeddedEngine:
     """Evaluates the Rego library in-process with regopy; compiled once per policy load."""
 
     def __init__(self, policies: Sequence[UsagePolicy], library: str | None = None) -> None:
+        if not REGO_ALLOCATOR_FIRST:
+            log.warning(
+                "a C++ library was loaded before the connector package: each Rego decision "
+                "will keep about 20 KB of memory; import connector before duckdb, pyarrow or "
+                "grpc (as `connector serve` does)"
+            )
         text = library or rego_library()  # a missing file is not a compile error
         builder = Interpreter()
         try:

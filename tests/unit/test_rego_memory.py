@@ -1,0 +1,79 @@
+"""The embedded Rego engine releases what each decision allocates (issue 17: memory grew
+about 20 KB per request when regopy's allocator was loaded after libstdc++)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+DECISIONS = 1500
+ALLOWED_GROWTH_MB = 8.0  # the leak was ~30 MB for this many decisions
+
+SCRIPT = textwrap.dedent(
+    """
+    import datetime as dt, re, sys
+    from pathlib import Path
+    import connector.server  # the server's import order: grpc, duckdb, pyarrow, then Rego
+    from connector.policy.engine import DecisionRequest, EmbeddedEngine
+    from connector.policy.model import parse_policy
+
+    def rss_mb():
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmRSS:\\s+(\\d+)", status).group(1)) / 1024
+
+    engine = EmbeddedEngine([parse_policy(Path(sys.argv[1]))])
+    request = DecisionRequest(
+        "acme", "quality", ("part_defects",), {"part_defects": frozenset({"plant"})}, False,
+        dt.datetime(2026, 6, 1, tzinfo=dt.UTC),
+    )
+    for _ in range(200):
+        assert engine.decide(request).allow
+    before = rss_mb()
+    for _ in range(int(sys.argv[2])):
+        engine.decide(request)
+    print(rss_mb() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_decisions_do_not_accumulate_memory(tmp_path: Path) -> None:
+    policy = tmp_path / "grant.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            """\
+            id: grant
+            version: 1
+            description: test
+            datasets: [part_defects]
+            grantees: {members: [acme]}
+            purposes: [quality]
+            valid: {from: 2026-01-01, until: 2027-01-01}
+            columns:
+              allow: [plant, defects]
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(policy), str(DECISIONS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    growth = float(done.stdout.strip().splitlines()[-1])
+    assert growth < ALLOWED_GROWTH_MB, f"{DECISIONS} decisions kept {growth:.1f} MB"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize(("first", "expected"), [("", "True"), ("import duckdb; ", "False")])
+def test_a_cpp_library_loaded_before_the_connector_is_noticed(first: str, expected: str) -> None:
+    script = f"{first}import connector; print(connector.REGO_ALLOCATOR_FIRST)"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == expected
