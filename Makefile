@@ -29,7 +29,7 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
-	$(VENV)/bin/mypy connector
+	$(VENV)/bin/mypy connector tests
 
 protos: $(STAMP)
 	$(PY) protos/generate.py connector/_proto

@@ -59,7 +59,7 @@ class Member:
 
     def ingest(self, source: Path, dataset: str, description: str = "") -> None:
         """Load a data file into the member's database through the CLI."""
-        args = ["ingest", "--home", self.home, source, "--dataset", dataset]
+        args: list[str | Path] = ["ingest", "--home", self.home, source, "--dataset", dataset]
         assert run_cli(*args, "--description", description or dataset) == 0
 
     def identity(self) -> PeerIdentity:

@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ from tests.conftest import (
 PURPOSE = "quality-benchmarking"
 
 
-def _requests(member: Member) -> list[dict[str, object]]:
+def _requests(member: Member) -> list[dict[str, Any]]:
     path = member.home / "audit" / "audit.jsonl"
     return [e for e in read_entries(path) if e["type"] == "request"]
 

@@ -104,7 +104,8 @@ def test_policy_verify_says_for_each_file_why(
 def test_unreachable_provider_is_a_clear_error(
     space: Space, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["catalog", "--home", space.grantee.home, "--to", "127.0.0.1:1", "--timeout", "3"]
+    args: list[str | Path] = ["catalog", "--home", space.grantee.home, "--to", "127.0.0.1:1"]
+    args += ["--timeout", "3"]
     assert run_cli(*args) == 1
     assert "unreachable" in capsys.readouterr().err
 

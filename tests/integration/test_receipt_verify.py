@@ -20,7 +20,8 @@ PURPOSE = "quality-benchmarking"
 def kept(tmp_path: Path, space: Space) -> tuple[Path, Path]:
     """A result saved as the exact Arrow bytes, with its receipt beside it."""
     result = tmp_path / "defects.arrow"
-    args = ["query", "--home", space.grantee.home, "--to", f"127.0.0.1:{space.server.port}"]
+    address = f"127.0.0.1:{space.server.port}"
+    args: list[str | Path] = ["query", "--home", space.grantee.home, "--to", address]
     sql = "SELECT plant, sum(defects) AS d FROM part_defects GROUP BY plant"
     assert run_cli(*args, "--purpose", PURPOSE, "--format", "arrow", "--output", result, sql) == 0
     receipt = tmp_path / "defects.arrow.receipt.json"
@@ -94,7 +95,8 @@ def test_a_receipt_beside_any_format_verifies_with_only_the_ca(
     tmp_path: Path, space: Space, fmt: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     result = tmp_path / f"defects.{fmt}"
-    args = ["query", "--home", space.grantee.home, "--to", f"127.0.0.1:{space.server.port}"]
+    address = f"127.0.0.1:{space.server.port}"
+    args: list[str | Path] = ["query", "--home", space.grantee.home, "--to", address]
     sql = "SELECT plant, sum(defects) AS d FROM part_defects GROUP BY plant"
     assert run_cli(*args, "--purpose", PURPOSE, "--format", fmt, "--output", result, sql) == 0
     receipt = result.with_name(result.name + ".receipt.json")
@@ -117,7 +119,8 @@ def test_a_receipt_beside_any_format_verifies_with_only_the_ca(
 def test_numbers_in_json_output_are_numbers(
     space: Space, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["query", "--home", space.grantee.home, "--to", f"127.0.0.1:{space.server.port}"]
+    address = f"127.0.0.1:{space.server.port}"
+    args: list[str | Path] = ["query", "--home", space.grantee.home, "--to", address]
     sql = "SELECT sum(defects) AS d, avg(defects) AS a, 1.5::DECIMAL(4,2) AS x FROM part_defects"
     assert run_cli(*args, "--purpose", PURPOSE, "--format", "json", sql) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
