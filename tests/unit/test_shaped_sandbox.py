@@ -34,13 +34,15 @@ def _parts_database(tmp_path: Path, csv: str) -> tuple[Path, DatasetInfo]:
     return path, list_datasets(path)[0]
 
 
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[tuple[SandboxDatabase, DatasetInfo]]:
+@pytest.fixture(scope="module")
+def parts(module_dir: Path) -> Iterator[tuple[SandboxDatabase, DatasetInfo]]:
+    """One parts database for the module: the tests only query it (attempts to change it
+    are refused, and each is followed by a count of what is there)."""
     lines = ["id,plant,serial,price,week"]
     for i in range(ROWS):
         week = dt.date(2026, 1, 5) + dt.timedelta(weeks=i % 20)
         lines.append(f"{i},{'ABCD'[i % 4]},S-{i:04d},{100 + i}.5,{week}")
-    path, info = _parts_database(tmp_path, "\n".join(lines) + "\n")
+    path, info = _parts_database(module_dir, "\n".join(lines) + "\n")
     store = SandboxDatabase(path, SandboxLimits())
     yield store, info
     store.close()
