@@ -111,6 +111,7 @@ def test_audit_cli_show_verify_export(
     assert "line 2 (entry 2) was changed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_loses_no_answered_query(provider_pair: ProviderPair) -> None:
     provider, grantee = provider_pair()
     server = ServerProcess(provider.home)

@@ -26,6 +26,7 @@ def _draft(folder: Path, version: int, start: str | None = None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_publishing_and_re_signing_never_withdraw_the_grant(
     tmp_path: Path,
     make_member: Callable[[str], Member],

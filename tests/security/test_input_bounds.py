@@ -115,6 +115,7 @@ def test_a_withdrawn_grant_is_not_answered_beside_a_nested_header_signature(
     assert space.server.provider.policies.snapshot.policies == ()
 
 
+@pytest.mark.slow
 def test_serve_starts_beside_a_nested_header_signature_and_says_why_it_is_skipped(
     make_member: Callable[[str], Member],
 ) -> None:

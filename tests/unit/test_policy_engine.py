@@ -286,6 +286,7 @@ def test_an_out_of_date_policy_for_another_purpose_opens_nothing(
     assert engine.decide(_request("acme", prices=["plant"])).reasons == both.reasons
 
 
+@pytest.mark.slow
 def test_decision_cost_follows_the_requesters_policies_not_all_policies(tmp_path: Path) -> None:
     # regopy recomputes function calls and compares whole objects in sets: with 150 policies
     # naming the requester a decision took 4 s, before the library computed each set once,
@@ -328,6 +329,7 @@ def _plain_reading(policies: list[UsagePolicy], request: DecisionRequest) -> dic
     return {"allow": bool(request.datasets), "grants": grants}
 
 
+@pytest.mark.slow
 def test_random_requests_agree_with_a_plain_reading_and_never_leak(tmp_path: Path) -> None:
     rng = random.Random(20261125)
     members, datasets = ["acme", "bob", "carl"], ["d1", "d2", "d3"]

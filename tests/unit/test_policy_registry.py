@@ -50,6 +50,7 @@ def test_a_pending_policy_does_not_rebuild_the_engine_on_every_poll(tmp_path: Pa
     assert [registry.reload_if_changed() for _ in range(3)] == [False, False, False]
 
 
+@pytest.mark.slow
 def test_a_policy_comes_into_force_and_expires_without_a_file_change(tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     now = dt.datetime.now(dt.UTC)

@@ -182,6 +182,7 @@ def test_errors_do_not_echo_data_values(database: Path, granted: tuple[Relation,
         store.close()
 
 
+@pytest.mark.slow
 def test_time_limit_interrupts_and_the_store_keeps_serving(
     database: Path, granted: tuple[Relation, ...]
 ) -> None:
