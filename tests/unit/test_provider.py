@@ -26,37 +26,56 @@ from connector.policy.ref import PolicyRef
 from connector.provider import Provider
 from connector.request import PeerRequest
 from connector.server import build_provider
-from tests.conftest import Member, ProviderPair
+from tests.conftest import Member, ProviderPair, policy_text, write_defects_csv
 
 PURPOSE = "quality-benchmarking"
 GRANTED = ("plant", "part_no", "defect_code", "defects", "week")
+
+
+def _open(owner: Member) -> Provider:
+    return build_provider(load_settings(owner.home))
+
+
+def _close(provider: Provider) -> None:
+    provider.sandbox.close()
+    provider.audit.close()
+    provider.quotas.close()
 
 
 @pytest.fixture
 def built(
     provider_pair: ProviderPair,
 ) -> Iterator[Callable[..., tuple[Provider, Member, Member]]]:
-    """Build the Provider of carmaker (policy q for supplier-a), closed after the test."""
+    """Build the Provider of a carmaker home of the test's own, with settings changed."""
     opened: list[Provider] = []
 
     def build(**settings: str) -> tuple[Provider, Member, Member]:
         owner, grantee = provider_pair(settings=settings)
-        provider = build_provider(load_settings(owner.home))
-        opened.append(provider)
-        return provider, owner, grantee
+        opened.append(_open(owner))
+        return opened[-1], owner, grantee
 
     yield build
     for provider in opened:
-        provider.sandbox.close()
-        provider.audit.close()
-        provider.quotas.close()
+        _close(provider)
+
+
+@pytest.fixture(scope="module")
+def homes(module_dir: Path, module_member: Callable[[str], Member]) -> tuple[Member, Member]:
+    """carmaker with part_defects and policy q for supplier-a, shared by the module."""
+    owner, grantee = module_member("carmaker"), module_member("supplier-a")
+    owner.ingest(write_defects_csv(module_dir / "d.csv"), "part_defects")
+    owner.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    return owner, grantee
 
 
 @pytest.fixture
-def carmaker(
-    built: Callable[..., tuple[Provider, Member, Member]],
-) -> tuple[Provider, Member, Member]:
-    return built()
+def carmaker(homes: tuple[Member, Member]) -> Iterator[tuple[Provider, Member, Member]]:
+    """A Provider opened on the module's homes for one test (its audit log starts empty)."""
+    owner, grantee = homes
+    (owner.home / "audit" / "audit.jsonl").unlink(missing_ok=True)
+    provider = _open(owner)
+    yield provider, owner, grantee
+    _close(provider)
 
 
 def _cert(member: Member) -> bytes:
