@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from connector.enforce import Relation, relation_for, shaping_of
-from connector.errors import PermissionDenied, QueryRejected, StoreError
+from connector.errors import ConfigError, PermissionDenied, QueryRejected, StoreError
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import REDACTED, RowFilter, Shaping, hmac_sql, load_mask_key
 from connector.store import DatasetInfo, create_database, ingest, list_datasets
@@ -236,7 +236,7 @@ def test_the_mask_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert len(key) == 32 and load_mask_key(path) == key
     assert path.stat().st_mode & 0o077 == 0
     path.write_text("not hex\n")
-    with pytest.raises(Exception, match="restore it from backup"):
+    with pytest.raises(ConfigError, match="restore it from backup"):
         load_mask_key(path)
 
 
