@@ -296,10 +296,10 @@ def test_decision_cost_follows_the_requesters_policies_not_all_policies(tmp_path
     ]
     mine = [_policy(tmp_path, f"a{i}", "[acme]", columns=f"[plant, c{i}]") for i in range(150)]
     engine = EmbeddedEngine(theirs + mine)
-    started = time.perf_counter()
+    started = time.thread_time()  # this thread's CPU time: a busy machine does not count
     decision = engine.decide(_request("acme", part_defects=["plant", "c99"]))
     catalog = engine.catalog("acme", NOW)
-    assert time.perf_counter() - started < 1.0  # 0.15 s here; 4.3 s before
+    assert time.thread_time() - started < 1.0  # 0.15 s here; 4.3 s before
     assert decision.allow
     (grant,) = decision.grants
     assert len(grant.policies) == 150 and len(grant.columns) == 151
