@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CODE   := connector tests bench examples protos
 
-.PHONY: install demo test fuzz lint protos bench soak clean
+.PHONY: install demo test test-quick fuzz lint protos bench soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.11 ...")'
@@ -18,8 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Every core (pytest-xdist); all tests of a module go to one worker, so a server the module
+# shares starts once.
+PYTEST := $(PY) -m pytest -n auto --dist loadscope
+
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PYTEST)
+
+# Everything but the tests marked slow (a few seconds or more each): for quick iteration.
+test-quick: $(STAMP) lint
+	$(PYTEST) -m "not slow"
 
 # The fuzz targets run briefly in `make test`; this runs them long: FUZZ_EXAMPLES random
 # inputs per target (default 5000: about 15 minutes on 2 busy cores). Failures print the input.
@@ -29,7 +37,7 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
-	$(VENV)/bin/mypy connector
+	$(VENV)/bin/mypy connector tests
 
 protos: $(STAMP)
 	$(PY) protos/generate.py connector/_proto

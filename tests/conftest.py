@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
 from connector.identity import create_dataspace_ca
 from connector.server import RunningServer, start_server
+from tests.in_process import InProcessPeer
 
 DATASPACE = "test-space"
 
@@ -57,7 +59,7 @@ class Member:
 
     def ingest(self, source: Path, dataset: str, description: str = "") -> None:
         """Load a data file into the member's database through the CLI."""
-        args = ["ingest", "--home", self.home, source, "--dataset", dataset]
+        args: list[str | Path] = ["ingest", "--home", self.home, source, "--dataset", dataset]
         assert run_cli(*args, "--description", description or dataset) == 0
 
     def identity(self) -> PeerIdentity:
@@ -70,16 +72,21 @@ def make_member(tmp_path: Path, dataspace: Path) -> Callable[[str], Member]:
     """Create member homes with `connector init`."""
 
     def make(member_id: str) -> Member:
-        home = tmp_path / member_id
-        assert run_cli("init", home, "--member", member_id, "--dataspace", dataspace) == 0
-        return Member(member_id, home)
+        return init_member(tmp_path, member_id, dataspace)
 
     return make
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Member], RunningServer]]:
-    """Start real servers for members on 127.0.0.1:0; stopped at the end of the test."""
+def init_member(directory: Path, member_id: str, dataspace: Path) -> Member:
+    """A member home made by `connector init` in directory/member_id."""
+    home = directory / member_id
+    assert run_cli("init", home, "--member", member_id, "--dataspace", dataspace) == 0
+    return Member(member_id, home)
+
+
+@contextmanager
+def servers() -> Iterator[Callable[[Member], RunningServer]]:
+    """Start real servers for members on 127.0.0.1:0; all stopped when the block ends."""
     running: list[RunningServer] = []
 
     def start(member: Member) -> RunningServer:
@@ -87,9 +94,18 @@ def serve() -> Iterator[Callable[[Member], RunningServer]]:
         running.append(server)
         return server
 
-    yield start
-    for server in running:
-        server.stop(grace=1)
+    try:
+        yield start
+    finally:
+        for server in running:
+            server.stop(grace=1)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Member], RunningServer]]:
+    """Start real servers for members on 127.0.0.1:0; stopped at the end of the test."""
+    with servers() as start:
+        yield start
 
 
 def connect(server: RunningServer, member: Member, timeout: float = 30.0) -> Peer:
@@ -183,6 +199,29 @@ class Space:
     def peer(self, member: Member | None = None, timeout: float = 30.0) -> Peer:
         return connect(self.server, member or self.grantee, timeout)
 
+    def in_process(self, member: Member | None = None) -> InProcessPeer:
+        """A peer asking this server's Provider directly (no TLS, no gRPC): for long tables."""
+        return in_process_peer(self.server, member or self.grantee)
+
+
+def in_process_peer(server: RunningServer, member: Member) -> InProcessPeer:
+    """member asking server's Provider in this process, as the servicer would."""
+    identity = member.identity()
+    return InProcessPeer(server.provider, identity.cert_pem, identity.ca_pem)
+
+
+def build_space(
+    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> Space:
+    """carmaker offers part_defects to supplier-a for quality-benchmarking; supplier-b has none."""
+    provider, grantee, outsider = make("carmaker"), make("supplier-a"), make("supplier-b")
+    provider.ingest(write_defects_csv(directory / "defects.csv"), "part_defects", "Weekly defects")
+    provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
+    # Small batches, so that results of a few thousand rows already stream in many pieces.
+    config = provider.home / "connector.toml"
+    config.write_text(config.read_text().replace("batch_rows = 65536", "batch_rows = 1000"))
+    return Space(provider, grantee, outsider, serve(provider))
+
 
 @pytest.fixture
 def space(
@@ -191,17 +230,37 @@ def space(
     serve: Callable[[Member], RunningServer],
 ) -> Space:
     """carmaker offers part_defects to supplier-a for quality-benchmarking; supplier-b has none."""
-    provider, grantee, outsider = (
-        make_member("carmaker"),
-        make_member("supplier-a"),
-        make_member("supplier-b"),
-    )
-    provider.ingest(write_defects_csv(tmp_path / "defects.csv"), "part_defects", "Weekly defects")
-    provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
-    # Small batches, so that results of a few thousand rows already stream in many pieces.
-    config = provider.home / "connector.toml"
-    config.write_text(config.read_text().replace("batch_rows = 65536", "batch_rows = 1000"))
-    return Space(provider, grantee, outsider, serve(provider))
+    return build_space(tmp_path, make_member, serve)
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A folder shared by the tests of one module (for homes they only read)."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def module_member(module_dir: Path, dataspace: Path) -> Callable[[str], Member]:
+    """Create member homes shared by the tests of one module."""
+    return lambda member_id: init_member(module_dir, member_id, dataspace)
+
+
+@pytest.fixture(scope="module")
+def module_serve() -> Iterator[Callable[[Member], RunningServer]]:
+    """Start real servers shared by the tests of one module; stopped after its last test."""
+    with servers() as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def shared_space(
+    module_dir: Path,
+    module_member: Callable[[str], Member],
+    module_serve: Callable[[Member], RunningServer],
+) -> Space:
+    """The `space` of one module, for tests that only query it: a test that changes its
+    policies, configuration, data or quotas takes `space` (its own) instead."""
+    return build_space(module_dir, module_member, module_serve)
 
 
 PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")

@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -32,7 +33,7 @@ from tests.conftest import (
 PURPOSE = "quality-benchmarking"
 
 
-def _requests(member: Member) -> list[dict[str, object]]:
+def _requests(member: Member) -> list[dict[str, Any]]:
     path = member.home / "audit" / "audit.jsonl"
     return [e for e in read_entries(path) if e["type"] == "request"]
 
@@ -107,6 +108,8 @@ def test_audit_cli_show_verify_export(
     exported = [json.loads(line) for line in (tmp_path / "siem.jsonl").read_text().splitlines()]
     # The answered query has its "opened" entry, written before the first byte left.
     assert [e["type"] for e in exported] == ["request", "opened", "request", "request"]
+    requests = [e for e in exported if e["type"] == "request"]
+    assert [(e["kind"], e["outcome"]) for e in requests] == kinds
     assert run_cli("audit", "verify", "--home", home) == 0
     assert "intact: 4 entries" in capsys.readouterr().out
     log = home / "audit" / "audit.jsonl"
@@ -115,6 +118,7 @@ def test_audit_cli_show_verify_export(
     assert "line 3 (entry 3) was changed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_loses_no_answered_query(provider_pair: ProviderPair) -> None:
     provider, grantee = provider_pair()
     server = ServerProcess(provider.home)

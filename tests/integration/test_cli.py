@@ -18,10 +18,10 @@ def _peer_args(space: Space, command: str) -> list[str | Path]:
 
 
 def test_query_formats_and_output_file(
-    tmp_path: Path, space: Space, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, shared_space: Space, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sql = "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant ORDER BY plant"
-    args = [*_peer_args(space, "query"), "--purpose", PURPOSE, sql]
+    args = [*_peer_args(shared_space, "query"), "--purpose", PURPOSE, sql]
     assert run_cli(*args, "--format", "csv") == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == '"plant","n"'
@@ -45,26 +45,28 @@ def test_query_formats_and_output_file(
     ],
 )
 def test_refusals_print_the_reason_and_exit_non_zero(
-    space: Space, capsys: pytest.CaptureFixture[str], purpose: str, sql: str, message: str
+    shared_space: Space, capsys: pytest.CaptureFixture[str], purpose: str, sql: str, message: str
 ) -> None:
-    assert run_cli(*_peer_args(space, "query"), "--purpose", purpose, sql) == 1
+    assert run_cli(*_peer_args(shared_space, "query"), "--purpose", purpose, sql) == 1
     assert message in capsys.readouterr().err
 
 
-def test_catalog_as_json(space: Space, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(*_peer_args(space, "catalog"), "--format", "json") == 0
+def test_catalog_as_json(shared_space: Space, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(*_peer_args(shared_space, "catalog"), "--format", "json") == 0
     (entry,) = json.loads(capsys.readouterr().out)
     assert entry["dataset"] == "part_defects"
     assert entry["policies"] == ["quality-benchmark@1"]
 
 
-def test_explain_shows_decision_and_view(space: Space, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_shows_decision_and_view(
+    shared_space: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
     sql = "SELECT * FROM part_defects"
-    assert run_cli(*_peer_args(space, "explain"), "--purpose", PURPOSE, sql) == 0
+    assert run_cli(*_peer_args(shared_space, "explain"), "--purpose", PURPOSE, sql) == 0
     out = capsys.readouterr().out
     assert out.startswith("allowed")
     assert "runs on: SELECT plant, part_no, defect_code, defects, week FROM part_defects" in out
-    assert run_cli(*_peer_args(space, "explain"), "--purpose", "marketing", sql) == 1
+    assert run_cli(*_peer_args(shared_space, "explain"), "--purpose", "marketing", sql) == 1
     assert "denied" in capsys.readouterr().out
 
 
@@ -102,9 +104,10 @@ def test_policy_verify_says_for_each_file_why(
 
 
 def test_unreachable_provider_is_a_clear_error(
-    space: Space, capsys: pytest.CaptureFixture[str]
+    shared_space: Space, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["catalog", "--home", space.grantee.home, "--to", "127.0.0.1:1", "--timeout", "3"]
+    args: list[str | Path] = ["catalog", "--home", shared_space.grantee.home, "--to", "127.0.0.1:1"]
+    args += ["--timeout", "3"]
     assert run_cli(*args) == 1
     assert "unreachable" in capsys.readouterr().err
 
@@ -116,9 +119,11 @@ def test_commands_without_a_home_say_how_to_make_one(
     assert "connector init" in capsys.readouterr().err
 
 
-def test_datasets_lists_the_members_data(space: Space, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli("datasets", "--home", space.grantee.home) == 0
+def test_datasets_lists_the_members_data(
+    shared_space: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("datasets", "--home", shared_space.grantee.home) == 0
     assert capsys.readouterr().out == ""
     # The provider's file is held by its running server; listing is read-only and works.
-    assert run_cli("datasets", "--home", space.provider.home) == 0
+    assert run_cli("datasets", "--home", shared_space.provider.home) == 0
     assert "part_defects  200 rows  6 columns  Weekly defects" in capsys.readouterr().out

@@ -26,6 +26,7 @@ def _draft(folder: Path, version: int, start: str | None = None) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_publishing_and_re_signing_never_withdraw_the_grant(
     tmp_path: Path,
     make_member: Callable[[str], Member],
@@ -65,11 +66,7 @@ def test_publishing_and_re_signing_never_withdraw_the_grant(
             )
             published = provider.home / "policies" / f"q.v{version}.yaml"
             assert run_cli("policy", "sign", "--home", provider.home, published) == 0
-            wait_for(
-                lambda v=version: (
-                    [p.version for p in server.provider.policies.snapshot.policies] == [v]
-                )
-            )
+            wait_for(_in_force(server, version))
     finally:
         stop.set()
         for worker in workers:
@@ -104,3 +101,9 @@ def test_a_pending_version_leaves_the_old_one_in_force_and_old_ones_are_refused(
     (home / "policies" / "inside.yaml").write_text(text)
     assert run_cli("policy", "publish", "--home", home, home / "policies" / "inside.yaml") == 1
     assert "keep drafts elsewhere" in capsys.readouterr().err
+
+
+def _in_force(server: RunningServer, version: int) -> Callable[[], bool]:
+    """True once version is the one policy version the server has in force."""
+    policies = server.provider.policies
+    return lambda: [p.version for p in policies.snapshot.policies] == [version]

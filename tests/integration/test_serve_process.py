@@ -14,6 +14,9 @@ from connector.errors import StoreBusy
 from connector.store import ingest, list_datasets
 from tests.conftest import Member, ProviderPair, ServerProcess, wait_for, write_defects_csv
 
+# Each test starts `connector serve` as a new Python process (about 2 s alone).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def server_process() -> Iterator[Callable[[Member], ServerProcess]]:

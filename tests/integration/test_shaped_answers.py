@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import hmac
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import pytest
 from connector.client import Peer
 from connector.errors import PermissionDenied, QueryRejected
 from connector.server import RunningServer
-from tests.conftest import Member, connect, policy_text, write_defects_csv
+from tests.conftest import Member, connect, in_process_peer, policy_text, write_defects_csv
+from tests.in_process import InProcessPeer
 
 VIEW = "plant-view"
 BENCH = "benchmark"
@@ -89,8 +90,29 @@ class ShapedSpace:
     def peer(self, member: Member) -> Peer:
         return connect(self.server, member, timeout=60)
 
+    def in_process(self, member: Member) -> InProcessPeer:
+        """member asking the server's Provider directly (no TLS, no gRPC): for long tables."""
+        return in_process_peer(self.server, member)
+
     def hashed(self, text: str) -> str:
         return hmac.new(self.mask_key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def build_shaped(
+    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> ShapedSpace:
+    """carmaker with part_defects and plants, shaped for supplier-a and supplier-b."""
+    provider = make("carmaker")
+    supplier_a, supplier_b = make("supplier-a"), make("supplier-b")
+    provider.ingest(write_defects_csv(directory / "d.csv"), "part_defects", "Weekly defects")
+    plants = directory / "plants.csv"
+    plants.write_text("plant,city\nRegensburg,Regensburg\nDingolfing,Dingolfing\nLeipzig,Leipzig\n")
+    provider.ingest(plants, "plants", "Plants")
+    provider.write_policy("masked.yaml", MASKED_POLICY)
+    provider.write_policy("benchmark.yaml", AGGREGATE_POLICY)
+    provider.write_policy("plants.yaml", PLANTS_POLICY)
+    key = bytes.fromhex((provider.home / "keys" / "mask.key").read_text().strip())
+    return ShapedSpace(provider, supplier_a, supplier_b, serve(provider), key)
 
 
 @pytest.fixture
@@ -98,22 +120,25 @@ def shaped(
     tmp_path: Path,
     make_member: Callable[[str], Member],
     serve: Callable[[Member], RunningServer],
-) -> Iterator[ShapedSpace]:
-    provider = make_member("carmaker")
-    supplier_a, supplier_b = make_member("supplier-a"), make_member("supplier-b")
-    provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects", "Weekly defects")
-    plants = tmp_path / "plants.csv"
-    plants.write_text("plant,city\nRegensburg,Regensburg\nDingolfing,Dingolfing\nLeipzig,Leipzig\n")
-    provider.ingest(plants, "plants", "Plants")
-    provider.write_policy("masked.yaml", MASKED_POLICY)
-    provider.write_policy("benchmark.yaml", AGGREGATE_POLICY)
-    provider.write_policy("plants.yaml", PLANTS_POLICY)
-    key = bytes.fromhex((provider.home / "keys" / "mask.key").read_text().strip())
-    yield ShapedSpace(provider, supplier_a, supplier_b, serve(provider), key)
+) -> ShapedSpace:
+    """A shaped space of this test's own: for tests that change its policies."""
+    return build_shaped(tmp_path, make_member, serve)
 
 
-def test_catalog_marks_masked_columns_row_filter_and_aggregate_only(shaped: ShapedSpace) -> None:
-    with shaped.peer(shaped.supplier_a) as peer:
+@pytest.fixture(scope="module")
+def shared_shaped(
+    module_dir: Path,
+    module_member: Callable[[str], Member],
+    module_serve: Callable[[Member], RunningServer],
+) -> ShapedSpace:
+    """One shaped space for the tests of a module that only query it."""
+    return build_shaped(module_dir, module_member, module_serve)
+
+
+def test_catalog_marks_masked_columns_row_filter_and_aggregate_only(
+    shared_shaped: ShapedSpace,
+) -> None:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
         (defects, _) = peer.catalog()
     assert defects.masks == {"part_no": "hash", "supplier_price": "redact"}
     assert dict(defects.columns)["part_no"] == "VARCHAR"
@@ -122,15 +147,15 @@ def test_catalog_marks_masked_columns_row_filter_and_aggregate_only(shaped: Shap
         "(\"week\" >= DATE '2026-03-01' AND \"week\" < DATE '2026-06-01')"
     )
     assert defects.min_group_size == 0
-    with shaped.peer(shaped.supplier_b) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_b) as peer:
         catalog = {d.name: d for d in peer.catalog()}
     assert catalog["part_defects"].min_group_size == MIN_GROUP
     assert catalog["plants"].min_group_size == 0
 
 
-def test_masked_and_filtered_rows_are_all_a_peer_gets(shaped: ShapedSpace) -> None:
+def test_masked_and_filtered_rows_are_all_a_peer_gets(shared_shaped: ShapedSpace) -> None:
     expected = [r for r in source_rows() if visible_to_a(r)]
-    with shaped.peer(shaped.supplier_a) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
         table = peer.query("SELECT * FROM part_defects", VIEW)
     rows = table.to_pylist()
     assert len(rows) == len(expected) > 0
@@ -139,7 +164,7 @@ def test_masked_and_filtered_rows_are_all_a_peer_gets(shaped: ShapedSpace) -> No
     ]  # fmt: skip
     assert {r["supplier_price"] for r in rows} == {"REDACTED"}
     assert Counter(r["part_no"] for r in rows) == Counter(
-        shaped.hashed(str(r["part_no"])) for r in expected
+        shared_shaped.hashed(str(r["part_no"])) for r in expected
     )
     assert {r["plant"] for r in rows} == {"Regensburg", "Dingolfing"}
 
@@ -171,17 +196,17 @@ def test_masked_and_filtered_rows_are_all_a_peer_gets(shaped: ShapedSpace) -> No
     ],
 )
 def test_no_clear_value_and_no_filtered_row_is_reachable(
-    shaped: ShapedSpace, sql: str, expected: int
+    shared_shaped: ShapedSpace, sql: str, expected: int
 ) -> None:
-    with shaped.peer(shaped.supplier_a) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
         assert peer.query(sql, VIEW)["n"][0].as_py() == expected
 
 
-def test_hashed_columns_still_join_and_count(shaped: ShapedSpace) -> None:
+def test_hashed_columns_still_join_and_count(shared_shaped: ShapedSpace) -> None:
     expected = [r for r in source_rows() if visible_to_a(r)]
-    by_part = Counter(shaped.hashed(str(r["part_no"])) for r in expected)
+    by_part = Counter(shared_shaped.hashed(str(r["part_no"])) for r in expected)
     sql = "SELECT part_no, count(*) AS n FROM part_defects GROUP BY part_no ORDER BY part_no"
-    with shaped.peer(shaped.supplier_a) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
         rows = peer.query(sql, VIEW).to_pylist()
         pairs = peer.query(
             "SELECT count(*) AS n FROM part_defects a JOIN part_defects b ON a.part_no = b.part_no",
@@ -200,8 +225,8 @@ def test_hashed_columns_still_join_and_count(shaped: ShapedSpace) -> None:
     ]
 
 
-def test_explain_shows_masks_filters_and_never_the_key(shaped: ShapedSpace) -> None:
-    with shaped.peer(shaped.supplier_a) as peer:
+def test_explain_shows_masks_filters_and_never_the_key(shared_shaped: ShapedSpace) -> None:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
         decision = peer.explain("SELECT part_no FROM part_defects", VIEW)
     assert decision.allow
     (relation,) = decision.relations
@@ -210,7 +235,7 @@ def test_explain_shows_masks_filters_and_never_the_key(shaped: ShapedSpace) -> N
     assert "'REDACTED' AS supplier_price" in relation.definition
     assert relation.row_filter in relation.definition
     assert relation.min_group_size == 0
-    assert shaped.mask_key.hex()[:12] not in relation.definition
+    assert shared_shaped.mask_key.hex()[:12] not in relation.definition
     assert decision.query == "SELECT part_no FROM part_defects"
 
 
@@ -223,7 +248,7 @@ def aggregate_groups(keys: tuple[str, ...]) -> dict[tuple[object, ...], list[int
     return groups
 
 
-def test_aggregate_only_returns_only_groups_of_at_least_k_rows(shaped: ShapedSpace) -> None:
+def test_aggregate_only_returns_only_groups_of_at_least_k_rows(shared_shaped: ShapedSpace) -> None:
     sql = (
         "SELECT plant, defect_code, count(*) AS n, sum(defects) AS total FROM part_defects "
         "GROUP BY plant, defect_code ORDER BY plant, defect_code"
@@ -235,7 +260,7 @@ def test_aggregate_only_returns_only_groups_of_at_least_k_rows(shaped: ShapedSpa
         if len(v) >= MIN_GROUP
     ]
     assert any(len(v) < MIN_GROUP for v in groups.values())  # the data has small groups
-    with shaped.peer(shaped.supplier_b) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_b) as peer:
         rows = peer.query(sql, BENCH).to_pylist()
         decision = peer.explain(sql, BENCH)
     assert rows == expected
@@ -256,9 +281,9 @@ def test_aggregate_only_returns_only_groups_of_at_least_k_rows(shaped: ShapedSpa
     ],
 )  # fmt: skip
 def test_aggregate_only_refusals_say_what_to_write(
-    shaped: ShapedSpace, sql: str, words: str
+    shared_shaped: ShapedSpace, sql: str, words: str
 ) -> None:
-    with shaped.peer(shaped.supplier_b) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_b) as peer:
         with pytest.raises(QueryRejected) as refused:
             peer.query(sql, BENCH)
         assert peer.query("SELECT count(*) AS n FROM part_defects", BENCH)["n"][0].as_py() == ROWS
@@ -266,9 +291,9 @@ def test_aggregate_only_refusals_say_what_to_write(
     assert f"groups of fewer than {MIN_GROUP} rows are not returned" in str(refused.value)
 
 
-def test_two_datasets_need_a_grant_each_under_one_purpose(shaped: ShapedSpace) -> None:
+def test_two_datasets_need_a_grant_each_under_one_purpose(shared_shaped: ShapedSpace) -> None:
     join = "SELECT city, count(*) AS n FROM part_defects JOIN plants USING (plant) GROUP BY city"
-    with shaped.peer(shaped.supplier_a) as peer:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
         with pytest.raises(PermissionDenied, match="purpose benchmark is not allowed"):
             peer.query(join, BENCH)
         assert peer.query(join, VIEW).num_rows == 2

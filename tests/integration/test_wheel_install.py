@@ -35,8 +35,11 @@ def _run(python: Path, *args: str | Path) -> str:
 
 
 def test_a_wheel_installed_in_a_new_environment_inits_ingests_signs_serves_and_answers(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A PYTHONPATH pointing at a source tree (as when testing a worktree) would shadow the
+    # installed wheel in every child process.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

@@ -91,7 +91,7 @@ def _recorded_requests(entries: list[dict[str, Any]], member_id: str) -> int:
     """Requests of member on record: one by one, plus those counted in aggregates."""
     single = sum(1 for e in entries if e["type"] == "request" and e["member_id"] == member_id)
     counted = sum(
-        e["count"] for e in entries if e["type"] == "refusals" and e["member_id"] == member_id
+        int(e["count"]) for e in entries if e["type"] == "refusals" and e["member_id"] == member_id
     )
     return single + counted
 
@@ -276,7 +276,8 @@ def _query_code(port: int, member: Member, request_id: str) -> grpc.StatusCode:
         try:
             list(_raw_query(channel)(_request(sql, request_id), timeout=30))
         except grpc.RpcError as error:
-            return error.code()  # type: ignore[no-any-return]
+            code: grpc.StatusCode = error.code()
+            return code
     return grpc.StatusCode.OK
 
 

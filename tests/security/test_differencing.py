@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,15 +83,12 @@ class Space:
         self.server = self.serve(self.provider)
 
 
-@pytest.fixture
-def space(
-    tmp_path: Path,
-    make_member: Callable[[str], Member],
-    serve: Callable[[Member], RunningServer],
-) -> Iterator[Space]:
-    provider = make_member("carmaker")
-    members = {m: make_member(m) for m in ("supplier-a", "supplier-b", "supplier-c")}
-    data = tmp_path / "defects.csv"
+def build_space(
+    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> Space:
+    provider = make("carmaker")
+    members = {m: make(m) for m in ("supplier-a", "supplier-b", "supplier-c")}
+    data = directory / "defects.csv"
     lines = ["plant,part_no,defect_code,defects,week"]
     lines += [f"{p},P-1,{c},{d},{w}" for p, c, w, d in rows()]
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -99,7 +96,27 @@ def space(
     provider.write_policy("noisy.yaml", NOISY_POLICY)
     provider.write_policy("declared.yaml", DECLARED_POLICY)
     provider.write_policy("plain.yaml", PLAIN_POLICY)
-    yield Space(provider, members, serve(provider), serve)
+    return Space(provider, members, serve(provider), serve)
+
+
+@pytest.fixture
+def space(
+    tmp_path: Path,
+    make_member: Callable[[str], Member],
+    serve: Callable[[Member], RunningServer],
+) -> Space:
+    """A space of the test's own: for tests that spend supplier-b's privacy budget."""
+    return build_space(tmp_path, make_member, serve)
+
+
+@pytest.fixture(scope="module")
+def unspent(
+    module_dir: Path,
+    module_member: Callable[[str], Member],
+    module_serve: Callable[[Member], RunningServer],
+) -> Space:
+    """One space for the tests that spend no privacy budget (they check it is all left)."""
+    return build_space(module_dir, module_member, module_serve)
 
 
 def recovered(coarse: pa.Table, fine: pa.Table) -> float:
@@ -110,9 +127,9 @@ def recovered(coarse: pa.Table, fine: pa.Table) -> float:
     return float(cell["s"] - sum(parts))
 
 
-def test_the_attack_recovers_the_row_without_a_defence(space: Space) -> None:
+def test_the_attack_recovers_the_row_without_a_defence(unspent: Space) -> None:
     """The control: min_group_size alone lets the difference give the dropped row away."""
-    with space.peer("supplier-c") as peer:
+    with unspent.peer("supplier-c") as peer:
         assert recovered(peer.query(COARSE, PLAIN), peer.query(FINE, PLAIN)) == SECRET
 
 
@@ -200,10 +217,10 @@ REFUSED_UNDER_NOISE = [
     ("name", "items", "tail"), REFUSED_UNDER_NOISE, ids=[n for n, _, _ in REFUSED_UNDER_NOISE]
 )
 def test_non_noisy_aggregates_are_refused_under_noise(
-    space: Space, name: str, items: str, tail: str
+    unspent: Space, name: str, items: str, tail: str
 ) -> None:
     sql = f"SELECT plant, {items} FROM part_defects GROUP BY plant{tail}"
-    with space.peer("supplier-b") as peer:
+    with unspent.peer("supplier-b") as peer:
         with pytest.raises(QueryRejected) as refused:
             peer.query(sql, NOISY)
         assert "noise" in refused.value.message or "not allowed" in refused.value.message, name
@@ -214,8 +231,8 @@ def test_non_noisy_aggregates_are_refused_under_noise(
     assert entry.noise is not None and entry.noise.epsilon_remaining == PER_DAY
 
 
-def test_distinct_answers_are_refused_under_noise(space: Space) -> None:
-    with space.peer("supplier-b") as peer, pytest.raises(QueryRejected, match="noise"):
+def test_distinct_answers_are_refused_under_noise(unspent: Space) -> None:
+    with unspent.peer("supplier-b") as peer, pytest.raises(QueryRejected, match="noise"):
         peer.query("SELECT DISTINCT plant, count(*) FROM part_defects GROUP BY plant", NOISY)
 
 
@@ -233,8 +250,8 @@ def test_noisy_answers_keep_the_peers_names_order_and_types(space: Space) -> Non
     assert table.column("site").to_pylist() == ["Dingolfing"]
 
 
-def test_explain_and_catalog_show_the_noise_and_spend_nothing(space: Space) -> None:
-    with space.peer("supplier-b") as peer:
+def test_explain_and_catalog_show_the_noise_and_spend_nothing(unspent: Space) -> None:
+    with unspent.peer("supplier-b") as peer:
         for _ in range(5):
             decision = peer.explain(COARSE, NOISY)
         (entry,) = peer.catalog()
@@ -252,8 +269,8 @@ def test_explain_and_catalog_show_the_noise_and_spend_nothing(space: Space) -> N
     assert "greatest(0, least(1000, defects))" in relation.definition
 
 
-def test_a_grouping_the_owner_did_not_declare_is_refused(space: Space) -> None:
-    with space.peer("supplier-a") as peer:
+def test_a_grouping_the_owner_did_not_declare_is_refused(unspent: Space) -> None:
+    with unspent.peer("supplier-a") as peer:
         (entry,) = peer.catalog()
         assert entry.group_by == (("plant", "week"),)
         coarse = peer.query(COARSE, DECLARED)  # declared: answered exactly
@@ -278,13 +295,13 @@ def test_a_grouping_the_owner_did_not_declare_is_refused(space: Space) -> None:
 
 
 def test_the_cli_prints_the_noise_terms_and_the_budget(
-    space: Space, capsys: pytest.CaptureFixture[str]
+    unspent: Space, capsys: pytest.CaptureFixture[str]
 ) -> None:
     peer_args = (
         "--home",
-        space.members["supplier-b"].home,
+        unspent.members["supplier-b"].home,
         "--to",
-        f"127.0.0.1:{space.server.port}",
+        f"127.0.0.1:{unspent.server.port}",
     )
     capsys.readouterr()
     assert run_cli("catalog", *peer_args) == 0

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def _provider(
     return provider, first, second
 
 
-def _query_entries(provider: Member) -> list[dict[str, object]]:
+def _query_entries(provider: Member) -> list[dict[str, Any]]:
     log = load_settings(provider.home).audit_log
     return [e for e in read_entries(log) if e.get("kind") == "query"]
 

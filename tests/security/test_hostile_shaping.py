@@ -1,4 +1,5 @@
-"""Hostile SQL against shaped grants over mutual TLS: masks, row filters, aggregate-only.
+"""Hostile SQL against shaped grants: masks, row filters, aggregate-only. Every attack runs
+through the server's Provider in process, a spread sample of each table over mutual TLS.
 
 supplier-a may read part_defects with part_no hashed, supplier_price redacted and only the
 rows of two plants in one quarter; supplier-b may read it only in aggregates over groups of
@@ -11,20 +12,28 @@ guard in tests/unit/test_shaped_sandbox.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
+from connector.client import Peer
 from connector.errors import ConnectorError, QueryRejected
-from tests.integration.test_shaped_answers import (  # noqa: F401 (the fixture)
+from connector.server import RunningServer
+from connector.sqlguard import QueryShape
+from tests.conftest import Member
+from tests.in_process import InProcessPeer
+from tests.integration.test_shaped_answers import (
     BENCH,
     MIN_GROUP,
     VIEW,
     ShapedSpace,
-    shaped,
+    build_shaped,
     source_rows,
     visible_to_a,
 )
-from tests.security.test_hostile_sql import ALL_ATTACKS, REFUSED, _no_guard
+from tests.security.test_hostile_sql import ALL_ATTACKS, REFUSED, _no_guard, over_the_wire
 
 VISIBLE = sum(1 for r in source_rows() if visible_to_a(r))
 # Strings that appear only in what supplier-a must never see: clear part numbers, the
@@ -173,6 +182,10 @@ AGGREGATE_ESCAPES: list[tuple[str, str]] = [
 SHAPING_ATTACKS = len(MASK_AND_FILTER) + len(AGGREGATE_ESCAPES)
 
 
+WIRE_MASK_AND_FILTER = over_the_wire(MASK_AND_FILTER, 12)
+WIRE_AGGREGATE_ESCAPES = over_the_wire(AGGREGATE_ESCAPES, 12)
+
+
 def _answered_without_leak(table: pa.Table, prop: str, expected: int | None) -> None:
     text = str(table.to_pylist())
     for leak in LEAKS:
@@ -182,66 +195,109 @@ def _answered_without_leak(table: pa.Table, prop: str, expected: int | None) -> 
 
 
 def _mask_and_filter_attack(
-    space: ShapedSpace, prop: str, sql: str, expected: int | None, *, guarded: bool = True
+    peer: Peer | InProcessPeer, prop: str, sql: str, expected: int | None, *, guarded: bool
 ) -> None:
-    with space.peer(space.supplier_a) as peer:
-        try:
-            table = peer.query(sql, VIEW)
-        except ConnectorError as refused:
-            assert isinstance(refused, REFUSED), f"{prop}: {refused!r}"
-            # Without the guard, a query over a dataset the test guard does not report is
-            # refused by the sandbox: safe, though the guarded server answers it.
-            assert expected is None or not guarded, f"{prop}: refused, not answered: {refused}"
-            for leak in LEAKS:
-                assert leak not in str(refused), f"{prop}: the refusal leaks {leak!r}"
-        else:
-            _answered_without_leak(table, prop, expected)
-        assert peer.query("SELECT count(*) AS n FROM part_defects", VIEW)["n"][0].as_py() == (
-            VISIBLE
-        )
+    try:
+        table = peer.query(sql, VIEW)
+    except ConnectorError as refused:
+        assert isinstance(refused, REFUSED), f"{prop}: {refused!r}"
+        # Without the guard, a query over a dataset the test guard does not report is
+        # refused by the sandbox: safe, though the guarded server answers it.
+        assert expected is None or not guarded, f"{prop}: refused, not answered: {refused}"
+        for leak in LEAKS:
+            assert leak not in str(refused), f"{prop}: the refusal leaks {leak!r}"
+    else:
+        _answered_without_leak(table, prop, expected)
+    assert peer.query("SELECT count(*) AS n FROM part_defects", VIEW)["n"][0].as_py() == VISIBLE
+
+
+@pytest.fixture(scope="module")
+def shared_shaped(
+    module_dir: Path,
+    module_member: Callable[[str], Member],
+    module_serve: Callable[[Member], RunningServer],
+) -> ShapedSpace:
+    """One shaped space for the module: the attacks only query it."""
+    return build_shaped(module_dir, module_member, module_serve)
+
+
+@pytest.fixture
+def shaped_unguarded(shared_shaped: ShapedSpace) -> Iterator[ShapedSpace]:
+    """The module's server with its guard switched off for one test (a test build)."""
+    provider = shared_shaped.server.provider
+    original: Callable[[str], QueryShape] = provider.guard
+    provider.guard = _no_guard
+    yield shared_shaped
+    provider.guard = original
 
 
 @pytest.mark.parametrize(
     ("prop", "sql", "expected"), MASK_AND_FILTER, ids=[p for p, _, _ in MASK_AND_FILTER]
 )
 def test_masks_and_row_filters_hold_against_attacks(
-    shaped: ShapedSpace,  # noqa: F811 (the fixture)
-    prop: str,
-    sql: str,
-    expected: int | None,
+    shared_shaped: ShapedSpace, prop: str, sql: str, expected: int | None
 ) -> None:
-    _mask_and_filter_attack(shaped, prop, sql, expected)
+    peer = shared_shaped.in_process(shared_shaped.supplier_a)
+    _mask_and_filter_attack(peer, prop, sql, expected, guarded=True)
+
+
+@pytest.mark.parametrize(
+    ("prop", "sql", "expected"), WIRE_MASK_AND_FILTER, ids=[p for p, _, _ in WIRE_MASK_AND_FILTER]
+)
+def test_masks_and_row_filters_hold_against_attacks_over_mtls(
+    shared_shaped: ShapedSpace, prop: str, sql: str, expected: int | None
+) -> None:
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
+        _mask_and_filter_attack(peer, prop, sql, expected, guarded=True)
 
 
 @pytest.mark.parametrize(
     ("prop", "sql", "expected"), MASK_AND_FILTER, ids=[p for p, _, _ in MASK_AND_FILTER]
 )
 def test_masks_and_row_filters_hold_with_the_guard_off(
-    shaped: ShapedSpace,  # noqa: F811
-    prop: str,
-    sql: str,
-    expected: int | None,
+    shaped_unguarded: ShapedSpace, prop: str, sql: str, expected: int | None
 ) -> None:
-    shaped.server.provider.guard = _no_guard  # this test's server only: a test build
-    _mask_and_filter_attack(shaped, prop, sql, expected, guarded=False)
+    peer = shaped_unguarded.in_process(shaped_unguarded.supplier_a)
+    _mask_and_filter_attack(peer, prop, sql, expected, guarded=False)
+
+
+@pytest.mark.parametrize(
+    ("prop", "sql", "expected"), WIRE_MASK_AND_FILTER, ids=[p for p, _, _ in WIRE_MASK_AND_FILTER]
+)
+def test_masks_and_row_filters_hold_with_the_guard_off_over_mtls(
+    shaped_unguarded: ShapedSpace, prop: str, sql: str, expected: int | None
+) -> None:
+    with shaped_unguarded.peer(shaped_unguarded.supplier_a) as peer:
+        _mask_and_filter_attack(peer, prop, sql, expected, guarded=False)
+
+
+def _aggregate_escape(peer: Peer | InProcessPeer, prop: str, sql: str) -> None:
+    try:
+        table = peer.query(sql, BENCH)
+    except QueryRejected as refused:
+        assert "aggregate-only" in str(refused), f"{prop}: {refused}"
+    else:
+        # Answered in the aggregate form: only groups of at least K rows, none here.
+        assert table.num_rows == 0, f"{prop}: {table.to_pylist()[:3]}"
+    total = peer.query("SELECT count(*) AS n FROM part_defects", BENCH)["n"][0].as_py()
+    assert total == len(source_rows()) >= MIN_GROUP
 
 
 @pytest.mark.parametrize(("prop", "sql"), AGGREGATE_ESCAPES, ids=[p for p, _ in AGGREGATE_ESCAPES])
 def test_aggregate_only_escapes_get_no_row_and_no_small_group(
-    shaped: ShapedSpace,  # noqa: F811
-    prop: str,
-    sql: str,
+    shared_shaped: ShapedSpace, prop: str, sql: str
 ) -> None:
-    with shaped.peer(shaped.supplier_b) as peer:
-        try:
-            table = peer.query(sql, BENCH)
-        except QueryRejected as refused:
-            assert "aggregate-only" in str(refused), f"{prop}: {refused}"
-        else:
-            # Answered in the aggregate form: only groups of at least K rows, none here.
-            assert table.num_rows == 0, f"{prop}: {table.to_pylist()[:3]}"
-        total = peer.query("SELECT count(*) AS n FROM part_defects", BENCH)["n"][0].as_py()
-        assert total == len(source_rows()) >= MIN_GROUP
+    _aggregate_escape(shared_shaped.in_process(shared_shaped.supplier_b), prop, sql)
+
+
+@pytest.mark.parametrize(
+    ("prop", "sql"), WIRE_AGGREGATE_ESCAPES, ids=[p for p, _ in WIRE_AGGREGATE_ESCAPES]
+)
+def test_aggregate_only_escapes_get_no_row_and_no_small_group_over_mtls(
+    shared_shaped: ShapedSpace, prop: str, sql: str
+) -> None:
+    with shared_shaped.peer(shared_shaped.supplier_b) as peer:
+        _aggregate_escape(peer, prop, sql)
 
 
 def test_the_whole_suite_has_at_least_150_attacks() -> None:

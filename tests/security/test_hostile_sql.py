@@ -1,18 +1,22 @@
-"""Hostile SQL against a real server over mutual TLS.
+"""Hostile SQL against a real server: every attack through its Provider in process, a
+spread sample of each table over mutual TLS.
 
 Each attack names the property it tests. For every one: the server refuses (or answers only
-what the policy grants), stays up, and the next legitimate query works. The file- and
+what the policy grants), stays up, and the next legitimate query works. In process, errors
+come back as a remote peer receives them (tests/in_process.py). The file- and
 catalog-access attacks run a second time against a server whose SQL guard is switched off,
-to show the sandbox alone stops them.
+to show the sandbox alone stops them. The attacks only read: one server serves the module.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
+from connector.client import Peer
 from connector.errors import (
     ConnectorError,
     PermissionDenied,
@@ -23,8 +27,10 @@ from connector.errors import (
 )
 from connector.sqlguard import QueryShape
 from tests.conftest import Space
+from tests.in_process import InProcessPeer
 
 PURPOSE = "quality-benchmarking"
+T = TypeVar("T")
 REFUSED = (QueryRejected, PermissionDenied, StoreError, ResourceExhausted, QueryTimeout)
 
 # (property tested, attack)
@@ -211,20 +217,51 @@ ALL_ATTACKS = (
 SECRETS = ("root:", "Regensburg", "Leipzig", "datasets.", "Did you mean", "/tmp/pytest", "100.5")
 
 
-def _check_refused(space: Space, sql: str) -> str:
-    with space.peer(timeout=60) as peer:
-        with pytest.raises(REFUSED) as refused:
-            peer.query(sql, PURPOSE)
-        text = str(refused.value)
-        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
-    return text
+TABLES = (
+    FILE_AND_NETWORK,
+    STATEMENTS,
+    MULTI_AND_COMMENTS,
+    INTROSPECTION,
+    QUALIFIED_NAMES,
+    PARAMETERS_AND_UNICODE,
+    RESOURCES,
+    ERROR_LEAKS,
+)
+
+
+def over_the_wire(table: list[T], size: int = 10) -> list[T]:
+    """A spread sample of an attack table that also runs over mutual TLS (every attack runs
+    in process against the same server's Provider)."""
+    if len(table) <= size:
+        return list(table)
+    return [table[round(i * (len(table) - 1) / (size - 1))] for i in range(size)]
+
+
+WIRE_ATTACKS = [attack for table in TABLES for attack in over_the_wire(table)]
+
+
+def _check_refused(peer: Peer | InProcessPeer, prop: str, sql: str) -> None:
+    with pytest.raises(REFUSED) as refused:
+        peer.query(sql, PURPOSE)
+    text = str(refused.value)
+    assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
+    for secret in SECRETS:
+        assert secret not in text, f"{prop}: the refusal leaks {secret!r}: {text}"
 
 
 @pytest.mark.parametrize(("prop", "sql"), ALL_ATTACKS, ids=[p for p, _ in ALL_ATTACKS])
-def test_attack_is_refused_and_the_server_goes_on(space: Space, prop: str, sql: str) -> None:
-    text = _check_refused(space, sql)
-    for secret in SECRETS:
-        assert secret not in text, f"{prop}: the refusal leaks {secret!r}: {text}"
+def test_attack_is_refused_and_the_provider_goes_on(
+    shared_space: Space, prop: str, sql: str
+) -> None:
+    _check_refused(shared_space.in_process(), prop, sql)
+
+
+@pytest.mark.parametrize(("prop", "sql"), WIRE_ATTACKS, ids=[p for p, _ in WIRE_ATTACKS])
+def test_attack_over_mtls_is_refused_and_the_server_goes_on(
+    shared_space: Space, prop: str, sql: str
+) -> None:
+    with shared_space.peer(timeout=60) as peer:
+        _check_refused(peer, prop, sql)
 
 
 def test_the_suite_is_large_enough() -> None:
@@ -244,11 +281,13 @@ def _no_guard(sql: str) -> QueryShape:
 
 
 @pytest.fixture
-def unguarded(space: Space) -> Iterator[Space]:
-    original: Callable[[str], QueryShape] = space.server.provider.guard
-    space.server.provider.guard = _no_guard
-    yield space
-    space.server.provider.guard = original
+def unguarded(shared_space: Space) -> Iterator[Space]:
+    """The module's server with its guard switched off for one test (a test build)."""
+    provider = shared_space.server.provider
+    original: Callable[[str], QueryShape] = provider.guard
+    provider.guard = _no_guard
+    yield shared_space
+    provider.guard = original
 
 
 SANDBOX_ALONE = [
@@ -256,21 +295,35 @@ SANDBOX_ALONE = [
     for prop, sql in FILE_AND_NETWORK + INTROSPECTION + QUALIFIED_NAMES[:9]
     if "parameter" not in prop
 ]
+WIRE_SANDBOX_ALONE = over_the_wire(SANDBOX_ALONE, 12)
+
+
+def _sandbox_stops(peer: Peer | InProcessPeer, prop: str, sql: str) -> None:
+    try:
+        table = peer.query(sql, PURPOSE)
+    except ConnectorError as refused:
+        assert isinstance(refused, REFUSED), f"{prop}: {refused!r}"
+        text = str(refused)
+        assert "root:" not in text and "datasets." not in text
+    else:
+        # What comes back may only be granted data (e.g. main.lower(plant) still reads
+        # the per-request view) or a constant: no hidden column, no file content.
+        assert "supplier_price" not in table.column_names, prop
+        assert table.num_rows <= 200, prop
+        assert "root:" not in str(table.to_pylist()), prop
+    assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
 
 
 @pytest.mark.parametrize(("prop", "sql"), SANDBOX_ALONE, ids=[p for p, _ in SANDBOX_ALONE])
 def test_sandbox_alone_stops_file_and_catalog_access(unguarded: Space, prop: str, sql: str) -> None:
+    _sandbox_stops(unguarded.in_process(), prop, sql)
+
+
+@pytest.mark.parametrize(
+    ("prop", "sql"), WIRE_SANDBOX_ALONE, ids=[p for p, _ in WIRE_SANDBOX_ALONE]
+)
+def test_sandbox_alone_stops_file_and_catalog_access_over_mtls(
+    unguarded: Space, prop: str, sql: str
+) -> None:
     with unguarded.peer(timeout=60) as peer:
-        try:
-            table = peer.query(sql, PURPOSE)
-        except ConnectorError as refused:
-            assert isinstance(refused, REFUSED), f"{prop}: {refused!r}"
-            text = str(refused)
-            assert "root:" not in text and "datasets." not in text
-        else:
-            # What comes back may only be granted data (e.g. main.lower(plant) still reads
-            # the per-request view) or a constant: no hidden column, no file content.
-            assert "supplier_price" not in table.column_names, prop
-            assert table.num_rows <= 200, prop
-            assert "root:" not in str(table.to_pylist()), prop
-        assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
+        _sandbox_stops(peer, prop, sql)

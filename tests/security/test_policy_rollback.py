@@ -28,6 +28,7 @@ def _answers(server: RunningServer, grantee: Member, sql: str) -> set[str] | Non
     return {str(v) for v in table.column(0).to_pylist()}
 
 
+@pytest.mark.slow
 def test_a_copied_back_old_version_brings_nothing_back_also_after_a_restart(
     tmp_path: Path,
     make_member: Callable[[str], Member],

@@ -36,5 +36,5 @@ def _start_unguarded(settings: Settings, listen: str | None = None) -> server.Ru
 
 
 if __name__ == "__main__":
-    server.start_server = _start_unguarded  # type: ignore[assignment]
+    server.start_server = _start_unguarded
     sys.exit(main(sys.argv[1:]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import duckdb
@@ -15,6 +16,7 @@ from connector.aggregates import (
 )
 from connector.errors import QueryRejected
 from connector.shaping import Shaping
+from connector.store import ColumnInfo
 
 TERMS = AggregateTerms(
     dataset="parts",
@@ -144,6 +146,8 @@ class _Relation:
     measurement_columns: frozenset[str]
     min_group_size: int
     shaping: Shaping = field(default_factory=Shaping)
+    columns: tuple[ColumnInfo, ...] = ()
+    clamps: Mapping[str, tuple[int | float, int | float]] = field(default_factory=dict)
 
 
 def test_aggregate_form_applies_only_to_aggregate_only_relations() -> None:

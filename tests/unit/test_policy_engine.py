@@ -286,6 +286,7 @@ def test_an_out_of_date_policy_for_another_purpose_opens_nothing(
     assert engine.decide(_request("acme", prices=["plant"])).reasons == both.reasons
 
 
+@pytest.mark.slow
 def test_decision_cost_follows_the_requesters_policies_not_all_policies(tmp_path: Path) -> None:
     # regopy recomputes function calls and compares whole objects in sets: with 150 policies
     # naming the requester a decision took 4 s, before the library computed each set once,
@@ -295,10 +296,10 @@ def test_decision_cost_follows_the_requesters_policies_not_all_policies(tmp_path
     ]
     mine = [_policy(tmp_path, f"a{i}", "[acme]", columns=f"[plant, c{i}]") for i in range(150)]
     engine = EmbeddedEngine(theirs + mine)
-    started = time.perf_counter()
+    started = time.thread_time()  # this thread's CPU time: a busy machine does not count
     decision = engine.decide(_request("acme", part_defects=["plant", "c99"]))
     catalog = engine.catalog("acme", NOW)
-    assert time.perf_counter() - started < 1.0  # 0.15 s here; 4.3 s before
+    assert time.thread_time() - started < 1.0  # 0.15 s here; 4.3 s before
     assert decision.allow
     (grant,) = decision.grants
     assert len(grant.policies) == 150 and len(grant.columns) == 151
@@ -328,6 +329,7 @@ def _plain_reading(policies: list[UsagePolicy], request: DecisionRequest) -> dic
     return {"allow": bool(request.datasets), "grants": grants}
 
 
+@pytest.mark.slow
 def test_random_requests_agree_with_a_plain_reading_and_never_leak(tmp_path: Path) -> None:
     rng = random.Random(20261125)
     members, datasets = ["acme", "bob", "carl"], ["d1", "d2", "d3"]

@@ -198,8 +198,8 @@ def test_each_bad_signature_has_its_own_verdict(
             json.dumps({"alg": "EdDSA", "kid": jws.key_id(key.public_key())}).encode()
         )
         forger = ed25519.Ed25519PrivateKey.generate()
-        signature = forger.sign(f"{header}.{jws.b64url(path.read_bytes())}".encode())
-        sig.write_text(f"{header}..{jws.b64url(signature)}")
+        forged = forger.sign(f"{header}.{jws.b64url(path.read_bytes())}".encode())
+        sig.write_text(f"{header}..{jws.b64url(forged)}")
     elif change == "junk-in-signature":
         header, body, signature = sig.read_text().strip().split(".")
         sig.write_text(f"{header}.{body}.{signature[:8]}*!*!{signature[8:]}")

@@ -50,13 +50,14 @@ def test_a_pending_policy_does_not_rebuild_the_engine_on_every_poll(tmp_path: Pa
     assert [registry.reload_if_changed() for _ in range(3)] == [False, False, False]
 
 
+@pytest.mark.slow
 def test_a_policy_comes_into_force_and_expires_without_a_file_change(tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     now = dt.datetime.now(dt.UTC)
     start, end = now + dt.timedelta(seconds=1), now + dt.timedelta(seconds=2.5)
     _signed_policy(tmp_path, key, _rfc3339(start), _rfc3339(end))
     registry = _registry(tmp_path, key)
-    assert registry.snapshot.policies == ()
+    assert not registry.snapshot.policies
     time.sleep(max(0.0, (start - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
     assert registry.reload_if_changed()
     assert [p.id for p in registry.snapshot.policies] == ["p"]
@@ -214,7 +215,7 @@ def test_the_same_version_with_other_content_is_refused(tmp_path: Path) -> None:
     assert [p.version for p in registry.snapshot.policies] == [2]
     _versioned(folder, key, 2, description="changed")
     registry.reload()
-    assert registry.snapshot.policies == ()
+    assert not registry.snapshot.policies
     (verdict,) = registry.snapshot.verdicts
     assert verdict.status is VerdictStatus.VERSION_REUSED
     assert "set `version: 3`" in verdict.message
@@ -300,7 +301,7 @@ def test_a_version_that_cannot_be_recorded_is_not_put_in_force(tmp_path: Path) -
         registry = _durable_registry(folder, key, memory)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-    assert registry.snapshot.policies == ()
+    assert not registry.snapshot.policies
     assert "cannot record the policy versions" in registry.snapshot.verdicts[0].message
     assert not memory.exists()
     assert list(memory.parent.iterdir()) == []  # no temporary file left behind

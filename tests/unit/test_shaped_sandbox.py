@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from connector.enforce import Relation, relation_for, shaping_of
-from connector.errors import PermissionDenied, QueryRejected, StoreError
+from connector.errors import ConfigError, PermissionDenied, QueryRejected, StoreError
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import REDACTED, RowFilter, Shaping, hmac_sql, load_mask_key
 from connector.store import DatasetInfo, create_database, ingest, list_datasets
@@ -34,13 +34,15 @@ def _parts_database(tmp_path: Path, csv: str) -> tuple[Path, DatasetInfo]:
     return path, list_datasets(path)[0]
 
 
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[tuple[SandboxDatabase, DatasetInfo]]:
+@pytest.fixture(scope="module")
+def parts(module_dir: Path) -> Iterator[tuple[SandboxDatabase, DatasetInfo]]:
+    """One parts database for the module: the tests only query it (attempts to change it
+    are refused, and each is followed by a count of what is there)."""
     lines = ["id,plant,serial,price,week"]
     for i in range(ROWS):
         week = dt.date(2026, 1, 5) + dt.timedelta(weeks=i % 20)
         lines.append(f"{i},{'ABCD'[i % 4]},S-{i:04d},{100 + i}.5,{week}")
-    path, info = _parts_database(tmp_path, "\n".join(lines) + "\n")
+    path, info = _parts_database(module_dir, "\n".join(lines) + "\n")
     store = SandboxDatabase(path, SandboxLimits())
     yield store, info
     store.close()
@@ -236,7 +238,7 @@ def test_the_mask_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert len(key) == 32 and load_mask_key(path) == key
     assert path.stat().st_mode & 0o077 == 0
     path.write_text("not hex\n")
-    with pytest.raises(Exception, match="restore it from backup"):
+    with pytest.raises(ConfigError, match="restore it from backup"):
         load_mask_key(path)
 
 

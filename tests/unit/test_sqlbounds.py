@@ -87,10 +87,10 @@ def test_what_duckdb_refuses_for_its_brackets_and_quotes_is_refused_first(
 
 
 def test_the_stall_of_issue_18_is_refused_at_once_with_the_position() -> None:
-    started = time.perf_counter()
+    started = time.thread_time()  # this thread's CPU time: a busy machine does not count
     with pytest.raises(QueryRejected) as rejected:
         inspect_query("SELECT t FROM" + "(" * 10_400)
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
     assert rejected.value.position == 13 + MAX_BRACKET_DEPTH
 
 
@@ -140,10 +140,16 @@ def test_long_strings_and_comments_cost_no_tokens() -> None:
     ],
 )
 def test_the_scan_stays_cheap_on_long_inputs(sql: str) -> None:
-    started = time.perf_counter()
+    # This thread's CPU time, best of three: other processes on a busy machine (or another
+    # test worker) do not count, a scan that is not linear is slow every time.
+    assert min(_scan_seconds(sql) for _ in range(3)) < 0.05
+
+
+def _scan_seconds(sql: str) -> float:
+    started = time.thread_time()
     with contextlib.suppress(QueryRejected):
         check_query_bounds(sql)
-    assert time.perf_counter() - started < 0.05
+    return time.thread_time() - started
 
 
 # The worst shapes the scan lets through; DuckDB must parse each well within a deadline.

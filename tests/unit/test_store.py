@@ -33,13 +33,24 @@ class UsagePolicyStub:
 CSV = "plant,Defects,price\nRegensburg,3,10.5\nLeipzig,5,11.0\n"
 
 
+def _database(directory: Path) -> Path:
+    path = directory / "data.duckdb"
+    create_database(path)
+    (directory / "d.csv").write_text(CSV)
+    ingest(path, directory / "d.csv", "parts", description="Parts", mode="replace")
+    return path
+
+
 @pytest.fixture
 def database(tmp_path: Path) -> Path:
-    path = tmp_path / "data.duckdb"
-    create_database(path)
-    (tmp_path / "d.csv").write_text(CSV)
-    ingest(path, tmp_path / "d.csv", "parts", description="Parts", mode="replace")
-    return path
+    """A database of the test's own: for tests that ingest into it."""
+    return _database(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def read_only_database(module_dir: Path) -> Path:
+    """One database for the module's tests that only query it (refused changes included)."""
+    return _database(module_dir)
 
 
 def test_ingest_csv_parquet_and_json(tmp_path: Path, database: Path) -> None:
@@ -103,8 +114,8 @@ MASK_KEY = b"k" * 32
 
 
 @pytest.fixture
-def granted(database: Path) -> tuple[Relation, ...]:
-    (info,) = list_datasets(database)
+def granted(read_only_database: Path) -> tuple[Relation, ...]:
+    (info,) = list_datasets(read_only_database)
     return (relation_for(info, {"plant", "defects"}, Shaping(), MASK_KEY),)
 
 
@@ -142,9 +153,9 @@ def _run(
     ],
 )
 def test_sandbox_alone_stops_file_access_and_hidden_columns(
-    database: Path, granted: tuple[Relation, ...], sql: str
+    read_only_database: Path, granted: tuple[Relation, ...], sql: str
 ) -> None:
-    store = SandboxDatabase(database, SandboxLimits())
+    store = SandboxDatabase(read_only_database, SandboxLimits())
     try:
         # A hidden column is refused as "not allowed", as the policy decision words it.
         with pytest.raises((QueryRejected, StoreError, PermissionDenied)):
@@ -158,8 +169,8 @@ def test_sandbox_alone_stops_file_access_and_hidden_columns(
     "sql",
     ["SET enable_external_access = true", "SET lock_configuration = false", "RESET memory_limit"],
 )
-def test_sandbox_configuration_is_locked(database: Path, sql: str) -> None:
-    store = SandboxDatabase(database, SandboxLimits())
+def test_sandbox_configuration_is_locked(read_only_database: Path, sql: str) -> None:
+    store = SandboxDatabase(read_only_database, SandboxLimits())
     session = store.session()
     try:
         with pytest.raises(duckdb.Error):
@@ -169,8 +180,10 @@ def test_sandbox_configuration_is_locked(database: Path, sql: str) -> None:
         store.close()
 
 
-def test_errors_do_not_echo_data_values(database: Path, granted: tuple[Relation, ...]) -> None:
-    store = SandboxDatabase(database, SandboxLimits())
+def test_errors_do_not_echo_data_values(
+    read_only_database: Path, granted: tuple[Relation, ...]
+) -> None:
+    store = SandboxDatabase(read_only_database, SandboxLimits())
     try:
         with pytest.raises(QueryRejected) as failed:
             _run(store, "SELECT CAST(plant AS INTEGER) FROM parts", granted)
@@ -183,10 +196,11 @@ def test_errors_do_not_echo_data_values(database: Path, granted: tuple[Relation,
         store.close()
 
 
+@pytest.mark.slow
 def test_time_limit_interrupts_and_the_store_keeps_serving(
-    database: Path, granted: tuple[Relation, ...]
+    read_only_database: Path, granted: tuple[Relation, ...]
 ) -> None:
-    store = SandboxDatabase(database, SandboxLimits(max_query_seconds=0.5))
+    store = SandboxDatabase(read_only_database, SandboxLimits(max_query_seconds=0.5))
     slow = (
         "WITH RECURSIVE t(n) AS (SELECT 1 FROM parts UNION ALL SELECT n + 1 FROM t) "
         "SELECT count(*) FROM t"
@@ -202,9 +216,9 @@ def test_time_limit_interrupts_and_the_store_keeps_serving(
         store.close()
 
 
-def test_relations_expose_only_granted_columns_in_dataset_order(database: Path) -> None:
+def test_relations_expose_only_granted_columns_in_dataset_order(read_only_database: Path) -> None:
     decision = Decision(True, (), (Grant("parts", ("price", "plant", "nope"), (("p", 1),)),))
-    datasets = {i.name: i for i in list_datasets(database)}
+    datasets = {i.name: i for i in list_datasets(read_only_database)}
     policies = {"p": UsagePolicyStub(Shaping())}
     (relation,) = relations_for(decision, datasets, policies, MASK_KEY)
     assert relation.column_names == ("plant", "price")
