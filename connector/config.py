@@ -92,6 +92,8 @@ class Settings:
     receipt_key: Path
     mask_key: Path
     audit_log: Path
+    refusal_burst: int  # a member's refusals recorded one by one before they are throttled
+    refusals_per_minute: int  # ... and how fast that allowance comes back
     quota_ledger: Path
     shaped_copies: Path
     server: ServerSettings
@@ -238,6 +240,8 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         receipt_key=home / sections["signing"].text("receipt_key", "keys/receipt.key"),
         mask_key=home / sections["signing"].text("mask_key", "keys/mask.key"),
         audit_log=home / sections["audit"].text("path", "audit/audit.jsonl"),
+        refusal_burst=sections["audit"].whole("refusal_burst", 20, 1),
+        refusals_per_minute=sections["audit"].whole("refusals_per_minute", 30, 1),
         quota_ledger=home / sections["store"].text("quota_ledger", "state/quota.sqlite"),
         shaped_copies=home / sections["store"].text("shaped_copies", "state/shaped.duckdb"),
         server=_server(sections["server"]),
@@ -429,6 +433,8 @@ mask_key = "keys/mask.key"               # secret of hash masks (back it up: a n
 
 [audit]                     # one hash-chained entry per request; `connector audit verify`
 path = "audit/audit.jsonl"
+refusal_burst = 20          # a member's refusals recorded one by one; beyond, they are
+refusals_per_minute = 30    # refused at once and counted, the allowance refilled this fast
 
 [revoked]                   # refused at once, also after a reload (SIGHUP or file change)
 members = []

@@ -157,7 +157,12 @@ def build_provider(settings: Settings) -> Provider:
         sandbox,
         registry,
         signer,
-        audit=AuditLog(settings.audit_log, signer),
+        audit=AuditLog(
+            settings.audit_log,
+            signer,
+            refusal_burst=settings.refusal_burst,
+            refusals_per_second=settings.refusals_per_minute / 60,
+        ),
         quotas=QuotaLedger(settings.quota_ledger),
         revoked=settings.revoked,
         mask_key=load_mask_key(settings.mask_key),

@@ -15,6 +15,7 @@ import random
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ from connector._proto.connector.v1 import connector_pb2 as pb
 from connector.audit import read_entries, verify_log
 from connector.errors import ConnectorError
 from connector.identity import load_ed25519_public
+from connector.server import RunningServer
 from tests.conftest import (
     Member,
     ProviderPair,
     ServerProcess,
     Space,
+    build_space,
     policy_text,
     run_cli,
     wait_for,
@@ -133,10 +136,21 @@ def test_oversized_control_character_queries_cannot_flood_the_log(space: Space) 
 
 
 def test_many_small_refused_requests_are_throttled_and_counted(
-    space: Space, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    make_member: Callable[[str], Member],
+    serve: Callable[[Member], RunningServer],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Hundreds of small refused requests: recorded one by one up to a burst, then refused
     quickly and counted in aggregate entries; the log grows by at most 1x what was sent."""
+
+    def with_default_allowance(member_id: str) -> Member:
+        member = make_member(member_id)  # the tests' homes allow 400 (conftest): back to 20
+        config = member.home / "connector.toml"
+        config.write_text(config.read_text().replace("refusal_burst = 400", "refusal_burst = 20"))
+        return member
+
+    space = build_space(tmp_path, with_default_allowance, serve)
     before = _log_path(space.provider).stat().st_size if _log_path(space.provider).exists() else 0
     sent, codes = 0, set()
     with _channel(space.server.port, space.outsider) as channel:

@@ -28,7 +28,11 @@ PURPOSE = "quality-benchmarking"
 # About 8 million rows: far more than any flow-control window, so an unread stream stalls.
 HUGE = "SELECT a.part_no, b.plant, c.week FROM part_defects a, part_defects b, part_defects c"
 # Seconds of work in one DuckDB vector: DuckDB notices an interrupt only when it is done.
-SLOW = "SELECT count(*) FROM part_defects WHERE regexp_matches(repeat(plant, 200000), '(R.*)*x')"
+# Slow whatever the machine (200^4 row combinations), and within the guard's value sizes.
+SLOW = (
+    "SELECT count(*) FROM part_defects a, part_defects b, part_defects c, part_defects d "
+    "WHERE hash(a.week, b.week, c.week, d.week) = 42"
+)
 
 
 def _provider(
@@ -50,7 +54,7 @@ def _provider(
 
 def _query_entries(provider: Member) -> list[dict[str, Any]]:
     log = load_settings(provider.home).audit_log
-    return [e for e in read_entries(log) if e.get("kind") == "query"]
+    return [e for e in read_entries(log) if e.get("kind") == "query" and e.get("type") == "request"]
 
 
 def test_one_member_cannot_hold_every_slot_and_unread_streams_end(
@@ -144,8 +148,8 @@ def test_a_peer_that_gives_up_frees_its_slot_at_once(
     ("setting", "message"),
     [
         ("max_concurrent_queries_per_member = 9", "must not exceed max_concurrent_queries"),
-        ("max_concurrent_queries_per_member = 0", "at least 1"),
-        ("stall_seconds = 0", "at least 0.1"),
+        ("max_concurrent_queries_per_member = 0", "from 1 to"),
+        ("stall_seconds = 0", "from 0.1 to"),
     ],
 )
 def test_fair_share_settings_are_checked(

@@ -46,7 +46,11 @@ def test_an_unserialisable_plan_is_refused_with_a_reason(
             peer.query(sql, PURPOSE)
         assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE)["n"][0].as_py() == 200
     path = space.provider.home / "audit" / "audit.jsonl"
-    outcomes = [e["outcome"] for e in read_entries(path) if e.get("kind") == "query"]
+    outcomes = [
+        e["outcome"]
+        for e in read_entries(path)
+        if e.get("kind") == "query" and e.get("type") == "request"
+    ]
     assert outcomes[-2:] == ["rejected", "answered"]
 
 

@@ -229,7 +229,8 @@ def test_queries_beyond_the_slots_are_refused_until_one_ends(
     member = _member(provider, grantee)
     sql = "SELECT count(*) AS n FROM part_defects"
     first = provider.query(member, _request(sql), AuditEntry("query"))
-    with pytest.raises(ResourceExhausted, match="maximum number of queries"):
+    # One slot in all: the member's share (at least 1) is the connector's whole capacity.
+    with pytest.raises(ResourceExhausted, match=r"maximum number of queries|the most one member"):
         provider.query(member, _request(sql), AuditEntry("query"))
     first.close()
     second = provider.query(member, _request(sql), AuditEntry("query"))
