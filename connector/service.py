@@ -22,7 +22,8 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from connector._proto.connector.v1 import connector_pb2 as pb
-from connector.audit import AuditEntry, bounded, write_failure_cause
+from connector.audit import write_failure_cause
+from connector.audit_entry import AuditEntry, bounded
 from connector.canonical import canonical_json
 from connector.errors import (
     AnswerTooLarge,
