@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
-from connector.audit import read_entries
+from connector.audit_chain import read_entries
 from connector.cli.main import main as cli
 from connector.client import PeerIdentity
 from connector.config import load_settings

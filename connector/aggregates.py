@@ -10,7 +10,6 @@ bound plan for the same form, so either layer alone stops raw rows and small gro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,7 +19,8 @@ import duckdb
 from connector import sqltree
 from connector.errors import QueryRejected
 from connector.noise import NoisyRelation, grouping_form
-from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS, parser_connection
+from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS
+from connector.sqljson import query_sql, serialised_query
 
 # The aggregates an aggregate-only dataset answers (plan names; the peer may also write avg
 # as mean). Each reads one column; min and max only measurement columns (see enforce.py).
@@ -74,34 +74,17 @@ class AggregateTerms:
 def aggregate_only_query(sql: str, terms: AggregateTerms) -> str:
     """The query with `count(*) >= K` added to its HAVING; QueryRejected unless it is in
     the aggregate-only form."""
-    document = _serialised(sql)
+    document = serialised_query(sql)
     node = document["statements"][0]["node"]
     try:
         _FormCheck(terms).select(node)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
     node["having"] = _with_minimum(node.get("having"), terms.min_group_size)
-    con = parser_connection()
     try:
-        rewritten = con.execute(
-            "SELECT json_deserialize_sql(?)", [json.dumps(document)]
-        ).fetchall()[0][0]
+        return query_sql(document)
     except duckdb.Error:
         raise QueryRejected("the query could not be put in the aggregate-only form") from None
-    return str(rewritten)
-
-
-def _serialised(sql: str) -> dict[str, Any]:
-    con = parser_connection()
-    try:
-        document = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
-    except duckdb.Error:
-        raise QueryRejected("the query could not be parsed") from None
-    statements = document.get("statements") or []
-    if document.get("error") or len(statements) != 1:
-        raise QueryRejected("send exactly one SELECT statement")
-    result: dict[str, Any] = document
-    return result
 
 
 def _with_minimum(having: Any, minimum: int) -> dict[str, Any]:
@@ -110,7 +93,7 @@ def _with_minimum(having: Any, minimum: int) -> dict[str, Any]:
         if having is None
         else "SELECT 1 HAVING TRUE AND count(*) >= {k}"
     )
-    node = _serialised(template.format(k=int(minimum)))["statements"][0]["node"]
+    node = serialised_query(template.format(k=int(minimum)))["statements"][0]["node"]
     condition: dict[str, Any] = node["having"]
     if having is not None:
         condition["children"][0] = having

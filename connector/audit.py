@@ -1,8 +1,8 @@
 """The audit log: one JSON line per request, hash-chained, anchored by signed checkpoints.
 
 Each entry holds the hash of the one before; checkpoints signed with the connector's
-receipt key anchor the chain, so `verify_log` finds changed, removed, inserted or
-reordered entries and names the first one. Entries are fsync'd before the peer sees the
+receipt key anchor the chain, so `audit_chain.verify_log` finds changed, removed, inserted
+or reordered entries and names the first one. Entries are fsync'd before the peer sees the
 end of its answer, and an "opened" entry before the first byte of it.
 
 The log is also hostile-input safe: fields a peer controls are size-checked before they
@@ -16,40 +16,29 @@ resumes by itself, first writing an "outage" entry that counts what was refused 
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import datetime as dt
 import errno
-import hashlib
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
-from connector import jws
-from connector.canonical import canonical_bytes, canonical_json
+from connector.audit_chain import entry_hash, recover_tail
+from connector.audit_entry import AuditEntry, bounded
+from connector.canonical import canonical_json
 from connector.errors import AuditUnavailable
-from connector.policy.ref import PolicyRef
 from connector.receipt import ReceiptSigner
-from connector.safetext import escaped
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
 CHECKPOINT_EVERY = 100
 
-RECORDED_QUERY_CHARS = 16_384  # longer queries are recorded by hash, length and prefix
-RECORDED_FIELD_CHARS = 512  # the same for every other text field (reasons, names, purpose)
-PREFIX_CHARS = 48
 REFUSAL_BURST = 20  # refusals of one member recorded one by one before throttling
 REFUSALS_PER_SECOND = 0.5  # ... and the rate at which that allowance comes back
 AGGREGATE_SECONDS = 5.0  # throttled refusals are written as one entry at most this often
@@ -58,105 +47,6 @@ MAX_LATE_ENTRIES = 1000  # final entries of opened answers kept in memory during
 
 # Outcomes that are always recorded one by one: something was (or may have been) answered.
 ALWAYS_RECORDED = frozenset({"answered", "cancelled", "timeout", "too_large", "failed"})
-# Controls (except tab and newline), bidi overrides and lone surrogates mark malformed text.
-_MALFORMED = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def text_digest(value: str | bytes) -> dict[str, Any]:
-    """What is recorded of text too long or malformed to keep: sha256, length, prefix."""
-    if isinstance(value, bytes):
-        raw, text = value, value[: PREFIX_CHARS * 4].decode("utf-8", "surrogateescape")
-    else:
-        raw, text = value.encode("utf-8", "surrogatepass"), value
-    return {
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "length": len(value),
-        "prefix": escaped(text[:PREFIX_CHARS]),
-    }
-
-
-def is_recordable(text: str, limit: int = RECORDED_FIELD_CHARS) -> bool:
-    """Whether text may be recorded whole: short enough and free of hidden controls."""
-    return len(text) <= limit and not _MALFORMED.search(text)
-
-
-def bounded(text: str, limit: int = RECORDED_FIELD_CHARS) -> str:
-    """text itself when recordable, else a bracketed summary (length, sha256, prefix)."""
-    if is_recordable(text, limit):
-        return text
-    digest = text_digest(text)
-    return (
-        f"[{digest['length']} characters, sha256 {digest['sha256']}, begins {digest['prefix']!r}]"
-    )
-
-
-@dataclass
-class AuditEntry:
-    """What one request did; filled in while it is handled, appended when it ends."""
-
-    kind: str
-    request_id: str = ""
-    member_id: str = ""
-    purpose: str = ""
-    query: str = ""
-    query_sha256: str = ""
-    datasets: tuple[str, ...] = ()
-    columns: dict[str, list[str]] = field(default_factory=dict)
-    decision: str = ""
-    reasons: tuple[str, ...] = ()
-    policies: tuple[PolicyRef, ...] = ()
-    obligations: dict[str, Any] = field(default_factory=dict)
-    rows: int = 0
-    bytes: int = 0
-    result_sha256: str = ""
-    truncated: bool = False
-    limited_by: str = ""  # the limit that cut the result (see Receipt.limited_by)
-    outcome: str = ""
-    query_length: int = 0
-    query_prefix: str = ""  # only when the query is too long or malformed to keep whole
-    client_reference: str = ""
-    opened_seq: int = 0  # the "opened" entry written before the first byte of the answer
-    started: float = field(default_factory=time.monotonic)
-    seq: int = 0
-
-    def set_query(self, sql: str | builtins.bytes) -> None:
-        """Record the peer's query whole if it is short and clean, else by digest."""
-        digest = text_digest(sql)
-        self.query_sha256, self.query_length = digest["sha256"], digest["length"]
-        if isinstance(sql, str) and is_recordable(sql, RECORDED_QUERY_CHARS):
-            self.query, self.query_prefix = sql, ""
-        else:
-            self.query, self.query_prefix = "", digest["prefix"]
-
-    def as_record(self) -> dict[str, Any]:
-        """The JSON-able fields written to the log, each text field size-checked."""
-        record = asdict(self)
-        record.pop("started")
-        record.pop("seq")
-        for name in ("request_id", "member_id", "purpose", "client_reference", "decision"):
-            record[name] = bounded(record[name])
-        record["datasets"] = [bounded(d) for d in self.datasets]
-        record["reasons"] = [bounded(r) for r in self.reasons]
-        record["columns"] = {
-            bounded(d): [bounded(c) for c in cols] for d, cols in self.columns.items()
-        }
-        record["duration_ms"] = round((time.monotonic() - self.started) * 1000, 3)
-        return record
-
-    def opened_record(self) -> dict[str, Any]:
-        """The "opened" entry: who asked what and the decision, before anything is sent."""
-        full = self.as_record()
-        keep = ("kind", "request_id", "member_id", "purpose", "query_sha256", "datasets")
-        return {
-            **{k: full[k] for k in keep},
-            "decision": full["decision"],
-            "policies": full["policies"],
-        }
-
-
-def _entry_hash(entry: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(canonical_bytes(body)).hexdigest()
 
 
 def _now_text() -> str:
@@ -220,7 +110,7 @@ class AuditLog:
         self._refill = refusals_per_second
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._seq, self._head = _recover_tail(path)
+        self._seq, self._head = recover_tail(path)
         self._since_checkpoint = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size  # where the last whole line ends
@@ -393,7 +283,7 @@ class AuditLog:
     def _write_line(self, fields: dict[str, Any]) -> int:
         seq = self._seq + 1
         entry = {"seq": seq, "time": _now_text(), **fields, "prev": self._head}
-        entry["hash"] = _entry_hash(entry)
+        entry["hash"] = entry_hash(entry)
         line = (canonical_json(entry) + "\n").encode()
         try:
             self._put(line)
@@ -514,95 +404,3 @@ class AuditLog:
                 self.on_change(available)
             except Exception:
                 log.exception("the audit log's availability listener failed")
-
-
-def _recover_tail(path: Path) -> tuple[int, str]:
-    """The last entry's seq and hash; a line torn by a crash mid-write is cut off."""
-    if not path.exists() or path.stat().st_size == 0:
-        return 0, GENESIS
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        # The torn line was never confirmed to anyone: the answer waits for the fsync.
-        log.warning("audit log %s ended in a torn line (a crash mid-write); cutting it off", path)
-        with path.open("r+b") as out:
-            out.truncate(end)
-            os.fsync(out.fileno())
-        data = data[:end]
-    if not data:
-        return 0, GENESIS
-    last = json.loads(data[data.rfind(b"\n", 0, len(data) - 1) + 1 :])
-    return int(last["seq"]), str(last["hash"])
-
-
-def read_entries(path: Path) -> Iterator[dict[str, Any]]:
-    """The entries of an audit log in file order (unparseable lines raise ValueError)."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"line {number} is not a JSON entry") from None
-            if not isinstance(entry, dict):
-                raise ValueError(f"line {number} is not a JSON object")
-            yield entry
-
-
-@dataclass(frozen=True)
-class AuditVerdict:
-    """The result of checking a whole audit log."""
-
-    intact: bool
-    entries: int
-    checkpoints: int
-    message: str
-    unanchored: int = 0
-
-
-def verify_log(path: Path, public_key: ed25519.Ed25519PublicKey) -> AuditVerdict:
-    """Check every hash link, sequence number and checkpoint signature; name the first break."""
-    if not path.exists():
-        return AuditVerdict(True, 0, 0, "no audit log yet (no request was answered)")
-    expected_seq, head, checkpoints, since = 1, GENESIS, 0, 0
-    try:
-        for line, entry in enumerate(read_entries(path), 1):
-            problem = _check_entry(entry, line, expected_seq, head, public_key)
-            if problem:
-                return AuditVerdict(False, expected_seq - 1, checkpoints, problem)
-            if entry.get("type") == "checkpoint":
-                checkpoints, since = checkpoints + 1, 0
-            else:
-                since += 1
-            expected_seq, head = expected_seq + 1, entry["hash"]
-    except ValueError as exc:
-        return AuditVerdict(False, expected_seq - 1, checkpoints, str(exc))
-    message = f"intact: {expected_seq - 1} entries, {checkpoints} signed checkpoints"
-    if since:
-        message += f"; the last {since} entries are not yet anchored by a checkpoint"
-    return AuditVerdict(True, expected_seq - 1, checkpoints, message, since)
-
-
-def _check_entry(
-    entry: dict[str, Any],
-    line: int,
-    expected_seq: int,
-    head: str,
-    key: ed25519.Ed25519PublicKey,
-) -> str | None:
-    seq = entry.get("seq")
-    if entry.get("hash") != _entry_hash(entry):
-        return f"line {line} (entry {seq}) was changed: its hash does not match its content"
-    if seq != expected_seq:
-        if isinstance(seq, int) and seq > expected_seq:
-            return f"entries {expected_seq}..{seq - 1} were removed before line {line}"
-        return f"line {line} (entry {seq}) is inserted or out of order; expected {expected_seq}"
-    if entry.get("prev") != head:
-        return f"line {line} (entry {seq}) does not follow the entry before it (chain broken)"
-    if entry.get("type") == "checkpoint":
-        try:
-            claim = json.loads(jws.verify(str(entry.get("jws")), key).payload)
-        except (jws.JwsError, json.JSONDecodeError):
-            return f"line {line}: checkpoint {seq} is not signed by this connector's key"
-        if claim.get("anchored_seq") != seq - 1 or claim.get("head") != head:
-            return f"line {line}: checkpoint {seq} signs another chain head"
-    return None

@@ -12,7 +12,6 @@ composition) and the whole query spends epsilon, which the daily budget counts.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ import duckdb
 import opendp.prelude as dp
 import pyarrow as pa
 
+from connector import sqltree
 from connector.errors import PermissionDenied, QueryRejected, ResourceExhausted
 from connector.shaping import Noise, Shaping
-from connector.sqlguard import parser_connection
+from connector.sqljson import query_sql, serialised_query
 from connector.sqltext import quote_identifier
 from connector.store import ColumnInfo
 
@@ -202,7 +202,7 @@ def charges(noise: Noise, policy_ids: Sequence[str]) -> tuple[PrivacyCharge, ...
     return tuple(PrivacyCharge(p, cost, daily) for p in policy_ids)
 
 
-# --- reading the peer's query (small local helpers: the AST is hostile input) ---
+# --- reading the peer's query (through sqltree's accessors: the AST is hostile input) ---
 
 
 def grouping_form(sql: str, relation: NoisyRelation) -> str:
@@ -219,25 +219,14 @@ def noise_plan(sql: str, relation: NoisyRelation) -> NoisePlan | None:
     shaping = relation.shaping
     if shaping.noise is None and not shaping.group_by:
         return None
-    document = _serialised(sql)
+    document = serialised_query(sql)
     node = document["statements"][0]["node"]
-    if node.get("type") != "SELECT_NODE":
+    if sqltree.query_type(node) != "SELECT_NODE":
         raise _refused(relation, "UNION, INTERSECT and EXCEPT are not allowed")
     groups = _group_names(node, relation)
     if shaping.noise is None:
         return None
     return _Planner(relation, shaping.noise, groups).plan(document, node)
-
-
-def _serialised(sql: str) -> dict[str, Any]:
-    try:
-        text = parser_connection().execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
-        document: dict[str, Any] = json.loads(text)
-    except (duckdb.Error, ValueError):
-        raise QueryRejected("the query could not be parsed") from None
-    if document.get("error") or len(document.get("statements") or []) != 1:
-        raise QueryRejected("send exactly one SELECT statement")
-    return document
 
 
 def _refused(relation: NoisyRelation, detail: str) -> QueryRejected:
@@ -261,15 +250,15 @@ def form_help(relation: NoisyRelation) -> str:
     return "; ".join(parts)
 
 
-def _column(expression: Any) -> str | None:
-    if not isinstance(expression, dict) or expression.get("class") != "COLUMN_REF":
+def _column(expression: object) -> str | None:
+    """The last part of a column name (plant of t.plant), lower-cased; None for anything
+    that is not a column named by name."""
+    if not sqltree.is_expression(expression):
         return None
-    names = expression.get("column_names") or []
-    return str(names[-1]).lower() if names else None
-
-
-def _alias(expression: dict[str, Any]) -> str:
-    return str(expression.get("alias") or "")
+    reference = sqltree.column_reference(expression)
+    if reference is None or reference.kind is not sqltree.ReferenceKind.NAME:
+        return None
+    return reference.names[-1] if reference.names else None
 
 
 def _group_names(node: dict[str, Any], relation: NoisyRelation) -> tuple[str, ...]:
@@ -315,17 +304,13 @@ class _Planner:
         select = [
             f"{quote_identifier(g)} AS {quote_identifier(a)}" for g, a in self.group_aliases.items()
         ] + [f"{m.sql} AS {quote_identifier(m.alias)}" for m in self.measurements.values()]
-        template = _serialised(f"SELECT {', '.join(select)}")["statements"][0]["node"]
+        template = serialised_query(f"SELECT {', '.join(select)}")["statements"][0]["node"]
         node["select_list"] = template["select_list"]
         try:
-            rewritten = (
-                parser_connection()
-                .execute("SELECT json_deserialize_sql(?)", [json.dumps(document)])
-                .fetchall()[0][0]
-            )
+            rewritten = query_sql(document)
         except duckdb.Error:
             raise self.fail("the query could not be put in the noisy form") from None
-        return NoisePlan(self.noise, str(rewritten), tuple(self.measurements.values()), outputs)
+        return NoisePlan(self.noise, rewritten, tuple(self.measurements.values()), outputs)
 
     def _output(self, item: dict[str, Any]) -> Output:
         column = _column(item)
@@ -333,31 +318,31 @@ class _Planner:
             if column not in self.groups:
                 raise self.fail(f"column {column} in the select list must be grouped")
             alias = self.group_aliases.setdefault(column, f"g-{len(self.group_aliases)}")
-            return Output(_alias(item) or column, "group", alias)
-        if item.get("class") != "FUNCTION":
+            return Output(sqltree.expression_alias(item) or column, "group", alias)
+        if sqltree.expression_class(item) != "FUNCTION":
             raise self.fail(
                 "under noise the select list may hold only grouping columns and bare "
                 "count, sum and avg: compute expressions over them on your side"
             )
-        written = str(item.get("function_name", "")).lower()
+        written = sqltree.function_name(item)
         kind = _NOISY_FUNCTIONS.get(written)
         if kind is None:
             raise self.fail(
                 f"{written}() is not allowed under noise: only count, sum and avg get calibrated "
                 "noise (min, max and other aggregates would show exact values)"
             )
-        if item.get("filter") is not None or (item.get("order_bys") or {}).get("orders"):
+        if sqltree.function_has_filter_or_order(item):
             raise self.fail("FILTER and ORDER BY inside an aggregate are not allowed")
-        if item.get("distinct") or item.get("export_state"):
+        if sqltree.function_is_distinct(item) or sqltree.function_exports_state(item):
             raise self.fail(f"{written}(DISTINCT ...) is not allowed under noise")
-        arguments = [a.get("expression") for a in item.get("arguments") or []]
+        arguments = sqltree.function_arguments(item)
         if written == "count_star" and not arguments:
             count = self._measure("count(*)", "count(*)", 1, integer=True)
-            return Output(_alias(item) or _ROW_NAME[written], "count", count)
+            return Output(sqltree.expression_alias(item) or _ROW_NAME[written], "count", count)
         column = _column(arguments[0]) if len(arguments) == 1 else None
         if column is None or column not in self.types:
             raise self.fail(f"{written}() must read one granted column by name")
-        name = _alias(item) or f"{written}({column})"
+        name = sqltree.expression_alias(item) or f"{written}({column})"
         summed = self._sum(column, written) if kind in ("sum", "avg") else ""
         if kind == "sum":
             return Output(name, "sum", summed)

@@ -16,7 +16,8 @@ from typing import Any
 from cryptography import x509
 
 from connector.aggregates import aggregate_form
-from connector.audit import AuditEntry, AuditLog
+from connector.audit import AuditLog
+from connector.audit_entry import AuditEntry
 from connector.config import Revocations
 from connector.enforce import Relation, relations_for, visible_columns
 from connector.errors import (

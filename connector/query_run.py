@@ -19,7 +19,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from connector.arrow_stream import IpcPieces
-from connector.audit import AuditEntry
+from connector.audit_entry import AuditEntry
 from connector.canonical import canonical_json
 from connector.errors import (
     PermissionDenied,

@@ -157,12 +157,30 @@ def function_arguments(node: Mapping[str, Any]) -> list[object]:
 
 def function_has_modifiers(node: Mapping[str, Any]) -> bool:
     """FILTER, ORDER BY inside the call, or EXPORT_STATE."""
+    return function_has_filter_or_order(node) or function_exports_state(node)
+
+
+def function_has_filter_or_order(node: Mapping[str, Any]) -> bool:
+    """FILTER (WHERE ...) or ORDER BY inside the call."""
     orders = node.get("order_bys") or {}
     return bool(
-        node.get("filter") is not None
-        or (isinstance(orders, dict) and orders.get("orders"))
-        or node.get("export_state")
+        node.get("filter") is not None or (isinstance(orders, dict) and orders.get("orders"))
     )
+
+
+def function_exports_state(node: Mapping[str, Any]) -> bool:
+    """EXPORT_STATE: the aggregate's internal state instead of its value."""
+    return bool(node.get("export_state"))
+
+
+def function_is_distinct(node: Mapping[str, Any]) -> bool:
+    """An aggregate over distinct values, like count(DISTINCT x)."""
+    return bool(node.get("distinct"))
+
+
+def expression_alias(node: Mapping[str, Any]) -> str:
+    """The alias of a select-list expression as written ("" when none)."""
+    return str(node.get("alias") or "")
 
 
 def constant_literal(node: Mapping[str, Any]) -> tuple[str, str] | None:

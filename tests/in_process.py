@@ -15,7 +15,7 @@ import hashlib
 import pyarrow as pa
 
 from connector.arrow_stream import read_ipc_pieces
-from connector.audit import AuditEntry
+from connector.audit_entry import AuditEntry
 from connector.errors import ConnectorError, PeerError
 from connector.provider import Provider
 from connector.receipt import ReceiptBundle, verify_bundle

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from connector.audit import read_entries, verify_log
+from connector.audit_chain import read_entries, verify_log
 from connector.cli.common import add_home, settings_of
 from connector.errors import ConfigError
 from connector.identity import load_ed25519_public, public_path

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from connector.cli.common import add_home
-from connector.config import CONFIG_FILE, render_config, resolve_home
+from connector.config import CONFIG_FILE, resolve_home
+from connector.config_template import render_config
 from connector.errors import ConfigError
 from connector.identity import (
     CA_CERT_FILE,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,25 +17,19 @@ from typing import Any
 import yaml
 
 from connector.errors import PolicyError
-from connector.shaping import (
-    MASK_KINDS,
-    RANGE_OPERATORS,
-    FilterValue,
-    MaskKind,
-    Noise,
-    RowFilter,
-    Shaping,
+from connector.names import COLUMN_NAME, DATASET_NAME, MEMBER_ID, POLICY_ID, PURPOSE
+from connector.policy.terms import (
+    AGGREGATE_ONLY_KEYS,
+    ROWS_KEYS,
+    read_aggregate_only,
+    read_masks,
+    read_row_filters,
 )
+from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, check_events
+from connector.shaping import Shaping
 
 POLICY_FORMAT = 1
 MAX_POLICY_BYTES = 1024 * 1024
-POLICY_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-# Dataset names as the store accepts them (no leading "_": the store's own schemas use it).
-DATASET = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-MEMBER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-ANY_TEXT = re.compile(r"^[^\x00-\x08\x0b-\x1f\x7f]{1,2000}$")
-PURPOSE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/-]{0,127}$")
 
 # key -> nested keys (None: a leaf). The only keys this connector version enforces.
 SCHEMA: dict[str, dict[str, None] | None] = {
@@ -49,8 +42,8 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "purposes": None,
     "valid": {"from": None, "until": None},
     "columns": {"allow": None, "mask": None},
-    "rows": {"where": None},
-    "aggregate_only": {"min_group_size": None, "noise": None, "group_by": None},
+    "rows": ROWS_KEYS,
+    "aggregate_only": AGGREGATE_ONLY_KEYS,
     "obligations": {"delete_within_days": None, "attribution": None, "terms": None},
     "limits": {
         "max_rows_per_query": None,
@@ -61,36 +54,6 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     },
 }
 REQUIRED = ("id", "version", "description", "datasets", "grantees", "purposes", "valid", "columns")
-MAX_FILTER_VALUES = 1000
-# A policy is at most four levels deep; anything far deeper is an attack on the YAML composer,
-# which recurses once per level (5,000 levels raised RecursionError).
-MAX_YAML_DEPTH = 16
-MAX_WHOLE_NUMBER = 2**63 - 1
-
-# Strict scalar rules for plain (unquoted) values: YAML 1.2 core, plus dates, and nothing a
-# YAML 1.1 reader would silently read with another meaning (024 as 20, 1:30 as 90, no as false).
-_NULL = re.compile(r"~|null|Null|NULL")
-_TRUE = re.compile(r"true|True|TRUE")
-_FALSE = re.compile(r"false|False|FALSE")
-_YAML11_BOOL = re.compile(r"y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF")
-_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
-_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
-_SPECIAL_FLOAT = re.compile(r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
-_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
-_BASED_INT = re.compile(r"[-+]?0[xXoObB][0-9a-fA-F_]*")
-_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
-_UNDERSCORED = re.compile(r"(?=[^_]*_)[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?")
-_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
-_DATETIME = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,6})?"
-    r"(?:[ \t]*(Z|z|[-+][0-9]{2}:[0-9]{2}))?"
-)
-_DATE_LIKE = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt \t].*)?", re.DOTALL)
-NOISE_KEYS = {"epsilon": None, "epsilon_per_day": None, "bounds": None}
-MAX_EPSILON = 10.0
-MAX_EPSILON_PER_DAY = 1000.0
-MIN_EPSILON = 1e-6  # the budget ledger counts whole micro-epsilons
-MAX_BOUND = 1e15  # sums of clamped values stay exact in 64-bit integers and doubles
 
 
 @dataclass(frozen=True)
@@ -183,89 +146,6 @@ def _ns(moment: dt.datetime) -> int:
     return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
 
 
-class _Reader:
-    """Walks the composed YAML nodes of one file, keeping line numbers for every message."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, node: yaml.Node | None, message: str) -> PolicyError:
-        line = node.start_mark.line + 1 if node is not None else None
-        return PolicyError(message, path=str(self.path), line=line)
-
-    def mapping(self, node: yaml.Node, where: str, allowed: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, f"{where} must be a mapping of keys to values")
-        found: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if not isinstance(key, str):
-                raise self.fail(key_node, f"{where} has a key that is not a plain name")
-            if key in found:
-                raise self.fail(key_node, f"key '{key}' appears twice in {where}")
-            if key not in allowed:
-                raise self.fail(
-                    key_node,
-                    f"unknown key '{key}' in {where}; this connector version supports: "
-                    f"{', '.join(allowed)}",
-                )
-            found[key] = (key_node, value_node)
-        return found
-
-    def scalar(self, node: yaml.Node, where: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(node, f"{where} must be a single value")
-        if node.style is not None:
-            return node.value  # quoted or a block: always text
-        try:
-            return _plain_scalar(node.value)
-        except ValueError as exc:
-            raise self.fail(node, f"{where}: {exc}") from None
-
-    def text(self, node: yaml.Node, where: str, pattern: re.Pattern[str] | None = None) -> str:
-        value = self.scalar(node, where)
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(node, f"{where} must be non-empty text")
-        if pattern is not None and not pattern.fullmatch(value):
-            raise self.fail(node, f"{where} {value!r} is not allowed here ({_rule(pattern)})")
-        return value
-
-    def text_list(self, node: yaml.Node, where: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
-        if not isinstance(node, yaml.SequenceNode) or not node.value:
-            raise self.fail(node, f"{where} must be a non-empty list, like [a, b]")
-        values = [self.text(item, f"an entry of {where}", pattern) for item in node.value]
-        if len(set(values)) != len(values):
-            raise self.fail(node, f"{where} lists an entry twice")
-        return tuple(values)
-
-    def moment(self, node: yaml.Node, where: str) -> dt.datetime:
-        value = self.scalar(node, where)
-        if isinstance(value, dt.datetime):
-            if value.tzinfo is None:
-                # RFC 3339: a time without a zone would silently be read as UTC.
-                raise self.fail(node, f"{where} needs a time zone, like 2026-01-31T08:00:00Z")
-            try:
-                return value.astimezone(dt.UTC)
-            except OverflowError:
-                raise self.fail(
-                    node, f"{where} is out of range; write a year from 1 to 9999"
-                ) from None
-        if isinstance(value, dt.date):
-            return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
-        raise self.fail(node, f"{where} must be a date (2026-01-31) or a date-time with zone")
-
-
-def _rule(pattern: re.Pattern[str]) -> str:
-    return {
-        POLICY_ID.pattern: "lower-case letters, digits, '.', '_' and '-'",
-        IDENTIFIER.pattern: "a plain SQL name: letters, digits and _",
-        DATASET.pattern: "a dataset name: a letter, then letters, digits and _",
-        MEMBER_ID.pattern: "a member id: lower-case letters, digits, '.', '_' and '-'",
-        PURPOSE.pattern: "letters, digits, spaces and . _ : / -",
-        ANY_TEXT.pattern: "text of at most 2000 characters, no control characters",
-    }.get(pattern.pattern, pattern.pattern)
-
-
 def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
     """Parse and validate a policy file; PolicyError names the file, the line and the fix."""
     data = text if text is not None else _read(path)
@@ -276,14 +156,14 @@ def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
     except UnicodeDecodeError:
         raise PolicyError("not UTF-8 text", path=str(path)) from None
     try:
-        _check_events(path, document)
+        check_events(path, document)
         root = yaml.compose(document, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
-    reader = _Reader(path)
+    reader = PolicyReader(path)
     if root is None:
         raise PolicyError("the file is empty", path=str(path))
     top = reader.mapping(root, "the policy", SCHEMA)
@@ -291,125 +171,6 @@ def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
     if missing:
         raise reader.fail(root, f"missing key(s): {', '.join(missing)}")
     return _policy(reader, top, path, hashlib.sha256(data).hexdigest())
-
-
-def _check_events(path: Path, document: str) -> None:
-    """Bound the nesting and refuse tags, anchors and aliases, before anything is composed.
-
-    PyYAML's parser keeps an explicit stack (it does not recurse); its composer and
-    constructor recurse once per level. An explicit tag (!!int 0x, !!python/...) would
-    bypass the strict scalar rules; an alias would let one edit change two places.
-    """
-    depth = 0
-    for event in yaml.parse(document, Loader=yaml.SafeLoader):
-        line = event.start_mark.line + 1 if event.start_mark is not None else None
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise PolicyError(
-                "anchors and aliases (&name, *name) are not allowed in a policy; "
-                "write each value out where it is used",
-                path=str(path),
-                line=line,
-            )
-        tag = getattr(event, "tag", None)
-        if tag is not None:
-            raise PolicyError(
-                f"YAML tags ({tag}) are not allowed in a policy; remove the tag and write "
-                "the value plainly, or quote it if it is text",
-                path=str(path),
-                line=line,
-            )
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_YAML_DEPTH:
-                raise PolicyError(
-                    f"nested more than {MAX_YAML_DEPTH} levels deep; a policy needs at most 4",
-                    path=str(path),
-                    line=line,
-                )
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-
-
-def _plain_scalar(text: str) -> Any:
-    """The value of a plain scalar under strict rules; ValueError says what to write instead."""
-    if not text or _NULL.fullmatch(text):
-        return None
-    if _TRUE.fullmatch(text):
-        return True
-    if _FALSE.fullmatch(text):
-        return False
-    if _INT.fullmatch(text):
-        if len(text) > 20 or abs(int(text)) > MAX_WHOLE_NUMBER:
-            raise ValueError(f"the number {text[:30]} is too large")
-        return int(text)
-    refusal = _ambiguous(text)
-    if refusal:
-        raise ValueError(refusal)
-    if _FLOAT.fullmatch(text):
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(f"the number {text[:30]} is too large")
-        return value
-    if _DATE_LIKE.fullmatch(text):
-        return _timestamp(text)
-    return text
-
-
-def _ambiguous(text: str) -> str | None:
-    """Why a plain scalar is refused: YAML 1.1 would read it as something else than it shows."""
-    quoted = f"quote it as '{text}' if you mean text"
-    if _YAML11_BOOL.fullmatch(text):
-        return (
-            f"{text} is ambiguous (older YAML reads it as true or false); "
-            f"write true or false, or {quoted}"
-        )
-    if _SPECIAL_FLOAT.fullmatch(text):
-        return f"{text} is not a finite number; write a number, or {quoted}"
-    if _LEADING_ZERO.fullmatch(text):
-        number = text.lstrip("+-").lstrip("0").replace("_", "") or "0"
-        return (
-            f"{text} has a leading zero (older YAML reads it as octal); write {number}, or {quoted}"
-        )
-    if _BASED_INT.fullmatch(text):
-        return f"{text} is not a decimal number; write the number in decimal digits, or {quoted}"
-    if _SEXAGESIMAL.fullmatch(text):
-        return f"{text} would be read as a base-60 number; write the number itself, or {quoted}"
-    if _UNDERSCORED.fullmatch(text):
-        return f"{text} has '_' in a number; write the digits without '_', or {quoted}"
-    return None
-
-
-def _timestamp(text: str) -> dt.date | dt.datetime:
-    """A date (2026-01-31) or date-time (2026-01-31T08:00:00Z) that exists in the calendar."""
-    date, moment = _DATE.fullmatch(text), _DATETIME.fullmatch(text)
-    try:
-        if date:
-            return dt.date(*(int(part) for part in date.groups()))
-        if moment:
-            year, month, day, hour, minute, second = (int(p) for p in moment.groups()[:6])
-            fraction, zone = moment.group(7), moment.group(8)
-            micro = int((fraction[1:] + "000000")[:6]) if fraction else 0
-            tz = _zone(zone) if zone else None
-            return dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
-    except ValueError:
-        raise ValueError(
-            f"{text} is not a date in the calendar; write a real date like 2026-01-31, "
-            f"or quote it as '{text}' if you mean text"
-        ) from None
-    raise ValueError(
-        f"{text} looks like a date but is not written as 2026-01-31 or 2026-01-31T08:00:00Z; "
-        f"write it so, or quote it as '{text}' if you mean text"
-    )
-
-
-def _zone(zone: str) -> dt.tzinfo:
-    if zone in ("Z", "z"):
-        return dt.UTC
-    sign = -1 if zone[0] == "-" else 1
-    hours, minutes = int(zone[1:3]), int(zone[4:6])
-    if hours > 23 or minutes > 59:
-        raise ValueError(zone)
-    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
 
 
 def _read(path: Path) -> bytes:
@@ -428,7 +189,7 @@ def read_limited(path: Path, limit: int) -> bytes:
     return data
 
 
-def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> UsagePolicy:
+def _policy(reader: PolicyReader, top: dict[str, Any], path: Path, sha256: str) -> UsagePolicy:
     if "format" in top:
         node = top["format"][1]
         fmt = reader.scalar(node, "format")
@@ -457,13 +218,13 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
     if "allow" not in columns:
         raise reader.fail(top["columns"][1], "columns needs allow: [column, ...]")
     lower = _lowered(reader)
-    allow = lower(columns["allow"][1], "columns.allow", IDENTIFIER)
-    masks = _masks(reader, columns["mask"][1], allow) if "mask" in columns else ()
+    allow = lower(columns["allow"][1], "columns.allow", COLUMN_NAME)
+    masks = read_masks(reader, columns["mask"][1], allow) if "mask" in columns else ()
     return UsagePolicy(
         id=reader.text(top["id"][1], "id", POLICY_ID),
         version=version,
         description=reader.text(top["description"][1], "description", ANY_TEXT),
-        datasets=lower(top["datasets"][1], "datasets", DATASET),
+        datasets=lower(top["datasets"][1], "datasets", DATASET_NAME),
         members=reader.text_list(grantees["members"][1], "grantees.members", MEMBER_ID),
         purposes=reader.text_list(top["purposes"][1], "purposes", PURPOSE),
         valid_from=start,
@@ -477,9 +238,9 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
         else Obligations(),
         shaping=Shaping(
             masks=masks,
-            filters=_row_filters(reader, top["rows"][1]) if "rows" in top else (),
+            filters=read_row_filters(reader, top["rows"][1]) if "rows" in top else (),
             **(
-                _aggregate_only(reader, top["aggregate_only"][1], allow, masks)
+                read_aggregate_only(reader, top["aggregate_only"][1], allow, masks)
                 if "aggregate_only" in top
                 else {}
             ),
@@ -487,217 +248,7 @@ def _policy(reader: _Reader, top: dict[str, Any], path: Path, sha256: str) -> Us
     )
 
 
-def _column_name(reader: _Reader, node: yaml.Node, where: str) -> str:
-    name = reader.text(node, where)
-    lowered = name.lower() if name.isascii() else name
-    if not IDENTIFIER.fullmatch(lowered):
-        raise reader.fail(node, f"{where} {name!r} is not allowed here ({_rule(IDENTIFIER)})")
-    return lowered
-
-
-def _masks(
-    reader: _Reader, node: yaml.Node, allow: tuple[str, ...]
-) -> tuple[tuple[str, MaskKind], ...]:
-    if not isinstance(node, yaml.MappingNode) or not node.value:
-        raise reader.fail(node, "columns.mask must map columns to hash, redact or null")
-    masks: dict[str, MaskKind] = {}
-    for key_node, value_node in node.value:
-        column = _column_name(reader, key_node, "a column of columns.mask")
-        if column in masks:
-            raise reader.fail(key_node, f"column {column} is masked twice in columns.mask")
-        if column in allow:
-            raise reader.fail(
-                key_node,
-                f"column {column} is both allowed in the clear and masked; list it in "
-                "columns.allow or in columns.mask, not both",
-            )
-        # The word as written: YAML would read the mask kind null as no value at all.
-        kind = value_node.value if isinstance(value_node, yaml.ScalarNode) else None
-        if kind not in MASK_KINDS:
-            raise reader.fail(
-                value_node, f"columns.mask.{column} must be one of {', '.join(MASK_KINDS)}"
-            )
-        masks[column] = kind
-    return tuple(masks.items())
-
-
-def _row_filters(reader: _Reader, node: yaml.Node) -> tuple[RowFilter, ...]:
-    rows = reader.mapping(node, "rows", SCHEMA["rows"] or {})
-    if "where" not in rows:
-        raise reader.fail(node, "rows needs where: {column: [values]}")
-    where = rows["where"][1]
-    if not isinstance(where, yaml.MappingNode) or not where.value:
-        raise reader.fail(
-            where, "rows.where must map columns to [values] or to {gte: X, lt: Y} bounds"
-        )
-    filters: dict[str, RowFilter] = {}
-    for key_node, value_node in where.value:
-        column = _column_name(reader, key_node, "a column of rows.where")
-        if column in filters:
-            raise reader.fail(key_node, f"column {column} appears twice in rows.where")
-        filters[column] = _row_filter(reader, column, value_node)
-    return tuple(filters.values())
-
-
-def _row_filter(reader: _Reader, column: str, node: yaml.Node) -> RowFilter:
-    where = f"rows.where.{column}"
-    if isinstance(node, yaml.SequenceNode):
-        if not node.value or len(node.value) > MAX_FILTER_VALUES:
-            raise reader.fail(node, f"{where} must list 1 to {MAX_FILTER_VALUES} values")
-        values = tuple(_filter_value(reader, item, f"a value of {where}") for item in node.value)
-        return RowFilter(column, values=values)
-    if isinstance(node, yaml.MappingNode):
-        found = reader.mapping(node, where, dict.fromkeys(RANGE_OPERATORS))
-        if not found:
-            raise reader.fail(node, f"{where} needs a bound: gte, gt, lte or lt")
-        if {"gte", "gt"} <= found.keys() or {"lte", "lt"} <= found.keys():
-            raise reader.fail(node, f"{where} may have one lower bound and one upper bound")
-        bounds = tuple(
-            (op, _filter_value(reader, value, f"{where}.{op}")) for op, (_, value) in found.items()
-        )
-        return RowFilter(column, bounds=bounds)
-    raise reader.fail(node, f"{where} must be a list of values or a mapping of bounds")
-
-
-def _filter_value(reader: _Reader, node: yaml.Node, where: str) -> FilterValue:
-    value = reader.scalar(node, where)
-    if isinstance(value, dt.datetime) and value.tzinfo is None:
-        raise reader.fail(node, f"{where} needs a time zone, like 2026-01-31T08:00:00Z")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise reader.fail(node, f"{where} must be a finite number")
-    if isinstance(value, str) and not ANY_TEXT.fullmatch(value):
-        raise reader.fail(node, f"{where} must be text of at most 2000 characters")
-    if value is None or not isinstance(value, str | int | float | bool | dt.date):
-        raise reader.fail(node, f"{where} must be text, a number, true/false or a date")
-    return value
-
-
-def _aggregate_only(
-    reader: _Reader, node: yaml.Node, allow: tuple[str, ...], masks: tuple[tuple[str, Any], ...]
-) -> dict[str, Any]:
-    """The Shaping fields of aggregate_only: min_group_size, noise and group_by."""
-    found = reader.mapping(node, "aggregate_only", SCHEMA["aggregate_only"] or {})
-    if "min_group_size" not in found:
-        raise reader.fail(node, "aggregate_only needs min_group_size: K (at least 2)")
-    terms: dict[str, Any] = {"min_group_size": _min_group_size(reader, found["min_group_size"][1])}
-    if "noise" in found:
-        terms["noise"] = _noise(reader, found["noise"][1], allow)
-    if "group_by" in found:
-        granted = set(allow) | {column for column, _ in masks}
-        terms["group_by"] = _group_by(reader, found["group_by"][1], granted)
-    return terms
-
-
-def _noise(reader: _Reader, node: yaml.Node, allow: tuple[str, ...]) -> Noise:
-    found = reader.mapping(node, "aggregate_only.noise", NOISE_KEYS)
-    for key in ("epsilon", "epsilon_per_day"):
-        if key not in found:
-            raise reader.fail(
-                node,
-                f"aggregate_only.noise needs {key}: a number, like "
-                "{epsilon: 1.0, epsilon_per_day: 5.0, bounds: {defects: [0, 100]}}",
-            )
-    epsilon_node = found["epsilon"][1]
-    epsilon = _positive_number(reader, epsilon_node, "aggregate_only.noise.epsilon")
-    if not MIN_EPSILON <= epsilon <= MAX_EPSILON:
-        raise reader.fail(
-            epsilon_node,
-            f"aggregate_only.noise.epsilon must be greater than 0 and at most {MAX_EPSILON:g} "
-            "(smaller is more private; 0.1 to 1 is usual)",
-        )
-    daily_node = found["epsilon_per_day"][1]
-    daily = _positive_number(reader, daily_node, "aggregate_only.noise.epsilon_per_day")
-    if not epsilon <= daily <= MAX_EPSILON_PER_DAY:
-        raise reader.fail(
-            daily_node,
-            f"aggregate_only.noise.epsilon_per_day must be at least epsilon ({epsilon:g}) and at "
-            f"most {MAX_EPSILON_PER_DAY:g}: it is what one member may spend in a day",
-        )
-    bounds = _bounds(reader, found["bounds"][1], allow) if "bounds" in found else ()
-    return Noise(epsilon=epsilon, epsilon_per_day=daily, bounds=bounds)
-
-
-def _positive_number(reader: _Reader, node: yaml.Node, where: str) -> float:
-    value = reader.scalar(node, where)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise reader.fail(node, f"{where} must be a number, like 1.0")
-    if not math.isfinite(value) or value <= 0:
-        raise reader.fail(node, f"{where} must be a finite number greater than 0")
-    return float(value)
-
-
-def _bounds(
-    reader: _Reader, node: yaml.Node, allow: tuple[str, ...]
-) -> tuple[tuple[str, float, float], ...]:
-    where = "aggregate_only.noise.bounds"
-    if not isinstance(node, yaml.MappingNode) or not node.value:
-        raise reader.fail(
-            node, f"{where} must map columns to [low, high], like {{defects: [0, 100]}}"
-        )
-    bounds: dict[str, tuple[float, float]] = {}
-    for key_node, value_node in node.value:
-        column = _column_name(reader, key_node, f"a column of {where}")
-        if column in bounds:
-            raise reader.fail(key_node, f"column {column} appears twice in {where}")
-        if column not in allow:
-            raise reader.fail(
-                key_node,
-                f"{where}.{column}: only a column in columns.allow (not masked) can be summed; "
-                "allow it or remove its bounds",
-            )
-        if not isinstance(value_node, yaml.SequenceNode) or len(value_node.value) != 2:
-            raise reader.fail(value_node, f"{where}.{column} must be [low, high], like [0, 100]")
-        low, high = (_bound(reader, item, f"{where}.{column}") for item in value_node.value)
-        if not low < high:
-            raise reader.fail(value_node, f"{where}.{column} needs low < high, like [0, 100]")
-        bounds[column] = (low, high)
-    return tuple((column, low, high) for column, (low, high) in bounds.items())
-
-
-def _bound(reader: _Reader, node: yaml.Node, where: str) -> float:
-    value = reader.scalar(node, where)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise reader.fail(node, f"{where} must hold two numbers, like [0, 100]")
-    if not math.isfinite(value) or abs(value) > MAX_BOUND:
-        raise reader.fail(node, f"{where} must hold finite numbers of at most {MAX_BOUND:g}")
-    return value
-
-
-def _group_by(reader: _Reader, node: yaml.Node, granted: set[str]) -> tuple[tuple[str, ...], ...]:
-    where = "aggregate_only.group_by"
-    example = "like [[plant], [plant, week]]"
-    if not isinstance(node, yaml.SequenceNode) or not node.value:
-        raise reader.fail(node, f"{where} must be a non-empty list of column lists, {example}")
-    sets: list[tuple[str, ...]] = []
-    for item in node.value:
-        if not isinstance(item, yaml.SequenceNode) or not item.value:
-            raise reader.fail(item, f"each entry of {where} must be a non-empty list, {example}")
-        columns = tuple(_column_name(reader, c, f"a column of {where}") for c in item.value)
-        if len(set(columns)) != len(columns):
-            raise reader.fail(item, f"an entry of {where} lists a column twice")
-        for column, column_node in zip(columns, item.value, strict=True):
-            if column not in granted:
-                raise reader.fail(
-                    column_node,
-                    f"{where} names column {column}, which the policy does not grant; grant it "
-                    "in columns.allow or columns.mask, or remove it",
-                )
-        if any(set(columns) == set(seen) for seen in sets):
-            raise reader.fail(item, f"{where} declares the set {list(columns)} twice")
-        sets.append(columns)
-    return tuple(sets)
-
-
-def _min_group_size(reader: _Reader, size_node: yaml.Node) -> int:
-    size = reader.scalar(size_node, "aggregate_only.min_group_size")
-    if not isinstance(size, int) or isinstance(size, bool) or not 2 <= size <= 1_000_000:
-        raise reader.fail(
-            size_node, "aggregate_only.min_group_size must be a whole number from 2 to 1000000"
-        )
-    return size
-
-
-def _limits(reader: _Reader, node: yaml.Node) -> Limits:
+def _limits(reader: PolicyReader, node: yaml.Node) -> Limits:
     found = reader.mapping(node, "limits", SCHEMA["limits"] or {})
     values = {}
     for key, (_, value_node) in found.items():
@@ -708,7 +259,7 @@ def _limits(reader: _Reader, node: yaml.Node) -> Limits:
     return Limits(**values)
 
 
-def _obligations(reader: _Reader, node: yaml.Node) -> Obligations:
+def _obligations(reader: PolicyReader, node: yaml.Node) -> Obligations:
     found = reader.mapping(node, "obligations", SCHEMA["obligations"] or {})
     days = 0
     if "delete_within_days" in found:
@@ -732,7 +283,7 @@ def _obligations(reader: _Reader, node: yaml.Node) -> Obligations:
     return Obligations(days, attribution, terms)
 
 
-def _lowered(reader: _Reader) -> Any:
+def _lowered(reader: PolicyReader) -> Any:
     def read(node: yaml.Node, where: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
         if isinstance(node, yaml.SequenceNode):
             for item in node.value:

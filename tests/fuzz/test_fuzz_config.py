@@ -8,7 +8,8 @@ from pathlib import Path
 
 from hypothesis import given
 
-from connector.config import load_settings, render_config
+from connector.config import load_settings
+from connector.config_template import render_config
 from connector.errors import ConfigError
 from tests.fuzz.mutation import mutated
 

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from connector.audit import AuditEntry, AuditLog, read_entries, verify_log
+from connector.audit import AuditLog
+from connector.audit_chain import read_entries, verify_log
+from connector.audit_entry import AuditEntry
 from connector.client import Peer
 from connector.errors import ConnectorError, PermissionDenied, QueryRejected
 from connector.identity import load_ed25519_public

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from connector.audit import read_entries
+from connector.audit_chain import read_entries
 from connector.config import load_settings
 from connector.errors import ResourceExhausted
 from connector.quota import QuotaLedger

@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from connector._proto.connector.v1 import connector_pb2 as pb
-from connector.audit import read_entries, verify_log
+from connector.audit_chain import read_entries, verify_log
 from connector.errors import ConnectorError
 from connector.identity import load_ed25519_public
 from connector.server import RunningServer

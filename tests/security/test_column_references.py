@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from connector.audit import read_entries
+from connector.audit_chain import read_entries
 from connector.errors import QueryRejected
 from connector.sqlguard import QueryShape, inspect_query
 from tests.integration.test_shaped_answers import (  # noqa: F401 (the fixture)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from connector._proto.connector.v1 import connector_pb2 as pb
-from connector.audit import read_entries
+from connector.audit_chain import read_entries
 from connector.client import Peer
 from connector.config import load_settings
 from connector.errors import ConfigError, QueryTimeout

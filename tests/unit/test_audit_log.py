@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from connector.audit import AuditEntry, AuditLog, read_entries, verify_log
+from connector.audit import AuditLog
+from connector.audit_chain import read_entries, verify_log
+from connector.audit_entry import AuditEntry
 from connector.errors import AuditUnavailable
 from connector.receipt import ReceiptSigner
 

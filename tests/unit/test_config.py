@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import load_settings, render_config
+from connector.config import load_settings
+from connector.config_template import render_config
 from connector.errors import ConfigError
 
 

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 
 from connector.arrow_stream import read_ipc_pieces
-from connector.audit import AuditEntry, read_entries
+from connector.audit_chain import read_entries
+from connector.audit_entry import AuditEntry
 from connector.config import load_settings
 from connector.errors import (
     NotAuthenticated,
