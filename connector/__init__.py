@@ -1,4 +1,13 @@
-"""Federated data-sharing connector: answer peers' queries only where a signed policy allows."""
+"""Federated data-sharing connector: answer peers' queries only where a signed policy allows.
+
+Layers, lowest first (README, Layout): basics (errors, names, canonical JSON, escaping, SQL
+text), settings and keys (config, identity, jws, receipt), data (store), SQL (pre-scan,
+syntax tree, guard, shaping, noise and the aggregate-only form), policy/ (format, signing,
+versions, engines, registry), enforcement (enforce, plan check, quotas, slots, sandbox),
+answering (audit, query run, provider), transport (wire, service, server, client), cli/.
+
+This module also prepares the native allocators before duckdb, pyarrow or grpc load.
+"""
 
 import ctypes
 import importlib.util

@@ -21,10 +21,10 @@ from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
-from connector.policy.engine import OpaConnection, PolicyEngine, build_engine
+from connector.policy.engine import OpaConnection, PolicyEngine
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
-from connector.policy.opa import opa_namespace
+from connector.policy.opa import build_engine, opa_namespace
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.policy.versions import VersionMemory

@@ -368,16 +368,3 @@ class CheckedEngine:
             if fault is not None:
                 raise self._distrust(fault)
         return entries
-
-
-def build_engine(
-    kind: str, policies: Sequence[UsagePolicy], *, opa: OpaConnection | None = None
-) -> PolicyEngine:
-    """The engine named in connector.toml over these policies, its answers checked."""
-    if kind == "embedded":
-        return CheckedEngine(EmbeddedEngine(policies), policies)
-    if kind == "opa" and opa is not None:
-        from connector.policy.opa import OpaServerEngine
-
-        return CheckedEngine(OpaServerEngine(policies, opa), policies)
-    raise PolicyEngineError(f"unknown policy engine {kind!r}; use 'embedded' or 'opa'")

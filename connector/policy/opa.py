@@ -1,4 +1,5 @@
-"""The decision library evaluated by an OPA server (REST API, via opa-python-client).
+"""The decision library evaluated by an OPA server (REST API, via opa-python-client), and
+the choice between it and the embedded engine (`build_engine`).
 
 Several connectors may share one OPA server: each writes the library under its own package
 and its policies under its own data path, both named by a namespace derived from its data
@@ -20,9 +21,12 @@ from connector.errors import PolicyEngineError
 from connector.policy.engine import (
     DATA_KEY,
     CatalogGrant,
+    CheckedEngine,
     Decision,
     DecisionRequest,
+    EmbeddedEngine,
     OpaConnection,
+    PolicyEngine,
     catalog_from,
     decision_from,
     ns,
@@ -120,3 +124,14 @@ class OpaServerEngine:
         return catalog_from(
             self._query("catalog", {"member": member, "time_ns": ns(time)}), self.revision
         )
+
+
+def build_engine(
+    kind: str, policies: Sequence[UsagePolicy], *, opa: OpaConnection | None = None
+) -> PolicyEngine:
+    """The engine named in connector.toml over these policies, its answers checked."""
+    if kind == "embedded":
+        return CheckedEngine(EmbeddedEngine(policies), policies)
+    if kind == "opa" and opa is not None:
+        return CheckedEngine(OpaServerEngine(policies, opa), policies)
+    raise PolicyEngineError(f"unknown policy engine {kind!r}; use 'embedded' or 'opa'")

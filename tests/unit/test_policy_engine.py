@@ -24,10 +24,9 @@ from connector.policy.engine import (
     EmbeddedEngine,
     OpaConnection,
     PolicyEngine,
-    build_engine,
 )
 from connector.policy.model import UsagePolicy, parse_policy
-from connector.policy.opa import OpaServerEngine
+from connector.policy.opa import OpaServerEngine, build_engine
 from tests.opa_endpoint import opa_endpoint
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
