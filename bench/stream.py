@@ -15,6 +15,12 @@ Servers and clients share this process and the machine's cores; the ratios are w
 
 from __future__ import annotations
 
+# First: the package loads the Rego allocator before any other C++ library (see
+# connector/__init__.py); otherwise every Rego decision keeps memory.
+import connector  # noqa: F401
+
+# isort: split
+
 import argparse
 import contextlib
 import io
