@@ -15,9 +15,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add the ingest and datasets sub-commands."""
     load = commands.add_parser("ingest", help="load a CSV, Parquet or JSON file as a dataset")
     add_home(load)
-    load.add_argument("file", type=Path, metavar="FILE")
-    load.add_argument("--dataset", required=True, metavar="NAME")
-    load.add_argument("--description", metavar="TEXT")
+    load.add_argument("file", type=Path, metavar="FILE", help="a .csv, .parquet or .json file")
+    load.add_argument(
+        "--dataset",
+        required=True,
+        metavar="NAME",
+        help="the dataset to load it into (lower-case letters, digits and _)",
+    )
+    load.add_argument(
+        "--description", metavar="TEXT", help="shown to peers in their catalog (kept if omitted)"
+    )
     mode = load.add_mutually_exclusive_group()
     mode.add_argument(
         "--replace",

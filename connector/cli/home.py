@@ -29,12 +29,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "init",
         help="lay out a member's home: config, certificate, keys, database, policies folder",
     )
-    init.add_argument("home_dir", nargs="?", type=Path, metavar="HOME")
-    init.add_argument("--member", required=True, metavar="MEMBER_ID")
+    init.add_argument(
+        "home_dir", nargs="?", type=Path, metavar="HOME", help="the folder to create (or --home)"
+    )
+    init.add_argument(
+        "--member",
+        required=True,
+        metavar="MEMBER_ID",
+        help="this member's id in the data space (lower-case letters, digits, . _ -)",
+    )
     init.add_argument(
         "--dataspace", required=True, type=Path, metavar="DIR", help="folder of the data-space CA"
     )
-    init.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    init.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="where `connector serve` listens (default: %(default)s)",
+    )
     init.add_argument(
         "--host", action="append", metavar="HOST", help="names to put in the certificate"
     )

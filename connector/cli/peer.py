@@ -24,7 +24,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add the peer sub-commands."""
     catalog = commands.add_parser("catalog", help="list the datasets a provider grants to you")
     _peer_arguments(catalog)
-    catalog.add_argument("--format", choices=("table", "json"), default="table")
+    catalog.add_argument(
+        "--format", choices=("table", "json"), default="table", help="default: %(default)s"
+    )
     catalog.set_defaults(run=_catalog)
 
     for name, run, text in (
@@ -34,9 +36,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         command = commands.add_parser(name, help=text)
         _peer_arguments(command)
         command.add_argument("--purpose", required=True, help="why you use the data")
-        command.add_argument("sql", metavar="SQL")
+        command.add_argument(
+            "sql", metavar="SQL", help="one SELECT over the dataset names of your catalog"
+        )
         if name == "query":
-            command.add_argument("--format", choices=FORMATS, default="table")
+            command.add_argument(
+                "--format", choices=FORMATS, default="table", help="default: %(default)s"
+            )
             command.add_argument(
                 "--output",
                 type=Path,
@@ -44,14 +50,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 help=f"default: stdout; the receipt is saved beside it as FILE{RECEIPT_SUFFIX} "
                 f"and, unless --format arrow, the exact Arrow bytes it signs as FILE{ARROW_SUFFIX}",
             )
-            command.add_argument("--max-rows", type=int, default=0, metavar="N")
+            command.add_argument(
+                "--max-rows",
+                type=int,
+                default=0,
+                metavar="N",
+                help="cut the result at N rows (0: the policy's limit only)",
+            )
         command.set_defaults(run=run)
 
 
 def _peer_arguments(parser: argparse.ArgumentParser) -> None:
     add_home(parser)
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="the provider's address")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up after this long (default: %(default)s); the provider stops the query",
+    )
 
 
 def _peer(args: argparse.Namespace) -> Peer:

@@ -43,7 +43,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "sign", help="write a detached signature (FILE.jws) next to each file"
     )
     add_home(sign)
-    sign.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    sign.add_argument("files", nargs="+", type=Path, metavar="FILE", help="policy files (.yaml)")
     _add_key(sign)
     sign.set_defaults(run=_sign)
 
@@ -53,7 +53,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "older versions of the same policy are retired once it is in force",
     )
     add_home(publish)
-    publish.add_argument("draft", type=Path, metavar="DRAFT")
+    publish.add_argument(
+        "draft", type=Path, metavar="DRAFT", help="the policy file, kept outside policies/"
+    )
     _add_key(publish)
     publish.set_defaults(run=_publish)
 
