@@ -98,6 +98,15 @@ def test_any_query_request_gets_an_answer_on_purpose(channel: grpc.Channel, raw:
     assert _send(channel, raw) in ON_PURPOSE
 
 
-def test_the_server_still_answers_after_the_fuzzing(channel: grpc.Channel) -> None:
+def test_the_server_still_answers_after_the_fuzzing(
+    channel: grpc.Channel, shared_space: Space
+) -> None:
     ok = pb.QueryRequest(sql="SELECT count(*) FROM part_defects", purpose=PURPOSE)
-    assert _send(channel, ok.SerializeToString()) is grpc.StatusCode.OK
+    # After thousands of refusals (the long run) the fuzzing member may be throttled by the
+    # audit log's rate limit on refusals; that is an answer on purpose too.
+    assert _send(channel, ok.SerializeToString()) in (
+        grpc.StatusCode.OK,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    with shared_space.peer(shared_space.outsider) as other:  # other members are answered
+        assert other.catalog() == []
