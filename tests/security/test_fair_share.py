@@ -92,9 +92,16 @@ def test_one_member_cannot_hold_every_slot_and_unread_streams_end(
             call.cancel()
         for peer in peers:
             peer.close()
+
+    def stalled_entries() -> list[dict[str, Any]]:
+        entries = [e for e in _query_entries(provider) if e["member_id"] == "supplier-a"]
+        return [e for e in entries if e["outcome"] == "stalled"]
+
+    # The slot is free at once; the stream's final entry follows when its handler unwinds.
+    wait_for(lambda: len(stalled_entries()) == 2)
     entries = [e for e in _query_entries(provider) if e["member_id"] == "supplier-a"]
-    stalled = [e for e in entries if e["outcome"] == "stalled"]
-    assert len(stalled) == 2 and all("stopped reading" in e["reasons"][0] for e in stalled)
+    stalled = stalled_entries()
+    assert all("stopped reading" in e["reasons"][0] for e in stalled)
     assert sum(e["outcome"] == "exhausted" for e in entries) == 6
     with connect(server, attacker) as peer:  # the attacker's own slots are free again
         assert peer.fetch("SELECT count(*) FROM part_defects", PURPOSE).receipt.rows == 1
