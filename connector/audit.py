@@ -46,7 +46,7 @@ RETRY_SECONDS = 0.5  # how often an unwritable log is tried again
 MAX_LATE_ENTRIES = 1000  # final entries of opened answers kept in memory during an outage
 
 # Outcomes that are always recorded one by one: something was (or may have been) answered.
-ALWAYS_RECORDED = frozenset({"answered", "cancelled", "timeout", "too_large", "failed"})
+ALWAYS_RECORDED = frozenset({"answered", "cancelled", "stalled", "timeout", "too_large", "failed"})
 
 
 def _now_text() -> str:

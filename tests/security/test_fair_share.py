@@ -98,7 +98,7 @@ def test_one_member_cannot_hold_every_slot_and_unread_streams_end(
         return [e for e in entries if e["outcome"] == "stalled"]
 
     # The slot is free at once; the stream's final entry follows when its handler unwinds.
-    wait_for(lambda: len(stalled_entries()) == 2)
+    wait_for(lambda: len(stalled_entries()) == 2, timeout=45)
     entries = [e for e in _query_entries(provider) if e["member_id"] == "supplier-a"]
     stalled = stalled_entries()
     assert all("stopped reading" in e["reasons"][0] for e in stalled)
