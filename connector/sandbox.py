@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,7 +134,8 @@ class SandboxDatabase:
 
     def session(self) -> SandboxSession:
         """A fresh cursor for one request; its TEMP views vanish with it."""
-        return SandboxSession(self._cursor(), self.shaped)
+        with _sandbox_errors():
+            return SandboxSession(self._cursor(), self.shaped)
 
     def check_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
@@ -142,17 +144,19 @@ class SandboxDatabase:
         every name the query uses resolves, or the same refusal Query would give. Explain
         and Query both bind this way before any data or shaped copy is touched, so neither
         answers nor timing tell a hidden name from one that does not exist."""
-        cursor = self._cursor()
+        with _sandbox_errors():
+            cursor = self._cursor()
         try:
-            for relation in relations:
-                columns = ", ".join(
-                    f"CAST(NULL AS {c.type}) AS {quote_identifier(c.name)}"
-                    for c in relation.columns
-                )
-                cursor.execute(
-                    f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS "
-                    f"SELECT {columns or 'NULL AS _'} LIMIT 0"
-                )
+            with _sandbox_errors():
+                for relation in relations:
+                    columns = ", ".join(
+                        f"CAST(NULL AS {c.type}) AS {quote_identifier(c.name)}"
+                        for c in relation.columns
+                    )
+                    cursor.execute(
+                        f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS "
+                        f"SELECT {columns or 'NULL AS _'} LIMIT 0"
+                    )
             bound_plan(cursor, sql, datasets)
         finally:
             cursor.close()
@@ -189,9 +193,10 @@ class SandboxSession:
                 shaped = self._shaped.acquire(relation)  # our own name, a hash
                 self._copies.append(relation.shaped_table)
                 source = f"SELECT * FROM {shaped}"  # noqa: S608
-            self._cursor.execute(
-                f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
-            )
+            with _sandbox_errors():
+                self._cursor.execute(
+                    f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
+                )
 
     def verify_plan(
         self, sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str] = ()
@@ -342,6 +347,19 @@ def bound_plan(
     if plan.get("error"):
         raise plan_refusal(plan, datasets)
     return plan
+
+
+@contextmanager
+def _sandbox_errors() -> Iterator[None]:
+    """DuckDB's and Python's errors outside a running query (cursors, views) as the
+    connector's own: memory running short is RESOURCE_EXHAUSTED, never INTERNAL."""
+    try:
+        yield
+    except (duckdb.Error, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) or _out_of_memory(exc):
+            raise ResourceExhausted(OUT_OF_MEMORY) from None
+        log.warning("the sandbox failed outside a query: %s", exc)
+        raise StoreError(peer_message(exc) if isinstance(exc, duckdb.Error) else str(exc)) from None
 
 
 def _out_of_memory(exc: Exception) -> bool:

@@ -264,7 +264,7 @@ def test_concurrent_blow_ups_leave_the_server_serving_other_members(
         "RESOURCE_EXHAUSTED",
         "legit answered",
         "legit RESOURCE_EXHAUSTED",
-    }, outcomes
+    }, (outcomes, unguarded.log()[-4000:])
     assert "RESOURCE_EXHAUSTED" in outcomes
     _legit_answered(unguarded, homes["supplier-a"])
 
