@@ -93,14 +93,18 @@ def test_one_member_cannot_hold_every_slot_and_unread_streams_end(
         for peer in peers:
             peer.close()
 
-    def stalled_entries() -> list[dict[str, Any]]:
+    def ended_entries() -> list[dict[str, Any]]:
         entries = [e for e in _query_entries(provider) if e["member_id"] == "supplier-a"]
-        return [e for e in entries if e["outcome"] == "stalled"]
+        return [e for e in entries if e["outcome"] in ("stalled", "cancelled")]
 
     # The slot is free at once; the stream's final entry follows when its handler unwinds.
-    wait_for(lambda: len(stalled_entries()) == 2, timeout=45)
+    # Under a loaded test run the client's own cancel (below) can reach a handler before the
+    # stall watch's does: then it is on record as cancelled. Both streams are on record, and
+    # the stall watch ended at least one of them.
+    wait_for(lambda: len(ended_entries()) == 2, timeout=45)
     entries = [e for e in _query_entries(provider) if e["member_id"] == "supplier-a"]
-    stalled = stalled_entries()
+    stalled = [e for e in ended_entries() if e["outcome"] == "stalled"]
+    assert stalled, ended_entries()
     assert all("stopped reading" in e["reasons"][0] for e in stalled)
     assert sum(e["outcome"] == "exhausted" for e in entries) == 6
     with connect(server, attacker) as peer:  # the attacker's own slots are free again
