@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connector.errors import QueryRejected
+from connector.packing import TOP_N  # one list of the top-n aggregates, for both rules
 
 MAX_VALUE_BYTES = 64 * 1024  # any one value an expression builds, at worst
 MAX_ROW_BYTES = 256 * 1024  # one result row (all selected values together)
@@ -35,17 +36,6 @@ HUGE = 2**62  # stands for a number too large to matter
 
 # Aggregates that build one value out of every row they see.
 COLLECTING = frozenset("string_agg group_concat listagg list array_agg histogram list_agg".split())
-# Aggregates that keep the n best values when given an n.
-TOP_N_POSITION = {
-    "min": 1,
-    "max": 1,
-    "arg_min": 2,
-    "arg_max": 2,
-    "argmin": 2,
-    "argmax": 2,
-    "min_by": 2,
-    "max_by": 2,
-}
 # Functions whose result is a number, a truth value, a date or a digest, whatever they read.
 SMALL_RESULTS = frozenset(
     """
@@ -112,8 +102,8 @@ def function_bytes(name: str, args: Sequence[Argument]) -> int:
         size = _range_elements(name, args) * ELEMENT_BYTES
     elif name in COLLECTING:
         size = MAX_VALUE_BYTES  # as large as allowed: nothing may make it grow further
-    elif name in TOP_N_POSITION and len(args) > TOP_N_POSITION[name]:
-        n = _count(name, args, TOP_N_POSITION[name], "n")
+    elif name in TOP_N and len(args) > TOP_N[name]:
+        n = _count(name, args, TOP_N[name], "n")
         if n > MAX_TOP_N:
             raise TooLarge(f"{name}() may keep at most {MAX_TOP_N} values, not {n}")
         size = n * (_at(sizes, 0) + ELEMENT_BYTES)
@@ -320,7 +310,7 @@ class _SizeWalker:
         # ORDER BY inside the call, FILTER, and a window's PARTITION BY / ORDER BY / frame.
         for extra in _extra_expressions(node):
             self.expression(extra, inner, ctes)
-        positional_n = TOP_N_POSITION.get(name)
+        positional_n = TOP_N.get(name)
         if name in COLLECTING or (positional_n is not None and len(arguments) > positional_n):
             if window or block.in_window:
                 raise _refuse(f"{name}() may not be used as a window function here", node)
