@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 import duckdb
 import pyarrow as pa
 
+from connector.alarms import Alarm, AlarmClock
 from connector.arrow_stream import narrowed, narrowed_schema
 from connector.errors import (
     QueryCancelled,
@@ -127,6 +127,10 @@ class SandboxDatabase:
         _lock_down(self._db, limits)
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)
+        # Deadlines and interrupts run on this one thread, started now while memory is
+        # plentiful: a query must still be stoppable when no new thread can start.
+        self._alarms = AlarmClock("query-alarms")
+        self._alarms.start()
 
     def datasets(self) -> Mapping[str, DatasetInfo]:
         """The datasets as they were when the database was opened."""
@@ -135,7 +139,7 @@ class SandboxDatabase:
     def session(self) -> SandboxSession:
         """A fresh cursor for one request; its TEMP views vanish with it."""
         with _sandbox_errors():
-            return SandboxSession(self._cursor(), self.shaped)
+            return SandboxSession(self._cursor(), self.shaped, self._alarms)
 
     def check_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
@@ -169,15 +173,20 @@ class SandboxDatabase:
 
     def close(self) -> None:
         """Close the database."""
+        self._alarms.stop()
         self._db.close()
 
 
 class SandboxSession:
     """One request's cursor: exposes per-request views, checks the plan, streams results."""
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection, shaped: ShapedCopies) -> None:
+    def __init__(
+        self, cursor: duckdb.DuckDBPyConnection, shaped: ShapedCopies, alarms: AlarmClock
+    ) -> None:
         self._cursor = cursor
         self._shaped = shaped
+        self._alarms = alarms
+        self._interrupts = 0
         self._copies: list[str] = []
         self._running = threading.Event()
         self._cancelled = threading.Event()
@@ -209,21 +218,15 @@ class SandboxSession:
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
-        timer = threading.Timer(timeout, self._time_up) if timeout else None
         self._running.set()
-        if timer:
-            timer.daemon = True
+        deadline = self._alarms.call_later(timeout, self._time_up) if timeout else None
         try:
-            if timer:
-                timer.start()
             reader = self._cursor.sql(sql).to_arrow_reader(batch_rows)
         except (duckdb.Error, pa.ArrowException, OSError, MemoryError, RuntimeError) as exc:
-            if timer:
-                timer.cancel()
-            raise self._map(
-                exc if isinstance(exc, duckdb.Error) else duckdb.Error(str(exc))
-            ) from None
-        return ResultStream(reader, self, timer)
+            if deadline:
+                deadline.cancel()
+            raise self._map(exc) from None
+        return ResultStream(reader, self, deadline)
 
     def _time_up(self) -> None:
         self._timed_out = True
@@ -240,8 +243,6 @@ class SandboxSession:
             return ResourceExhausted(OUT_OF_MEMORY)
         if not isinstance(exc, duckdb.Error):
             log.warning("peer query failed outside DuckDB: %r", exc)
-            if isinstance(exc, RuntimeError):  # a thread could not start: no memory for its stack
-                return ResourceExhausted(OUT_OF_MEMORY)
             return StoreError("the query failed while running")
         log.info("peer query failed in DuckDB: %s", text.splitlines()[0] if text else exc)
         if isinstance(exc, PEER_FAULTS):
@@ -255,18 +256,15 @@ class SandboxSession:
                 return
             self._cancelled.set()
         # An interrupt that arrives before DuckDB starts executing is lost: repeat it.
-        try:
-            threading.Thread(target=self._keep_interrupting, name="interrupt", daemon=True).start()
-        except RuntimeError:  # no memory for another thread: interrupt from here, once
-            self._cursor.interrupt()
+        self._alarms.call_later(0.0, self._interrupt_again)
 
-    def _keep_interrupting(self) -> None:
-        for _ in range(INTERRUPT_REPEATS):
-            with self._lock:
-                if self._closed or not self._running.is_set():
-                    return
-                self._cursor.interrupt()
-            time.sleep(INTERRUPT_INTERVAL)
+    def _interrupt_again(self) -> float | None:
+        with self._lock:
+            if self._closed or not self._running.is_set() or self._interrupts >= INTERRUPT_REPEATS:
+                return None
+            self._interrupts += 1
+            self._cursor.interrupt()  # sets a flag in DuckDB: returns at once
+        return INTERRUPT_INTERVAL
 
     def finished(self) -> None:
         """The query is done; interrupts no longer apply."""
@@ -294,12 +292,12 @@ class ResultStream:
         self,
         reader: pa.RecordBatchReader,
         session: SandboxSession,
-        timer: threading.Timer | None,
+        deadline: Alarm | None,
     ) -> None:
         self.schema: pa.Schema = narrowed_schema(reader.schema)
         self._reader = reader
         self._session = session
-        self._timer = timer
+        self._deadline = deadline
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         try:
@@ -323,8 +321,8 @@ class ResultStream:
                     ) from None
                 yield batch
         finally:
-            if self._timer:
-                self._timer.cancel()
+            if self._deadline:
+                self._deadline.cancel()
             self._session.finished()
 
 
@@ -356,16 +354,21 @@ def _sandbox_errors() -> Iterator[None]:
     try:
         yield
     except (duckdb.Error, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) or _out_of_memory(exc):
+        if _out_of_memory(exc):
             raise ResourceExhausted(OUT_OF_MEMORY) from None
         log.warning("the sandbox failed outside a query: %s", exc)
-        raise StoreError(peer_message(exc) if isinstance(exc, duckdb.Error) else str(exc)) from None
+        raise StoreError(
+            peer_message(exc) if isinstance(exc, duckdb.Error) else "the sandbox failed"
+        ) from None
 
 
 def _out_of_memory(exc: Exception) -> bool:
-    """A failed allocation, whichever layer reports it (DuckDB, Arrow or Python)."""
+    """A failed allocation, whichever layer reports it (DuckDB, Arrow or Python); a thread
+    that cannot start has no memory for its stack."""
     if isinstance(exc, duckdb.OutOfMemoryException | MemoryError):
         return True
+    if isinstance(exc, RuntimeError):
+        return "can't start new thread" in str(exc)
     text = str(exc).lower()
     return any(t in text for t in _OUT_OF_MEMORY_TEXTS)
 

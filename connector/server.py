@@ -297,6 +297,7 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
     server.start()
+    provider.stall_watch.start()
     running = RunningServer(server, port, provider, health_servicer, settings, threading.Event())
     running.set_serving(provider.audit.available)
     provider.audit.on_change = running.set_serving

@@ -153,6 +153,14 @@ class StallWatch:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
+    def start(self) -> None:
+        """Start the watch's thread; the server does so at start, while memory is plentiful,
+        so that answers are still watched when no new thread can start."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="stall-watch", daemon=True)
+                self._thread.start()
+
     def stop(self) -> None:
         """Stop watching (the server is stopping)."""
         self._stopped.set()
@@ -161,9 +169,7 @@ class StallWatch:
         """Watch run until it is done."""
         with self._lock:
             self._runs.add(run)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="stall-watch", daemon=True)
-                self._thread.start()
+        self.start()
 
     def _loop(self) -> None:
         interval = min(1.0, self.stall_seconds / 4)

@@ -7,6 +7,8 @@ layer (locked-down connection, per-request views, plan check) holds alone.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from connector.enforce import Relation, relation_for, relations_for
-from connector.errors import DataError, PermissionDenied, QueryRejected, QueryTimeout, StoreError
+from connector.errors import (
+    DataError,
+    PermissionDenied,
+    QueryCancelled,
+    QueryRejected,
+    QueryTimeout,
+    StoreError,
+)
 from connector.policy.engine import Decision, Grant
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
@@ -224,3 +233,41 @@ def test_relations_expose_only_granted_columns_in_dataset_order(read_only_databa
     assert relation.column_names == ("plant", "price")
     assert relation.sql == 'SELECT "plant", "price" FROM datasets."parts"'
     assert relation.shaped_table == ""
+
+
+def test_deadline_and_cancel_still_stop_a_query_when_no_thread_can_start(
+    read_only_database: Path, granted: tuple[Relation, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At the process's address-space limit Python cannot start a thread; a query's deadline
+    # and a peer's cancel must still stop DuckDB then (they run on the sandbox's own clock).
+    store = SandboxDatabase(read_only_database, SandboxLimits(max_query_seconds=30))
+    slow = "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        session = store.session()
+        try:
+            session.expose(granted)
+            started = time.monotonic()
+            with pytest.raises(QueryTimeout):
+                list(session.stream(slow, 1024, 0.3))
+            assert time.monotonic() - started < 10
+        finally:
+            session.close()
+        session = store.session()
+        try:
+            session.expose(granted)
+            monkeypatch.undo()  # the test's own thread that cancels; the sandbox starts none
+            threading.Timer(0.3, session.interrupt).start()
+            monkeypatch.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(QueryCancelled):
+                list(session.stream(slow, 1024, None))
+        finally:
+            session.close()
+        monkeypatch.undo()
+        assert _run(store, "SELECT count(*) FROM parts", granted) == [(2,)]
+    finally:
+        store.close()
