@@ -25,12 +25,18 @@ class Alarm:
     """One scheduled callback; cancel() stops it before its next run."""
 
     def __init__(self, callback: AlarmCallback) -> None:
-        self.callback = callback
-        self.cancelled = False
+        self.callback: AlarmCallback | None = callback
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether cancel() was called."""
+        return self.callback is None
 
     def cancel(self) -> None:
         """Do not run the callback (again)."""
-        self.cancelled = True
+        # Dropping the callback frees what it holds (a query's session) now, not when the
+        # alarm's time comes: cancelled deadlines wait in the queue until then.
+        self.callback = None
 
 
 class AlarmClock:
@@ -86,10 +92,11 @@ class AlarmClock:
                 if self._stopped:
                     return
                 _, _, alarm = heapq.heappop(self._queue)
-            if alarm.cancelled:
+            callback = alarm.callback
+            if callback is None:
                 continue
             try:
-                again = alarm.callback()
+                again = callback()
             except Exception:
                 # The clock serves every query: one failing callback must not stop it.
                 log.exception("a timed callback failed")

@@ -32,6 +32,7 @@ from typing import Any
 from connector.audit_chain import entry_hash, recover_tail
 from connector.audit_entry import AuditEntry, bounded
 from connector.canonical import canonical_json
+from connector.config import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSALS_PER_MINUTE
 from connector.errors import AuditUnavailable
 from connector.receipt import ReceiptSigner
 
@@ -39,14 +40,19 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 100
 
-REFUSAL_BURST = 20  # refusals of one member recorded one by one before throttling
-REFUSALS_PER_SECOND = 0.5  # ... and the rate at which that allowance comes back
+REFUSAL_BURST = DEFAULT_REFUSAL_BURST  # one member's refusals recorded one by one
+REFUSALS_PER_SECOND = DEFAULT_REFUSALS_PER_MINUTE / 60  # ... and how fast that comes back
 AGGREGATE_SECONDS = 5.0  # throttled refusals are written as one entry at most this often
 RETRY_SECONDS = 0.5  # how often an unwritable log is tried again
 MAX_LATE_ENTRIES = 1000  # final entries of opened answers kept in memory during an outage
 
 # Outcomes that are always recorded one by one: something was (or may have been) answered.
 ALWAYS_RECORDED = frozenset({"answered", "cancelled", "stalled", "timeout", "too_large", "failed"})
+# Refusals the request itself caused; a member that keeps sending them is held back
+# (throttled()). Refusals the connector's state caused (busy, expired, unavailable) are
+# rate-limited in the log like any refusal, but never hold the member back: a busy
+# connector must not lock out the members it is too busy to serve.
+FAULT_OUTCOMES = frozenset({"rejected", "denied", "unauthenticated"})
 
 
 def _now_text() -> str:
@@ -71,7 +77,8 @@ def write_failure_cause(error: OSError) -> str:
 class _Throttled:
     """One member's refusals: the allowance left and what was counted instead of written."""
 
-    tokens: float
+    tokens: float  # refusals that may still be written one by one
+    faults: float  # refusals caused by the request that may still come before holding back
     stamp: float
     count: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -174,10 +181,14 @@ class AuditLog:
                 raise AuditUnavailable(self._peer_reason())
 
     def throttled(self, member_id: str) -> bool:
-        """Whether member_id has used up its allowance of recorded refusals for now."""
+        """Whether member_id has sent more refused requests (its own faults) than allowed
+        for now; its requests are then refused at once."""
         with self._lock:
             bucket = self._throttled.get(member_id)
-            return bucket is not None and self._tokens(bucket) < 1
+            if bucket is None:
+                return False
+            self._refill_bucket(bucket)
+            return bucket.faults < 1
 
     def tick(self) -> bool:
         """Periodic work: retry an unwritable log, write due aggregates; returns available."""
@@ -213,18 +224,23 @@ class AuditLog:
 
     # -- refusals beyond the allowance ------------------------------------------------
 
-    def _tokens(self, bucket: _Throttled) -> float:
+    def _refill_bucket(self, bucket: _Throttled) -> None:
         now = time.monotonic()
-        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._refill)
+        gained = (now - bucket.stamp) * self._refill
+        bucket.tokens = min(self._burst, bucket.tokens + gained)
+        bucket.faults = min(self._burst, bucket.faults + gained)
         bucket.stamp = now
-        return bucket.tokens
 
     def _allowance(self, entry: AuditEntry) -> bool:
         """Take one recorded refusal from the member's allowance; count it if none is left."""
         bucket = self._throttled.setdefault(
-            entry.member_id, _Throttled(float(self._burst), time.monotonic())
+            entry.member_id,
+            _Throttled(float(self._burst), float(self._burst), time.monotonic()),
         )
-        if self._tokens(bucket) >= 1:
+        self._refill_bucket(bucket)
+        if entry.outcome in FAULT_OUTCOMES:
+            bucket.faults = max(0.0, bucket.faults - 1)
+        if bucket.tokens >= 1:
             bucket.tokens -= 1
             return True
         moment = _now_text()
@@ -257,8 +273,10 @@ class AuditLog:
                 )
                 bucket.count, bucket.outcomes, bucket.first = 0, Counter(), ""
                 self._after_write()
-            elif self._tokens(bucket) >= self._burst:
-                del self._throttled[member]  # full allowance again: forget the member
+            else:
+                self._refill_bucket(bucket)
+                if bucket.tokens >= self._burst and bucket.faults >= self._burst:
+                    del self._throttled[member]  # full allowance again: forget the member
 
     # -- writing, failing and recovering ----------------------------------------------
 

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,25 @@ CONFIG_FILE = "connector.toml"
 CONFIG_FORMAT = 1
 HOME_ENV = "CONNECTOR_HOME"
 ENGINES = ("embedded", "opa")
+# Where each file of a member's home is unless connector.toml says otherwise: one source for
+# the loader, the connector.toml that `connector init` writes and the files it creates.
+DEFAULT_PATHS: Mapping[tuple[str, str], str] = {
+    ("tls", "cert"): "tls/cert.pem",
+    ("tls", "key"): "tls/key.pem",
+    ("tls", "ca"): "tls/ca.pem",
+    ("store", "path"): "data.duckdb",
+    ("store", "quota_ledger"): "state/quota.sqlite",
+    ("store", "shaped_copies"): "state/shaped.duckdb",
+    ("policies", "dir"): "policies",
+    ("policies", "versions_file"): "state/policy_versions.json",
+    ("signing", "policy_key"): "keys/policy-signing.key",
+    ("signing", "receipt_key"): "keys/receipt.key",
+    ("signing", "mask_key"): "keys/mask.key",
+    ("audit", "path"): "audit/audit.jsonl",
+}
+DEFAULT_REFUSAL_BURST = 20  # a member's refusals recorded one by one before throttling
+DEFAULT_REFUSALS_PER_MINUTE = 30  # ... and how fast that allowance comes back
+DEFAULT_SHAPED_COPIES_MAX_BYTES = "1GiB"
 # connector.toml is two levels deep; tomllib recurses once per level of arrays and inline
 # tables, so thousands of levels raised RecursionError. Bounded before parsing.
 MAX_TOML_DEPTH = 16
@@ -99,7 +118,7 @@ class Settings:
     server: ServerSettings
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
-    shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies
+    shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies (in bytes)
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -115,8 +134,6 @@ def load_settings(home: Path) -> Settings:
     path = home / CONFIG_FILE
     try:
         text = path.read_text(encoding="utf-8")
-        _check_nesting(path, text)
-        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(
             f"{path} not found: run `connector init {home} --member ID --dataspace DIR` first, "
@@ -124,6 +141,16 @@ def load_settings(home: Path) -> Settings:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
+    return settings_from_text(text, home)
+
+
+def settings_from_text(text: str, home: Path) -> Settings:
+    """The settings that text would give as HOME/connector.toml (`init` reads its own file
+    this way before writing it)."""
+    path = home / CONFIG_FILE
+    try:
+        _check_nesting(path, text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     except RecursionError:  # only if the depth check above missed a way to nest
@@ -227,27 +254,33 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         )
     sections = {name: _Section(top.table(name), name, path) for name in _SECTIONS}
     top.finish()
-    member, tls = sections["member"], sections["tls"]
+    member, audit = sections["member"], sections["audit"]
+
+    def in_home(section: str, key: str) -> Path:
+        return home / sections[section].text(key, DEFAULT_PATHS[section, key])
+
     settings = Settings(
         home=home,
         member_id=member.text("id"),
         dataspace=member.text("dataspace"),
-        cert=home / tls.text("cert", "tls/cert.pem"),
-        key=home / tls.text("key", "tls/key.pem"),
-        ca=home / tls.text("ca", "tls/ca.pem"),
-        database=home / sections["store"].text("path", "data.duckdb"),
-        policy_signing_key=home / sections["signing"].text("policy_key", "keys/policy-signing.key"),
-        receipt_key=home / sections["signing"].text("receipt_key", "keys/receipt.key"),
-        mask_key=home / sections["signing"].text("mask_key", "keys/mask.key"),
-        audit_log=home / sections["audit"].text("path", "audit/audit.jsonl"),
-        refusal_burst=sections["audit"].whole("refusal_burst", 20, 1),
-        refusals_per_minute=sections["audit"].whole("refusals_per_minute", 30, 1),
-        quota_ledger=home / sections["store"].text("quota_ledger", "state/quota.sqlite"),
-        shaped_copies=home / sections["store"].text("shaped_copies", "state/shaped.duckdb"),
+        cert=in_home("tls", "cert"),
+        key=in_home("tls", "key"),
+        ca=in_home("tls", "ca"),
+        database=in_home("store", "path"),
+        policy_signing_key=in_home("signing", "policy_key"),
+        receipt_key=in_home("signing", "receipt_key"),
+        mask_key=in_home("signing", "mask_key"),
+        audit_log=in_home("audit", "path"),
+        refusal_burst=audit.whole("refusal_burst", DEFAULT_REFUSAL_BURST, 1),
+        refusals_per_minute=audit.whole("refusals_per_minute", DEFAULT_REFUSALS_PER_MINUTE, 1),
+        quota_ledger=in_home("store", "quota_ledger"),
+        shaped_copies=in_home("store", "shaped_copies"),
         server=_server(sections["server"]),
-        policies=_policies(sections["policies"], home),
+        policies=_policies(sections["policies"], home, in_home),
         revoked=_revoked(sections["revoked"]),
-        shaped_copies_max_bytes=_byte_size(sections["store"], "shaped_copies_max_bytes", "1GiB"),
+        shaped_copies_max_bytes=_byte_size(
+            sections["store"], "shaped_copies_max_bytes", DEFAULT_SHAPED_COPIES_MAX_BYTES
+        ),
     )
     for section in sections.values():
         section.finish()
@@ -328,16 +361,16 @@ def _process_memory(section: _Section, memory_limit: str) -> str:
     return value
 
 
-def _policies(section: _Section, home: Path) -> PolicySettings:
-    engine = section.text("engine", "embedded")
+def _policies(section: _Section, home: Path, in_home: Callable[[str, str], Path]) -> PolicySettings:
+    engine = section.text("engine", PolicySettings.engine)
     if engine not in ENGINES:
         raise ConfigError(
             f"{section.path}: [policies] engine must be one of {', '.join(ENGINES)}, not {engine!r}"
         )
-    opa_url = section.text("opa_url", "")
+    opa_url = section.text("opa_url", PolicySettings.opa_url)
     if engine == "opa" and not opa_url:
         raise ConfigError(f"{section.path}: [policies] engine = 'opa' needs opa_url")
-    mask_consistency = section.text("mask_consistency", "warn")
+    mask_consistency = section.text("mask_consistency", PolicySettings.mask_consistency)
     if mask_consistency not in ("warn", "refuse"):
         raise ConfigError(
             f"{section.path}: [policies] mask_consistency must be 'warn' or 'refuse', not "
@@ -353,15 +386,17 @@ def _policies(section: _Section, home: Path) -> PolicySettings:
             f"{section.path}: [policies.trusted_signers] maps a signer name to a public key file"
         )
     return PolicySettings(
-        directory=home / section.text("dir", "policies"),
+        directory=in_home("policies", "dir"),
         trusted_signers={name: home / str(file) for name, file in signers.items()},
         engine=engine,
         opa_url=opa_url,
         opa_token_file=home / token_file if token_file else None,
         opa_ca=home / opa_ca if opa_ca else None,
         mask_consistency=mask_consistency,
-        reload_seconds=section.number("reload_seconds", 2.0, 0.1, MAX_SECONDS),
-        versions_file=home / section.text("versions_file", "state/policy_versions.json"),
+        reload_seconds=section.number(
+            "reload_seconds", PolicySettings.reload_seconds, 0.1, MAX_SECONDS
+        ),
+        versions_file=in_home("policies", "versions_file"),
     )
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from connector.cli.common import add_home
-from connector.config import CONFIG_FILE, resolve_home
+from connector.config import CONFIG_FILE, ServerSettings, resolve_home, settings_from_text
 from connector.config_template import render_config
 from connector.errors import ConfigError
 from connector.identity import (
@@ -43,7 +43,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     init.add_argument(
         "--listen",
-        default="127.0.0.1:50051",
+        default=ServerSettings.listen,
         metavar="HOST:PORT",
         help="where `connector serve` listens (default: %(default)s)",
     )
@@ -62,16 +62,19 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{home / CONFIG_FILE} exists already: this folder is a member's home")
     dataspace = dataspace_name_of(load_certificate(args.dataspace / CA_CERT_FILE))
     hosts = tuple(args.host) if args.host else DEFAULT_HOSTS
+    text = render_config(member, dataspace, args.listen)
+    settings = settings_from_text(text, home)  # where each file goes, as serve will look
     issue_member_certificate(
-        args.dataspace, member, home / "tls", hosts=hosts, display_name=args.display_name
+        args.dataspace, member, settings.cert.parent, hosts=hosts, display_name=args.display_name
     )
-    shutil.copyfile(args.dataspace / CA_CERT_FILE, home / "tls" / "ca.pem")
-    generate_ed25519_key(home / "keys" / "policy-signing.key")
-    generate_ed25519_key(home / "keys" / "receipt.key")
-    load_mask_key(home / "keys" / "mask.key")  # made here so that it is backed up with the rest
-    (home / "policies").mkdir(exist_ok=True)
-    create_database(home / "data.duckdb")
-    (home / CONFIG_FILE).write_text(render_config(member, dataspace, args.listen), encoding="utf-8")
+    shutil.copyfile(args.dataspace / CA_CERT_FILE, settings.ca)
+    generate_ed25519_key(settings.policy_signing_key)
+    generate_ed25519_key(settings.receipt_key)
+    load_mask_key(settings.mask_key)  # made here so that it is backed up with the rest
+    settings.policies.directory.mkdir(exist_ok=True)
+    create_database(settings.database)
+    # Written last: a home with connector.toml is complete, and init refuses to redo it.
+    (home / CONFIG_FILE).write_text(text, encoding="utf-8")
     print(
         f"member {member} of data space {dataspace}: home {home}\n"
         f"  next: connector ingest --home {home} FILE --dataset NAME\n"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
+import weakref
 
 from connector.alarms import AlarmClock
 
@@ -83,3 +85,22 @@ def test_after_stop_nothing_runs_and_the_thread_has_ended() -> None:
     time.sleep(0.15)
     assert ran == []
     assert not any(t.name == "ending" for t in threading.enumerate())
+
+
+def test_a_cancelled_alarm_lets_go_of_what_its_callback_holds_at_once() -> None:
+    # A query's deadline holds its session; a cancelled deadline waits in the queue until
+    # its time, and must not keep thousands of finished sessions alive meanwhile.
+    class Session:
+        def time_up(self) -> None:
+            pass
+
+    clock = AlarmClock()
+    try:
+        session = Session()
+        held = weakref.ref(session)
+        clock.call_later(3600, session.time_up).cancel()
+        del session
+        gc.collect()
+        assert held() is None
+    finally:
+        clock.stop()

@@ -215,6 +215,25 @@ def test_refusals_beyond_the_burst_are_counted_in_one_entry(tmp_path: Path) -> N
     assert sum(1 for e in entries if e["type"] == "request") == 4
 
 
+@pytest.mark.parametrize("outcome", ["exhausted", "expired", "abandoned", "unavailable"])
+def test_refusals_the_connector_caused_are_counted_but_never_hold_the_member_back(
+    tmp_path: Path, outcome: str
+) -> None:
+    # A busy connector refuses with RESOURCE_EXHAUSTED; if those refusals held a member back,
+    # load alone would lock out granted members (seen in the soak: 1,984 such refusals).
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, ReceiptSigner(KEY), refusal_burst=3, refusals_per_second=0.001)
+    seqs = [log.append(AuditEntry("query", member_id="m", outcome=outcome)) for _ in range(10)]
+    assert seqs[:3] == [1, 2, 3] and seqs[3:] == [0] * 7  # the log still does not flood
+    assert not log.throttled("m")
+    for _ in range(3):
+        log.append(AuditEntry("query", member_id="m", outcome="rejected"))
+    assert log.throttled("m")  # its own faults still do
+    log.close()
+    aggregate = next(e for e in read_entries(path) if e["type"] == "refusals")
+    assert aggregate["outcomes"] == {outcome: 7, "rejected": 3}
+
+
 @pytest.mark.parametrize(
     "sql",
     [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import load_settings
+from connector.config import DEFAULT_PATHS, ServerSettings, load_settings
 from connector.config_template import render_config
 from connector.errors import ConfigError
 
@@ -142,3 +142,15 @@ def test_the_per_member_share_defaults_to_half_the_slots(tmp_path: Path) -> None
     )
     server = load_settings(_home(tmp_path, text)).server
     assert (server.max_concurrent_queries_per_member, server.stall_seconds) == (3, 30.0)
+
+
+def test_the_file_init_writes_says_exactly_the_defaults(tmp_path: Path) -> None:
+    # One source for each default and path: a connector.toml that leaves every setting out
+    # reads the same as the one `connector init` writes with each setting spelled out.
+    written = render_config("acme", "space", ServerSettings.listen)
+    minimal = '[member]\nid = "acme"\ndataspace = "space"\n\n[policies.trusted_signers]\n'
+    minimal += f'legal = "{DEFAULT_PATHS["signing", "policy_key"]}.pub"\n'
+    full = load_settings(_home(tmp_path, written))
+    assert load_settings(_home(tmp_path, minimal)) == full
+    for (section, key), default in DEFAULT_PATHS.items():
+        assert f'{key} = "{default}"' in written, (section, key)
