@@ -185,6 +185,7 @@ class RunningServer:
     provider: Provider
     health: health.HealthServicer
     settings: Settings
+    service: ConnectorService
     _stop: threading.Event
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
@@ -250,6 +251,9 @@ class RunningServer:
         self.provider.sandbox.close()
         self.provider.audit.close()
         self.provider.quotas.close()
+        # Operators (and the soak) compare this with the audit log: every request that
+        # reached the connector has an entry of its own or is counted in a "refusals" one.
+        log.info("stopped after %d connector requests since start", self.service.arrivals)
 
 
 def _mtime(path: Path) -> int:
@@ -298,7 +302,9 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         ) from None
     server.start()
     provider.stall_watch.start()
-    running = RunningServer(server, port, provider, health_servicer, settings, threading.Event())
+    running = RunningServer(
+        server, port, provider, health_servicer, settings, service, threading.Event()
+    )
     running.set_serving(provider.audit.available)
     provider.audit.on_change = running.set_serving
     running.start_watching()

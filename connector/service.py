@@ -141,12 +141,14 @@ class ConnectorService:
         self._max_piece_bytes = max_piece_bytes
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        self.arrivals = 0  # connector requests since start: each has its audit record
         self._count_lock = threading.Lock()
 
     def arrived(self) -> None:
         """A request arrived (called before it waits for a worker); no I/O."""
         with self._count_lock:
             self._in_flight += 1
+            self.arrivals += 1
 
     def _left(self) -> None:
         with self._count_lock:
