@@ -593,7 +593,12 @@ def check_audit(
     sent = [o for o in outcomes if o.kind != "catalog"]
     unmatched = [o for o in sent if o.request_id not in by_request]
     missing = Counter(f"{o.kind}/{o.code}" for o in unmatched if o.code == OK)
+    # A request refused before its message was read (busy or held back at admission, or
+    # expired) has an entry without the peer's request id: it counts for that member too.
     left = counted.copy()
+    for e in entries:
+        if e.get("kind") != "catalog" and not e.get("client_reference"):
+            left[str(e.get("member_id"))] += 1
     for o in unmatched:
         if o.code == OK:
             continue
@@ -608,6 +613,7 @@ def check_audit(
     lost_on_the_way = sum(n for what, n in missing.items() if what.endswith("/DEADLINE_EXCEEDED"))
     unexplained = sum(missing.values()) - lost_on_the_way
     on_record = len(entries) + sum(counted.values())
+    unread = sum(1 for e in entries if e.get("kind") != "catalog" and not e.get("client_reference"))
     catalogs_sent = sum(o.kind == "catalog" for o in outcomes)
     catalogs_logged = sum(e.get("kind") == "catalog" for e in entries) + sum(left.values())
     interrupted = Counter(
@@ -638,7 +644,8 @@ def check_audit(
             not unexplained and lost_on_the_way <= max(0, never_arrived),
             f"{dict(missing)} without a record; {never_arrived:,} sent never arrived"
             if missing
-            else f"all {len(sent):,}",
+            else f"all {len(sent):,} ({unread:,} refused before their message was read: an "
+            "entry without the peer's request id)",
         ),
         (
             "every catalog request is in the audit log (one by one, or counted when throttled)",

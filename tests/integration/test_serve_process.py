@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from connector.audit_chain import read_entries
 from connector.client import Peer
-from connector.errors import StoreBusy
+from connector.errors import PermissionDenied, StoreBusy
 from connector.store import ingest, list_datasets
 from tests.conftest import Member, ProviderPair, ServerProcess, wait_for, write_defects_csv
 
@@ -45,9 +46,14 @@ def test_sigterm_stops_cleanly(
     server = server_process(provider)
     with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
         assert [d.name for d in peer.catalog()] == ["part_defects"]
+        with pytest.raises(PermissionDenied):
+            peer.query("SELECT * FROM part_defects", "no-such-purpose")
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0
-    assert "stopped" in server.log()
+    # What an operator compares with the audit log: both requests arrived, both on record.
+    assert "stopped after 2 connector requests since start" in server.log()
+    entries = [e for e in read_entries(provider.home / "audit" / "audit.jsonl")]
+    assert [e.get("kind") for e in entries if e["type"] == "request"] == ["catalog", "query"]
 
 
 def test_sighup_reloads_policies_at_once(
