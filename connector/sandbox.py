@@ -234,9 +234,11 @@ class SandboxSession:
 
     def _map(self, exc: Exception) -> Exception:
         text = str(exc)
-        if self._timed_out or "execution time" in text.lower():
-            return QueryTimeout("the query ran past its time limit and was stopped")
+        # pyarrow re-raises DuckDB's interrupt as a plain OSError: its text is all that is left.
         interrupted = isinstance(exc, duckdb.InterruptException) or "INTERRUPT" in text
+        if self._timed_out or (interrupted and not self._cancelled.is_set()):
+            # An interrupt nobody here asked for is DuckDB's own max_execution_time.
+            return QueryTimeout("the query ran past its time limit and was stopped")
         if interrupted or self._cancelled.is_set():
             return QueryCancelled("the query was cancelled")
         if _out_of_memory(exc):
