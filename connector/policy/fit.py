@@ -64,7 +64,7 @@ def _column_warnings(policy: UsagePolicy, info: DatasetInfo) -> list[str]:
             )
             continue
         values = list(row_filter.values) + [v for _, v in row_filter.bounds]
-        wrong = [v for v in values if not _fits(v, column_type)]
+        wrong = [v for v in values if not value_fits(v, column_type)]
         if wrong:
             warnings.append(
                 f"the row filter on {info.name}.{row_filter.column} ({column_type}) holds "
@@ -74,7 +74,8 @@ def _column_warnings(policy: UsagePolicy, info: DatasetInfo) -> list[str]:
     return warnings
 
 
-def _fits(value: FilterValue, column_type: str) -> bool:
+def value_fits(value: FilterValue, column_type: str) -> bool:
+    """Whether a row filter's value can be a value of a column of this DuckDB type."""
     kind = column_type.split("(", maxsplit=1)[0].upper()
     if kind == "BOOLEAN":
         return isinstance(value, bool)

@@ -163,14 +163,19 @@ def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
-    reader = PolicyReader(path)
     if root is None:
         raise PolicyError("the file is empty", path=str(path))
+    return policy_from_node(path, root, hashlib.sha256(data).hexdigest())
+
+
+def policy_from_node(path: Path, root: yaml.Node, sha256: str) -> UsagePolicy:
+    """The policy in a composed YAML document (checked as parse_policy checks it)."""
+    reader = PolicyReader(path)
     top = reader.mapping(root, "the policy", SCHEMA)
     missing = [k for k in REQUIRED if k not in top]
     if missing:
         raise reader.fail(root, f"missing key(s): {', '.join(missing)}")
-    return _policy(reader, top, path, hashlib.sha256(data).hexdigest())
+    return _policy(reader, top, path, sha256)
 
 
 def _read(path: Path) -> bytes:
