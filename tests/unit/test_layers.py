@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
      "policy.fit", "policy.registry"},
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
-     "policy_replay"},
+     "policy_replay", "decision_log"},
     {"wire", "service", "server", "client", "result_files"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
