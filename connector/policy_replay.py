@@ -297,7 +297,12 @@ def recorded_requests(
             if entry.get("kind") not in REPLAYED_KINDS:
                 report.without_query += 1
                 continue
-            request = _recorded(entry, line, moment, report)
+            try:
+                request = _recorded(entry, line, moment, report)
+            except (TypeError, AttributeError, ValueError):
+                raise ValueError(
+                    f"line {line} (entry {entry.get('seq')}) has a field of the wrong form"
+                ) from None
             if request is not None:
                 yield request
     except ValueError as error:

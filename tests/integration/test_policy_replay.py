@@ -170,5 +170,12 @@ def test_malformed_log_and_draft_get_file_line_and_fix(
     err = capsys.readouterr().err
     assert f"{log}: line 3 is not a JSON entry" in err
     assert "connector audit verify" in err and "Traceback" not in err
+    shaped = [*entries[:2], entries[2].replace('"columns":{"', '"columns":{"x":7,"', 1)]
+    shaped += entries[3:]
+    log.write_text("\n".join(shaped) + "\n")
+    assert run_cli("policy", "replay", "--home", provider.home, "--policies", drafts) == 1
+    err = capsys.readouterr().err
+    assert f"{log}: line 3 (entry 3) has a field of the wrong form" in err, err
+    assert "Traceback" not in err
     assert run_cli("policy", "replay", "--home", provider.home, "--policies", tmp_path / "no") == 1
     assert "is not a folder" in capsys.readouterr().err
