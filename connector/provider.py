@@ -130,7 +130,9 @@ class Provider:
         explains_per_minute: int = 60,
         max_concurrent_queries_per_member: int = 0,
         stall_seconds: float = 30.0,
+        clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
+        """clock: the time decisions are taken at (default: now; replay passes a request's)."""
         self.member_id = member_id
         self.dataspace = dataspace
         self.sandbox = sandbox
@@ -151,6 +153,7 @@ class Provider:
         self.mask_consistency = mask_consistency
         # Explain costs no quota: without a limit it would be a free probe.
         self._explains = RateLimit(explains_per_minute)
+        self.clock = clock or _now
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -222,6 +225,12 @@ class Provider:
         entry.outcome = "answered"
         self.record(entry)
         return explanation
+
+    def dry_run(
+        self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
+    ) -> Explanation:
+        """Explain without rate limit or audit entry: for the owner's own tools, never peers."""
+        return self._explain(member, request, entry)
 
     def _explain(
         self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
@@ -357,7 +366,7 @@ class Provider:
                 datasets=shape.datasets,
                 columns=columns,
                 uses_star=shape.uses_star,
-                time=_now(),
+                time=self.clock(),
             )
         )
 

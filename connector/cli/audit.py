@@ -12,6 +12,7 @@ from typing import Any
 
 from connector.audit_chain import read_entries, verify_log
 from connector.cli.common import add_home, settings_of
+from connector.decision_log import export_decision_log
 from connector.errors import ConfigError
 from connector.identity import load_ed25519_public, public_path
 from connector.policy.ref import PolicyRef
@@ -43,6 +44,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     export = actions.add_parser("export", help="write the log as JSON Lines (for a SIEM)")
     add_home(export)
     export.add_argument("--output", type=Path, metavar="FILE", help="default: stdout")
+    export.add_argument(
+        "--format",
+        choices=("jsonl", "opa-decision-log"),
+        default="jsonl",
+        help="jsonl: the entries as they are; opa-decision-log: one OPA decision-log event "
+        "per decision (throttled refusals: one event per aggregate, with its count)",
+    )
     export.set_defaults(run=_export)
 
 
@@ -145,6 +153,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "opa-decision-log":
+        return export_decision_log(settings_of(args), args.output)
     path = settings_of(args).audit_log
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:

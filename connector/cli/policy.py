@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from connector.cli import policy_authoring
+from connector.cli import policy_authoring, policy_replay
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
 from connector.errors import ConfigError, ConnectorError
@@ -65,6 +65,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     verify.add_argument("files", nargs="*", type=Path, metavar="FILE", help="default: every policy")
     verify.set_defaults(run=_verify)
     policy_authoring.add_to(actions)
+
+    policy_replay.add_to(actions)
 
 
 def _add_key(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,444 @@
+"""Replay the requests in a home's audit log against draft policies: what would change.
+
+Each recorded query or explain request is decided again by the same code Explain uses
+(`Provider.dry_run`), on a Provider built over the draft policies, as of the request's own
+time (or one fixed moment). Nothing in the home is written: the data file is attached
+read-only, and the Provider's audit log, quota ledger and shaped copies live in a scratch
+folder that is deleted afterwards. Drafts need no signature: they are copied to the scratch
+folder and signed there with a throwaway key, so the same loader judges them (validity,
+one version per id) exactly as the server would judge them once signed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from connector import jws
+from connector.audit import AuditLog
+from connector.audit_chain import read_entries
+from connector.audit_entry import AuditEntry
+from connector.config import Settings
+from connector.errors import ConfigError, ConnectorError, PolicyError, QueryRejected
+from connector.identity import MemberIdentity
+from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
+from connector.policy.opa import build_engine
+from connector.policy.ref import PolicyRef
+from connector.policy.registry import PolicyRegistry, PolicySnapshot
+from connector.policy.signing import (
+    VerdictStatus,
+    load_policy_dir,
+    policy_files,
+    sign_policy,
+    trusted_keys,
+    verify_policy,
+)
+from connector.provider import Provider
+from connector.quota import QuotaLedger
+from connector.receipt import ReceiptSigner
+from connector.request import PeerRequest
+from connector.sandbox import SandboxDatabase, SandboxLimits
+from connector.shaping import load_mask_key
+
+# Request kinds that carry a query (a catalog request has none to replay).
+REPLAYED_KINDS = ("query", "explain")
+_SIGNED = (VerdictStatus.VALID, VerdictStatus.EXPIRED, VerdictStatus.NOT_YET_VALID)
+
+Masks = Mapping[str, tuple[tuple[str, str], ...]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the policies made of one request: allow, deny or rejected, and what was shown."""
+
+    verdict: str  # "allow", "deny" or "rejected" (the query itself was refused)
+    reasons: tuple[str, ...] = ()
+    columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    masks: Masks | None = None  # None: not known (not recorded in the audit log)
+    policies: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the policies allowed the request."""
+        return self.verdict == "allow"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """The fields of one audit entry that a replay reads."""
+
+    seq: int
+    line: int
+    time: dt.datetime
+    kind: str
+    member: str
+    purpose: str
+    query: str
+    then: Outcome
+
+
+@dataclass(frozen=True)
+class Change:
+    """A request whose outcome the drafts would change, and how."""
+
+    request: RecordedRequest
+    draft: Outcome
+    kinds: tuple[str, ...]  # "allowed -> denied", "denied -> allowed", "columns", "masks"
+
+
+@dataclass(frozen=True)
+class NotReplayable:
+    """A recorded request that cannot be decided again, and why."""
+
+    seq: int
+    line: int
+    member: str
+    why: str
+
+
+@dataclass
+class ReplayReport:
+    """Everything a replay found."""
+
+    audit_log: Path
+    drafts: Path
+    at: dt.datetime | None
+    draft_files: tuple[Path, ...] = ()
+    unsigned: tuple[Path, ...] = ()
+    changes: list[Change] = field(default_factory=list)
+    unchanged: int = 0
+    not_replayable: list[NotReplayable] = field(default_factory=list)
+    without_query: int = 0  # catalog requests: no query to replay
+
+    @property
+    def replayed(self) -> int:
+        """How many requests were decided again."""
+        return len(self.changes) + self.unchanged
+
+    def count(self, kind: str) -> int:
+        """How many changes are of this kind."""
+        return sum(kind in c.kinds for c in self.changes)
+
+
+class _FixedPolicies(PolicyRegistry):
+    """One snapshot held still: no folder is watched or reloaded, no version remembered."""
+
+    def __init__(self, snapshot: PolicySnapshot) -> None:
+        # Deliberately not the registry's constructor: it loads a folder as of now.
+        self._fixed = snapshot
+
+    @property
+    def snapshot(self) -> PolicySnapshot:
+        """The snapshot given."""
+        return self._fixed
+
+
+class _PolicySet:
+    """A policy folder judged as of any moment; one load per span in which nothing changes."""
+
+    def __init__(self, directory: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey]) -> None:
+        self._directory = directory
+        self._trusted = dict(trusted)
+        moments: set[dt.datetime] = set()
+        for path in policy_files(directory):
+            try:
+                policy = parse_policy(path)
+            except PolicyError:
+                continue  # never in force; its verdict says why
+            moments.update((policy.valid_from, policy.valid_until))
+        self._moments = sorted(moments)
+        self._loaded: dict[int, PolicySnapshot] = {}
+
+    def at(self, moment: dt.datetime) -> PolicySnapshot:
+        """The policies in force at moment, as the server would have loaded them then."""
+        span = bisect.bisect_right(self._moments, moment)
+        if span not in self._loaded:
+            policies, verdicts = load_policy_dir(self._directory, self._trusted, moment)
+            engine = build_engine("embedded", policies)
+            self._loaded[span] = PolicySnapshot(engine, tuple(policies), tuple(verdicts), moment)
+        return self._loaded[span]
+
+
+def _copy_drafts(drafts: Path, scratch: Path) -> tuple[Path, dict[str, ed25519.Ed25519PublicKey]]:
+    """The drafts checked, copied and signed with a throwaway key; its key as the trusted one.
+
+    Raises PolicyError (file, line, fix) for a draft that does not parse.
+    """
+    if not drafts.is_dir():
+        raise ConfigError(f"{drafts} is not a folder; give --policies the folder of draft policies")
+    files = policy_files(drafts)
+    if not files:
+        raise ConfigError(f"no policy files (*.yaml, *.yml) in {drafts}")
+    folder = scratch / "drafts"
+    folder.mkdir()
+    key = ed25519.Ed25519PrivateKey.generate()
+    for path in files:
+        data = read_limited(path, MAX_POLICY_BYTES)
+        parse_policy(path, data)  # the draft's own name and line in any error
+        copy = folder / path.name
+        copy.write_bytes(data)
+        sign_policy(copy, key)
+    return folder, {jws.key_id(key.public_key()): key.public_key()}
+
+
+def _scratch_provider(settings: Settings, scratch: Path, policies: PolicySnapshot) -> Provider:
+    """A Provider that reads the home's data read-only and writes only into scratch."""
+    signer = ReceiptSigner(ed25519.Ed25519PrivateKey.generate())
+    return Provider(
+        settings.member_id,
+        settings.dataspace,
+        SandboxDatabase(settings.database, SandboxLimits()),
+        _FixedPolicies(policies),
+        signer,
+        audit=AuditLog(scratch / "replay-audit.jsonl", signer),
+        quotas=QuotaLedger(scratch / "replay-quota.sqlite"),
+        revoked=settings.revoked,
+        mask_key=load_mask_key(settings.mask_key),
+        batch_rows=settings.server.batch_rows,
+        max_query_seconds=settings.server.max_query_seconds,
+        max_concurrent_queries=settings.server.max_concurrent_queries,
+        mask_consistency=settings.policies.mask_consistency,
+    )
+
+
+def _close(provider: Provider) -> None:
+    provider.sandbox.close()
+    provider.audit.close()
+    provider.quotas.close()
+
+
+def _decide(
+    provider: Provider, policies: PolicySnapshot, request: RecordedRequest, moment: dt.datetime
+) -> Outcome:
+    """The outcome the Explain path gives for the request under these policies at moment."""
+    provider.policies = _FixedPolicies(policies)
+    provider.clock = lambda: moment
+    member = MemberIdentity(provider.dataspace, request.member, "", 0)
+    entry = AuditEntry(request.kind)  # filled in by the dry run, never appended
+    try:
+        checked = PeerRequest.checked(request.query, request.purpose, 0, "")
+        explanation = provider.dry_run(member, checked, entry)
+    except QueryRejected as error:
+        return Outcome("rejected", (error.message,))
+    decision = explanation.decision
+    columns = {d: tuple(c) for d, c in entry.columns.items()}
+    # Only the masks on columns the query reads: the others change nothing it receives.
+    masks = {
+        r.dataset: tuple((c, str(k)) for c, k in r.shaping.masks if c in columns.get(r.dataset, ()))
+        for r in explanation.relations
+    }
+    return Outcome(
+        "allow" if decision.allow else "deny",
+        tuple(decision.reasons),
+        columns,
+        masks,
+        tuple(str(PolicyRef(i, v)) for i, v in decision.policies),
+    )
+
+
+def _moment_of(entry: Mapping[str, Any], line: int, path: Path) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(str(entry.get("time")))
+    except ValueError:
+        raise ConfigError(
+            f"{path}: line {line}: the entry's time {entry.get('time')!r} is not an ISO time; "
+            "the log was edited or damaged: run `connector audit verify --home HOME`"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _recorded_outcome(entry: Mapping[str, Any]) -> Outcome:
+    if entry.get("outcome") == "rejected":
+        verdict = "rejected"
+    else:
+        verdict = "allow" if entry.get("decision") == "allow" else "deny"
+    columns = entry.get("columns")
+    policies = entry.get("policies")
+    return Outcome(
+        verdict,
+        tuple(str(r) for r in entry.get("reasons") or ()),
+        {str(d): tuple(str(c) for c in cols) for d, cols in columns.items()}
+        if isinstance(columns, dict)
+        else {},
+        None,
+        tuple(
+            str(PolicyRef(str(p.get("id")), int(p.get("version", 0))))
+            for p in policies
+            if isinstance(p, dict)
+        )
+        if isinstance(policies, list)
+        else (),
+    )
+
+
+def recorded_requests(
+    path: Path, since: dt.datetime | None, report: ReplayReport
+) -> Iterator[RecordedRequest]:
+    """The replayable requests of the log; the others are noted in report.
+
+    Raises ConfigError naming the file and line for a log that cannot be read.
+    """
+    if not path.exists():
+        return
+    try:
+        for line, entry in enumerate(read_entries(path), 1):
+            if entry.get("type") != "request":
+                continue
+            moment = _moment_of(entry, line, path)
+            if since is not None and moment < since:
+                continue
+            if entry.get("kind") not in REPLAYED_KINDS:
+                report.without_query += 1
+                continue
+            try:
+                request = _recorded(entry, line, moment, report)
+            except (TypeError, AttributeError, ValueError):
+                raise ValueError(
+                    f"line {line} (entry {entry.get('seq')}) has a field of the wrong form"
+                ) from None
+            if request is not None:
+                yield request
+    except ValueError as error:
+        raise ConfigError(
+            f"{path}: {error}; the log was edited or damaged: run "
+            "`connector audit verify --home HOME` to find the first broken entry"
+        ) from None
+
+
+def _recorded(
+    entry: Mapping[str, Any], line: int, moment: dt.datetime, report: ReplayReport
+) -> RecordedRequest | None:
+    seq = entry.get("seq") if isinstance(entry.get("seq"), int) else 0
+    member, query = entry.get("member_id"), entry.get("query")
+    why = ""
+    if not isinstance(member, str) or not member:
+        why = "no member was authenticated, so no policy was asked"
+    elif entry.get("decision") not in ("allow", "deny") and entry.get("outcome") != "rejected":
+        why = f"refused before any policy was asked (outcome {entry.get('outcome')!r})"
+    elif not isinstance(query, str) or (not query and entry.get("query_length")):
+        why = (
+            f"the query ({entry.get('query_length')} characters) was too long or held hidden "
+            "control characters, so the log keeps only its sha256"
+        )
+    if why:
+        report.not_replayable.append(NotReplayable(int(seq or 0), line, str(member or "-"), why))
+        return None
+    return RecordedRequest(
+        int(seq or 0),
+        line,
+        moment,
+        str(entry.get("kind")),
+        str(member),
+        str(entry.get("purpose", "")),
+        str(query),
+        _recorded_outcome(entry),
+    )
+
+
+def changes_between(then: Outcome, draft: Outcome) -> tuple[str, ...]:
+    """How the draft outcome differs from the recorded one (empty: unchanged)."""
+    if then.allowed and not draft.allowed:
+        return ("allowed -> denied",)
+    if draft.allowed and not then.allowed:
+        return ("denied -> allowed",)
+    if not then.allowed:
+        return ()
+    kinds = []
+    if dict(then.columns) != dict(draft.columns):
+        kinds.append("columns")
+    if then.masks is not None and draft.masks is not None and then.masks != draft.masks:
+        kinds.append("masks")
+    return tuple(kinds)
+
+
+def replay(
+    settings: Settings,
+    drafts: Path,
+    *,
+    since: dt.datetime | None = None,
+    at: dt.datetime | None = None,
+) -> ReplayReport:
+    """Decide every recorded query again under the drafts (as of its time, or at)."""
+    report = ReplayReport(settings.audit_log, drafts, at)
+    home_trusted = trusted_keys(settings.policies.trusted_signers.values())
+    now = dt.datetime.now(dt.UTC)
+    report.draft_files = tuple(policy_files(drafts)) if drafts.is_dir() else ()
+    report.unsigned = tuple(
+        p for p in report.draft_files if verify_policy(p, home_trusted, now).status not in _SIGNED
+    )
+    with tempfile.TemporaryDirectory(prefix="connector-replay-") as name:
+        scratch = Path(name)
+        folder, draft_trusted = _copy_drafts(drafts, scratch)
+        draft_set = _PolicySet(folder, draft_trusted)
+        home_set = _PolicySet(settings.policies.directory, home_trusted)
+        provider = _scratch_provider(settings, scratch, draft_set.at(now))
+        try:
+            for request in recorded_requests(settings.audit_log, since, report):
+                moment = at or request.time
+                _replay_one(
+                    provider, request, moment, draft_set=draft_set, home_set=home_set, report=report
+                )
+        finally:
+            _close(provider)
+    return report
+
+
+def _replay_one(
+    provider: Provider,
+    request: RecordedRequest,
+    moment: dt.datetime,
+    *,
+    draft_set: _PolicySet,
+    home_set: _PolicySet,
+    report: ReplayReport,
+) -> None:
+    try:
+        draft = _decide(provider, draft_set.at(moment), request, moment)
+        then = _with_masks(
+            request.then, _decide(provider, home_set.at(request.time), request, request.time)
+        )
+    except ConnectorError as error:
+        why = f"deciding it again failed: {error}"
+        report.not_replayable.append(NotReplayable(request.seq, request.line, request.member, why))
+        return
+    kinds = changes_between(then, draft)
+    if kinds:
+        report.changes.append(Change(request, draft, kinds))
+    else:
+        report.unchanged += 1
+
+
+def _with_masks(then: Outcome, home: Outcome) -> Outcome:
+    """The recorded outcome with its masks, when the home's signed policies decided it the
+    same way with the same policy versions (the log does not record masks)."""
+    same = (
+        home.verdict == then.verdict
+        and set(home.policies) == set(then.policies)
+        and dict(home.columns) == dict(then.columns)
+    )
+    if not same:
+        return then
+    return Outcome(then.verdict, then.reasons, then.columns, home.masks, then.policies)
+
+
+def describe_outcome(outcome: Outcome) -> list[str]:
+    """An outcome's columns and masks as short lines (for a change's detail)."""
+    lines = []
+    for dataset, columns in sorted(outcome.columns.items()):
+        lines.append(f"columns of {dataset}: {', '.join(columns) or '(none)'}")
+    for dataset, masks in sorted((outcome.masks or {}).items()):
+        if masks:
+            lines.append(f"masked in {dataset}: " + ", ".join(f"{c} ({k})" for c, k in masks))
+    return lines
+
+
+def draft_names(paths: Sequence[Path]) -> str:
+    """File names, comma-separated."""
+    return ", ".join(p.name for p in paths)
