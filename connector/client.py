@@ -28,11 +28,11 @@ from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.arrow_stream import read_ipc_pieces
 from connector.config import load_settings
-from connector.errors import ConnectorError, IdentityError, PeerError
+from connector.errors import ConnectorError, IdentityError, PeerError, Unavailable
 from connector.jws import JwsError, b64url_decode
 from connector.policy.ref import PolicyRef
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
-from connector.status import error_from_status
+from connector.status import REASON_KEY, error_from_status
 
 __all__ = [
     "RECEIPT_METADATA_KEY",
@@ -222,12 +222,15 @@ class Peer:
     def _error(self, error: grpc.RpcError) -> ConnectorError:
         code: grpc.StatusCode = error.code()
         details: str = error.details() or ""
+        metadata = error.trailing_metadata() or ()
+        if code is grpc.StatusCode.UNAVAILABLE and any(k == REASON_KEY for k, _ in metadata):
+            return Unavailable(details)  # refused by the provider itself, for now
         if code is grpc.StatusCode.UNAVAILABLE:
             return PeerError(
                 f"{self.address} is unreachable or refused the TLS handshake (is it running, and "
                 f"do both sides trust the same data-space CA?): {details}"
             )
-        return error_from_status(code, details, error.trailing_metadata() or ())
+        return error_from_status(code, details, metadata)
 
     def catalog(self) -> list[CatalogEntry]:
         """The datasets this provider grants to us, with columns and terms."""

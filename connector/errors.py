@@ -62,6 +62,14 @@ class PolicyEngineError(ConnectorError):
     status = "PERMISSION_DENIED"  # fails closed; on record as failed, for the owner to fix
 
 
+class PolicyEngineUnavailable(PolicyEngineError):
+    """The OPA server is out of reach, answers nonsense or lost the policies: refuse every
+    request until it answers again (the connector pushes the policies again by itself)."""
+
+    status = "UNAVAILABLE"
+    outcome = "unavailable"
+
+
 class QueryRejected(ConnectorError):
     """The peer's SQL is malformed or uses something not allowed; carries the position."""
 

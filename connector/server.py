@@ -24,7 +24,7 @@ from connector.memory import QuietTrimmer
 from connector.policy.engine import OpaConnection, PolicyEngine
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
-from connector.policy.opa import build_engine, opa_namespace
+from connector.policy.opa import OpaLink, build_engine, opa_namespace
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.policy.versions import VersionMemory
@@ -86,16 +86,23 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _engine_factory(settings: Settings) -> Callable[[Sequence[UsagePolicy]], PolicyEngine]:
-    opa = None
-    if settings.policies.engine == "opa":
-        opa = OpaConnection(
+def opa_link(settings: Settings) -> OpaLink | None:
+    """The connection to the OPA server when the home's engine is `opa`, else None."""
+    if settings.policies.engine != "opa":
+        return None
+    return OpaLink(
+        OpaConnection(
             settings.policies.opa_url,
             opa_namespace(settings.dataspace, settings.member_id),
             token=_opa_token(settings.policies.opa_token_file),
             ca_file=str(settings.policies.opa_ca or ""),
         )
+    )
 
+
+def _engine_factory(
+    settings: Settings, opa: OpaLink | None
+) -> Callable[[Sequence[UsagePolicy]], PolicyEngine]:
     def factory(policies: Sequence[UsagePolicy]) -> PolicyEngine:
         return build_engine(settings.policies.engine, policies, opa=opa)
 
@@ -121,8 +128,12 @@ def _log_misfits(policies: Sequence[UsagePolicy], datasets: Mapping[str, Dataset
             log.warning("policy %s@%d: %s", policy.id, policy.version, warning)
 
 
-def build_provider(settings: Settings) -> Provider:
-    """The Provider for a member's home: store opened, policies loaded, receipt key read."""
+def build_provider(settings: Settings, opa: OpaLink | None = None) -> Provider:
+    """The Provider for a member's home: store opened, policies loaded, receipt key read.
+
+    opa: the link to the OPA server (engine `opa`; made here when not given)."""
+    if opa is None:
+        opa = opa_link(settings)
     sandbox = SandboxDatabase(
         settings.database,
         SandboxLimits(
@@ -138,7 +149,7 @@ def build_provider(settings: Settings) -> Provider:
     registry = PolicyRegistry(
         settings.policies.directory,
         signers,
-        _engine_factory(settings),
+        _engine_factory(settings, opa),
         VersionMemory(settings.policies.versions_file),
         on_load=lambda snapshot: _log_misfits(snapshot.policies, sandbox.datasets()),
     )
@@ -187,6 +198,7 @@ class RunningServer:
     settings: Settings
     service: ConnectorService
     _stop: threading.Event
+    opa: OpaLink | None = None
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
 
@@ -200,13 +212,23 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
+    def refresh_health(self, _changed: bool = True) -> None:
+        """SERVING while the audit log can be written and the OPA server (if any) answers."""
+        self.set_serving(self.provider.audit.available and (self.opa is None or self.opa.available))
+
     def _keep_health(self) -> None:
-        # Retries an unwritable audit log (it resumes by itself) and writes due aggregates.
+        # Retries an unwritable audit log (it resumes by itself), writes due aggregates, and
+        # checks the OPA server, pushing the policies again when it lost them (restarted).
         while not self._stop.wait(HEALTH_SECONDS):
             try:
                 self.provider.audit.tick()
             except Exception:
                 log.exception("audit upkeep failed")
+            if self.opa is not None:
+                try:
+                    self.opa.probe()
+                except Exception:
+                    log.exception("checking the OPA server failed")
 
     def reload(self) -> None:
         """Re-read the revocation list and re-verify every policy now."""
@@ -265,7 +287,8 @@ def _mtime(path: Path) -> int:
 
 def start_server(settings: Settings, listen: str | None = None) -> RunningServer:
     """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one)."""
-    provider = build_provider(settings)
+    opa = opa_link(settings)
+    provider = build_provider(settings, opa)
     options = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
         ("grpc.max_send_message_length", settings.server.max_message_bytes * 4),
@@ -303,10 +326,12 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
     server.start()
     provider.stall_watch.start()
     running = RunningServer(
-        server, port, provider, health_servicer, settings, service, threading.Event()
+        server, port, provider, health_servicer, settings, service, threading.Event(), opa
     )
-    running.set_serving(provider.audit.available)
-    provider.audit.on_change = running.set_serving
+    running.refresh_health()
+    provider.audit.on_change = running.refresh_health
+    if opa is not None:
+        opa.on_change = running.refresh_health
     running.start_watching()
     log.info("member %s serving on %s (port %d), mutual TLS", settings.member_id, address, port)
     return running

@@ -25,6 +25,7 @@ from connector.errors import (
     ConnectorError,
     PermissionDenied,
     PolicyEngineError,
+    PolicyEngineUnavailable,
     QueryCancelled,
     QueryRejected,
     QueryStalled,
@@ -39,7 +40,7 @@ from connector.policy.ref import joined
 from connector.provider import Provider
 from connector.query_run import QueryRun
 from connector.sandbox import OUT_OF_MEMORY
-from connector.status import reasons_metadata, status_of
+from connector.status import REASON_KEY, reasons_metadata, status_of
 from connector.wire import (
     dataset_message,
     decision_message,
@@ -58,6 +59,10 @@ ENGINE_FAILED = (
     "the provider's policy engine could not reach a decision, so nothing is answered; the "
     "provider's operators can see why in its log"
 )
+ENGINE_UNAVAILABLE = (
+    "the provider's policy engine is unavailable right now, so nothing is answered; retry "
+    "later (the provider's operators can see why in its log)"
+)
 STATE_FAILED = (
     "the provider's connector cannot write its working state right now, so it answers "
     "nothing; retry later"
@@ -75,6 +80,8 @@ def storage_trouble(error: BaseException) -> str | None:
 
 
 def _peer_text(error: ConnectorError) -> str:
+    if isinstance(error, PolicyEngineUnavailable):
+        return ENGINE_UNAVAILABLE
     return ENGINE_FAILED if isinstance(error, PolicyEngineError) else error.message
 
 
@@ -86,6 +93,9 @@ def _abort(context: grpc.ServicerContext, error: ConnectorError) -> NoReturn:
         log.info("request refused (%s): %s", code.name, error.message)
     if isinstance(error, PermissionDenied):
         context.set_trailing_metadata(reasons_metadata(error))
+    elif code is grpc.StatusCode.UNAVAILABLE:
+        # A reason marks the refusal as the provider's own, not a transport failure.
+        context.set_trailing_metadata(((REASON_KEY, _peer_text(error).encode("utf-8")),))
     context.abort(code, _peer_text(error))
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 

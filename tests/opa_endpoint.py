@@ -2,13 +2,17 @@
 
 It implements what the connector uses of OPA's REST API: PUT /v1/policies/ID, PUT and GET
 /v1/data/PATH (nested documents, as OPA keeps them) and POST /v1/data/PATH evaluating the
-pushed Rego modules with regopy. Options: a bearer token it demands, TLS, and a mode that
-answers every decision with "allow everything" (an OPA that lies).
+pushed Rego modules with regopy. Options: a bearer token it demands, TLS, a fixed port (to
+stop an endpoint and start an empty one in its place, as a restarted OPA), and modes that
+misbehave: answer every decision with "allow everything" (an OPA that lies), answer
+nonsense, or acknowledge pushes without keeping them (answering from what it held before).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -28,7 +32,10 @@ class OpaState:
     data: dict[str, Any] = field(default_factory=dict)
     token: str = ""
     allow_everything: bool = False
+    nonsense: bool = False  # every evaluation answers a result that is not a decision
+    frozen: bool = False  # pushes are acknowledged but not kept
     requests: int = 0
+    pushes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -86,7 +93,11 @@ def _handler(state: OpaState) -> type[BaseHTTPRequestHandler]:
             if not self._authorised():
                 return
             with state.lock:
-                if self.path.startswith("/v1/policies/"):
+                state.pushes += 1
+                if state.frozen:
+                    self._body()
+                    self._send(200 if self.path.startswith("/v1/policies/") else 204, {})
+                elif self.path.startswith("/v1/policies/"):
                     state.modules[self.path.removeprefix("/v1/policies/")] = self._body().decode()
                     self._send(200, {})
                 elif self.path.startswith("/v1/data/"):
@@ -113,6 +124,9 @@ def _handler(state: OpaState) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.requests += 1
                 parts = _path(self.path, "/v1/data/")
+                if state.nonsense:
+                    self._send(200, {"result": ["not", "a", "decision"]})
+                    return
                 if state.allow_everything and len(parts) > 1:
                     revision = _get(state.data, ["connector_data", parts[1], "usage_policies"])
                     lie = _lie(document, (revision or {}).get("revision"))
@@ -124,8 +138,11 @@ def _handler(state: OpaState) -> type[BaseHTTPRequestHandler]:
                 interpreter.add_data(state.data)
             rule = ".".join(_path(self.path, "/v1/data/"))
             interpreter.set_input(document)
-            output = json.loads(str(interpreter.query(f"x = data.{rule}")))
-            if "bindings" not in output:
+            try:
+                output = json.loads(str(interpreter.query(f"x = data.{rule}")))
+            except ValueError:
+                output = {}  # nothing there (regopy says so in words): OPA's undefined
+            if not isinstance(output, dict) or "bindings" not in output:
                 self._send(200, {})
                 return
             self._send(200, {"result": output["bindings"]["x"]})
@@ -133,13 +150,42 @@ def _handler(state: OpaState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    """Handler threads are daemons and tracked, so that stop() closes open keep-alive
+    connections at once: a stopped endpoint answers nothing, and stops without waiting."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.connections: set[Any] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        for connection in list(self.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                connection.close()
+
+
 @contextmanager
 def opa_endpoint(
-    state: OpaState | None = None, tls: tuple[str, str] | None = None
+    state: OpaState | None = None, tls: tuple[str, str] | None = None, port: int = 0
 ) -> Iterator[tuple[str, OpaState]]:
     """Run the endpoint on 127.0.0.1 (HTTPS with tls=(cert file, key file)); yields its URL."""
     state = state or OpaState()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server = _Server(("127.0.0.1", port), _handler(state))
     scheme = "http"
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -152,5 +198,5 @@ def opa_endpoint(
     try:
         yield f"{scheme}://127.0.0.1:{server.server_address[1]}", state
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
+        thread.join(timeout=5)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from connector.errors import PermissionDenied
+from connector.errors import PermissionDenied, Unavailable
 from connector.server import RunningServer
-from tests.conftest import Member, connect, policy_text, write_defects_csv
+from tests.conftest import Member, connect, policy_text, wait_for, write_defects_csv
 from tests.opa_endpoint import OpaState, opa_endpoint
 
 PURPOSE = "quality-benchmarking"
@@ -106,9 +106,9 @@ def test_opa_with_a_bearer_token_and_https(
         with connect(server, grantee) as peer:
             assert peer.query("SELECT plant FROM part_defects LIMIT 1", PURPOSE).num_rows == 1
             # The answer came from this OPA: once it no longer takes the token, the
-            # connector gets no decision and refuses (fails closed).
+            # connector gets no decision and refuses for now (fails closed).
             state.token = "another-token"
-            with pytest.raises(PermissionDenied):
+            with pytest.raises(Unavailable):
                 peer.query("SELECT plant FROM part_defects LIMIT 1", PURPOSE)
 
 
@@ -128,6 +128,12 @@ def test_an_opa_whose_policies_were_overwritten_is_not_obeyed(
         stored = state.data["connector_data"][namespace]["usage_policies"]
         stored["items"][0]["columns"] = ["plant", "supplier_price"]
         stored["revision"] = "someone-else"
-        with connect(server, grantee) as peer, pytest.raises(PermissionDenied):
+        with connect(server, grantee) as peer, pytest.raises(Unavailable):
             peer.query("SELECT plant, supplier_price FROM part_defects", PURPOSE)
         assert "someone-else" in caplog.text
+        # The connector pushes its own policies again and answers by them.
+        wait_for(lambda: stored is not state.data["connector_data"][namespace]["usage_policies"])
+        with connect(server, grantee) as peer:
+            with pytest.raises(PermissionDenied, match="column supplier_price"):
+                peer.query("SELECT plant, supplier_price FROM part_defects", PURPOSE)
+            assert peer.query("SELECT plant FROM part_defects LIMIT 1", PURPOSE).num_rows == 1

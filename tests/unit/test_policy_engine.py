@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from connector.errors import PolicyEngineError
+from connector.errors import PolicyEngineError, PolicyEngineUnavailable
 from connector.policy.engine import (
     DecisionRequest,
     EmbeddedEngine,
@@ -26,7 +26,7 @@ from connector.policy.engine import (
     PolicyEngine,
 )
 from connector.policy.model import UsagePolicy, parse_policy
-from connector.policy.opa import OpaServerEngine, build_engine
+from connector.policy.opa import OpaLink, OpaServerEngine, build_engine
 from tests.opa_endpoint import opa_endpoint
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
@@ -74,8 +74,8 @@ EngineMaker = Callable[[list[UsagePolicy]], PolicyEngine]
 def make_engine(request: pytest.FixtureRequest) -> EngineMaker:
     if request.param == "embedded":
         return EmbeddedEngine
-    url = request.getfixturevalue("opa_url")
-    return lambda policies: build_engine("opa", policies, opa=OpaConnection(url, "ctest"))
+    link = OpaLink(OpaConnection(request.getfixturevalue("opa_url"), "ctest"))
+    return lambda policies: build_engine("opa", policies, opa=link)
 
 
 def test_default_deny_without_policies(make_engine: EngineMaker) -> None:
@@ -226,11 +226,12 @@ def test_broken_rego_fails_closed() -> None:
         EmbeddedEngine([], library="package connector.authz\n this is not rego")
 
 
-def test_unreachable_opa_server_is_an_engine_error(caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(PolicyEngineError, match="could not be loaded into the OPA server") as error:
-        OpaServerEngine([], OpaConnection("http://127.0.0.1:1", "ctest", timeout=0.5))
-    # The owner's log names the server; the error (which may reach a peer) does not.
-    assert "127.0.0.1:1" not in str(error.value)
+def test_unreachable_opa_server_refuses_as_unavailable(caplog: pytest.LogCaptureFixture) -> None:
+    engine = OpaServerEngine([], OpaLink(OpaConnection("http://127.0.0.1:1", "ctest", timeout=0.5)))
+    with pytest.raises(PolicyEngineUnavailable, match="could not be pushed") as error:
+        engine.decide(_request("acme", part_defects=["plant"]))
+    # The owner's record names the server (the service shows the peer a text of its own).
+    assert "the OPA server at http://127.0.0.1:1 cannot decide" in str(error.value)
     assert "127.0.0.1:1" in caplog.text
 
 
