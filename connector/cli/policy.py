@@ -63,6 +63,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_home(verify)
     verify.add_argument("files", nargs="*", type=Path, metavar="FILE", help="default: every policy")
     verify.set_defaults(run=_verify)
+    from connector.cli import policy_review  # imports this module: added once it is loaded
+
+    policy_review.add_to(actions)
 
 
 def _add_key(parser: argparse.ArgumentParser) -> None:

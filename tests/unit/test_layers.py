@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
      "aggregates"},
     {"policy.yaml_strict", "policy.terms", "policy.model", "policy.versions", "policy.signing",
      "policy.publish", "policy.answers", "policy.engine", "policy.opa", "policy.consistency",
-     "policy.fit", "policy.registry"},
+     "policy.fit", "policy.registry", "policy.explain", "policy.diff"},
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider"},
     {"wire", "service", "server", "client", "result_files"},
