@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from connector.errors import PolicyError
+from connector.policy.consistency import MaskConflict, mask_conflicts
 from connector.policy.explain import LIMIT_WORDS, filter_words, moment_words
 from connector.policy.model import Obligations, UsagePolicy, parse_policy
 from connector.policy.signing import policy_files
@@ -108,6 +109,40 @@ def diff_sets(old: Mapping[str, UsagePolicy], new: Mapping[str, UsagePolicy]) ->
             )
         elif before is not None and after is not None:
             changes += diff_policies(before, after)
+    return changes + _conflict_changes(list(old.values()), list(new.values()))
+
+
+def _conflict_changes(old: list[UsagePolicy], new: list[UsagePolicy]) -> list[Change]:
+    """Columns hashed by one policy and clear under another, for the same member, appearing or
+    going away: both can widen (a join decodes the hashes; a lifted refusal answers again)."""
+
+    def by_key(policies: list[UsagePolicy]) -> dict[tuple[str, ...], MaskConflict]:
+        return {
+            (c.member, c.dataset, c.column, c.masked_by.id, c.clear_by.id): c
+            for c in mask_conflicts(policies)
+        }
+
+    before, after = by_key(old), by_key(new)
+    changes = [
+        Change(
+            f"{key[3]} + {key[4]}",
+            "masks",
+            Direction.WIDENS,
+            f"new conflict: {after[key].describe()}",
+        )
+        for key in sorted(after.keys() - before.keys())
+    ]
+    changes += [
+        Change(
+            f"{key[3]} + {key[4]}",
+            "masks",
+            Direction.WIDENS,
+            f"conflict resolved: column {key[2]} of {key[1]} for {key[0]}; where [policies] "
+            "mask_consistency = refuse, that member's queries on it were refused and are "
+            "answered again: review",
+        )
+        for key in sorted(before.keys() - after.keys())
+    ]
     return changes
 
 
