@@ -69,7 +69,7 @@ def _explain(args: argparse.Namespace) -> int:
         explained = explanation(policy, datasets)
         explained["status"] = status
         explained["warnings"] = warnings
-        print(json.dumps(explained, indent=2, ensure_ascii=False))
+        print(json.dumps(explained, indent=2))
         return 0
     for line in _explain_text(policy, datasets, status, warnings):
         print(escaped(line))
@@ -115,7 +115,7 @@ def _diff(args: argparse.Namespace) -> int:
         return EXIT_UNREADABLE
     if args.format == "json":
         body = {"widens": widens(changes), "changes": [c.as_json() for c in changes]}
-        print(json.dumps(body, indent=2, ensure_ascii=False))
+        print(json.dumps(body, indent=2))
     else:
         for line in diff_lines(changes):
             print(escaped(line))

@@ -98,7 +98,7 @@ def explanation_lines(
         f"Who: only member(s) {', '.join(policy.members)}",
         f"Purposes: only for {', '.join(policy.purposes)}",
         f"When: from {moment_words(policy.valid_from)} until {moment_words(policy.valid_until)}"
-        " (not valid from that moment on)",
+        " (it ends at that moment)",
         f"Datasets: {', '.join(policy.datasets)}",
         "Columns in the clear: " + (", ".join(policy.columns_allow) or "none"),
     ]

@@ -163,3 +163,16 @@ def test_diff_of_unreadable_input_exits_2_with_file_and_line(
     assert "bad.yaml:3: not valid YAML" in err and "Traceback" not in err
     assert run_cli("policy", "diff", old, tmp_path / "gone.yaml") == 2
     assert "gone.yaml: no such file or folder" in capsys.readouterr().err
+
+
+def test_explain_and_diff_show_hidden_characters_of_a_policy_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = draft(tmp_path / "old.yaml")
+    # A right-to-left override and a C1 control would reorder or hide what the lawyer reads.
+    new = draft(tmp_path / "new.yaml", obligations=r'{terms: ["no resale\u202e\x9b2J"]}')
+    for args in (("explain", new), ("explain", new, "--format", "json"), ("diff", old, new)):
+        run_cli("policy", *args)
+        out = capsys.readouterr().out
+        assert "\u202e" not in out and "\u009b" not in out
+        assert "202e" in out
