@@ -109,7 +109,51 @@ def diff_sets(old: Mapping[str, UsagePolicy], new: Mapping[str, UsagePolicy]) ->
             )
         elif before is not None and after is not None:
             changes += diff_policies(before, after)
-    return changes + _conflict_changes(list(old.values()), list(new.values()))
+    old_set, new_set = list(old.values()), list(new.values())
+    return changes + _conflict_changes(old_set, new_set) + _shaping_clash_changes(old_set, new_set)
+
+
+def _shaping_clashes(policies: list[UsagePolicy]) -> set[tuple[str, str, str, str, str]]:
+    """(member, dataset, purpose, id, id) where two policies apply together, in overlapping
+    dates, with different shaping: the connector refuses those queries (engine, "shaping")."""
+    clashes = set()
+    for i, first in enumerate(policies):
+        for second in policies[i + 1 :]:
+            if first.shaping.canonical() == second.shaping.canonical():
+                continue
+            if first.valid_until <= second.valid_from or second.valid_until <= first.valid_from:
+                continue
+            ids = sorted((first.id, second.id))
+            for member in set(first.members) & set(second.members):
+                for dataset in set(first.datasets) & set(second.datasets):
+                    for purpose in set(first.purposes) & set(second.purposes):
+                        clashes.add((member, dataset, purpose, ids[0], ids[1]))
+    return clashes
+
+
+def _shaping_clash_changes(old: list[UsagePolicy], new: list[UsagePolicy]) -> list[Change]:
+    before, after = _shaping_clashes(old), _shaping_clashes(new)
+    changes = [
+        Change(
+            f"{first} + {second}",
+            "shaping",
+            Direction.WIDENS,
+            f"clash resolved: {member}'s queries on {dataset} for {purpose} were refused (two "
+            "policies shape it differently) and are answered again: review",
+        )
+        for member, dataset, purpose, first, second in sorted(before - after)
+    ]
+    changes += [
+        Change(
+            f"{first} + {second}",
+            "shaping",
+            Direction.NARROWS,
+            f"new clash: {member}'s queries on {dataset} for {purpose} will be refused while "
+            "both apply (they shape it differently); merge them into one policy",
+        )
+        for member, dataset, purpose, first, second in sorted(after - before)
+    ]
+    return changes
 
 
 def _conflict_changes(old: list[UsagePolicy], new: list[UsagePolicy]) -> list[Change]:

@@ -289,5 +289,26 @@ def test_a_conflict_resolved_by_withdrawing_a_policy_is_reviewed_as_widening() -
     hashed = policy()
     clear = policy(id="clear-grant", columns="{allow: [plant, supplier]}")
     found = diff_sets({hashed.id: hashed, clear.id: clear}, {hashed.id: hashed})
-    assert [c.direction for c in found] == [N, W]
+    assert [(c.area, c.direction) for c in found] == [("policy", N), ("masks", W), ("shaping", W)]
     assert "conflict resolved: column supplier" in found[1].text
+
+
+def test_withdrawing_one_of_two_policies_that_clash_on_shaping_is_reviewed_as_widening() -> None:
+    # Both apply to voltcell's part_defects queries for the purpose, shaped differently: the
+    # connector refuses them; without the second, the first answers again.
+    masked = policy()
+    filtered = policy(id="filtered", rows="{where: {plant: [A]}}")
+    found = diff_sets({masked.id: masked, filtered.id: filtered}, {masked.id: masked})
+    assert [(c.area, c.direction) for c in found] == [("policy", N), ("shaping", W)]
+    assert "clash resolved: voltcell's queries on part_defects" in found[1].text
+    added = diff_sets({masked.id: masked}, {masked.id: masked, filtered.id: filtered})
+    assert [(c.area, c.direction) for c in added] == [("policy", W), ("shaping", N)]
+
+
+def test_policies_in_dates_that_do_not_overlap_do_not_clash() -> None:
+    early = policy(valid="{from: 2026-01-01, until: 2027-01-01}")
+    late = policy(
+        id="late", valid="{from: 2027-01-01, until: 2028-01-01}", rows="{where: {p: [A]}}"
+    )
+    found = diff_sets({early.id: early, late.id: late}, {early.id: early})
+    assert [c.area for c in found] == ["policy"]
