@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from connector.config import HOME_ENV, Settings, load_settings, resolve_home
+from connector.errors import ConnectorError
+from connector.safetext import escaped
+from connector.store import DatasetInfo, list_datasets
 
 
 def add_home(parser: argparse.ArgumentParser) -> None:
@@ -19,3 +24,12 @@ def add_home(parser: argparse.ArgumentParser) -> None:
 def settings_of(args: argparse.Namespace) -> Settings:
     """The settings of the home folder the arguments name."""
     return load_settings(resolve_home(args.home))
+
+
+def datasets_or_note(database: Path) -> dict[str, DatasetInfo] | None:
+    """The home's datasets, to check policies against (None, with a note, when unreadable)."""
+    try:
+        return {info.name: info for info in list_datasets(database)}
+    except ConnectorError as error:
+        print(escaped(f"note: datasets and columns not checked: {error}"), file=sys.stderr)
+        return None

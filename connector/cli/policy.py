@@ -9,13 +9,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from connector.cli import policy_authoring, policy_replay
-from connector.cli.common import add_home, settings_of
+from connector.cli import policy_authoring, policy_replay, policy_review
+from connector.cli.common import add_home, datasets_or_note, settings_of
 from connector.config import Settings
-from connector.errors import ConfigError, ConnectorError
+from connector.errors import ConfigError
 from connector.identity import load_ed25519_private
 from connector.jws import key_id
 from connector.policy.consistency import mask_conflicts
+from connector.policy.explain import nested_grouping_warnings
 from connector.policy.fit import fit_warnings
 from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
 from connector.policy.publish import Published, publish_policy
@@ -32,7 +33,6 @@ from connector.policy.signing import (
 from connector.policy.versions import VersionMemory, VersionRecord
 from connector.safetext import escaped
 from connector.shaping import Shaping
-from connector.store import DatasetInfo, list_datasets
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,6 +67,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     policy_authoring.add_to(actions)
 
     policy_replay.add_to(actions)
+    policy_review.add_to(actions)
 
 
 def _add_key(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +163,7 @@ def _verify(args: argparse.Namespace) -> int:
         if verdict.policy is not None:
             for line in _shaping_lines(verdict.policy.shaping):
                 print(f"  {escaped(line)}")
-    datasets = _datasets_or_note(settings.database)
+    datasets = datasets_or_note(settings.database)
     for verdict in verdicts:
         if verdict.status is VerdictStatus.VALID and verdict.policy and datasets is not None:
             for warning in fit_warnings(verdict.policy, datasets):
@@ -172,15 +173,6 @@ def _verify(args: argparse.Namespace) -> int:
     for conflict in mask_conflicts(in_force):
         print(escaped(f"WARNING: {conflict.describe()}"))
     return 1 if failed else 0
-
-
-def _datasets_or_note(database: Path) -> dict[str, DatasetInfo] | None:
-    """The home's datasets, to check policies against (None, with a note, when unreadable)."""
-    try:
-        return {info.name: info for info in list_datasets(database)}
-    except ConnectorError as error:
-        print(escaped(f"note: datasets and columns not checked: {error}"), file=sys.stderr)
-        return None
 
 
 def _shaping_lines(shaping: Shaping) -> list[str]:
@@ -200,30 +192,3 @@ def _shaping_lines(shaping: Shaping) -> list[str]:
         lines.append("group by only: " + "; ".join(", ".join(g) for g in shaping.group_by))
     lines += [f"WARNING: {warning}" for warning in nested_grouping_warnings(shaping)]
     return lines
-
-
-def nested_grouping_warnings(shaping: Shaping) -> list[str]:
-    """Warnings for declared grouping sets that can be differenced (only without noise): a
-    set inside another always can; any two sets can through the columns they share."""
-    if shaping.noise is not None:
-        return []
-    warnings = []
-    sets = shaping.group_by
-    for i, first in enumerate(sets):
-        for second in sets[i + 1 :]:
-            coarse, fine = (first, second) if len(first) <= len(second) else (second, first)
-            if set(coarse) < set(fine):
-                warnings.append(
-                    f"grouping sets ({', '.join(coarse)}) and ({', '.join(fine)}) nest: without "
-                    f"noise, the ({', '.join(coarse)}) answer minus the ({', '.join(fine)}) "
-                    "answer gives back the groups under min_group_size that the finer query "
-                    "drops (differencing); declare one set, or add noise"
-                )
-                continue
-            common = ", ".join(c for c in first if c in second) or "the grand total"
-            warnings.append(
-                f"grouping sets ({', '.join(first)}) and ({', '.join(second)}) both add up to "
-                f"({common}): when one of them drops no group, the other's dropped small groups "
-                "can be recovered by subtraction; declare one set, or add noise"
-            )
-    return warnings

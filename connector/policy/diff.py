@@ -1,0 +1,507 @@
+"""What a new version of a policy grants and takes away, each change widening or narrowing.
+
+Conservative by rule: a change is narrowing only when the new terms provably grant no more than
+the old ones; every other change (one that cannot be ordered, such as a text bound on a column
+of unknown type) is widening, so a review step asks for a second signature.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from connector.errors import PolicyError
+from connector.policy.consistency import MaskConflict, mask_conflicts
+from connector.policy.explain import LIMIT_WORDS, filter_words, moment_words
+from connector.policy.model import Obligations, UsagePolicy, parse_policy
+from connector.policy.signing import policy_files
+from connector.shaping import FilterValue, Noise, RowFilter, Shaping
+
+ABSENT = "not shown"
+CLEAR = "in the clear"
+# How much of a column's values a peer learns: a hash keeps equality, redact and null nothing.
+EXPOSURE: dict[str, int] = {ABSENT: 0, "null": 1, "redact": 1, "hash": 2, CLEAR: 3}
+
+
+class Direction(enum.Enum):
+    """Whether a change grants more (widening), less (narrowing), or no access (note)."""
+
+    WIDENS = "widening"
+    NARROWS = "narrowing"
+    NOTE = "note"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between two versions of a policy."""
+
+    policy: str
+    area: str
+    direction: Direction
+    text: str
+
+    def as_json(self) -> dict[str, str]:
+        """The change as plain JSON values."""
+        return {
+            "policy": self.policy,
+            "area": self.area,
+            "direction": self.direction.value,
+            "text": self.text,
+        }
+
+
+def widens(changes: Iterable[Change]) -> bool:
+    """True when any change grants more access than before."""
+    return any(change.direction is Direction.WIDENS for change in changes)
+
+
+def load_policies(path: Path) -> dict[str, UsagePolicy]:
+    """The policies of a file or a folder of *.yaml files, by id; PolicyError names the file."""
+    if path.is_dir():
+        files = policy_files(path)
+    elif path.exists():
+        files = [path]
+    else:
+        raise PolicyError(
+            "no such file or folder; give a policy file or a folder of them", path=str(path)
+        )
+    found: dict[str, UsagePolicy] = {}
+    for file in files:
+        policy = parse_policy(file)
+        if policy.id in found:
+            raise PolicyError(
+                f"policy id {policy.id} is also in {found[policy.id].path}; keep one version of "
+                "each policy in a folder, or diff the two files directly",
+                path=str(file),
+            )
+        found[policy.id] = policy
+    return found
+
+
+def diff_sets(old: Mapping[str, UsagePolicy], new: Mapping[str, UsagePolicy]) -> list[Change]:
+    """Changes between two sets of policies paired by id: a new id widens, a removed one narrows."""
+    changes = []
+    for policy_id in sorted(old.keys() | new.keys()):
+        before, after = old.get(policy_id), new.get(policy_id)
+        if before is None and after is not None:
+            changes.append(
+                Change(
+                    policy_id,
+                    "policy",
+                    Direction.WIDENS,
+                    f"new policy (version {after.version}): grants {', '.join(after.datasets)} to "
+                    f"{', '.join(after.members)} for {', '.join(after.purposes)}",
+                )
+            )
+        elif after is None and before is not None:
+            changes.append(
+                Change(
+                    policy_id,
+                    "policy",
+                    Direction.NARROWS,
+                    f"policy withdrawn (was version {before.version}): no longer grants "
+                    f"{', '.join(before.datasets)} to {', '.join(before.members)}",
+                )
+            )
+        elif before is not None and after is not None:
+            changes += diff_policies(before, after)
+    old_set, new_set = list(old.values()), list(new.values())
+    return changes + _conflict_changes(old_set, new_set) + _shaping_clash_changes(old_set, new_set)
+
+
+def _shaping_clashes(policies: list[UsagePolicy]) -> set[tuple[str, str, str, str, str]]:
+    """(member, dataset, purpose, id, id) where two policies apply together, in overlapping
+    dates, with different shaping: the connector refuses those queries (engine, "shaping")."""
+    clashes = set()
+    for i, first in enumerate(policies):
+        for second in policies[i + 1 :]:
+            if first.shaping.canonical() == second.shaping.canonical():
+                continue
+            if first.valid_until <= second.valid_from or second.valid_until <= first.valid_from:
+                continue
+            ids = sorted((first.id, second.id))
+            for member in set(first.members) & set(second.members):
+                for dataset in set(first.datasets) & set(second.datasets):
+                    for purpose in set(first.purposes) & set(second.purposes):
+                        clashes.add((member, dataset, purpose, ids[0], ids[1]))
+    return clashes
+
+
+def _shaping_clash_changes(old: list[UsagePolicy], new: list[UsagePolicy]) -> list[Change]:
+    before, after = _shaping_clashes(old), _shaping_clashes(new)
+    changes = [
+        Change(
+            f"{first} + {second}",
+            "shaping",
+            Direction.WIDENS,
+            f"clash resolved: {member}'s queries on {dataset} for {purpose} were refused (two "
+            "policies shape it differently) and are answered again: review",
+        )
+        for member, dataset, purpose, first, second in sorted(before - after)
+    ]
+    changes += [
+        Change(
+            f"{first} + {second}",
+            "shaping",
+            Direction.NARROWS,
+            f"new clash: {member}'s queries on {dataset} for {purpose} will be refused while "
+            "both apply (they shape it differently); merge them into one policy",
+        )
+        for member, dataset, purpose, first, second in sorted(after - before)
+    ]
+    return changes
+
+
+def _conflict_changes(old: list[UsagePolicy], new: list[UsagePolicy]) -> list[Change]:
+    """Columns hashed by one policy and clear under another, for the same member, appearing or
+    going away: both can widen (a join decodes the hashes; a lifted refusal answers again)."""
+
+    def by_key(policies: list[UsagePolicy]) -> dict[tuple[str, ...], MaskConflict]:
+        return {
+            (c.member, c.dataset, c.column, c.masked_by.id, c.clear_by.id): c
+            for c in mask_conflicts(policies)
+        }
+
+    before, after = by_key(old), by_key(new)
+    changes = [
+        Change(
+            f"{key[3]} + {key[4]}",
+            "masks",
+            Direction.WIDENS,
+            f"new conflict: {after[key].describe()}",
+        )
+        for key in sorted(after.keys() - before.keys())
+    ]
+    changes += [
+        Change(
+            f"{key[3]} + {key[4]}",
+            "masks",
+            Direction.WIDENS,
+            f"conflict resolved: column {key[2]} of {key[1]} for {key[0]}; where [policies] "
+            "mask_consistency = refuse, that member's queries on it were refused and are "
+            "answered again: review",
+        )
+        for key in sorted(before.keys() - after.keys())
+    ]
+    return changes
+
+
+def diff_policies(old: UsagePolicy, new: UsagePolicy) -> list[Change]:
+    """Every difference between two versions of one policy, each marked."""
+    name = new.id if old.id == new.id else f"{old.id} -> {new.id}"
+    found = _Found(name)
+    if old.id != new.id:
+        found.note(
+            "policy", f"id changed from {old.id} to {new.id}: the connector sees two policies"
+        )
+    if old.version != new.version:
+        found.note("policy", f"version {old.version} -> {new.version}")
+    if old.description != new.description:
+        found.note("description", f"now reads: {new.description}")
+    found.members("members", "member", old.members, new.members)
+    found.members("purposes", "purpose", old.purposes, new.purposes)
+    found.members("datasets", "dataset", old.datasets, new.datasets)
+    _columns(found, old, new)
+    _filters(found, old.shaping.filters, new.shaping.filters)
+    _aggregate(found, old.shaping, new.shaping)
+    _noise(found, old.shaping.noise, new.shaping.noise)
+    _validity(found, old, new)
+    for key, words in LIMIT_WORDS.items():
+        _limit(found, words, getattr(old.limits, key), getattr(new.limits, key))
+    _obligations(found, old.obligations, new.obligations)
+    return found.changes
+
+
+class _Found:
+    """Collects the changes of one policy."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.changes: list[Change] = []
+
+    def add(self, area: str, direction: Direction, text: str) -> None:
+        self.changes.append(Change(self.policy, area, direction, text))
+
+    def widens(self, area: str, text: str) -> None:
+        self.add(area, Direction.WIDENS, text)
+
+    def narrows(self, area: str, text: str) -> None:
+        self.add(area, Direction.NARROWS, text)
+
+    def note(self, area: str, text: str) -> None:
+        self.add(area, Direction.NOTE, text)
+
+    def members(self, area: str, noun: str, old: Iterable[str], new: Iterable[str]) -> None:
+        before, after = set(old), set(new)
+        for item in sorted(after - before):
+            self.widens(area, f"{noun} {item} added")
+        for item in sorted(before - after):
+            self.narrows(area, f"{noun} {item} removed")
+
+
+def _shown_as(policy: UsagePolicy) -> dict[str, str]:
+    shown: dict[str, str] = dict.fromkeys(policy.columns_allow, CLEAR)
+    shown.update(policy.shaping.masks)
+    return shown
+
+
+def _how(state: str) -> str:
+    return state if state in (CLEAR, ABSENT) else f"masked ({state})"
+
+
+def _columns(found: _Found, old: UsagePolicy, new: UsagePolicy) -> None:
+    before, after = _shown_as(old), _shown_as(new)
+    for column in sorted(before.keys() | after.keys()):
+        was, now = before.get(column, ABSENT), after.get(column, ABSENT)
+        if was == now:
+            continue
+        if was == ABSENT:
+            found.widens("columns", f"column {column} added: now shown {_how(now)}")
+        elif now == ABSENT:
+            found.narrows("columns", f"column {column} dropped: no longer shown (was {_how(was)})")
+        elif EXPOSURE[now] < EXPOSURE[was]:
+            found.narrows("masks", f"mask tightened on {column}: {_how(was)} -> {_how(now)}")
+        elif EXPOSURE[now] > EXPOSURE[was]:
+            found.widens("masks", f"mask loosened on {column}: {_how(was)} -> {_how(now)}")
+        else:
+            found.widens("masks", f"mask changed on {column}: {_how(was)} -> {_how(now)}: review")
+
+
+def _filters(found: _Found, old: Iterable[RowFilter], new: Iterable[RowFilter]) -> None:
+    before = {f.column: f for f in old}
+    after = {f.column: f for f in new}
+    for column in sorted(before.keys() | after.keys()):
+        was, now = before.get(column), after.get(column)
+        if now is None and was is not None:
+            found.widens(
+                "rows",
+                f"filter removed: rows were only where {filter_words(was)}; now any {column}",
+            )
+        elif was is None and now is not None:
+            found.narrows("rows", f"filter added: now only rows where {filter_words(now)}")
+        elif was is not None and now is not None:
+            direction = filter_direction(was, now)
+            if direction is not None:
+                verb = "narrowed" if direction is Direction.NARROWS else "widened"
+                if direction is Direction.WIDENS and not _ordered(was, now):
+                    verb = "changed: review"
+                found.add(
+                    "rows", direction, f"filter {verb}: {filter_words(was)} -> {filter_words(now)}"
+                )
+
+
+def filter_direction(old: RowFilter, new: RowFilter) -> Direction | None:
+    """NARROWS when new lets through only rows old did, None when equal, else WIDENS."""
+    if old.values and new.values:
+        was, now = {_key(v) for v in old.values}, {_key(v) for v in new.values}
+        if was == now:
+            return None
+        return Direction.NARROWS if now <= was else Direction.WIDENS
+    if new.values:  # a list inside the old bounds narrows
+        fits = [_within(v, old.bounds) for v in new.values]
+        return Direction.NARROWS if all(fits) else Direction.WIDENS
+    if old.values:  # a range in place of a list of values is not provably smaller
+        return Direction.WIDENS
+    sides = [
+        _bound_change(_bound(old, lower), _bound(new, lower), lower) for lower in (True, False)
+    ]
+    if "looser" in sides or "unknown" in sides:
+        return Direction.WIDENS
+    return Direction.NARROWS if "tighter" in sides else None
+
+
+def _ordered(old: RowFilter, new: RowFilter) -> bool:
+    """True when the two filters compare exactly: two lists, or values of one ordered kind."""
+    if old.values and new.values:
+        return True
+    values = [*old.values, *new.values, *(v for _, v in old.bounds + new.bounds)]
+    return all(_order(values[0], v) is not None for v in values)
+
+
+def _key(value: FilterValue) -> tuple[str, FilterValue]:
+    """A value with its kind, so 1 and true, or a date and a text, never compare equal."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", value)
+    if isinstance(value, dt.datetime):
+        return ("datetime", value)
+    if isinstance(value, dt.date):
+        return ("date", value)
+    return ("text", value)
+
+
+def _order(a: FilterValue, b: FilterValue) -> int | None:
+    """-1, 0 or 1 where a and b have one known order (numbers, dates, times); else None.
+
+    Text is not ordered: how it compares depends on the column's type, which a diff does not see.
+    """
+    kind_a, kind_b = _key(a)[0], _key(b)[0]
+    if kind_a != kind_b or kind_a not in ("number", "date", "datetime"):
+        return None
+    left: Any = a
+    right: Any = b
+    return int(left > right) - int(left < right)
+
+
+def _bound(row_filter: RowFilter, lower: bool) -> tuple[str, FilterValue] | None:
+    ops = ("gte", "gt") if lower else ("lte", "lt")
+    return next(((op, v) for op, v in row_filter.bounds if op in ops), None)
+
+
+def _bound_change(
+    old: tuple[str, FilterValue] | None, new: tuple[str, FilterValue] | None, lower: bool
+) -> str:
+    """'same', 'tighter', 'looser' or 'unknown' for one side of a range."""
+    if old is None or new is None:
+        return "same" if old == new else ("tighter" if old is None else "looser")
+    if old[0] == new[0] and _key(old[1]) == _key(new[1]):
+        return "same"
+    order = _order(new[1], old[1])
+    if order is None:
+        return "unknown"
+    if order == 0:  # same value: a strict bound (gt, lt) is the tighter one
+        return "tighter" if new[0] in ("gt", "lt") else "looser"
+    return "tighter" if (order > 0) == lower else "looser"
+
+
+def _within(value: FilterValue, bounds: Iterable[tuple[str, FilterValue]]) -> bool:
+    tests: dict[str, Callable[[int], bool]] = {
+        "gte": lambda o: o >= 0,
+        "gt": lambda o: o > 0,
+        "lte": lambda o: o <= 0,
+        "lt": lambda o: o < 0,
+    }
+    for op, bound in bounds:
+        order = _order(value, bound)
+        if order is None or not tests[op](order):
+            return False
+    return True
+
+
+def _aggregate(found: _Found, old: Shaping, new: Shaping) -> None:
+    was, now = old.min_group_size, new.min_group_size
+    if was and not now:
+        found.widens(
+            "aggregate-only",
+            f"no longer aggregate-only (was groups of {was}): single rows may leave",
+        )
+    elif now and not was:
+        found.narrows("aggregate-only", f"now aggregate-only: groups of at least {now} rows")
+    elif now < was:
+        found.widens("group size", f"minimum group size lowered: {was} -> {now}")
+    elif now > was:
+        found.narrows("group size", f"minimum group size raised: {was} -> {now}")
+    _group_by(found, old.group_by, new.group_by)
+
+
+def _group_by(
+    found: _Found, old: tuple[tuple[str, ...], ...], new: tuple[tuple[str, ...], ...]
+) -> None:
+    def words(columns: frozenset[str]) -> str:
+        return f"({', '.join(sorted(columns))})"
+
+    before = {frozenset(columns) for columns in old}
+    after = {frozenset(columns) for columns in new}
+    if before == after:
+        return
+    if not after:
+        found.widens("grouping", "grouping no longer limited: any of the columns shown")
+        return
+    if not before:
+        limited = "; ".join(sorted(words(c) for c in after))
+        found.narrows("grouping", f"grouping now limited to {limited}")
+        return
+    for columns in sorted(after - before, key=sorted):
+        found.widens("grouping", f"grouping by {words(columns)} added")
+    for columns in sorted(before - after, key=sorted):
+        found.narrows("grouping", f"grouping by {words(columns)} removed")
+
+
+def _noise(found: _Found, old: Noise | None, new: Noise | None) -> None:
+    if old is None or new is None:
+        if old is not None:
+            found.widens("noise", f"noise removed: aggregates are now exact (was {old.describe()})")
+        elif new is not None:
+            found.narrows("noise", f"noise added: {new.describe()}")
+        return
+    for words, was, now in (
+        ("epsilon a query", old.epsilon, new.epsilon),
+        ("epsilon a day per member", old.epsilon_per_day, new.epsilon_per_day),
+    ):
+        if now > was:
+            found.widens("noise", f"{words} raised (less noise): {was:g} -> {now:g}")
+        elif now < was:
+            found.narrows("noise", f"{words} lowered (more noise): {was:g} -> {now:g}")
+    before, after = old.bounds_of, new.bounds_of
+    for column in sorted(before.keys() | after.keys()):
+        was_range, now_range = before.get(column), after.get(column)
+        if was_range is None:
+            found.widens(
+                "noise", f"column {column} may now be summed, clamped to {list(now_range or ())}"
+            )
+        elif now_range is None:
+            found.narrows("noise", f"column {column} may no longer be summed")
+        elif was_range != now_range:
+            found.widens(
+                "noise",
+                f"clamp of {column} changed: {list(was_range)} -> {list(now_range)}: review",
+            )
+
+
+def _validity(found: _Found, old: UsagePolicy, new: UsagePolicy) -> None:
+    change = f"{moment_words(old.valid_from)} -> {moment_words(new.valid_from)}"
+    if new.valid_from < old.valid_from:
+        found.widens("validity", f"valid from earlier: {change}")
+    elif new.valid_from > old.valid_from:
+        found.narrows("validity", f"valid from later: {change}")
+    change = f"{moment_words(old.valid_until)} -> {moment_words(new.valid_until)}"
+    if new.valid_until > old.valid_until:
+        found.widens("validity", f"valid until later: {change}")
+    elif new.valid_until < old.valid_until:
+        found.narrows("validity", f"valid until earlier: {change}")
+
+
+def _limit(found: _Found, words: str, was: int, now: int) -> None:
+    """A limit of 0 is no limit at all."""
+    if was == now:
+        return
+    if not now:
+        found.widens("limits", f"limit on {words} removed (was {was})")
+    elif not was:
+        found.narrows("limits", f"limit on {words} set: at most {now}")
+    elif now > was:
+        found.widens("limits", f"limit on {words} raised: {was} -> {now}")
+    else:
+        found.narrows("limits", f"limit on {words} lowered: {was} -> {now}")
+
+
+def _obligations(found: _Found, old: Obligations, new: Obligations) -> None:
+    was, now = old.delete_within_days, new.delete_within_days
+    if was != now:
+        if not now:
+            found.widens("obligations", f"deletion deadline removed (was {was} days)")
+        elif not was:
+            found.narrows("obligations", f"received data must now be deleted within {now} days")
+        elif now > was:
+            found.widens("obligations", f"data may be kept longer: {was} -> {now} days")
+        else:
+            found.narrows("obligations", f"data must be deleted sooner: {was} -> {now} days")
+    if old.attribution != new.attribution:
+        if not new.attribution:
+            found.widens("obligations", f"attribution no longer required (was: {old.attribution})")
+        elif not old.attribution:
+            found.narrows("obligations", f"attribution now required: {new.attribution}")
+        else:
+            found.widens(
+                "obligations",
+                f"attribution changed: review: {old.attribution} -> {new.attribution}",
+            )
+    for term in sorted(set(old.terms) - set(new.terms)):
+        found.widens("obligations", f"term removed: {term}")
+    for term in sorted(set(new.terms) - set(old.terms)):
+        found.narrows("obligations", f"term added: {term}")
