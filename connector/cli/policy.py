@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from connector.cli import policy_cases
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
 from connector.errors import ConfigError, ConnectorError
@@ -63,6 +64,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_home(verify)
     verify.add_argument("files", nargs="*", type=Path, metavar="FILE", help="default: every policy")
     verify.set_defaults(run=_verify)
+    policy_cases.add_to(actions)
 
 
 def _add_key(parser: argparse.ArgumentParser) -> None:

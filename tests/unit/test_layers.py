@@ -20,7 +20,8 @@ LAYERS: list[set[str]] = [
      "policy.publish", "policy.answers", "policy.engine", "policy.opa", "policy.consistency",
      "policy.fit", "policy.registry"},
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
-    {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider"},
+    {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
+     "policy_cases"},
     {"wire", "service", "server", "client", "result_files"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
