@@ -232,15 +232,25 @@ class Provider:
         """Explain without rate limit or audit entry: for the owner's own tools, never peers."""
         return self._explain(member, request, entry)
 
+    def explain_at(self, member_id: str, request: PeerRequest, at: dt.datetime) -> Explanation:
+        """Explain's decision and plan as of `at`, for policy tests: nothing is recorded and
+        no rate limit applies (the caller builds a Provider of its own for them)."""
+        member = MemberIdentity(self.dataspace, member_id, member_id, 0)
+        return self._explain(member, request, AuditEntry("explain"), at)
+
     def _explain(
-        self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry
+        self,
+        member: MemberIdentity,
+        request: PeerRequest,
+        entry: AuditEntry,
+        at: dt.datetime | None = None,
     ) -> Explanation:
         shape = self.guard(request.sql)
         entry.datasets = shape.datasets
         snapshot = self.policies.snapshot  # one load for the decision and its limits
         if snapshot is not self._pruned_for:
             self.prune_shaped_copies()
-        decision = self._decide(snapshot.engine, member, request, shape)
+        decision = self._decide(snapshot.engine, member, request, shape, at or self.clock())
         if decision.allow and self.mask_consistency == "refuse":
             clashes = conflicts_for(snapshot.mask_conflicts, member.member_id, shape.datasets)
             if clashes:
@@ -350,7 +360,12 @@ class Provider:
         )
 
     def _decide(
-        self, engine: PolicyEngine, member: MemberIdentity, request: PeerRequest, shape: QueryShape
+        self,
+        engine: PolicyEngine,
+        member: MemberIdentity,
+        request: PeerRequest,
+        shape: QueryShape,
+        time: dt.datetime,
     ) -> Decision:
         datasets = self.sandbox.datasets()
         columns = {
@@ -366,7 +381,7 @@ class Provider:
                 datasets=shape.datasets,
                 columns=columns,
                 uses_star=shape.uses_star,
-                time=self.clock(),
+                time=time,
             )
         )
 

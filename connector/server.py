@@ -21,10 +21,9 @@ from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
-from connector.policy.engine import OpaConnection, PolicyEngine
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
-from connector.policy.opa import OpaLink, build_engine, opa_namespace
+from connector.policy.opa import OpaLink, engine_factory, opa_link
 from connector.policy.registry import PolicyRegistry
 from connector.policy.signing import trusted_keys
 from connector.policy.versions import VersionMemory
@@ -86,41 +85,6 @@ def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def opa_link(settings: Settings) -> OpaLink | None:
-    """The connection to the OPA server when the home's engine is `opa`, else None."""
-    if settings.policies.engine != "opa":
-        return None
-    return OpaLink(
-        OpaConnection(
-            settings.policies.opa_url,
-            opa_namespace(settings.dataspace, settings.member_id),
-            token=_opa_token(settings.policies.opa_token_file),
-            ca_file=str(settings.policies.opa_ca or ""),
-        )
-    )
-
-
-def _engine_factory(
-    settings: Settings, opa: OpaLink | None
-) -> Callable[[Sequence[UsagePolicy]], PolicyEngine]:
-    def factory(policies: Sequence[UsagePolicy]) -> PolicyEngine:
-        return build_engine(settings.policies.engine, policies, opa=opa)
-
-    return factory
-
-
-def _opa_token(path: Path | None) -> str:
-    if path is None:
-        return ""
-    try:
-        token = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the OPA token file {path}: {exc}") from None
-    if not token or any(c.isspace() for c in token):
-        raise ConfigError(f"the OPA token file {path} must hold one token on one line")
-    return token
-
-
 def _log_misfits(policies: Sequence[UsagePolicy], datasets: Mapping[str, DatasetInfo]) -> None:
     """Say in the log why a policy in force grants nothing (a dataset or column typo...)."""
     for policy in policies:
@@ -149,7 +113,7 @@ def build_provider(settings: Settings, opa: OpaLink | None = None) -> Provider:
     registry = PolicyRegistry(
         settings.policies.directory,
         signers,
-        _engine_factory(settings, opa),
+        engine_factory(settings, opa),
         VersionMemory(settings.policies.versions_file),
         on_load=lambda snapshot: _log_misfits(snapshot.policies, sandbox.datasets()),
     )

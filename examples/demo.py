@@ -141,6 +141,11 @@ def set_up(workdir: Path) -> dict[str, Path]:
     for home in homes.values():
         connector("policy", "sign", "--home", home, *sorted((home / "policies").glob("*.yaml")))
     connector("policy", "verify", "--home", homes["northwind-motors"])
+    print("\n   ... and test them against plain cases (no server, nothing written)")
+    for member, home in homes.items():
+        cases = EXAMPLES / member / "policy-cases.yaml"
+        done = connector("policy", "test", "--home", home, cases, show=False)
+        print(f"$ connector policy test --home {home} {cases}\n  {done.stdout.splitlines()[-1]}")
     return homes
 
 

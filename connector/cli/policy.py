@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from connector.cli import policy_authoring, policy_replay, policy_review
+from connector.cli import policy_authoring, policy_cases, policy_replay, policy_review
 from connector.cli.common import add_home, datasets_or_note, settings_of
 from connector.config import Settings
 from connector.errors import ConfigError
@@ -65,9 +65,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     verify.add_argument("files", nargs="*", type=Path, metavar="FILE", help="default: every policy")
     verify.set_defaults(run=_verify)
     policy_authoring.add_to(actions)
-
-    policy_replay.add_to(actions)
     policy_review.add_to(actions)
+    policy_cases.add_to(actions)
+    policy_replay.add_to(actions)
 
 
 def _add_key(parser: argparse.ArgumentParser) -> None:

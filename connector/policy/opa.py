@@ -23,10 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from connector.errors import PolicyEngineError, PolicyEngineUnavailable
+from connector.config import Settings
+from connector.errors import ConfigError, PolicyEngineError, PolicyEngineUnavailable
 from connector.policy.engine import (
     DATA_KEY,
     CatalogGrant,
@@ -310,3 +312,44 @@ def build_engine(
     if kind == "opa" and opa is not None:
         return CheckedEngine(OpaServerEngine(policies, opa), policies)
     raise PolicyEngineError(f"unknown policy engine {kind!r}; use 'embedded' or 'opa'")
+
+
+def opa_link(settings: Settings, namespace_of: str = "") -> OpaLink | None:
+    """The connection to the OPA server when the home's engine is `opa`, else None.
+
+    namespace_of: what else shares this connector's OPA (e.g. policy tests); their names
+    there are their own, so that the policies in force are never replaced."""
+    if settings.policies.engine != "opa":
+        return None
+    owner = settings.member_id + (f"\n{namespace_of}" if namespace_of else "")
+    return OpaLink(
+        OpaConnection(
+            settings.policies.opa_url,
+            opa_namespace(settings.dataspace, owner),
+            token=_opa_token(settings.policies.opa_token_file),
+            ca_file=str(settings.policies.opa_ca or ""),
+        )
+    )
+
+
+def engine_factory(
+    settings: Settings, opa: OpaLink | None
+) -> Callable[[Sequence[UsagePolicy]], PolicyEngine]:
+    """Builds the home's engine over given policies (on every reload)."""
+
+    def factory(policies: Sequence[UsagePolicy]) -> PolicyEngine:
+        return build_engine(settings.policies.engine, policies, opa=opa)
+
+    return factory
+
+
+def _opa_token(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the OPA token file {path}: {exc}") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"the OPA token file {path} must hold one token on one line")
+    return token

@@ -30,4 +30,5 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "15 rows from northwind-motors" in out  # groups under 20 inspections dropped
     assert "dataset part_defects is aggregate-only" in out
     assert "intact:" in out and "signed checkpoints" in out
+    assert "7 passed, 0 failed" in out and "3 passed, 0 failed" in out
     assert "All connectors stopped" in out

@@ -1,0 +1,433 @@
+"""Policy test cases: plain YAML cases run through the server's own code, without a server.
+
+Each case is decided by `Provider.explain_at` (the guard, the policy engine, the mask
+consistency rule, the name binding and the limits, exactly as Explain and Query decide) and,
+when allowed, run by `QueryRun` against the home's data, read-only, to learn the columns the
+peer would receive. The Provider is one of our own: its audit log, quota ledger and shaped
+copies live in a scratch folder and its keys are throwaway, so the home is never written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from connector.arrow_stream import read_ipc_pieces
+from connector.audit import AuditLog
+from connector.audit_entry import AuditEntry
+from connector.config import Settings
+from connector.errors import ConfigError, ConnectorError, PermissionDenied, PolicyError
+from connector.identity import MemberIdentity
+from connector.names import MEMBER_ID, PURPOSE
+from connector.policy.engine import PolicyEngine
+from connector.policy.model import UsagePolicy, parse_policy, read_limited
+from connector.policy.opa import engine_factory, opa_link
+from connector.policy.registry import PolicyRegistry, PolicySnapshot
+from connector.policy.signing import (
+    PolicyVerdict,
+    VerdictStatus,
+    load_policy_dir,
+    policy_files,
+    trusted_keys,
+)
+from connector.policy.versions import VersionRecord, read_records
+from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, check_events
+from connector.provider import Provider
+from connector.query_run import QueryRun
+from connector.quota import QuotaLedger
+from connector.receipt import ReceiptSigner
+from connector.request import Explanation, PeerRequest
+from connector.sandbox import SandboxDatabase, SandboxLimits
+from connector.shaping import MASK_KINDS
+
+MAX_CASES_BYTES = 1024 * 1024
+CASE_KEYS = {"name": 1, "member": 1, "purpose": 1, "sql": 1, "at": 0, "expect": 1}
+EXPECT_KEYS = {"decision": 1, "reason": 0, "columns": 0, "masked": 0}
+DECISIONS = ("allow", "deny")
+EngineFactory = Callable[[Sequence[UsagePolicy]], PolicyEngine]
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a case expects: the decision and, optionally, a reason, the columns and masks."""
+
+    decision: str
+    reason: str = ""  # a substring of one denial reason (any case)
+    columns: tuple[str, ...] | None = None  # exactly the result's columns (any order)
+    masked: Mapping[str, str] | None = None  # exactly the masked result columns and how
+
+
+@dataclass(frozen=True)
+class PolicyCase:
+    """One case of a case file: who asks what for which purpose, when, and what is expected."""
+
+    name: str
+    member: str
+    purpose: str
+    sql: str
+    at: dt.datetime | None
+    expect: Expectation
+    path: Path
+    line: int
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What the connector did with a case: the decision, its reasons, the result's columns."""
+
+    decision: str
+    reasons: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    masked: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The outcome in one line."""
+        if self.decision == "deny":
+            return f"deny ({'; '.join(self.reasons) or 'no reason given'})"
+        return f"allow (columns {_listed(self.columns)})"
+
+
+def read_cases(path: Path) -> list[PolicyCase]:
+    """The cases of one file; PolicyError names the file, the line and the fix."""
+    data = read_limited(path, MAX_CASES_BYTES)
+    try:
+        document = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError("not UTF-8 text", path=str(path)) from None
+    try:
+        check_events(path, document)
+        root = yaml.compose(document, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
+    reader = PolicyReader(path)
+    if not isinstance(root, yaml.SequenceNode) or not root.value:
+        raise reader.fail(
+            root,
+            "a case file is a non-empty list of cases, each starting with '- name: ...' and "
+            "holding member, purpose, sql and expect (allow or deny)",
+        )
+    cases = [_case(reader, node, n) for n, node in enumerate(root.value, 1)]
+    seen: dict[str, int] = {}
+    for case in cases:
+        if case.name in seen:
+            raise PolicyError(
+                f"case name {case.name!r} is also used on line {seen[case.name]}; give each "
+                "case its own name",
+                path=str(path),
+                line=case.line,
+            )
+        seen[case.name] = case.line
+    return cases
+
+
+def _case(reader: PolicyReader, node: yaml.Node, number: int) -> PolicyCase:
+    where = f"case {number}"
+    fields = reader.mapping(node, where, CASE_KEYS)
+    missing = [k for k, required in CASE_KEYS.items() if required and k not in fields]
+    if missing:
+        raise reader.fail(node, f"{where} lacks {', '.join(missing)}; add them")
+    name = reader.text(fields["name"][1], f"the name of {where}", ANY_TEXT)
+    where = f"case {name!r}"
+    sql = reader.text(fields["sql"][1], f"the sql of {where}")
+    at = reader.moment(fields["at"][1], f"the at of {where}") if "at" in fields else None
+    return PolicyCase(
+        name=name,
+        member=reader.text(fields["member"][1], f"the member of {where}", MEMBER_ID),
+        purpose=reader.text(fields["purpose"][1], f"the purpose of {where}", PURPOSE),
+        sql=sql,
+        at=at,
+        expect=_expectation(reader, fields["expect"][1], f"the expect of {where}"),
+        path=reader.path,
+        line=node.start_mark.line + 1,
+    )
+
+
+def _expectation(reader: PolicyReader, node: yaml.Node, where: str) -> Expectation:
+    if isinstance(node, yaml.ScalarNode):
+        return Expectation(_decision(reader, node, where))
+    fields = reader.mapping(node, where, EXPECT_KEYS)
+    if "decision" not in fields:
+        raise reader.fail(node, f"{where} lacks decision; add 'decision: allow' or 'deny'")
+    decision = _decision(reader, fields["decision"][1], f"the decision of {where}")
+    for key, needs in (("reason", "deny"), ("columns", "allow"), ("masked", "allow")):
+        if key in fields and decision != needs:
+            raise reader.fail(
+                fields[key][0],
+                f"{key} in {where} applies only to decision {needs}; remove it, or expect {needs}",
+            )
+    reason = (
+        reader.text(fields["reason"][1], f"the reason of {where}") if "reason" in fields else ""
+    )
+    columns = (
+        reader.text_list(fields["columns"][1], f"the columns of {where}", ANY_TEXT)
+        if "columns" in fields
+        else None
+    )
+    masked = _masked(reader, fields["masked"][1], where) if "masked" in fields else None
+    return Expectation(decision, reason, columns, masked)
+
+
+def _decision(reader: PolicyReader, node: yaml.Node, where: str) -> str:
+    value = reader.scalar(node, where)
+    if value not in DECISIONS:
+        raise reader.fail(
+            node,
+            f"{where} must be allow or deny, or a mapping with decision, reason, columns and "
+            "masked",
+        )
+    return str(value)
+
+
+def _masked(reader: PolicyReader, node: yaml.Node, where: str) -> dict[str, str]:
+    if isinstance(node, yaml.MappingNode) and not node.value:
+        return {}  # masked: {} expects no masked column
+    kinds = {kind: 1 for kind in MASK_KINDS}
+    masked: dict[str, str] = {}
+    if not isinstance(node, yaml.MappingNode):
+        raise reader.fail(
+            node, f"masked in {where} must map columns to how, like {{part_no: hash}}"
+        )
+    for key_node, value_node in node.value:
+        column = reader.text(key_node, f"a masked column in {where}", ANY_TEXT)
+        if column in masked:
+            raise reader.fail(key_node, f"column {column} appears twice in masked in {where}")
+        kind = reader.text(value_node, f"the mask of {column} in {where}")
+        if kind not in kinds:
+            raise reader.fail(
+                value_node, f"mask {kind!r} of {column} in {where} is not one of {', '.join(kinds)}"
+            )
+        masked[column] = kind
+    return masked
+
+
+def mismatch(expect: Expectation, got: CaseOutcome) -> str | None:
+    """How the outcome differs from the expectation ('expected ..., got ...'), or None."""
+    if expect.decision != got.decision:
+        return f"expected {expect.decision}, got {got.describe()}"
+    wanted = expect.reason.casefold()
+    if wanted and not any(wanted in reason.casefold() for reason in got.reasons):
+        return f"expected a reason containing {expect.reason!r}, got {got.describe()}"
+    if expect.columns is not None and sorted(expect.columns) != sorted(got.columns):
+        return f"expected columns {_listed(expect.columns)}, got {_listed(got.columns)}"
+    if expect.masked is not None and dict(expect.masked) != dict(got.masked):
+        return f"expected masked {_masks(expect.masked)}, got {_masks(got.masked)}"
+    return None
+
+
+def _listed(columns: Sequence[str]) -> str:
+    return "[" + ", ".join(columns) + "]"
+
+
+def _masks(masked: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{c}: {k}" for c, k in sorted(masked.items())) + "}"
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """Where the tested policies come from: the home's signed folder, or unsigned drafts."""
+
+    directory: Path
+    signed: bool
+    trusted: Mapping[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
+    remembered: Mapping[str, VersionRecord] = field(default_factory=dict)
+
+    @classmethod
+    def of_home(cls, settings: Settings) -> PolicySource:
+        """The home's policies folder, judged as the server judges it (signatures, versions)."""
+        versions = settings.policies.versions_file
+        return cls(
+            settings.policies.directory,
+            signed=True,
+            trusted=trusted_keys(settings.policies.trusted_signers.values()),
+            remembered=read_records(versions) if versions and versions.exists() else {},
+        )
+
+    @classmethod
+    def drafts(cls, directory: Path) -> PolicySource:
+        """Unsigned draft policies in directory (every file must parse)."""
+        if not directory.is_dir():
+            raise ConfigError(f"--policies {directory} is not a folder of policy files")
+        return cls(directory, signed=False)
+
+    def in_force(self, at: dt.datetime, *, today: bool) -> tuple[UsagePolicy, ...]:
+        """The policies the server would hold in force at `at`. The versions it remembers
+        apply only today (a past or future `at` is judged by the files' dates alone)."""
+        if self.signed:
+            remembered = self.remembered if today else {}
+            policies, _ = load_policy_dir(self.directory, self.trusted, at, remembered)
+            return tuple(policies)
+        return _drafts_in_force(self.directory, at)
+
+    def verdicts(self, now: dt.datetime) -> list[PolicyVerdict]:
+        """Every signed file's verdict now (to say which files are not in force)."""
+        return load_policy_dir(self.directory, self.trusted, now, self.remembered)[1]
+
+
+def _drafts_in_force(directory: Path, at: dt.datetime) -> tuple[UsagePolicy, ...]:
+    """The drafts valid at `at`, the highest version per id (as the server picks)."""
+    drafts = [parse_policy(path) for path in policy_files(directory)]
+    if not drafts:
+        raise ConfigError(f"no policy files (*.yaml) in {directory}")
+    by_id: dict[str, list[UsagePolicy]] = {}
+    for policy in drafts:
+        if policy.valid_from <= at < policy.valid_until:
+            by_id.setdefault(policy.id, []).append(policy)
+    chosen = []
+    for policy_id, versions in sorted(by_id.items()):
+        top = max(p.version for p in versions)
+        if sum(p.version == top for p in versions) > 1:
+            raise ConfigError(
+                f"{directory}: two drafts hold policy {policy_id} version {top}; the server "
+                "would refuse both: keep one file per version"
+            )
+        chosen.append(next(p for p in versions if p.version == top))
+    return tuple(chosen)
+
+
+def engine_factory_for(settings: Settings) -> EngineFactory:
+    """The home's policy engine over given policies. An OPA server gets them under names of
+    their own: the connector's own names there must keep the policies in force."""
+    return engine_factory(settings, opa_link(settings, namespace_of="policy-test"))
+
+
+class _FixedPolicies(PolicyRegistry):
+    """A registry holding the snapshot a case needs: never read from disk, never recorded."""
+
+    def __init__(self, snapshot: PolicySnapshot) -> None:  # the folder is read by the runner
+        self._snapshot = snapshot
+
+    def hold(self, snapshot: PolicySnapshot) -> None:
+        self._snapshot = snapshot
+
+
+class CaseRunner:
+    """Runs cases on a Provider of its own over the home's data (read-only)."""
+
+    def __init__(self, settings: Settings, source: PolicySource, engine: EngineFactory) -> None:
+        self._settings = settings
+        self._source = source
+        self._engine = engine
+        self._scratch = tempfile.TemporaryDirectory(prefix="connector-policy-test-")
+        scratch = Path(self._scratch.name)
+        self._held: tuple[tuple[str, int, str], ...] | None = None
+        self._registry = _FixedPolicies(_snapshot(engine, ()))
+        signer = ReceiptSigner(ed25519.Ed25519PrivateKey.generate())  # nothing is signed
+        server = settings.server
+        sandbox = SandboxDatabase(
+            settings.database,
+            SandboxLimits(
+                memory_limit=server.memory_limit,
+                threads=server.threads,
+                max_query_seconds=server.max_query_seconds,
+            ),
+        )  # shaped copies in memory
+        sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
+        try:
+            self.provider = Provider(
+                settings.member_id,
+                settings.dataspace,
+                sandbox,
+                self._registry,
+                signer,
+                audit=AuditLog(scratch / "audit.jsonl", signer),
+                quotas=QuotaLedger(scratch / "quotas.sqlite"),
+                revoked=settings.revoked,
+                mask_key=secrets.token_bytes(32),  # only the result's columns are looked at
+                batch_rows=server.batch_rows,
+                max_query_seconds=server.max_query_seconds,
+                max_concurrent_queries=server.max_concurrent_queries,
+                mask_consistency=settings.policies.mask_consistency,
+            )
+        except BaseException:
+            sandbox.close()
+            self._scratch.cleanup()
+            raise
+
+    def __enter__(self) -> CaseRunner:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the sandbox, the scratch log and ledger, and remove the scratch folder."""
+        self.provider.sandbox.close()
+        self.provider.audit.close()
+        self.provider.quotas.close()
+        self._scratch.cleanup()
+
+    def run(self, case: PolicyCase, now: dt.datetime) -> CaseOutcome:
+        """Decide the case as the server would at case.at (else now) and shape its result."""
+        at = case.at or now
+        self._hold(self._source.in_force(at, today=case.at is None))
+        if case.member in self._settings.revoked.members:
+            return CaseOutcome("deny", (f"member {case.member!r} is revoked by this connector",))
+        try:
+            request = PeerRequest.checked(case.sql, case.purpose, 1, "")
+            explanation = self.provider.explain_at(case.member, request, at)
+            if not explanation.decision.allow:
+                return CaseOutcome("deny", explanation.decision.reasons)
+            columns = self._result_columns(case.member, request, explanation)
+        except PermissionDenied as denied:
+            return CaseOutcome("deny", tuple(denied.reasons))
+        except ConnectorError as error:
+            return CaseOutcome("deny", (error.message,))
+        masks = {c: str(kind) for r in explanation.relations for c, kind in r.shaping.masks}
+        return CaseOutcome("allow", (), columns, {c: masks[c] for c in columns if c in masks})
+
+    def _hold(self, policies: tuple[UsagePolicy, ...]) -> None:
+        """Put these policies in force (the engine is built again only when they change)."""
+        key = tuple(sorted((p.id, p.version, p.sha256) for p in policies))
+        if key != self._held:
+            self._registry.hold(_snapshot(self._engine, policies))
+            self._held = key
+
+    def _result_columns(
+        self, member_id: str, request: PeerRequest, explanation: Explanation
+    ) -> tuple[str, ...]:
+        """The columns of the answer, from its first row run as Query runs it."""
+        provider = self.provider
+        member = MemberIdentity(provider.dataspace, member_id, member_id, 0)
+        slot = provider.slots.acquire(member_id)
+        try:
+            run = QueryRun(provider, member, request, explanation, AuditEntry("query"), slot=slot)
+        except BaseException:
+            slot.finish()
+            raise
+        pieces = run.pieces(provider.max_query_seconds)
+        try:
+            return tuple(read_ipc_pieces(list(pieces)).schema.names)
+        finally:
+            pieces.close()
+            run.close()
+
+
+def _snapshot(engine: EngineFactory, policies: tuple[UsagePolicy, ...]) -> PolicySnapshot:
+    return PolicySnapshot(engine(policies), policies, (), dt.datetime.now(dt.UTC))
+
+
+def verdict_notes(source: PolicySource, now: dt.datetime) -> list[str]:
+    """For the home's folder: each file that is not in force now, and why."""
+    if not source.signed:
+        return []
+    return [
+        f"{v.path.name}: not in force: {v.message}"
+        for v in source.verdicts(now)
+        if v.status is not VerdictStatus.VALID
+    ]
