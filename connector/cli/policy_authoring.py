@@ -144,7 +144,14 @@ def _new(args: argparse.Namespace) -> int:
     facts, _ = home_facts(settings, dt.datetime.now(dt.UTC))
     status = _report(lint_files([output], facts), 1, strict=False)
     if status == 0:
-        print(escaped(f"next: connector policy sign --home {settings.home} {output}"))
+        home = settings.home
+        print(
+            escaped(
+                f"next: connector policy explain --home {home} {output}\n"
+                f"      connector policy test --home {home} --policies DRAFTS CASES.yaml\n"
+                f"      connector policy publish --home {home} {output}"
+            )
+        )
     return status
 
 
