@@ -99,6 +99,19 @@ def _recorded_requests(entries: list[dict[str, Any]], member_id: str) -> int:
     return single + counted
 
 
+def _let_requests_settle(member: Member, requests: int, timeout: float = 5.0) -> None:
+    """Give a server's handlers time to record the requests sent before it is killed: until
+    that many request entries are on disk, or timeout seconds (the checks that follow say
+    what is missing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _log_path(member).exists():
+            entries = _entries(member)
+            if sum(1 for e in entries if e["type"] == "request") >= requests:
+                return
+        time.sleep(0.05)
+
+
 # -- 1. flooding ------------------------------------------------------------------------
 
 
@@ -425,7 +438,7 @@ def test_interrupted_reads_are_timeouts_not_failures(provider_pair: ProviderPair
                 except grpc.RpcError as error:
                     codes.add(error.code())
     finally:
-        time.sleep(1)
+        _let_requests_settle(provider, 6)
         server.close()
     assert grpc.StatusCode.INTERNAL not in codes
     outcomes = [e["outcome"] for e in _entries(provider) if e["type"] == "request"]
@@ -452,7 +465,7 @@ def test_audit_show_and_server_log_escape_what_peers_send(
                 with pytest.raises(grpc.RpcError):
                     list(_raw_query(channel)(_request(sql), timeout=30))
     finally:
-        time.sleep(0.5)
+        _let_requests_settle(provider, len(INJECTED))
         server.close()
     capsys.readouterr()
     assert run_cli("audit", "show", "--home", provider.home) == 0
