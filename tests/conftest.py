@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,33 @@ from connector.server import RunningServer, start_server
 from tests.in_process import InProcessPeer
 
 DATASPACE = "test-space"
+
+
+# `--dist loadscope` gives each of the 2 workers one module, then one more each, then the next
+# module to whichever is free, in collection order. The memory blow-ups run first on one
+# worker, with the audit-record tests queued behind them (their short deadlines miss requests
+# under the blow-ups' memory pressure); the demo and the wheel build, which time nothing, run
+# beside them on the other.
+RUN_FIRST = (
+    "tests/security/test_memory_bounds.py",
+    "tests/integration/test_demo.py",
+    "tests/security/test_audit_record.py",
+    "tests/integration/test_wheel_install.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """RUN_FIRST, then modules by their number of slow tests (each module's tests stay
+    together and in order), so the long ones start at once and the many short ones fill in
+    at the end, rather than one worker still busy while the other waits."""
+    slow = Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        module = item.nodeid.split("::")[0]
+        first = RUN_FIRST.index(module) if module in RUN_FIRST else len(RUN_FIRST)
+        return first, -slow[module]
+
+    items.sort(key=rank)
 
 
 def run_cli(*args: str | Path) -> int:

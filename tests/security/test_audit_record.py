@@ -346,6 +346,7 @@ def test_a_log_that_cannot_be_written_refuses_and_recovers(provider_pair: Provid
 # -- 4. every request on record, even those that never reach a worker in time -----------
 
 
+@pytest.mark.slow
 def test_short_deadlines_under_load_leave_every_request_on_record(space: Space) -> None:
     slow = "SELECT count(*) AS n FROM part_defects a, part_defects b, part_defects c"
     sent = [0]
@@ -419,6 +420,7 @@ def test_requests_over_the_concurrency_limits_are_refused_on_record(
 # -- 5. interrupts are outcomes, not failures -------------------------------------------
 
 
+@pytest.mark.slow
 def test_interrupted_reads_are_timeouts_not_failures(provider_pair: ProviderPair) -> None:
     provider, grantee = provider_pair(settings={"batch_rows = 65536": "batch_rows = 500"})
     server = ServerProcess(provider.home)
@@ -454,6 +456,7 @@ INJECTED = (
 )
 
 
+@pytest.mark.slow
 def test_audit_show_and_server_log_escape_what_peers_send(
     provider_pair: ProviderPair, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -481,6 +484,7 @@ def test_audit_show_and_server_log_escape_what_peers_send(
 # -- 7. request ids are the connector's ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_peers_cannot_choose_the_request_id(space: Space, make_member: Any) -> None:
     """Two members (and one member twice) send the same request_id: the audit log and the
     receipts carry distinct ids the connector assigned, the peers' id beside them."""

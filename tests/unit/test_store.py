@@ -205,7 +205,6 @@ def test_errors_do_not_echo_data_values(
         store.close()
 
 
-@pytest.mark.slow
 def test_time_limit_interrupts_and_the_store_keeps_serving(
     read_only_database: Path, granted: tuple[Relation, ...]
 ) -> None:
