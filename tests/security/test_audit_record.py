@@ -484,11 +484,11 @@ def test_audit_show_and_server_log_escape_what_peers_send(
 # -- 7. request ids are the connector's ------------------------------------------------
 
 
-@pytest.mark.slow
 def test_peers_cannot_choose_the_request_id(space: Space, make_member: Any) -> None:
     """Two members (and one member twice) send the same request_id: the audit log and the
     receipts carry distinct ids the connector assigned, the peers' id beside them."""
     space.provider.write_policy("other.yaml", policy_text("other", members="[supplier-b]"))
+    space.server.reload()  # what SIGHUP does: no wait for the watcher's next poll
     sql = "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant"
     receipts = []
     wait_for(lambda: _answers(space, space.outsider, sql))
