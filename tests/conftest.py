@@ -6,13 +6,16 @@ Servers listen on 127.0.0.1 port 0 with real certificates; nothing is mocked.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,33 @@ from connector.server import RunningServer, start_server
 from tests.in_process import InProcessPeer
 
 DATASPACE = "test-space"
+
+
+# `--dist loadscope` gives each of the 2 workers one module, then one more each, then the next
+# module to whichever is free, in collection order. The memory blow-ups run first on one
+# worker, with the audit-record tests queued behind them (their short deadlines miss requests
+# under the blow-ups' memory pressure); the demo and the wheel build, which time nothing, run
+# beside them on the other.
+RUN_FIRST = (
+    "tests/security/test_memory_bounds.py",
+    "tests/integration/test_demo.py",
+    "tests/security/test_audit_record.py",
+    "tests/integration/test_wheel_install.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """RUN_FIRST, then modules by their number of slow tests (each module's tests stay
+    together and in order), so the long ones start at once and the many short ones fill in
+    at the end, rather than one worker still busy while the other waits."""
+    slow = Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        module = item.nodeid.split("::")[0]
+        first = RUN_FIRST.index(module) if module in RUN_FIRST else len(RUN_FIRST)
+        return first, -slow[module]
+
+    items.sort(key=rank)
 
 
 def run_cli(*args: str | Path) -> int:
@@ -78,14 +108,52 @@ def make_member(tmp_path: Path, dataspace: Path) -> Callable[[str], Member]:
 
 
 def init_member(directory: Path, member_id: str, dataspace: Path) -> Member:
-    """A member home made by `connector init` in directory/member_id."""
+    """A member home made by `connector init` in directory/member_id.
+
+    `connector init` runs once per member id and data space in a session; each test gets a
+    copy of that home (its paths are relative), so that homes cost a copy, not key making.
+    """
     home = directory / member_id
-    assert run_cli("init", home, "--member", member_id, "--dataspace", dataspace) == 0
-    # Servers shared by a module's attack tests see many refusals from one member: a larger
-    # allowance than the default 20 before the audit log's throttle refuses at once.
-    config = home / "connector.toml"
-    config.write_text(config.read_text().replace("refusal_burst = 20", "refusal_burst = 400"))
+    shutil.copytree(_member_template(member_id, dataspace), home)
     return Member(member_id, home)
+
+
+_MEMBER_TEMPLATES: dict[tuple[Path, str], Path] = {}
+
+
+def _member_template(member_id: str, dataspace: Path) -> Path:
+    """A home made by `connector init` for member_id, made on first use in this session."""
+    key = (dataspace, member_id)
+    if key not in _MEMBER_TEMPLATES:
+        home = dataspace.with_name(f"{dataspace.name}-members") / member_id
+        assert run_cli("init", home, "--member", member_id, "--dataspace", dataspace) == 0
+        # Servers shared by a module's attack tests see many refusals from one member: a
+        # larger allowance than the default 20 before the audit log's throttle refuses.
+        config = home / "connector.toml"
+        config.write_text(config.read_text().replace("refusal_burst = 20", "refusal_burst = 400"))
+        _MEMBER_TEMPLATES[key] = home
+    return _MEMBER_TEMPLATES[key]
+
+
+MakeHomes = Callable[[Path, Callable[[str], Member]], Sequence[Member]]
+_SPACE_TEMPLATES: dict[tuple[Path, str], tuple[Path, list[str]]] = {}
+
+
+def from_template(directory: Path, dataspace: Path, name: str, build: MakeHomes) -> list[Member]:
+    """Copy into directory the homes (and files) build(folder, make) makes, in its order.
+
+    build runs once per name and data space in a session, with the real CLI; each caller
+    gets a copy made before any server runs on it, so no state or audit entry is shared.
+    """
+    key = (dataspace, name)
+    if key not in _SPACE_TEMPLATES:
+        folder = dataspace.with_name(f"{dataspace.name}-spaces") / name
+        folder.mkdir(parents=True)
+        members = build(folder, lambda member_id: init_member(folder, member_id, dataspace))
+        _SPACE_TEMPLATES[key] = (folder, [m.member_id for m in members])
+    folder, member_ids = _SPACE_TEMPLATES[key]
+    shutil.copytree(folder, directory, dirs_exist_ok=True)
+    return [Member(member_id, directory / member_id) for member_id in member_ids]
 
 
 @contextmanager
@@ -171,21 +239,29 @@ ProviderPair = Callable[..., tuple[Member, Member]]
 
 
 @pytest.fixture
-def provider_pair(tmp_path: Path, make_member: Callable[[str], Member]) -> ProviderPair:
+def provider_pair(tmp_path: Path, dataspace: Path) -> ProviderPair:
     """carmaker with part_defects and policy q for supplier-a; settings edit connector.toml."""
 
     def make(
         *, settings: dict[str, str] | None = None, policy_extra: str = ""
     ) -> tuple[Member, Member]:
-        provider, grantee = make_member("carmaker"), make_member("supplier-a")
-        config = provider.home / "connector.toml"
-        text = config.read_text()
-        for old, new in (settings or {}).items():
-            assert old in text, old
-            text = text.replace(old, new)
-        config.write_text(text)
-        provider.ingest(write_defects_csv(tmp_path / "d.csv"), "part_defects")
-        provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]") + policy_extra)
+        edits = sorted((settings or {}).items())
+
+        def build(folder: Path, make_member: Callable[[str], Member]) -> list[Member]:
+            provider, grantee = make_member("carmaker"), make_member("supplier-a")
+            config = provider.home / "connector.toml"
+            text = config.read_text()
+            for old, new in edits:
+                assert old in text, old
+                text = text.replace(old, new)
+            config.write_text(text)
+            provider.ingest(write_defects_csv(folder / "d.csv"), "part_defects")
+            policy = policy_text("q", members="[supplier-a]") + policy_extra
+            provider.write_policy("q.yaml", policy)
+            return [provider, grantee]
+
+        name = "pair-" + hashlib.sha256(repr((edits, policy_extra)).encode()).hexdigest()[:16]
+        provider, grantee = from_template(tmp_path, dataspace, name, build)
         return provider, grantee
 
     return make
@@ -214,27 +290,37 @@ def in_process_peer(server: RunningServer, member: Member) -> InProcessPeer:
     return InProcessPeer(server.provider, identity.cert_pem, identity.ca_pem)
 
 
-def build_space(
-    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
-) -> Space:
-    """carmaker offers part_defects to supplier-a for quality-benchmarking; supplier-b has none."""
+def space_homes(directory: Path, make: Callable[[str], Member]) -> list[Member]:
+    """The homes of a `Space` (provider, grantee, outsider), ready to serve."""
     provider, grantee, outsider = make("carmaker"), make("supplier-a"), make("supplier-b")
     provider.ingest(write_defects_csv(directory / "defects.csv"), "part_defects", "Weekly defects")
     provider.write_policy("quality.yaml", policy_text("quality-benchmark", members="[supplier-a]"))
     # Small batches, so that results of a few thousand rows already stream in many pieces.
     config = provider.home / "connector.toml"
     config.write_text(config.read_text().replace("batch_rows = 65536", "batch_rows = 1000"))
+    return [provider, grantee, outsider]
+
+
+def build_space(
+    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+) -> Space:
+    """carmaker offers part_defects to supplier-a for quality-benchmarking; supplier-b has none."""
+    provider, grantee, outsider = space_homes(directory, make)
+    return Space(provider, grantee, outsider, serve(provider))
+
+
+def copied_space(
+    directory: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
+) -> Space:
+    """A `build_space` space from a copy of its homes made once per session."""
+    provider, grantee, outsider = from_template(directory, dataspace, "space", space_homes)
     return Space(provider, grantee, outsider, serve(provider))
 
 
 @pytest.fixture
-def space(
-    tmp_path: Path,
-    make_member: Callable[[str], Member],
-    serve: Callable[[Member], RunningServer],
-) -> Space:
+def space(tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningServer]) -> Space:
     """carmaker offers part_defects to supplier-a for quality-benchmarking; supplier-b has none."""
-    return build_space(tmp_path, make_member, serve)
+    return copied_space(tmp_path, dataspace, serve)
 
 
 @pytest.fixture(scope="module")
@@ -258,13 +344,11 @@ def module_serve() -> Iterator[Callable[[Member], RunningServer]]:
 
 @pytest.fixture(scope="module")
 def shared_space(
-    module_dir: Path,
-    module_member: Callable[[str], Member],
-    module_serve: Callable[[Member], RunningServer],
+    module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> Space:
     """The `space` of one module, for tests that only query it: a test that changes its
     policies, configuration, data or quotas takes `space` (its own) instead."""
-    return build_space(module_dir, module_member, module_serve)
+    return copied_space(module_dir / "space", dataspace, module_serve)
 
 
 PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @given(st.one_of(mutated(TOKEN, B64), mutated(DETACHED, B64)))
 def test_a_mutated_token_raises_jws_error_or_is_the_signed_token(token: str) -> None:
     for detached in (None, PAYLOAD):

@@ -213,7 +213,6 @@ def test_client_deadline_interrupts_the_query_and_the_server_goes_on(shared_spac
     assert time.monotonic() - started < 20
 
 
-@pytest.mark.slow
 def test_server_time_limit_ends_a_query_with_deadline_exceeded(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:

@@ -20,7 +20,14 @@ import pytest
 from connector.client import Peer
 from connector.errors import PermissionDenied, QueryRejected
 from connector.server import RunningServer
-from tests.conftest import Member, connect, in_process_peer, policy_text, write_defects_csv
+from tests.conftest import (
+    Member,
+    connect,
+    from_template,
+    in_process_peer,
+    policy_text,
+    write_defects_csv,
+)
 from tests.in_process import InProcessPeer
 
 VIEW = "plant-view"
@@ -98,9 +105,7 @@ class ShapedSpace:
         return hmac.new(self.mask_key, text.encode(), hashlib.sha256).hexdigest()
 
 
-def build_shaped(
-    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
-) -> ShapedSpace:
+def shaped_homes(directory: Path, make: Callable[[str], Member]) -> list[Member]:
     """carmaker with part_defects and plants, shaped for supplier-a and supplier-b."""
     provider = make("carmaker")
     supplier_a, supplier_b = make("supplier-a"), make("supplier-b")
@@ -111,28 +116,32 @@ def build_shaped(
     provider.write_policy("masked.yaml", MASKED_POLICY)
     provider.write_policy("benchmark.yaml", AGGREGATE_POLICY)
     provider.write_policy("plants.yaml", PLANTS_POLICY)
+    return [provider, supplier_a, supplier_b]
+
+
+def build_shaped(
+    directory: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
+) -> ShapedSpace:
+    """The shaped space, from a copy of its homes made once per session."""
+    provider, supplier_a, supplier_b = from_template(directory, dataspace, "shaped", shaped_homes)
     key = bytes.fromhex((provider.home / "keys" / "mask.key").read_text().strip())
     return ShapedSpace(provider, supplier_a, supplier_b, serve(provider), key)
 
 
 @pytest.fixture
 def shaped(
-    tmp_path: Path,
-    make_member: Callable[[str], Member],
-    serve: Callable[[Member], RunningServer],
+    tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
 ) -> ShapedSpace:
     """A shaped space of this test's own: for tests that change its policies."""
-    return build_shaped(tmp_path, make_member, serve)
+    return build_shaped(tmp_path, dataspace, serve)
 
 
 @pytest.fixture(scope="module")
 def shared_shaped(
-    module_dir: Path,
-    module_member: Callable[[str], Member],
-    module_serve: Callable[[Member], RunningServer],
+    module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> ShapedSpace:
     """One shaped space for the tests of a module that only query it."""
-    return build_shaped(module_dir, module_member, module_serve)
+    return build_shaped(module_dir / "shaped", dataspace, module_serve)
 
 
 def test_catalog_marks_masked_columns_row_filter_and_aggregate_only(

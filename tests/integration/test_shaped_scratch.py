@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from connector.config import load_settings
 from connector.server import RunningServer, start_server
 from tests.conftest import Member, connect, policy_text, write_defects_csv
@@ -26,6 +28,7 @@ def _scratch_bytes(provider: Member) -> int:
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
+@pytest.mark.slow
 def test_reshaping_edits_and_a_restart_leave_the_scratch_file_small(
     tmp_path: Path,
     make_member: Callable[[str], Member],
@@ -59,6 +62,7 @@ def test_reshaping_edits_and_a_restart_leave_the_scratch_file_small(
         restarted.stop(grace=1)
 
 
+@pytest.mark.slow
 def test_copies_are_bounded_in_bytes(
     tmp_path: Path,
     make_member: Callable[[str], Member],

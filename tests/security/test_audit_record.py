@@ -99,6 +99,19 @@ def _recorded_requests(entries: list[dict[str, Any]], member_id: str) -> int:
     return single + counted
 
 
+def _let_requests_settle(member: Member, requests: int, timeout: float = 5.0) -> None:
+    """Give a server's handlers time to record the requests sent before it is killed: until
+    that many request entries are on disk, or timeout seconds (the checks that follow say
+    what is missing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _log_path(member).exists():
+            entries = _entries(member)
+            if sum(1 for e in entries if e["type"] == "request") >= requests:
+                return
+        time.sleep(0.05)
+
+
 # -- 1. flooding ------------------------------------------------------------------------
 
 
@@ -333,6 +346,7 @@ def test_a_log_that_cannot_be_written_refuses_and_recovers(provider_pair: Provid
 # -- 4. every request on record, even those that never reach a worker in time -----------
 
 
+@pytest.mark.slow
 def test_short_deadlines_under_load_leave_every_request_on_record(space: Space) -> None:
     slow = "SELECT count(*) AS n FROM part_defects a, part_defects b, part_defects c"
     sent = [0]
@@ -406,6 +420,7 @@ def test_requests_over_the_concurrency_limits_are_refused_on_record(
 # -- 5. interrupts are outcomes, not failures -------------------------------------------
 
 
+@pytest.mark.slow
 def test_interrupted_reads_are_timeouts_not_failures(provider_pair: ProviderPair) -> None:
     provider, grantee = provider_pair(settings={"batch_rows = 65536": "batch_rows = 500"})
     server = ServerProcess(provider.home)
@@ -425,7 +440,7 @@ def test_interrupted_reads_are_timeouts_not_failures(provider_pair: ProviderPair
                 except grpc.RpcError as error:
                     codes.add(error.code())
     finally:
-        time.sleep(1)
+        _let_requests_settle(provider, 6)
         server.close()
     assert grpc.StatusCode.INTERNAL not in codes
     outcomes = [e["outcome"] for e in _entries(provider) if e["type"] == "request"]
@@ -441,6 +456,7 @@ INJECTED = (
 )
 
 
+@pytest.mark.slow
 def test_audit_show_and_server_log_escape_what_peers_send(
     provider_pair: ProviderPair, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -452,7 +468,7 @@ def test_audit_show_and_server_log_escape_what_peers_send(
                 with pytest.raises(grpc.RpcError):
                     list(_raw_query(channel)(_request(sql), timeout=30))
     finally:
-        time.sleep(0.5)
+        _let_requests_settle(provider, len(INJECTED))
         server.close()
     capsys.readouterr()
     assert run_cli("audit", "show", "--home", provider.home) == 0
@@ -472,6 +488,7 @@ def test_peers_cannot_choose_the_request_id(space: Space, make_member: Any) -> N
     """Two members (and one member twice) send the same request_id: the audit log and the
     receipts carry distinct ids the connector assigned, the peers' id beside them."""
     space.provider.write_policy("other.yaml", policy_text("other", members="[supplier-b]"))
+    space.server.reload()  # what SIGHUP does: no wait for the watcher's next poll
     sql = "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant"
     receipts = []
     wait_for(lambda: _answers(space, space.outsider, sql))

@@ -23,7 +23,7 @@ from tests.integration.test_shaped_answers import (  # noqa: F401 (the fixture)
     BENCH,
     VIEW,
     ShapedSpace,
-    shaped,
+    shared_shaped,
     source_rows,
 )
 from tests.security.test_hostile_sql import _no_guard
@@ -77,6 +77,17 @@ ATTACKS: list[tuple[str, str]] = [
 ]  # fmt: skip
 
 
+@pytest.fixture
+def shaped(
+    shared_shaped: ShapedSpace,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> ShapedSpace:
+    """The module's shaped server (the attacks only query it); a guard a test sets on it is
+    put back when the test ends."""
+    monkeypatch.setattr(shared_shaped.server.provider, "guard", shared_shaped.server.provider.guard)
+    return shared_shaped
+
+
 def _refused_and_still_serving(space: ShapedSpace, prop: str, sql: str) -> None:
     with space.peer(space.supplier_b) as peer:
         with pytest.raises(QueryRejected) as refused:
@@ -92,7 +103,7 @@ def _refused_and_still_serving(space: ShapedSpace, prop: str, sql: str) -> None:
 
 @pytest.mark.parametrize(("prop", "sql"), ATTACKS, ids=[p for p, _ in ATTACKS])
 def test_every_way_of_naming_a_column_is_held_to_the_aggregate_form(
-    shaped: ShapedSpace,  # noqa: F811 (the fixture)
+    shaped: ShapedSpace,
     prop: str,
     sql: str,
 ) -> None:
@@ -101,17 +112,17 @@ def test_every_way_of_naming_a_column_is_held_to_the_aggregate_form(
 
 @pytest.mark.parametrize(("prop", "sql"), ATTACKS, ids=[p for p, _ in ATTACKS])
 def test_every_way_of_naming_a_column_is_held_with_the_guard_off(
-    shaped: ShapedSpace,  # noqa: F811
+    shaped: ShapedSpace,
     prop: str,
     sql: str,
 ) -> None:
-    shaped.server.provider.guard = _no_guard  # this test's server only: a test build
+    shaped.server.provider.guard = _no_guard  # for this test only: a test build
     _refused_and_still_serving(shaped, prop, sql)
 
 
 @pytest.mark.parametrize("guard", [inspect_query, _no_guard], ids=["guarded", "unguarded"])
 def test_two_aggregates_do_not_subtract_to_one_rows_value(
-    shaped: ShapedSpace,  # noqa: F811
+    shaped: ShapedSpace,
     guard: Callable[[str], QueryShape],
 ) -> None:
     shaped.server.provider.guard = guard
@@ -140,7 +151,7 @@ def _request_entries(space: ShapedSpace) -> list[dict[str, object]]:
     ],
 )
 def test_the_audit_entry_names_a_column_read_by_position_or_pattern(
-    shaped: ShapedSpace,  # noqa: F811
+    shaped: ShapedSpace,
     sql: str,
 ) -> None:
     with shaped.peer(shaped.supplier_a) as peer:

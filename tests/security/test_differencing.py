@@ -22,7 +22,7 @@ import pytest
 from connector.client import Peer
 from connector.errors import QueryRejected, ResourceExhausted
 from connector.server import RunningServer
-from tests.conftest import Member, connect, policy_text, run_cli
+from tests.conftest import Member, connect, from_template, policy_text, run_cli
 
 NOISY = "noisy-benchmark"
 DECLARED = "declared-groups"
@@ -83,11 +83,10 @@ class Space:
         self.server = self.serve(self.provider)
 
 
-def build_space(
-    directory: Path, make: Callable[[str], Member], serve: Callable[[Member], RunningServer]
-) -> Space:
+def space_homes(directory: Path, make: Callable[[str], Member]) -> list[Member]:
+    """carmaker with the noisy, declared and plain grants; supplier-a, -b and -c."""
     provider = make("carmaker")
-    members = {m: make(m) for m in ("supplier-a", "supplier-b", "supplier-c")}
+    members = [make(m) for m in ("supplier-a", "supplier-b", "supplier-c")]
     data = directory / "defects.csv"
     lines = ["plant,part_no,defect_code,defects,week"]
     lines += [f"{p},P-1,{c},{d},{w}" for p, c, w, d in rows()]
@@ -96,27 +95,29 @@ def build_space(
     provider.write_policy("noisy.yaml", NOISY_POLICY)
     provider.write_policy("declared.yaml", DECLARED_POLICY)
     provider.write_policy("plain.yaml", PLAIN_POLICY)
-    return Space(provider, members, serve(provider), serve)
+    return [provider, *members]
+
+
+def build_space(
+    directory: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
+) -> Space:
+    """The space from a copy of its homes made once per session (before any server ran)."""
+    provider, *members = from_template(directory, dataspace, "differencing", space_homes)
+    return Space(provider, {m.member_id: m for m in members}, serve(provider), serve)
 
 
 @pytest.fixture
-def space(
-    tmp_path: Path,
-    make_member: Callable[[str], Member],
-    serve: Callable[[Member], RunningServer],
-) -> Space:
+def space(tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningServer]) -> Space:
     """A space of the test's own: for tests that spend supplier-b's privacy budget."""
-    return build_space(tmp_path, make_member, serve)
+    return build_space(tmp_path, dataspace, serve)
 
 
 @pytest.fixture(scope="module")
 def unspent(
-    module_dir: Path,
-    module_member: Callable[[str], Member],
-    module_serve: Callable[[Member], RunningServer],
+    module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> Space:
     """One space for the tests that spend no privacy budget (they check it is all left)."""
-    return build_space(module_dir, module_member, module_serve)
+    return build_space(module_dir, dataspace, module_serve)
 
 
 def recovered(coarse: pa.Table, fine: pa.Table) -> float:

@@ -57,6 +57,7 @@ def _query_entries(provider: Member) -> list[dict[str, Any]]:
     return [e for e in read_entries(log) if e.get("kind") == "query" and e.get("type") == "request"]
 
 
+@pytest.mark.slow
 def test_one_member_cannot_hold_every_slot_and_unread_streams_end(
     tmp_path: Path,
     make_member: Callable[[str], Member],
@@ -111,6 +112,7 @@ def test_one_member_cannot_hold_every_slot_and_unread_streams_end(
         assert peer.fetch("SELECT count(*) FROM part_defects", PURPOSE).receipt.rows == 1
 
 
+@pytest.mark.slow
 def test_a_peer_that_gives_up_frees_its_slot_at_once(
     tmp_path: Path,
     make_member: Callable[[str], Member],

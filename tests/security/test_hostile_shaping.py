@@ -213,12 +213,10 @@ def _mask_and_filter_attack(
 
 @pytest.fixture(scope="module")
 def shared_shaped(
-    module_dir: Path,
-    module_member: Callable[[str], Member],
-    module_serve: Callable[[Member], RunningServer],
+    module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> ShapedSpace:
     """One shaped space for the module: the attacks only query it."""
-    return build_shaped(module_dir, module_member, module_serve)
+    return build_shaped(module_dir / "shaped", dataspace, module_serve)
 
 
 @pytest.fixture

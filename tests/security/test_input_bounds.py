@@ -37,6 +37,7 @@ def _timed_query(space: Space, sql: str) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_a_normal_query_is_not_slowed_by_an_attacker_sending_the_worst_inputs(
     shared_space: Space,
 ) -> None:

@@ -59,7 +59,6 @@ def test_the_owner_is_warned_and_the_dictionary_attack_works_only_in_warn_mode(
     assert hashed.num_rows > clear.num_rows > 0  # warn mode: both answer (the risk)
 
 
-@pytest.mark.slow
 def test_refuse_mode_refuses_queries_on_the_dataset_under_either_purpose(
     tmp_path: Path,
     make_member: Callable[[str], Member],

@@ -235,6 +235,7 @@ def test_the_guard_refuses_each_blow_up_and_names_the_function(
     _within_bound(guarded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("what", "sql", "word"), ATTACKS, ids=IDS)
 def test_without_the_guard_the_process_limit_ends_each_blow_up(
     unguarded: Server, homes: dict[str, Member], what: str, sql: str, word: str
@@ -246,6 +247,7 @@ def test_without_the_guard_the_process_limit_ends_each_blow_up(
     _within_bound(unguarded)
 
 
+@pytest.mark.slow
 def test_concurrent_blow_ups_leave_the_server_serving_other_members(
     unguarded: Server, homes: dict[str, Member]
 ) -> None:

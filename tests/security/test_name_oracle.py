@@ -16,12 +16,16 @@ from tests.conftest import Member, connect, policy_text, write_defects_csv
 PURPOSE = "quality-benchmarking"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def offered(
-    tmp_path: Path, make_member: Callable[[str], Member], serve: Callable[[Member], RunningServer]
+    module_dir: Path,
+    module_member: Callable[[str], Member],
+    module_serve: Callable[[Member], RunningServer],
 ) -> tuple[RunningServer, Member]:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    csv = write_defects_csv(tmp_path / "d.csv")
+    """One server for the module: the probes only query it (16 explains, under the 60 a
+    minute a member may send)."""
+    provider, grantee = module_member("carmaker"), module_member("supplier-a")
+    csv = write_defects_csv(module_dir / "d.csv")
     provider.ingest(csv, "part_defects")
     provider.ingest(csv, "plant_totals")
     provider.write_policy(
@@ -34,7 +38,7 @@ def offered(
         )
         + "aggregate_only: {min_group_size: 3}\n",
     )
-    return serve(provider), grantee
+    return module_serve(provider), grantee
 
 
 def _answer(peer: object, method: str, sql: str) -> tuple[str, str]:

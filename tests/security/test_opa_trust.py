@@ -37,7 +37,6 @@ def _provider(
     return provider
 
 
-@pytest.mark.slow
 def test_two_connectors_on_one_opa_each_answer_by_their_own_policies(
     tmp_path: Path,
     make_member: Callable[[str], Member],

@@ -5,12 +5,18 @@ putting many rows into one result row (aggregates, window aggregates, top-n form
 subqueries, builders over aggregates) is refused, again and again, while the plain rows
 still come within the limits; the audit records the refusals. With the guard off, the
 sandbox still refuses a result that carries a list the dataset does not hold.
+
+One server serves the module: each test asks as a member of its own, granted a policy of
+its own with those limits, so that no test spends another's daily rows (and each request is
+decided on one policy, as in a space of its own).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +25,19 @@ from connector.config import load_settings
 from connector.errors import PermissionDenied, QueryRejected, ResourceExhausted
 from connector.server import RunningServer
 from connector.sqlguard import QueryShape, inspect_query
-from tests.conftest import Member, ProviderPair, connect
+from tests.conftest import (
+    Member,
+    ProviderPair,
+    connect,
+    from_template,
+    policy_text,
+    run_cli,
+    write_defects_csv,
+)
 
 PURPOSE = "quality-benchmarking"
 ROW_LIMITS = "limits: {max_rows_per_query: 5, rows_per_day: 20}\n"
+GRANTS = 48  # grantees, each with a policy with the row limits: one per test of the server
 
 PACKED = [
     "SELECT list(struct_pack(p := plant, n := part_no, d := defects)) FROM part_defects",
@@ -53,12 +68,57 @@ PACKED = [
 ]
 
 
+@dataclasses.dataclass
+class Limited:
+    """The module's server: carmaker grants member supplier-N policy qN."""
+
+    server: RunningServer
+    provider: Member
+    grantees: list[Member]
+    unused: Iterator[int]
+
+    def grant(self) -> tuple[str, Member]:
+        """A policy id and its grantee no other test has asked as."""
+        n = next(self.unused)
+        assert n < GRANTS, "raise GRANTS: every test needs a grantee of its own"
+        return f"q{n}", self.grantees[n]
+
+
+def _limited_homes(folder: Path, make: Callable[[str], Member]) -> list[Member]:
+    provider, grantees = make("carmaker"), [make(f"supplier-{n}") for n in range(GRANTS)]
+    provider.ingest(write_defects_csv(folder / "d.csv"), "part_defects")
+    policies = [
+        provider.write_policy(
+            f"q{n}.yaml", policy_text(f"q{n}", members=f"[supplier-{n}]") + ROW_LIMITS, sign=False
+        )
+        for n in range(GRANTS)
+    ]
+    assert run_cli("policy", "sign", "--home", provider.home, *policies) == 0
+    return [provider, *grantees]
+
+
+@pytest.fixture(scope="module")
+def limited(
+    module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
+) -> Limited:
+    homes = from_template(module_dir / "limited", dataspace, "packed-rows", _limited_homes)
+    provider, *grantees = homes
+    return Limited(module_serve(provider), provider, grantees, itertools.count())
+
+
+@pytest.fixture
+def server(limited: Limited, monkeypatch: pytest.MonkeyPatch) -> RunningServer:
+    """The module's server; a guard a test sets on it is put back when the test ends."""
+    monkeypatch.setattr(limited.server.provider, "guard", limited.server.provider.guard)
+    return limited.server
+
+
 @pytest.mark.parametrize("sql", PACKED)
 def test_packed_rows_do_not_leave_past_the_row_limits(
-    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer], sql: str
+    limited: Limited, server: RunningServer, sql: str
 ) -> None:
-    provider, grantee = provider_pair(policy_extra=ROW_LIMITS)
-    with connect(serve(provider), grantee) as peer:
+    policy, grantee = limited.grant()
+    with connect(server, grantee) as peer:
         for _ in range(6):  # the attack found it answered six times in a row
             # Refused as packing under the row limits, or earlier by the value-size rule
             # (a packed value a subquery or window could repeat): never answered.
@@ -70,24 +130,26 @@ def test_packed_rows_do_not_leave_past_the_row_limits(
         plain = peer.fetch("SELECT plant, part_no FROM part_defects", PURPOSE)
         assert (plain.table.num_rows, plain.receipt.limited_by) == (5, "max_rows_per_query")
         assert peer.fetch("SELECT count(*), max(defects) FROM part_defects", PURPOSE).receipt.rows
-    entries = [e for e in read_entries(load_settings(provider.home).audit_log)]
+    entries = [e for e in read_entries(load_settings(limited.provider.home).audit_log)]
     refused = [
         e
         for e in entries
-        if e.get("kind") == "query" and e.get("outcome") in ("denied", "rejected")
+        if e.get("kind") == "query"
+        and e.get("member_id") == grantee.member_id
+        and e.get("outcome") in ("denied", "rejected")
     ]
     assert len(refused) == 6
     if refused[0]["outcome"] == "denied":
         assert all("limit rows" in e["reasons"][0] for e in refused)
-        assert refused[0]["policies"] == [{"id": "q", "version": 1}]
+        assert refused[0]["policies"] == [{"id": policy, "version": 1}]
 
 
 def test_the_daily_row_limit_holds_over_many_queries(
-    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
+    limited: Limited, server: RunningServer
 ) -> None:
-    provider, grantee = provider_pair(policy_extra=ROW_LIMITS)
+    _, grantee = limited.grant()
     received = 0
-    with connect(serve(provider), grantee) as peer:
+    with connect(server, grantee) as peer:
         for sql in PACKED[:6]:
             with pytest.raises(PermissionDenied):
                 peer.fetch(sql, PURPOSE)
@@ -122,11 +184,10 @@ BY_PLAN = [s for s in PACKED if not s.startswith("SELECT list_value(")]
 
 @pytest.mark.parametrize("sql", BY_PLAN)
 def test_the_sandbox_refuses_packing_with_the_guard_blind(
-    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer], sql: str
+    limited: Limited, server: RunningServer, sql: str
 ) -> None:
-    provider, grantee = provider_pair(policy_extra=ROW_LIMITS)
-    server = serve(provider)
-    server.provider.guard = _guard_blind_to_packing  # this test's server only
+    _, grantee = limited.grant()
+    server.provider.guard = _guard_blind_to_packing  # this test only
     with connect(server, grantee) as peer:
         with pytest.raises(PermissionDenied, match="policies limit rows"):
             peer.fetch(sql, PURPOSE)

@@ -20,7 +20,7 @@ from tests.integration.test_shaped_answers import (  # noqa: F401 (the fixture)
     BENCH,
     VIEW,
     ShapedSpace,
-    shaped,
+    shared_shaped,
 )
 from tests.security.test_hostile_sql import PURPOSE, _no_guard
 
@@ -35,12 +35,29 @@ UNSERIALISABLE = [
 GUARDS = pytest.mark.parametrize("guard", [inspect_query, _no_guard], ids=["guarded", "unguarded"])
 
 
+# The module's servers are shared (the tests only query them); the guard a test sets is put
+# back when it ends.
+@pytest.fixture
+def space(shared_space: Space, monkeypatch: pytest.MonkeyPatch) -> Space:
+    monkeypatch.setattr(shared_space.server.provider, "guard", shared_space.server.provider.guard)
+    return shared_space
+
+
+@pytest.fixture
+def shaped(
+    shared_shaped: ShapedSpace,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> ShapedSpace:
+    monkeypatch.setattr(shared_shaped.server.provider, "guard", shared_shaped.server.provider.guard)
+    return shared_shaped
+
+
 @GUARDS
 @pytest.mark.parametrize("sql", UNSERIALISABLE)
 def test_an_unserialisable_plan_is_refused_with_a_reason(
     space: Space, guard: Callable[[str], QueryShape], sql: str
 ) -> None:
-    space.server.provider.guard = guard  # this test's server only
+    space.server.provider.guard = guard  # this test only
     with space.peer() as peer:
         with pytest.raises(QueryRejected, match="cannot check the plan"):
             peer.query(sql, PURPOSE)
@@ -57,7 +74,7 @@ def test_an_unserialisable_plan_is_refused_with_a_reason(
 @GUARDS
 @pytest.mark.parametrize("who", ["masked", "aggregate-only"])
 def test_an_unserialisable_plan_is_refused_on_shaped_grants(
-    shaped: ShapedSpace,  # noqa: F811 (the fixture)
+    shaped: ShapedSpace,
     guard: Callable[[str], QueryShape],
     who: str,
 ) -> None:

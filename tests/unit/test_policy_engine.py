@@ -329,7 +329,6 @@ def _plain_reading(policies: list[UsagePolicy], request: DecisionRequest) -> dic
     return {"allow": bool(request.datasets), "grants": grants}
 
 
-@pytest.mark.slow
 def test_random_requests_agree_with_a_plain_reading_and_never_leak(tmp_path: Path) -> None:
     rng = random.Random(20261125)
     members, datasets = ["acme", "bob", "carl"], ["d1", "d2", "d3"]

@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_decisions_do_not_accumulate_memory(tmp_path: Path) -> None:
     policy = tmp_path / "grant.yaml"
