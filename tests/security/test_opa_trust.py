@@ -132,6 +132,9 @@ def test_an_opa_whose_policies_were_overwritten_is_not_obeyed(
         assert "someone-else" in caplog.text
         # The connector pushes its own policies again and answers by them.
         wait_for(lambda: stored is not state.data["connector_data"][namespace]["usage_policies"])
+        # ... and answers once it has seen OPA answer from them (the probe after the push).
+        assert server.opa is not None
+        wait_for(lambda: server.opa is not None and server.opa.available)
         with connect(server, grantee) as peer:
             with pytest.raises(PermissionDenied, match="column supplier_price"):
                 peer.query("SELECT plant, supplier_price FROM part_defects", PURPOSE)
