@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import pty
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,3 +110,47 @@ def test_lint_without_files_checks_the_home_folder_and_lower_versions(
     out = capsys.readouterr().out
     assert f"{draft}:2: error: version 2 of policy p is not above version 3 signed before" in out
     assert "fix: set `version: 4`" in out
+
+
+@pytest.mark.slow
+def test_new_on_a_terminal_shows_the_real_columns_and_asks_for_each_term(
+    owner: Member, tmp_path: Path
+) -> None:
+    # A real pseudo-terminal, as a lawyer at a shell has: the command sees a tty and asks.
+    draft = tmp_path / "asked.yaml"
+    until = str(dt.date.today() + dt.timedelta(days=400))
+    answers = [
+        "part_defects",  # dataset(s)
+        "",  # valid from: today
+        until,  # valid until
+        "supplier-quality",  # policy id
+        "supplier-a",  # grantee(s)
+        "quality",  # purpose(s)
+        "plant, defects, week",  # columns in the clear
+        "supplier_price=hash",  # masked
+        "Defects for supplier A",  # description
+    ]
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-m", "connector.cli.main", "policy", "new"]
+    command += ["--home", str(owner.home), "--output", str(draft)]
+    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    os.write(leader, "".join(a + "\n" for a in answers).encode())
+    said = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes with the process
+            break
+        if not chunk:
+            break
+        said += chunk
+    assert process.wait(timeout=60) == 0, said.decode()
+    os.close(leader)
+    text = said.decode()
+    assert "columns of part_defects:" in text
+    assert "supplier_price  DOUBLE" in text  # the home's real column and its type
+    assert "0 error(s), 0 warning(s)" in text
+    written = draft.read_text()
+    assert "id: supplier-quality" in written and "supplier_price: hash" in written
+    assert run_cli("policy", "lint", "--home", owner.home, "--strict", draft) == 0
