@@ -373,7 +373,12 @@ def test_short_deadlines_under_load_leave_every_request_on_record(space: Space) 
     time.sleep(0.5)  # let handlers of requests already given up finish recording
     space.server.stop(grace=5)
     entries = _entries(space.provider)
-    assert _recorded_requests(entries, "supplier-a") == sent[0] == 256
+    # Every request that reached the connector is on record. One whose 20 ms deadline passes
+    # in this busy test process before it is sent never reaches it (seen beside the memory
+    # blow-up tests: 254 of 256 arrived): that is counted on neither side.
+    arrived = space.server.service.arrivals
+    assert _recorded_requests(entries, "supplier-a") == arrived
+    assert sent[0] == 256 and 0.9 * sent[0] <= arrived <= sent[0]
     outcomes = {e["outcome"] for e in entries if e["type"] == "request"}
     assert "failed" not in outcomes, outcomes
     _verify(space.provider)
