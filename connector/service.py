@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -39,6 +40,7 @@ from connector.identity import MemberIdentity
 from connector.policy.ref import joined
 from connector.provider import Provider
 from connector.query_run import QueryRun
+from connector.rate import RateLimit
 from connector.sandbox import OUT_OF_MEMORY
 from connector.status import REASON_KEY, reasons_metadata, status_of
 from connector.wire import (
@@ -85,10 +87,37 @@ def _peer_text(error: ConnectorError) -> str:
     return ENGINE_FAILED if isinstance(error, PolicyEngineError) else error.message
 
 
-def _abort(context: grpc.ServicerContext, error: ConnectorError) -> NoReturn:
+class EngineFailureLog:
+    """While the engine is down every request fails the same way: one ERROR line every few
+    seconds per kind of failure, not one per request (a peer's retries must not flood the
+    log; each request is still in the audit log)."""
+
+    def __init__(self, per_minute: int = 6) -> None:
+        self._limit = RateLimit(per_minute)
+        self._unlogged: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def failed(self, error: PolicyEngineError) -> None:
+        """Log error unless its kind was logged a moment ago (then count it)."""
+        kind = type(error).__name__
+        with self._lock:
+            if self._limit.take(kind):
+                self._unlogged[kind] += 1
+                return
+            also = self._unlogged.pop(kind, 0)
+        log.error(
+            "the policy engine failed (the peer is told only that): %s%s",
+            error.message,
+            f" ({also} more such refusals since the last line)" if also else "",
+        )
+
+
+def _abort(
+    context: grpc.ServicerContext, error: ConnectorError, engine_log: EngineFailureLog
+) -> NoReturn:
     code = status_of(error)
     if isinstance(error, PolicyEngineError):
-        log.error("the policy engine failed (the peer is told only that): %s", error.message)
+        engine_log.failed(error)
     else:
         log.info("request refused (%s): %s", code.name, error.message)
     if isinstance(error, PermissionDenied):
@@ -152,6 +181,7 @@ class ConnectorService:
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self.arrivals = 0  # connector requests since start: each has its audit record
+        self._engine_log = EngineFailureLog()
         self._count_lock = threading.Lock()
 
     def arrived(self) -> None:
@@ -221,7 +251,7 @@ class ConnectorService:
         except Exception:
             log.exception("could not write the audit entry of a refused %s", method)
         if isinstance(error, ConnectorError):
-            _abort(context, error)
+            _abort(context, error, self._engine_log)
         _internal(context, method)
 
     def GetCatalog(  # noqa: N802 (gRPC method name)

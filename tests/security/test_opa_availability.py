@@ -165,3 +165,23 @@ def test_connector_started_while_opa_is_down_serves_once_it_is_up(
         wait_for(lambda: _health(server, grantee) == SERVING)
         with connect(server, grantee) as peer:
             assert peer.query(SQL, PURPOSE).num_rows == 2
+
+
+def test_a_peer_retrying_while_opa_is_down_cannot_flood_the_server_log(
+    tmp_path: Path,
+    make_member: Callable[[str], Member],
+    serve: Callable[[Member], RunningServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grantee = make_member("supplier-a")
+    with opa_endpoint() as (url, _):
+        pass  # its port is free again: OPA is down
+    server = serve(_provider(make_member, tmp_path, url))
+    caplog.clear()
+    with connect(server, grantee) as peer:
+        for _ in range(40):
+            with pytest.raises(Unavailable):
+                peer.query(SQL, PURPOSE)
+    failures = [r for r in caplog.records if "the policy engine failed" in r.getMessage()]
+    assert 1 <= len(failures) <= 6, [r.getMessage() for r in failures]
+    assert len(_audit_reasons(server)) == 40  # every refusal is still on record
