@@ -39,7 +39,7 @@ from connector.policy.signing import (
     trusted_keys,
 )
 from connector.policy.versions import VersionRecord, read_records
-from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, check_events
+from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, compose_strict
 from connector.provider import Provider
 from connector.query_run import QueryRun
 from connector.quota import QuotaLedger
@@ -98,18 +98,7 @@ class CaseOutcome:
 def read_cases(path: Path) -> list[PolicyCase]:
     """The cases of one file; PolicyError names the file, the line and the fix."""
     data = read_limited(path, MAX_CASES_BYTES)
-    try:
-        document = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PolicyError("not UTF-8 text", path=str(path)) from None
-    try:
-        check_events(path, document)
-        root = yaml.compose(document, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
+    root = compose_strict(path, data)
     reader = PolicyReader(path)
     if not isinstance(root, yaml.SequenceNode) or not root.value:
         raise reader.fail(

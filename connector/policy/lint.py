@@ -36,7 +36,7 @@ from connector.policy.model import (
 from connector.policy.signing import memory_refusal
 from connector.policy.terms import NOISE_KEYS
 from connector.policy.versions import VersionRecord
-from connector.policy.yaml_strict import PolicyReader, check_events
+from connector.policy.yaml_strict import PolicyReader, compose_strict
 from connector.shaping import RANGE_OPERATORS
 from connector.store import DatasetInfo
 
@@ -140,7 +140,7 @@ def lint_file(path: Path, home: HomeFacts) -> tuple[Draft | None, list[Finding]]
     """The findings of one file alone, and what was read of it (None: not YAML at all)."""
     try:
         data = read_limited(path, MAX_POLICY_BYTES)
-        root = _compose(path, data)
+        root = compose_strict(path, data)
     except PolicyError as error:
         return None, [_from_error(path, error)]
     if not isinstance(root, yaml.MappingNode):
@@ -167,21 +167,6 @@ def did_you_mean(name: str, known: Iterable[str]) -> str | None:
     """The known name closest to a misspelt one, if any is close."""
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return close[0] if close else None
-
-
-def _compose(path: Path, data: bytes) -> yaml.Node | None:
-    try:
-        document = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PolicyError("not UTF-8 text", path=str(path)) from None
-    try:
-        check_events(path, document)
-        return yaml.compose(document, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
 
 
 def _from_error(path: Path, error: PolicyError) -> Finding:

@@ -25,7 +25,7 @@ from connector.policy.terms import (
     read_masks,
     read_row_filters,
 )
-from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, check_events
+from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, compose_strict
 from connector.shaping import Shaping
 
 POLICY_FORMAT = 1
@@ -151,18 +151,7 @@ def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
     data = text if text is not None else _read(path)
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes", path=str(path))
-    try:
-        document = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PolicyError("not UTF-8 text", path=str(path)) from None
-    try:
-        check_events(path, document)
-        root = yaml.compose(document, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
+    root = compose_strict(path, data)
     if root is None:
         raise PolicyError("the file is empty", path=str(path))
     return policy_from_node(path, root, hashlib.sha256(data).hexdigest())

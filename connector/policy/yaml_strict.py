@@ -168,6 +168,24 @@ def check_events(path: Path, document: str) -> None:
             depth -= 1
 
 
+def compose_strict(path: Path, data: bytes) -> yaml.Node | None:
+    """The YAML node tree of data after the strict checks (None for an empty document);
+    PolicyError names the file, the line and the problem."""
+    try:
+        document = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError("not UTF-8 text", path=str(path)) from None
+    try:
+        check_events(path, document)
+        node: yaml.Node | None = yaml.compose(document, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"not valid YAML: {problem}", path=str(path), line=line) from None
+    return node
+
+
 def _plain_scalar(text: str) -> Any:
     """The value of a plain scalar under strict rules; ValueError says what to write instead."""
     if not text or _NULL.fullmatch(text):
