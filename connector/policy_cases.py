@@ -10,7 +10,6 @@ copies live in a scratch folder and its keys are throwaway, so the home is never
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,31 +20,26 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector.arrow_stream import read_ipc_pieces
-from connector.audit import AuditLog
 from connector.audit_entry import AuditEntry
 from connector.config import Settings
-from connector.errors import ConfigError, ConnectorError, PermissionDenied, PolicyError
+from connector.errors import ConnectorError, PermissionDenied, PolicyError
 from connector.identity import MemberIdentity
 from connector.names import MEMBER_ID, PURPOSE
+from connector.offline import FixedPolicies, close_offline, offline_provider, signed_drafts
 from connector.policy.engine import PolicyEngine
-from connector.policy.model import UsagePolicy, parse_policy, read_limited
+from connector.policy.model import UsagePolicy, read_limited
 from connector.policy.opa import engine_factory, opa_link
-from connector.policy.registry import PolicyRegistry, PolicySnapshot
+from connector.policy.registry import PolicySnapshot
 from connector.policy.signing import (
     PolicyVerdict,
     VerdictStatus,
     load_policy_dir,
-    policy_files,
     trusted_keys,
 )
 from connector.policy.versions import VersionRecord, read_records
 from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, compose_strict
-from connector.provider import Provider
 from connector.query_run import QueryRun
-from connector.quota import QuotaLedger
-from connector.receipt import ReceiptSigner
 from connector.request import Explanation, PeerRequest
-from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import MASK_KINDS
 
 MAX_CASES_BYTES = 1024 * 1024
@@ -224,10 +218,13 @@ def _masks(masked: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class PolicySource:
-    """Where the tested policies come from: the home's signed folder, or unsigned drafts."""
+    """Where the tested policies come from: the home's signed folder, or unsigned drafts
+    (signed in a scratch folder with a throwaway key, offline.py, so that the server's own
+    loader judges both)."""
 
-    directory: Path
+    directory: Path  # as the user named it
     signed: bool
+    folder: Path  # what is loaded: the home's folder, or the drafts' signed copy
     trusted: Mapping[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
     remembered: Mapping[str, VersionRecord] = field(default_factory=dict)
 
@@ -235,53 +232,31 @@ class PolicySource:
     def of_home(cls, settings: Settings) -> PolicySource:
         """The home's policies folder, judged as the server judges it (signatures, versions)."""
         versions = settings.policies.versions_file
+        directory = settings.policies.directory
         return cls(
-            settings.policies.directory,
+            directory,
             signed=True,
+            folder=directory,
             trusted=trusted_keys(settings.policies.trusted_signers.values()),
             remembered=read_records(versions) if versions and versions.exists() else {},
         )
 
     @classmethod
-    def drafts(cls, directory: Path) -> PolicySource:
+    def drafts(cls, directory: Path, scratch: Path) -> PolicySource:
         """Unsigned draft policies in directory (every file must parse)."""
-        if not directory.is_dir():
-            raise ConfigError(f"--policies {directory} is not a folder of policy files")
-        return cls(directory, signed=False)
+        folder, trusted = signed_drafts(directory, scratch)
+        return cls(directory, signed=False, folder=folder, trusted=trusted)
 
     def in_force(self, at: dt.datetime, *, today: bool) -> tuple[UsagePolicy, ...]:
         """The policies the server would hold in force at `at`. The versions it remembers
         apply only today (a past or future `at` is judged by the files' dates alone)."""
-        if self.signed:
-            remembered = self.remembered if today else {}
-            policies, _ = load_policy_dir(self.directory, self.trusted, at, remembered)
-            return tuple(policies)
-        return _drafts_in_force(self.directory, at)
+        remembered = self.remembered if today else {}
+        policies, _ = load_policy_dir(self.folder, self.trusted, at, remembered)
+        return tuple(policies)
 
     def verdicts(self, now: dt.datetime) -> list[PolicyVerdict]:
-        """Every signed file's verdict now (to say which files are not in force)."""
-        return load_policy_dir(self.directory, self.trusted, now, self.remembered)[1]
-
-
-def _drafts_in_force(directory: Path, at: dt.datetime) -> tuple[UsagePolicy, ...]:
-    """The drafts valid at `at`, the highest version per id (as the server picks)."""
-    drafts = [parse_policy(path) for path in policy_files(directory)]
-    if not drafts:
-        raise ConfigError(f"no policy files (*.yaml) in {directory}")
-    by_id: dict[str, list[UsagePolicy]] = {}
-    for policy in drafts:
-        if policy.valid_from <= at < policy.valid_until:
-            by_id.setdefault(policy.id, []).append(policy)
-    chosen = []
-    for policy_id, versions in sorted(by_id.items()):
-        top = max(p.version for p in versions)
-        if sum(p.version == top for p in versions) > 1:
-            raise ConfigError(
-                f"{directory}: two drafts hold policy {policy_id} version {top}; the server "
-                "would refuse both: keep one file per version"
-            )
-        chosen.append(next(p for p in versions if p.version == top))
-    return tuple(chosen)
+        """Every file's verdict now (to say which files are not in force)."""
+        return load_policy_dir(self.folder, self.trusted, now, self.remembered)[1]
 
 
 def engine_factory_for(settings: Settings) -> EngineFactory:
@@ -290,56 +265,24 @@ def engine_factory_for(settings: Settings) -> EngineFactory:
     return engine_factory(settings, opa_link(settings, namespace_of="policy-test"))
 
 
-class _FixedPolicies(PolicyRegistry):
-    """A registry holding the snapshot a case needs: never read from disk, never recorded."""
-
-    def __init__(self, snapshot: PolicySnapshot) -> None:  # the folder is read by the runner
-        self._snapshot = snapshot
-
-    def hold(self, snapshot: PolicySnapshot) -> None:
-        self._snapshot = snapshot
-
-
 class CaseRunner:
     """Runs cases on a Provider of its own over the home's data (read-only)."""
 
-    def __init__(self, settings: Settings, source: PolicySource, engine: EngineFactory) -> None:
+    def __init__(self, settings: Settings, drafts: Path | None, engine: EngineFactory) -> None:
         self._settings = settings
-        self._source = source
         self._engine = engine
         self._scratch = tempfile.TemporaryDirectory(prefix="connector-policy-test-")
         scratch = Path(self._scratch.name)
         self._held: tuple[tuple[str, int, str], ...] | None = None
-        self._registry = _FixedPolicies(_snapshot(engine, ()))
-        signer = ReceiptSigner(ed25519.Ed25519PrivateKey.generate())  # nothing is signed
-        server = settings.server
-        sandbox = SandboxDatabase(
-            settings.database,
-            SandboxLimits(
-                memory_limit=server.memory_limit,
-                threads=server.threads,
-                max_query_seconds=server.max_query_seconds,
-            ),
-        )  # shaped copies in memory
-        sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
+        self._registry = FixedPolicies(_snapshot(engine, ()))
         try:
-            self.provider = Provider(
-                settings.member_id,
-                settings.dataspace,
-                sandbox,
-                self._registry,
-                signer,
-                audit=AuditLog(scratch / "audit.jsonl", signer),
-                quotas=QuotaLedger(scratch / "quotas.sqlite"),
-                revoked=settings.revoked,
-                mask_key=secrets.token_bytes(32),  # only the result's columns are looked at
-                batch_rows=server.batch_rows,
-                max_query_seconds=server.max_query_seconds,
-                max_concurrent_queries=server.max_concurrent_queries,
-                mask_consistency=settings.policies.mask_consistency,
+            self.source = (
+                PolicySource.of_home(settings)
+                if drafts is None
+                else PolicySource.drafts(drafts, scratch)
             )
+            self.provider = offline_provider(settings, scratch, self._registry)
         except BaseException:
-            sandbox.close()
             self._scratch.cleanup()
             raise
 
@@ -356,15 +299,13 @@ class CaseRunner:
 
     def close(self) -> None:
         """Close the sandbox, the scratch log and ledger, and remove the scratch folder."""
-        self.provider.sandbox.close()
-        self.provider.audit.close()
-        self.provider.quotas.close()
+        close_offline(self.provider)
         self._scratch.cleanup()
 
     def run(self, case: PolicyCase, now: dt.datetime) -> CaseOutcome:
         """Decide the case as the server would at case.at (else now) and shape its result."""
         at = case.at or now
-        self._hold(self._source.in_force(at, today=case.at is None))
+        self._hold(self.source.in_force(at, today=case.at is None))
         if case.member in self._settings.revoked.members:
             return CaseOutcome("deny", (f"member {case.member!r} is revoked by this connector",))
         try:

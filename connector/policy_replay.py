@@ -1,12 +1,8 @@
 """Replay the requests in a home's audit log against draft policies: what would change.
 
 Each recorded query or explain request is decided again by the same code Explain uses
-(`Provider.dry_run`), on a Provider built over the draft policies, as of the request's own
-time (or one fixed moment). Nothing in the home is written: the data file is attached
-read-only, and the Provider's audit log, quota ledger and shaped copies live in a scratch
-folder that is deleted afterwards. Drafts need no signature: they are copied to the scratch
-folder and signed there with a throwaway key, so the same loader judges them (validity,
-one version per id) exactly as the server would judge them once signed.
+(`Provider.dry_run`), on an offline Provider (offline.py: nothing in the home is written)
+over the draft policies, as of the request's own time (or one fixed moment).
 """
 
 from __future__ import annotations
@@ -21,31 +17,25 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from connector import jws
-from connector.audit import AuditLog
 from connector.audit_chain import read_entries
 from connector.audit_entry import AuditEntry
 from connector.config import Settings
 from connector.errors import ConfigError, ConnectorError, PolicyError, QueryRejected
 from connector.identity import MemberIdentity
-from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
+from connector.offline import FixedPolicies, close_offline, offline_provider, signed_drafts
+from connector.policy.model import parse_policy
 from connector.policy.opa import build_engine
 from connector.policy.ref import PolicyRef
-from connector.policy.registry import PolicyRegistry, PolicySnapshot
+from connector.policy.registry import PolicySnapshot
 from connector.policy.signing import (
     VerdictStatus,
     load_policy_dir,
     policy_files,
-    sign_policy,
     trusted_keys,
     verify_policy,
 )
 from connector.provider import Provider
-from connector.quota import QuotaLedger
-from connector.receipt import ReceiptSigner
 from connector.request import PeerRequest
-from connector.sandbox import SandboxDatabase, SandboxLimits
-from connector.shaping import load_mask_key
 
 # Request kinds that carry a query (a catalog request has none to replay).
 REPLAYED_KINDS = ("query", "explain")
@@ -127,19 +117,6 @@ class ReplayReport:
         return sum(kind in c.kinds for c in self.changes)
 
 
-class _FixedPolicies(PolicyRegistry):
-    """One snapshot held still: no folder is watched or reloaded, no version remembered."""
-
-    def __init__(self, snapshot: PolicySnapshot) -> None:
-        # Deliberately not the registry's constructor: it loads a folder as of now.
-        self._fixed = snapshot
-
-    @property
-    def snapshot(self) -> PolicySnapshot:
-        """The snapshot given."""
-        return self._fixed
-
-
 class _PolicySet:
     """A policy folder judged as of any moment; one load per span in which nothing changes."""
 
@@ -166,59 +143,15 @@ class _PolicySet:
         return self._loaded[span]
 
 
-def _copy_drafts(drafts: Path, scratch: Path) -> tuple[Path, dict[str, ed25519.Ed25519PublicKey]]:
-    """The drafts checked, copied and signed with a throwaway key; its key as the trusted one.
-
-    Raises PolicyError (file, line, fix) for a draft that does not parse.
-    """
-    if not drafts.is_dir():
-        raise ConfigError(f"{drafts} is not a folder; give --policies the folder of draft policies")
-    files = policy_files(drafts)
-    if not files:
-        raise ConfigError(f"no policy files (*.yaml, *.yml) in {drafts}")
-    folder = scratch / "drafts"
-    folder.mkdir()
-    key = ed25519.Ed25519PrivateKey.generate()
-    for path in files:
-        data = read_limited(path, MAX_POLICY_BYTES)
-        parse_policy(path, data)  # the draft's own name and line in any error
-        copy = folder / path.name
-        copy.write_bytes(data)
-        sign_policy(copy, key)
-    return folder, {jws.key_id(key.public_key()): key.public_key()}
-
-
-def _scratch_provider(settings: Settings, scratch: Path, policies: PolicySnapshot) -> Provider:
-    """A Provider that reads the home's data read-only and writes only into scratch."""
-    signer = ReceiptSigner(ed25519.Ed25519PrivateKey.generate())
-    return Provider(
-        settings.member_id,
-        settings.dataspace,
-        SandboxDatabase(settings.database, SandboxLimits()),
-        _FixedPolicies(policies),
-        signer,
-        audit=AuditLog(scratch / "replay-audit.jsonl", signer),
-        quotas=QuotaLedger(scratch / "replay-quota.sqlite"),
-        revoked=settings.revoked,
-        mask_key=load_mask_key(settings.mask_key),
-        batch_rows=settings.server.batch_rows,
-        max_query_seconds=settings.server.max_query_seconds,
-        max_concurrent_queries=settings.server.max_concurrent_queries,
-        mask_consistency=settings.policies.mask_consistency,
-    )
-
-
-def _close(provider: Provider) -> None:
-    provider.sandbox.close()
-    provider.audit.close()
-    provider.quotas.close()
-
-
 def _decide(
-    provider: Provider, policies: PolicySnapshot, request: RecordedRequest, moment: dt.datetime
+    provider: Provider,
+    held: FixedPolicies,
+    policies: PolicySnapshot,
+    request: RecordedRequest,
+    moment: dt.datetime,
 ) -> Outcome:
     """The outcome the Explain path gives for the request under these policies at moment."""
-    provider.policies = _FixedPolicies(policies)
+    held.hold(policies)
     provider.clock = lambda: moment
     member = MemberIdentity(provider.dataspace, request.member, "", 0)
     entry = AuditEntry(request.kind)  # filled in by the dry run, never appended
@@ -375,23 +308,31 @@ def replay(
     )
     with tempfile.TemporaryDirectory(prefix="connector-replay-") as name:
         scratch = Path(name)
-        folder, draft_trusted = _copy_drafts(drafts, scratch)
+        folder, draft_trusted = signed_drafts(drafts, scratch)
         draft_set = _PolicySet(folder, draft_trusted)
         home_set = _PolicySet(settings.policies.directory, home_trusted)
-        provider = _scratch_provider(settings, scratch, draft_set.at(now))
+        held = FixedPolicies(draft_set.at(now))
+        provider = offline_provider(settings, scratch, held)
         try:
             for request in recorded_requests(settings.audit_log, since, report):
                 moment = at or request.time
                 _replay_one(
-                    provider, request, moment, draft_set=draft_set, home_set=home_set, report=report
+                    provider,
+                    held,
+                    request,
+                    moment,
+                    draft_set=draft_set,
+                    home_set=home_set,
+                    report=report,
                 )
         finally:
-            _close(provider)
+            close_offline(provider)
     return report
 
 
 def _replay_one(
     provider: Provider,
+    held: FixedPolicies,
     request: RecordedRequest,
     moment: dt.datetime,
     *,
@@ -400,9 +341,9 @@ def _replay_one(
     report: ReplayReport,
 ) -> None:
     try:
-        draft = _decide(provider, draft_set.at(moment), request, moment)
+        draft = _decide(provider, held, draft_set.at(moment), request, moment)
         then = _with_masks(
-            request.then, _decide(provider, home_set.at(request.time), request, request.time)
+            request.then, _decide(provider, held, home_set.at(request.time), request, request.time)
         )
     except ConnectorError as error:
         why = f"deciding it again failed: {error}"

@@ -10,7 +10,6 @@ from pathlib import Path
 from connector.cli.common import add_home, settings_of
 from connector.policy_cases import (
     CaseRunner,
-    PolicySource,
     engine_factory_for,
     mismatch,
     read_cases,
@@ -40,23 +39,22 @@ def add_to(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _test(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     cases = [case for path in args.cases for case in read_cases(path)]  # all checked first
-    if args.policies is None:
-        source = PolicySource.of_home(settings)
-        print(escaped(f"policies: the signed policies in {source.directory}"))
-    else:
-        source = PolicySource.drafts(args.policies)
-        print(
-            escaped(
-                f"policies: UNSIGNED DRAFTS in {source.directory} (not the policies in force; "
-                "sign them with `connector policy sign` or `publish` before they count)"
-            )
-        )
     now = dt.datetime.now(dt.UTC)
-    for note in verdict_notes(source, now):
-        print(escaped(f"note: {note}"), file=sys.stderr)
-    print(f"engine: {settings.policies.engine}; data: {settings.database}")
     failed = 0
-    with CaseRunner(settings, source, engine_factory_for(settings)) as runner:
+    with CaseRunner(settings, args.policies, engine_factory_for(settings)) as runner:
+        source = runner.source
+        if source.signed:
+            print(escaped(f"policies: the signed policies in {source.directory}"))
+        else:
+            print(
+                escaped(
+                    f"policies: UNSIGNED DRAFTS in {source.directory} (not the policies in "
+                    "force; sign them with `connector policy sign` or `publish` before they count)"
+                )
+            )
+        for note in verdict_notes(source, now):
+            print(escaped(f"note: {note}"), file=sys.stderr)
+        print(f"engine: {settings.policies.engine}; data: {settings.database}")
         for case in cases:
             problem = mismatch(case.expect, runner.run(case, now))
             failed += problem is not None

@@ -1,0 +1,108 @@
+"""The owner's offline tools (`policy test`, `policy replay`) decide with the server's own
+Provider, built here over the home's data read-only, writing only into a scratch folder.
+
+Nothing of the home is written or read beyond its data file and settings: the receipt and
+mask keys are throwaway ones (a decision and an answer's columns do not depend on them), the
+audit log and quota ledger live in the scratch folder, shaped copies in memory. Unsigned
+drafts are copied into the scratch folder and signed there with a throwaway key, so that the
+server's own loader judges them (validity, one version per id, duplicates) as it will once
+they are signed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from connector import jws
+from connector.audit import AuditLog
+from connector.config import Settings
+from connector.errors import ConfigError
+from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
+from connector.policy.registry import PolicyRegistry, PolicySnapshot
+from connector.policy.signing import policy_files, sign_policy
+from connector.provider import Provider
+from connector.quota import QuotaLedger
+from connector.receipt import ReceiptSigner
+from connector.sandbox import SandboxDatabase, SandboxLimits
+
+TrustedKeys = dict[str, ed25519.Ed25519PublicKey]
+
+
+class FixedPolicies(PolicyRegistry):
+    """A registry holding the snapshot it is given: no folder is read, watched or
+    remembered (the offline tools choose the policies of each decision themselves)."""
+
+    def __init__(self, snapshot: PolicySnapshot) -> None:
+        # Deliberately not the registry's constructor: it loads a folder as of now.
+        self._snapshot = snapshot
+
+    def hold(self, snapshot: PolicySnapshot) -> None:
+        """Put snapshot in force for the next decisions."""
+        self._snapshot = snapshot
+
+
+def offline_provider(settings: Settings, scratch: Path, policies: FixedPolicies) -> Provider:
+    """A Provider over the home's data (read-only) that writes only into scratch."""
+    server = settings.server
+    sandbox = SandboxDatabase(
+        settings.database,
+        SandboxLimits(
+            memory_limit=server.memory_limit,
+            threads=server.threads,
+            max_query_seconds=server.max_query_seconds,
+        ),
+    )  # shaped copies in memory
+    sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
+    signer = ReceiptSigner(ed25519.Ed25519PrivateKey.generate())  # nothing is sent
+    try:
+        return Provider(
+            settings.member_id,
+            settings.dataspace,
+            sandbox,
+            policies,
+            signer,
+            audit=AuditLog(scratch / "audit.jsonl", signer),
+            quotas=QuotaLedger(scratch / "quotas.sqlite"),
+            revoked=settings.revoked,
+            mask_key=secrets.token_bytes(32),
+            batch_rows=server.batch_rows,
+            max_query_seconds=server.max_query_seconds,
+            max_concurrent_queries=server.max_concurrent_queries,
+            mask_consistency=settings.policies.mask_consistency,
+        )
+    except BaseException:
+        sandbox.close()
+        raise
+
+
+def close_offline(provider: Provider) -> None:
+    """Close what offline_provider opened (the scratch folder is the caller's)."""
+    provider.sandbox.close()
+    provider.audit.close()
+    provider.quotas.close()
+
+
+def signed_drafts(drafts: Path, scratch: Path) -> tuple[Path, TrustedKeys]:
+    """The drafts checked, copied into scratch and signed with a throwaway key; the copy's
+    folder and that key as the one trusted.
+
+    Raises PolicyError (the draft's own file, line and fix) for a draft that does not parse.
+    """
+    if not drafts.is_dir():
+        raise ConfigError(f"{drafts} is not a folder; give --policies the folder of draft policies")
+    files = policy_files(drafts)
+    if not files:
+        raise ConfigError(f"no policy files (*.yaml, *.yml) in {drafts}")
+    folder = scratch / "drafts"
+    folder.mkdir()
+    key = ed25519.Ed25519PrivateKey.generate()
+    for path in files:
+        data = read_limited(path, MAX_POLICY_BYTES)
+        parse_policy(path, data)  # the draft's own name and line in any error
+        copy = folder / path.name
+        copy.write_bytes(data)
+        sign_policy(copy, key)
+    return folder, {jws.key_id(key.public_key()): key.public_key()}
