@@ -12,7 +12,8 @@ from connector.cli.common import add_home, settings_of
 from connector.config import Settings
 from connector.errors import ConfigError, ConnectorError, PolicyError
 from connector.policy.draft import DraftTerms, check_terms, draft_text
-from connector.policy.lint import Finding, HomeFacts, Severity, lint_files
+from connector.policy.lint import lint_files
+from connector.policy.lint_draft import Finding, HomeFacts, Severity
 from connector.policy.signing import (
     VerdictStatus,
     load_policy_dir,

@@ -11,114 +11,35 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import difflib
-import enum
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from connector.errors import PolicyEngineError, PolicyError
-from connector.policy.consistency import mask_conflicts
-from connector.policy.engine import DecisionRequest, EmbeddedEngine
+from connector.errors import PolicyError
 from connector.policy.fit import value_fits
+from connector.policy.lint_across import conflict_findings, duplicate_ids, version_findings
+from connector.policy.lint_draft import (
+    Draft,
+    Finding,
+    HomeFacts,
+    Located,
+    Severity,
+    children,
+    did_you_mean,
+    finding_from_error,
+    key_findings,
+    read_draft,
+)
 from connector.policy.model import (
     MAX_POLICY_BYTES,
-    REQUIRED,
     SCHEMA,
-    UsagePolicy,
     policy_from_node,
     read_limited,
 )
-from connector.policy.signing import memory_refusal
-from connector.policy.terms import NOISE_KEYS
-from connector.policy.versions import VersionRecord
 from connector.policy.yaml_strict import PolicyReader, compose_strict
-from connector.shaping import RANGE_OPERATORS
 from connector.store import DatasetInfo
-
-# Nested keys the model reads with their own tables (SCHEMA stops one level up).
-_NESTED_KEYS: dict[str, Mapping[str, Any]] = {
-    "aggregate_only.noise": NOISE_KEYS,
-}
-_EXAMPLES = {
-    "id": "id: supplier-quality",
-    "version": "version: 1",
-    "description": "description: what the contract shares, with whom and why",
-    "datasets": "datasets: [part_defects]",
-    "grantees": "grantees: {members: [member-id]}",
-    "purposes": "purposes: [quality-benchmarking]",
-    "valid": "valid: {from: 2026-01-01, until: 2027-01-01}",
-    "columns": "columns: {allow: [plant, defects]}",
-    "members": "members: [member-id]",
-    "from": "from: 2026-01-01",
-    "until": "until: 2027-01-01",
-    "allow": "allow: [plant, defects]",
-}
-
-
-class Severity(enum.Enum):
-    """An error stops the policy from doing what was meant; a warning may be intended."""
-
-    ERROR = "error"
-    WARNING = "warning"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One mistake: where it is, how bad, what is wrong and what to write instead."""
-
-    file: Path
-    line: int | None
-    severity: Severity
-    message: str
-    fix: str
-
-    def render(self) -> str:
-        """The finding as `FILE:LINE: error: message` and an indented fix line."""
-        where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}"
-        return f"{where}: {self.severity.value}: {self.message}\n    fix: {self.fix}"
-
-
-@dataclass(frozen=True)
-class HomeFacts:
-    """What the home knows that a draft is checked against."""
-
-    datasets: Mapping[str, DatasetInfo] | None  # None: the data file could not be read
-    signed: Sequence[UsagePolicy] = ()  # every policy signed in the home's policies folder
-    in_force: Sequence[UsagePolicy] = ()  # those in force now or later (not replaced, not past)
-    remembered: Mapping[str, VersionRecord] = field(default_factory=dict)
-    own_member: str = ""
-    revoked_members: frozenset[str] = frozenset()
-    mask_consistency: str = "warn"
-    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
-
-
-@dataclass
-class Located:
-    """A value read leniently from the YAML, with the line it is on."""
-
-    value: Any
-    line: int
-
-
-@dataclass
-class Draft:
-    """What lint reads of one file even when the strict reader refuses it."""
-
-    path: Path
-    lines: dict[str, int] = field(default_factory=dict)  # dotted key -> line
-    datasets: list[Located] = field(default_factory=list)
-    members: list[Located] = field(default_factory=list)
-    purposes: list[Located] = field(default_factory=list)
-    allow: list[Located] = field(default_factory=list)
-    masks: list[Located] = field(default_factory=list)
-    filters: list[tuple[Located, list[Located]]] = field(default_factory=list)
-    policy: UsagePolicy | None = None
-    sha256: str = ""
 
 
 def lint_files(paths: Sequence[Path], home: HomeFacts) -> list[Finding]:
@@ -130,9 +51,9 @@ def lint_files(paths: Sequence[Path], home: HomeFacts) -> list[Finding]:
         findings += found
         if draft is not None:
             drafts.append(draft)
-    findings += _duplicate_ids(drafts)
-    findings += _version_findings(drafts, home)
-    findings += _conflict_findings(drafts, home)
+    findings += duplicate_ids(drafts)
+    findings += version_findings(drafts, home)
+    findings += conflict_findings(drafts, home)
     return findings
 
 
@@ -142,14 +63,14 @@ def lint_file(path: Path, home: HomeFacts) -> tuple[Draft | None, list[Finding]]
         data = read_limited(path, MAX_POLICY_BYTES)
         root = compose_strict(path, data)
     except PolicyError as error:
-        return None, [_from_error(path, error)]
+        return None, [finding_from_error(path, error)]
     if not isinstance(root, yaml.MappingNode):
         fix = "start from `connector policy new`, which writes a complete policy"
         message = "the file is empty" if root is None else "a policy must be a mapping of keys"
         return None, [Finding(path, 1, Severity.ERROR, message, fix)]
     draft = Draft(path, sha256=hashlib.sha256(data).hexdigest())
-    findings = _key_findings(path, root, SCHEMA, "")
-    _read_draft(draft, root)
+    findings = key_findings(path, root, SCHEMA, "")
+    read_draft(draft, root)
     findings += _data_findings(draft, home)
     findings += _validity_findings(draft, root, home.now)
     findings += _grantee_findings(draft, home)
@@ -159,165 +80,8 @@ def lint_file(path: Path, home: HomeFacts) -> tuple[Draft | None, list[Finding]]
     except PolicyError as error:
         # Reported unless a finding of lint's own already says it better, on the same line.
         if all(f.line != error.line for f in findings if f.severity is Severity.ERROR):
-            findings.append(_from_error(path, error))
+            findings.append(finding_from_error(path, error))
     return draft, sorted(findings, key=lambda f: f.line or 0)
-
-
-def did_you_mean(name: str, known: Iterable[str]) -> str | None:
-    """The known name closest to a misspelt one, if any is close."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _from_error(path: Path, error: PolicyError) -> Finding:
-    """A finding from the strict reader's error, its text split into the problem and the fix."""
-    text = error.message
-    for prefix in (f"{error.path}:{error.line}: ", f"{error.path}: "):
-        text = text.removeprefix(prefix)
-    problem, _, fix = text.partition("; ")
-    if not fix:
-        fix = "write it as the message says; `connector policy new` shows a complete policy"
-    return Finding(path, error.line, Severity.ERROR, problem, fix)
-
-
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _key_findings(
-    path: Path, node: yaml.MappingNode, schema: Mapping[str, Any], where: str
-) -> list[Finding]:
-    """Unknown keys (removed from the tree, so the rest is still read) and missing ones."""
-    findings = []
-    kept = []
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        dotted = f"{where}.{key}" if where else str(key)
-        if not isinstance(key, str) or key not in schema:
-            findings.append(_unknown_key(path, key_node, key, schema, where))
-            continue
-        kept.append((key_node, value_node))
-        nested = schema[key] or _NESTED_KEYS.get(dotted)
-        if isinstance(value_node, yaml.MappingNode) and nested:
-            findings += _key_findings(path, value_node, nested, dotted)
-        if dotted == "rows.where" and isinstance(value_node, yaml.MappingNode):
-            for column_node, bounds in value_node.value:
-                if isinstance(bounds, yaml.MappingNode):
-                    inner = f"rows.where.{getattr(column_node, 'value', '?')}"
-                    findings += _key_findings(path, bounds, dict.fromkeys(RANGE_OPERATORS), inner)
-    node.value = kept
-    required = REQUIRED if not where else _REQUIRED_INSIDE.get(where, ())
-    present = {k.value for k, _ in kept if isinstance(k, yaml.ScalarNode)}
-    for key in required:
-        if key not in present:
-            place = f"in {where}" if where else "in the policy"
-            findings.append(
-                Finding(
-                    path,
-                    _line(node),
-                    Severity.ERROR,
-                    f"missing key '{key}' {place}",
-                    f"add it, like `{_EXAMPLES.get(key, key + ': ...')}`",
-                )
-            )
-    return findings
-
-
-_REQUIRED_INSIDE: dict[str, tuple[str, ...]] = {
-    "grantees": ("members",),
-    "valid": ("from", "until"),
-    "columns": ("allow",),
-}
-
-
-def _unknown_key(
-    path: Path, key_node: yaml.Node, key: Any, schema: Mapping[str, Any], where: str
-) -> Finding:
-    place = f"in {where}" if where else "at the top of the policy"
-    if not isinstance(key, str):
-        return Finding(
-            path,
-            _line(key_node),
-            Severity.ERROR,
-            f"a key {place} is not a plain name",
-            f"write one of: {', '.join(schema)}",
-        )
-    close = did_you_mean(key, schema)
-    fix = f"did you mean '{close}'? " if close else ""
-    fix += f"the keys allowed {place} are: {', '.join(schema)}"
-    return Finding(
-        path,
-        _line(key_node),
-        Severity.ERROR,
-        f"unknown key '{key}' {place} (this connector would refuse the whole policy)",
-        fix,
-    )
-
-
-def _read_draft(draft: Draft, root: yaml.MappingNode) -> None:
-    """Fill draft with what can be read of each part, leniently, with lines."""
-    reader = PolicyReader(draft.path)
-    top = _children(root)
-    for key, (key_node, _) in top.items():
-        draft.lines[key] = _line(key_node)
-    draft.datasets = _names(top.get("datasets"), lower=True)
-    draft.purposes = _names(top.get("purposes"), lower=False)
-    grantees = _children(top.get("grantees"))
-    draft.members = _names(grantees.get("members"), lower=False)
-    columns = _children(top.get("columns"))
-    draft.allow = _names(columns.get("allow"), lower=True)
-    draft.masks = [Located(_lower(str(k.value)), _line(k)) for k, _ in _pairs(columns.get("mask"))]
-    for name, (key_node, _) in columns.items():
-        draft.lines[f"columns.{name}"] = _line(key_node)
-    valid = _children(top.get("valid"))
-    for name, (key_node, _) in valid.items():
-        draft.lines[f"valid.{name}"] = _line(key_node)
-    where = _children(_children(top.get("rows")).get("where"))
-    for column, (key_node, value_node) in where.items():
-        values = [
-            Located(_scalar(reader, item), _line(item))
-            for item in (
-                value_node.value
-                if isinstance(value_node, yaml.SequenceNode)
-                else [v for _, v in _pairs(value_node)]
-            )
-        ]
-        draft.filters.append((Located(_lower(column), _line(key_node)), values))
-
-
-def _children(
-    node: tuple[yaml.Node, yaml.Node] | yaml.Node | None,
-) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """The keys of a mapping value, by name (nothing when it is not a mapping)."""
-    return {str(k.value): (k, v) for k, v in _pairs(node) if isinstance(k, yaml.ScalarNode)}
-
-
-def _pairs(entry: tuple[yaml.Node, yaml.Node] | yaml.Node | None) -> list[tuple[Any, Any]]:
-    node = entry[1] if isinstance(entry, tuple) else entry
-    return list(node.value) if isinstance(node, yaml.MappingNode) else []
-
-
-def _names(entry: tuple[yaml.Node, yaml.Node] | None, *, lower: bool) -> list[Located]:
-    node = entry[1] if entry is not None else None
-    if not isinstance(node, yaml.SequenceNode):
-        return []
-    return [
-        Located(_lower(item.value) if lower else item.value, _line(item))
-        for item in node.value
-        if isinstance(item, yaml.ScalarNode)
-    ]
-
-
-def _lower(name: str) -> str:
-    return name.lower() if name.isascii() else name
-
-
-def _scalar(reader: PolicyReader, node: yaml.Node) -> Any:
-    """The value as the strict reader reads it (None when it refuses it: reported already)."""
-    try:
-        return reader.scalar(node, "a value")
-    except PolicyError:
-        return None
 
 
 def _data_findings(draft: Draft, home: HomeFacts) -> list[Finding]:
@@ -495,7 +259,7 @@ def _example_of(column_type: str) -> str:
 
 
 def _validity_findings(draft: Draft, root: yaml.MappingNode, now: dt.datetime) -> list[Finding]:
-    valid = _children(_children(root).get("valid"))
+    valid = children(children(root).get("valid"))
     reader = PolicyReader(draft.path)
     moments = {}
     for key in ("from", "until"):
@@ -571,161 +335,3 @@ def _purpose_findings(draft: Draft) -> list[Finding]:
         if isinstance(purpose.value, str)
         and (purpose.value != purpose.value.strip().lower() or " " in purpose.value)
     ]
-
-
-def _duplicate_ids(drafts: Sequence[Draft]) -> list[Finding]:
-    """Two linted files with one policy id: the same version is refused, a lower one is
-    superseded (left over)."""
-    findings = []
-    by_id: dict[str, list[Draft]] = {}
-    for draft in drafts:
-        if draft.policy is not None:
-            by_id.setdefault(draft.policy.id, []).append(draft)
-    for policy_id, same in by_id.items():
-        for draft in same[1:]:
-            first = same[0]
-            assert draft.policy is not None and first.policy is not None
-            same_version = draft.policy.version == first.policy.version
-            findings.append(
-                Finding(
-                    draft.path,
-                    draft.lines.get("id"),
-                    Severity.ERROR if same_version else Severity.WARNING,
-                    f"policy id {policy_id} is also in {first.path}"
-                    + (
-                        f", with the same version {first.policy.version}: both are refused"
-                        if same_version
-                        else " with another version: only the higher one is put in force"
-                    ),
-                    "give each policy its own id, or keep only one file per policy",
-                )
-            )
-    return findings
-
-
-def _version_findings(drafts: Sequence[Draft], home: HomeFacts) -> list[Finding]:
-    """A version lower than (or equal to, with other content) one signed or in force before."""
-    findings = []
-    for draft in drafts:
-        policy = draft.policy
-        if policy is None:
-            continue
-        line = draft.lines.get("version")
-        refusal = memory_refusal(policy, draft.sha256, home.remembered)
-        if refusal is not None:
-            problem, _, fix = refusal[1].partition("; ")
-            findings.append(Finding(draft.path, line, Severity.ERROR, problem, fix))
-            continue
-        for signed in home.signed:
-            if signed.id != policy.id or signed.path.resolve() == draft.path.resolve():
-                continue
-            if signed.version > policy.version or (
-                signed.version == policy.version and signed.sha256 != draft.sha256
-            ):
-                findings.append(
-                    Finding(
-                        draft.path,
-                        line,
-                        Severity.ERROR,
-                        f"version {policy.version} of policy {policy.id} is not above version "
-                        f"{signed.version} signed before ({signed.path})",
-                        f"set `version: {signed.version + 1}`",
-                    )
-                )
-    return findings
-
-
-def _conflict_findings(drafts: Sequence[Draft], home: HomeFacts) -> list[Finding]:
-    """Policies the connector refuses together at query time, asked of its own rules."""
-    linted = {d.policy.id: d for d in drafts if d.policy is not None}
-    drafted = [d.policy for d in drafts if d.policy is not None]
-    others = [p for p in home.in_force if p.id not in linted]
-    together = drafted + others
-    findings = []
-    refuse = home.mask_consistency == "refuse"
-    for conflict in mask_conflicts(together):
-        draft = linted.get(conflict.masked_by.id) or linted.get(conflict.clear_by.id)
-        if draft is None:
-            continue
-        findings.append(
-            Finding(
-                draft.path,
-                _column_line(draft, conflict.column),
-                Severity.ERROR if refuse else Severity.WARNING,
-                conflict.describe().partition(": ")[0]
-                + (
-                    ": the connector refuses this member's queries on the dataset "
-                    "([policies] mask_consistency = refuse)"
-                    if refuse
-                    else ": joining the two answers decodes the hashes"
-                ),
-                f"mask {conflict.column} in both policies or in neither",
-            )
-        )
-    for first, second in _shaping_candidates(drafted, together):
-        reason = _refused_together(first, second, home.now)
-        if reason is not None:
-            draft = linted[first.id]
-            findings.append(
-                Finding(
-                    draft.path,
-                    draft.lines.get("id"),
-                    Severity.ERROR,
-                    f"policy {first.id} and policy {second.id} ({second.path}) are refused "
-                    f"together at query time: {reason}",
-                    "merge them into one policy, or give them different purposes or members",
-                )
-            )
-    return findings
-
-
-def _column_line(draft: Draft, column: str) -> int | None:
-    for located in draft.masks + draft.allow:
-        if located.value == column:
-            return located.line
-    return draft.lines.get("columns")
-
-
-def _shaping_candidates(
-    drafted: Sequence[UsagePolicy], together: Sequence[UsagePolicy]
-) -> list[tuple[UsagePolicy, UsagePolicy]]:
-    """Pairs that apply together somewhere (member, dataset, purpose, time) and shape their
-    datasets differently: the only ones the decision library can refuse together."""
-    pairs = []
-    for position, first in enumerate(together):
-        if first not in drafted:
-            continue
-        for second in together[position + 1 :]:
-            if (
-                set(first.members) & set(second.members)
-                and set(first.datasets) & set(second.datasets)
-                and set(first.purposes) & set(second.purposes)
-                and first.valid_from < second.valid_until
-                and second.valid_from < first.valid_until
-                and first.shaping.canonical() != second.shaping.canonical()
-            ):
-                pairs.append((first, second))
-    return pairs
-
-
-def _refused_together(first: UsagePolicy, second: UsagePolicy, now: dt.datetime) -> str | None:
-    """The decision library's reason for refusing a request both policies apply to, when
-    the first alone would answer it (None: they do not conflict)."""
-    member = sorted(set(first.members) & set(second.members))[0]
-    dataset = sorted(set(first.datasets) & set(second.datasets))[0]
-    purpose = sorted(set(first.purposes) & set(second.purposes))[0]
-    start = max(first.valid_from, second.valid_from, now)
-    if start >= min(first.valid_until, second.valid_until):
-        return None  # they overlapped only in the past
-    column = sorted(set(first.columns) & set(second.columns)) or [first.columns[0]]
-    request = DecisionRequest(
-        member, purpose, (dataset,), {dataset: frozenset(column[:1])}, False, start
-    )
-    try:
-        alone = EmbeddedEngine([first]).decide(request)
-        both = EmbeddedEngine([first, second]).decide(request)
-    except PolicyEngineError:
-        return None
-    if both.allow or not alone.allow:
-        return None
-    return "; ".join(both.reasons)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from connector.policy.draft import DraftTerms, draft_text
-from connector.policy.lint import Finding, HomeFacts, Severity, lint_files
+from connector.policy.lint import lint_files
+from connector.policy.lint_draft import Finding, HomeFacts, Severity
 from connector.policy.model import parse_policy
 from connector.policy.versions import VersionRecord
 from connector.store import ColumnInfo, DatasetInfo
