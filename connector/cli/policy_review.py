@@ -13,8 +13,9 @@ from pathlib import Path
 from connector.cli.common import add_home, datasets_or_note, settings_of
 from connector.config import CONFIG_FILE, HOME_ENV, Settings, resolve_home
 from connector.errors import PolicyError
-from connector.policy.diff import Change, Direction, diff_policies, diff_sets, load_policies, widens
+from connector.policy.diff import Change, diff_policies, diff_sets, load_policies, widens
 from connector.policy.explain import explanation, explanation_lines, nested_grouping_warnings
+from connector.policy.filter_order import Direction
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy, parse_policy
 from connector.policy.signing import trusted_keys, verify_policy
