@@ -11,7 +11,10 @@ they are signed.
 
 from __future__ import annotations
 
+import bisect
+import datetime as dt
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -19,16 +22,55 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from connector import jws
 from connector.audit import AuditLog
 from connector.config import Settings
-from connector.errors import ConfigError
+from connector.errors import ConfigError, PolicyError
 from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
-from connector.policy.registry import PolicyRegistry, PolicySnapshot
-from connector.policy.signing import policy_files, sign_policy
+from connector.policy.registry import EngineFactory, PolicyRegistry, PolicySnapshot
+from connector.policy.signing import load_policy_dir, policy_files, sign_policy
+from connector.policy.versions import VersionRecord
 from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner
 from connector.sandbox import SandboxDatabase, SandboxLimits
 
 TrustedKeys = dict[str, ed25519.Ed25519PublicKey]
+
+
+class PolicyTimeline:
+    """A policy folder judged as of any moment, as the server would have loaded it then;
+    loaded once for each span of time in which no policy begins or ends."""
+
+    def __init__(
+        self,
+        directory: Path,
+        trusted: Mapping[str, ed25519.Ed25519PublicKey],
+        engine: EngineFactory,
+        remembered: Mapping[str, VersionRecord] | None = None,
+    ) -> None:
+        self._directory = directory
+        self._trusted = dict(trusted)
+        self._engine = engine
+        self._remembered = dict(remembered or {})
+        moments: set[dt.datetime] = set()
+        for path in policy_files(directory):
+            try:
+                policy = parse_policy(path)
+            except PolicyError:
+                continue  # never in force; its verdict says why
+            moments.update((policy.valid_from, policy.valid_until))
+        self._moments = sorted(moments)
+        self._loaded: dict[tuple[int, bool], PolicySnapshot] = {}
+
+    def at(self, moment: dt.datetime, *, remembered: bool = False) -> PolicySnapshot:
+        """The policies in force at moment; remembered: refuse versions older than those
+        the server has had in force (what it does today, not at another time)."""
+        key = (bisect.bisect_right(self._moments, moment), remembered)
+        if key not in self._loaded:
+            memory = self._remembered if remembered else {}
+            policies, verdicts = load_policy_dir(self._directory, self._trusted, moment, memory)
+            self._loaded[key] = PolicySnapshot(
+                self._engine(policies), tuple(policies), tuple(verdicts), moment
+            )
+        return self._loaded[key]
 
 
 class FixedPolicies(PolicyRegistry):

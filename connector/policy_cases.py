@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import yaml
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector.arrow_stream import read_ipc_pieces
 from connector.audit_entry import AuditEntry
@@ -25,18 +24,22 @@ from connector.config import Settings
 from connector.errors import ConnectorError, PermissionDenied, PolicyError
 from connector.identity import MemberIdentity
 from connector.names import MEMBER_ID, PURPOSE
-from connector.offline import FixedPolicies, close_offline, offline_provider, signed_drafts
-from connector.policy.engine import PolicyEngine
-from connector.policy.model import UsagePolicy, read_limited
+from connector.offline import (
+    FixedPolicies,
+    PolicyTimeline,
+    close_offline,
+    offline_provider,
+    signed_drafts,
+)
+from connector.policy.model import read_limited
 from connector.policy.opa import engine_factory, opa_link
-from connector.policy.registry import PolicySnapshot
+from connector.policy.registry import EngineFactory, PolicySnapshot
 from connector.policy.signing import (
     PolicyVerdict,
     VerdictStatus,
-    load_policy_dir,
     trusted_keys,
 )
-from connector.policy.versions import VersionRecord, read_records
+from connector.policy.versions import read_records
 from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, compose_strict
 from connector.query_run import QueryRun
 from connector.request import Explanation, PeerRequest
@@ -46,7 +49,6 @@ MAX_CASES_BYTES = 1024 * 1024
 CASE_KEYS = {"name": 1, "member": 1, "purpose": 1, "sql": 1, "at": 0, "expect": 1}
 EXPECT_KEYS = {"decision": 1, "reason": 0, "columns": 0, "masked": 0}
 DECISIONS = ("allow", "deny")
-EngineFactory = Callable[[Sequence[UsagePolicy]], PolicyEngine]
 
 
 @dataclass(frozen=True)
@@ -224,39 +226,31 @@ class PolicySource:
 
     directory: Path  # as the user named it
     signed: bool
-    folder: Path  # what is loaded: the home's folder, or the drafts' signed copy
-    trusted: Mapping[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
-    remembered: Mapping[str, VersionRecord] = field(default_factory=dict)
+    timeline: PolicyTimeline
 
     @classmethod
-    def of_home(cls, settings: Settings) -> PolicySource:
+    def of_home(cls, settings: Settings, engine: EngineFactory) -> PolicySource:
         """The home's policies folder, judged as the server judges it (signatures, versions)."""
         versions = settings.policies.versions_file
         directory = settings.policies.directory
-        return cls(
-            directory,
-            signed=True,
-            folder=directory,
-            trusted=trusted_keys(settings.policies.trusted_signers.values()),
-            remembered=read_records(versions) if versions and versions.exists() else {},
-        )
+        trusted = trusted_keys(settings.policies.trusted_signers.values())
+        remembered = read_records(versions) if versions and versions.exists() else {}
+        return cls(directory, True, PolicyTimeline(directory, trusted, engine, remembered))
 
     @classmethod
-    def drafts(cls, directory: Path, scratch: Path) -> PolicySource:
+    def drafts(cls, directory: Path, scratch: Path, engine: EngineFactory) -> PolicySource:
         """Unsigned draft policies in directory (every file must parse)."""
         folder, trusted = signed_drafts(directory, scratch)
-        return cls(directory, signed=False, folder=folder, trusted=trusted)
+        return cls(directory, False, PolicyTimeline(folder, trusted, engine))
 
-    def in_force(self, at: dt.datetime, *, today: bool) -> tuple[UsagePolicy, ...]:
+    def in_force(self, at: dt.datetime, *, today: bool) -> PolicySnapshot:
         """The policies the server would hold in force at `at`. The versions it remembers
         apply only today (a past or future `at` is judged by the files' dates alone)."""
-        remembered = self.remembered if today else {}
-        policies, _ = load_policy_dir(self.folder, self.trusted, at, remembered)
-        return tuple(policies)
+        return self.timeline.at(at, remembered=today)
 
-    def verdicts(self, now: dt.datetime) -> list[PolicyVerdict]:
+    def verdicts(self, now: dt.datetime) -> tuple[PolicyVerdict, ...]:
         """Every file's verdict now (to say which files are not in force)."""
-        return load_policy_dir(self.folder, self.trusted, now, self.remembered)[1]
+        return self.timeline.at(now, remembered=True).verdicts
 
 
 def engine_factory_for(settings: Settings) -> EngineFactory:
@@ -270,16 +264,16 @@ class CaseRunner:
 
     def __init__(self, settings: Settings, drafts: Path | None, engine: EngineFactory) -> None:
         self._settings = settings
-        self._engine = engine
         self._scratch = tempfile.TemporaryDirectory(prefix="connector-policy-test-")
         scratch = Path(self._scratch.name)
-        self._held: tuple[tuple[str, int, str], ...] | None = None
-        self._registry = FixedPolicies(_snapshot(engine, ()))
         try:
             self.source = (
-                PolicySource.of_home(settings)
+                PolicySource.of_home(settings, engine)
                 if drafts is None
-                else PolicySource.drafts(drafts, scratch)
+                else PolicySource.drafts(drafts, scratch, engine)
+            )
+            self._registry = FixedPolicies(
+                self.source.in_force(dt.datetime.now(dt.UTC), today=True)
             )
             self.provider = offline_provider(settings, scratch, self._registry)
         except BaseException:
@@ -305,7 +299,7 @@ class CaseRunner:
     def run(self, case: PolicyCase, now: dt.datetime) -> CaseOutcome:
         """Decide the case as the server would at case.at (else now) and shape its result."""
         at = case.at or now
-        self._hold(self.source.in_force(at, today=case.at is None))
+        self._registry.hold(self.source.in_force(at, today=case.at is None))
         if case.member in self._settings.revoked.members:
             return CaseOutcome("deny", (f"member {case.member!r} is revoked by this connector",))
         try:
@@ -320,13 +314,6 @@ class CaseRunner:
             return CaseOutcome("deny", (error.message,))
         masks = {c: str(kind) for r in explanation.relations for c, kind in r.shaping.masks}
         return CaseOutcome("allow", (), columns, {c: masks[c] for c in columns if c in masks})
-
-    def _hold(self, policies: tuple[UsagePolicy, ...]) -> None:
-        """Put these policies in force (the engine is built again only when they change)."""
-        key = tuple(sorted((p.id, p.version, p.sha256) for p in policies))
-        if key != self._held:
-            self._registry.hold(_snapshot(self._engine, policies))
-            self._held = key
 
     def _result_columns(
         self, member_id: str, request: PeerRequest, explanation: Explanation
@@ -346,10 +333,6 @@ class CaseRunner:
         finally:
             pieces.close()
             run.close()
-
-
-def _snapshot(engine: EngineFactory, policies: tuple[UsagePolicy, ...]) -> PolicySnapshot:
-    return PolicySnapshot(engine(policies), policies, (), dt.datetime.now(dt.UTC))
 
 
 def verdict_notes(source: PolicySource, now: dt.datetime) -> list[str]:

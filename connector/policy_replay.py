@@ -7,7 +7,6 @@ over the draft policies, as of the request's own time (or one fixed moment).
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,21 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from connector.audit_chain import read_entries
 from connector.audit_entry import AuditEntry
 from connector.config import Settings
-from connector.errors import ConfigError, ConnectorError, PolicyError, QueryRejected
+from connector.errors import ConfigError, ConnectorError, QueryRejected
 from connector.identity import MemberIdentity
-from connector.offline import FixedPolicies, close_offline, offline_provider, signed_drafts
-from connector.policy.model import parse_policy
+from connector.offline import (
+    FixedPolicies,
+    PolicyTimeline,
+    close_offline,
+    offline_provider,
+    signed_drafts,
+)
+from connector.policy.engine import PolicyEngine
+from connector.policy.model import UsagePolicy
 from connector.policy.opa import build_engine
 from connector.policy.ref import PolicyRef
 from connector.policy.registry import PolicySnapshot
 from connector.policy.signing import (
     VerdictStatus,
-    load_policy_dir,
     policy_files,
     trusted_keys,
     verify_policy,
@@ -117,30 +120,9 @@ class ReplayReport:
         return sum(kind in c.kinds for c in self.changes)
 
 
-class _PolicySet:
-    """A policy folder judged as of any moment; one load per span in which nothing changes."""
-
-    def __init__(self, directory: Path, trusted: Mapping[str, ed25519.Ed25519PublicKey]) -> None:
-        self._directory = directory
-        self._trusted = dict(trusted)
-        moments: set[dt.datetime] = set()
-        for path in policy_files(directory):
-            try:
-                policy = parse_policy(path)
-            except PolicyError:
-                continue  # never in force; its verdict says why
-            moments.update((policy.valid_from, policy.valid_until))
-        self._moments = sorted(moments)
-        self._loaded: dict[int, PolicySnapshot] = {}
-
-    def at(self, moment: dt.datetime) -> PolicySnapshot:
-        """The policies in force at moment, as the server would have loaded them then."""
-        span = bisect.bisect_right(self._moments, moment)
-        if span not in self._loaded:
-            policies, verdicts = load_policy_dir(self._directory, self._trusted, moment)
-            engine = build_engine("embedded", policies)
-            self._loaded[span] = PolicySnapshot(engine, tuple(policies), tuple(verdicts), moment)
-        return self._loaded[span]
+def _embedded(policies: Sequence[UsagePolicy]) -> PolicyEngine:
+    # Replay compares policies, not engines: the embedded one, whatever the home uses.
+    return build_engine("embedded", policies)
 
 
 def _decide(
@@ -309,8 +291,8 @@ def replay(
     with tempfile.TemporaryDirectory(prefix="connector-replay-") as name:
         scratch = Path(name)
         folder, draft_trusted = signed_drafts(drafts, scratch)
-        draft_set = _PolicySet(folder, draft_trusted)
-        home_set = _PolicySet(settings.policies.directory, home_trusted)
+        draft_set = PolicyTimeline(folder, draft_trusted, _embedded)
+        home_set = PolicyTimeline(settings.policies.directory, home_trusted, _embedded)
         held = FixedPolicies(draft_set.at(now))
         provider = offline_provider(settings, scratch, held)
         try:
@@ -336,8 +318,8 @@ def _replay_one(
     request: RecordedRequest,
     moment: dt.datetime,
     *,
-    draft_set: _PolicySet,
-    home_set: _PolicySet,
+    draft_set: PolicyTimeline,
+    home_set: PolicyTimeline,
     report: ReplayReport,
 ) -> None:
     try:
