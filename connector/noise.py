@@ -19,7 +19,6 @@ from functools import cache
 from typing import Any, Literal, Protocol
 
 import duckdb
-import opendp.prelude as dp
 import pyarrow as pa
 
 from connector import sqltree
@@ -157,12 +156,21 @@ class NoisePlan:
         return [float(v) for v in sampler(floats)]
 
 
+def load_mechanisms() -> None:
+    """Load OpenDP now: a server calls this before it limits its address space, so that the
+    first noisy query does not map OpenDP's library under the limit (commands that never add
+    noise skip its 0.2 s import)."""
+    import opendp.prelude  # noqa: F401
+
+
 @cache
 def _sampler(
     integer: bool, sensitivity: int | float, epsilon: float
 ) -> Callable[[list[Any]], list[Any]]:
     """OpenDP's vetted vector Laplace mechanism (discrete over 64-bit integers), calibrated
     so that one row's change costs at most epsilon, as OpenDP's own privacy map confirms."""
+    import opendp.prelude as dp  # loaded by load_mechanisms() in a server, see there
+
     dp.enable_features("contrib")  # OpenDP's label for these measurements (idempotent)
     if integer:
         space = dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64")

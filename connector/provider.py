@@ -28,7 +28,14 @@ from connector.errors import (
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
-from connector.noise import MICRO, BudgetStatus, PrivacyCharge, charges, noise_plan
+from connector.noise import (
+    MICRO,
+    BudgetStatus,
+    PrivacyCharge,
+    charges,
+    load_mechanisms,
+    noise_plan,
+)
 from connector.policy.consistency import conflicts_for
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
 from connector.policy.model import Limits, UsagePolicy
@@ -133,6 +140,7 @@ class Provider:
         clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
         """clock: the time decisions are taken at (default: now; replay passes a request's)."""
+        load_mechanisms()
         self.member_id = member_id
         self.dataspace = dataspace
         self.sandbox = sandbox

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connector.config import HOME_ENV, Settings, load_settings, resolve_home
 from connector.errors import ConnectorError
 from connector.safetext import escaped
-from connector.store import DatasetInfo, list_datasets
+
+if TYPE_CHECKING:
+    from connector.store import DatasetInfo
 
 
 def add_home(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,8 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 def datasets_or_note(database: Path) -> dict[str, DatasetInfo] | None:
     """The home's datasets, to check policies against (None, with a note, when unreadable)."""
+    from connector.store import list_datasets  # here: peers' commands need no DuckDB
+
     try:
         return {info.name: info for info in list_datasets(database)}
     except ConnectorError as error:

@@ -8,13 +8,6 @@ import sys
 from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
-from connector.policy_cases import (
-    CaseRunner,
-    engine_factory_for,
-    mismatch,
-    read_cases,
-    verdict_notes,
-)
 from connector.safetext import escaped
 
 
@@ -37,6 +30,16 @@ def add_to(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _test(args: argparse.Namespace) -> int:
+    # Imported here: the test runner loads the whole server side, which other policy
+    # commands do not need.
+    from connector.policy_cases import (
+        CaseRunner,
+        engine_factory_for,
+        mismatch,
+        read_cases,
+        verdict_notes,
+    )
+
     settings = settings_of(args)
     cases = [case for path in args.cases for case in read_cases(path)]  # all checked first
     now = dt.datetime.now(dt.UTC)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connector.cli.common import add_home, settings_of
-from connector.policy_replay import ReplayReport, describe_outcome, draft_names, replay
 from connector.safetext import escaped
+
+if TYPE_CHECKING:
+    from connector.policy_replay import ReplayReport
 
 QUERY_CHARS = 200  # a long query is shown shortened: the audit log holds it whole
 
@@ -59,6 +62,9 @@ def _at(text: str) -> dt.datetime:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    # Imported here: replay loads the whole server side, which other policy commands do not need.
+    from connector.policy_replay import replay
+
     report = replay(settings_of(args), args.policies, since=args.since, at=args.at)
     for line in report_lines(report):
         print(line)
@@ -67,6 +73,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 def report_lines(report: ReplayReport) -> list[str]:
     """The replay as the owner reads it: header, one block per change, summary last."""
+    from connector.policy_replay import describe_outcome, draft_names
+
     when = "as of now" if report.at else "each as of the time it was made"
     lines = [
         escaped(
