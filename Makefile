@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CODE   := connector tests bench examples protos
+# The suite and the demo start about a hundred Python processes: let them reuse compiled
+# modules (some environments set this to keep source trees free of __pycache__).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install demo test test-quick fuzz lint protos bench soak clean
 

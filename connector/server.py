@@ -6,7 +6,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +35,7 @@ from connector.service import SERVICE_NAME as CONNECTOR_SERVICE
 from connector.service import ConnectorService, add_to_server
 from connector.shaping import load_mask_key
 from connector.store import DatasetInfo
+from connector.thread_pool import PrestartedThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         max_in_flight=max_in_flight,
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_in_flight + 8, thread_name_prefix="rpc"),
+        PrestartedThreadPool(max_workers=max_in_flight + 8, thread_name_prefix="rpc"),
         interceptors=[ArrivalCounter(service)],
         options=options,
     )

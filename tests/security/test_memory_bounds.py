@@ -29,16 +29,20 @@ from connector.process_memory import process_allowance
 from tests.conftest import Member, policy_text, run_cli, wait_for, write_defects_csv
 
 PURPOSE = "quality-benchmarking"
-MEMORY_LIMIT = "256MB"  # DuckDB's own limit in these servers
-ALLOWANCE = process_allowance(MEMORY_LIMIT, "auto")
+MEMORY_LIMIT = "128MB"  # DuckDB's own limit in these servers
+# Well below "auto" (memory_limit + 512 MiB): each blow-up without the guard is ended at
+# once, and lpad/rpad, which write byte by byte, need seconds less to reach it (the least it may
+# be: memory_limit + 256 MiB).
+PROCESS_MEMORY_LIMIT = "384MiB"
+ALLOWANCE = process_allowance(MEMORY_LIMIT, PROCESS_MEMORY_LIMIT)
 LEGIT = "SELECT count(*) AS n FROM part_defects"
 CROSS3 = "part_defects a, part_defects b, part_defects c"
 
 # (what, attack, word the guard's refusal must contain)
 ATTACKS = [
     ("repeat", "SELECT max(length(repeat(plant, 4000000))) FROM part_defects", "repeat"),
-    ("lpad", "SELECT max(length(lpad(plant, 40000000, 'x'))) FROM part_defects", "lpad"),
-    ("rpad", "SELECT max(length(rpad(plant, 40000000, 'x'))) FROM part_defects", "rpad"),
+    ("lpad", "SELECT max(length(lpad(plant, 400000000, 'x'))) FROM part_defects", "lpad"),
+    ("rpad", "SELECT max(length(rpad(plant, 400000000, 'x'))) FROM part_defects", "rpad"),
     (
         "format width",
         "SELECT max(length(format('{:>40000000}', plant))) FROM part_defects",
@@ -88,12 +92,13 @@ class Server:
         return "".join(self.lines)
 
     def warnings(self) -> str:
-        """The log's warnings and errors with their tracebacks (what a failure needs)."""
+        """The log's warnings, errors (with their tracebacks) and failed queries: what a
+        failure needs."""
         kept: list[str] = []
         keep = False
         for line in self.lines:
             if line[:4].isdigit():  # a new record starts with its time stamp
-                keep = " WARNING " in line or " ERROR " in line
+                keep = any(t in line for t in (" WARNING ", " ERROR ", "peer query failed"))
             if keep:
                 kept.append(line)
         return "".join(kept)
@@ -171,7 +176,7 @@ def _stop(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory: pytest.TempPathFactory, dataspace: Path) -> dict[str, Member]:
-    """carmaker offers part_defects to supplier-a and supplier-b; DuckDB gets 256 MB."""
+    """carmaker offers part_defects to supplier-a and supplier-b; DuckDB gets 128 MB."""
     root = tmp_path_factory.mktemp("memory")
     members = {}
     for member_id in ("carmaker", "supplier-a", "supplier-b"):
@@ -181,9 +186,12 @@ def homes(tmp_path_factory: pytest.TempPathFactory, dataspace: Path) -> dict[str
         members[member_id] = Member(member_id, root / member_id)
     provider = members["carmaker"]
     config = provider.home / "connector.toml"
-    config.write_text(
-        config.read_text().replace('memory_limit = "1GB"', f'memory_limit = "{MEMORY_LIMIT}"')
+    text = config.read_text().replace('memory_limit = "1GB"', f'memory_limit = "{MEMORY_LIMIT}"')
+    limited = text.replace(
+        'process_memory_limit = "auto"', f'process_memory_limit = "{PROCESS_MEMORY_LIMIT}"'
     )
+    assert limited != text
+    config.write_text(limited)
     provider.ingest(write_defects_csv(root / "d.csv"), "part_defects")
     provider.write_policy("q.yaml", policy_text("q", members="[supplier-a, supplier-b]"))
     return members
@@ -277,7 +285,7 @@ def test_concurrent_blow_ups_leave_the_server_serving_other_members(
         "RESOURCE_EXHAUSTED",
         "legit answered",
         "legit RESOURCE_EXHAUSTED",
-    }, (sorted(set(outcomes)), unguarded.warnings()[-4000:])
+    }, (sorted(set(outcomes)), unguarded.warnings()[-6000:])
     assert "RESOURCE_EXHAUSTED" in outcomes
     _legit_answered(unguarded, homes["supplier-a"])
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 # The README's table, lowest layer first.
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
-     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms"},
+     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool"},
     {"config", "config_template", "identity", "jws", "receipt", "status"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
