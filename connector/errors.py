@@ -151,6 +151,12 @@ class AuditUnavailable(Unavailable):
     """The audit log cannot be written (disk full, file-size limit, read-only): refuse all."""
 
 
+class ShuttingDown(Unavailable):
+    """The connector is stopping (SIGTERM/SIGINT): a query still running was stopped."""
+
+    outcome = "shutdown"
+
+
 class StateUnavailable(Unavailable):
     """The connector's state volume (quotas, scratch copies) cannot be written."""
 

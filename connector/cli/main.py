@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from connector.cli import audit, data, dataspace, home, peer, policy, receipt, serve
+from connector.cli.logs import add_log_options, configure_logging
 from connector.errors import ConnectorError
-from connector.safetext import escape_log_lines, escaped
+from connector.safetext import escaped
 
 EXIT_ERROR = 1
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated data-sharing connector: share data under signed usage policies.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_log_options(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (dataspace, home, data, serve, policy, peer, receipt, audit):
         group.register(commands)
@@ -30,12 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    escape_log_lines()
+    configure_logging(args)
     try:
         status: int = args.run(args)
     except ConnectorError as error:

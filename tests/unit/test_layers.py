@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 # The README's table, lowest layer first.
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
-     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms"},
+     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "log_context"},
     {"config", "config_template", "identity", "jws", "receipt", "status"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases"},
-    {"wire", "service", "server", "client", "result_files"},
+    {"wire", "service", "tls_reload", "metrics", "server", "client", "result_files"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 
