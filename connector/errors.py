@@ -175,5 +175,9 @@ class StoreError(ConnectorError):
     """The DuckDB file could not be read or a query failed for a reason the peer may see."""
 
 
+class BackupError(ConnectorError):
+    """A backup could not be made, or an archive cannot be restored; says why."""
+
+
 class PeerError(ConnectorError):
     """Client side: the remote connector could not be reached or answered unexpectedly."""

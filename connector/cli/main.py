@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from connector.cli import audit, data, dataspace, home, peer, policy, receipt, serve
+from connector.cli import audit, data, dataspace, home, ops, peer, policy, receipt, serve
 from connector.cli.logs import add_log_options, configure_logging
 from connector.errors import ConnectorError
 from connector.safetext import escaped
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     add_log_options(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (dataspace, home, data, serve, policy, peer, receipt, audit):
+    for group in (dataspace, home, data, serve, ops, policy, peer, receipt, audit):
         group.register(commands)
     return parser
 

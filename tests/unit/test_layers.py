@@ -22,7 +22,8 @@ LAYERS: list[set[str]] = [
      "policy.draft", "policy.explain", "policy.filter_order", "policy.diff"},
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
-     "offline", "policy_replay", "decision_log", "policy_cases"},
+     "offline", "policy_replay", "decision_log", "policy_cases", "backup",
+     "restore"},
     {"wire", "service", "tls_reload", "metrics", "server", "client", "result_files"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
