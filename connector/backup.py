@@ -38,7 +38,7 @@ import duckdb
 from connector.atomic_file import TEMPORARY_SUFFIX, sync_directory
 from connector.audit_chain import verify_log
 from connector.config import Settings
-from connector.errors import BackupError
+from connector.errors import BackupError, StoreBusy
 from connector.identity import load_ed25519_public, public_path
 from connector.sqltext import sql_string
 from connector.store import busy_or_error
@@ -68,7 +68,10 @@ def make_backup(settings: Settings, output: Path) -> BackupSummary:
     if output.is_relative_to(home):
         raise BackupError(f"{output} is inside the home it backs up; write it elsewhere")
     check_inside_home(settings, home)
-    staging = Path(tempfile.mkdtemp(prefix=".connector-backup-", dir=output.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".connector-backup-", dir=output.parent))
+    except OSError as exc:
+        raise BackupError(f"cannot write in {output.parent}: {exc.strerror}") from None
     try:
         audit_entries = _stage(settings, home, staging)
         files = _manifest_files(staging)
@@ -210,7 +213,13 @@ def _snapshot_database(source: Path, target: Path) -> None:
         try:
             con.execute(f"ATTACH {sql_string(str(source))} AS backup_source (READ_ONLY)")
         except duckdb.Error as exc:
-            raise busy_or_error(exc, source) from None
+            busy = busy_or_error(exc, source)
+            if isinstance(busy, StoreBusy):
+                raise BackupError(
+                    f"{source} is held for writing by another process, so no consistent copy "
+                    "can be read now; retry when that process (an ingest) has ended"
+                ) from None
+            raise busy from None
         con.execute(f"ATTACH {sql_string(str(target))} AS backup_copy")
         con.execute("COPY FROM DATABASE backup_source TO backup_copy")
         con.execute("DETACH backup_copy")

@@ -49,8 +49,11 @@ def restore_backup(archive: Path, home: Path) -> RestoreSummary:
             f"{home} is not an empty folder: restore makes a new home and never writes over "
             "one; choose a new folder"
         )
-    home.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{home.name}.restore-", dir=home.parent))
+    try:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{home.name}.restore-", dir=home.parent))
+    except OSError as exc:
+        raise BackupError(f"cannot write in {home.parent}: {exc.strerror}") from None
     try:
         manifest = _unpack(archive, staging)
         settings, message = _check_restored(staging, manifest)

@@ -7,6 +7,9 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -251,3 +254,35 @@ def test_a_file_that_is_not_a_backup_is_refused(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(b""))
     with pytest.raises(BackupError, match="not a connector backup"):
         restore_backup(tmp_path / "y.tar.gz", tmp_path / "home")
+
+
+def test_unwritable_places_are_errors_not_tracebacks(tmp_path: Path, busy_space: Space) -> None:
+    settings = load_settings(busy_space.provider.home)
+    with pytest.raises(BackupError, match="cannot write in"):
+        make_backup(settings, tmp_path / "no-such-folder" / "b.tar.gz")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BackupError, match="cannot write in"):
+        restore_backup(tmp_path / "b.tar.gz", tmp_path / "file" / "home")
+
+
+HOLD = "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print(1, flush=True); sys.stdin.read()"
+
+
+def test_a_database_held_for_writing_is_refused_with_the_reason(
+    tmp_path: Path, busy_space: Space
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(busy_space.provider.home, home)
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(home / "data.duckdb")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "1"
+            with pytest.raises(BackupError, match="held for writing by another process"):
+                make_backup(load_settings(home), tmp_path / "b.tar.gz")
+            assert not (tmp_path / "b.tar.gz").exists()
+        finally:
+            holder.kill()
