@@ -7,6 +7,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -67,7 +68,7 @@ def scrape(server: RunningServer) -> Samples:
     }
 
 
-def _audit(provider: Member) -> list[dict[str, object]]:
+def _audit(provider: Member) -> list[dict[str, Any]]:
     return list(read_entries(provider.home / "audit" / "audit.jsonl"))
 
 
