@@ -45,6 +45,7 @@ SERVICE_NAME = CONNECTOR_SERVICE
 # After the grace period, stopped queries need a moment to notice the interrupt in DuckDB
 # (about 3 s at worst) and write their audit entries.
 DRAIN_SECONDS = 10.0
+SETTLE_SECONDS = 1.0
 HEALTH_SECONDS = 0.5  # how often an unwritable audit log is retried while NOT_SERVING
 
 
@@ -259,7 +260,7 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         # New calls are refused from now on; gRPC itself cancels what is left only after
         # our own stop below and the time the handlers need to write their entries.
-        stopped = self.server.stop(grace + DRAIN_SECONDS)
+        self.server.stop(grace + DRAIN_SECONDS)
         if not self.service.wait_until_idle(grace, queries_only=True):
             log.warning(
                 "stopping %d queries still running after %g s (shutdown_grace_seconds)",
@@ -269,7 +270,9 @@ class RunningServer:
         self.service.stop_queries()  # anything that slipped in between is refused too
         if not self.service.wait_until_idle(DRAIN_SECONDS):
             log.error("requests still in progress after %g s: stopping anyway", DRAIN_SECONDS)
-        stopped.wait()
+        # The handlers are done; gRPC still sends their last status. Calls of no connector
+        # request (health watches) are cut after that moment.
+        self.server.stop(SETTLE_SECONDS).wait()
         self.provider.stall_watch.stop()
         self.provider.sandbox.close()
         self.provider.audit.close()

@@ -233,6 +233,9 @@ class ConnectorService:
             else:
                 self._runs.discard(run)
             self._count_lock.notify_all()
+            late = running and self.stopping  # admitted while stop_queries() ran
+        if late:
+            run.cancel()
 
     def _member(self, context: grpc.ServicerContext, entry: AuditEntry) -> MemberIdentity:
         certs = context.auth_context().get("x509_pem_cert") or [b""]

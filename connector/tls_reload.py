@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -61,8 +61,9 @@ def read_tls_material(cert: Path, key: Path, ca: Path, member_id: str) -> TlsMat
         certificate = x509.load_pem_x509_certificate(files["certificate"])
         private = serialization.load_pem_private_key(files["key"], password=None)
         authorities = x509.load_pem_x509_certificates(files["CA bundle"])
-    except ValueError as exc:
-        raise IdentityError(f"a TLS file is not valid PEM: {exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # TypeError: a key protected by a password, which a server cannot type in.
+        raise IdentityError(f"a TLS file is not usable PEM: {exc}") from None
     if not isinstance(private, ec.EllipticCurvePrivateKey):
         raise IdentityError(f"{key}: the TLS key must be EC P-256")
     if _spki(private.public_key()) != _spki(certificate.public_key()):

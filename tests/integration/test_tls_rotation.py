@@ -141,3 +141,26 @@ def test_host_adds_to_the_default_names_unless_told_not_to(tmp_path: Path, datas
     assert _dns_names(out / "cert.pem") == {"acme.example"}
     assert run_cli(*args, "--out", tmp_path / "c", "--no-default-hosts") == 1
     assert not (tmp_path / "c" / "cert.pem").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("cert.pem", b"not a certificate", "not usable PEM"),
+        ("key.pem", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "PEM"),
+        ("ca.pem", b"", "not usable PEM"),
+    ],
+)
+def test_an_unreadable_file_keeps_the_ones_in_force(
+    shared_space: Space, name: str, content: bytes, words: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = shared_space.provider.home / "tls" / name
+    original = path.read_bytes()
+    try:
+        path.write_bytes(content)
+        assert not shared_space.server.tls.reload()
+        assert words in caplog.text
+        with shared_space.peer() as peer:
+            assert peer.catalog()
+    finally:
+        path.write_bytes(original)
