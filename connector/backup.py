@@ -28,7 +28,7 @@ import sqlite3
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -40,12 +40,13 @@ from connector.audit_chain import verify_log
 from connector.config import Settings
 from connector.errors import BackupError, StoreBusy
 from connector.identity import load_ed25519_public, public_path
-from connector.sqltext import sql_string
+from connector.sqltext import quote_identifier, sql_string
 from connector.store import busy_or_error
 
 MANIFEST = "backup.json"
 BACKUP_FORMAT = 1
 CHUNK = 1024 * 1024
+Snapshot = Callable[[Path, Path], None] | None
 _SIDE_FILES = (".wal", "-wal", "-shm", "-journal")  # write-ahead and journal files
 
 
@@ -59,8 +60,12 @@ class BackupSummary:
     audit_entries: int
 
 
-def make_backup(settings: Settings, output: Path) -> BackupSummary:
-    """Write a consistent archive of settings.home to output (mode 0600: it holds keys)."""
+def make_backup(settings: Settings, output: Path, snapshot: Snapshot = None) -> BackupSummary:
+    """Write a consistent archive of settings.home to output (mode 0600: it holds keys).
+
+    snapshot(source, target) copies the DuckDB file consistently (default: from a read-only
+    attach, `snapshot_database`); a process that holds the file for writing passes its own.
+    """
     home = settings.home.resolve()
     output = output.resolve()
     if output.exists():
@@ -73,7 +78,7 @@ def make_backup(settings: Settings, output: Path) -> BackupSummary:
     except OSError as exc:
         raise BackupError(f"cannot write in {output.parent}: {exc.strerror}") from None
     try:
-        audit_entries = _stage(settings, home, staging)
+        audit_entries = _stage(settings, home, staging, snapshot or snapshot_database)
         files = _manifest_files(staging)
         manifest = {
             "format": BACKUP_FORMAT,
@@ -127,7 +132,9 @@ def check_inside_home(settings: Settings, home: Path) -> None:
             )
 
 
-def _stage(settings: Settings, home: Path, staging: Path) -> int:
+def _stage(
+    settings: Settings, home: Path, staging: Path, snapshot: Callable[[Path, Path], None]
+) -> int:
     """Copy the home into staging, each live file consistently; returns the audit entries."""
     database, ledger = settings.database.resolve(), settings.quota_ledger.resolve()
     audit, shaped = settings.audit_log.resolve(), settings.shaped_copies.resolve()
@@ -143,7 +150,7 @@ def _stage(settings: Settings, home: Path, staging: Path) -> int:
         entries = _copy_audit_log(settings, audit, staging / audit.relative_to(home))
     if ledger.exists():
         _copy_sqlite(ledger, staging / ledger.relative_to(home))
-    _snapshot_database(database, staging / database.relative_to(home))
+    snapshot(database, staging / database.relative_to(home))
     return entries
 
 
@@ -205,9 +212,21 @@ def _copy_sqlite(source: Path, target: Path) -> None:
     os.chmod(target, 0o600)
 
 
-def _snapshot_database(source: Path, target: Path) -> None:
-    """A copy of the DuckDB file as of one moment, read while a server may hold it."""
+def copy_attached_database(con: duckdb.DuckDBPyConnection, catalog: str, target: Path) -> None:
+    """Copy the database attached to con as catalog, as one transaction sees it, into the
+    new file target: also usable on a connection that writes (the server's, if it owns
+    the writer)."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    con.execute(f"ATTACH {sql_string(str(target))} AS backup_copy")
+    try:
+        con.execute(f"COPY FROM DATABASE {quote_identifier(catalog)} TO backup_copy")
+    finally:
+        con.execute("DETACH backup_copy")
+    os.chmod(target, 0o600)
+
+
+def snapshot_database(source: Path, target: Path) -> None:
+    """A copy of the DuckDB file as of one moment, read while a server may hold it."""
     con = duckdb.connect(":memory:")
     try:
         try:
@@ -220,14 +239,11 @@ def _snapshot_database(source: Path, target: Path) -> None:
                     "can be read now; retry when that process (an ingest) has ended"
                 ) from None
             raise busy from None
-        con.execute(f"ATTACH {sql_string(str(target))} AS backup_copy")
-        con.execute("COPY FROM DATABASE backup_source TO backup_copy")
-        con.execute("DETACH backup_copy")
+        copy_attached_database(con, "backup_source", target)
     except duckdb.Error as exc:
         raise BackupError(f"cannot copy the database {source}: {exc}") from None
     finally:
         con.close()
-    os.chmod(target, 0o600)
 
 
 def _manifest_files(staging: Path) -> dict[str, dict[str, Any]]:

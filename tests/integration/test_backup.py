@@ -15,9 +15,10 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import duckdb
 import pytest
 
-from connector.backup import MANIFEST, make_backup
+from connector.backup import MANIFEST, copy_attached_database, make_backup
 from connector.config import load_settings
 from connector.errors import BackupError
 from connector.quota import QuotaLedger
@@ -286,3 +287,21 @@ def test_a_database_held_for_writing_is_refused_with_the_reason(
             assert not (tmp_path / "b.tar.gz").exists()
         finally:
             holder.kill()
+
+
+def test_a_process_that_holds_the_writer_can_give_the_snapshot_itself(
+    tmp_path: Path, busy_space: Space
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(busy_space.provider.home, home)
+    writer = duckdb.connect(str(home / "data.duckdb"))  # as a server owning the writer would
+    try:
+        make_backup(
+            load_settings(home),
+            tmp_path / "b.tar.gz",
+            snapshot=lambda _source, target: copy_attached_database(writer, "data", target),
+        )
+    finally:
+        writer.close()
+    summary = restore_backup(tmp_path / "b.tar.gz", tmp_path / "new")
+    assert [d.rows for d in list_datasets(summary.home / "data.duckdb")] == [200]
