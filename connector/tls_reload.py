@@ -11,6 +11,7 @@ is refused with the reason in the log, and the files in force stay in force.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -58,17 +59,18 @@ def read_tls_material(cert: Path, key: Path, ca: Path, member_id: str) -> TlsMat
         except OSError as exc:
             raise IdentityError(f"cannot read the TLS {what} {path}: {exc.strerror}") from None
     try:
-        certificate = x509.load_pem_x509_certificate(files["certificate"])
+        chain = x509.load_pem_x509_certificates(files["certificate"])
         private = serialization.load_pem_private_key(files["key"], password=None)
         authorities = x509.load_pem_x509_certificates(files["CA bundle"])
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # TypeError: a key protected by a password, which a server cannot type in.
         raise IdentityError(f"a TLS file is not usable PEM: {exc}") from None
+    certificate = chain[0]
     if not isinstance(private, ec.EllipticCurvePrivateKey):
         raise IdentityError(f"{key}: the TLS key must be EC P-256")
     if _spki(private.public_key()) != _spki(certificate.public_key()):
         raise IdentityError(f"{key} is not the key of the certificate {cert}")
-    if not any(_issued_by(certificate, authority) for authority in authorities):
+    if not _chains_to(chain, authorities):
         raise IdentityError(f"{cert} was not issued by a CA in the bundle {ca}")
     try:
         named = member_identity(certificate).member_id
@@ -85,6 +87,14 @@ def _spki(key: CertificatePublicKeyTypes) -> bytes:
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def _chains_to(chain: list[x509.Certificate], authorities: list[x509.Certificate]) -> bool:
+    """The certificate (then any intermediates, in order) leads to a CA in the bundle."""
+    if any(not _issued_by(child, parent) for child, parent in itertools.pairwise(chain)):
+        return False
+    top = chain[-1]
+    return top in authorities or any(_issued_by(top, authority) for authority in authorities)
 
 
 def _issued_by(certificate: x509.Certificate, authority: x509.Certificate) -> bool:
