@@ -3,10 +3,13 @@ certificate without a restart, SIGTERM during queries stops cleanly, logs in JSO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +51,18 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
         server.close()
 
 
+def _handshake_without_certificate(port: int) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        contextlib.suppress(OSError),
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.recv(1)  # the server ends the handshake: no client certificate
+
+
 def _json_lines(server: ServerProcess) -> list[dict[str, object]]:
     lines = [json.loads(line) for line in server.lines if line.strip()]
     assert all(isinstance(line, dict) and line["message"] for line in lines)
@@ -75,6 +90,7 @@ def test_sighup_serves_a_new_certificate_without_a_restart(
     assert server.process.poll() is None  # the same process: no restart
     with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
         assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).num_rows == 1
+    _handshake_without_certificate(server.port)  # gRPC's own line for it must not break JSON
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0
     lines = _json_lines(server)
