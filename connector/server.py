@@ -294,6 +294,13 @@ def _mtime(path: Path) -> int:
         return 0
 
 
+def _close_unstarted(provider: Provider) -> None:
+    """Release what a server that could not start holds (nothing was answered yet)."""
+    provider.sandbox.close()
+    provider.audit.close()
+    provider.quotas.close()
+
+
 def start_server(settings: Settings, listen: str | None = None) -> RunningServer:
     """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one)."""
     opa = opa_link(settings)
@@ -339,10 +346,10 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         port = server.add_secure_port(address, tls.credentials())
         metrics_port = metrics.serve(settings.metrics.listen) if settings.metrics.listen else 0
     except ConnectorError:
-        provider.sandbox.close()
+        _close_unstarted(provider)
         raise
     except RuntimeError as exc:
-        provider.sandbox.close()
+        _close_unstarted(provider)
         raise ConfigError(
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None

@@ -3,6 +3,7 @@ and its counters compared with the audit log they are taken from."""
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -13,11 +14,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from connector.audit_chain import read_entries
-from connector.config import settings_from_text
+from connector.config import load_settings, settings_from_text
 from connector.config_template import render_config
 from connector.errors import ConfigError, PermissionDenied, QueryRejected
-from connector.server import RunningServer
-from tests.conftest import Member, connect, from_template, policy_text, write_defects_csv
+from connector.server import RunningServer, start_server
+from tests.conftest import (
+    Member,
+    connect,
+    from_template,
+    policy_text,
+    servers,
+    write_defects_csv,
+)
 
 PURPOSE = "quality-benchmarking"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -167,3 +175,23 @@ def test_a_bad_metrics_address_is_a_config_error(tmp_path: Path, listen: str) ->
 def test_metrics_are_off_by_default(tmp_path: Path) -> None:
     text = render_config("acme", "space", "127.0.0.1:0")
     assert settings_from_text(text, tmp_path).metrics.listen == ""
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_the_reason(
+    tmp_path: Path, dataspace: Path
+) -> None:
+    provider, _ = from_template(tmp_path, dataspace, "metrics", _homes)
+    config = provider.home / "connector.toml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = config.read_text()
+        assert 'listen = "127.0.0.1:0"' in text
+        config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+        with pytest.raises(ConfigError, match=rf"cannot serve metrics on 127.0.0.1:{port}"):
+            start_server(load_settings(provider.home), "127.0.0.1:0")
+    # Nothing was left holding the home: a server starts on it at once.
+    config.write_text(text)
+    with servers() as start:
+        assert start(provider).metrics_port
