@@ -204,11 +204,6 @@ class ConnectorService:
             self._in_flight -= 1
             self._count_lock.notify_all()
 
-    def running_queries(self) -> int:
-        """Queries whose answer is being computed or sent now."""
-        with self._count_lock:
-            return len(self._runs)
-
     def wait_until_idle(self, timeout: float, *, queries_only: bool = False) -> bool:
         """Wait up to timeout seconds until no request (or no query) is in progress."""
         with self._count_lock:
