@@ -47,7 +47,9 @@ RETRY_SECONDS = 0.5  # how often an unwritable log is tried again
 MAX_LATE_ENTRIES = 1000  # final entries of opened answers kept in memory during an outage
 
 # Outcomes that are always recorded one by one: something was (or may have been) answered.
-ALWAYS_RECORDED = frozenset({"answered", "cancelled", "stalled", "timeout", "too_large", "failed"})
+ALWAYS_RECORDED = frozenset(
+    {"answered", "cancelled", "stalled", "timeout", "too_large", "failed", "shutdown"}
+)
 # Refusals the request itself caused; a member that keeps sending them is held back
 # (throttled()). Refusals the connector's state caused (busy, expired, unavailable) are
 # rate-limited in the log like any refusal, but never hold the member back: a busy
@@ -125,6 +127,8 @@ class AuditLog:
         self._last_aggregate = time.monotonic()
         self._outage: _Outage | None = None
         self.on_change: Callable[[bool], None] | None = None  # told when writability changes
+        # Told of each entry once it is on disk (metrics); runs under the log's lock.
+        self.on_written: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def head(self) -> tuple[int, str]:
@@ -310,6 +314,11 @@ class AuditLog:
             raise AuditUnavailable(self._peer_reason()) from None
         self._seq, self._head = seq, entry["hash"]
         self._size += len(line)
+        if self.on_written is not None:
+            try:
+                self.on_written(entry)
+            except Exception:
+                log.exception("a listener of audit entries failed (the entry is written)")
         return seq
 
     def _put(self, line: bytes) -> None:

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from connector.errors import ConfigError
 from connector.process_memory import AUTO, MIN_OVERHEAD, parse_size
@@ -71,6 +71,7 @@ class ServerSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_queries_per_member: int = 4  # at most max_concurrent_queries
     stall_seconds: float = 30.0  # an answer its peer does not read for this long is ended
+    shutdown_grace_seconds: float = 10.0  # running queries may finish this long at SIGTERM
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,14 @@ class PolicySettings:
     opa_ca: Path | None = None  # the CA that signed the OPA server's HTTPS certificate
     mask_consistency: str = "warn"  # or "refuse": see policy/consistency.py
     versions_file: Path | None = None  # highest version in force per policy (None: not kept)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where the Prometheus endpoint listens ("" when off, the default)."""
+
+    listen: str = ""
+    example_listen: ClassVar[str] = "127.0.0.1:9464"  # what the written connector.toml suggests
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class Settings:
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
     shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies (in bytes)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -281,13 +291,25 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         shaped_copies_max_bytes=_byte_size(
             sections["store"], "shaped_copies_max_bytes", DEFAULT_SHAPED_COPIES_MAX_BYTES
         ),
+        metrics=_metrics(sections["metrics"]),
     )
     for section in sections.values():
         section.finish()
     return settings
 
 
-_SECTIONS = ("member", "server", "tls", "store", "policies", "signing", "audit", "revoked")
+_SECTIONS = (
+    "member",
+    "server",
+    "tls",
+    "store",
+    "policies",
+    "signing",
+    "audit",
+    "revoked",
+    "metrics",
+)
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 def _server(section: _Section) -> ServerSettings:
@@ -323,7 +345,21 @@ def _server(section: _Section) -> ServerSettings:
         stall_seconds=section.number(
             "stall_seconds", ServerSettings.stall_seconds, 0.1, MAX_SECONDS
         ),
+        shutdown_grace_seconds=section.number(
+            "shutdown_grace_seconds", ServerSettings.shutdown_grace_seconds, 0, 3600
+        ),
     )
+
+
+def _metrics(section: _Section) -> MetricsSettings:
+    listen = section.text("listen", MetricsSettings.listen).strip()
+    found = _HOST_PORT.fullmatch(listen)
+    if listen and (found is None or int(found.group(2)) > 65535):
+        raise ConfigError(
+            f"{section.path}: [metrics] listen must be HOST:PORT such as "
+            f'"{MetricsSettings.example_listen}" (or left out: no metrics), not {listen[:60]!r}'
+        )
+    return MetricsSettings(listen=listen)
 
 
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}

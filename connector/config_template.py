@@ -8,6 +8,7 @@ from connector.config import (
     DEFAULT_REFUSAL_BURST,
     DEFAULT_REFUSALS_PER_MINUTE,
     DEFAULT_SHAPED_COPIES_MAX_BYTES,
+    MetricsSettings,
     PolicySettings,
     ServerSettings,
 )
@@ -50,6 +51,8 @@ max_concurrent_queries = {_S.max_concurrent_queries}  # more at once are refused
 explains_per_minute = {_S.explains_per_minute}    # per member; Explain costs no quota, so it is rate-limited
 # max_concurrent_queries_per_member = 4  # one member's share; default: half the above
 stall_seconds = {_number(_S.stall_seconds)}          # an answer the peer stops reading is ended after this long
+shutdown_grace_seconds = {_number(_S.shutdown_grace_seconds)} # at SIGTERM/SIGINT running queries may finish this long,
+                            # then they are stopped (the peer is told to retry later)
 
 [tls]
 cert = {_path("tls", "cert")}
@@ -86,6 +89,9 @@ mask_key = {_path("signing", "mask_key")}               # secret of hash masks (
 path = {_path("audit", "path")}
 refusal_burst = {DEFAULT_REFUSAL_BURST}          # a member's refusals recorded one by one; beyond, they are
 refusals_per_minute = {DEFAULT_REFUSALS_PER_MINUTE}    # refused at once and counted, the allowance refilled this fast
+
+[metrics]                   # Prometheus text at http://LISTEN/metrics; off unless listen is set
+# listen = "{MetricsSettings.example_listen}"  # keep it on loopback or a management network: no TLS
 
 [revoked]                   # refused at once, also after a reload (SIGHUP or file change)
 members = []

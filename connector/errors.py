@@ -151,6 +151,12 @@ class AuditUnavailable(Unavailable):
     """The audit log cannot be written (disk full, file-size limit, read-only): refuse all."""
 
 
+class ShuttingDown(Unavailable):
+    """The connector is stopping (SIGTERM/SIGINT): a query still running was stopped."""
+
+    outcome = "shutdown"
+
+
 class StateUnavailable(Unavailable):
     """The connector's state volume (quotas, scratch copies) cannot be written."""
 
@@ -167,6 +173,10 @@ class StoreBusy(ConnectorError):
 
 class StoreError(ConnectorError):
     """The DuckDB file could not be read or a query failed for a reason the peer may see."""
+
+
+class BackupError(ConnectorError):
+    """A backup could not be made, or an archive cannot be restored; says why."""
 
 
 class PeerError(ConnectorError):

@@ -199,6 +199,17 @@ class QuotaLedger:
         limit = "" if rows == wanted else "rows_per_day" if rows == rows_left else bytes_limit
         return rows, size, limit
 
+    def usage_today(self, now: dt.datetime) -> list[tuple[str, str, Usage]]:
+        """Every (member, policy, usage) counted today (UTC), for monitoring."""
+        day, _ = _today(now)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT member, policy, queries, rows, bytes FROM usage WHERE day = ? "
+                "ORDER BY member, policy",
+                (day,),
+            ).fetchall()
+        return [(str(m), str(p), Usage(int(q), int(r), int(b))) for m, p, q, r, b in rows]
+
     def usage(self, member: str, policy_id: str, now: dt.datetime) -> tuple[int, int]:
         """Queries and rows counted today for member under policy."""
         used = self.used(member, policy_id, now)

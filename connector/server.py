@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -17,13 +17,14 @@ from grpc_reflection.v1alpha import reflection
 
 from connector.audit import AuditLog
 from connector.config import Settings, load_settings
-from connector.errors import ConfigError, IdentityError
+from connector.errors import ConfigError, ConnectorError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
+from connector.metrics import ConnectorMetrics
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
 from connector.policy.opa import OpaLink, engine_factory, opa_link
-from connector.policy.registry import PolicyRegistry
+from connector.policy.registry import PolicyRegistry, PolicySnapshot
 from connector.policy.signing import trusted_keys
 from connector.policy.versions import VersionMemory
 from connector.process_memory import limit_address_space, prepare_allocators, process_allowance
@@ -36,11 +37,15 @@ from connector.service import ConnectorService, add_to_server
 from connector.shaping import load_mask_key
 from connector.store import DatasetInfo
 from connector.thread_pool import PrestartedThreadPool
+from connector.tls_reload import ServerTlsFiles, TlsMaterial
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = CONNECTOR_SERVICE
-STOP_GRACE_SECONDS = 10.0
+# After the grace period, stopped queries need a moment to notice the interrupt in DuckDB
+# (about 3 s at worst) and write their audit entries.
+DRAIN_SECONDS = 10.0
+SETTLE_SECONDS = 1.0
 HEALTH_SECONDS = 0.5  # how often an unwritable audit log is retried while NOT_SERVING
 
 
@@ -66,23 +71,20 @@ class ArrivalCounter(grpc.ServerInterceptor):  # type: ignore[misc]
         return handler
 
 
-def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """Server credentials that demand a client certificate chained to the CA bundle."""
-    files = {}
-    for what, path in (
-        ("certificate", settings.cert),
-        ("key", settings.key),
-        ("CA bundle", settings.ca),
-    ):
-        try:
-            files[what] = path.read_bytes()
-        except OSError as exc:
-            raise IdentityError(f"cannot read the TLS {what} {path}: {exc.strerror}") from None
-    return grpc.ssl_server_credentials(
-        [(files["key"], files["certificate"])],
-        root_certificates=files["CA bundle"],
-        require_client_auth=True,
-    )
+def _follow_tls(
+    settings: Settings, signer: ReceiptSigner, metrics: ConnectorMetrics
+) -> Callable[[TlsMaterial], None]:
+    """Keep the receipt key's endorsement and the certificate peers check receipts against
+    in step with the TLS files in force."""
+    receipt_public = load_ed25519_private(settings.receipt_key).public_key()
+
+    def follow(material: TlsMaterial) -> None:
+        endorsement = endorse_receipt_key(material.key, settings.member_id, receipt_public)
+        signer.endorsement = endorsement
+        signer.certificate_pem = material.cert_pem.decode("ascii")
+        metrics.tls_reloaded()
+
+    return follow
 
 
 def _log_misfits(policies: Sequence[UsagePolicy], datasets: Mapping[str, DatasetInfo]) -> None:
@@ -92,10 +94,25 @@ def _log_misfits(policies: Sequence[UsagePolicy], datasets: Mapping[str, Dataset
             log.warning("policy %s@%d: %s", policy.id, policy.version, warning)
 
 
-def build_provider(settings: Settings, opa: OpaLink | None = None) -> Provider:
+def _policies_loaded(
+    snapshot: PolicySnapshot,
+    sandbox: SandboxDatabase,
+    also: Callable[[PolicySnapshot], None] | None,
+) -> None:
+    _log_misfits(snapshot.policies, sandbox.datasets())
+    if also is not None:
+        also(snapshot)
+
+
+def build_provider(
+    settings: Settings,
+    opa: OpaLink | None = None,
+    on_policy_load: Callable[[PolicySnapshot], None] | None = None,
+) -> Provider:
     """The Provider for a member's home: store opened, policies loaded, receipt key read.
 
-    opa: the link to the OPA server (engine `opa`; made here when not given)."""
+    opa: the link to the OPA server (engine `opa`; made here when not given);
+    on_policy_load: also told of every policy load (metrics)."""
     if opa is None:
         opa = opa_link(settings)
     sandbox = SandboxDatabase(
@@ -115,7 +132,7 @@ def build_provider(settings: Settings, opa: OpaLink | None = None) -> Provider:
         signers,
         engine_factory(settings, opa),
         VersionMemory(settings.policies.versions_file),
-        on_load=lambda snapshot: _log_misfits(snapshot.policies, sandbox.datasets()),
+        on_load=lambda snapshot: _policies_loaded(snapshot, sandbox, on_policy_load),
     )
     receipt_key = load_ed25519_private(settings.receipt_key)
     tls_key = load_private_key(settings.key)
@@ -161,10 +178,14 @@ class RunningServer:
     health: health.HealthServicer
     settings: Settings
     service: ConnectorService
+    tls: ServerTlsFiles
+    metrics: ConnectorMetrics
     _stop: threading.Event
     opa: OpaLink | None = None
+    metrics_port: int = 0  # where /metrics is served (0: not served)
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
+    _reload_asked: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
         """Tell the health service whether requests are answered now."""
@@ -195,7 +216,8 @@ class RunningServer:
                     log.exception("checking the OPA server failed")
 
     def reload(self) -> None:
-        """Re-read the revocation list and re-verify every policy now."""
+        """Re-read the TLS files and the revocation list, and re-verify every policy now."""
+        self.tls.reload()
         try:
             self.provider.revoked = load_settings(self.settings.home).revoked
         except ConfigError as exc:
@@ -203,14 +225,24 @@ class RunningServer:
         self.provider.policies.reload()
         self.provider.prune_shaped_copies()
 
+    def ask_reload(self) -> None:
+        """Have the watcher thread reload now (SIGHUP): starting a thread for it could fail
+        once peers' queries hold the memory the server may map."""
+        self._reload_asked.set()
+
     def _watch(self) -> None:
         config = self.settings.home / "connector.toml"
         last = _mtime(config)
         trimmer = QuietTrimmer()
-        while not self._stop.wait(self.settings.policies.reload_seconds):
+        while True:
+            asked = self._reload_asked.wait(self.settings.policies.reload_seconds)
+            if self._stop.is_set():
+                return
+            self._reload_asked.clear()
             trimmer.observe(self.provider.audit.head[0])
             try:
-                if _mtime(config) != last:
+                self.tls.reload_if_changed()
+                if asked or _mtime(config) != last:
                     last = _mtime(config)
                     self.reload()
                 elif self.provider.policies.reload_if_changed():
@@ -228,18 +260,42 @@ class RunningServer:
         )
         self._health_keeper.start()
 
-    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """Stop taking requests, let running ones finish within grace seconds, close the store."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests; let running queries finish for grace seconds (default:
+        shutdown_grace_seconds), then stop them; write their audit entries and the
+        shutdown checkpoint, and close the store."""
+        if grace is None:
+            grace = self.settings.server.shutdown_grace_seconds
         self._stop.set()
+        self._reload_asked.set()  # wakes the watcher, which then ends
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        # New calls are refused from now on; gRPC itself cancels what is left only after
+        # our own stop below and the time the handlers need to write their entries.
+        self.server.stop(grace + DRAIN_SECONDS)
+        if not self.service.wait_until_idle(grace, queries_only=True):
+            log.warning(
+                "stopping %d queries still running after %g s (shutdown_grace_seconds)",
+                self.service.stop_queries(),
+                grace,
+            )
+        self.service.stop_queries()  # anything that slipped in between is refused too
+        if not self.service.wait_until_idle(DRAIN_SECONDS):
+            log.error("requests still in progress after %g s: stopping anyway", DRAIN_SECONDS)
+        # The handlers are done; gRPC still sends their last status. Calls of no connector
+        # request (health watches) are cut after that moment.
+        self.server.stop(SETTLE_SECONDS).wait()
         self.provider.stall_watch.stop()
         self.provider.sandbox.close()
         self.provider.audit.close()
         self.provider.quotas.close()
+        self.metrics.close()
         # Operators (and the soak) compare this with the audit log: every request that
         # reached the connector has an entry of its own or is counted in a "refusals" one.
-        log.info("stopped after %d connector requests since start", self.service.arrivals)
+        log.info(
+            "stopped after %d connector requests since start; audit log closed at entry %d",
+            self.service.arrivals,
+            self.provider.audit.head[0],
+        )
 
 
 def _mtime(path: Path) -> int:
@@ -249,10 +305,20 @@ def _mtime(path: Path) -> int:
         return 0
 
 
+def _close_unstarted(provider: Provider) -> None:
+    """Release what a server that could not start holds (nothing was answered yet)."""
+    provider.sandbox.close()
+    provider.audit.close()
+    provider.quotas.close()
+
+
 def start_server(settings: Settings, listen: str | None = None) -> RunningServer:
     """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one)."""
     opa = opa_link(settings)
-    provider = build_provider(settings, opa)
+    metrics = ConnectorMetrics()
+    provider = build_provider(settings, opa, metrics.policies_loaded)
+    provider.audit.on_written = metrics.audit_written
+    metrics.follow(provider.slots.in_use, provider.quotas)
     options = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
         ("grpc.max_send_message_length", settings.server.max_message_bytes * 4),
@@ -281,16 +347,37 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
     )
     address = listen or settings.server.listen
     try:
-        port = server.add_secure_port(address, _tls_credentials(settings))
+        tls = ServerTlsFiles(
+            settings.cert,
+            settings.key,
+            settings.ca,
+            settings.member_id,
+            on_change=_follow_tls(settings, provider.signer, metrics),
+        )
+        port = server.add_secure_port(address, tls.credentials())
+        metrics_port = metrics.serve(settings.metrics.listen) if settings.metrics.listen else 0
+    except ConnectorError:
+        _close_unstarted(provider)
+        raise
     except RuntimeError as exc:
-        provider.sandbox.close()
+        _close_unstarted(provider)
         raise ConfigError(
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
     server.start()
     provider.stall_watch.start()
     running = RunningServer(
-        server, port, provider, health_servicer, settings, service, threading.Event(), opa
+        server,
+        port,
+        provider,
+        health_servicer,
+        settings,
+        service,
+        tls,
+        metrics,
+        threading.Event(),
+        opa,
+        metrics_port,
     )
     running.refresh_health()
     provider.audit.on_change = running.refresh_health
@@ -326,12 +413,20 @@ def serve_forever(settings: Settings, listen: str | None = None) -> None:
     stop = threading.Event()
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s received, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.info("%s received, already stopping", name)
+            return
+        log.info(
+            "%s received, stopping: running queries may finish within %g s",
+            name,
+            settings.server.shutdown_grace_seconds,
+        )
         stop.set()
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         log.info("SIGHUP received, reloading")
-        threading.Thread(target=running.reload, name="sighup-reload", daemon=True).start()
+        running.ask_reload()
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)

@@ -34,9 +34,11 @@ from connector.errors import (
     RequestAbandoned,
     RequestExpired,
     ResourceExhausted,
+    ShuttingDown,
     StateUnavailable,
 )
 from connector.identity import MemberIdentity
+from connector.log_context import bind_request
 from connector.policy.ref import joined
 from connector.provider import Provider
 from connector.query_run import QueryRun
@@ -64,6 +66,10 @@ ENGINE_FAILED = (
 ENGINE_UNAVAILABLE = (
     "the provider's policy engine is unavailable right now, so nothing is answered; retry "
     "later (the provider's operators can see why in its log)"
+)
+STOPPING = (
+    "the provider's connector is shutting down, so this query was stopped before it ended; "
+    "retry later"
 )
 STATE_FAILED = (
     "the provider's connector cannot write its working state right now, so it answers "
@@ -182,7 +188,9 @@ class ConnectorService:
         self._in_flight = 0
         self.arrivals = 0  # connector requests since start: each has its audit record
         self._engine_log = EngineFailureLog()
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.Condition()
+        self._runs: set[QueryRun] = set()
+        self.stopping = False  # set once by stop_queries(): the server is shutting down
 
     def arrived(self) -> None:
         """A request arrived (called before it waits for a worker); no I/O."""
@@ -191,8 +199,38 @@ class ConnectorService:
             self.arrivals += 1
 
     def _left(self) -> None:
+        bind_request(None)
         with self._count_lock:
             self._in_flight -= 1
+            self._count_lock.notify_all()
+
+    def wait_until_idle(self, timeout: float, *, queries_only: bool = False) -> bool:
+        """Wait up to timeout seconds until no request (or no query) is in progress."""
+        with self._count_lock:
+            return self._count_lock.wait_for(
+                lambda: not (self._runs if queries_only else self._in_flight), timeout
+            )
+
+    def stop_queries(self) -> int:
+        """Shutting down: refuse what still arrives and stop every running query (each ends
+        with UNAVAILABLE and its audit entry, outcome "shutdown"); returns how many."""
+        with self._count_lock:
+            self.stopping = True
+            runs = list(self._runs)
+        for run in runs:
+            run.cancel()
+        return len(runs)
+
+    def _track(self, run: QueryRun, running: bool) -> None:
+        with self._count_lock:
+            if running:
+                self._runs.add(run)
+            else:
+                self._runs.discard(run)
+            self._count_lock.notify_all()
+            late = running and self.stopping  # admitted while stop_queries() ran
+        if late:
+            run.cancel()
 
     def _member(self, context: grpc.ServicerContext, entry: AuditEntry) -> MemberIdentity:
         certs = context.auth_context().get("x509_pem_cert") or [b""]
@@ -201,6 +239,8 @@ class ConnectorService:
     def _admit(self, context: grpc.ServicerContext, entry: AuditEntry) -> MemberIdentity:
         """Who asks, and whether the connector takes the request now (refused quickly)."""
         member = self._member(context, entry)
+        if self.stopping:
+            raise ShuttingDown("the provider's connector is shutting down; retry later")
         audit = self._provider.audit
         audit.check_writable(member.member_id)
         if audit.throttled(member.member_id):
@@ -259,6 +299,7 @@ class ConnectorService:
     ) -> pb.Catalog:
         """The datasets granted to the calling member."""
         entry = AuditEntry("catalog", request_id=new_request_id())
+        bind_request(entry)  # log lines from here on name the request and its member
         try:
             member = self._admit(context, entry)
             self._receive(requests, context)
@@ -283,6 +324,7 @@ class ConnectorService:
     ) -> pb.Decision:
         """The decision for a query, without running it."""
         entry = AuditEntry("explain", request_id=new_request_id())
+        bind_request(entry)  # log lines from here on name the request and its member
         try:
             member = self._admit(context, entry)
             request = peer_request(self._receive(requests, context), entry)
@@ -306,6 +348,7 @@ class ConnectorService:
         self, requests: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[pb.QueryResponse]:
         entry = AuditEntry("query", request_id=new_request_id())
+        bind_request(entry)  # log lines from here on name the request and its member
         try:
             member = self._admit(context, entry)
             request = peer_request(self._receive(requests, context), entry)
@@ -320,6 +363,7 @@ class ConnectorService:
             self._refuse(context, entry, error, "Query")
         context.add_callback(run.cancel)
         run.end_stream = context.cancel  # a peer that stops reading is cut off
+        self._track(run, running=True)
         pieces = run.pieces(context.time_remaining())
         handed = _Handed()
         try:
@@ -343,10 +387,13 @@ class ConnectorService:
             handed.onto(entry)
             if isinstance(error, QueryCancelled) and _expired(context):
                 error = QueryTimeout("the query ran past the request's deadline and was stopped")
+            elif isinstance(error, QueryCancelled) and self.stopping and not run.stalled:
+                error = ShuttingDown(STOPPING)
             self._refuse(context, entry, error, "Query")
         finally:
             pieces.close()
             run.close()
+            self._track(run, running=False)
         log.info(
             "answered %s for %s: %d rows, %d bytes, policies %s, audit entry %d",
             fields.request_id,
@@ -358,12 +405,13 @@ class ConnectorService:
         )
         yield pb.QueryResponse(receipt=receipt_message(fields, token))
 
-    @staticmethod
-    def _interruption(context: grpc.ServicerContext, run: QueryRun) -> ConnectorError:
+    def _interruption(self, context: grpc.ServicerContext, run: QueryRun) -> ConnectorError:
         if run.stalled:
             return QueryStalled("the peer stopped reading the answer; the stream was ended")
         if _expired(context):
             return QueryTimeout("the request's deadline passed while the answer was sent")
+        if self.stopping:
+            return ShuttingDown(STOPPING)
         return QueryCancelled("the peer cancelled the query while the answer was sent")
 
     def _record_quietly(self, entry: AuditEntry, error: ConnectorError) -> None:

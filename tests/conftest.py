@@ -357,7 +357,8 @@ PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
 class ServerProcess:
     """A `connector serve` child process and what it printed."""
 
-    def __init__(self, home: Path, python: str = sys.executable) -> None:
+    def __init__(self, home: Path, python: str = sys.executable, extra: Sequence[str] = ()) -> None:
+        """extra: more arguments for `connector serve` (e.g. --log-format json)."""
         self.process = subprocess.Popen(
             [
                 python,
@@ -368,6 +369,7 @@ class ServerProcess:
                 str(home),
                 "--listen",
                 "127.0.0.1:0",
+                *extra,
             ],
             stderr=subprocess.PIPE,
             text=True,

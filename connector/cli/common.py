@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connector.config import HOME_ENV, Settings, load_settings, resolve_home
-from connector.errors import ConnectorError
+from connector.errors import ConnectorError, IdentityError
+from connector.identity import DEFAULT_HOSTS
 from connector.safetext import escaped
 
 if TYPE_CHECKING:
@@ -38,3 +39,28 @@ def datasets_or_note(database: Path) -> dict[str, DatasetInfo] | None:
     except ConnectorError as error:
         print(escaped(f"note: datasets and columns not checked: {error}"), file=sys.stderr)
         return None
+
+
+def add_hosts(parser: argparse.ArgumentParser) -> None:
+    """--host HOST (repeated) and --no-default-hosts: the names a member certificate carries."""
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help=f"DNS name or IP the member serves on, added to {', '.join(DEFAULT_HOSTS)} "
+        "(repeat for several)",
+    )
+    parser.add_argument(
+        "--no-default-hosts",
+        action="store_true",
+        help=f"leave {', '.join(DEFAULT_HOSTS)} out: only the --host names",
+    )
+
+
+def hosts_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The certificate's host names: the defaults (unless left out) and each --host, once."""
+    hosts = [*(() if args.no_default_hosts else DEFAULT_HOSTS), *args.host]
+    if not hosts:
+        raise IdentityError("--no-default-hosts needs at least one --host NAME")
+    return tuple(dict.fromkeys(hosts))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from connector.cli.common import add_home
-from connector.identity import DEFAULT_HOSTS, create_dataspace_ca, issue_member_certificate
+from connector.cli.common import add_home, add_hosts, hosts_of
+from connector.identity import create_dataspace_ca, issue_member_certificate
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,16 +22,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_home(init)
     init.set_defaults(run=_init)
 
-    issue = actions.add_parser("issue", help="issue a member certificate signed by the CA in DIR")
+    issue = actions.add_parser(
+        "issue",
+        help="issue a member certificate signed by the CA in DIR (again for an existing "
+        "member: a new certificate and key to rotate to)",
+    )
     issue.add_argument("dir", type=Path, metavar="DIR")
     issue.add_argument("member_id", metavar="MEMBER_ID")
     issue.add_argument("--out", type=Path, required=True, metavar="OUTDIR")
-    issue.add_argument(
-        "--host",
-        action="append",
-        metavar="HOST",
-        help="DNS name or IP the member serves on (repeat; default: localhost, 127.0.0.1)",
-    )
+    add_hosts(issue)
     issue.add_argument("--display-name", help="organisation name shown to peers (subject O)")
     add_home(issue)
     issue.set_defaults(run=_issue)
@@ -47,7 +46,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    hosts = tuple(args.host) if args.host else DEFAULT_HOSTS
+    hosts = hosts_of(args)
     cert = issue_member_certificate(
         args.dir, args.member_id, args.out, hosts=hosts, display_name=args.display_name
     )

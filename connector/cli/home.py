@@ -6,13 +6,12 @@ import argparse
 import shutil
 from pathlib import Path
 
-from connector.cli.common import add_home
+from connector.cli.common import add_home, add_hosts, hosts_of
 from connector.config import CONFIG_FILE, ServerSettings, resolve_home, settings_from_text
 from connector.config_template import render_config
 from connector.errors import ConfigError
 from connector.identity import (
     CA_CERT_FILE,
-    DEFAULT_HOSTS,
     check_member_id,
     dataspace_name_of,
     generate_ed25519_key,
@@ -47,9 +46,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="HOST:PORT",
         help="where `connector serve` listens (default: %(default)s)",
     )
-    init.add_argument(
-        "--host", action="append", metavar="HOST", help="names to put in the certificate"
-    )
+    add_hosts(init)
     init.add_argument("--display-name", help="organisation name shown to peers")
     add_home(init)
     init.set_defaults(run=_init)
@@ -61,7 +58,7 @@ def _init(args: argparse.Namespace) -> int:
     if (home / CONFIG_FILE).exists():
         raise ConfigError(f"{home / CONFIG_FILE} exists already: this folder is a member's home")
     dataspace = dataspace_name_of(load_certificate(args.dataspace / CA_CERT_FILE))
-    hosts = tuple(args.host) if args.host else DEFAULT_HOSTS
+    hosts = hosts_of(args)
     text = render_config(member, dataspace, args.listen)
     settings = settings_from_text(text, home)  # where each file goes, as serve will look
     issue_member_certificate(

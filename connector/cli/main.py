@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
+from connector.cli.logs import add_log_options, configure_logging
 from connector.errors import ConnectorError
-from connector.safetext import escape_log_lines, escaped
+from connector.safetext import escaped
 
 EXIT_ERROR = 1
 
@@ -22,6 +22,8 @@ COMMAND_MODULES: dict[str, str] = {
     "ingest": "data",
     "datasets": "data",
     "serve": "serve",
+    "backup": "ops",
+    "restore": "ops",
     "policy": "policy",
     "catalog": "peer",
     "query": "peer",
@@ -37,7 +39,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="connector",
         description="Federated data-sharing connector: share data under signed usage policies.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    _add_top_level_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
     for name in dict.fromkeys(wanted):
@@ -46,20 +48,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def named_command(argv: Sequence[str]) -> str | None:
-    """The command the arguments name (the first word that is not an option), if any."""
-    return next((word for word in argv if not word.startswith("-")), None)
+    """The command the arguments name (the first word that is neither an option nor the
+    value of one), if any; None also when the options are wrong (the full parser says why)."""
+    options = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    _add_top_level_options(options)
+    try:
+        _, rest = options.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None
+    return next((word for word in rest if not word.startswith("-")), None)
+
+
+def _add_top_level_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_log_options(parser, top_level=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
     words = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(named_command(words)).parse_args(words)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    escape_log_lines()
+    configure_logging(args)
     try:
         status: int = args.run(args)
     except ConnectorError as error:

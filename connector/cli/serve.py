@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from connector.cli.common import add_home, settings_of
+from connector.cli.logs import add_log_options
 from connector.server import serve_forever
 
 
@@ -15,6 +16,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_home(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="overrides [server] listen")
+    add_log_options(serve, top_level=False)
     serve.set_defaults(run=_serve)
 
 

@@ -29,6 +29,8 @@ def test_the_table_names_every_command_its_modules_register_and_nothing_else() -
     [
         (["query", "--to", "x"], "query"),
         (["-v", "policy", "sign"], "policy"),
+        (["--log-format", "json", "--log-level=debug", "serve", "--home", "h"], "serve"),
+        (["--log-format", "xml", "serve"], None),
         (["--help"], None),
         ([], None),
         (["no-such-command"], "no-such-command"),

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 # The README's table, lowest layer first.
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
-     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool"},
+     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool",
+     "log_context"},
     {"config", "config_template", "identity", "jws", "receipt", "status"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
@@ -22,8 +23,9 @@ LAYERS: list[set[str]] = [
      "policy.draft", "policy.explain", "policy.filter_order", "policy.diff"},
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
-     "offline", "policy_replay", "decision_log", "policy_cases"},
-    {"wire", "service", "server", "client", "result_files"},
+     "offline", "policy_replay", "decision_log", "policy_cases", "backup",
+     "restore"},
+    {"wire", "service", "tls_reload", "metrics", "server", "client", "result_files"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 

@@ -27,6 +27,7 @@ OUTCOMES = {
     "abandoned",
     "too_large",
     "unavailable",
+    "shutdown",
 }
 
 
