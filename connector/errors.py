@@ -33,6 +33,10 @@ class IdentityError(ConnectorError):
     """A key, certificate or CA file is missing, unreadable or does not fit."""
 
 
+class DirectoryError(ConfigError):
+    """A member directory is malformed, not signed by the data space's CA, or out of date."""
+
+
 class NotAuthenticated(ConnectorError):
     """The peer's certificate is trusted but names no member, or the member is revoked."""
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from connector.cli import audit, data, dataspace, home, peer, policy, receipt, serve
+from connector.cli import audit, data, dataspace, directory, home, peer, policy, receipt, serve
 from connector.errors import ConnectorError
 from connector.safetext import escape_log_lines, escaped
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (dataspace, home, data, serve, policy, peer, receipt, audit):
+    for group in (dataspace, directory, home, data, serve, policy, peer, receipt, audit):
         group.register(commands)
     return parser
 

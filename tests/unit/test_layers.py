@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
      "arrow_stream", "process_memory", "memory", "policy.ref", "alarms"},
-    {"config", "config_template", "identity", "jws", "receipt", "status"},
+    {"config", "config_template", "identity", "jws", "receipt", "status", "directory"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
      "aggregates"},
