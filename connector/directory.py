@@ -392,7 +392,10 @@ def load_held(home: Path, ca_pem: bytes, dataspace: str) -> Directory | None:
     path = held_path(home)
     if not path.exists():
         return None
-    raw = jws.parse_json(_read_bounded(path, 2 * MAX_DIRECTORY_BYTES + 8192))
+    try:
+        raw = jws.parse_json(_read_bounded(path, 2 * MAX_DIRECTORY_BYTES + 8192))
+    except jws.JwsError as exc:
+        raise DirectoryError(f"{path} is not a held member directory: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("directory"), str):
         raise DirectoryError(f"{path} is not a held member directory")
     return verify_directory(
@@ -474,3 +477,26 @@ def describe(entries: Sequence[MemberEntry]) -> list[str]:
             + (f"  country {m.country}" if m.country else "")
         )
     return lines
+
+
+class HeldDirectory:
+    """The directory a home holds, read again (and verified) whenever the file changes:
+    what the server resolves role grants through."""
+
+    def __init__(self, home: Path, ca_file: Path, dataspace: str) -> None:
+        self._home = home
+        self._ca_file = ca_file
+        self._dataspace = dataspace
+
+    def fingerprint(self) -> tuple[int, int] | None:
+        """Changes whenever the held directory is replaced."""
+        return directory_fingerprint(self._home)
+
+    def current(self) -> Directory | None:
+        """The held directory, verified; None when none is held or it does not verify."""
+        try:
+            ca_pem = self._ca_file.read_bytes()
+        except OSError as exc:
+            log.error("cannot read the CA bundle %s: %s", self._ca_file, exc.strerror)
+            return None
+        return held_or_none(self._home, ca_pem, self._dataspace)

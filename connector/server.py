@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from connector.audit import AuditLog
 from connector.config import Settings, load_settings
+from connector.directory import HeldDirectory
 from connector.errors import ConfigError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
@@ -116,6 +117,7 @@ def build_provider(settings: Settings, opa: OpaLink | None = None) -> Provider:
         engine_factory(settings, opa),
         VersionMemory(settings.policies.versions_file),
         on_load=lambda snapshot: _log_misfits(snapshot.policies, sandbox.datasets()),
+        roles=HeldDirectory(settings.home, settings.ca, settings.dataspace),
     )
     receipt_key = load_ed25519_private(settings.receipt_key)
     tls_key = load_private_key(settings.key)
