@@ -175,3 +175,7 @@ class StoreError(ConnectorError):
 
 class PeerError(ConnectorError):
     """Client side: the remote connector could not be reached or answered unexpectedly."""
+
+
+class PeerUnreachable(PeerError):
+    """Client side: no connection or no TLS handshake with the remote connector."""

@@ -15,6 +15,7 @@ LAYERS: list[set[str]] = [
     {"config", "config_template", "identity", "jws", "receipt", "status", "directory"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
+     "federated_sql",
      "aggregates"},
     {"policy.yaml_strict", "policy.terms", "policy.model", "policy.versions", "policy.signing",
      "policy.publish", "policy.answers", "policy.engine", "policy.opa", "policy.consistency",
@@ -23,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases"},
-    {"wire", "service", "server", "client", "result_files"},
+    {"wire", "service", "server", "client", "result_files", "federation", "federated_receipts"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 

@@ -1,0 +1,509 @@
+"""Ask many members one question at once and combine their answers.
+
+    from connector.federation import FederatedQuery, resolve_targets
+    targets = resolve_targets(["role:supplier"], directory=held, own_member="carmaker")
+    result = FederatedQuery(PeerIdentity.from_home("homes/carmaker"), targets).run(
+        "SELECT plant, sum(defects) FROM part_defects GROUP BY plant", "quality-benchmarking")
+    result.table                       # the combined answer (pyarrow.Table)
+    [r.outcome for r in result.reports]  # answered, refused, unreachable, timed out, ...
+
+Every member is asked in parallel, each with its own deadline, and applies its own
+policies; one member's refusal or outage is reported, not fatal. A member named through the
+directory must present a certificate with its SPIFFE id before the query is sent, and every
+answer's receipt is verified on arrival against the data space's CA.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+from cryptography import x509
+
+from connector.client import Peer, PeerIdentity
+from connector.directory import Directory, check_endpoint
+from connector.errors import (
+    ConnectorError,
+    DirectoryError,
+    NotAuthenticated,
+    PeerError,
+    PeerUnreachable,
+    PermissionDenied,
+    QueryRejected,
+    QueryTimeout,
+    ResourceExhausted,
+    Unavailable,
+)
+from connector.federated_sql import (
+    AGGREGATE,
+    MEMBER_COLUMN,
+    FederationPlan,
+    combine,
+    group_keys,
+    plan_federation,
+)
+from connector.identity import member_identity, spiffe_id
+from connector.jws import JwsError
+from connector.names import MEMBER_ID
+from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
+
+ANSWERED = "answered"
+REFUSED = "refused"
+UNREACHABLE = "unreachable"
+TIMED_OUT = "timed out"
+WRONG_IDENTITY = "wrong identity"
+FAILED = "failed"
+ROLE_PREFIX = "role:"
+
+
+class WrongIdentity(PeerError):
+    """The endpoint of a member presented another certificate than that member's."""
+
+
+class FederationIncomplete(ConnectorError):
+    """Not every member answered, and every member's answer was required."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One member to ask: how it is named, where it answers, who it must prove to be."""
+
+    label: str
+    address: str
+    member_id: str = ""  # set when looked up in the directory: the identity checked
+
+
+def resolve_targets(
+    specs: Sequence[str],
+    *,
+    everyone: bool = False,
+    directory: Directory | None = None,
+    own_member: str = "",
+) -> list[Target]:
+    """Targets for `--to` values (member id, role:ROLE, HOST:PORT) and `--all`, in order and
+    without repeats; DirectoryError before anyone is contacted when one cannot be resolved."""
+    found: dict[str, Target] = {}
+    wanted = [*specs, *([f"{ROLE_PREFIX}*"] if everyone else [])]
+    for spec in wanted:
+        for target in _resolve(spec, directory, own_member):
+            found.setdefault(target.label, target)
+    if not found:
+        raise DirectoryError("no member to ask: name them with --to, --to role:ROLE or --all")
+    return list(found.values())
+
+
+def _needs(directory: Directory | None, what: str) -> Directory:
+    if directory is None:
+        raise DirectoryError(
+            f"{what} is looked up in the member directory, and this home holds none: take the "
+            "authority's with `connector directory update --home HOME FILE`, or use HOST:PORT"
+        )
+    return directory
+
+
+def _resolve(spec: str, directory: Directory | None, own_member: str) -> list[Target]:
+    if spec.startswith(ROLE_PREFIX):
+        role = spec[len(ROLE_PREFIX) :]
+        held = _needs(directory, "--all" if role == "*" else f"role {role}")
+        entries = held.members if role == "*" else held.with_role(role)
+        targets = [Target(e.id, e.endpoints[0], e.id) for e in entries if e.id != own_member]
+        if not targets:
+            what = (
+                "the directory lists no other member"
+                if role == "*"
+                else f"no member has role {role}"
+            )
+            raise DirectoryError(f"{what} (directory version {held.version})")
+        return targets
+    if MEMBER_ID.fullmatch(spec) and ":" not in spec:
+        held = _needs(directory, f"member {spec}")
+        entry = held.member(spec)
+        if entry is None:
+            raise DirectoryError(
+                f"{spec} is not a member in the directory (version {held.version}); see "
+                "`connector members`"
+            )
+        return [Target(entry.id, entry.endpoints[0], entry.id)]
+    return [Target(check_endpoint(spec), spec)]
+
+
+# ---------------------------------------------------------------------------------------
+# The identity an endpoint presents, checked before anything is sent
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def presented_member(address: str, identity: PeerIdentity, timeout: float) -> str:
+    """The SPIFFE id of the certificate the endpoint presents in a TLS handshake (chained to
+    the data space's CA); PeerUnreachable when no handshake completes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # the member's SPIFFE id is what is checked, below
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=identity.ca_pem.decode("ascii"))
+    context.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as folder:  # ssl loads a client key only from a file
+        key, cert = Path(folder, "key.pem"), Path(folder, "cert.pem")
+        key.touch(mode=0o600)
+        key.write_bytes(identity.key_pem)
+        cert.write_bytes(identity.cert_pem)
+        context.load_cert_chain(cert, key)
+    try:
+        with (
+            socket.create_connection(_host_port(address), timeout=timeout) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except TimeoutError:
+        raise QueryTimeout(f"{address} did not complete a TLS handshake in time") from None
+    except (OSError, ValueError) as exc:
+        raise PeerUnreachable(
+            f"{address} is unreachable or refused the TLS handshake: {exc}"
+        ) from None
+    if der is None:
+        raise WrongIdentity(f"{address} presented no certificate")
+    try:
+        return member_identity(x509.load_der_x509_certificate(der)).spiffe_id
+    except (ConnectorError, ValueError):
+        return "(no member id)"
+
+
+def check_member_endpoint(
+    target: Target, identity: PeerIdentity, dataspace: str, timeout: float
+) -> None:
+    """Refuse (WrongIdentity) when target names a member and its endpoint presents a
+    certificate without that member's SPIFFE id."""
+    if not target.member_id:
+        return
+    expected = spiffe_id(dataspace, target.member_id)
+    presented = presented_member(target.address, identity, timeout)
+    if presented != expected:
+        raise WrongIdentity(
+            f"{target.address} presented the certificate of {presented}, not of member "
+            f"{target.member_id}; nothing was sent (the directory or the network is wrong)"
+        )
+
+
+def dataspace_of(identity: PeerIdentity) -> str:
+    """The data space of our own certificate (the one the members' ids are checked in)."""
+    return member_identity(x509.load_pem_x509_certificate(identity.cert_pem)).dataspace
+
+
+# ---------------------------------------------------------------------------------------
+# Asking one member
+
+
+@dataclass
+class MemberReport:
+    """One member's outcome: answered (rows, receipt), refused (why), unreachable, ..."""
+
+    label: str
+    address: str
+    member_id: str
+    outcome: str = ""
+    detail: str = ""
+    rows: int = 0
+    seconds: float = 0.0
+    min_group_size: int = 0  # the member answers only groups of at least this many rows
+    receipt: ReceiptFields | None = None
+    bundle: ReceiptBundle | None = None
+    part_file: Path | None = None
+
+    @property
+    def answered(self) -> bool:
+        """True when the member's answer is part of the result."""
+        return self.outcome == ANSWERED
+
+
+class _ResponseReader(io.RawIOBase):
+    """The Arrow IPC pieces of a Query stream as one readable file, hashed (and copied to
+    sink) as they pass; the receipt at the end is kept aside."""
+
+    def __init__(self, messages: Any, sink: IO[bytes] | None) -> None:
+        super().__init__()
+        self._messages = iter(messages)
+        self._piece = memoryview(b"")
+        self._sink = sink
+        self.digest = hashlib.sha256()
+        self.token = ""
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._piece:
+            try:
+                message = next(self._messages)
+            except StopIteration:
+                return 0
+            except Exception as exc:  # raised again by the caller, not inside Arrow
+                self.error = exc
+                return 0
+            if message.HasField("receipt"):
+                self.token = message.receipt.jws
+                continue
+            data = message.arrow_ipc
+            self.digest.update(data)
+            if self._sink is not None:
+                self._sink.write(data)
+            self._piece = memoryview(data)
+        size = min(len(buffer), len(self._piece))
+        buffer[:size] = self._piece[:size]
+        self._piece = self._piece[size:]
+        return size
+
+
+def _read_answer(
+    peer: Peer, sql: str, purpose: str, sink: IO[bytes] | None
+) -> tuple[pa.Table, str, str]:
+    """The answer table, its receipt and the sha256 of its bytes, read batch by batch."""
+    reader = _ResponseReader(peer.stream(sql, purpose), sink)
+    try:
+        table = pa.ipc.open_stream(io.BufferedReader(reader, 1 << 20)).read_all()
+    except (pa.ArrowException, OSError, ValueError):
+        if reader.error is not None:
+            raise reader.error from None
+        raise PeerError(f"{peer.address} sent a result that is not Arrow IPC") from None
+    if reader.error is not None:
+        raise reader.error
+    for _ in iter(lambda: reader.read(1 << 16), b""):  # the rest: the receipt message
+        pass
+    if reader.error is not None:
+        raise reader.error
+    if not reader.token:
+        raise PeerError(f"{peer.address} ended the result without a receipt; do not trust it")
+    return table, reader.token, reader.digest.hexdigest()
+
+
+def _outcome(error: BaseException) -> tuple[str, str]:
+    if isinstance(error, WrongIdentity):
+        return WRONG_IDENTITY, str(error)
+    if isinstance(error, PermissionDenied):
+        return REFUSED, "; ".join(error.reasons)
+    if isinstance(error, QueryTimeout):
+        return TIMED_OUT, "no complete answer before the deadline"
+    if isinstance(error, PeerUnreachable):
+        return UNREACHABLE, str(error)
+    if isinstance(error, QueryRejected | ResourceExhausted | NotAuthenticated | Unavailable):
+        return REFUSED, str(error)
+    if isinstance(error, ConnectorError):
+        return FAILED, str(error)
+    return FAILED, f"{type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------------------------
+# Many members
+
+
+@dataclass
+class FederatedResult:
+    """The combined answer and every member's report."""
+
+    table: pa.Table
+    plan: FederationPlan
+    reports: list[MemberReport]
+    per_member: bool = False
+    incomplete_groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every member asked answered."""
+        return all(r.answered for r in self.reports)
+
+    @property
+    def kind(self) -> str:
+        """union, aggregate or per-member: how the answers were combined."""
+        return "per-member" if self.per_member else self.plan.kind
+
+
+Progress = Callable[[MemberReport, int, int, int], None]  # report, done, total, rows so far
+
+
+class FederatedQuery:
+    """One question for many members, in parallel, each with its own deadline."""
+
+    def __init__(
+        self,
+        identity: PeerIdentity,
+        targets: Sequence[Target],
+        *,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+        parts_to: Path | None = None,
+    ) -> None:
+        """parts_to: keep each member's exact Arrow bytes as PARTS_TO.<label>.arrow."""
+        self.identity = identity
+        self.targets = list(targets)
+        self.timeout = timeout
+        self.progress = progress
+        self.parts_to = parts_to
+        self._dataspace = dataspace_of(identity)
+        self._lock = threading.Lock()
+
+    def plan(self, sql: str, *, per_member: bool = False) -> FederationPlan:
+        """How sql is asked (NotFederable before anything is sent)."""
+        return FederationPlan("union", sql) if per_member else plan_federation(sql)
+
+    def run(
+        self, sql: str, purpose: str, *, per_member: bool = False, require_all: bool = False
+    ) -> FederatedResult:
+        """Ask every target; FederationIncomplete with require_all when one did not answer."""
+        plan = self.plan(sql, per_member=per_member)
+        reports = [MemberReport(t.label, t.address, t.member_id) for t in self.targets]
+        tables: dict[str, pa.Table] = {}
+        done, rows = 0, 0
+        workers = max(1, min(32, len(self.targets)))
+        with concurrent.futures.ThreadPoolExecutor(workers, "federated") as pool:
+            futures = {
+                pool.submit(self._ask, target, report, plan, purpose): report
+                for target, report in zip(self.targets, reports, strict=True)
+            }
+            for future in concurrent.futures.as_completed(futures):
+                report = futures[future]
+                table = future.result()
+                if table is not None:
+                    tables[report.label] = table
+                done += 1
+                rows += report.rows
+                if self.progress is not None:
+                    self.progress(report, done, len(reports), rows)
+        if require_all and not all(r.answered for r in reports):
+            missing = ", ".join(f"{r.label} ({r.outcome})" for r in reports if not r.answered)
+            raise FederationIncomplete(f"not every member answered: {missing}")
+        answered = [(r, tables[r.label]) for r in reports if r.label in tables]
+        return self._combined(plan, answered, reports, per_member)
+
+    def _combined(
+        self,
+        plan: FederationPlan,
+        answered: list[tuple[MemberReport, pa.Table]],
+        reports: list[MemberReport],
+        per_member: bool,
+    ) -> FederatedResult:
+        if plan.kind == AGGREGATE and not per_member:
+            table = combine(plan, [t for _, t in answered])
+            return FederatedResult(table, plan, reports, False, incomplete_groups(plan, answered))
+        return FederatedResult(union(answered), plan, reports, per_member)
+
+    def _ask(
+        self, target: Target, report: MemberReport, plan: FederationPlan, purpose: str
+    ) -> pa.Table | None:
+        started = time.monotonic()
+        deadline = started + self.timeout
+        try:
+            return self._answer(target, report, plan, purpose, deadline)
+        except Exception as error:
+            report.outcome, report.detail = _outcome(error)
+            if report.part_file is not None:
+                report.part_file.unlink(missing_ok=True)
+                report.part_file = None
+            return None
+        finally:
+            report.seconds = time.monotonic() - started
+
+    def _answer(
+        self,
+        target: Target,
+        report: MemberReport,
+        plan: FederationPlan,
+        purpose: str,
+        deadline: float,
+    ) -> pa.Table:
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueryTimeout("no time left")
+            return remaining
+
+        check_member_endpoint(target, self.identity, self._dataspace, left())
+        with Peer(target.address, self.identity, timeout=left()) as peer:
+            entries = peer.catalog()
+            report.min_group_size = max(
+                (e.min_group_size for e in entries if e.name in plan.datasets), default=0
+            )
+            endorsement, certificate = peer.provider_proof()
+            peer.timeout = left()
+            table, token, digest = self._fetch(peer, report, plan.member_sql, purpose)
+        bundle = ReceiptBundle(token, endorsement, certificate)
+        try:
+            fields = verify_bundle(bundle, self.identity.ca_pem, None)
+        except (JwsError, ConnectorError) as exc:
+            raise PeerError(f"the receipt from {target.address} does not verify: {exc}") from None
+        if fields.result_sha256 != digest:
+            raise PeerError(f"the receipt from {target.address} does not match the data sent")
+        if target.member_id and fields.provider_id != target.member_id:
+            raise WrongIdentity(
+                f"{target.address} answered as {fields.provider_id}, not as {target.member_id}"
+            )
+        report.outcome, report.rows, report.receipt, report.bundle = (
+            ANSWERED,
+            table.num_rows,
+            fields,
+            bundle,
+        )
+        return table
+
+    def _fetch(
+        self, peer: Peer, report: MemberReport, sql: str, purpose: str
+    ) -> tuple[pa.Table, str, str]:
+        if self.parts_to is None:
+            return _read_answer(peer, sql, purpose, None)
+        report.part_file = part_path(self.parts_to, report.label)
+        with report.part_file.open("wb") as sink:
+            return _read_answer(peer, sql, purpose, sink)
+
+
+def part_path(output: Path, label: str) -> Path:
+    """Where a member's exact Arrow bytes are kept beside a combined result."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    return output.with_name(f"{output.name}.{safe}.arrow")
+
+
+def _member_column(label: str, rows: int) -> pa.Array:
+    """A constant column naming the member (dictionary-encoded: 4 bytes a row)."""
+    indices = pa.repeat(pa.scalar(0, pa.int32()), rows)
+    return pa.DictionaryArray.from_arrays(indices, pa.array([label], pa.string()))
+
+
+def union(answered: Sequence[tuple[MemberReport, pa.Table]]) -> pa.Table:
+    """The members' answers stacked, in the order asked, with `_member` first."""
+    tables = [
+        t.add_column(0, MEMBER_COLUMN, _member_column(r.label, t.num_rows)) for r, t in answered
+    ]
+    if not tables:
+        return pa.table({MEMBER_COLUMN: pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def incomplete_groups(
+    plan: FederationPlan, answered: Sequence[tuple[MemberReport, pa.Table]]
+) -> list[dict[str, Any]]:
+    """The groups some aggregate-only member may have dropped (too few of its rows): every
+    group another member answered that such a member did not."""
+    keys = {r.label: set(group_keys(plan, t)) for r, t in answered}
+    every = set().union(*keys.values()) if keys else set()
+    missing: dict[tuple[object, ...], list[str]] = {}
+    for report, _ in answered:
+        if report.min_group_size:
+            for key in every - keys[report.label]:
+                missing.setdefault(key, []).append(report.label)
+    names = [output or column for output, column in plan.groups]
+    return [
+        {"group": dict(zip(names, key, strict=True)), "members": sorted(labels)}
+        for key, labels in sorted(missing.items(), key=lambda item: repr(item[0]))
+    ]
