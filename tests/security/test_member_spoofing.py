@@ -1,0 +1,81 @@
+"""An endpoint that presents another member's certificate gets nothing: a member id named
+with --to is looked up in the signed directory, and the certificate presented there must
+carry that member's SPIFFE id before any request is sent (over mTLS, real server)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from connector.config import load_settings
+from connector.directory import load_held
+from connector.federation import WRONG_IDENTITY, FederatedQuery, resolve_targets
+from tests.conftest import Space, run_cli
+
+SQL = "SELECT plant, sum(defects) FROM part_defects GROUP BY plant"
+PURPOSE = "quality-benchmarking"
+
+
+@pytest.fixture(scope="module")
+def lying_directory(shared_space: Space, dataspace: Path, module_dir: Path) -> Space:
+    """supplier-a holds a directory that lists carmaker's endpoint for member supplier-b."""
+    authority = module_dir / "authority"
+    authority.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy2(dataspace / name, authority / name)
+    endpoint = f"127.0.0.1:{shared_space.server.port}"
+    for member_id in ("carmaker", "supplier-b"):
+        args: list[str | Path] = ["dataspace", "member", "add", authority, member_id]
+        assert run_cli(*args, "--endpoint", endpoint) == 0
+    published = module_dir / "directory.json"
+    assert run_cli("dataspace", "publish", authority, "--out", published) == 0
+    assert run_cli("directory", "update", "--home", shared_space.grantee.home, published) == 0
+    return shared_space
+
+
+def _seq(space: Space) -> int:
+    return space.server.provider.audit.head[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["query", "--purpose", PURPOSE, SQL],
+        ["explain", "--purpose", PURPOSE, SQL],
+        ["catalog"],
+    ],
+)
+def test_a_spoofed_member_endpoint_gets_no_request_from_the_cli(
+    lying_directory: Space, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = lying_directory.grantee.home
+    before = _seq(lying_directory)
+    assert run_cli(command[0], "--home", home, "--to", "supplier-b", *command[1:]) == 1
+    err = capsys.readouterr().err
+    assert "presented the certificate of spiffe://test-space/member/carmaker" in err
+    assert "not of member supplier-b; nothing was sent" in err
+    assert _seq(lying_directory) == before
+    # The same endpoint named as the member it is: answered.
+    assert run_cli(command[0], "--home", home, "--to", "carmaker", *command[1:]) == 0
+
+
+def test_a_spoofed_member_in_a_federated_query_is_reported_and_gets_nothing(
+    lying_directory: Space,
+) -> None:
+    settings = load_settings(lying_directory.grantee.home)
+    directory = load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
+    identity = lying_directory.grantee.identity()
+
+    def entries_written(*names: str) -> tuple[dict[str, str], int]:
+        before = _seq(lying_directory)
+        targets = resolve_targets(list(names), directory=directory)
+        result = FederatedQuery(identity, targets).run(SQL, PURPOSE)
+        return {r.label: r.outcome for r in result.reports}, _seq(lying_directory) - before
+
+    alone = entries_written("carmaker")
+    both = entries_written("carmaker", "supplier-b")
+    assert both[0] == {"carmaker": "answered", "supplier-b": WRONG_IDENTITY}
+    # Nothing reached the connector on behalf of supplier-b: only carmaker's own requests.
+    assert both[1] == alone[1] > 0
