@@ -245,15 +245,16 @@ class _ResponseReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def _next_piece(self) -> bool:
+        """Take the next Arrow piece off the stream (False at its end)."""
         while not self._piece:
             try:
                 message = next(self._messages)
             except StopIteration:
-                return 0
+                return False
             except Exception as exc:  # raised again by the caller, not inside Arrow
                 self.error = exc
-                return 0
+                return False
             if message.HasField("receipt"):
                 self.token = message.receipt.jws
                 continue
@@ -262,10 +263,26 @@ class _ResponseReader(io.RawIOBase):
             if self._sink is not None:
                 self._sink.write(data)
             self._piece = memoryview(data)
-        size = min(len(buffer), len(self._piece))
-        buffer[:size] = self._piece[:size]
-        self._piece = self._piece[size:]
-        return size
+        return True
+
+    def read(self, size: int | None = -1) -> Any:
+        """Up to size bytes; a view into the received piece when it holds them all, so the
+        Arrow reader keeps the received bytes themselves rather than a copy of them."""
+        wanted = size if size is not None and size >= 0 else 1 << 62
+        parts: list[memoryview] = []
+        while wanted > 0 and self._next_piece():
+            part = self._piece[:wanted]
+            self._piece = self._piece[len(part) :]
+            parts.append(part)
+            wanted -= len(part)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _read_answer(
@@ -274,7 +291,7 @@ def _read_answer(
     """The answer table, its receipt and the sha256 of its bytes, read batch by batch."""
     reader = _ResponseReader(peer.stream(sql, purpose), sink)
     try:
-        table = pa.ipc.open_stream(io.BufferedReader(reader, 1 << 20)).read_all()
+        table = pa.ipc.open_stream(reader).read_all()
     except (pa.ArrowException, OSError, ValueError):
         if reader.error is not None:
             raise reader.error from None
