@@ -162,8 +162,8 @@ def _entry(raw: object, position: int) -> MemberEntry:
     if len(name) > _NAME_MAX or not name.isprintable():
         raise DirectoryError(f"{where} ({member_id}): the name is too long or not printable")
     endpoints, roles = raw.get("endpoints"), raw.get("roles", [])
-    if not isinstance(endpoints, list) or not 0 < len(endpoints) <= MAX_ENDPOINTS:
-        raise DirectoryError(f"{where} ({member_id}): endpoints must list 1-{MAX_ENDPOINTS}")
+    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
+        raise DirectoryError(f"{where} ({member_id}): endpoints must list at most {MAX_ENDPOINTS}")
     if not all(isinstance(e, str) for e in endpoints):
         raise DirectoryError(f"{where} ({member_id}): each endpoint must be HOST:PORT text")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
@@ -473,7 +473,7 @@ def describe(entries: Sequence[MemberEntry]) -> list[str]:
     for m in entries:
         roles = ", ".join(m.roles) or "-"
         lines.append(
-            f"{m.id}  {m.name}  endpoints {', '.join(m.endpoints)}  roles {roles}"
+            f"{m.id}  {m.name}  endpoints {', '.join(m.endpoints) or '-'}  roles {roles}"
             + (f"  country {m.country}" if m.country else "")
         )
     return lines

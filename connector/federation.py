@@ -1,8 +1,8 @@
 """Ask many members one question at once and combine their answers.
 
-    from connector.federation import FederatedQuery, resolve_targets
-    targets = resolve_targets(["role:supplier"], directory=held, own_member="carmaker")
-    result = FederatedQuery(PeerIdentity.from_home("homes/carmaker"), targets).run(
+    from connector.federation import FederatedQuery
+    query = FederatedQuery.from_home("homes/carmaker", ["role:supplier"], timeout=30)
+    result = query.run(
         "SELECT plant, sum(defects) FROM part_defects GROUP BY plant", "quality-benchmarking")
     result.table                       # the combined answer (pyarrow.Table)
     [r.outcome for r in result.reports]  # answered, refused, unreachable, timed out, ...
@@ -32,7 +32,8 @@ import pyarrow as pa
 from cryptography import x509
 
 from connector.client import Peer, PeerIdentity
-from connector.directory import Directory, check_endpoint
+from connector.config import load_settings
+from connector.directory import Directory, check_endpoint, load_held
 from connector.errors import (
     ConnectorError,
     DirectoryError,
@@ -117,7 +118,11 @@ def _resolve(spec: str, directory: Directory | None, own_member: str) -> list[Ta
         role = spec[len(ROLE_PREFIX) :]
         held = _needs(directory, "--all" if role == "*" else f"role {role}")
         entries = held.members if role == "*" else held.with_role(role)
-        targets = [Target(e.id, e.endpoints[0], e.id) for e in entries if e.id != own_member]
+        targets = [
+            Target(e.id, e.endpoints[0], e.id)
+            for e in entries
+            if e.id != own_member and e.endpoints  # a member that only asks answers nothing
+        ]
         if not targets:
             what = (
                 "the directory lists no other member"
@@ -133,6 +138,10 @@ def _resolve(spec: str, directory: Directory | None, own_member: str) -> list[Ta
             raise DirectoryError(
                 f"{spec} is not a member in the directory (version {held.version}); see "
                 "`connector members`"
+            )
+        if not entry.endpoints:
+            raise DirectoryError(
+                f"{spec} lists no endpoint in the directory: it answers no queries"
             )
         return [Target(entry.id, entry.endpoints[0], entry.id)]
     return [Target(check_endpoint(spec), spec)]
@@ -371,6 +380,30 @@ class FederatedQuery:
         self.parts_to = parts_to
         self._dataspace = dataspace_of(identity)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_home(
+        cls,
+        home: Path | str,
+        to: Sequence[str] = (),
+        *,
+        everyone: bool = False,
+        timeout: float = 60.0,
+    ) -> FederatedQuery:
+        """Ask as the member of home, the members `to` names (ids, role:ROLE, HOST:PORT) and
+        with everyone=True all of them, resolved through the directory the home holds."""
+        settings = load_settings(Path(home))
+        identity = PeerIdentity.from_files(settings.cert, settings.key, settings.ca)
+        needs_directory = everyone or any(":" not in s or s.startswith(ROLE_PREFIX) for s in to)
+        directory = (
+            load_held(settings.home, identity.ca_pem, settings.dataspace)
+            if needs_directory
+            else None
+        )
+        targets = resolve_targets(
+            to, everyone=everyone, directory=directory, own_member=settings.member_id
+        )
+        return cls(identity, targets, timeout=timeout)
 
     def plan(self, sql: str, *, per_member: bool = False) -> FederationPlan:
         """How sql is asked (NotFederable before anything is sent)."""

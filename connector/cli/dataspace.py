@@ -58,9 +58,10 @@ def _register_directory(actions: argparse._SubParsersAction[argparse.ArgumentPar
     add.add_argument(
         "--endpoint",
         action="append",
-        required=True,
+        default=[],
         metavar="HOST:PORT",
-        help="where the member's connector answers (repeat for several)",
+        help="where the member's connector answers (repeat for several; none for a member "
+        "that only asks)",
     )
     add.add_argument(
         "--role", action="append", default=[], metavar="ROLE", help="oem, supplier, ... (repeat)"

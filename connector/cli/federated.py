@@ -10,7 +10,7 @@ from pathlib import Path
 from connector.cli.common import settings_of
 from connector.client import PeerIdentity
 from connector.config import Settings
-from connector.directory import Directory, load_held
+from connector.directory import load_held
 from connector.errors import ConfigError
 from connector.federated_receipts import receipts_path, save_result
 from connector.federation import (
@@ -39,16 +39,15 @@ def is_federated(args: argparse.Namespace) -> bool:
     )
 
 
-def held_directory(settings: Settings) -> Directory | None:
-    """The member directory the home holds (verified), None when none."""
-    return load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
-
-
 def targets_of(args: argparse.Namespace, settings: Settings) -> list[Target]:
     """The members the arguments name, resolved through the home's directory."""
     specs = list(args.to or [])
     needs_directory = args.all or any(":" not in s or s.startswith("role:") for s in specs)
-    directory = held_directory(settings) if needs_directory else None
+    directory = (
+        load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
+        if needs_directory
+        else None
+    )
     return resolve_targets(
         specs, everyone=args.all, directory=directory, own_member=settings.member_id
     )

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import load_settings
-from connector.directory import load_held
 from connector.errors import DirectoryError
 from connector.federated_sql import MEMBER_COLUMN, NotFederable
 from connector.federation import (
@@ -48,10 +46,7 @@ class Federation:
     folder: Path
 
     def ask(self, *specs: str, timeout: float = 20.0) -> FederatedQuery:
-        settings = load_settings(self.asker.home)
-        directory = load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
-        targets = resolve_targets(specs, directory=directory, own_member="asker")
-        return FederatedQuery(self.asker.identity(), targets, timeout=timeout)
+        return FederatedQuery.from_home(self.asker.home, specs, timeout=timeout)
 
     def audit_seq(self, member_id: str) -> int:
         return self.servers[member_id].provider.audit.head[0]
