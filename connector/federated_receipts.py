@@ -95,21 +95,25 @@ def verify_receipts(
         plan = FederationPlan.from_json(document["plan"])
         members = list(document["members"])
         kind = str(document["kind"])
-    except (OSError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise JwsError(f"{path} is not a federated receipts file ({exc})") from None
     checked: list[CheckedPart] = []
     tables: list[tuple[MemberReport, pa.Table]] = []
     silent = []
     for entry in members:
-        if entry.get("receipt") is None:
-            silent.append(f"{entry.get('member')} ({entry.get('outcome')})")
-            continue
-        part = path.with_name(str(entry["part"]))
+        try:
+            if entry.get("receipt") is None:
+                silent.append(f"{entry.get('member')} ({entry.get('outcome')})")
+                continue
+            # A name beside the receipts file, never a path elsewhere (with_name refuses '/').
+            part = path.with_name(str(entry["part"]))
+            bundle = ReceiptBundle(**{k: str(v) for k, v in entry["receipt"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise JwsError(f"{path} is not a federated receipts file ({exc})") from None
         try:
             content = part.read_bytes()
         except OSError as exc:
             raise JwsError(f"cannot read {part.name}: {exc.strerror}") from None
-        bundle = ReceiptBundle(**{k: str(v) for k, v in entry["receipt"].items()})
         try:
             fields = verify_bundle(bundle, ca_pem, content)
         except JwsError as exc:

@@ -28,6 +28,7 @@ UNION = "union"
 AGGREGATE = "aggregate"
 MEMBER_COLUMN = "_member"
 COMBINABLE = frozenset({"count", "count_star", "sum", "avg", "mean", "min", "max"})
+COMBINED_FUNCTIONS = frozenset({"count", "sum", "min", "max", "avg"})
 _NOT_COMBINABLE = {
     "median": "a median of the whole cannot be computed from each member's median",
     "quantile": "a quantile of the whole cannot be computed from each member's quantiles",
@@ -75,23 +76,36 @@ class FederationPlan:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> FederationPlan:
-        """The plan to_json wrote; ValueError when it is not one."""
+        """The plan to_json wrote; ValueError when it is not one. The file it comes from is
+        not trusted: every part that reaches the combining SQL is checked or quoted."""
         try:
-            return cls(
+            plan = cls(
                 kind=str(raw["kind"]),
                 member_sql=str(raw["member_sql"]),
                 datasets=tuple(map(str, raw["datasets"])),
                 groups=tuple((str(a), str(b)) for a, b in raw["groups"]),
                 aggregates=tuple(
-                    AggregatePart(str(a["output"]), str(a["function"]), tuple(a["partials"]))
+                    AggregatePart(
+                        str(a["output"]), str(a["function"]), tuple(map(str, a["partials"]))
+                    )
                     for a in raw["aggregates"]
                 ),
                 outputs=tuple(map(str, raw["outputs"])),
                 order_by=tuple((str(a), bool(b)) for a, b in raw["order_by"]),
                 limit=None if raw["limit"] is None else int(raw["limit"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a federation plan ({exc})") from None
+        functions = {part.function for part in plan.aggregates}
+        if plan.kind not in (UNION, AGGREGATE) or not functions <= COMBINED_FUNCTIONS:
+            raise ValueError("not a federation plan (unknown kind or combining function)")
+        if plan.limit is not None and plan.limit < 0:
+            raise ValueError("not a federation plan (negative limit)")
+        if any(len(p.partials) != (2 if p.function == "avg" else 1) for p in plan.aggregates):
+            raise ValueError("not a federation plan (partial columns do not fit)")
+        if set(plan.outputs) - {o for o, _ in plan.groups} - {p.output for p in plan.aggregates}:
+            raise ValueError("not a federation plan (an output is neither group nor aggregate)")
+        return plan
 
 
 def _shape(value: object) -> object:

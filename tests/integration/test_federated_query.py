@@ -3,8 +3,11 @@ by policy, one is down; the combined figures equal those of the answering member
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import pty
 import shutil
 import socket
 from collections.abc import Callable
@@ -267,3 +270,17 @@ def test_receipts_of_every_member_are_kept_and_verified(
         output.with_name(f"{output.name}.sup-b.arrow").write_bytes(b"changed")
     assert run_cli("receipt", "verify", receipts, "--data", output, "--home", home) == 1
     assert "NOT VALID" in capsys.readouterr().err
+
+
+def test_progress_is_shown_on_a_terminal_only(
+    federation: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args: list[str | Path] = ["--home", federation.asker.home, "--to", "sup-a", "--to", "sup-b"]
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as terminal, contextlib.redirect_stderr(terminal):
+        assert run_cli("query", *args, "--purpose", PURPOSE, SUM_QUERY) == 0
+    shown = os.read(leader, 65536).decode()
+    os.close(leader)
+    assert "\r1/2 members done" in shown and "2/2 members done, 8 rows so far" in shown
+    assert run_cli("query", *args, "--purpose", PURPOSE, SUM_QUERY) == 0
+    assert "members done" not in capsys.readouterr().err  # not a terminal: no progress
