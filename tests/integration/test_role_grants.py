@@ -81,3 +81,16 @@ def test_lint_warns_of_grantees_the_directory_does_not_know(
     assert "grantee suplier-b is not a member" in text and "did you mean 'supplier-b'" in text
     assert "has role logistics" in text
     assert "grantee supplier-a" not in text and "has role supplier" not in text
+
+
+def test_explain_and_diff_name_the_roles_a_policy_grants_to(
+    make_member: Callable[[str], Member], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = make_member("carmaker").home
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(ROLE_POLICY)
+    new.write_text(ROLE_POLICY.replace("roles: [supplier]", "roles: [supplier, oem]"))
+    assert run_cli("policy", "explain", "--home", home, old) == 0
+    assert "every member with role supplier in the data space's signed" in capsys.readouterr().out
+    run_cli("policy", "diff", old, new)
+    assert "role oem added" in capsys.readouterr().out
