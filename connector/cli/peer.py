@@ -12,7 +12,8 @@ from typing import Any
 from connector.cli import federated
 from connector.cli.common import add_home, settings_of
 from connector.client import NoiseInfo, Peer, PeerIdentity
-from connector.errors import ConfigError, PermissionDenied
+from connector.directory import load_held
+from connector.errors import ConfigError, ConnectorError, PermissionDenied
 from connector.federation import check_member_endpoint
 from connector.policy.ref import joined
 from connector.result_files import ARROW_SUFFIX, FORMATS, save, write_text
@@ -108,6 +109,20 @@ def _peer(args: argparse.Namespace) -> Peer:
     return Peer(target.address, identity, timeout=args.timeout)
 
 
+def _provider_name(args: argparse.Namespace, address: str) -> str:
+    """The provider's display name and id as the member directory held lists them, when it
+    was named by member id (its certificate then checked); "" otherwise."""
+    settings = settings_of(args)
+    try:
+        directory = load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
+    except (OSError, ConnectorError):
+        return ""
+    for member in directory.members if directory else ():
+        if member.id == args.to and address in member.endpoints:
+            return f"{member.name} ({member.id})"
+    return ""
+
+
 def _catalog(args: argparse.Namespace) -> int:
     with _peer(args) as peer:
         entries = peer.catalog()
@@ -138,6 +153,9 @@ def _catalog(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(rows, indent=2))
         return 0
+    provider = _provider_name(args, peer.address)
+    if provider:
+        print(escaped(f"{provider}, at {peer.address}:"))
     if not entries:
         print(escaped(f"{args.to} grants you no datasets"))
     for e in entries:

@@ -27,7 +27,8 @@ def lying_directory(shared_space: Space, dataspace: Path, module_dir: Path) -> S
         shutil.copy2(dataspace / name, authority / name)
     endpoint = f"127.0.0.1:{shared_space.server.port}"
     for member_id in ("carmaker", "supplier-b"):
-        args: list[str | Path] = ["dataspace", "member", "add", authority, member_id]
+        args: list[str | Path] = ["dataspace", "member", "add", authority, member_id, "--name"]
+        args.append(member_id.title())
         assert run_cli(*args, "--endpoint", endpoint) == 0
     published = module_dir / "directory.json"
     assert run_cli("dataspace", "publish", authority, "--out", published) == 0
@@ -79,3 +80,11 @@ def test_a_spoofed_member_in_a_federated_query_is_reported_and_gets_nothing(
     assert both[0] == {"carmaker": "answered", "supplier-b": WRONG_IDENTITY}
     # Nothing reached the connector on behalf of supplier-b: only carmaker's own requests.
     assert both[1] == alone[1] > 0
+
+
+def test_the_catalog_names_the_provider_as_the_directory_does(
+    lying_directory: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = lying_directory.grantee.home
+    assert run_cli("catalog", "--home", home, "--to", "carmaker") == 0
+    assert capsys.readouterr().out.startswith("Carmaker (carmaker), at 127.0.0.1:")
