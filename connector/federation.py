@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import io
+import json
 import socket
 import ssl
 import tempfile
@@ -66,6 +67,7 @@ TIMED_OUT = "timed out"
 WRONG_IDENTITY = "wrong identity"
 FAILED = "failed"
 ROLE_PREFIX = "role:"
+FEDERATION_METADATA_KEY = b"connector.federation"
 
 
 class WrongIdentity(PeerError):
@@ -357,6 +359,35 @@ class FederatedResult:
         return "per-member" if self.per_member else self.plan.kind
 
 
+def report_json(result: FederatedResult) -> dict[str, Any]:
+    """How the answer was made: every member's outcome, complete or not, missing groups."""
+    return {
+        "kind": result.kind,
+        "complete": result.complete,
+        "members": [
+            {
+                "member": r.label,
+                "address": r.address,
+                "outcome": r.outcome,
+                "detail": r.detail,
+                "rows": r.rows,
+                "request_id": r.receipt.request_id if r.receipt else "",
+            }
+            for r in result.reports
+        ],
+        "incomplete_groups": result.incomplete_groups,
+    }
+
+
+def federation_report_of(table: pa.Table) -> dict[str, Any]:
+    """The report FederatedQuery.run() put in the combined table's schema metadata."""
+    raw = (table.schema.metadata or {}).get(FEDERATION_METADATA_KEY)
+    if raw is None:
+        raise PeerError("this table carries no federation report (it did not come from run())")
+    report: dict[str, Any] = json.loads(raw)
+    return report
+
+
 Progress = Callable[[MemberReport, int, int, int], None]  # report, done, total, rows so far
 
 
@@ -447,8 +478,13 @@ class FederatedQuery:
     ) -> FederatedResult:
         if plan.kind == AGGREGATE and not per_member:
             table = combine(plan, [t for _, t in answered])
-            return FederatedResult(table, plan, reports, False, incomplete_groups(plan, answered))
-        return FederatedResult(union(answered), plan, reports, per_member)
+            result = FederatedResult(table, plan, reports, False, incomplete_groups(plan, answered))
+        else:
+            result = FederatedResult(union(answered), plan, reports, per_member)
+        metadata = dict(result.table.schema.metadata or {})
+        metadata[FEDERATION_METADATA_KEY] = json.dumps(report_json(result), default=str).encode()
+        result.table = result.table.replace_schema_metadata(metadata)
+        return result
 
     def _ask(
         self, target: Target, report: MemberReport, plan: FederationPlan, purpose: str

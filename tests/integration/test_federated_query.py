@@ -26,6 +26,7 @@ from connector.federation import (
     WRONG_IDENTITY,
     FederatedQuery,
     FederatedResult,
+    federation_report_of,
     resolve_targets,
 )
 from connector.server import RunningServer
@@ -134,6 +135,11 @@ def test_combined_sum_count_avg_equal_the_answering_members_files(
     for report in result.reports:
         if report.answered:
             assert report.receipt is not None and report.receipt.provider_id == report.label
+    kept = federation_report_of(result.table)
+    assert kept["complete"] is False and kept["kind"] == "aggregate"
+    assert [(m["member"], m["outcome"]) for m in kept["members"]] == [
+        (r.label, r.outcome) for r in result.reports
+    ]
 
 
 def test_require_all_fails_and_prints_no_answer(
