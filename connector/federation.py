@@ -22,7 +22,6 @@ import json
 import socket
 import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from connector.federated_sql import (
     AGGREGATE,
     MEMBER_COLUMN,
     FederationPlan,
+    NotFederable,
     combine,
     group_keys,
     plan_federation,
@@ -230,6 +230,7 @@ class MemberReport:
     rows: int = 0
     seconds: float = 0.0
     min_group_size: int = 0  # the member answers only groups of at least this many rows
+    cut: bool = False  # the member cut its answer at a limit (receipt: truncated)
     receipt: ReceiptFields | None = None
     bundle: ReceiptBundle | None = None
     part_file: Path | None = None
@@ -297,10 +298,10 @@ class _ResponseReader(io.RawIOBase):
 
 
 def _read_answer(
-    peer: Peer, sql: str, purpose: str, sink: IO[bytes] | None
+    peer: Peer, sql: str, purpose: str, sink: IO[bytes] | None, max_rows: int = 0
 ) -> tuple[pa.Table, str, str]:
     """The answer table, its receipt and the sha256 of its bytes, read batch by batch."""
-    reader = _ResponseReader(peer.stream(sql, purpose), sink)
+    reader = _ResponseReader(peer.stream(sql, purpose, max_rows=max_rows), sink)
     try:
         table = pa.ipc.open_stream(reader).read_all()
     except (pa.ArrowException, OSError, ValueError):
@@ -350,8 +351,8 @@ class FederatedResult:
 
     @property
     def complete(self) -> bool:
-        """True when every member asked answered."""
-        return all(r.answered for r in self.reports)
+        """True when every member asked answered, and answered in full (none cut at a limit)."""
+        return all(r.answered and not r.cut for r in self.reports)
 
     @property
     def kind(self) -> str:
@@ -410,7 +411,7 @@ class FederatedQuery:
         self.progress = progress
         self.parts_to = parts_to
         self._dataspace = dataspace_of(identity)
-        self._lock = threading.Lock()
+        self._max_rows = 0
 
     @classmethod
     def from_home(
@@ -441,10 +442,23 @@ class FederatedQuery:
         return FederationPlan("union", sql) if per_member else plan_federation(sql)
 
     def run(
-        self, sql: str, purpose: str, *, per_member: bool = False, require_all: bool = False
+        self,
+        sql: str,
+        purpose: str,
+        *,
+        per_member: bool = False,
+        require_all: bool = False,
+        max_rows: int = 0,
     ) -> FederatedResult:
-        """Ask every target; FederationIncomplete with require_all when one did not answer."""
+        """Ask every target; FederationIncomplete with require_all when one did not answer
+        in full. max_rows cuts each member's answer (not with partial aggregates)."""
         plan = self.plan(sql, per_member=per_member)
+        if max_rows and plan.kind == AGGREGATE and not per_member:
+            raise NotFederable(
+                "a row limit would cut members' partial groups and the combination would be "
+                "wrong: use LIMIT in the query (applied after combining), or --per-member"
+            )
+        self._max_rows = max_rows
         reports = [MemberReport(t.label, t.address, t.member_id) for t in self.targets]
         tables: dict[str, pa.Table] = {}
         done, rows = 0, 0
@@ -463,8 +477,12 @@ class FederatedQuery:
                 rows += report.rows
                 if self.progress is not None:
                     self.progress(report, done, len(reports), rows)
-        if require_all and not all(r.answered for r in reports):
-            missing = ", ".join(f"{r.label} ({r.outcome})" for r in reports if not r.answered)
+        if require_all and not all(r.answered and not r.cut for r in reports):
+            missing = ", ".join(
+                f"{r.label} ({'cut at a limit' if r.answered else r.outcome})"
+                for r in reports
+                if not r.answered or r.cut
+            )
             raise FederationIncomplete(f"not every member answered: {missing}")
         answered = [(r, tables[r.label]) for r in reports if r.label in tables]
         return self._combined(plan, answered, reports, per_member)
@@ -536,6 +554,9 @@ class FederatedQuery:
             raise WrongIdentity(
                 f"{target.address} answered as {fields.provider_id}, not as {target.member_id}"
             )
+        if fields.truncated:
+            report.cut = True
+            report.detail = f"cut at the limit {fields.limited_by or 'of rows'}"
         report.outcome, report.rows, report.receipt, report.bundle = (
             ANSWERED,
             table.num_rows,
@@ -548,10 +569,10 @@ class FederatedQuery:
         self, peer: Peer, report: MemberReport, sql: str, purpose: str
     ) -> tuple[pa.Table, str, str]:
         if self.parts_to is None:
-            return _read_answer(peer, sql, purpose, None)
+            return _read_answer(peer, sql, purpose, None, self._max_rows)
         report.part_file = part_path(self.parts_to, report.label)
         with report.part_file.open("wb") as sink:
-            return _read_answer(peer, sql, purpose, sink)
+            return _read_answer(peer, sql, purpose, sink, self._max_rows)
 
 
 def part_path(output: Path, label: str) -> Path:

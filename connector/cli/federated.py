@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         progress=_progress if sys.stderr.isatty() else None,
         parts_to=args.output,
     )
-    result = query.run(args.sql, args.purpose, per_member=args.per_member)
+    result = query.run(args.sql, args.purpose, per_member=args.per_member, max_rows=args.max_rows)
     _report(result)
     if args.require_all and not result.complete:
         print("connector: error: not every member answered (--require-all)", file=sys.stderr)
@@ -97,6 +97,8 @@ def _report(result: FederatedResult) -> None:
             line += f", {report.rows} rows in {report.seconds:.2f} s"
             if report.min_group_size:
                 line += f" (aggregate-only: groups of at least {report.min_group_size} rows)"
+            if report.cut:
+                line += f", INCOMPLETE: {report.detail}"
         elif report.detail:
             line += f": {report.detail}"
         print(escaped(line), file=sys.stderr)

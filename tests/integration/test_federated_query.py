@@ -290,3 +290,14 @@ def test_progress_is_shown_on_a_terminal_only(
     assert "\r1/2 members done" in shown and "2/2 members done, 8 rows so far" in shown
     assert run_cli("query", *args, "--purpose", PURPOSE, SUM_QUERY) == 0
     assert "members done" not in capsys.readouterr().err  # not a terminal: no progress
+
+
+def test_a_row_limit_cuts_each_member_and_marks_the_union_incomplete(
+    federation: Federation,
+) -> None:
+    query = federation.ask("sup-a", "sup-b")
+    result = query.run("SELECT plant FROM part_defects", PURPOSE, max_rows=5)
+    assert [(r.rows, r.cut) for r in result.reports] == [(5, True), (5, True)]
+    assert not result.complete and "cut at the limit" in result.reports[0].detail
+    with pytest.raises(NotFederable, match="row limit would cut members' partial groups"):
+        query.run(SUM_QUERY, PURPOSE, max_rows=5)
