@@ -179,6 +179,11 @@ def _tables(value: object) -> Iterator[str]:
             yield from _tables(item)
 
 
+def query_datasets(sql: str) -> tuple[str, ...]:
+    """The names a query reads from (datasets, and CTE names, which match no dataset)."""
+    return tuple(sorted(set(_tables(serialised_query(sql)["statements"][0]["node"]))))
+
+
 def plan_federation(sql: str) -> FederationPlan:
     """How sql is asked of many members; NotFederable (before anything is sent) when the
     answers could not be combined exactly."""

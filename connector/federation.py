@@ -49,11 +49,13 @@ from connector.errors import (
 from connector.federated_sql import (
     AGGREGATE,
     MEMBER_COLUMN,
+    UNION,
     FederationPlan,
     NotFederable,
     combine,
     group_keys,
     plan_federation,
+    query_datasets,
 )
 from connector.identity import member_identity, spiffe_id
 from connector.jws import JwsError
@@ -439,7 +441,9 @@ class FederatedQuery:
 
     def plan(self, sql: str, *, per_member: bool = False) -> FederationPlan:
         """How sql is asked (NotFederable before anything is sent)."""
-        return FederationPlan("union", sql) if per_member else plan_federation(sql)
+        if per_member:
+            return FederationPlan(UNION, sql, query_datasets(sql))
+        return plan_federation(sql)
 
     def run(
         self,

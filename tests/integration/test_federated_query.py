@@ -190,6 +190,8 @@ def test_by_role_per_member_and_all(federation: Federation) -> None:
     oem = federation.ask("role:oem").run(SUM_QUERY, PURPOSE, per_member=True)
     assert oem.kind == "per-member"
     assert oem.table.column_names[0] == MEMBER_COLUMN
+    assert set(oem.table.column(MEMBER_COLUMN).to_pylist()) == {"sup-f"}
+    assert oem.reports[0].min_group_size == MIN_GROUP
 
 
 @pytest.mark.parametrize(
