@@ -16,27 +16,20 @@ answer's receipt is verified on arrival against the data space's CA.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import io
 import json
-import socket
-import ssl
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
-from cryptography import x509
 
 from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
-from connector.directory import Directory, check_endpoint, load_held
+from connector.directory import load_held
 from connector.errors import (
     ConnectorError,
-    DirectoryError,
     NotAuthenticated,
     PeerError,
     PeerUnreachable,
@@ -57,10 +50,35 @@ from connector.federated_sql import (
     plan_federation,
     query_datasets,
 )
-from connector.identity import member_identity, spiffe_id
+from connector.federated_stream import read_answer
+from connector.federation_targets import (
+    ROLE_PREFIX,
+    Target,
+    WrongIdentity,
+    check_member_endpoint,
+    dataspace_of,
+    resolve_targets,
+)
 from connector.jws import JwsError
-from connector.names import MEMBER_ID
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
+
+__all__ = [
+    "ANSWERED",
+    "FAILED",
+    "REFUSED",
+    "TIMED_OUT",
+    "UNREACHABLE",
+    "WRONG_IDENTITY",
+    "FederatedQuery",
+    "FederatedResult",
+    "FederationIncomplete",
+    "MemberReport",
+    "Target",
+    "WrongIdentity",
+    "check_member_endpoint",
+    "federation_report_of",
+    "resolve_targets",
+]
 
 ANSWERED = "answered"
 REFUSED = "refused"
@@ -68,152 +86,11 @@ UNREACHABLE = "unreachable"
 TIMED_OUT = "timed out"
 WRONG_IDENTITY = "wrong identity"
 FAILED = "failed"
-ROLE_PREFIX = "role:"
 FEDERATION_METADATA_KEY = b"connector.federation"
-
-
-class WrongIdentity(PeerError):
-    """The endpoint of a member presented another certificate than that member's."""
 
 
 class FederationIncomplete(ConnectorError):
     """Not every member answered, and every member's answer was required."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """One member to ask: how it is named, where it answers, who it must prove to be."""
-
-    label: str
-    address: str
-    member_id: str = ""  # set when looked up in the directory: the identity checked
-
-
-def resolve_targets(
-    specs: Sequence[str],
-    *,
-    everyone: bool = False,
-    directory: Directory | None = None,
-    own_member: str = "",
-) -> list[Target]:
-    """Targets for `--to` values (member id, role:ROLE, HOST:PORT) and `--all`, in order and
-    without repeats; DirectoryError before anyone is contacted when one cannot be resolved."""
-    found: dict[str, Target] = {}
-    wanted = [*specs, *([f"{ROLE_PREFIX}*"] if everyone else [])]
-    for spec in wanted:
-        for target in _resolve(spec, directory, own_member):
-            found.setdefault(target.label, target)
-    if not found:
-        raise DirectoryError("no member to ask: name them with --to, --to role:ROLE or --all")
-    return list(found.values())
-
-
-def _needs(directory: Directory | None, what: str) -> Directory:
-    if directory is None:
-        raise DirectoryError(
-            f"{what} is looked up in the member directory, and this home holds none: take the "
-            "authority's with `connector directory update --home HOME FILE`, or use HOST:PORT"
-        )
-    return directory
-
-
-def _resolve(spec: str, directory: Directory | None, own_member: str) -> list[Target]:
-    if spec.startswith(ROLE_PREFIX):
-        role = spec[len(ROLE_PREFIX) :]
-        held = _needs(directory, "--all" if role == "*" else f"role {role}")
-        entries = held.members if role == "*" else held.with_role(role)
-        targets = [
-            Target(e.id, e.endpoints[0], e.id)
-            for e in entries
-            if e.id != own_member and e.endpoints  # a member that only asks answers nothing
-        ]
-        if not targets:
-            what = (
-                "the directory lists no other member"
-                if role == "*"
-                else f"no member has role {role}"
-            )
-            raise DirectoryError(f"{what} (directory version {held.version})")
-        return targets
-    if MEMBER_ID.fullmatch(spec) and ":" not in spec:
-        held = _needs(directory, f"member {spec}")
-        entry = held.member(spec)
-        if entry is None:
-            raise DirectoryError(
-                f"{spec} is not a member in the directory (version {held.version}); see "
-                "`connector members`"
-            )
-        if not entry.endpoints:
-            raise DirectoryError(
-                f"{spec} lists no endpoint in the directory: it answers no queries"
-            )
-        return [Target(entry.id, entry.endpoints[0], entry.id)]
-    return [Target(check_endpoint(spec), spec)]
-
-
-# ---------------------------------------------------------------------------------------
-# The identity an endpoint presents, checked before anything is sent
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def presented_member(address: str, identity: PeerIdentity, timeout: float) -> str:
-    """The SPIFFE id of the certificate the endpoint presents in a TLS handshake (chained to
-    the data space's CA); PeerUnreachable when no handshake completes."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False  # the member's SPIFFE id is what is checked, below
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=identity.ca_pem.decode("ascii"))
-    context.set_alpn_protocols(["h2"])
-    with tempfile.TemporaryDirectory() as folder:  # ssl loads a client key only from a file
-        key, cert = Path(folder, "key.pem"), Path(folder, "cert.pem")
-        key.touch(mode=0o600)
-        key.write_bytes(identity.key_pem)
-        cert.write_bytes(identity.cert_pem)
-        context.load_cert_chain(cert, key)
-    try:
-        with (
-            socket.create_connection(_host_port(address), timeout=timeout) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except TimeoutError:
-        raise QueryTimeout(f"{address} did not complete a TLS handshake in time") from None
-    except (OSError, ValueError) as exc:
-        raise PeerUnreachable(
-            f"{address} is unreachable or refused the TLS handshake: {exc}"
-        ) from None
-    if der is None:
-        raise WrongIdentity(f"{address} presented no certificate")
-    try:
-        return member_identity(x509.load_der_x509_certificate(der)).spiffe_id
-    except (ConnectorError, ValueError):
-        return "(no member id)"
-
-
-def check_member_endpoint(
-    target: Target, identity: PeerIdentity, dataspace: str, timeout: float
-) -> None:
-    """Refuse (WrongIdentity) when target names a member and its endpoint presents a
-    certificate without that member's SPIFFE id."""
-    if not target.member_id:
-        return
-    expected = spiffe_id(dataspace, target.member_id)
-    presented = presented_member(target.address, identity, timeout)
-    if presented != expected:
-        raise WrongIdentity(
-            f"{target.address} presented the certificate of {presented}, not of member "
-            f"{target.member_id}; nothing was sent (the directory or the network is wrong)"
-        )
-
-
-def dataspace_of(identity: PeerIdentity) -> str:
-    """The data space of our own certificate (the one the members' ids are checked in)."""
-    return member_identity(x509.load_pem_x509_certificate(identity.cert_pem)).dataspace
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,84 +118,6 @@ class MemberReport:
     def answered(self) -> bool:
         """True when the member's answer is part of the result."""
         return self.outcome == ANSWERED
-
-
-class _ResponseReader(io.RawIOBase):
-    """The Arrow IPC pieces of a Query stream as one readable file, hashed (and copied to
-    sink) as they pass; the receipt at the end is kept aside."""
-
-    def __init__(self, messages: Any, sink: IO[bytes] | None) -> None:
-        super().__init__()
-        self._messages = iter(messages)
-        self._piece = memoryview(b"")
-        self._sink = sink
-        self.digest = hashlib.sha256()
-        self.token = ""
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def _next_piece(self) -> bool:
-        """Take the next Arrow piece off the stream (False at its end)."""
-        while not self._piece:
-            try:
-                message = next(self._messages)
-            except StopIteration:
-                return False
-            except Exception as exc:  # raised again by the caller, not inside Arrow
-                self.error = exc
-                return False
-            if message.HasField("receipt"):
-                self.token = message.receipt.jws
-                continue
-            data = message.arrow_ipc
-            self.digest.update(data)
-            if self._sink is not None:
-                self._sink.write(data)
-            self._piece = memoryview(data)
-        return True
-
-    def read(self, size: int | None = -1) -> Any:
-        """Up to size bytes; a view into the received piece when it holds them all, so the
-        Arrow reader keeps the received bytes themselves rather than a copy of them."""
-        wanted = size if size is not None and size >= 0 else 1 << 62
-        parts: list[memoryview] = []
-        while wanted > 0 and self._next_piece():
-            part = self._piece[:wanted]
-            self._piece = self._piece[len(part) :]
-            parts.append(part)
-            wanted -= len(part)
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _read_answer(
-    peer: Peer, sql: str, purpose: str, sink: IO[bytes] | None, max_rows: int = 0
-) -> tuple[pa.Table, str, str]:
-    """The answer table, its receipt and the sha256 of its bytes, read batch by batch."""
-    reader = _ResponseReader(peer.stream(sql, purpose, max_rows=max_rows), sink)
-    try:
-        table = pa.ipc.open_stream(reader).read_all()
-    except (pa.ArrowException, OSError, ValueError):
-        if reader.error is not None:
-            raise reader.error from None
-        raise PeerError(f"{peer.address} sent a result that is not Arrow IPC") from None
-    if reader.error is not None:
-        raise reader.error
-    for _ in iter(lambda: reader.read(1 << 16), b""):  # the rest: the receipt message
-        pass
-    if reader.error is not None:
-        raise reader.error
-    if not reader.token:
-        raise PeerError(f"{peer.address} ended the result without a receipt; do not trust it")
-    return table, reader.token, reader.digest.hexdigest()
 
 
 def _outcome(error: BaseException) -> tuple[str, str]:
@@ -573,10 +372,10 @@ class FederatedQuery:
         self, peer: Peer, report: MemberReport, sql: str, purpose: str
     ) -> tuple[pa.Table, str, str]:
         if self.parts_to is None:
-            return _read_answer(peer, sql, purpose, None, self._max_rows)
+            return read_answer(peer, sql, purpose, None, self._max_rows)
         report.part_file = part_path(self.parts_to, report.label)
         with report.part_file.open("wb") as sink:
-            return _read_answer(peer, sql, purpose, sink, self._max_rows)
+            return read_answer(peer, sql, purpose, sink, self._max_rows)
 
 
 def part_path(output: Path, label: str) -> Path:

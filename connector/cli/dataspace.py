@@ -7,15 +7,8 @@ import argparse
 from pathlib import Path
 
 from connector.cli.common import add_home
-from connector.directory import (
-    MemberEntry,
-    add_member,
-    describe,
-    publish,
-    read_draft,
-    remove_member,
-    signature_path,
-)
+from connector.directory import MemberEntry, describe, signature_path
+from connector.directory_draft import add_member, publish, read_draft, remove_member
 from connector.identity import DEFAULT_HOSTS, create_dataspace_ca, issue_member_certificate
 from connector.safetext import escaped
 

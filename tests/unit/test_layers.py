@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
      "arrow_stream", "process_memory", "memory", "policy.ref", "alarms"},
-    {"config", "config_template", "identity", "jws", "receipt", "status", "directory"},
+    {"config", "config_template", "identity", "jws", "receipt", "status", "directory",
+     "directory_draft"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
      "federated_sql",
@@ -24,7 +25,8 @@ LAYERS: list[set[str]] = [
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases"},
-    {"wire", "service", "server", "client", "result_files", "federation", "federated_receipts"},
+    {"wire", "service", "server", "client", "result_files", "federation_targets",
+     "federated_stream", "federation", "federated_receipts"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 
