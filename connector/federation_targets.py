@@ -8,10 +8,12 @@ data space's CA, that carries the member's SPIFFE id.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,28 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@contextlib.contextmanager
+def _as_files(*contents: bytes) -> Iterator[list[str]]:
+    """Paths that read as contents: Python's ssl loads a client key only from a file. In
+    memory (memfd) where the system has it, so the key is never written to a disk."""
+    if hasattr(os, "memfd_create"):
+        descriptors = [os.memfd_create("connector-tls") for _ in contents]
+        try:
+            for descriptor, data in zip(descriptors, contents, strict=True):
+                os.write(descriptor, data)
+            yield [f"/proc/self/fd/{d}" for d in descriptors]
+        finally:
+            for descriptor in descriptors:
+                os.close(descriptor)
+        return
+    with tempfile.TemporaryDirectory() as folder:  # private to this user (mode 0700)
+        paths = [Path(folder, f"{n}.pem") for n in range(len(contents))]
+        for path, data in zip(paths, contents, strict=True):
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+        yield [str(p) for p in paths]
+
+
 def presented_member(address: str, identity: PeerIdentity, timeout: float) -> str:
     """The SPIFFE id of the certificate the endpoint presents in a TLS handshake (chained to
     the data space's CA); PeerUnreachable when no handshake completes."""
@@ -125,11 +149,7 @@ def presented_member(address: str, identity: PeerIdentity, timeout: float) -> st
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=identity.ca_pem.decode("ascii"))
     context.set_alpn_protocols(["h2"])
-    with tempfile.TemporaryDirectory() as folder:  # ssl loads a client key only from a file
-        key, cert = Path(folder, "key.pem"), Path(folder, "cert.pem")
-        key.touch(mode=0o600)
-        key.write_bytes(identity.key_pem)
-        cert.write_bytes(identity.cert_pem)
+    with _as_files(identity.cert_pem, identity.key_pem) as (cert, key):
         context.load_cert_chain(cert, key)
     try:
         with (
