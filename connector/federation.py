@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 
 from connector.client import Peer, PeerIdentity
@@ -298,10 +299,17 @@ class FederatedQuery:
         per_member: bool,
     ) -> FederatedResult:
         if plan.kind == AGGREGATE and not per_member:
-            table = combine(plan, [t for _, t in answered])
+            table = combined_or_refused(plan, answered)
             result = FederatedResult(table, plan, reports, False, incomplete_groups(plan, answered))
         else:
-            result = FederatedResult(union(answered), plan, reports, per_member)
+            try:
+                table = union(answered)
+            except pa.ArrowException as exc:
+                raise PeerError(
+                    f"the members answered with columns of different types ({exc}); ask them "
+                    "one by one, or cast the columns in the query"
+                ) from None
+            result = FederatedResult(table, plan, reports, per_member)
         metadata = dict(result.table.schema.metadata or {})
         metadata[FEDERATION_METADATA_KEY] = json.dumps(report_json(result), default=str).encode()
         result.table = result.table.replace_schema_metadata(metadata)
@@ -357,6 +365,7 @@ class FederatedQuery:
             raise WrongIdentity(
                 f"{target.address} answered as {fields.provider_id}, not as {target.member_id}"
             )
+        check_answer_shape(plan, table, target.address)
         if fields.truncated:
             report.cut = True
             report.detail = f"cut at the limit {fields.limited_by or 'of rows'}"
@@ -376,6 +385,47 @@ class FederatedQuery:
         report.part_file = part_path(self.parts_to, report.label)
         with report.part_file.open("wb") as sink:
             return read_answer(peer, sql, purpose, sink, self._max_rows)
+
+
+def check_answer_shape(plan: FederationPlan, table: pa.Table, address: str) -> None:
+    """PeerError when an answer is not what was asked: a partial answer without exactly the
+    partial columns (numbers where they are summed), or a column named like `_member`."""
+    if MEMBER_COLUMN in table.column_names:
+        raise PeerError(
+            f"{address} answered with a column named {MEMBER_COLUMN}, which the combined answer "
+            "uses to name members; alias it in the query"
+        )
+    if plan.kind != AGGREGATE:
+        return
+    expected = [c for _, c in plan.groups] + [c for p in plan.aggregates for c in p.partials]
+    if table.column_names != expected:
+        raise PeerError(
+            f"{address} did not answer the partial aggregates it was asked for (columns "
+            f"{', '.join(table.column_names)}); its answer is left out"
+        )
+    for part in plan.aggregates:
+        if part.function in ("min", "max"):
+            continue
+        for column in part.partials:
+            kind = table.schema.field(column).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                    or pa.types.is_decimal(kind) or pa.types.is_null(kind)):  # fmt: skip
+                raise PeerError(f"{address} answered {column} as {kind}, not as a number")
+
+
+def combined_or_refused(
+    plan: FederationPlan, answered: Sequence[tuple[MemberReport, pa.Table]]
+) -> pa.Table:
+    """The combined answer; PeerError when the members' partials do not combine (a group
+    column of another type at one member, say)."""
+    try:
+        return combine(plan, [t for _, t in answered])
+    except (pa.ArrowException, duckdb.Error) as exc:
+        members = ", ".join(r.label for r, _ in answered)
+        raise PeerError(
+            f"the partial answers of {members} could not be combined ({exc}); ask with "
+            "--per-member to see each member's answer"
+        ) from None
 
 
 def part_path(output: Path, label: str) -> Path:

@@ -303,3 +303,12 @@ def test_a_row_limit_cuts_each_member_and_marks_the_union_incomplete(
     assert not result.complete and "cut at the limit" in result.reports[0].detail
     with pytest.raises(NotFederable, match="row limit would cut members' partial groups"):
         query.run(SUM_QUERY, PURPOSE, max_rows=5)
+
+
+def test_an_answer_with_its_own_member_column_is_left_out_with_the_reason(
+    federation: Federation,
+) -> None:
+    result = federation.ask("sup-a").run("SELECT plant AS _member FROM part_defects", PURPOSE)
+    (report,) = result.reports
+    assert report.outcome == "failed" and "column named _member" in report.detail
+    assert result.table.num_rows == 0
