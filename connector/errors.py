@@ -179,3 +179,15 @@ class PeerError(ConnectorError):
 
 class PeerUnreachable(PeerError):
     """Client side: no connection or no TLS handshake with the remote connector."""
+
+
+class WrongIdentity(PeerError):
+    """Client side: a member's endpoint presented another certificate than that member's."""
+
+
+class NotFederable(QueryRejected):
+    """Client side: the query cannot be sent to several members and combined exactly."""
+
+
+class FederationIncomplete(ConnectorError):
+    """Client side: not every member answered, and every member's answer was required."""

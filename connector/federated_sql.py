@@ -20,7 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from connector import sqltree
-from connector.errors import QueryRejected
+from connector.errors import NotFederable
 from connector.sqlguard import AGGREGATE_FUNCTIONS
 from connector.sqljson import query_sql, serialised_query
 
@@ -41,10 +41,6 @@ _NOT_COMBINABLE = {
     "rows come back per member) instead",
     "distinct": "a value held by several members would be counted once by each of them",
 }
-
-
-class NotFederable(QueryRejected):
-    """The query cannot be sent to several members and combined exactly."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ from connector.config import load_settings
 from connector.directory import load_held
 from connector.errors import (
     ConnectorError,
+    FederationIncomplete,
     NotAuthenticated,
+    NotFederable,
     PeerError,
     PeerUnreachable,
     PermissionDenied,
@@ -39,13 +41,13 @@ from connector.errors import (
     QueryTimeout,
     ResourceExhausted,
     Unavailable,
+    WrongIdentity,
 )
 from connector.federated_sql import (
     AGGREGATE,
     MEMBER_COLUMN,
     UNION,
     FederationPlan,
-    NotFederable,
     combine,
     group_keys,
     plan_federation,
@@ -55,7 +57,6 @@ from connector.federated_stream import read_answer
 from connector.federation_targets import (
     ROLE_PREFIX,
     Target,
-    WrongIdentity,
     check_member_endpoint,
     dataspace_of,
     resolve_targets,
@@ -88,10 +89,6 @@ TIMED_OUT = "timed out"
 WRONG_IDENTITY = "wrong identity"
 FAILED = "failed"
 FEDERATION_METADATA_KEY = b"connector.federation"
-
-
-class FederationIncomplete(ConnectorError):
-    """Not every member answered, and every member's answer was required."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,18 +24,14 @@ from connector.directory import Directory, check_endpoint
 from connector.errors import (
     ConnectorError,
     DirectoryError,
-    PeerError,
     PeerUnreachable,
     QueryTimeout,
+    WrongIdentity,
 )
 from connector.identity import member_identity, spiffe_id
 from connector.names import MEMBER_ID
 
 ROLE_PREFIX = "role:"
-
-
-class WrongIdentity(PeerError):
-    """The endpoint of a member presented another certificate than that member's."""
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from connector.errors import DirectoryError
-from connector.federated_sql import MEMBER_COLUMN, NotFederable
+from connector.errors import DirectoryError, NotFederable
+from connector.federated_sql import MEMBER_COLUMN
 from connector.federation import (
     ANSWERED,
     REFUSED,

@@ -9,11 +9,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from connector.errors import NotFederable
 from connector.federated_sql import (
     AGGREGATE,
     UNION,
     FederationPlan,
-    NotFederable,
     combine,
     plan_federation,
 )
