@@ -104,7 +104,13 @@ def _peer(args: argparse.Namespace) -> Peer:
     settings = settings_of(args)
     identity = PeerIdentity.from_files(settings.cert, settings.key, settings.ca)
     spec = args.to if isinstance(args.to, str) else args.to[0]
-    (target,) = federated.targets_of(argparse.Namespace(to=[spec], all=False), settings)
+    targets = federated.targets_of(argparse.Namespace(to=[spec], all=False), settings)
+    if len(targets) != 1:
+        raise ConfigError(
+            f"{spec} names {len(targets)} members; this command asks one (a member id or "
+            "HOST:PORT); `connector query` asks several"
+        )
+    (target,) = targets
     check_member_endpoint(target, identity, settings.dataspace, args.timeout)
     return Peer(target.address, identity, timeout=args.timeout)
 

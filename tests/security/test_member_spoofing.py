@@ -28,7 +28,7 @@ def lying_directory(shared_space: Space, dataspace: Path, module_dir: Path) -> S
     endpoint = f"127.0.0.1:{shared_space.server.port}"
     for member_id in ("carmaker", "supplier-b"):
         args: list[str | Path] = ["dataspace", "member", "add", authority, member_id, "--name"]
-        args.append(member_id.title())
+        args += [member_id.title(), "--role", "oem"]
         assert run_cli(*args, "--endpoint", endpoint) == 0
     published = module_dir / "directory.json"
     assert run_cli("dataspace", "publish", authority, "--out", published) == 0
@@ -88,3 +88,13 @@ def test_the_catalog_names_the_provider_as_the_directory_does(
     home = lying_directory.grantee.home
     assert run_cli("catalog", "--home", home, "--to", "carmaker") == 0
     assert capsys.readouterr().out.startswith("Carmaker (carmaker), at 127.0.0.1:")
+
+
+def test_a_role_names_several_members_and_explain_asks_one(
+    lying_directory: Space, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = lying_directory.grantee.home
+    assert run_cli("catalog", "--home", home, "--to", "role:nothing") == 1
+    assert "no member has role nothing" in capsys.readouterr().err
+    assert run_cli("catalog", "--home", home, "--to", "role:oem") == 1
+    assert "role:oem names 2 members; this command asks one" in capsys.readouterr().err
