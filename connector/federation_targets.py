@@ -155,6 +155,11 @@ def presented_member(address: str, identity: PeerIdentity, timeout: float) -> st
             der = tls.getpeercert(binary_form=True)
     except TimeoutError:
         raise QueryTimeout(f"{address} did not complete a TLS handshake in time") from None
+    except ssl.SSLCertVerificationError:
+        raise WrongIdentity(
+            f"{address} presented a certificate not issued by your data space's CA; nothing "
+            "was sent"
+        ) from None
     except (OSError, ValueError) as exc:
         raise PeerUnreachable(
             f"{address} is unreachable or refused the TLS handshake: {exc}"

@@ -4,14 +4,21 @@ carry that member's SPIFFE id before any request is sent (over mTLS, real server
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import pytest
 
 from connector.config import load_settings
 from connector.directory import load_held
+from connector.errors import WrongIdentity
 from connector.federation import WRONG_IDENTITY, FederatedQuery, resolve_targets
+from connector.federation_targets import Target, check_member_endpoint
+from connector.identity import create_dataspace_ca, issue_member_certificate
 from tests.conftest import Space, run_cli
 
 SQL = "SELECT plant, sum(defects) FROM part_defects GROUP BY plant"
@@ -98,3 +105,26 @@ def test_a_role_names_several_members_and_explain_asks_one(
     assert "no member has role nothing" in capsys.readouterr().err
     assert run_cli("catalog", "--home", home, "--to", "role:oem") == 1
     assert "role:oem names 2 members; this command asks one" in capsys.readouterr().err
+
+
+def test_an_endpoint_with_a_certificate_of_another_ca_is_a_wrong_identity(
+    lying_directory: Space, tmp_path: Path
+) -> None:
+    create_dataspace_ca(tmp_path / "other-ca", "test-space")
+    issue_member_certificate(tmp_path / "other-ca", "supplier-b", tmp_path / "fake")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "fake" / "cert.pem", tmp_path / "fake" / "key.pem")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve_one() -> None:
+            connection, _ = listener.accept()
+            with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True):
+                pass
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+        target = Target("supplier-b", f"127.0.0.1:{listener.getsockname()[1]}", "supplier-b")
+        identity = lying_directory.grantee.identity()
+        with pytest.raises(WrongIdentity, match="not issued by your data space's CA"):
+            check_member_endpoint(target, identity, "test-space", 10)
+        thread.join(10)
