@@ -47,6 +47,7 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/stream.py
+	$(PY) bench/federation.py
 
 # A bounded mixed load against a real server (not part of `make test`): SOAK_ARGS="--duration 600".
 soak: $(STAMP)

@@ -28,7 +28,7 @@ from connector._proto.connector.v1 import connector_pb2 as pb
 from connector._proto.connector.v1 import connector_pb2_grpc as pb_grpc
 from connector.arrow_stream import read_ipc_pieces
 from connector.config import load_settings
-from connector.errors import ConnectorError, IdentityError, PeerError, Unavailable
+from connector.errors import ConnectorError, IdentityError, PeerError, PeerUnreachable, Unavailable
 from connector.jws import JwsError, b64url_decode
 from connector.policy.ref import PolicyRef
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
@@ -226,7 +226,7 @@ class Peer:
         if code is grpc.StatusCode.UNAVAILABLE and any(k == REASON_KEY for k, _ in metadata):
             return Unavailable(details)  # refused by the provider itself, for now
         if code is grpc.StatusCode.UNAVAILABLE:
-            return PeerError(
+            return PeerUnreachable(
                 f"{self.address} is unreachable or refused the TLS handshake (is it running, and "
                 f"do both sides trust the same data-space CA?): {details}"
             )
@@ -333,6 +333,10 @@ class Peer:
         except (JwsError, ConnectorError) as exc:
             raise PeerError(f"the receipt from {self.address} does not verify: {exc}") from None
         return QueryResult(read_ipc_pieces([data]), receipt, bundle, data)
+
+    def provider_proof(self) -> tuple[str, str]:
+        """The provider's receipt-key endorsement and certificate (from its catalog)."""
+        return self._provider_proof or self._fetch_provider_proof()
 
     def _fetch_provider_proof(self) -> tuple[str, str]:
         """The provider's certificate and receipt-key endorsement, as its catalog gives them."""

@@ -33,6 +33,10 @@ class IdentityError(ConnectorError):
     """A key, certificate or CA file is missing, unreadable or does not fit."""
 
 
+class DirectoryError(ConfigError):
+    """A member directory is malformed, not signed by the data space's CA, or out of date."""
+
+
 class NotAuthenticated(ConnectorError):
     """The peer's certificate is trusted but names no member, or the member is revoked."""
 
@@ -181,3 +185,19 @@ class BackupError(ConnectorError):
 
 class PeerError(ConnectorError):
     """Client side: the remote connector could not be reached or answered unexpectedly."""
+
+
+class PeerUnreachable(PeerError):
+    """Client side: no connection or no TLS handshake with the remote connector."""
+
+
+class WrongIdentity(PeerError):
+    """Client side: a member's endpoint presented another certificate than that member's."""
+
+
+class NotFederable(QueryRejected):
+    """Client side: the query cannot be sent to several members and combined exactly."""
+
+
+class FederationIncomplete(ConnectorError):
+    """Client side: not every member answered, and every member's answer was required."""

@@ -106,17 +106,26 @@ def sign(payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool) -> s
     return f"{protected}.{'' if detached else body}.{signature}"
 
 
-def sign_es256(payload: bytes, key: ec.EllipticCurvePrivateKey) -> str:
-    """Compact JWS (ES256) over payload with a P-256 key, such as a member's TLS key."""
+def sign_es256(payload: bytes, key: ec.EllipticCurvePrivateKey, *, detached: bool = False) -> str:
+    """Compact JWS (ES256) over payload with a P-256 key, such as a member's TLS key or the
+    data space's CA key; with detached=True the payload part is left empty."""
     protected = b64url(canonical_bytes({"alg": "ES256"}))
     signing_input = f"{protected}.{b64url(payload)}".encode("ascii")
     r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-    return f"{protected}.{b64url(payload)}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+    body = "" if detached else b64url(payload)
+    return f"{protected}.{body}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
-def verify_es256(token: str, key: ec.EllipticCurvePublicKey) -> bytes:
-    """Check a compact ES256 JWS with a P-256 public key; returns the payload."""
+def verify_es256(
+    token: str, key: ec.EllipticCurvePublicKey, *, detached_payload: bytes | None = None
+) -> bytes:
+    """Check a compact ES256 JWS with a P-256 public key; returns the payload. Pass
+    detached_payload for a detached signature (its payload part must then be empty)."""
     parts, _ = _split(token, "ES256")
+    if detached_payload is not None:
+        if parts[1]:
+            raise JwsError("expected a detached JWS (empty payload part)")
+        parts[1] = b64url(detached_payload)
     raw = b64url_decode(parts[2])
     if len(raw) != 64:
         raise JwsError("an ES256 signature is 64 bytes")

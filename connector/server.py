@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from connector.audit import AuditLog
 from connector.config import Settings, load_settings
+from connector.directory import HeldDirectory
 from connector.errors import ConfigError, ConnectorError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
@@ -133,6 +134,7 @@ def build_provider(
         engine_factory(settings, opa),
         VersionMemory(settings.policies.versions_file),
         on_load=lambda snapshot: _policies_loaded(snapshot, sandbox, on_policy_load),
+        roles=HeldDirectory(settings.home, settings.ca, settings.dataspace),
     )
     receipt_key = load_ed25519_private(settings.receipt_key)
     tls_key = load_private_key(settings.key)

@@ -3,7 +3,10 @@
 Three members (the car maker Northwind Motors and its suppliers Axle Works and Voltcell)
 each get a home, load their example data, sign their policies and start a connector. Then
 peers query each other: answered, refused for purpose, refused for a column, refused for
-lack of any policy, a catalog and an explain. Every step is the real `connector` command.
+lack of any policy, a catalog and an explain. The data-space authority publishes the signed
+member directory, and the data space's sustainability office asks all three members one
+question at once: two answer, one refuses, and the answer says so member by member. Every
+step is the real `connector` command.
 The servers are stopped when the demo ends, also on error or Ctrl-C.
 """
 
@@ -35,7 +38,13 @@ MEMBERS = {
     ),
     "voltcell": ("cell_tests.json", "cell_tests", "End-of-line battery cell test results per lot"),
 }
+ENERGY = ("plant_energy.csv", "plant_energy", "Energy use and CO2 per plant and month")
+OFFICE = "sustainability-office"  # asks, holds no data, runs no connector
+GRANT_ROLES = ("northwind-motors", "voltcell")  # their energy policies grant a role
+ROLES = {"northwind-motors": "oem", "axle-works": "supplier", "voltcell": "supplier"}
+NAMES = {"northwind-motors": "Northwind Motors", "axle-works": "Axle Works", "voltcell": "Voltcell"}
 PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
+RELOADED = "policies loaded from"
 
 
 def connector(
@@ -135,8 +144,14 @@ def set_up(workdir: Path) -> dict[str, Path]:
             "--description",
             description,
         )
+        if member in GRANT_ROLES:  # Axle Works keeps its energy figures to itself
+            connector(
+                "ingest", "--home", home, EXAMPLES / member / ENERGY[0], "--dataset", ENERGY[1],
+                "--description", ENERGY[2], show=False,
+            )  # fmt: skip
         for policy in sorted((EXAMPLES / member / "policies").glob("*.yaml")):
             shutil.copy(policy, home / "policies" / policy.name)
+    connector("init", workdir / OFFICE, "--member", OFFICE, "--dataspace", workdir / "ca")
     print("\n== 2. Legal teams sign their usage policies; the connector checks them")
     for home in homes.values():
         connector("policy", "sign", "--home", home, *sorted((home / "policies").glob("*.yaml")))
@@ -251,6 +266,50 @@ def run_queries(homes: dict[str, Path], ports: dict[str, int]) -> None:
     )
 
 
+def publish_directory(workdir: Path, homes: dict[str, Path], servers: list[Server]) -> None:
+    """The authority lists the members in the signed directory; every home takes it."""
+    print("\n== 15. The data-space authority publishes the signed member directory")
+    ca = workdir / "ca"
+    for server in servers:
+        connector(
+            "dataspace", "member", "add", ca, server.member, "--endpoint",
+            f"127.0.0.1:{server.port}", "--role", ROLES[server.member], "--country", "DE",
+            "--name", NAMES[server.member],
+        )  # fmt: skip
+    connector("dataspace", "member", "add", ca, OFFICE, "--role", "auditor", "--country", "DE")
+    connector("dataspace", "publish", ca, "--out", ca / "directory.json")
+    loads = {s.member: sum(RELOADED in line for line in s.log) for s in servers}
+    # The members whose policies grant a role, and the office that asks --all, take it.
+    for home in [*(homes[m] for m in GRANT_ROLES), workdir / OFFICE]:
+        connector("directory", "update", "--home", home, ca / "directory.json", show=False)
+    # The connectors reload their role grants when the directory they hold changes.
+    deadline = time.monotonic() + 30
+    for server in servers:
+        if server.member not in GRANT_ROLES:
+            continue
+        while sum(RELOADED in line for line in server.log) <= loads[server.member]:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{server.member} did not take the new directory")
+            time.sleep(0.1)
+
+
+def ask_everyone(workdir: Path) -> None:
+    """The sustainability office asks every member at once; one refuses."""
+    print("\n== 16. The sustainability office asks all three members at once (--all)")
+    office = workdir / OFFICE
+    done = connector(
+        "query", "--home", office, "--all", "--purpose", "sustainability-reporting",
+        "SELECT month, sum(kwh) AS kwh, sum(co2_kg) AS co2_kg, avg(co2_kg) AS co2_kg_per_plant "
+        "FROM plant_energy GROUP BY month ORDER BY month",
+        "--output", workdir / "energy.csv", "--format", "csv",
+    )  # fmt: skip
+    if "INCOMPLETE: 2 of 3 members answered" not in done.stderr:
+        raise SystemExit("demo step expected two answers and one refusal")
+    print((workdir / "energy.csv").read_text(), end="")
+    receipts = workdir / "energy.csv.receipts.json"
+    connector("receipt", "verify", receipts, "--data", workdir / "energy.csv", "--home", office)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo-space"))
@@ -266,6 +325,8 @@ def main() -> int:
         print("\n== 14. Northwind's IT team sees who used what, and checks the record is whole")
         connector("audit", "show", "--home", homes["northwind-motors"])
         connector("audit", "verify", "--home", homes["northwind-motors"])
+        publish_directory(args.workdir.resolve(), homes, servers)
+        ask_everyone(args.workdir.resolve())
         if args.keep_running:
             print("\nServing until Ctrl-C; homes are in", args.workdir)
             signal.sigwait({signal.SIGINT, signal.SIGTERM})

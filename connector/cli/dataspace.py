@@ -1,4 +1,5 @@
-"""`connector dataspace init|issue`: a development CA and member certificates."""
+"""`connector dataspace init|issue|member|publish`: a development CA, member certificates and
+the signed member directory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 from pathlib import Path
 
 from connector.cli.common import add_home, add_hosts, hosts_of
+from connector.directory import MemberEntry, describe, signature_path
+from connector.directory_draft import add_member, publish, read_draft, remove_member
 from connector.identity import create_dataspace_ca, issue_member_certificate
+from connector.safetext import escaped
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,6 +38,45 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     issue.add_argument("--display-name", help="organisation name shown to peers (subject O)")
     add_home(issue)
     issue.set_defaults(run=_issue)
+    _register_directory(actions)
+
+
+def _register_directory(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    member = actions.add_parser("member", help="edit the member directory kept beside the CA")
+    steps = member.add_subparsers(dest="step", required=True, metavar="STEP")
+    add = steps.add_parser("add", help="add a member to the directory (or change its entry)")
+    add.add_argument("dir", type=Path, metavar="DIR", help="the folder of the data-space CA")
+    add.add_argument("member_id", metavar="ID")
+    add.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="where the member's connector answers (repeat for several; none for a member "
+        "that only asks)",
+    )
+    add.add_argument(
+        "--role", action="append", default=[], metavar="ROLE", help="oem, supplier, ... (repeat)"
+    )
+    add.add_argument("--country", default="", metavar="CC", help="two-letter country code")
+    add.add_argument("--name", default="", metavar="NAME", help="display name (default: the id)")
+    add.set_defaults(run=_member_add)
+    remove = steps.add_parser("remove", help="take a member out of the directory")
+    remove.add_argument("dir", type=Path, metavar="DIR")
+    remove.add_argument("member_id", metavar="ID")
+    remove.set_defaults(run=_member_remove)
+    listing = steps.add_parser("list", help="list the members of the directory draft")
+    listing.add_argument("dir", type=Path, metavar="DIR")
+    listing.set_defaults(run=_member_list)
+
+    publish_command = actions.add_parser(
+        "publish", help="sign the directory with the CA key as a new version"
+    )
+    publish_command.add_argument("dir", type=Path, metavar="DIR")
+    publish_command.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="FILE and FILE.jws are written"
+    )
+    publish_command.set_defaults(run=_publish)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -53,5 +96,46 @@ def _issue(args: argparse.Namespace) -> int:
     print(
         f"member {args.member_id}: certificate {cert}, key {args.out / 'key.pem'}; "
         f"hosts {', '.join(hosts)}"
+    )
+    return 0
+
+
+def _member_add(args: argparse.Namespace) -> int:
+    entry = MemberEntry(
+        args.member_id,
+        args.name or args.member_id,
+        tuple(args.endpoint),
+        tuple(dict.fromkeys(args.role)),
+        args.country,
+    )
+    replaced = add_member(args.dir, entry)
+    what = "changed" if replaced else "added"
+    print(escaped(f"member {args.member_id} {what}; publish the directory to make it known"))
+    return 0
+
+
+def _member_remove(args: argparse.Namespace) -> int:
+    remove_member(args.dir, args.member_id)
+    print(escaped(f"member {args.member_id} removed; publish the directory to make it known"))
+    return 0
+
+
+def _member_list(args: argparse.Namespace) -> int:
+    draft = read_draft(args.dir)
+    for line in describe(sorted(draft.members, key=lambda m: m.id)):
+        print(escaped(line))
+    print(f"{len(draft.members)} members; last published version {draft.published_version}")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    directory = publish(args.dir, args.out)
+    print(
+        escaped(
+            f"directory version {directory.version} of {directory.dataspace}: "
+            f"{len(directory.members)} members, {args.out} signed in "
+            f"{signature_path(args.out)}; members take it with "
+            f"`connector directory update --home HOME {args.out}`"
+        )
     )
     return 0

@@ -18,6 +18,8 @@ EXIT_ERROR = 1
 # engine, DuckDB, OpenDP) cost each call about 0.6 s before it did anything.
 COMMAND_MODULES: dict[str, str] = {
     "dataspace": "dataspace",
+    "directory": "directory",
+    "members": "directory",
     "init": "home",
     "ingest": "data",
     "datasets": "data",

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from connector.cli import federated
 from connector.cli.common import add_home, settings_of
 from connector.client import NoiseInfo, Peer, PeerIdentity
-from connector.errors import ConfigError, PermissionDenied
+from connector.directory import load_held
+from connector.errors import ConfigError, ConnectorError, PermissionDenied
+from connector.federation_targets import check_member_endpoint
 from connector.policy.ref import joined
 from connector.result_files import ARROW_SUFFIX, FORMATS, save, write_text
 from connector.safetext import escaped
@@ -30,11 +33,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     catalog.set_defaults(run=_catalog)
 
     for name, run, text in (
-        ("query", _query, "run one SELECT on a provider's datasets"),
+        ("query", _query, "run one SELECT on one provider's datasets, or on several members'"),
         ("explain", _explain, "show the provider's decision for a query, without running it"),
     ):
         command = commands.add_parser(name, help=text)
-        _peer_arguments(command)
+        _peer_arguments(command, many=name == "query")
         command.add_argument("--purpose", required=True, help="why you use the data")
         command.add_argument(
             "sql", metavar="SQL", help="one SELECT over the dataset names of your catalog"
@@ -50,6 +53,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 help=f"default: stdout; the receipt is saved beside it as FILE{RECEIPT_SUFFIX} "
                 f"and, unless --format arrow, the exact Arrow bytes it signs as FILE{ARROW_SUFFIX}",
             )
+            _federation_arguments(command)
             command.add_argument(
                 "--max-rows",
                 type=int,
@@ -60,9 +64,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         command.set_defaults(run=run)
 
 
-def _peer_arguments(parser: argparse.ArgumentParser) -> None:
+def _peer_arguments(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
     add_home(parser)
-    parser.add_argument("--to", required=True, metavar="HOST:PORT", help="the provider's address")
+    parser.add_argument(
+        "--to",
+        required=not many,
+        action="append" if many else "store",
+        metavar="MEMBER",
+        help="the provider: a member id (looked up in the member directory, its certificate "
+        "checked), or HOST:PORT"
+        + ("; repeat, or role:ROLE, to ask several members at once" if many else ""),
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -72,10 +84,49 @@ def _peer_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _federation_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--all", action="store_true", help="ask every member of the directory (but yourself)"
+    )
+    command.add_argument(
+        "--per-member",
+        action="store_true",
+        help="with several members: each member's own answer with _member, not combined",
+    )
+    command.add_argument(
+        "--require-all",
+        action="store_true",
+        help="with several members: fail (exit 1, no answer) unless every member answers",
+    )
+
+
 def _peer(args: argparse.Namespace) -> Peer:
     settings = settings_of(args)
     identity = PeerIdentity.from_files(settings.cert, settings.key, settings.ca)
-    return Peer(args.to, identity, timeout=args.timeout)
+    spec = args.to if isinstance(args.to, str) else args.to[0]
+    targets = federated.targets_of(argparse.Namespace(to=[spec], all=False), settings)
+    if len(targets) != 1:
+        raise ConfigError(
+            f"{spec} names {len(targets)} members; this command asks one (a member id or "
+            "HOST:PORT); `connector query` asks several"
+        )
+    (target,) = targets
+    check_member_endpoint(target, identity, settings.dataspace, args.timeout)
+    return Peer(target.address, identity, timeout=args.timeout)
+
+
+def _provider_name(args: argparse.Namespace, address: str) -> str:
+    """The provider's display name and id as the member directory held lists them, when it
+    was named by member id (its certificate then checked); "" otherwise."""
+    settings = settings_of(args)
+    try:
+        directory = load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
+    except (OSError, ConnectorError):
+        return ""
+    for member in directory.members if directory else ():
+        if member.id == args.to and address in member.endpoints:
+            return f"{member.name} ({member.id})"
+    return ""
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -108,6 +159,9 @@ def _catalog(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(rows, indent=2))
         return 0
+    provider = _provider_name(args, peer.address)
+    if provider:
+        print(escaped(f"{provider}, at {peer.address}:"))
     if not entries:
         print(escaped(f"{args.to} grants you no datasets"))
     for e in entries:
@@ -211,13 +265,18 @@ def _column_text(name: str, type_name: str, masks: dict[str, str]) -> str:
 
 
 def _query(args: argparse.Namespace) -> int:
+    if not args.to and not args.all:
+        raise ConfigError("name the members to ask: --to MEMBER (repeat), --to role:ROLE or --all")
+    if federated.is_federated(args):
+        return federated.run(args)
     if args.format in BINARY_FORMATS and args.output is None:
         raise ConfigError(f"--format {args.format} needs --output FILE")
     with _peer(args) as peer:
         try:
             result = peer.fetch(args.sql, args.purpose, max_rows=args.max_rows)
         except PermissionDenied as denied:
-            raise PermissionDenied([f"{args.to} refused: {r}" for r in denied.reasons]) from None
+            refused = [f"{peer.address} refused: {r}" for r in denied.reasons]
+            raise PermissionDenied(refused) from None
     if args.output is None:
         write_text(result.table, args.format, sys.stdout)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import sys
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
+from connector.directory import load_held
 from connector.errors import ConfigError, ConnectorError, PolicyError
 from connector.policy.draft import DraftTerms, check_terms, draft_text
 from connector.policy.lint import lint_files
@@ -97,11 +99,17 @@ def home_facts(settings: Settings, now: dt.datetime) -> tuple[HomeFacts, list[st
         mask_consistency=settings.policies.mask_consistency,
         now=now,
     )
-    notes.append(
-        "grantees not checked against the data space's members: this home has no member "
-        "directory yet"
-    )
-    return facts, notes
+    directory = None
+    try:
+        directory = load_held(settings.home, settings.ca.read_bytes(), settings.dataspace)
+        if directory is None:
+            notes.append(
+                "grantees not checked against the data space's members: this home holds no "
+                "member directory (`connector directory update`)"
+            )
+    except (OSError, ConnectorError) as error:
+        notes.append(f"grantees not checked against the data space's members: {error}")
+    return dataclasses.replace(facts, directory=directory), notes
 
 
 def _lint(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from connector.arrow_stream import read_ipc_pieces
 from connector.cli.common import settings_of
 from connector.config import HOME_ENV
 from connector.errors import ConfigError, PeerError
+from connector.federated_receipts import is_federated_receipts, verify_receipts
 from connector.jws import JwsError
 from connector.policy.ref import joined
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
@@ -64,6 +65,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if is_federated_receipts(args.receipt):
+        return _verify_federated(args)
     try:
         bundle = ReceiptBundle.load(args.receipt)
     except (OSError, ValueError) as exc:
@@ -108,3 +111,23 @@ def _check_data(data: Path, bundle: ReceiptBundle, fields: ReceiptFields, ca: by
     return (
         f"signature, the Arrow bytes in {copy.name}, and {data.name} as their {bundle.data_format}"
     )
+
+
+def _verify_federated(args: argparse.Namespace) -> int:
+    """Every member's receipt of a federated result, and the combined file against them."""
+    try:
+        parts, silent, checked = verify_receipts(args.receipt, _ca(args), args.data)
+    except JwsError as exc:
+        raise PeerError(f"{args.receipt}: NOT VALID: {exc}") from None
+    for part in parts:
+        fields = part.fields
+        print(
+            escaped(
+                f"  {part.member}: {fields.rows} rows from {fields.provider_id}, request "
+                f"{fields.request_id}, policies {joined(fields.policies)}"
+            )
+        )
+    for member in silent:
+        print(escaped(f"  {member}: no answer, no receipt"))
+    print(escaped(f"{args.receipt}: valid ({checked}): {len(parts)} receipts"))
+    return 0

@@ -193,6 +193,7 @@ def diff_policies(old: UsagePolicy, new: UsagePolicy) -> list[Change]:
     if old.description != new.description:
         found.note("description", f"now reads: {new.description}")
     found.members("members", "member", old.members, new.members)
+    found.members("roles", "role", old.roles, new.roles)
     found.members("purposes", "purpose", old.purposes, new.purposes)
     found.members("datasets", "dataset", old.datasets, new.datasets)
     _columns(found, old, new)

@@ -43,6 +43,7 @@ def explanation(
         "file": str(policy.path),
         "sha256": policy.sha256,
         "members": list(policy.members),
+        "roles": list(policy.roles),
         "purposes": list(policy.purposes),
         "valid_from": policy.valid_from.isoformat(),
         "valid_until": policy.valid_until.isoformat(),
@@ -95,7 +96,7 @@ def explanation_lines(
     lines = [
         f"Policy {policy.id}, version {policy.version} ({policy.path}, sha256 {policy.sha256})",
         f"  {policy.description}",
-        f"Who: only member(s) {', '.join(policy.members)}",
+        _who(policy),
         f"Purposes: only for {', '.join(policy.purposes)}",
         f"When: from {moment_words(policy.valid_from)} until {moment_words(policy.valid_until)}"
         " (it ends at that moment)",
@@ -210,3 +211,16 @@ def nested_grouping_warnings(shaping: Shaping) -> list[str]:
                 "can be recovered by subtraction; declare one set, or add noise"
             )
     return warnings
+
+
+def _who(policy: UsagePolicy) -> str:
+    """Who the policy grants to, members and roles (resolved through the member directory)."""
+    parts = []
+    if policy.members:
+        parts.append(f"member(s) {', '.join(policy.members)}")
+    if policy.roles:
+        parts.append(
+            f"every member with role {' or '.join(policy.roles)} in the data space's signed "
+            "member directory (nobody while the connector holds none)"
+        )
+    return f"Who: only {'; and '.join(parts)}"

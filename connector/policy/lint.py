@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from connector.directory import Directory
 from connector.errors import PolicyError
 from connector.policy.fit import value_fits
 from connector.policy.lint_across import conflict_findings, duplicate_ids, version_findings
@@ -293,9 +294,9 @@ def _validity_findings(draft: Draft, root: yaml.MappingNode, now: dt.datetime) -
 
 
 def _grantee_findings(draft: Draft, home: HomeFacts) -> list[Finding]:
-    """Grantees this home knows cannot use it (the data space's member directory, which
-    would say who is a member, does not exist yet)."""
-    findings = []
+    """Grantees this home knows cannot use it: itself, revoked members, and (when the home
+    holds the data space's member directory) members and roles it does not list."""
+    findings = _directory_findings(draft, home.directory) if home.directory else []
     for member in draft.members:
         if member.value == home.own_member:
             findings.append(
@@ -316,6 +317,40 @@ def _grantee_findings(draft: Draft, home: HomeFacts) -> list[Finding]:
                     f"grantee {member.value} is revoked in this home's connector.toml: "
                     "the policy grants it nothing",
                     "remove the grantee, or lift the revocation ([revoked] members)",
+                )
+            )
+    return findings
+
+
+def _directory_findings(draft: Draft, directory: Directory) -> list[Finding]:
+    """Grantees the member directory does not know: a typo, or a member not yet admitted."""
+    findings = []
+    known = [m.id for m in directory.members]
+    for member in draft.members:
+        if directory.member(str(member.value)) is None:
+            close = did_you_mean(str(member.value), known)
+            findings.append(
+                Finding(
+                    draft.path,
+                    member.line,
+                    Severity.WARNING,
+                    f"grantee {member.value} is not a member in the data space's directory "
+                    f"(version {directory.version})",
+                    (f"did you mean '{close}'? " if close else "")
+                    + "check the id with `connector members`",
+                )
+            )
+    roles = directory.roles()
+    for role in draft.roles:
+        if str(role.value) not in roles:
+            findings.append(
+                Finding(
+                    draft.path,
+                    role.line,
+                    Severity.WARNING,
+                    f"no member of the data space's directory (version {directory.version}) "
+                    f"has role {role.value}: the grant reaches nobody for now",
+                    f"roles held: {', '.join(roles) or 'none'}",
                 )
             )
     return findings

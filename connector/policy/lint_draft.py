@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from connector.directory import Directory
 from connector.errors import PolicyError
 from connector.policy.model import (
     REQUIRED,
@@ -77,6 +78,7 @@ class HomeFacts:
     remembered: Mapping[str, VersionRecord] = field(default_factory=dict)
     own_member: str = ""
     revoked_members: frozenset[str] = frozenset()
+    directory: Directory | None = None  # the data space's member directory, when held
     mask_consistency: str = "warn"
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
@@ -97,6 +99,7 @@ class Draft:
     lines: dict[str, int] = field(default_factory=dict)  # dotted key -> line
     datasets: list[Located] = field(default_factory=list)
     members: list[Located] = field(default_factory=list)
+    roles: list[Located] = field(default_factory=list)
     purposes: list[Located] = field(default_factory=list)
     allow: list[Located] = field(default_factory=list)
     masks: list[Located] = field(default_factory=list)
@@ -150,6 +153,8 @@ def key_findings(
     node.value = kept
     required = REQUIRED if not where else _REQUIRED_INSIDE.get(where, ())
     present = {k.value for k, _ in kept if isinstance(k, yaml.ScalarNode)}
+    if where == "grantees" and "roles" in present:
+        required = ()  # members or roles: either grants
     for key in required:
         if key not in present:
             place = f"in {where}" if where else "in the policy"
@@ -206,6 +211,7 @@ def read_draft(draft: Draft, root: yaml.MappingNode) -> None:
     draft.purposes = _names(top.get("purposes"), lower=False)
     grantees = children(top.get("grantees"))
     draft.members = _names(grantees.get("members"), lower=False)
+    draft.roles = _names(grantees.get("roles"), lower=False)
     columns = children(top.get("columns"))
     draft.allow = _names(columns.get("allow"), lower=True)
     draft.masks = [Located(_lower(str(k.value)), _line(k)) for k, _ in _pairs(columns.get("mask"))]

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from connector.directory import ROLE
 from connector.errors import PolicyError
 from connector.names import COLUMN_NAME, DATASET_NAME, MEMBER_ID, POLICY_ID, PURPOSE
 from connector.policy.terms import (
@@ -38,7 +39,7 @@ SCHEMA: dict[str, dict[str, None] | None] = {
     "version": None,
     "description": None,
     "datasets": None,
-    "grantees": {"members": None},
+    "grantees": {"members": None, "roles": None},
     "purposes": None,
     "valid": {"from": None, "until": None},
     "columns": {"allow": None, "mask": None},
@@ -116,6 +117,9 @@ class UsagePolicy:
     obligations: Obligations = Obligations()
     limits: Limits = Limits()
     shaping: Shaping = field(default_factory=Shaping)
+    # Roles granted (grantees.roles): the connector resolves them to members through the
+    # member directory it holds (policy/registry.py); with no directory they grant nobody.
+    roles: tuple[str, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -129,6 +133,7 @@ class UsagePolicy:
             "version": self.version,
             "datasets": list(self.datasets),
             "members": list(self.members),
+            "roles": list(self.roles),
             "purposes": list(self.purposes),
             "valid_from_ns": _ns(self.valid_from),
             "valid_until_ns": _ns(self.valid_until),
@@ -198,8 +203,12 @@ def _policy(reader: PolicyReader, top: dict[str, Any], path: Path, sha256: str) 
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise reader.fail(version_node, "version must be a whole number of at least 1")
     grantees = reader.mapping(top["grantees"][1], "grantees", SCHEMA["grantees"] or {})
-    if "members" not in grantees:
-        raise reader.fail(top["grantees"][1], "grantees needs members: [member-id, ...]")
+    if "members" not in grantees and "roles" not in grantees:
+        raise reader.fail(
+            top["grantees"][1],
+            "grantees needs members: [member-id, ...] or roles: [role, ...] (roles are "
+            "resolved through the data space's member directory)",
+        )
     valid = reader.mapping(top["valid"][1], "valid", SCHEMA["valid"] or {})
     for key in ("from", "until"):
         if key not in valid:
@@ -219,7 +228,12 @@ def _policy(reader: PolicyReader, top: dict[str, Any], path: Path, sha256: str) 
         version=version,
         description=reader.text(top["description"][1], "description", ANY_TEXT),
         datasets=lower(top["datasets"][1], "datasets", DATASET_NAME),
-        members=reader.text_list(grantees["members"][1], "grantees.members", MEMBER_ID),
+        members=reader.text_list(grantees["members"][1], "grantees.members", MEMBER_ID)
+        if "members" in grantees
+        else (),
+        roles=reader.text_list(grantees["roles"][1], "grantees.roles", ROLE)
+        if "roles" in grantees
+        else (),
         purposes=reader.text_list(top["purposes"][1], "purposes", PURPOSE),
         valid_from=start,
         valid_until=end,

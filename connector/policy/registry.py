@@ -13,11 +13,13 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from connector.directory import Directory, members_with_roles
 from connector.errors import ConnectorError
 from connector.policy.consistency import MaskConflict, mask_conflicts
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
@@ -39,6 +41,30 @@ RETRY_FAILED_SECONDS = 30  # not every poll: a lasting fault would fill the log
 MAX_SETTLE_ATTEMPTS = 5
 _REFUSED_ON_PURPOSE = (VerdictStatus.ROLLED_BACK, VerdictStatus.VERSION_REUSED)
 EngineFactory = Callable[[Sequence[UsagePolicy]], PolicyEngine]
+
+
+class RoleSource(Protocol):
+    """Where role grants are resolved: the member directory the home holds."""
+
+    def fingerprint(self) -> object: ...
+
+    def current(self) -> Directory | None: ...
+
+
+def with_role_members(policy: UsagePolicy, directory: Directory | None) -> UsagePolicy:
+    """The policy with the members holding its roles added to its members (none without a
+    directory: a role grant fails closed)."""
+    if not policy.roles:
+        return policy
+    added = tuple(m for m in members_with_roles(directory, policy.roles) if m not in policy.members)
+    if not added and directory is None:
+        log.warning(
+            "policy %s grants roles %s, but this home holds no usable member directory: the "
+            "roles grant nobody (take one with `connector directory update`)",
+            policy.id,
+            ", ".join(policy.roles),
+        )
+    return replace(policy, members=policy.members + added)
 
 
 @dataclass(frozen=True)
@@ -115,9 +141,14 @@ class PolicyRegistry:
         engine_factory: EngineFactory,
         versions: VersionMemory | None = None,
         on_load: Callable[[PolicySnapshot], None] | None = None,
+        *,
+        roles: RoleSource | None = None,
     ) -> None:
         """versions: where the versions in force are remembered (default: this process only);
-        on_load: told of every snapshot put in force (e.g. to log what cannot work)."""
+        on_load: told of every snapshot put in force (e.g. to log what cannot work);
+        roles: the member directory role grants are resolved through (none: they grant nobody)."""
+        self._roles = roles
+        self._roles_mark: object = None
         self._on_load = on_load
         self._directory = directory
         self._trusted = dict(trusted_signers)
@@ -157,7 +188,10 @@ class PolicyRegistry:
         retry = isinstance(self._snapshot.engine, DenyingEngine) and (
             now - self._snapshot.loaded_at
         ) >= dt.timedelta(seconds=RETRY_FAILED_SECONDS)
-        if _folder_fingerprint(self._directory) == self._fingerprint and not (came_due or retry):
+        unchanged = _folder_fingerprint(self._directory) == self._fingerprint and (
+            self._roles is None or self._roles.fingerprint() == self._roles_mark
+        )
+        if unchanged and not (came_due or retry):
             return False
         self.reload()
         return True
@@ -188,6 +222,11 @@ class PolicyRegistry:
 
     def _load(self) -> PolicySnapshot:
         now, policies, verdicts = self._read_settled()
+        directory = None
+        if self._roles is not None:
+            self._roles_mark = self._roles.fingerprint()
+            directory = self._roles.current()
+        policies = [with_role_members(p, directory) for p in policies]
         engine = self._engine_factory(policies)
         _log_verdicts(verdicts, policies)
         in_force = [

@@ -31,4 +31,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "dataset part_defects is aggregate-only" in out
     assert "intact:" in out and "signed checkpoints" in out
     assert "7 passed, 0 failed" in out and "3 passed, 0 failed" in out
+    assert "directory version 1 of open-manufacturing: 4 members" in out
+    assert (
+        "axle-works (127.0.0.1:" in out and "refused: no policy grants dataset plant_energy" in out
+    )
+    assert "INCOMPLETE: 2 of 3 members answered (aggregate)" in out
+    assert "energy.csv as their aggregate): 2 receipts" in out
     assert "All connectors stopped" in out

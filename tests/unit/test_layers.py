@@ -13,9 +13,11 @@ LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
      "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool",
      "log_context"},
-    {"config", "config_template", "identity", "jws", "receipt", "status"},
+    {"config", "config_template", "identity", "jws", "receipt", "status", "directory",
+     "directory_draft"},
     {"csv_strict", "column_names", "store"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
+     "federated_sql",
      "aggregates"},
     {"policy.yaml_strict", "policy.terms", "policy.model", "policy.versions", "policy.signing",
      "policy.publish", "policy.answers", "policy.engine", "policy.opa", "policy.consistency",
@@ -25,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases", "backup",
      "restore"},
-    {"wire", "service", "tls_reload", "metrics", "server", "client", "result_files"},
+    {"wire", "service", "tls_reload", "metrics", "server", "client", "result_files",
+     "federation_targets", "federated_stream", "federation", "federated_receipts"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 

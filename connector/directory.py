@@ -1,0 +1,398 @@
+"""The signed member directory: who is in the data space, where they answer, their roles.
+
+The data-space authority keeps a draft (DIR/members.json, beside its CA) and publishes it as
+FILE (canonical JSON) with FILE.jws beside it: a detached JWS (ES256) by the data space's CA
+key, with a version one above the last one published. A member's home holds the latest
+directory it accepted (HOME/member-directory.json: the published bytes and their signature
+in one file, so an update is one atomic write). Every reader checks the signature against
+the home's CA bundle again: a directory file is hostile input until then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from connector import jws
+from connector.atomic_file import write_atomically
+from connector.canonical import canonical_bytes
+from connector.errors import DirectoryError
+from connector.names import MEMBER_ID
+
+log = logging.getLogger(__name__)
+
+DIRECTORY_FORMAT = 1
+DRAFT_FILE = "members.json"  # the authority's working list, in its DIR
+HELD_FILE = "member-directory.json"  # the directory a member's home holds
+SIGNATURE_SUFFIX = ".jws"
+MAX_DIRECTORY_BYTES = 4 * 1024 * 1024
+MAX_MEMBERS = 10_000
+MAX_ENDPOINTS = 8
+ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+COUNTRY = re.compile(r"^[A-Z]{2}$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+_NAME_MAX = 200
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    """One member: id, display name, where it answers, and the attributes the space vouches for."""
+
+    id: str
+    name: str
+    endpoints: tuple[str, ...]
+    roles: tuple[str, ...] = ()
+    country: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The entry as the directory file writes it."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "endpoints": list(self.endpoints),
+            "roles": list(self.roles),
+            "country": self.country,
+        }
+
+
+@dataclass(frozen=True)
+class Directory:
+    """A verified (or draft) member directory of one data space."""
+
+    dataspace: str
+    version: int
+    issued_at: str
+    members: tuple[MemberEntry, ...] = ()
+
+    def member(self, member_id: str) -> MemberEntry | None:
+        """The entry of member_id, if listed."""
+        return next((m for m in self.members if m.id == member_id), None)
+
+    def with_role(self, role: str) -> tuple[MemberEntry, ...]:
+        """The members with role, in id order."""
+        return tuple(m for m in self.members if role in m.roles)
+
+    def roles(self) -> dict[str, tuple[str, ...]]:
+        """role -> the ids of the members holding it."""
+        found: dict[str, list[str]] = {}
+        for entry in self.members:
+            for role in entry.roles:
+                found.setdefault(role, []).append(entry.id)
+        return {role: tuple(ids) for role, ids in sorted(found.items())}
+
+    def to_json(self) -> bytes:
+        """Canonical JSON: the exact bytes that are signed."""
+        return canonical_bytes(
+            {
+                "format": DIRECTORY_FORMAT,
+                "dataspace": self.dataspace,
+                "version": self.version,
+                "issued_at": self.issued_at,
+                "members": [m.as_json() for m in sorted(self.members, key=lambda m: m.id)],
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Reading (every field checked: the file is hostile until its signature is)
+
+
+def check_endpoint(endpoint: str) -> str:
+    """endpoint if it is HOST:PORT (a DNS name, an IPv4 address or [IPv6]), else DirectoryError."""
+    host, sep, port = endpoint.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            host = ""
+    elif not _HOST.fullmatch(host):
+        host = ""
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DirectoryError(
+            f"invalid endpoint {endpoint!r}: use HOST:PORT (a DNS name or IP address, and a "
+            "port from 1 to 65535)"
+        )
+    return endpoint
+
+
+def check_role(role: str) -> str:
+    """role if it is a valid role name (lower-case letters, digits, '_', '-')."""
+    if not ROLE.fullmatch(role):
+        raise DirectoryError(
+            f"invalid role {role!r}: use 1-63 lower-case letters, digits, '_' or '-', "
+            "starting with a letter"
+        )
+    return role
+
+
+def _text(raw: dict[str, Any], key: str, where: str) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise DirectoryError(f"{where}: {key} must be text")
+    return value
+
+
+def parse_entry(raw: object, position: int) -> MemberEntry:
+    where = f"member #{position + 1}"
+    if not isinstance(raw, dict) or not set(raw) <= {"id", "name", "endpoints", "roles", "country"}:
+        raise DirectoryError(f"{where} is not an object with id, name, endpoints, roles, country")
+    member_id = _text(raw, "id", where)
+    if not MEMBER_ID.fullmatch(member_id):
+        raise DirectoryError(f"{where}: {member_id!r} is not a member id")
+    name = _text(raw, "name", where)
+    if len(name) > _NAME_MAX or not name.isprintable():
+        raise DirectoryError(f"{where} ({member_id}): the name is too long or not printable")
+    endpoints, roles = raw.get("endpoints"), raw.get("roles", [])
+    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
+        raise DirectoryError(f"{where} ({member_id}): endpoints must list at most {MAX_ENDPOINTS}")
+    if not all(isinstance(e, str) for e in endpoints):
+        raise DirectoryError(f"{where} ({member_id}): each endpoint must be HOST:PORT text")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise DirectoryError(f"{where} ({member_id}): roles must be a list of names")
+    country = _text(raw, "country", where)
+    if country and not COUNTRY.fullmatch(country):
+        raise DirectoryError(f"{where} ({member_id}): country must be two capital letters")
+    return MemberEntry(
+        member_id,
+        name,
+        tuple(check_endpoint(e) for e in endpoints),
+        tuple(check_role(r) for r in roles),
+        country,
+    )
+
+
+def parse_directory(data: bytes) -> Directory:
+    """The directory in data (the published JSON); DirectoryError says what is wrong."""
+    if len(data) > MAX_DIRECTORY_BYTES:
+        raise DirectoryError(f"the directory is larger than {MAX_DIRECTORY_BYTES} bytes")
+    try:
+        raw = jws.parse_json(data)
+    except jws.JwsError as exc:
+        raise DirectoryError(f"the directory is not JSON: {exc}") from None
+    if not isinstance(raw, dict) or set(raw) != {
+        "format",
+        "dataspace",
+        "version",
+        "issued_at",
+        "members",
+    }:
+        raise DirectoryError(
+            "not a member directory (it needs exactly format, dataspace, version, issued_at "
+            "and members)"
+        )
+    if raw["format"] != DIRECTORY_FORMAT:
+        raise DirectoryError(
+            f"directory format {raw['format']!r} is not {DIRECTORY_FORMAT}; upgrade the connector"
+        )
+    version = raw["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise DirectoryError("the directory's version must be a whole number")
+    members = raw["members"]
+    if not isinstance(members, list) or len(members) > MAX_MEMBERS:
+        raise DirectoryError(f"the directory's members must be a list of at most {MAX_MEMBERS}")
+    entries = tuple(parse_entry(m, i) for i, m in enumerate(members))
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise DirectoryError("the directory lists a member id twice")
+    if not isinstance(raw["dataspace"], str) or not isinstance(raw["issued_at"], str):
+        raise DirectoryError("the directory's dataspace and issued_at must be text")
+    return Directory(raw["dataspace"], version, raw["issued_at"], entries)
+
+
+def _ca_keys(ca_pem: bytes) -> list[ec.EllipticCurvePublicKey]:
+    try:
+        certificates = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise DirectoryError("the data space's CA bundle holds no PEM certificate") from None
+    keys = [c.public_key() for c in certificates]
+    return [k for k in keys if isinstance(k, ec.EllipticCurvePublicKey)]
+
+
+def verify_directory(data: bytes, signature: str, ca_pem: bytes, dataspace: str) -> Directory:
+    """The directory in data, once its detached signature checks out against a CA of the
+    bundle and it names this data space; DirectoryError otherwise."""
+    if not signature.strip():
+        raise DirectoryError("the directory is not signed (no signature beside it)")
+    for key in _ca_keys(ca_pem):
+        try:
+            jws.verify_es256(signature.strip(), key, detached_payload=data)
+        except jws.SignatureMismatch:
+            continue
+        except jws.JwsError as exc:
+            raise DirectoryError(f"the directory's signature is malformed: {exc}") from None
+        break
+    else:
+        raise DirectoryError(
+            "the directory's signature does not verify against your data space's CA: it was "
+            "changed after publishing, or published by another authority"
+        )
+    directory = parse_directory(data)
+    if directory.dataspace != dataspace:
+        raise DirectoryError(
+            f"the directory is for data space {directory.dataspace!r}, not {dataspace!r}"
+        )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------
+# A member's home: the directory it holds
+
+
+def signature_path(path: Path) -> Path:
+    """Where a published directory's detached signature lives: FILE.jws."""
+    return path.with_name(path.name + SIGNATURE_SUFFIX)
+
+
+def held_path(home: Path) -> Path:
+    """Where a home keeps the directory it accepted."""
+    return home / HELD_FILE
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise DirectoryError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise DirectoryError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def read_published(path: Path, ca_pem: bytes, dataspace: str) -> tuple[Directory, bytes, str]:
+    """A published directory FILE (with FILE.jws beside it), verified; with its bytes and
+    signature."""
+    data = _read_bounded(path, MAX_DIRECTORY_BYTES)
+    sig_path = signature_path(path)
+    if not sig_path.exists():
+        raise DirectoryError(
+            f"{path} is not signed: {sig_path.name} is missing beside it (the authority's "
+            "`connector dataspace publish` writes both)"
+        )
+    signature = _read_bounded(sig_path, 4096).decode("ascii", errors="replace")
+    return verify_directory(data, signature, ca_pem, dataspace), data, signature
+
+
+def load_held(home: Path, ca_pem: bytes, dataspace: str) -> Directory | None:
+    """The directory the home holds, verified again (None when it holds none)."""
+    path = held_path(home)
+    if not path.exists():
+        return None
+    try:
+        raw = jws.parse_json(_read_bounded(path, 2 * MAX_DIRECTORY_BYTES + 8192))
+    except jws.JwsError as exc:
+        raise DirectoryError(f"{path} is not a held member directory: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("directory"), str):
+        raise DirectoryError(f"{path} is not a held member directory")
+    return verify_directory(
+        raw["directory"].encode(), str(raw.get("signature", "")), ca_pem, dataspace
+    )
+
+
+def held_or_none(home: Path, ca_pem: bytes, dataspace: str) -> Directory | None:
+    """load_held, but a broken held file counts as none (logged): roles then grant nobody."""
+    try:
+        return load_held(home, ca_pem, dataspace)
+    except (DirectoryError, jws.JwsError) as exc:
+        log.error("the member directory this home holds is not usable, ignored: %s", exc)
+        return None
+
+
+@dataclass(frozen=True)
+class Update:
+    """What `directory update` did: the directory now held, and the version held before."""
+
+    directory: Directory
+    previous_version: int | None
+    changed: bool
+
+
+def update_held(home: Path, source: Path, ca_pem: bytes, dataspace: str) -> Update:
+    """Hold the published directory at source, if it verifies and is not older than the one
+    held; the one held stays in force on any refusal."""
+    directory, data, signature = read_published(source, ca_pem, dataspace)
+    held = held_or_none(home, ca_pem, dataspace)
+    if held is not None:
+        if directory.version < held.version:
+            raise DirectoryError(
+                f"{source} is version {directory.version}, older than version {held.version} "
+                "held; version "
+                f"{held.version} stays in force (ask the authority for the latest directory)"
+            )
+        if directory.version == held.version:
+            if directory.to_json() != held.to_json():
+                raise DirectoryError(
+                    f"{source} is version {directory.version}, the version held, with other "
+                    "content; version "
+                    f"{held.version} stays in force (the authority must publish a new version)"
+                )
+            return Update(held, held.version, False)
+    document = {
+        "directory": data.decode("utf-8"),
+        "signature": signature.strip(),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    write_atomically(held_path(home), (json.dumps(document) + "\n").encode())
+    return Update(directory, held.version if held else None, True)
+
+
+def directory_fingerprint(home: Path) -> tuple[int, int] | None:
+    """Size and modification time of the held directory (None when there is none)."""
+    try:
+        stat = held_path(home).stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def members_with_roles(directory: Directory | None, roles: Iterable[str]) -> tuple[str, ...]:
+    """The ids of the members holding any of roles (none without a directory: fail closed)."""
+    if directory is None:
+        return ()
+    wanted = set(roles)
+    return tuple(m.id for m in directory.members if wanted & set(m.roles))
+
+
+def describe(entries: Sequence[MemberEntry]) -> list[str]:
+    """One line per member, for `member list` and `connector members`."""
+    lines = []
+    for m in entries:
+        roles = ", ".join(m.roles) or "-"
+        lines.append(
+            f"{m.id}  {m.name}  endpoints {', '.join(m.endpoints) or '-'}  roles {roles}"
+            + (f"  country {m.country}" if m.country else "")
+        )
+    return lines
+
+
+class HeldDirectory:
+    """The directory a home holds, read again (and verified) whenever the file changes:
+    what the server resolves role grants through."""
+
+    def __init__(self, home: Path, ca_file: Path, dataspace: str) -> None:
+        self._home = home
+        self._ca_file = ca_file
+        self._dataspace = dataspace
+
+    def fingerprint(self) -> tuple[int, int] | None:
+        """Changes whenever the held directory is replaced."""
+        return directory_fingerprint(self._home)
+
+    def current(self) -> Directory | None:
+        """The held directory, verified; None when none is held or it does not verify."""
+        try:
+            ca_pem = self._ca_file.read_bytes()
+        except OSError as exc:
+            log.error("cannot read the CA bundle %s: %s", self._ca_file, exc.strerror)
+            return None
+        return held_or_none(self._home, ca_pem, self._dataspace)

@@ -1,0 +1,424 @@
+"""One question for many members: what each member is asked, and how the answers combine.
+
+A plain query is sent as written and the answers are stacked (a `_member` column first). An
+aggregate query (GROUP BY with count, sum, min, max, avg) is rewritten, on DuckDB's own
+parse tree, into partial aggregates every member can answer (avg as sum and count), and the
+partials are combined exactly on the peer's side. Anything that cannot be combined exactly
+is refused here, before any member is asked, saying which part and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from connector import sqltree
+from connector.errors import NotFederable
+from connector.sqlguard import AGGREGATE_FUNCTIONS
+from connector.sqljson import query_sql, serialised_query
+
+UNION = "union"
+AGGREGATE = "aggregate"
+MEMBER_COLUMN = "_member"
+COMBINABLE = frozenset({"count", "count_star", "sum", "avg", "mean", "min", "max"})
+COMBINED_FUNCTIONS = frozenset({"count", "sum", "min", "max", "avg"})
+_NOT_COMBINABLE = {
+    "median": "a median of the whole cannot be computed from each member's median",
+    "quantile": "a quantile of the whole cannot be computed from each member's quantiles",
+    "mode": "the most frequent value of the whole cannot be computed from each member's",
+    "stddev": "a standard deviation cannot be combined from members' deviations; ask for "
+    "sum(x), sum(x * x) and count(x), which combine exactly, and compute it from those",
+    "var": "a variance cannot be combined from members' variances; ask for sum(x), "
+    "sum(x * x) and count(x), which combine exactly, and compute it from those",
+    "string_agg": "it collects values rather than summing them; send a plain query (the "
+    "rows come back per member) instead",
+    "distinct": "a value held by several members would be counted once by each of them",
+}
+
+
+@dataclass(frozen=True)
+class AggregatePart:
+    """One output aggregate: its name, how it combines, and the partial columns it reads."""
+
+    output: str
+    function: str  # count | sum | min | max | avg
+    partials: tuple[str, ...]  # avg: (sum column, count column)
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """What every member is asked and how their answers combine."""
+
+    kind: str  # UNION or AGGREGATE
+    member_sql: str
+    datasets: tuple[str, ...] = ()
+    groups: tuple[tuple[str, str], ...] = ()  # (output name or "", partial column)
+    aggregates: tuple[AggregatePart, ...] = ()
+    outputs: tuple[str, ...] = ()  # output names in select order
+    order_by: tuple[tuple[str, bool], ...] = ()  # (output name, descending)
+    limit: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON (kept with the receipts, so a combination can be checked again)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> FederationPlan:
+        """The plan to_json wrote; ValueError when it is not one. The file it comes from is
+        not trusted: every part that reaches the combining SQL is checked or quoted."""
+        try:
+            plan = cls(
+                kind=str(raw["kind"]),
+                member_sql=str(raw["member_sql"]),
+                datasets=tuple(map(str, raw["datasets"])),
+                groups=tuple((str(a), str(b)) for a, b in raw["groups"]),
+                aggregates=tuple(
+                    AggregatePart(
+                        str(a["output"]), str(a["function"]), tuple(map(str, a["partials"]))
+                    )
+                    for a in raw["aggregates"]
+                ),
+                outputs=tuple(map(str, raw["outputs"])),
+                order_by=tuple((str(a), bool(b)) for a, b in raw["order_by"]),
+                limit=None if raw["limit"] is None else int(raw["limit"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a federation plan ({exc})") from None
+        functions = {part.function for part in plan.aggregates}
+        if plan.kind not in (UNION, AGGREGATE) or not functions <= COMBINED_FUNCTIONS:
+            raise ValueError("not a federation plan (unknown kind or combining function)")
+        if plan.limit is not None and plan.limit < 0:
+            raise ValueError("not a federation plan (negative limit)")
+        if any(len(p.partials) != (2 if p.function == "avg" else 1) for p in plan.aggregates):
+            raise ValueError("not a federation plan (partial columns do not fit)")
+        if set(plan.outputs) - {o for o, _ in plan.groups} - {p.output for p in plan.aggregates}:
+            raise ValueError("not a federation plan (an output is neither group nor aggregate)")
+        return plan
+
+
+def _shape(value: object) -> object:
+    """An expression without positions and aliases, to compare two of them."""
+    if isinstance(value, dict):
+        return {
+            k: _shape(v)
+            for k, v in value.items()
+            if k not in ("query_location", "query_location_length", "alias")
+        }
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return value
+
+
+def _is_aggregate(node: Mapping[str, Any]) -> bool:
+    return (
+        sqltree.expression_class(node) == "FUNCTION"
+        and sqltree.function_name(node) in AGGREGATE_FUNCTIONS
+    )
+
+
+def _aggregates_in(node: Mapping[str, Any]) -> Iterator[sqltree.Node]:
+    return (e for e in sqltree.all_expressions(node) if _is_aggregate(e))
+
+
+def _why_not(node: Mapping[str, Any]) -> str:
+    name = sqltree.function_name(node)
+    if sqltree.function_is_distinct(node) or name == "approx_count_distinct":
+        return _NOT_COMBINABLE["distinct"]
+    for prefix in ("quantile", "stddev", "var", "median", "mode", "string_agg"):
+        if name.startswith(prefix) or (prefix == "var" and name == "variance"):
+            return _NOT_COMBINABLE[prefix]
+    if name in ("group_concat", "listagg", "list", "array_agg", "histogram"):
+        return _NOT_COMBINABLE["string_agg"]
+    return "the connector combines only count, sum, min, max and avg exactly"
+
+
+@functools.cache
+def _empty_select() -> str:
+    return json.dumps(serialised_query("SELECT 1")["statements"][0]["node"])
+
+
+def expression_text(node: Mapping[str, Any]) -> str:
+    """The SQL of one expression, as DuckDB writes it (and names an unaliased column)."""
+    select = json.loads(_empty_select())
+    select["select_list"] = [dict(node, alias="")]
+    document = {"error": False, "statements": [{"node": select, "named_param_map": []}]}
+    return query_sql(document).removeprefix("SELECT ")
+
+
+def output_name(node: Mapping[str, Any]) -> str:
+    """The column name DuckDB gives a select-list expression."""
+    alias = sqltree.expression_alias(node)
+    if alias:
+        return alias
+    reference = sqltree.column_reference(node)
+    if reference is not None and node.get("column_names"):
+        return str(node["column_names"][-1])
+    return expression_text(node)
+
+
+def _tables(value: object) -> Iterator[str]:
+    if isinstance(value, dict):
+        if value.get("type") == "BASE_TABLE" and isinstance(value.get("table_name"), str):
+            yield value["table_name"].lower()
+        for child in value.values():
+            yield from _tables(child)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _tables(item)
+
+
+def query_datasets(sql: str) -> tuple[str, ...]:
+    """The names a query reads from (datasets, and CTE names, which match no dataset)."""
+    return tuple(sorted(set(_tables(serialised_query(sql)["statements"][0]["node"]))))
+
+
+def plan_federation(sql: str) -> FederationPlan:
+    """How sql is asked of many members; NotFederable (before anything is sent) when the
+    answers could not be combined exactly."""
+    document = serialised_query(sql)
+    node = document["statements"][0]["node"]
+    datasets = tuple(sorted(set(_tables(node))))
+    if sqltree.query_type(node) != "SELECT_NODE":
+        return FederationPlan(UNION, sql, datasets)
+    grouped = bool(node.get("group_expressions")) or (
+        node.get("aggregate_handling") == "FORCE_AGGREGATES"
+    )
+    select_list = node.get("select_list") or []
+    if not grouped and not any(any(_aggregates_in(item)) for item in select_list):
+        return FederationPlan(UNION, sql, datasets)
+    return _aggregate_plan(document, node, datasets)
+
+
+def _refuse(message: str, node: Mapping[str, Any] | None = None) -> NotFederable:
+    location = node.get("query_location") if node else None
+    position = location if isinstance(location, int) and location < 2**32 else None
+    return NotFederable(
+        f"this query cannot be combined across members: {message}", position=position
+    )
+
+
+def _aggregate_plan(
+    document: dict[str, Any], node: dict[str, Any], datasets: tuple[str, ...]
+) -> FederationPlan:
+    if node.get("having") is not None:
+        raise _refuse(
+            "HAVING would filter each member's partial groups, not the combined ones; filter "
+            "the combined answer yourself, or ask with --per-member"
+        )
+    if node.get("qualify") is not None or node.get("sample") is not None:
+        raise _refuse("QUALIFY and USING SAMPLE are not combined")
+    if len(node.get("group_sets") or []) > 1:
+        raise _refuse("GROUPING SETS, ROLLUP and CUBE are not combined; ask one grouping")
+    select_list: list[dict[str, Any]] = node.get("select_list") or []
+    force = node.get("aggregate_handling") == "FORCE_AGGREGATES"
+    group_nodes = _group_nodes(node, select_list, force)
+    new_select: list[dict[str, Any]] = []
+    groups: list[tuple[str, str]] = []
+    group_of: dict[str, int] = {}
+    for i, expression in enumerate(group_nodes):
+        column = f"fed_g{i}"
+        new_select.append(dict(expression, alias=column))
+        groups.append(("", column))
+        group_of[json.dumps(_shape(expression), sort_keys=True)] = i
+    aggregates: list[AggregatePart] = []
+    outputs: list[str] = []
+    for i, item in enumerate(select_list):
+        name = output_name(item)
+        if name in outputs:
+            raise _refuse(f"two columns are named {name!r}; give each its own alias", item)
+        outputs.append(name)
+        key = json.dumps(_shape(item), sort_keys=True)
+        if key in group_of:
+            index = group_of[key]
+            groups[index] = (name, groups[index][1])
+            continue
+        part, partial_nodes = _partial(item, name, i)
+        aggregates.append(part)
+        new_select += partial_nodes
+    order_by, limit = _modifiers(node, select_list, outputs)
+    rewritten = copy.deepcopy(document)
+    member = rewritten["statements"][0]["node"]
+    member["select_list"] = new_select
+    member["modifiers"] = []
+    if not force:
+        member["group_expressions"] = [copy.deepcopy(g) for g in group_nodes]
+        member["group_sets"] = [list(range(len(group_nodes)))] if group_nodes else []
+    return FederationPlan(
+        AGGREGATE,
+        query_sql(rewritten),
+        datasets,
+        tuple(groups),
+        tuple(aggregates),
+        tuple(outputs),
+        order_by,
+        limit,
+    )
+
+
+def _group_nodes(
+    node: Mapping[str, Any], select_list: list[dict[str, Any]], force: bool
+) -> list[dict[str, Any]]:
+    """The grouping expressions, with a select alias named in GROUP BY replaced by its
+    expression (the rewritten select list no longer carries the alias)."""
+    if force:
+        return [dict(item) for item in select_list if not any(_aggregates_in(item))]
+    by_alias = {sqltree.expression_alias(i): i for i in select_list if sqltree.expression_alias(i)}
+    found = []
+    for written in node.get("group_expressions") or []:
+        names = written.get("column_names") or []
+        expression = written
+        if written.get("class") == "COLUMN_REF" and len(names) == 1 and names[0] in by_alias:
+            expression = by_alias[names[0]]
+        if sqltree.constant_literal(expression) is not None:
+            raise _refuse("GROUP BY by position is not combined; name the columns", expression)
+        found.append(dict(expression, alias=""))
+    return found
+
+
+def _partial(
+    item: dict[str, Any], name: str, index: int
+) -> tuple[AggregatePart, list[dict[str, Any]]]:
+    """The partial aggregates one output aggregate is asked as, and how they combine."""
+    if not _is_aggregate(item):
+        inner = next(_aggregates_in(item), None)
+        if inner is None:
+            raise _refuse(f"{name} is neither an aggregate nor a GROUP BY column", item)
+        raise _refuse(
+            f"{name} computes with an aggregate; the connector combines plain count, sum, min, "
+            "max and avg: ask for those and compute the rest from the combined answer",
+            item,
+        )
+    function = sqltree.function_name(item)
+    if (
+        function not in COMBINABLE
+        or (sqltree.function_is_distinct(item) and function not in ("min", "max"))
+        or sqltree.function_exports_state(item)
+    ):
+        distinct = "DISTINCT " if sqltree.function_is_distinct(item) else ""
+        raise _refuse(f"{function}({distinct}...) in {name}: {_why_not(item)}", item)
+    if any(any(_aggregates_in(a)) for a in sqltree.function_arguments(item) if isinstance(a, dict)):
+        raise _refuse(f"{name} nests aggregates", item)
+    column = f"fed_p{index}"
+    if function in ("avg", "mean"):
+        total = dict(copy.deepcopy(item), function_name="sum", alias=f"{column}_sum")
+        total["qualified_name"] = {"path": ["sum"]}
+        count = dict(copy.deepcopy(item), function_name="count", alias=f"{column}_count")
+        count["qualified_name"] = {"path": ["count"]}
+        return AggregatePart(name, "avg", (f"{column}_sum", f"{column}_count")), [total, count]
+    kind = "count" if function in ("count", "count_star") else function
+    return AggregatePart(name, kind, (column,)), [dict(item, alias=column)]
+
+
+def _modifiers(
+    node: Mapping[str, Any], select_list: list[dict[str, Any]], outputs: list[str]
+) -> tuple[tuple[tuple[str, bool], ...], int | None]:
+    """ORDER BY and LIMIT, applied after combining (each member's limit would cut groups)."""
+    order_by: list[tuple[str, bool]] = []
+    limit: int | None = None
+    shapes = [json.dumps(_shape(i), sort_keys=True) for i in select_list]
+    for modifier in node.get("modifiers") or []:
+        kind = modifier.get("type")
+        if kind == "ORDER_MODIFIER":
+            for order in modifier.get("orders") or []:
+                expression = order.get("expression") or {}
+                order_by.append((_order_output(expression, shapes, outputs), _descending(order)))
+        elif kind == "LIMIT_MODIFIER" and modifier.get("offset") is None:
+            literal = sqltree.constant_literal(modifier.get("limit") or {})
+            if literal is None or not literal[1].isdigit():
+                raise _refuse("LIMIT must be a whole number to be applied after combining")
+            limit = int(literal[1])
+        else:
+            raise _refuse(f"{kind} is not applied after combining (OFFSET, DISTINCT)")
+    return tuple(order_by), limit
+
+
+def _descending(order: Mapping[str, Any]) -> bool:
+    if order.get("null_order") not in (None, "ORDER_DEFAULT"):
+        raise _refuse("NULLS FIRST / LAST is not applied after combining")
+    return order.get("type") == "DESCENDING"
+
+
+def _order_output(expression: dict[str, Any], shapes: list[str], outputs: list[str]) -> str:
+    key = json.dumps(_shape(expression), sort_keys=True)
+    if key in shapes:
+        return outputs[shapes.index(key)]
+    names = expression.get("column_names") or []
+    if expression.get("class") == "COLUMN_REF" and len(names) == 1 and names[0] in outputs:
+        return str(names[0])
+    literal = sqltree.constant_literal(expression)
+    if literal is not None and literal[1].isdigit() and 0 < int(literal[1]) <= len(outputs):
+        return outputs[int(literal[1]) - 1]
+    raise _refuse("ORDER BY must name columns of the answer to be applied after combining")
+
+
+# ---------------------------------------------------------------------------------------
+# Combining
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def combine_sql(plan: FederationPlan, relation: str) -> str:
+    """The SQL that combines the partial answers stacked in relation into the answer."""
+    by_output: dict[str, str] = {}
+    for output, column in plan.groups:
+        if output:
+            by_output[output] = _quoted(column)
+    for part in plan.aggregates:
+        a, *rest = (_quoted(c) for c in part.partials)
+        if part.function == "avg":
+            by_output[part.output] = f"CAST(sum({a}) AS DOUBLE) / CAST(sum({rest[0]}) AS DOUBLE)"
+        elif part.function == "count":
+            by_output[part.output] = f"CAST(coalesce(sum({a}), 0) AS BIGINT)"
+        else:
+            by_output[part.output] = f"{part.function}({a})"
+    columns = ", ".join(f"{by_output[o]} AS {_quoted(o)}" for o in plan.outputs)
+    group = ", ".join(_quoted(c) for _, c in plan.groups)
+    # Only names quoted here and the plan's own partial columns: no member's text is SQL.
+    text = f"SELECT {columns} FROM {relation}"  # noqa: S608
+    if plan.groups:
+        text += f" GROUP BY {group}"
+    order = [f"{_quoted(o)} {'DESC' if d else 'ASC'}" for o, d in plan.order_by]
+    if not order:
+        # Deterministic, so that a combination can be computed again and compared.
+        order = [f"{_quoted(c)} ASC NULLS LAST" for _, c in plan.groups]
+    if order:
+        text += " ORDER BY " + ", ".join(order)
+    if plan.limit is not None:
+        text += f" LIMIT {plan.limit}"
+    return text
+
+
+def combine(plan: FederationPlan, partials: list[pa.Table]) -> pa.Table:
+    """The combined answer from the members' partial answers (in the plan's form)."""
+    stacked = (
+        pa.concat_tables(partials, promote_options="permissive")
+        if partials
+        else _empty_partials(plan)
+    )
+    connection = duckdb.connect(":memory:", config={"enable_external_access": False})
+    try:
+        connection.register("fed_partials", stacked)
+        return connection.sql(combine_sql(plan, "fed_partials")).to_arrow_table()
+    finally:
+        connection.close()
+
+
+def _empty_partials(plan: FederationPlan) -> pa.Table:
+    names = [c for _, c in plan.groups] + [c for p in plan.aggregates for c in p.partials]
+    return pa.table({name: pa.array([], pa.int64()) for name in names})
+
+
+def group_keys(plan: FederationPlan, table: pa.Table) -> list[tuple[object, ...]]:
+    """The group of every row of a partial answer, as a tuple of its group values."""
+    columns = [table.column(c).to_pylist() for _, c in plan.groups]
+    return list(zip(*columns, strict=True)) if columns else [() for _ in range(table.num_rows)]

@@ -1,0 +1,466 @@
+"""Ask many members one question at once and combine their answers.
+
+    from connector.federation import FederatedQuery
+    query = FederatedQuery.from_home("homes/carmaker", ["role:supplier"], timeout=30)
+    result = query.run(
+        "SELECT plant, sum(defects) FROM part_defects GROUP BY plant", "quality-benchmarking")
+    result.table                       # the combined answer (pyarrow.Table)
+    [r.outcome for r in result.reports]  # answered, refused, unreachable, timed out, ...
+
+Every member is asked in parallel, each with its own deadline, and applies its own
+policies; one member's refusal or outage is reported, not fatal. A member named through the
+directory must present a certificate with its SPIFFE id before the query is sent, and every
+answer's receipt is verified on arrival against the data space's CA.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from connector.client import Peer, PeerIdentity
+from connector.config import load_settings
+from connector.directory import load_held
+from connector.errors import (
+    ConnectorError,
+    FederationIncomplete,
+    NotAuthenticated,
+    NotFederable,
+    PeerError,
+    PeerUnreachable,
+    PermissionDenied,
+    QueryRejected,
+    QueryTimeout,
+    ResourceExhausted,
+    Unavailable,
+    WrongIdentity,
+)
+from connector.federated_sql import (
+    AGGREGATE,
+    MEMBER_COLUMN,
+    UNION,
+    FederationPlan,
+    combine,
+    group_keys,
+    plan_federation,
+    query_datasets,
+)
+from connector.federated_stream import read_answer
+from connector.federation_targets import (
+    ROLE_PREFIX,
+    Target,
+    check_member_endpoint,
+    dataspace_of,
+    resolve_targets,
+)
+from connector.jws import JwsError
+from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
+
+__all__ = [
+    "ANSWERED",
+    "FAILED",
+    "REFUSED",
+    "TIMED_OUT",
+    "UNREACHABLE",
+    "WRONG_IDENTITY",
+    "FederatedQuery",
+    "FederatedResult",
+    "FederationIncomplete",
+    "MemberReport",
+    "Target",
+    "WrongIdentity",
+    "check_member_endpoint",
+    "federation_report_of",
+    "resolve_targets",
+]
+
+ANSWERED = "answered"
+REFUSED = "refused"
+UNREACHABLE = "unreachable"
+TIMED_OUT = "timed out"
+WRONG_IDENTITY = "wrong identity"
+FAILED = "failed"
+FEDERATION_METADATA_KEY = b"connector.federation"
+
+
+# ---------------------------------------------------------------------------------------
+# Asking one member
+
+
+@dataclass
+class MemberReport:
+    """One member's outcome: answered (rows, receipt), refused (why), unreachable, ..."""
+
+    label: str
+    address: str
+    member_id: str
+    outcome: str = ""
+    detail: str = ""
+    rows: int = 0
+    seconds: float = 0.0
+    min_group_size: int = 0  # the member answers only groups of at least this many rows
+    cut: bool = False  # the member cut its answer at a limit (receipt: truncated)
+    receipt: ReceiptFields | None = None
+    bundle: ReceiptBundle | None = None
+    part_file: Path | None = None
+
+    @property
+    def answered(self) -> bool:
+        """True when the member's answer is part of the result."""
+        return self.outcome == ANSWERED
+
+
+def _outcome(error: BaseException) -> tuple[str, str]:
+    if isinstance(error, WrongIdentity):
+        return WRONG_IDENTITY, str(error)
+    if isinstance(error, PermissionDenied):
+        return REFUSED, "; ".join(error.reasons)
+    if isinstance(error, QueryTimeout):
+        return TIMED_OUT, "no complete answer before the deadline"
+    if isinstance(error, PeerUnreachable):
+        return UNREACHABLE, str(error)
+    if isinstance(error, QueryRejected | ResourceExhausted | NotAuthenticated | Unavailable):
+        return REFUSED, str(error)
+    if isinstance(error, ConnectorError):
+        return FAILED, str(error)
+    return FAILED, f"{type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------------------------
+# Many members
+
+
+@dataclass
+class FederatedResult:
+    """The combined answer and every member's report."""
+
+    table: pa.Table
+    plan: FederationPlan
+    reports: list[MemberReport]
+    per_member: bool = False
+    incomplete_groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every member asked answered, and answered in full (none cut at a limit)."""
+        return all(r.answered and not r.cut for r in self.reports)
+
+    @property
+    def kind(self) -> str:
+        """union, aggregate or per-member: how the answers were combined."""
+        return "per-member" if self.per_member else self.plan.kind
+
+
+def report_json(result: FederatedResult) -> dict[str, Any]:
+    """How the answer was made: every member's outcome, complete or not, missing groups."""
+    return {
+        "kind": result.kind,
+        "complete": result.complete,
+        "members": [
+            {
+                "member": r.label,
+                "address": r.address,
+                "outcome": r.outcome,
+                "detail": r.detail,
+                "rows": r.rows,
+                "request_id": r.receipt.request_id if r.receipt else "",
+            }
+            for r in result.reports
+        ],
+        "incomplete_groups": result.incomplete_groups,
+    }
+
+
+def federation_report_of(table: pa.Table) -> dict[str, Any]:
+    """The report FederatedQuery.run() put in the combined table's schema metadata."""
+    raw = (table.schema.metadata or {}).get(FEDERATION_METADATA_KEY)
+    if raw is None:
+        raise PeerError("this table carries no federation report (it did not come from run())")
+    report: dict[str, Any] = json.loads(raw)
+    return report
+
+
+Progress = Callable[[MemberReport, int, int, int], None]  # report, done, total, rows so far
+
+
+class FederatedQuery:
+    """One question for many members, in parallel, each with its own deadline."""
+
+    def __init__(
+        self,
+        identity: PeerIdentity,
+        targets: Sequence[Target],
+        *,
+        timeout: float = 60.0,
+        progress: Progress | None = None,
+        parts_to: Path | None = None,
+    ) -> None:
+        """parts_to: keep each member's exact Arrow bytes as PARTS_TO.<label>.arrow."""
+        self.identity = identity
+        self.targets = list(targets)
+        self.timeout = timeout
+        self.progress = progress
+        self.parts_to = parts_to
+        self._dataspace = dataspace_of(identity)
+        self._max_rows = 0
+
+    @classmethod
+    def from_home(
+        cls,
+        home: Path | str,
+        to: Sequence[str] = (),
+        *,
+        everyone: bool = False,
+        timeout: float = 60.0,
+    ) -> FederatedQuery:
+        """Ask as the member of home, the members `to` names (ids, role:ROLE, HOST:PORT) and
+        with everyone=True all of them, resolved through the directory the home holds."""
+        settings = load_settings(Path(home))
+        identity = PeerIdentity.from_files(settings.cert, settings.key, settings.ca)
+        needs_directory = everyone or any(":" not in s or s.startswith(ROLE_PREFIX) for s in to)
+        directory = (
+            load_held(settings.home, identity.ca_pem, settings.dataspace)
+            if needs_directory
+            else None
+        )
+        targets = resolve_targets(
+            to, everyone=everyone, directory=directory, own_member=settings.member_id
+        )
+        return cls(identity, targets, timeout=timeout)
+
+    def plan(self, sql: str, *, per_member: bool = False) -> FederationPlan:
+        """How sql is asked (NotFederable before anything is sent)."""
+        if per_member:
+            return FederationPlan(UNION, sql, query_datasets(sql))
+        return plan_federation(sql)
+
+    def run(
+        self,
+        sql: str,
+        purpose: str,
+        *,
+        per_member: bool = False,
+        require_all: bool = False,
+        max_rows: int = 0,
+    ) -> FederatedResult:
+        """Ask every target; FederationIncomplete with require_all when one did not answer
+        in full. max_rows cuts each member's answer (not with partial aggregates)."""
+        plan = self.plan(sql, per_member=per_member)
+        if max_rows and plan.kind == AGGREGATE and not per_member:
+            raise NotFederable(
+                "a row limit would cut members' partial groups and the combination would be "
+                "wrong: use LIMIT in the query (applied after combining), or --per-member"
+            )
+        self._max_rows = max_rows
+        reports = [MemberReport(t.label, t.address, t.member_id) for t in self.targets]
+        tables: dict[str, pa.Table] = {}
+        done, rows = 0, 0
+        workers = max(1, min(32, len(self.targets)))
+        with concurrent.futures.ThreadPoolExecutor(workers, "federated") as pool:
+            futures = {
+                pool.submit(self._ask, target, report, plan, purpose): report
+                for target, report in zip(self.targets, reports, strict=True)
+            }
+            for future in concurrent.futures.as_completed(futures):
+                report = futures[future]
+                table = future.result()
+                if table is not None:
+                    tables[report.label] = table
+                done += 1
+                rows += report.rows
+                if self.progress is not None:
+                    self.progress(report, done, len(reports), rows)
+        if require_all and not all(r.answered and not r.cut for r in reports):
+            missing = ", ".join(
+                f"{r.label} ({'cut at a limit' if r.answered else r.outcome})"
+                for r in reports
+                if not r.answered or r.cut
+            )
+            raise FederationIncomplete(f"not every member answered: {missing}")
+        answered = [(r, tables[r.label]) for r in reports if r.label in tables]
+        return self._combined(plan, answered, reports, per_member)
+
+    def _combined(
+        self,
+        plan: FederationPlan,
+        answered: list[tuple[MemberReport, pa.Table]],
+        reports: list[MemberReport],
+        per_member: bool,
+    ) -> FederatedResult:
+        if plan.kind == AGGREGATE and not per_member:
+            table = combined_or_refused(plan, answered)
+            result = FederatedResult(table, plan, reports, False, incomplete_groups(plan, answered))
+        else:
+            try:
+                table = union(answered)
+            except pa.ArrowException as exc:
+                raise PeerError(
+                    f"the members answered with columns of different types ({exc}); ask them "
+                    "one by one, or cast the columns in the query"
+                ) from None
+            result = FederatedResult(table, plan, reports, per_member)
+        metadata = dict(result.table.schema.metadata or {})
+        metadata[FEDERATION_METADATA_KEY] = json.dumps(report_json(result), default=str).encode()
+        result.table = result.table.replace_schema_metadata(metadata)
+        return result
+
+    def _ask(
+        self, target: Target, report: MemberReport, plan: FederationPlan, purpose: str
+    ) -> pa.Table | None:
+        started = time.monotonic()
+        deadline = started + self.timeout
+        try:
+            return self._answer(target, report, plan, purpose, deadline)
+        except Exception as error:
+            report.outcome, report.detail = _outcome(error)
+            if report.part_file is not None:
+                report.part_file.unlink(missing_ok=True)
+                report.part_file = None
+            return None
+        finally:
+            report.seconds = time.monotonic() - started
+
+    def _answer(
+        self,
+        target: Target,
+        report: MemberReport,
+        plan: FederationPlan,
+        purpose: str,
+        deadline: float,
+    ) -> pa.Table:
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueryTimeout("no time left")
+            return remaining
+
+        check_member_endpoint(target, self.identity, self._dataspace, left())
+        with Peer(target.address, self.identity, timeout=left()) as peer:
+            entries = peer.catalog()
+            report.min_group_size = max(
+                (e.min_group_size for e in entries if e.name in plan.datasets), default=0
+            )
+            endorsement, certificate = peer.provider_proof()
+            peer.timeout = left()
+            table, token, digest = self._fetch(peer, report, plan.member_sql, purpose)
+        bundle = ReceiptBundle(token, endorsement, certificate)
+        try:
+            fields = verify_bundle(bundle, self.identity.ca_pem, None)
+        except (JwsError, ConnectorError) as exc:
+            raise PeerError(f"the receipt from {target.address} does not verify: {exc}") from None
+        if fields.result_sha256 != digest:
+            raise PeerError(f"the receipt from {target.address} does not match the data sent")
+        if target.member_id and fields.provider_id != target.member_id:
+            raise WrongIdentity(
+                f"{target.address} answered as {fields.provider_id}, not as {target.member_id}"
+            )
+        check_answer_shape(plan, table, target.address)
+        if fields.truncated:
+            report.cut = True
+            report.detail = f"cut at the limit {fields.limited_by or 'of rows'}"
+        report.outcome, report.rows, report.receipt, report.bundle = (
+            ANSWERED,
+            table.num_rows,
+            fields,
+            bundle,
+        )
+        return table
+
+    def _fetch(
+        self, peer: Peer, report: MemberReport, sql: str, purpose: str
+    ) -> tuple[pa.Table, str, str]:
+        if self.parts_to is None:
+            return read_answer(peer, sql, purpose, None, self._max_rows)
+        report.part_file = part_path(self.parts_to, report.label)
+        with report.part_file.open("wb") as sink:
+            return read_answer(peer, sql, purpose, sink, self._max_rows)
+
+
+def check_answer_shape(plan: FederationPlan, table: pa.Table, address: str) -> None:
+    """PeerError when an answer is not what was asked: a partial answer without exactly the
+    partial columns (numbers where they are summed), or a column named like `_member`."""
+    if MEMBER_COLUMN in table.column_names:
+        raise PeerError(
+            f"{address} answered with a column named {MEMBER_COLUMN}, which the combined answer "
+            "uses to name members; alias it in the query"
+        )
+    if plan.kind != AGGREGATE:
+        return
+    expected = [c for _, c in plan.groups] + [c for p in plan.aggregates for c in p.partials]
+    if table.column_names != expected:
+        raise PeerError(
+            f"{address} did not answer the partial aggregates it was asked for (columns "
+            f"{', '.join(table.column_names)}); its answer is left out"
+        )
+    for part in plan.aggregates:
+        if part.function in ("min", "max"):
+            continue
+        for column in part.partials:
+            kind = table.schema.field(column).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                    or pa.types.is_decimal(kind) or pa.types.is_null(kind)):  # fmt: skip
+                raise PeerError(f"{address} answered {column} as {kind}, not as a number")
+
+
+def combined_or_refused(
+    plan: FederationPlan, answered: Sequence[tuple[MemberReport, pa.Table]]
+) -> pa.Table:
+    """The combined answer; PeerError when the members' partials do not combine (a group
+    column of another type at one member, say)."""
+    try:
+        return combine(plan, [t for _, t in answered])
+    except (pa.ArrowException, duckdb.Error) as exc:
+        members = ", ".join(r.label for r, _ in answered)
+        raise PeerError(
+            f"the partial answers of {members} could not be combined ({exc}); ask with "
+            "--per-member to see each member's answer"
+        ) from None
+
+
+def part_path(output: Path, label: str) -> Path:
+    """Where a member's exact Arrow bytes are kept beside a combined result."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    return output.with_name(f"{output.name}.{safe}.arrow")
+
+
+def _member_column(label: str, rows: int) -> pa.Array:
+    """A constant column naming the member (dictionary-encoded: 4 bytes a row)."""
+    indices = pa.repeat(pa.scalar(0, pa.int32()), rows)
+    return pa.DictionaryArray.from_arrays(indices, pa.array([label], pa.string()))
+
+
+def union(answered: Sequence[tuple[MemberReport, pa.Table]]) -> pa.Table:
+    """The members' answers stacked, in the order asked, with `_member` first."""
+    tables = [
+        t.add_column(0, MEMBER_COLUMN, _member_column(r.label, t.num_rows)) for r, t in answered
+    ]
+    if not tables:
+        return pa.table({MEMBER_COLUMN: pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def incomplete_groups(
+    plan: FederationPlan, answered: Sequence[tuple[MemberReport, pa.Table]]
+) -> list[dict[str, Any]]:
+    """The groups some aggregate-only member may have dropped (too few of its rows): every
+    group another member answered that such a member did not."""
+    keys = {r.label: set(group_keys(plan, t)) for r, t in answered}
+    every = set().union(*keys.values()) if keys else set()
+    missing: dict[tuple[object, ...], list[str]] = {}
+    for report, _ in answered:
+        if report.min_group_size:
+            for key in every - keys[report.label]:
+                missing.setdefault(key, []).append(report.label)
+    names = [output or column for output, column in plan.groups]
+    return [
+        {"group": dict(zip(names, key, strict=True)), "members": sorted(labels)}
+        for key, labels in sorted(missing.items(), key=lambda item: repr(item[0]))
+    ]
