@@ -8,7 +8,7 @@ CODE   := connector tests bench examples protos
 # modules (some environments set this to keep source trees free of __pycache__).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install demo test test-quick fuzz lint protos bench soak clean
+.PHONY: install demo test test-quick suite suite-quick fuzz lint style typecheck protos bench soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed; run: make PYTHON=python3.11 ...")'
@@ -25,11 +25,19 @@ demo: $(STAMP)
 # shares starts once.
 PYTEST := $(PY) -m pytest -n auto --dist loadscope
 
-test: $(STAMP) lint
-	$(PYTEST)
+# The type check (about 15 s of one core on a fresh clone) runs beside the suite, whose
+# workers spend part of their time waiting on servers; style is checked first, in a second.
+test: style
+	@$(MAKE) --no-print-directory -j2 typecheck suite
 
 # Everything but the tests marked slow (a few seconds or more each): for quick iteration.
-test-quick: $(STAMP) lint
+test-quick: style
+	@$(MAKE) --no-print-directory -j2 typecheck suite-quick
+
+suite: $(STAMP)
+	$(PYTEST)
+
+suite-quick: $(STAMP)
 	$(PYTEST) -m "not slow"
 
 # The fuzz targets run briefly in `make test`; this runs them long: FUZZ_EXAMPLES random
@@ -37,9 +45,13 @@ test-quick: $(STAMP) lint
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(PY) -m pytest tests/fuzz -q --hypothesis-show-statistics
 
-lint: $(STAMP)
+lint: style typecheck
+
+style: $(STAMP)
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
+
+typecheck: $(STAMP)
 	$(VENV)/bin/mypy connector tests
 
 protos: $(STAMP)
