@@ -74,6 +74,16 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class FlightSettings:
+    """The Arrow Flight SQL port: off ("") unless connector.toml names one (`init` does)."""
+
+    listen: str = ""
+
+
+DEFAULT_FLIGHT_LISTEN = "127.0.0.1:50052"  # what `connector init` writes into [flight]
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     """Where policies live, who may sign them and which engine decides."""
 
@@ -119,6 +129,7 @@ class Settings:
     policies: PolicySettings
     revoked: Revocations = field(default_factory=Revocations)
     shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies (in bytes)
+    flight: FlightSettings = field(default_factory=FlightSettings)
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -281,13 +292,38 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
         shaped_copies_max_bytes=_byte_size(
             sections["store"], "shaped_copies_max_bytes", DEFAULT_SHAPED_COPIES_MAX_BYTES
         ),
+        flight=_flight(sections["flight"]),
     )
     for section in sections.values():
         section.finish()
     return settings
 
 
-_SECTIONS = ("member", "server", "tls", "store", "policies", "signing", "audit", "revoked")
+_SECTIONS = (
+    "member",
+    "server",
+    "tls",
+    "store",
+    "policies",
+    "signing",
+    "audit",
+    "revoked",
+    "flight",
+)
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _flight(section: _Section) -> FlightSettings:
+    # A home made before the Flight SQL port existed has no [flight]: the port stays off.
+    listen = section.text("listen", "").strip()
+    found = _HOST_PORT.fullmatch(listen)
+    if listen and (found is None or int(found.group(2)) > 65535):
+        raise ConfigError(
+            f'{section.path}: [flight] listen must be "HOST:PORT" (like '
+            f'"{DEFAULT_FLIGHT_LISTEN}"), or "" to turn the Flight SQL port off, not '
+            f"{listen[:60]!r}"
+        )
+    return FlightSettings(listen=listen)
 
 
 def _server(section: _Section) -> ServerSettings:

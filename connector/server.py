@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from connector.audit import AuditLog
 from connector.config import Settings, load_settings
 from connector.errors import ConfigError, IdentityError
+from connector.flight import FlightEndpoint, start_flight
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
 from connector.policy.fit import fit_warnings
@@ -165,6 +166,7 @@ class RunningServer:
     opa: OpaLink | None = None
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
+    flight: FlightEndpoint | None = None  # the Arrow Flight SQL port ([flight] listen)
 
     def set_serving(self, serving: bool) -> None:
         """Tell the health service whether requests are answered now."""
@@ -232,6 +234,8 @@ class RunningServer:
         """Stop taking requests, let running ones finish within grace seconds, close the store."""
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self.flight is not None:
+            self.flight.stop()
         self.server.stop(grace).wait()
         self.provider.stall_watch.stop()
         self.provider.sandbox.close()
@@ -249,8 +253,11 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def start_server(settings: Settings, listen: str | None = None) -> RunningServer:
-    """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one)."""
+def start_server(
+    settings: Settings, listen: str | None = None, flight_listen: str | None = None
+) -> RunningServer:
+    """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one),
+    and Flight SQL on flight_listen (default [flight] listen; "" for none)."""
     opa = opa_link(settings)
     provider = build_provider(settings, opa)
     options = [
@@ -288,10 +295,12 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
     server.start()
+    flight = _start_flight(settings, provider, server, flight_listen)
     provider.stall_watch.start()
     running = RunningServer(
         server, port, provider, health_servicer, settings, service, threading.Event(), opa
     )
+    running.flight = flight
     running.refresh_health()
     provider.audit.on_change = running.refresh_health
     if opa is not None:
@@ -299,6 +308,21 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
     running.start_watching()
     log.info("member %s serving on %s (port %d), mutual TLS", settings.member_id, address, port)
     return running
+
+
+def _start_flight(
+    settings: Settings, provider: Provider, server: grpc.Server, listen: str | None
+) -> FlightEndpoint | None:
+    """The Flight SQL endpoint beside the gRPC server, or None when it is off."""
+    address = settings.flight.listen if listen is None else listen
+    if not address:
+        return None
+    try:
+        return start_flight(provider, address, settings.cert, settings.key, settings.ca)
+    except Exception:
+        server.stop(0).wait()
+        provider.sandbox.close()
+        raise
 
 
 def _limit_memory(settings: Settings) -> None:
@@ -318,10 +342,12 @@ def _limit_memory(settings: Settings) -> None:
     )
 
 
-def serve_forever(settings: Settings, listen: str | None = None) -> None:
+def serve_forever(
+    settings: Settings, listen: str | None = None, flight_listen: str | None = None
+) -> None:
     """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations."""
     prepare_allocators()
-    running = start_server(settings, listen)
+    running = start_server(settings, listen, flight_listen)
     _limit_memory(settings)
     stop = threading.Event()
 

@@ -24,7 +24,7 @@ import pytest
 
 from connector.cli.main import main as cli
 from connector.client import Peer, PeerIdentity
-from connector.config import load_settings
+from connector.config import DEFAULT_FLIGHT_LISTEN, load_settings
 from connector.identity import create_dataspace_ca
 from connector.server import RunningServer, start_server
 from tests.in_process import InProcessPeer
@@ -130,7 +130,11 @@ def _member_template(member_id: str, dataspace: Path) -> Path:
         # Servers shared by a module's attack tests see many refusals from one member: a
         # larger allowance than the default 20 before the audit log's throttle refuses.
         config = home / "connector.toml"
-        config.write_text(config.read_text().replace("refusal_burst = 20", "refusal_burst = 400"))
+        text = config.read_text().replace("refusal_burst = 20", "refusal_burst = 400")
+        # The Flight SQL port stays off in test homes (its fixed default port would clash
+        # between servers); the Flight tests turn it on at port 0.
+        text = text.replace(f'listen = "{DEFAULT_FLIGHT_LISTEN}"', 'listen = ""')
+        config.write_text(text)
         _MEMBER_TEMPLATES[key] = home
     return _MEMBER_TEMPLATES[key]
 

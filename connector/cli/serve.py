@@ -15,9 +15,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_home(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="overrides [server] listen")
+    serve.add_argument(
+        "--flight-listen",
+        metavar="HOST:PORT",
+        help='overrides [flight] listen (the Arrow Flight SQL port; "" turns it off)',
+    )
     serve.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    serve_forever(settings_of(args), args.listen)
+    serve_forever(settings_of(args), args.listen, args.flight_listen)
     return 0
