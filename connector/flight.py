@@ -395,7 +395,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
         if isinstance(command, sql_pb.CommandGetCatalogs):
             return catalogs_table()
         if isinstance(command, sql_pb.CommandGetDbSchemas):
-            return db_schemas_table()
+            return db_schemas_table(command)
         if isinstance(command, sql_pb.CommandGetTableTypes):
             return table_types_table()
         if isinstance(command, sql_pb.CommandGetTables):

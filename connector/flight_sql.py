@@ -160,9 +160,14 @@ def catalogs_table() -> pa.Table:
     return CATALOGS_SCHEMA.empty_table()
 
 
-def db_schemas_table() -> pa.Table:
-    """GetDbSchemas: the connector has no schemas either."""
-    return DB_SCHEMAS_SCHEMA.empty_table()
+def db_schemas_table(command: sql_pb.CommandGetDbSchemas) -> pa.Table:
+    """GetDbSchemas: one schema without a name (clients list tables per schema)."""
+    found = not (command.HasField("catalog") and command.catalog)
+    found = found and _like(command, "db_schema_filter_pattern", "")
+    names = [""] if found else []
+    return pa.table(
+        {"catalog_name": [None] * len(names), "db_schema_name": names}, schema=DB_SCHEMAS_SCHEMA
+    )
 
 
 def table_types_table() -> pa.Table:
@@ -189,7 +194,7 @@ def tables_table(listed: Iterable[ListedTable], command: sql_pb.CommandGetTables
         wanted = []
     columns: dict[str, list[object]] = {
         "catalog_name": [None] * len(wanted),
-        "db_schema_name": [None] * len(wanted),
+        "db_schema_name": [""] * len(wanted),
         "table_name": [t.name for t in wanted],
         "table_type": [TABLE_TYPE] * len(wanted),
     }
