@@ -26,6 +26,7 @@ from tests.conftest import (
     Space,
     from_template,
     policy_text,
+    run_cli,
     space_homes,
 )
 
@@ -194,13 +195,33 @@ def test_adbc_answers_equal_the_grpc_query(fspace: Space) -> None:
     assert frame.to_dict("records") == expected.to_pandas().to_dict("records")
 
 
-def test_flight_client_gets_the_answer_and_a_receipt_over_its_digest(fspace: Space) -> None:
-    expected = fspace.peer().query(SQL, PURPOSE)
-    answer = flight_query(flight_client(fspace.server, fspace.grantee), SQL)
-    assert answer.table.to_pylist() == expected.to_pylist()
+def test_flight_client_gets_the_answer_and_a_receipt_over_its_digest(
+    fspace: Space, tmp_path: Path
+) -> None:
+    big = "SELECT a.plant, a.week, b.defects FROM part_defects a JOIN part_defects b USING (plant)"
+    answer = flight_query(flight_client(fspace.server, fspace.grantee), big)
+    assert answer.table.num_rows == 10_000
+    assert len(answer.batches) > 1  # batch_rows = 1000 in this space: the digest spans several
     bundle = ReceiptBundle(**json.loads(answer.metadata))
     fields = verify_bundle(bundle, fspace.grantee.identity().ca_pem, answer.ipc_bytes())
-    assert (fields.rows, fields.member_id, fields.purpose) == (200, "supplier-a", PURPOSE)
+    # The same check from the command line: the app_metadata saved as a receipt file.
+    (tmp_path / "r.json").write_bytes(answer.metadata)
+    (tmp_path / "r.arrow").write_bytes(answer.ipc_bytes())
+    ca = fspace.grantee.home / "tls" / "ca.pem"
+    assert (
+        run_cli(
+            "receipt", "verify", tmp_path / "r.json", "--data", tmp_path / "r.arrow", "--ca", ca
+        )
+        == 0
+    )
+    (tmp_path / "r.arrow").write_bytes(answer.ipc_bytes().replace(b"Leipzig", b"Leipzlg"))
+    assert (
+        run_cli(
+            "receipt", "verify", tmp_path / "r.json", "--data", tmp_path / "r.arrow", "--ca", ca
+        )
+        != 0
+    )
+    assert (fields.rows, fields.member_id, fields.purpose) == (10_000, "supplier-a", PURPOSE)
     entries = [json.loads(line) for line in audit_lines(fspace.provider)]
     (entry,) = [
         e
@@ -209,7 +230,7 @@ def test_flight_client_gets_the_answer_and_a_receipt_over_its_digest(fspace: Spa
     ]
     assert (entry["outcome"], entry["rows"], entry["result_sha256"]) == (
         "answered",
-        200,
+        10_000,
         fields.result_sha256,
     )
 
