@@ -28,6 +28,7 @@ from tests.conftest import (
     policy_text,
     run_cli,
     space_homes,
+    wait_for,
 )
 
 PURPOSE = "quality-benchmarking"
@@ -364,3 +365,35 @@ def test_other_commands_are_refused_clearly(fspace: Space, command: Any) -> None
         list(client.do_action(flight.Action("DropEverything", b"")))
     with pytest.raises(flight.FlightServerError, match="UNIMPLEMENTED"):
         list(client.list_flights())
+
+
+def test_an_empty_answer_still_ends_with_its_receipt(fspace: Space) -> None:
+    sql = "SELECT plant, defects FROM part_defects WHERE defects < 0"
+    answer = flight_query(flight_client(fspace.server, fspace.grantee), sql)
+    assert answer.table.num_rows == 0 and answer.schema.names == ["plant", "defects"]
+    bundle = ReceiptBundle(**json.loads(answer.metadata))
+    fields = verify_bundle(bundle, fspace.grantee.identity().ca_pem, answer.ipc_bytes())
+    assert fields.rows == 0
+
+
+def test_a_peer_that_stops_reading_is_on_record(fspace: Space) -> None:
+    client = flight_client(fspace.server, fspace.grantee)
+    big = "SELECT a.plant, b.defects FROM part_defects a JOIN part_defects b USING (plant)"
+    info = client.get_flight_info(statement(big), headers(PURPOSE))
+    reader = client.do_get(info.endpoints[0].ticket)
+    reader.read_chunk()
+    reader.cancel()
+    del reader
+    request_id = ""
+
+    def cancelled() -> bool:
+        nonlocal request_id
+        for line in audit_lines(fspace.provider):
+            entry = json.loads(line)
+            if entry.get("outcome") == "cancelled" and entry.get("member_id") == "supplier-a":
+                request_id = entry["request_id"]
+                return True
+        return False
+
+    wait_for(cancelled)
+    assert request_id
