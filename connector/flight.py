@@ -11,7 +11,6 @@ server's traceback.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from pyarrow import flight
 
 from connector._proto import flight_sql_pb2 as sql_pb
 from connector.audit_entry import AuditEntry, bounded
-from connector.canonical import canonical_bytes, canonical_json
 from connector.errors import (
     AuditUnavailable,
     ConfigError,
@@ -36,21 +34,19 @@ from connector.errors import (
     ResourceExhausted,
     StateUnavailable,
 )
+from connector.flight_answer import IpcFeed, receipt_metadata
 from connector.flight_sql import (
     CLOSE_PREPARED,
     CLOSE_SESSION,
     CREATE_PREPARED,
     ListedTable,
     UnsupportedCommand,
-    catalogs_table,
-    db_schemas_table,
+    metadata_table,
     only,
     pack,
-    sql_info_table,
-    table_types_table,
-    tables_table,
     unpack,
 )
+from connector.flight_status import UNEXPECTED, flight_error, unimplemented
 from connector.flight_tickets import (
     POLICIES_CHANGED,
     PREPARED_SECONDS,
@@ -66,8 +62,6 @@ from connector.query_run import QueryRun
 from connector.request import PeerRequest
 from connector.sandbox import OUT_OF_MEMORY
 from connector.service import (
-    ENGINE_FAILED,
-    ENGINE_UNAVAILABLE,
     STATE_FAILED,
     EngineFailureLog,
     new_request_id,
@@ -78,48 +72,6 @@ log = logging.getLogger(__name__)
 
 PURPOSE_HEADER = "x-connector-purpose"
 MIDDLEWARE = "connector"
-
-# How each kind of connector error reaches a Flight client (errors.py names the kind by its
-# gRPC status). Flight has no class for INVALID_ARGUMENT or RESOURCE_EXHAUSTED: those go as
-# FlightServerError; the message starts with the status name either way.
-FLIGHT_ERROR_OF: dict[str, type[flight.FlightError]] = {
-    "UNAUTHENTICATED": flight.FlightUnauthenticatedError,
-    "PERMISSION_DENIED": flight.FlightUnauthorizedError,
-    "INVALID_ARGUMENT": flight.FlightServerError,
-    "RESOURCE_EXHAUSTED": flight.FlightServerError,
-    "DEADLINE_EXCEEDED": flight.FlightTimedOutError,
-    "CANCELLED": flight.FlightCancelledError,
-    "UNAVAILABLE": flight.FlightUnavailableError,
-    "INTERNAL": flight.FlightInternalError,
-}
-UNEXPECTED = (
-    "INTERNAL: the provider's connector failed unexpectedly; its operators can find the "
-    "cause in its log"
-)
-
-
-def flight_error(error: ConnectorError) -> flight.FlightError:
-    """The Flight error a peer receives for error: status name and text, and as extra_info
-    the JSON {status, outcome, reasons} (one reason per entry)."""
-    text = error.message
-    if isinstance(error, PolicyEngineError):
-        # Engine output, decode positions or the OPA server's address stay in the owner's log.
-        text = ENGINE_UNAVAILABLE if error.status == "UNAVAILABLE" else ENGINE_FAILED
-    elif isinstance(error, StateUnavailable):
-        text = STATE_FAILED
-    reasons = error.reasons if isinstance(error, PermissionDenied) else [text]
-    detail = {"status": error.status, "outcome": error.outcome, "reasons": reasons}
-    kind = FLIGHT_ERROR_OF.get(error.status, flight.FlightInternalError)
-    return kind(f"{error.status}: {text}", extra_info=canonical_bytes(detail))
-
-
-def unimplemented(what: str) -> flight.FlightError:
-    """The refusal of a Flight (SQL) call this connector does not implement."""
-    return flight.FlightServerError(
-        f"UNIMPLEMENTED: this connector's Flight SQL port does not implement {what}; it answers "
-        "SELECT statements (CommandStatementQuery or prepared), GetSqlInfo, GetCatalogs, "
-        "GetDbSchemas, GetTables and GetTableTypes"
-    )
 
 
 class _CallHeaders(flight.ServerMiddleware):  # type: ignore[misc]
@@ -134,34 +86,6 @@ class _CallHeaders(flight.ServerMiddleware):  # type: ignore[misc]
 class _CallHeadersFactory(flight.ServerMiddlewareFactory):  # type: ignore[misc]
     def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> _CallHeaders:
         return _CallHeaders(headers)
-
-
-class _Pieces(io.RawIOBase):
-    """A read-only file over a QueryRun's Arrow IPC pieces; keeps the run's own error."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        super().__init__()
-        self._pieces = pieces
-        self._left = memoryview(b"")
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._left:
-            try:
-                self._left = memoryview(next(self._pieces))
-            except StopIteration:
-                return 0
-            except Exception as error:
-                # Kept whole (pyarrow would turn it into an ArrowException); reading ends.
-                self.error = error
-                return 0
-        size = min(len(buffer), len(self._left))
-        buffer[:size] = self._left[:size]
-        self._left = self._left[size:]
-        return size
 
 
 class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
@@ -328,7 +252,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
         try:
             self._provider.audit.opened(entry)  # nothing leaves before this is on disk
             pieces = run.pieces()
-            feed = _Pieces(pieces)
+            feed = IpcFeed(pieces)
             try:
                 reader = pa.ipc.open_stream(feed)
             except pa.ArrowException:
@@ -342,7 +266,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
         self,
         run: QueryRun,
         reader: pa.ipc.RecordBatchStreamReader,
-        feed: _Pieces,
+        feed: IpcFeed,
         entry: AuditEntry,
     ) -> Iterator[Any]:
         held: pa.RecordBatch | None = None
@@ -369,18 +293,10 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             self._refuse(entry, error, "DoGet")
         finally:
             run.close()
-        signer = self._provider.signer
-        receipt = canonical_json(
-            {
-                "receipt_jws": token,
-                "endorsement": signer.endorsement,
-                "provider_certificate_pem": signer.certificate_pem,
-                "data_format": "arrow",
-            }
-        )
+        receipt = receipt_metadata(self._provider.signer, token)
         log.info("answered %s over Flight SQL: %d rows", fields.request_id, fields.rows)
         last = held if held is not None else pa.RecordBatch.from_pylist([], schema=reader.schema)
-        yield last, pa.py_buffer(receipt.encode("utf-8"))
+        yield last, pa.py_buffer(receipt)
 
     def _record_quietly(self, entry: AuditEntry, error: ConnectorError) -> None:
         try:
@@ -389,24 +305,12 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             log.exception("could not write the audit entry of request %s", entry.request_id)
 
     def _metadata(self, member: MemberIdentity, plan: Plan, entry: AuditEntry) -> pa.Table:
-        command = unpack(plan.metadata)
-        if isinstance(command, sql_pb.CommandGetSqlInfo):
-            return sql_info_table(list(command.info))
-        if isinstance(command, sql_pb.CommandGetCatalogs):
-            return catalogs_table()
-        if isinstance(command, sql_pb.CommandGetDbSchemas):
-            return db_schemas_table(command)
-        if isinstance(command, sql_pb.CommandGetTableTypes):
-            return table_types_table()
-        if isinstance(command, sql_pb.CommandGetTables):
-            listed: dict[str, ListedTable] = {}
-            for dataset in self._provider.catalog(member, entry):  # recorded as a catalog call
-                if not plan.purpose or plan.purpose in dataset.grant.purposes:
-                    listed.setdefault(
-                        dataset.info.name, ListedTable(dataset.info.name, dataset.columns)
-                    )
-            return tables_table(listed.values(), command)
-        raise UnsupportedCommand(type(command).__name__)
+        def listed() -> list[ListedTable]:
+            catalog = self._provider.catalog(member, entry)  # recorded as a catalog request
+            wanted = [d for d in catalog if not plan.purpose or plan.purpose in d.grant.purposes]
+            return [ListedTable(d.info.name, d.columns) for d in wanted]
+
+        return metadata_table(unpack(plan.metadata), listed)
 
     # Actions: prepared statements (what ADBC and JDBC send for a plain execute).
 

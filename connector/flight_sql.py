@@ -9,7 +9,7 @@ request to the Provider.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -183,11 +183,27 @@ class ListedTable:
     columns: tuple[ColumnInfo, ...]
 
 
+def metadata_table(command: Message, listed: Callable[[], Iterable[ListedTable]]) -> pa.Table:
+    """The answer to a metadata command; listed() gives the datasets GetTables may show."""
+    if isinstance(command, sql_pb.CommandGetSqlInfo):
+        return sql_info_table(list(command.info))
+    if isinstance(command, sql_pb.CommandGetCatalogs):
+        return catalogs_table()
+    if isinstance(command, sql_pb.CommandGetDbSchemas):
+        return db_schemas_table(command)
+    if isinstance(command, sql_pb.CommandGetTableTypes):
+        return table_types_table()
+    if isinstance(command, sql_pb.CommandGetTables):
+        return tables_table(listed(), command)
+    raise UnsupportedCommand(type(command).__name__)
+
+
 def tables_table(listed: Iterable[ListedTable], command: sql_pb.CommandGetTables) -> pa.Table:
-    """GetTables: the datasets listed, narrowed by the command's filters (LIKE patterns)."""
+    """GetTables: the datasets listed (once each), narrowed by the command's LIKE filters."""
+    unique = {t.name: t for t in reversed(list(listed))}.values()  # the first of each name
     wanted = [
         t
-        for t in sorted(listed, key=lambda t: t.name)
+        for t in sorted(unique, key=lambda t: t.name)
         if _in_scope(command) and _like(command, "table_name_filter_pattern", t.name)
     ]
     if command.table_types and TABLE_TYPE not in command.table_types:

@@ -23,8 +23,8 @@ LAYERS: list[set[str]] = [
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases"},
-    {"wire", "service", "flight_sql", "flight_tickets", "flight", "server", "client",
-     "result_files"},
+    {"wire", "service", "flight_sql", "flight_tickets", "flight_status", "flight_answer",
+     "flight", "server", "client", "result_files"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 
