@@ -356,12 +356,14 @@ def shared_space(
 
 
 PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
+FLIGHT_PORT_LINE = re.compile(r"Arrow Flight SQL on \S+ \(port (\d+)\)")  # logged before
 
 
 class ServerProcess:
     """A `connector serve` child process and what it printed."""
 
-    def __init__(self, home: Path, python: str = sys.executable) -> None:
+    def __init__(self, home: Path, python: str = sys.executable, flight_listen: str = "") -> None:
+        """flight_listen: the Flight SQL port ("" off, whatever the home says; "127.0.0.1:0")."""
         self.process = subprocess.Popen(
             [
                 python,
@@ -372,12 +374,15 @@ class ServerProcess:
                 str(home),
                 "--listen",
                 "127.0.0.1:0",
+                "--flight-listen",
+                flight_listen,
             ],
             stderr=subprocess.PIPE,
             text=True,
         )
         self.lines: list[str] = []
         self.port = 0
+        self.flight_port = 0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         wait_for(lambda: self.port != 0 or self.process.poll() is not None, timeout=30)
@@ -387,6 +392,9 @@ class ServerProcess:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line)
+            flight = FLIGHT_PORT_LINE.search(line)
+            if flight:
+                self.flight_port = int(flight.group(1))
             found = PORT_LINE.search(line)
             if found:
                 self.port = int(found.group(1))

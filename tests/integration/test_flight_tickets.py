@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from pyarrow import flight
 
+from connector.config import DEFAULT_FLIGHT_LISTEN, load_settings
 from connector.errors import PermissionDenied
 from connector.flight_tickets import HandleBook, Plan
 from connector.identity import create_dataspace_ca
 from connector.server import RunningServer
-from tests.conftest import Member, Space, from_template, init_member, policy_text
+from tests.conftest import Member, Space, from_template, init_member, policy_text, run_cli
 from tests.integration.test_flight_sql import (
     PURPOSE,
     fetch,
@@ -119,3 +120,16 @@ def test_revoked_members_are_refused_and_a_revoked_serial_closes_the_port(
     outcomes = [(e["member_id"], e["outcome"]) for e in refusals(fspace.provider)]
     assert outcomes == [("supplier-b", "unauthenticated"), ("supplier-a", "unauthenticated")]
     assert uri(fspace.server).startswith("grpc+tls://")
+
+
+def test_init_writes_the_flight_port_on_by_default(tmp_path: Path, dataspace: Path) -> None:
+    made = {
+        "default": (),
+        "chosen": ("--flight-listen", "0.0.0.0:7443"),
+        "off": ("--flight-listen", ""),
+    }
+    for name, extra in made.items():
+        home = tmp_path / name
+        assert run_cli("init", home, "--member", f"m-{name}", "--dataspace", dataspace, *extra) == 0
+    listens = {name: load_settings(tmp_path / name).flight.listen for name in made}
+    assert listens == {"default": DEFAULT_FLIGHT_LISTEN, "chosen": "0.0.0.0:7443", "off": ""}
