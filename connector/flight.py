@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -71,6 +73,7 @@ from connector.service import (
 log = logging.getLogger(__name__)
 
 PURPOSE_HEADER = "x-connector-purpose"
+UNREAD_SECONDS = 1.0  # at stop, answers whose peers read nothing for this long are not awaited
 MIDDLEWARE = "connector"
 
 
@@ -107,11 +110,31 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
         self._tickets: HandleBook[Plan] = HandleBook(TICKET_SECONDS, single_use=True)
         self._prepared: HandleBook[Prepared] = HandleBook(PREPARED_SECONDS, single_use=False)
         self._engine_log = EngineFailureLog()
+        self._running: set[QueryRun] = set()  # answers being sent (stop() looks at them)
+        self._lock = threading.Lock()
 
-    def stop(self) -> None:
-        """Stop serving (running answers are cut) and wait until the port is closed."""
-        self.shutdown()
-        self.wait()
+    def stop(self, grace: float) -> bool:
+        """Stop taking calls; wait at most grace seconds for the running ones. False when one
+        is still held: pyarrow cannot cancel a call, and waits for a peer that does not read
+        its answer (then even at the process's exit)."""
+        stopper = threading.Thread(target=self.shutdown, name="flight-stop", daemon=True)
+        stopper.start()
+        until = time.monotonic() + grace
+        while stopper.is_alive() and time.monotonic() < until and not self._all_unread():
+            stopper.join(0.1)
+        if stopper.is_alive():
+            log.warning(
+                "the Flight SQL port stopped without waiting for answers that their peers do "
+                "not read (after %.0f s)",
+                grace,
+            )
+        return not stopper.is_alive()
+
+    def _all_unread(self) -> bool:
+        """Every answer still running waits for a peer that has not read for a second."""
+        with self._lock:
+            runs = list(self._running)
+        return bool(runs) and all(run.waiting_for_peer() > UNREAD_SECONDS for run in runs)
 
     # Who asks, and for what.
 
@@ -260,6 +283,8 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
         except Exception as error:
             run.close()
             self._refuse(entry, error, "DoGet")
+        with self._lock:
+            self._running.add(run)
         return flight.GeneratorStream(reader.schema, self._batches(run, reader, feed, entry))
 
     def _batches(
@@ -293,6 +318,8 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             self._refuse(entry, error, "DoGet")
         finally:
             run.close()
+            with self._lock:
+                self._running.discard(run)
         receipt = receipt_metadata(self._provider.signer, token)
         log.info("answered %s over Flight SQL: %d rows", fields.request_id, fields.rows)
         last = held if held is not None else pa.RecordBatch.from_pylist([], schema=reader.schema)

@@ -167,6 +167,7 @@ class RunningServer:
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
     flight: FlightEndpoint | None = None  # the Arrow Flight SQL port ([flight] listen)
+    flight_held = False  # stop() left a Flight call that pyarrow cannot cancel
 
     def set_serving(self, serving: bool) -> None:
         """Tell the health service whether requests are answered now."""
@@ -234,8 +235,8 @@ class RunningServer:
         """Stop taking requests, let running ones finish within grace seconds, close the store."""
         self._stop.set()
         self.health.enter_graceful_shutdown()
-        if self.flight is not None:
-            self.flight.stop()
+        if self.flight is not None and not self.flight.stop(grace):
+            self.flight_held = True
         self.server.stop(grace).wait()
         self.provider.stall_watch.stop()
         self.provider.sandbox.close()
@@ -344,8 +345,10 @@ def _limit_memory(settings: Settings) -> None:
 
 def serve_forever(
     settings: Settings, listen: str | None = None, flight_listen: str | None = None
-) -> None:
-    """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations."""
+) -> bool:
+    """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations.
+    False when a Flight SQL call is still held after the stop (see `FlightEndpoint.stop`):
+    everything is closed and written, and the process should end at once."""
     prepare_allocators()
     running = start_server(settings, listen, flight_listen)
     _limit_memory(settings)
@@ -368,3 +371,4 @@ def serve_forever(
     finally:
         running.stop()
         log.info("stopped")
+    return not running.flight_held

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 
 from connector.cli.common import add_home, settings_of
 from connector.server import serve_forever
@@ -24,5 +27,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _serve(args: argparse.Namespace) -> int:
-    serve_forever(settings_of(args), args.listen, args.flight_listen)
+    if not serve_forever(settings_of(args), args.listen, args.flight_listen):
+        # pyarrow would wait at exit for a Flight call it cannot cancel (a peer that does not
+        # read its answer); the store, audit log and quotas are closed, so end here.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
