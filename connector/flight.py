@@ -33,6 +33,7 @@ from connector.errors import (
     PolicyEngineError,
     QueryCancelled,
     QueryRejected,
+    QueryStalled,
     ResourceExhausted,
     StateUnavailable,
 )
@@ -48,7 +49,16 @@ from connector.flight_sql import (
     pack,
     unpack,
 )
-from connector.flight_status import UNEXPECTED, flight_error, unimplemented
+from connector.flight_status import (
+    MIDDLEWARE,
+    PURPOSE_HEADER,
+    UNEXPECTED,
+    CallHeadersFactory,
+    RefusedCalls,
+    flight_error,
+    purpose_of,
+    unimplemented,
+)
 from connector.flight_tickets import (
     POLICIES_CHANGED,
     PREPARED_SECONDS,
@@ -72,26 +82,10 @@ from connector.service import (
 
 log = logging.getLogger(__name__)
 
-PURPOSE_HEADER = "x-connector-purpose"
 UNREAD_SECONDS = 1.0  # at stop, answers whose peers read nothing for this long are not awaited
-MIDDLEWARE = "connector"
 
 
-class _CallHeaders(flight.ServerMiddleware):  # type: ignore[misc]
-    """The connector's call headers of one Flight call."""
-
-    def __init__(self, headers: dict[str, list[str | bytes]]) -> None:
-        values = headers.get(PURPOSE_HEADER) or [""]
-        first = values[0]
-        self.purpose = first.decode("utf-8", "replace") if isinstance(first, bytes) else first
-
-
-class _CallHeadersFactory(flight.ServerMiddlewareFactory):  # type: ignore[misc]
-    def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> _CallHeaders:
-        return _CallHeaders(headers)
-
-
-class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
+class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[misc]
     """Arrow Flight SQL over a Provider: serving from construction until `stop()`."""
 
     def __init__(self, provider: Provider, location: str, cert: Path, key: Path, ca: Path) -> None:
@@ -104,7 +98,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             tls_certificates=[flight.CertKeyPair(cert=pems[0], key=pems[1])],
             verify_client=True,
             root_certificates=pems[2],
-            middleware={MIDDLEWARE: _CallHeadersFactory()},
+            middleware={MIDDLEWARE: CallHeadersFactory()},
         )
         self._provider = provider
         self._tickets: HandleBook[Plan] = HandleBook(TICKET_SECONDS, single_use=True)
@@ -123,11 +117,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
         while stopper.is_alive() and time.monotonic() < until and not self._all_unread():
             stopper.join(0.1)
         if stopper.is_alive():
-            log.warning(
-                "the Flight SQL port stopped without waiting for answers that their peers do "
-                "not read (after %.0f s)",
-                grace,
-            )
+            log.warning("the Flight SQL port stopped without waiting for answers nobody reads")
         return not stopper.is_alive()
 
     def _all_unread(self) -> bool:
@@ -152,11 +142,6 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
                 "the requests before sending more"
             )
         return member
-
-    @staticmethod
-    def _purpose(context: flight.ServerCallContext) -> str:
-        headers = context.get_middleware(MIDDLEWARE)
-        return headers.purpose if isinstance(headers, _CallHeaders) else ""
 
     @staticmethod
     def _request(sql: str, purpose: str, entry: AuditEntry) -> PeerRequest:
@@ -212,7 +197,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             if descriptor.descriptor_type != flight.DescriptorType.CMD:
                 raise unimplemented("path descriptors")
             command = unpack(descriptor.command)
-            purpose = self._purpose(context)
+            purpose = purpose_of(context)
             if isinstance(command, sql_pb.CommandStatementQuery):
                 plan = self._plan(member, command.query, purpose, entry)
             elif isinstance(command, sql_pb.CommandPreparedStatementQuery):
@@ -311,7 +296,12 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             fields, token = run.receipt()  # the audit entry is on disk before the receipt leaves
         except GeneratorExit:
             entry.rows = run.rows
-            self._record_quietly(entry, QueryCancelled("the peer stopped reading the answer"))
+            gone = (
+                QueryStalled("the peer stopped reading the answer; its query was stopped")
+                if run.stalled
+                else QueryCancelled("the peer went away while the answer was sent")
+            )
+            self._record_quietly(entry, gone)
             raise
         except Exception as error:
             entry.rows = run.rows
@@ -351,7 +341,7 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             body = action.body.to_pybytes() if action.body is not None else b""
             if action.type == CREATE_PREPARED:
                 request = unpack(body, only(sql_pb.ActionCreatePreparedStatementRequest))
-                return iter([self._prepare(member, request.query, self._purpose(context), entry)])  # type: ignore[attr-defined]
+                return iter([self._prepare(member, request.query, purpose_of(context), entry)])  # type: ignore[attr-defined]
             if action.type == CLOSE_PREPARED:
                 request = unpack(body, only(sql_pb.ActionClosePreparedStatementRequest))
                 self._prepared.close(request.prepared_statement_handle, member.member_id)  # type: ignore[attr-defined]
@@ -375,24 +365,6 @@ class FlightEndpoint(flight.FlightServerBase):  # type: ignore[misc]
             (CLOSE_PREPARED, "forget a prepared statement"),
             (CLOSE_SESSION, "end the session (nothing to release)"),
         ]
-
-    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> NoReturn:
-        """Refused: datasets are listed by GetTables, for the member asking."""
-        raise unimplemented("ListFlights (use GetTables)")
-
-    def get_schema(
-        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
-    ) -> NoReturn:
-        """Refused: a result's schema comes with its answer."""
-        raise unimplemented("GetSchema")
-
-    def do_put(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> NoReturn:
-        """Refused: the connector is read-only for peers."""
-        raise unimplemented("DoPut (the connector is read-only for peers)")
-
-    def do_exchange(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> NoReturn:
-        """Refused."""
-        raise unimplemented("DoExchange")
 
 
 def start_flight(

@@ -1,4 +1,5 @@
-"""Between the connector's exceptions and Arrow Flight: which Flight error a peer receives.
+"""What a Flight SQL call carries besides data: the connector's call headers in, and which
+Flight error a peer receives for a connector exception out.
 
 The counterpart of status.py for the Flight SQL port. Only Flight errors may leave a
 pyarrow.flight handler: any other exception sends the client the server's traceback.
@@ -6,6 +7,9 @@ pyarrow.flight handler: any other exception sends the client the server's traceb
 
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
+import pyarrow as pa
 from pyarrow import flight
 
 from connector.canonical import canonical_bytes
@@ -53,3 +57,56 @@ def unimplemented(what: str) -> flight.FlightError:
         "SELECT statements (CommandStatementQuery or prepared), GetSqlInfo, GetCatalogs, "
         "GetDbSchemas, GetTables and GetTableTypes"
     )
+
+
+PURPOSE_HEADER = "x-connector-purpose"
+UNIMPLEMENTED_KEY = "connector.unimplemented"  # GetSchema's answer says why it is empty
+MIDDLEWARE = "connector"
+
+
+class CallHeaders(flight.ServerMiddleware):  # type: ignore[misc]
+    """The connector's call headers of one Flight call."""
+
+    def __init__(self, headers: dict[str, list[str | bytes]]) -> None:
+        first = (headers.get(PURPOSE_HEADER) or [""])[0]
+        self.purpose = first.decode("utf-8", "replace") if isinstance(first, bytes) else first
+
+
+class CallHeadersFactory(flight.ServerMiddlewareFactory):  # type: ignore[misc]
+    """Reads the connector's headers at the start of every Flight call."""
+
+    def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> CallHeaders:
+        """The headers of the call starting (pyarrow calls this)."""
+        return CallHeaders(headers)
+
+
+def purpose_of(context: flight.ServerCallContext) -> str:
+    """The purpose a call's x-connector-purpose header names ("" when none)."""
+    headers = context.get_middleware(MIDDLEWARE)
+    return headers.purpose if isinstance(headers, CallHeaders) else ""
+
+
+class RefusedCalls:
+    """The Flight calls the endpoint refuses whatever they carry (a mixin before pyarrow's
+    FlightServerBase, whose own versions would answer with a traceback)."""
+
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> NoReturn:
+        """Refused: datasets are listed by GetTables, for the member asking."""
+        raise unimplemented("ListFlights (use GetTables)")
+
+    def get_schema(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.SchemaResult:
+        """Not implemented: a result's schema comes with its answer. Answered with an empty
+        schema whose metadata says so, since pyarrow sends the server's traceback with any
+        error raised here (even a Flight error)."""
+        refusal = str(unimplemented("GetSchema (a result's schema comes with its answer)"))
+        return flight.SchemaResult(pa.schema([], metadata={UNIMPLEMENTED_KEY: refusal}))
+
+    def do_put(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> NoReturn:
+        """Refused: the connector is read-only for peers."""
+        raise unimplemented("DoPut (the connector is read-only for peers)")
+
+    def do_exchange(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> NoReturn:
+        """Refused."""
+        raise unimplemented("DoExchange")

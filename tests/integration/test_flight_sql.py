@@ -365,6 +365,18 @@ def test_other_commands_are_refused_clearly(fspace: Space, command: Any) -> None
         list(client.do_action(flight.Action("DropEverything", b"")))
     with pytest.raises(flight.FlightServerError, match="UNIMPLEMENTED"):
         list(client.list_flights())
+    # pyarrow sends a traceback with any error raised by GetSchema: it answers an empty
+    # schema that says why instead.
+    schema = client.get_schema(statement("SELECT plant FROM part_defects")).schema
+    assert schema.names == []
+    assert b"UNIMPLEMENTED" in schema.metadata[b"connector.unimplemented"]
+    writer, _ = client.do_put(statement("SELECT 1"), pa.schema([("a", pa.int64())]))
+    with pytest.raises(flight.FlightServerError, match="UNIMPLEMENTED") as put:
+        writer.write_table(pa.table({"a": [1]}))
+        writer.close()
+    assert "Traceback" not in str(put.value)
+    actions = {a.type for a in client.list_actions()}
+    assert actions == {"CreatePreparedStatement", "ClosePreparedStatement", "CloseSession"}
 
 
 def test_an_empty_answer_still_ends_with_its_receipt(fspace: Space) -> None:
