@@ -42,7 +42,6 @@ def fspace(tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningSer
     return Space(provider, grantee, outsider, serve(provider))
 
 
-@pytest.mark.slow
 def test_stop_does_not_wait_for_a_peer_that_stopped_reading(fspace: Space) -> None:
     reader = hold_unread(flight_client(fspace.server, fspace.grantee))
     stopper = threading.Thread(target=fspace.server.stop, kwargs={"grace": 1})
