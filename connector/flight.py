@@ -61,6 +61,7 @@ from connector.flight_status import (
 )
 from connector.flight_tickets import (
     POLICIES_CHANGED,
+    PREPARED_REFUSED,
     PREPARED_SECONDS,
     TICKET_SECONDS,
     HandleBook,
@@ -102,7 +103,9 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         )
         self._provider = provider
         self._tickets: HandleBook[Plan] = HandleBook(TICKET_SECONDS, single_use=True)
-        self._prepared: HandleBook[Prepared] = HandleBook(PREPARED_SECONDS, single_use=False)
+        self._prepared: HandleBook[Prepared] = HandleBook(
+            PREPARED_SECONDS, single_use=False, refusal=PREPARED_REFUSED
+        )
         self._engine_log = EngineFailureLog()
         self._running: set[QueryRun] = set()  # answers being sent (stop() looks at them)
         self._lock = threading.Lock()

@@ -28,6 +28,11 @@ TICKET_REFUSED = (
     f"{TICKET_SECONDS:.0f} s), belongs to another member, or was never issued; run the query "
     "again to get a new one"
 )
+PREPARED_REFUSED = (
+    "this prepared statement is not valid: it was closed, unused for "
+    f"{PREPARED_SECONDS / 60:.0f} minutes, belongs to another member, or was never made; "
+    "prepare the query again"
+)
 POLICIES_CHANGED = (
     "the usage policies that allowed this query changed after its ticket was issued; run the "
     "query again to have it decided under the policies in force"
@@ -68,9 +73,12 @@ class HandleBook(Generic[Held]):
         *,
         single_use: bool,
         per_member: int = MAX_PER_MEMBER,
+        refusal: str = TICKET_REFUSED,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """refusal: what a peer is told when a handle is not (or no longer) its own."""
         self._lifetime = lifetime
+        self._refusal = refusal
         self._single_use = single_use
         self._per_member = per_member
         self._clock = clock
@@ -99,7 +107,7 @@ class HandleBook(Generic[Held]):
             self._expire()
             held = self._held.pop(handle, None)
             if held is None or held[1].member_id != member_id:
-                raise PermissionDenied([TICKET_REFUSED])
+                raise PermissionDenied([self._refusal])
             if not self._single_use:
                 self._held[handle] = (self._clock() + self._lifetime, held[1])
             return held[1]

@@ -14,6 +14,7 @@ import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow as pa
 import pytest
 from adbc_driver_flightsql import DatabaseOptions
+from google.protobuf import any_pb2
 from pyarrow import flight
 
 from connector._proto import flight_sql_pb2 as sql_pb
@@ -409,3 +410,38 @@ def test_a_peer_that_stops_reading_is_on_record(fspace: Space) -> None:
 
     wait_for(cancelled)
     assert request_id
+
+
+def prepare(client: flight.FlightClient, sql: str, purpose: str = PURPOSE) -> bytes:
+    request = pack(sql_pb.ActionCreatePreparedStatementRequest(query=sql))
+    (result,) = client.do_action(
+        flight.Action("CreatePreparedStatement", request), headers(purpose)
+    )
+    wrapper = any_pb2.Any.FromString(result.body.to_pybytes())
+    prepared = sql_pb.ActionCreatePreparedStatementResult.FromString(wrapper.value)
+    return prepared.prepared_statement_handle
+
+
+def run_prepared(client: flight.FlightClient, handle: bytes) -> FlightAnswer:
+    command = pack(sql_pb.CommandPreparedStatementQuery(prepared_statement_handle=handle))
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+    return fetch(client.do_get(info.endpoints[0].ticket))
+
+
+def test_prepared_statements_run_again_for_their_member_until_closed(fspace: Space) -> None:
+    client = flight_client(fspace.server, fspace.grantee)
+    handle = prepare(client, "SELECT plant FROM part_defects")
+    assert run_prepared(client, handle).table.num_rows == 200
+    assert run_prepared(client, handle).table.num_rows == 200  # decided again each time
+    with pytest.raises(flight.FlightUnauthorizedError, match="prepared statement is not valid"):
+        run_prepared(flight_client(fspace.server, fspace.outsider), handle)
+    handle = prepare(client, "SELECT plant FROM part_defects")
+    close = pack(sql_pb.ActionClosePreparedStatementRequest(prepared_statement_handle=handle))
+    list(client.do_action(flight.Action("ClosePreparedStatement", close)))
+    with pytest.raises(flight.FlightUnauthorizedError, match="prepared statement is not valid"):
+        run_prepared(client, handle)
+    sql = "SELECT plant, supplier_price FROM part_defects"
+    reasons = grpc_reasons(fspace, fspace.grantee, sql, PURPOSE)
+    with pytest.raises(flight.FlightUnauthorizedError) as refused:
+        prepare(client, sql)
+    assert refusal(refused.value)["reasons"] == reasons
