@@ -228,11 +228,27 @@ def _in_scope(command: sql_pb.CommandGetTables) -> bool:
 
 
 def _like(command: Message, field: str, value: str) -> bool:
-    if not command.HasField(field):
-        return True
-    pattern = getattr(command, field)
-    regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern[:256])
-    return re.fullmatch(regex, value, flags=re.DOTALL) is not None
+    return not command.HasField(field) or like(getattr(command, field), value)
+
+
+def like(pattern: str, text: str) -> bool:
+    """SQL LIKE without escapes: % any run of characters, _ any one character. The pattern
+    is the peer's: matched in time linear in len(pattern) * len(text), never by a
+    backtracking regular expression (which "%_%_%_...!" makes take minutes)."""
+    at = matched = resume = 0
+    star = -1  # the pattern position after the last %, and the text position it resumed at
+    while matched < len(text):
+        if at < len(pattern) and pattern[at] in ("_", text[matched]) and pattern[at] != "%":
+            at, matched = at + 1, matched + 1
+        elif at < len(pattern) and pattern[at] == "%":
+            star, resume = at + 1, matched
+            at = star
+        elif star >= 0:
+            resume += 1
+            at, matched = star, resume
+        else:
+            return False
+    return all(c == "%" for c in pattern[at:])
 
 
 _TYPE_TEXT = re.compile(r"[A-Za-z0-9_(), \[\]]+")

@@ -391,7 +391,11 @@ def test_an_empty_answer_still_ends_with_its_receipt(fspace: Space) -> None:
 
 def test_a_peer_that_stops_reading_is_on_record(fspace: Space) -> None:
     client = flight_client(fspace.server, fspace.grantee)
-    big = "SELECT a.plant, b.defects FROM part_defects a JOIN part_defects b USING (plant)"
+    # Far more than the transport buffers, so that the answer cannot be all sent already.
+    big = (
+        "SELECT a.plant, a.part_no, a.week, b.part_no AS other FROM part_defects a, "
+        "part_defects b, part_defects c WHERE c.defects < 2"
+    )
     info = client.get_flight_info(statement(big), headers(PURPOSE))
     reader = client.do_get(info.endpoints[0].ticket)
     reader.read_chunk()
