@@ -44,6 +44,7 @@ from connector.flight_sql import (
     CREATE_PREPARED,
     ListedTable,
     UnsupportedCommand,
+    checked_metadata,
     metadata_table,
     only,
     pack,
@@ -207,9 +208,8 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
                 prepared = self._prepared.take(command.prepared_statement_handle, member.member_id)
                 plan = self._plan(member, prepared.sql, prepared.purpose, entry)
             else:
-                plan = Plan(
-                    member.member_id, purpose, "", entry.request_id, metadata=descriptor.command
-                )
+                metadata = checked_metadata(descriptor.command)
+                plan = Plan(member.member_id, purpose, "", entry.request_id, metadata=metadata)
             handle = self._tickets.issue(plan)
         except Exception as error:
             self._refuse(entry, error, "GetFlightInfo")

@@ -24,6 +24,7 @@ from connector.store import ColumnInfo
 
 TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 MAX_COMMAND_BYTES = 1024 * 1024  # a descriptor or action body larger than this is refused
+MAX_METADATA_BYTES = 16 * 1024  # a metadata command is kept with its ticket: kept small
 
 # The commands read from a FlightDescriptor (GetFlightInfo), by message name.
 COMMANDS: dict[str, type[Message]] = {
@@ -181,6 +182,16 @@ class ListedTable:
 
     name: str
     columns: tuple[ColumnInfo, ...]
+
+
+def checked_metadata(data: bytes) -> bytes:
+    """A metadata command's bytes, to keep with its ticket; QueryRejected when over the limit."""
+    if len(data) > MAX_METADATA_BYTES:
+        raise QueryRejected(
+            f"a metadata command may have at most {MAX_METADATA_BYTES} bytes; send fewer "
+            "table types or a shorter pattern"
+        )
+    return data
 
 
 def metadata_table(command: Message, listed: Callable[[], Iterable[ListedTable]]) -> pa.Table:

@@ -87,3 +87,11 @@ def test_a_table_name_pattern_cannot_stall_the_endpoint(
     table = client.do_get(info.endpoints[0].ticket, options).read_all()
     assert time.monotonic() - started < 5
     assert table.column("table_name").to_pylist() == []
+
+
+def test_a_metadata_command_kept_with_its_ticket_is_small(client: flight.FlightClient) -> None:
+    # Tickets are kept by the connector, 64 per member: a metadata ticket must not hold
+    # a megabyte of the peer's bytes each.
+    command = sql_pb.CommandGetTables(table_types=["TABLE"] * 20_000)
+    with pytest.raises(flight.FlightServerError, match="at most 16384 bytes"):
+        client.get_flight_info(flight.FlightDescriptor.for_command(pack(command)))
