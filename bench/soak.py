@@ -215,7 +215,17 @@ class Server:
         before = self._port_lines()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [*CONNECTOR, "serve", "--home", str(self.home), "--listen", "127.0.0.1:0"],
+            # The Flight SQL port off: the soak drives the gRPC port (and a fixed port clashes).
+            [
+                *CONNECTOR,
+                "serve",
+                "--home",
+                str(self.home),
+                "--listen",
+                "127.0.0.1:0",
+                "--flight-listen",
+                "",
+            ],
             stderr=log,
             stdout=log,
         )

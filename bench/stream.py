@@ -6,7 +6,9 @@ All three read the same rows of the same DuckDB file in the same run:
   Arrow Flight   a plain pyarrow Flight server over gRPC with the same mutual TLS certificates,
                  streaming the same query (what a bare Arrow-over-gRPC service costs);
   connector      the full path: mTLS, SQL guard, Rego decision, sandboxed per-request views,
-                 plan check, Arrow IPC pieces in protobuf messages, signed receipt.
+                 plan check, Arrow IPC pieces in protobuf messages, signed receipt;
+  Flight SQL     the same path on the connector's Arrow Flight SQL port, read with pyarrow's
+                 FlightClient and with ADBC's Flight SQL driver (DB-API fetch_arrow_table).
 A second grant shapes the same rows (part_no hashed, a row filter every row passes): its
 first query builds the shaped copy, measured against local DuckDB computing the same masked
 rows; later queries read the copy.
@@ -38,9 +40,11 @@ from pathlib import Path
 import duckdb
 import pyarrow.flight as flight
 
+from connector._proto.flight_sql_pb2 import CommandStatementQuery
 from connector.cli.main import main as cli
 from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
+from connector.flight_sql import pack
 from connector.server import start_server
 from connector.shaping import hmac_sql, load_mask_key
 
@@ -50,6 +54,8 @@ SHAPED_PURPOSE = "shaped-benchmarking"
 BATCH_ROWS = 65_536
 SHAPED_FIRST = "connector stream, masked, first"
 SHAPED = "connector stream, masked"
+FLIGHT_SQL = "connector Flight SQL, FlightClient"
+FLIGHT_SQL_ADBC = "connector Flight SQL, ADBC"
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,52 @@ def connector_stream(peer: Peer, sql: str, purpose: str = PURPOSE) -> Callable[[
     return once
 
 
+def flight_sql_client(port: int, identity: PeerIdentity, sql: str) -> Callable[[], tuple[int, int]]:
+    client = flight.FlightClient(
+        f"grpc+tls://localhost:{port}",
+        tls_root_certs=identity.ca_pem,
+        cert_chain=identity.cert_pem,
+        private_key=identity.key_pem,
+    )
+    options = flight.FlightCallOptions(headers=[(b"x-connector-purpose", PURPOSE.encode())])
+    command = flight.FlightDescriptor.for_command(pack(CommandStatementQuery(query=sql)))
+
+    def once() -> tuple[int, int]:
+        info = client.get_flight_info(command, options)
+        rows = size = 0
+        for chunk in client.do_get(info.endpoints[0].ticket, options):
+            rows += chunk.data.num_rows
+            size += chunk.data.nbytes
+        return rows, size
+
+    return once
+
+
+def flight_sql_adbc(port: int, identity: PeerIdentity, sql: str) -> Callable[[], tuple[int, int]]:
+    import adbc_driver_flightsql.dbapi as flightsql
+    from adbc_driver_flightsql import DatabaseOptions
+
+    options = {
+        DatabaseOptions.TLS_ROOT_CERTS.value: identity.ca_pem.decode(),
+        DatabaseOptions.MTLS_CERT_CHAIN.value: identity.cert_pem.decode(),
+        DatabaseOptions.MTLS_PRIVATE_KEY.value: identity.key_pem.decode(),
+        f"{DatabaseOptions.RPC_CALL_HEADER_PREFIX.value}x-connector-purpose": PURPOSE,
+    }
+
+    def once() -> tuple[int, int]:
+        with (
+            flightsql.connect(
+                f"grpc+tls://localhost:{port}", db_kwargs=options, autocommit=True
+            ) as connection,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(sql)
+            table = cursor.fetch_arrow_table()
+        return table.num_rows, table.nbytes
+
+    return once
+
+
 def connector_table(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
     def once() -> tuple[int, int]:
         table = peer.query(sql, PURPOSE)
@@ -204,7 +256,7 @@ def report(results: list[Measurement], flight_tls: str) -> None:
             f"{m.name:<34}{m.rows:>11,}{m.seconds:>10.3f}{m.rows / m.seconds / 1e6:>10.2f}"
             f"{m.arrow_bytes / m.seconds / 1e6:>9.0f}"
         )
-    for name in ("connector stream", "connector query()"):
+    for name in ("connector stream", "connector query()", FLIGHT_SQL, FLIGHT_SQL_ADBC):
         print(
             f"{name}: {base[name] / base['local DuckDB']:.2f}x local DuckDB, "
             f"{base[name] / base['Arrow Flight']:.2f}x Arrow Flight ({flight_tls})"
@@ -232,7 +284,8 @@ def measure(work: Path, rows: int, repeat: int) -> None:
         f"SELECT plant, {masked} AS part_no, day, defects, cost "
         f'FROM datasets."{DATASET}" WHERE defects >= 0'
     )
-    server = start_server(settings, "127.0.0.1:0")
+    server = start_server(settings, "127.0.0.1:0", "127.0.0.1:0")
+    assert server.flight is not None
     flight_server = DuckDBFlightServer(settings.database, provider_tls)
     threading.Thread(target=flight_server.serve, daemon=True).start()
     try:
@@ -246,6 +299,12 @@ def measure(work: Path, rows: int, repeat: int) -> None:
                 ),
                 timed("connector stream", repeat, connector_stream(peer, sql_peer)),
                 timed("connector query()", repeat, connector_table(peer, sql_peer)),
+                timed(
+                    FLIGHT_SQL, repeat, flight_sql_client(server.flight.port, identity, sql_peer)
+                ),
+                timed(
+                    FLIGHT_SQL_ADBC, repeat, flight_sql_adbc(server.flight.port, identity, sql_peer)
+                ),
                 timed(
                     "local DuckDB, masked",
                     repeat,

@@ -75,6 +75,16 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class FlightSettings:
+    """The Arrow Flight SQL port: off ("") unless connector.toml names one (`init` does)."""
+
+    listen: str = ""
+
+
+DEFAULT_FLIGHT_LISTEN = "127.0.0.1:50052"  # what `connector init` writes into [flight]
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     """Where policies live, who may sign them and which engine decides."""
 
@@ -129,6 +139,7 @@ class Settings:
     revoked: Revocations = field(default_factory=Revocations)
     shaped_copies_max_bytes: int = 1024**3  # scratch space for shaped copies (in bytes)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    flight: FlightSettings = field(default_factory=FlightSettings)
 
 
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
@@ -292,6 +303,7 @@ def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
             sections["store"], "shaped_copies_max_bytes", DEFAULT_SHAPED_COPIES_MAX_BYTES
         ),
         metrics=_metrics(sections["metrics"]),
+        flight=_flight(sections["flight"]),
     )
     for section in sections.values():
         section.finish()
@@ -308,8 +320,16 @@ _SECTIONS = (
     "audit",
     "revoked",
     "metrics",
+    "flight",
 )
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _flight(section: _Section) -> FlightSettings:
+    # A home made before the Flight SQL port existed has no [flight]: the port stays off.
+    return FlightSettings(
+        listen=_optional_listen(section, DEFAULT_FLIGHT_LISTEN, "turn the Flight SQL port off")
+    )
 
 
 def _server(section: _Section) -> ServerSettings:
@@ -352,14 +372,21 @@ def _server(section: _Section) -> ServerSettings:
 
 
 def _metrics(section: _Section) -> MetricsSettings:
-    listen = section.text("listen", MetricsSettings.listen).strip()
+    return MetricsSettings(
+        listen=_optional_listen(section, MetricsSettings.example_listen, "serve no metrics")
+    )
+
+
+def _optional_listen(section: _Section, example: str, empty_means: str) -> str:
+    """The section's `listen`: HOST:PORT, or "" (also when left out) for no such port."""
+    listen = section.text("listen", "").strip()
     found = _HOST_PORT.fullmatch(listen)
     if listen and (found is None or int(found.group(2)) > 65535):
         raise ConfigError(
-            f"{section.path}: [metrics] listen must be HOST:PORT such as "
-            f'"{MetricsSettings.example_listen}" (or left out: no metrics), not {listen[:60]!r}'
+            f'{section.path}: [{section.name}] listen must be "HOST:PORT" (like "{example}"), '
+            f'or "" to {empty_means}, not {listen[:60]!r}'
         )
-    return MetricsSettings(listen=listen)
+    return listen
 
 
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}

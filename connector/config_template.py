@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from connector.config import (
     CONFIG_FORMAT,
+    DEFAULT_FLIGHT_LISTEN,
     DEFAULT_PATHS,
     DEFAULT_REFUSAL_BURST,
     DEFAULT_REFUSALS_PER_MINUTE,
@@ -27,7 +28,9 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def render_config(member_id: str, dataspace: str, listen: str) -> str:
+def render_config(
+    member_id: str, dataspace: str, listen: str, flight_listen: str = DEFAULT_FLIGHT_LISTEN
+) -> str:
     """The connector.toml that `connector init` writes, with every setting explained."""
     return f"""\
 # connector.toml: settings of one member's connector. Paths are relative to this folder.
@@ -95,5 +98,11 @@ refusals_per_minute = {DEFAULT_REFUSALS_PER_MINUTE}    # refused at once and cou
 
 [revoked]                   # refused at once, also after a reload (SIGHUP or file change)
 members = []
-serials = []                # certificate serials in hex
+serials = []                # certificate serials in hex. The Flight SQL port cannot see a
+                            # certificate's serial: while any is listed here, it refuses
+                            # every peer (revoke by member id to keep it open to the others)
+
+[flight]                    # Arrow Flight SQL for ADBC, JDBC, DBeaver (grpc+tls://HOST:PORT),
+listen = "{flight_listen}"   # same mutual TLS, policies and audit; the purpose travels in
+                            # the call header x-connector-purpose. "" turns the port off
 """

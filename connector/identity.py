@@ -260,12 +260,18 @@ def member_identity(cert: x509.Certificate) -> MemberIdentity:
         raise NotAuthenticated(
             "the certificate must carry exactly one spiffe://DATASPACE/member/ID URI SAN"
         )
-    match = re.fullmatch(r"spiffe://([^/]+)/member/([^/]+)", ids[0])
-    if match is None or not MEMBER_ID.fullmatch(match.group(2)):
-        raise NotAuthenticated(f"the certificate's SPIFFE id {ids[0]!r} names no member")
+    dataspace, member_id = member_of_spiffe_id(ids[0])
     orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    display = str(orgs[0].value) if orgs else match.group(2)
-    return MemberIdentity(match.group(1), match.group(2), display, cert.serial_number)
+    display = str(orgs[0].value) if orgs else member_id
+    return MemberIdentity(dataspace, member_id, display, cert.serial_number)
+
+
+def member_of_spiffe_id(uri: str) -> tuple[str, str]:
+    """The data space and member id a (verified) spiffe://DATASPACE/member/ID names."""
+    match = re.fullmatch(r"spiffe://([^/]+)/member/([^/]+)", uri)
+    if match is None or not MEMBER_ID.fullmatch(match.group(2)):
+        raise NotAuthenticated(f"the certificate's SPIFFE id {uri[:200]!r} names no member")
+    return match.group(1), match.group(2)
 
 
 def generate_ed25519_key(path: Path) -> ed25519.Ed25519PrivateKey:

@@ -27,7 +27,7 @@ from connector.errors import (
     QueryRejected,
     ResourceExhausted,
 )
-from connector.identity import MemberIdentity, member_identity
+from connector.identity import MemberIdentity, member_identity, member_of_spiffe_id
 from connector.noise import (
     MICRO,
     BudgetStatus,
@@ -185,6 +185,23 @@ class Provider:
             )
         return identity
 
+    def authenticate_spiffe_id(self, uri: str, entry: AuditEntry) -> MemberIdentity:
+        """The member a TLS-verified SPIFFE id names, for a transport that cannot see the
+        certificate's serial: while any serial is revoked, nobody (fail closed)."""
+        dataspace, member_id = member_of_spiffe_id(uri)
+        identity = self._in_dataspace(MemberIdentity(dataspace, member_id, member_id, 0))
+        entry.member_id = member_id
+        if member_id in self.revoked.members:
+            raise NotAuthenticated(
+                f"member {member_id!r} is revoked by this connector; ask the provider's IT team"
+            )
+        if self.revoked.serials:
+            raise NotAuthenticated(
+                "this connector revokes certificates by serial, which this port cannot see, so "
+                "it answers no one here; use the provider's gRPC port, or ask its IT team"
+            )
+        return identity
+
     def _identity(self, cert_pem: bytes | None) -> MemberIdentity:
         if not cert_pem:
             raise NotAuthenticated("no client certificate was presented")
@@ -192,6 +209,9 @@ class Provider:
             identity = member_identity(x509.load_pem_x509_certificate(cert_pem))
         except ValueError:
             raise NotAuthenticated("the client certificate could not be read") from None
+        return self._in_dataspace(identity)
+
+    def _in_dataspace(self, identity: MemberIdentity) -> MemberIdentity:
         if identity.dataspace != self.dataspace:
             raise NotAuthenticated(
                 f"the certificate belongs to data space {identity.dataspace!r}; this connector "
@@ -340,9 +360,7 @@ class Provider:
     ) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed.
         deadline_seconds bounds the wait for a slot (None: the peer set no deadline)."""
-        explanation = self._explain(member, request, entry)
-        if not explanation.decision.allow:
-            raise PermissionDenied(list(explanation.decision.reasons))
+        explanation = self.check(member, request, entry)
         slot = self.slots.acquire(member.member_id, deadline_seconds=deadline_seconds)
         try:
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
@@ -353,6 +371,14 @@ class Provider:
             raise
         self.stall_watch.watch(run)
         return run
+
+    def check(self, member: MemberIdentity, request: PeerRequest, entry: AuditEntry) -> Explanation:
+        """The decision query() would take now, raising as it would; runs and records nothing
+        (a transport's control step before the answer is fetched)."""
+        explanation = self._explain(member, request, entry)
+        if not explanation.decision.allow:
+            raise PermissionDenied(list(explanation.decision.reasons))
+        return explanation
 
     def _spend_privacy(self, member_id: str, privacy: tuple[PrivacyCharge, ...]) -> None:
         """Claim a noisy query's epsilon before it runs (Explain never spends any)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from connector.audit import AuditLog
 from connector.config import Settings, load_settings
 from connector.directory import HeldDirectory
 from connector.errors import ConfigError, ConnectorError, IdentityError
+from connector.flight import FlightEndpoint, start_flight
 from connector.identity import load_ed25519_private, load_private_key
 from connector.memory import QuietTrimmer
 from connector.metrics import ConnectorMetrics
@@ -188,6 +190,8 @@ class RunningServer:
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
     _reload_asked: threading.Event = field(default_factory=threading.Event)
+    flight: FlightEndpoint | None = None  # the Arrow Flight SQL port ([flight] listen)
+    flight_held = False  # stop() left a Flight call that pyarrow cannot cancel
 
     def set_serving(self, serving: bool) -> None:
         """Tell the health service whether requests are answered now."""
@@ -273,8 +277,11 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         # New calls are refused from now on; gRPC itself cancels what is left only after
         # our own stop below and the time the handlers need to write their entries.
+        until = time.monotonic() + grace
         self.server.stop(grace + DRAIN_SECONDS)
-        if not self.service.wait_until_idle(grace, queries_only=True):
+        if self.flight is not None and not self.flight.stop(grace):
+            self.flight_held = True
+        if not self.service.wait_until_idle(max(0.0, until - time.monotonic()), queries_only=True):
             log.warning(
                 "stopping %d queries still running after %g s (shutdown_grace_seconds)",
                 self.service.stop_queries(),
@@ -314,8 +321,11 @@ def _close_unstarted(provider: Provider) -> None:
     provider.quotas.close()
 
 
-def start_server(settings: Settings, listen: str | None = None) -> RunningServer:
-    """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one)."""
+def start_server(
+    settings: Settings, listen: str | None = None, flight_listen: str | None = None
+) -> RunningServer:
+    """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one),
+    and Flight SQL on flight_listen (default [flight] listen; "" for none)."""
     opa = opa_link(settings)
     metrics = ConnectorMetrics()
     provider = build_provider(settings, opa, metrics.policies_loaded)
@@ -367,6 +377,13 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
     server.start()
+    try:
+        flight = _start_flight(settings, provider, flight_listen)
+    except Exception:
+        server.stop(0).wait()
+        metrics.close()
+        _close_unstarted(provider)
+        raise
     provider.stall_watch.start()
     running = RunningServer(
         server,
@@ -381,6 +398,7 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         opa,
         metrics_port,
     )
+    running.flight = flight
     running.refresh_health()
     provider.audit.on_change = running.refresh_health
     if opa is not None:
@@ -388,6 +406,16 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
     running.start_watching()
     log.info("member %s serving on %s (port %d), mutual TLS", settings.member_id, address, port)
     return running
+
+
+def _start_flight(
+    settings: Settings, provider: Provider, listen: str | None
+) -> FlightEndpoint | None:
+    """The Flight SQL endpoint beside the gRPC server, or None when it is off."""
+    address = settings.flight.listen if listen is None else listen
+    if not address:
+        return None
+    return start_flight(provider, address, settings.cert, settings.key, settings.ca)
 
 
 def _limit_memory(settings: Settings) -> None:
@@ -407,10 +435,14 @@ def _limit_memory(settings: Settings) -> None:
     )
 
 
-def serve_forever(settings: Settings, listen: str | None = None) -> None:
-    """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations."""
+def serve_forever(
+    settings: Settings, listen: str | None = None, flight_listen: str | None = None
+) -> bool:
+    """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations.
+    False when a Flight SQL call is still held after the stop (see `FlightEndpoint.stop`):
+    everything is closed and written, and the process should end at once."""
     prepare_allocators()
-    running = start_server(settings, listen)
+    running = start_server(settings, listen, flight_listen)
     _limit_memory(settings)
     stop = threading.Event()
 
@@ -439,3 +471,4 @@ def serve_forever(settings: Settings, listen: str | None = None) -> None:
     finally:
         running.stop()
         log.info("stopped")
+    return not running.flight_held

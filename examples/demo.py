@@ -45,6 +45,7 @@ ROLES = {"northwind-motors": "oem", "axle-works": "supplier", "voltcell": "suppl
 NAMES = {"northwind-motors": "Northwind Motors", "axle-works": "Axle Works", "voltcell": "Voltcell"}
 PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
 RELOADED = "policies loaded from"
+FLIGHT_LINE = re.compile(r"Arrow Flight SQL on \S+ \(port (\d+)\)")
 
 
 def connector(
@@ -76,6 +77,7 @@ class Server:
     member: str
     process: subprocess.Popen[str]
     port: int = 0
+    flight_port: int = 0
     log: list[str] = field(default_factory=list)
 
     def read(self) -> None:
@@ -85,6 +87,9 @@ class Server:
             found = PORT_LINE.search(line)
             if found:
                 self.port = int(found.group(1))
+            flight = FLIGHT_LINE.search(line)
+            if flight:
+                self.flight_port = int(flight.group(1))
 
 
 def start_server(member: str, home: Path) -> Server:
@@ -97,6 +102,8 @@ def start_server(member: str, home: Path) -> Server:
             "--home",
             str(home),
             "--listen",
+            "127.0.0.1:0",
+            "--flight-listen",
             "127.0.0.1:0",
         ],
         stderr=subprocess.PIPE,
@@ -175,7 +182,33 @@ def ask(
         raise SystemExit(f"demo step expected {'a refusal' if refused else 'an answer'}")
 
 
-def run_queries(homes: dict[str, Path], ports: dict[str, int]) -> None:
+def ask_over_flight(home: Path, port: int, purpose: str, sql: str) -> None:
+    """A data tool's way in: ADBC's Flight SQL driver with the member's certificate (pandas)."""
+    import adbc_driver_flightsql.dbapi as flightsql
+    from adbc_driver_flightsql import DatabaseOptions
+
+    tls = {name: (home / "tls" / f"{name}.pem").read_text() for name in ("ca", "cert", "key")}
+    options = {
+        DatabaseOptions.TLS_ROOT_CERTS.value: tls["ca"],
+        DatabaseOptions.MTLS_CERT_CHAIN.value: tls["cert"],
+        DatabaseOptions.MTLS_PRIVATE_KEY.value: tls["key"],
+        f"{DatabaseOptions.RPC_CALL_HEADER_PREFIX.value}x-connector-purpose": purpose,
+    }
+    uri = f"grpc+tls://localhost:{port}"
+    print(f"$ python: adbc_driver_flightsql.dbapi.connect({uri!r}, ...) -> fetch_df()")
+    with (
+        flightsql.connect(uri, db_kwargs=options, autocommit=True) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(sql)
+        frame = cursor.fetch_df()
+    print(frame.to_string(index=False))
+    print(f"{len(frame)} rows over Arrow Flight SQL")
+
+
+def run_queries(
+    homes: dict[str, Path], ports: dict[str, int], flight_ports: dict[str, int]
+) -> None:
     northwind, axle, voltcell = (f"127.0.0.1:{ports[m]}" for m in MEMBERS)
     supplier, carmaker = homes["axle-works"], homes["northwind-motors"]
     print("\n== 4. Axle Works discovers what Northwind Motors shares with it")
@@ -190,6 +223,14 @@ def run_queries(homes: dict[str, Path], ports: dict[str, int]) -> None:
         "SELECT plant, sum(defects) AS defects, sum(units_received) AS units, "
         "round(1e6 * sum(defects) / sum(units_received)) AS ppm FROM part_defects "
         "WHERE supplier = 'axle-works' GROUP BY plant ORDER BY ppm DESC",
+    )
+    print("\n== 5b. The same question from a data tool: Arrow Flight SQL with ADBC and pandas")
+    ask_over_flight(
+        supplier,
+        flight_ports["northwind-motors"],
+        "quality-benchmarking",
+        "SELECT plant, sum(defects) AS defects FROM part_defects "
+        "WHERE supplier = 'axle-works' GROUP BY plant ORDER BY plant",
     )
     print("\n== 6. Refused for purpose: the policy grants quality benchmarking, not marketing")
     ask(
@@ -321,7 +362,11 @@ def main() -> int:
         print("\n== 3. Each member starts its connector")
         for member, home in homes.items():
             servers.append(start_server(member, home))
-        run_queries(homes, {s.member: s.port for s in servers})
+        run_queries(
+            homes,
+            {s.member: s.port for s in servers},
+            {s.member: s.flight_port for s in servers},
+        )
         print("\n== 14. Northwind's IT team sees who used what, and checks the record is whole")
         connector("audit", "show", "--home", homes["northwind-motors"])
         connector("audit", "verify", "--home", homes["northwind-motors"])

@@ -2,7 +2,9 @@
 
 The .proto lives at protos/connector/v1/ (package connector.v1), so protoc writes imports as
 `from connector.v1 import ...`; the stubs live in the package `connector._proto`, so the one
-import line in the gRPC stub is rewritten to the absolute package path.
+import line in the gRPC stub is rewritten to the absolute package path. The Flight SQL
+messages (protos/flight_sql.proto, messages only, no service) become flight_sql_pb2.py at
+the top of the folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_FILE = "connector/v1/connector.proto"
+FLIGHT_SQL_FILE = "flight_sql.proto"
 
 
 def generate(out_dir: Path) -> None:
@@ -36,6 +39,9 @@ def generate(out_dir: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed: see the message above")
+    messages_only = [a for a in args[:-1] if "grpc" not in a]
+    if protoc.main([*messages_only, str(PROTO_ROOT / FLIGHT_SQL_FILE)]) != 0:
+        raise SystemExit("protoc failed on the Flight SQL messages: see the message above")
     package = out_dir / "connector" / "v1"
     for stub in package.glob("*_grpc.py*"):
         text = stub.read_text()

@@ -24,7 +24,7 @@ import pytest
 
 from connector.cli.main import main as cli
 from connector.client import Peer, PeerIdentity
-from connector.config import load_settings
+from connector.config import DEFAULT_FLIGHT_LISTEN, load_settings
 from connector.identity import create_dataspace_ca
 from connector.server import RunningServer, start_server
 from tests.in_process import InProcessPeer
@@ -130,7 +130,11 @@ def _member_template(member_id: str, dataspace: Path) -> Path:
         # Servers shared by a module's attack tests see many refusals from one member: a
         # larger allowance than the default 20 before the audit log's throttle refuses.
         config = home / "connector.toml"
-        config.write_text(config.read_text().replace("refusal_burst = 20", "refusal_burst = 400"))
+        text = config.read_text().replace("refusal_burst = 20", "refusal_burst = 400")
+        # The Flight SQL port stays off in test homes (its fixed default port would clash
+        # between servers); the Flight tests turn it on at port 0.
+        text = text.replace(f'listen = "{DEFAULT_FLIGHT_LISTEN}"', 'listen = ""')
+        config.write_text(text)
         _MEMBER_TEMPLATES[key] = home
     return _MEMBER_TEMPLATES[key]
 
@@ -352,13 +356,21 @@ def shared_space(
 
 
 PORT_LINE = re.compile(r"serving on \S+ \(port (\d+)\)")
+FLIGHT_PORT_LINE = re.compile(r"Arrow Flight SQL on \S+ \(port (\d+)\)")  # logged before
 
 
 class ServerProcess:
     """A `connector serve` child process and what it printed."""
 
-    def __init__(self, home: Path, python: str = sys.executable, extra: Sequence[str] = ()) -> None:
-        """extra: more arguments for `connector serve` (e.g. --log-format json)."""
+    def __init__(
+        self,
+        home: Path,
+        python: str = sys.executable,
+        extra: Sequence[str] = (),
+        flight_listen: str = "",
+    ) -> None:
+        """extra: more arguments for `connector serve` (e.g. --log-format json);
+        flight_listen: the Flight SQL port ("" off, whatever the home says; "127.0.0.1:0")."""
         self.process = subprocess.Popen(
             [
                 python,
@@ -370,12 +382,15 @@ class ServerProcess:
                 "--listen",
                 "127.0.0.1:0",
                 *extra,
+                "--flight-listen",
+                flight_listen,
             ],
             stderr=subprocess.PIPE,
             text=True,
         )
         self.lines: list[str] = []
         self.port = 0
+        self.flight_port = 0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         wait_for(lambda: self.port != 0 or self.process.poll() is not None, timeout=30)
@@ -385,6 +400,9 @@ class ServerProcess:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line)
+            flight = FLIGHT_PORT_LINE.search(line)
+            if flight:
+                self.flight_port = int(flight.group(1))
             found = PORT_LINE.search(line)
             if found:
                 self.port = int(found.group(1))

@@ -7,7 +7,13 @@ import shutil
 from pathlib import Path
 
 from connector.cli.common import add_home, add_hosts, hosts_of
-from connector.config import CONFIG_FILE, ServerSettings, resolve_home, settings_from_text
+from connector.config import (
+    CONFIG_FILE,
+    DEFAULT_FLIGHT_LISTEN,
+    ServerSettings,
+    resolve_home,
+    settings_from_text,
+)
 from connector.config_template import render_config
 from connector.errors import ConfigError
 from connector.identity import (
@@ -46,6 +52,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="HOST:PORT",
         help="where `connector serve` listens (default: %(default)s)",
     )
+    init.add_argument(
+        "--flight-listen",
+        default=DEFAULT_FLIGHT_LISTEN,
+        metavar="HOST:PORT",
+        help='where the Arrow Flight SQL port listens (default: %(default)s; "" for none)',
+    )
     add_hosts(init)
     init.add_argument("--display-name", help="organisation name shown to peers")
     add_home(init)
@@ -59,7 +71,7 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{home / CONFIG_FILE} exists already: this folder is a member's home")
     dataspace = dataspace_name_of(load_certificate(args.dataspace / CA_CERT_FILE))
     hosts = hosts_of(args)
-    text = render_config(member, dataspace, args.listen)
+    text = render_config(member, dataspace, args.listen, args.flight_listen)
     settings = settings_from_text(text, home)  # where each file goes, as serve will look
     issue_member_certificate(
         args.dataspace, member, settings.cert.parent, hosts=hosts, display_name=args.display_name

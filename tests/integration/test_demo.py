@@ -23,6 +23,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "ppm" in out and "4 rows from northwind-motors" in out
+    assert "4 rows over Arrow Flight SQL" in out
     assert "purpose marketing is not allowed" in out
     assert "column unit_price_eur of dataset part_defects is not allowed" in out
     assert "no policy grants dataset deliveries to you" in out

@@ -168,7 +168,7 @@ def test_a_bad_metrics_address_is_a_config_error(tmp_path: Path, listen: str) ->
     text = render_config("acme", "space", "127.0.0.1:0").replace(
         '# listen = "127.0.0.1:9464"', f'listen = "{listen}"'
     )
-    with pytest.raises(ConfigError, match=r"\[metrics\] listen must be HOST:PORT"):
+    with pytest.raises(ConfigError, match=r"\[metrics\] listen must be \"HOST:PORT\""):
         settings_from_text(text, tmp_path)
 
 

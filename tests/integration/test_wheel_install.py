@@ -14,8 +14,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from pyarrow import flight
 
 from tests.conftest import ServerProcess, policy_text, write_defects_csv
+from tests.integration.test_flight_sql import flight_query
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,13 +89,22 @@ def test_a_wheel_installed_in_a_new_environment_inits_ingests_signs_serves_and_a
     policy.write_text(policy_text("p", members="[peer]"))
     _run(python, "policy", "sign", "--home", owner, policy)
     assert "valid" in _run(python, "policy", "verify", "--home", owner)
-    server = ServerProcess(owner, python=str(python))
+    server = ServerProcess(owner, python=str(python), flight_listen="127.0.0.1:0")
     try:
         out = _run(
             python, "query", "--home", peer, "--to", f"127.0.0.1:{server.port}",
             "--purpose", "quality-benchmarking", "--format", "csv",
             "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant ORDER BY plant",
         )  # fmt: skip
+        # The Flight SQL port of the installed wheel (its generated messages are packaged).
+        client = flight.FlightClient(
+            f"grpc+tls://localhost:{server.flight_port}",
+            tls_root_certs=(peer / "tls" / "ca.pem").read_bytes(),
+            cert_chain=(peer / "tls" / "cert.pem").read_bytes(),
+            private_key=(peer / "tls" / "key.pem").read_bytes(),
+        )
+        answer = flight_query(client, "SELECT plant FROM part_defects")
     finally:
         server.close()
     assert '"Dingolfing",50' in out
+    assert answer.table.num_rows == 200

@@ -29,6 +29,11 @@ def test_checked_in_stubs_match_the_proto(tmp_path: Path) -> None:
     assert names == sorted(p.name for p in checked_in.iterdir() if p.is_file())
     _, mismatch, errors = filecmp.cmpfiles(generated, checked_in, names, shallow=False)
     assert (mismatch, errors) == ([], []), "stubs are stale: run `make protos`"
+    flight_sql = ["flight_sql_pb2.py", "flight_sql_pb2.pyi"]
+    _, mismatch, errors = filecmp.cmpfiles(
+        tmp_path, ROOT / "connector" / "_proto", flight_sql, shallow=False
+    )
+    assert (mismatch, errors) == ([], []), "Flight SQL stubs are stale: run `make protos`"
 
 
 def _stubs_from_proto_only(out: Path) -> tuple[object, object]:

@@ -29,8 +29,10 @@ def no_guard(sql: str) -> QueryShape:
     )
 
 
-def _start_unguarded(settings: Settings, listen: str | None = None) -> server.RunningServer:
-    running = _start_server(settings, listen)
+def _start_unguarded(
+    settings: Settings, listen: str | None = None, flight_listen: str | None = None
+) -> server.RunningServer:
+    running = _start_server(settings, listen, flight_listen)
     running.provider.guard = no_guard
     return running
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import DEFAULT_PATHS, ServerSettings, load_settings
+from connector.config import DEFAULT_FLIGHT_LISTEN, DEFAULT_PATHS, ServerSettings, load_settings
 from connector.config_template import render_config
 from connector.errors import ConfigError
 
@@ -150,7 +150,24 @@ def test_the_file_init_writes_says_exactly_the_defaults(tmp_path: Path) -> None:
     written = render_config("acme", "space", ServerSettings.listen)
     minimal = '[member]\nid = "acme"\ndataspace = "space"\n\n[policies.trusted_signers]\n'
     minimal += f'legal = "{DEFAULT_PATHS["signing", "policy_key"]}.pub"\n'
+    # ... except [flight]: a home from before the Flight SQL port has none, so its absence
+    # means off, while `init` writes the port (on in new homes).
+    minimal += f'\n[flight]\nlisten = "{DEFAULT_FLIGHT_LISTEN}"\n'
     full = load_settings(_home(tmp_path, written))
     assert load_settings(_home(tmp_path, minimal)) == full
     for (section, key), default in DEFAULT_PATHS.items():
         assert f'{key} = "{default}"' in written, (section, key)
+
+
+def test_an_old_home_without_flight_keeps_the_flight_port_off(tmp_path: Path) -> None:
+    text = render_config("acme", "space", "127.0.0.1:7000")
+    old = text[: text.index("[flight]")]
+    assert load_settings(_home(tmp_path, old)).flight.listen == ""
+    assert load_settings(_home(tmp_path, text)).flight.listen == DEFAULT_FLIGHT_LISTEN
+
+
+@pytest.mark.parametrize("listen", ["50052", "host:", ":50052", "a b:1", "h:99999", "h:1;x"])
+def test_a_bad_flight_listen_is_refused_with_the_form(tmp_path: Path, listen: str) -> None:
+    text = render_config("acme", "space", "127.0.0.1:7000", listen)
+    with pytest.raises(ConfigError, match=r'\[flight\] listen must be "HOST:PORT"'):
+        load_settings(_home(tmp_path, text))

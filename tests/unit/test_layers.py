@@ -27,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases", "backup",
      "restore"},
-    {"wire", "service", "tls_reload", "metrics", "server", "client", "result_files",
+    {"wire", "service", "tls_reload", "metrics", "flight_sql", "flight_tickets",
+     "flight_status", "flight_answer", "flight", "server", "client", "result_files",
      "federation_targets", "federated_stream", "federation", "federated_receipts"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}

@@ -1,0 +1,129 @@
+"""Flight SQL tickets and prepared statements, kept by the connector (never trusted from a peer).
+
+A ticket is a random handle for a plan the control step (GetFlightInfo) decided on: the
+member, the purpose, the query and the policy versions that allowed it. It is redeemed once,
+only by that member, within its lifetime; the handle itself carries nothing to forge.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from connector.errors import PermissionDenied, ResourceExhausted
+from connector.policy.ref import PolicyRef
+
+TICKET_SECONDS = 60.0  # a ticket not redeemed within this is void
+PREPARED_SECONDS = 600.0  # a prepared statement not used for this long is forgotten
+MAX_PER_MEMBER = 64  # outstanding tickets (or prepared statements) one member may hold
+HANDLE_BYTES = 32
+
+TICKET_REFUSED = (
+    "this Flight ticket is not valid: it was used already, expired (tickets last "
+    f"{TICKET_SECONDS:.0f} s), belongs to another member, or was never issued; run the query "
+    "again to get a new one"
+)
+PREPARED_REFUSED = (
+    "this prepared statement is not valid: it was closed, unused for "
+    f"{PREPARED_SECONDS / 60:.0f} minutes, belongs to another member, or was never made; "
+    "prepare the query again"
+)
+POLICIES_CHANGED = (
+    "the usage policies that allowed this query changed after its ticket was issued; run the "
+    "query again to have it decided under the policies in force"
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a ticket stands for: who may redeem it, and what was decided for whom."""
+
+    member_id: str
+    purpose: str
+    sql: str
+    request_id: str
+    policies: tuple[PolicyRef, ...] = ()  # the policies (id@version) that allowed the query
+    snapshot: object = None  # the policy snapshot the decision was taken on
+    metadata: bytes = b""  # for a metadata command: the command itself (no query)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared statement: a query a member may run (decided again at each run)."""
+
+    member_id: str
+    purpose: str
+    sql: str
+
+
+Held = TypeVar("Held", Plan, Prepared)
+
+
+class HandleBook(Generic[Held]):
+    """Random handles to values owned by one member each: bounded, expiring, thread-safe."""
+
+    def __init__(
+        self,
+        lifetime: float,
+        *,
+        single_use: bool,
+        per_member: int = MAX_PER_MEMBER,
+        refusal: str = TICKET_REFUSED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """refusal: what a peer is told when a handle is not (or no longer) its own."""
+        self._lifetime = lifetime
+        self._refusal = refusal
+        self._single_use = single_use
+        self._per_member = per_member
+        self._clock = clock
+        self._held: OrderedDict[bytes, tuple[float, Held]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, value: Held) -> bytes:
+        """A new handle for value; ResourceExhausted when its member holds too many."""
+        with self._lock:
+            self._expire()
+            held = sum(1 for _, v in self._held.values() if v.member_id == value.member_id)
+            if held >= self._per_member:
+                raise ResourceExhausted(
+                    f"you hold {held} unused Flight tickets or prepared statements, the most "
+                    "this connector keeps per member; fetch or close them first"
+                )
+            handle = secrets.token_bytes(HANDLE_BYTES)
+            self._held[handle] = (self._clock() + self._lifetime, value)
+            return handle
+
+    def take(self, handle: bytes, member_id: str) -> Held:
+        """The value of handle for member_id (removed when single-use); PermissionDenied when
+        it is unknown, expired or another member's. A handle shown by the wrong member is
+        void afterwards: whoever leaked it must ask again."""
+        with self._lock:
+            self._expire()
+            held = self._held.pop(handle, None)
+            if held is None or held[1].member_id != member_id:
+                raise PermissionDenied([self._refusal])
+            if not self._single_use:
+                self._held[handle] = (self._clock() + self._lifetime, held[1])
+            return held[1]
+
+    def close(self, handle: bytes, member_id: str) -> None:
+        """Forget handle if member_id holds it (closing another's handle does nothing)."""
+        with self._lock:
+            held = self._held.get(handle)
+            if held is not None and held[1].member_id == member_id:
+                del self._held[handle]
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for handle in [h for h, (until, _) in self._held.items() if until <= now]:
+            del self._held[handle]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)

@@ -1,0 +1,78 @@
+"""Stopping a server while a Flight SQL peer holds an answer it does not read: pyarrow
+cannot cancel that call, so neither stop() nor SIGTERM may wait for it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pyarrow import flight
+
+from connector.server import RunningServer
+from tests.conftest import Member, ServerProcess, Space, from_template
+from tests.integration.test_flight_sql import (
+    PURPOSE,
+    flight_client,
+    flight_homes,
+    headers,
+    statement,
+)
+
+# About 80 MB of Arrow: far more than the transport buffers while nobody reads.
+LARGE = (
+    "SELECT a.plant, a.part_no, a.week, b.part_no AS other FROM part_defects a, "
+    "part_defects b, part_defects c WHERE c.defects < 2"
+)
+
+
+def hold_unread(client: flight.FlightClient) -> flight.FlightStreamReader:
+    info = client.get_flight_info(statement(LARGE), headers(PURPOSE))
+    reader = client.do_get(info.endpoints[0].ticket)
+    reader.read_chunk()
+    return reader
+
+
+@pytest.fixture
+def fspace(tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningServer]) -> Space:
+    provider, grantee, outsider = from_template(tmp_path, dataspace, "flight-space", flight_homes)
+    return Space(provider, grantee, outsider, serve(provider))
+
+
+def test_stop_does_not_wait_for_a_peer_that_stopped_reading(fspace: Space) -> None:
+    reader = hold_unread(flight_client(fspace.server, fspace.grantee))
+    stopper = threading.Thread(target=fspace.server.stop, kwargs={"grace": 1})
+    stopper.start()
+    stopper.join(timeout=20)
+    assert not stopper.is_alive(), "stop() waits for a peer that does not read"
+    reader.cancel()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_process_while_a_flight_peer_does_not_read(
+    fspace: Space,
+) -> None:
+    fspace.server.stop(grace=1)
+    process = ServerProcess(fspace.provider.home, flight_listen="127.0.0.1:0")
+    try:
+        uri = f"grpc+tls://localhost:{process.flight_port}"
+        identity = fspace.grantee.identity()
+        client = flight.FlightClient(
+            uri,
+            tls_root_certs=identity.ca_pem,
+            cert_chain=identity.cert_pem,
+            private_key=identity.key_pem,
+        )
+        reader = hold_unread(client)
+        process.process.send_signal(signal.SIGTERM)
+        try:
+            code = process.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            pytest.fail("connector serve did not end on SIGTERM:\n" + process.log()[-3000:])
+        assert code == 0, process.log()[-3000:]
+        reader.cancel()
+    finally:
+        process.close()
