@@ -33,7 +33,7 @@ from connector.audit_chain import entry_hash, recover_tail
 from connector.audit_entry import AuditEntry, bounded
 from connector.canonical import canonical_json
 from connector.config import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSALS_PER_MINUTE
-from connector.errors import AuditUnavailable
+from connector.errors import AuditUnavailable, ResourceExhausted
 from connector.receipt import ReceiptSigner
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,16 @@ class AuditLog:
             if self._outage is not None and not self._retry(force=False):
                 self._outage.refused[member_id] += 1
                 raise AuditUnavailable(self._peer_reason())
+
+    def admit(self, member_id: str) -> None:
+        """Refuse at once (before any other work) a request the log cannot record, or one
+        from a member held back for its refused requests; the same on every wire."""
+        self.check_writable(member_id)
+        if self.throttled(member_id):
+            raise ResourceExhausted(
+                "too many of your recent requests were refused; wait a minute, then fix "
+                "the requests before sending more"
+            )
 
     def throttled(self, member_id: str) -> bool:
         """Whether member_id has sent more refused requests (its own faults) than allowed

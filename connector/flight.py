@@ -138,13 +138,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         if not uri:
             raise NotAuthenticated("no verified client certificate was presented")
         member = self._provider.authenticate_spiffe_id(uri, entry)
-        audit = self._provider.audit
-        audit.check_writable(member.member_id)
-        if audit.throttled(member.member_id):
-            raise ResourceExhausted(
-                "too many of your recent requests were refused; wait a minute, then fix "
-                "the requests before sending more"
-            )
+        self._provider.audit.admit(member.member_id)
         return member
 
     @staticmethod

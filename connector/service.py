@@ -241,13 +241,7 @@ class ConnectorService:
         member = self._member(context, entry)
         if self.stopping:
             raise ShuttingDown("the provider's connector is shutting down; retry later")
-        audit = self._provider.audit
-        audit.check_writable(member.member_id)
-        if audit.throttled(member.member_id):
-            raise ResourceExhausted(
-                "too many of your recent requests were refused; wait a minute, then fix "
-                "the requests before sending more"
-            )
+        self._provider.audit.admit(member.member_id)
         if self._max_in_flight and self._in_flight > self._max_in_flight:
             raise ResourceExhausted(
                 "this connector has its maximum number of requests in progress; retry shortly"
