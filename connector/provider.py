@@ -19,7 +19,7 @@ from connector.aggregates import aggregate_form
 from connector.audit import AuditLog
 from connector.audit_entry import AuditEntry
 from connector.config import Revocations
-from connector.enforce import Relation, relations_for, visible_columns
+from connector.enforce import Relation, RowRange, relations_for, visible_columns
 from connector.errors import (
     ConnectorError,
     NotAuthenticated,
@@ -250,18 +250,22 @@ class Provider:
         snapshot = self.policies.snapshot  # one load for the decision and its limits
         if snapshot is not self._pruned_for:
             self.prune_shaped_copies()
-        decision = self._decide(snapshot.engine, member, request, shape, at or self.clock())
+        # Generation first: a commit between the two reads makes the query decide again.
+        generation = self.sandbox.gate.generation
+        datasets = self.sandbox.datasets()
+        decision = self._decide(
+            snapshot.engine, member, request, shape, at or self.clock(), datasets=datasets
+        )
         if decision.allow and self.mask_consistency == "refuse":
             clashes = conflicts_for(snapshot.mask_conflicts, member.member_id, shape.datasets)
             if clashes:
                 decision = Decision(False, tuple(c.peer_reason() for c in clashes))
         relations: tuple[Relation, ...] = ()
         unbound: QueryRejected | None = None
+        ranges = self._row_ranges(request, shape, datasets) if decision.allow else {}
         if decision.allow:
             try:
-                relations = relations_for(
-                    decision, self.sandbox.datasets(), snapshot.by_id, self.mask_key
-                )
+                relations = relations_for(decision, datasets, snapshot.by_id, self.mask_key, ranges)
                 # Before any form check, copy or data: a name that does not exist is refused
                 # exactly as a hidden one (no oracle through Explain, errors or timing).
                 self.sandbox.check_names(request.sql, relations, shape.datasets)
@@ -307,7 +311,39 @@ class Provider:
             noise=plan,
             privacy=privacy,
             budget=self._budget(member.member_id, noising),
+            generation=generation,
+            versions=tuple((r.dataset, r.since, r.version) for r in relations),
         )
+
+    def _row_ranges(
+        self, request: PeerRequest, shape: QueryShape, datasets: Mapping[str, DatasetInfo]
+    ) -> dict[str, RowRange]:
+        """The rows a since_version request reads: those appended after that version."""
+        since = request.since_version
+        if not since:
+            return {}
+        if len(shape.datasets) != 1:
+            raise QueryRejected(
+                "since_version applies to a query over one dataset; query each dataset on its own"
+            )
+        name = shape.datasets[0]
+        info = datasets.get(name)
+        if info is None:
+            return {}  # nothing to read: refused as any other name without data
+        if since > info.version:
+            raise QueryRejected(
+                f"dataset {name} is at version {info.version}; since_version {since} is "
+                "ahead of it (your catalog shows the current version)"
+            )
+        start = self.sandbox.rows_at(name, since) if since >= info.replaced_at else None
+        if start is None:
+            raise QueryRejected(
+                f"dataset {name} was replaced at version {info.replaced_at}, not only appended "
+                f"to since version {since}, so there are no rows added since then to send: "
+                "read it whole (without since_version), then ask for rows since version "
+                f"{info.version} or later"
+            )
+        return {name: RowRange(since, start, info.rows)}
 
     def _budget(self, member_id: str, policies: list[tuple[str, Shaping]]) -> BudgetStatus | None:
         """The privacy budget member_id has left today under the noising policies given."""
@@ -336,11 +372,21 @@ class Provider:
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
         slot = self.slots.acquire(member.member_id, deadline_seconds=deadline_seconds)
+        # From here until its query starts (and DuckDB holds its snapshot), no new data is
+        # committed: the query reads exactly the versions it was decided on (commit_gate.py).
+        gate_pass = self.sandbox.gate.enter()
         try:
+            if gate_pass.generation != explanation.generation:
+                explanation = self._explain(member, request, entry)  # new data came in
+                if not explanation.decision.allow:
+                    raise PermissionDenied(list(explanation.decision.reasons))
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
             self._spend_privacy(member.member_id, explanation.privacy)
-            run = QueryRun(self, member, request, explanation, entry, slot=slot)
+            run = QueryRun(
+                self, member, request, explanation, entry, slot=slot, gate_pass=gate_pass
+            )
         except BaseException:
+            gate_pass.leave()
             slot.finish()
             raise
         self.stall_watch.watch(run)
@@ -366,8 +412,9 @@ class Provider:
         request: PeerRequest,
         shape: QueryShape,
         time: dt.datetime,
+        *,
+        datasets: Mapping[str, DatasetInfo],
     ) -> Decision:
-        datasets = self.sandbox.datasets()
         columns = {
             name: frozenset(c.name for c in datasets[name].columns if c.name in shape.column_refs)
             if name in datasets

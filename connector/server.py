@@ -18,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 
 from connector.audit import AuditLog
 from connector.config import Settings, load_settings
-from connector.errors import ConfigError, IdentityError
+from connector.errors import ConfigError, ConnectorError, IdentityError
 from connector.identity import load_ed25519_private, load_private_key
+from connector.ingest_client import socket_path
+from connector.ingest_service import IngestSocket, LiveIngest
 from connector.memory import QuietTrimmer
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy
@@ -106,6 +108,7 @@ def build_provider(settings: Settings, opa: OpaLink | None = None) -> Provider:
             max_query_seconds=settings.server.max_query_seconds,
         ),
         settings.shaped_copies,
+        writable=True,  # the server is the single writer of live ingests (ingest_service.py)
     )
     sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
     signers = trusted_keys(settings.policies.trusted_signers.values())
@@ -165,6 +168,7 @@ class RunningServer:
     opa: OpaLink | None = None
     _watcher: threading.Thread | None = None
     _health_keeper: threading.Thread | None = None
+    ingest: IngestSocket | None = None
 
     def set_serving(self, serving: bool) -> None:
         """Tell the health service whether requests are answered now."""
@@ -233,6 +237,8 @@ class RunningServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.ingest is not None:
+            self.ingest.stop()
         self.provider.stall_watch.stop()
         self.provider.sandbox.close()
         self.provider.audit.close()
@@ -287,11 +293,19 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         raise ConfigError(
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
+    ingest = IngestSocket(LiveIngest(provider.sandbox), socket_path(settings))
+    try:
+        ingest.start()
+    except (OSError, ConnectorError) as exc:
+        server.stop(None)
+        provider.sandbox.close()
+        raise ConfigError(f"cannot open the ingest socket {ingest.path}: {exc}") from None
     server.start()
     provider.stall_watch.start()
     running = RunningServer(
         server, port, provider, health_servicer, settings, service, threading.Event(), opa
     )
+    running.ingest = ingest
     running.refresh_health()
     provider.audit.on_change = running.refresh_health
     if opa is not None:

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from connector import __version__
 from connector.cli import audit, data, dataspace, home, peer, policy, receipt, serve
 from connector.errors import ConnectorError
 from connector.safetext import escape_log_lines, escaped
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated data-sharing connector: share data under signed usage policies.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument(
+        "--version", action="version", version=f"connector {__version__}", help="show the version"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (dataspace, home, data, serve, policy, peer, receipt, audit):
         group.register(commands)

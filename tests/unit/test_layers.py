@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 # The README's table, lowest layer first.
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
-     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms"},
+     "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "commit_gate"},
     {"config", "config_template", "identity", "jws", "receipt", "status"},
-    {"csv_strict", "column_names", "store"},
+    {"csv_strict", "column_names", "staging", "store", "ingest_client", "watch"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
      "aggregates"},
     {"policy.yaml_strict", "policy.terms", "policy.model", "policy.versions", "policy.signing",
@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases"},
-    {"wire", "service", "server", "client", "result_files"},
+    {"wire", "service", "ingest_service", "server", "client", "result_files", "__main__"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 
