@@ -204,6 +204,7 @@ class Peer:
         self._stub = pb_grpc.ConnectorStub(self._channel)
         self._ca_pem = identity.ca_pem
         self._provider_proof: tuple[str, str] | None = None  # endorsement, certificate
+        self.provider_version = ""  # the provider's connector version (set by catalog())
 
     def __enter__(self) -> Peer:
         return self
@@ -240,6 +241,7 @@ class Peer:
         except grpc.RpcError as error:
             raise self._error(error) from None
         self._provider_proof = (answer.receipt_key_endorsement, answer.provider_certificate_pem)
+        self.provider_version = answer.connector_version
         return [
             CatalogEntry(
                 name=d.name,

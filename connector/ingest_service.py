@@ -149,6 +149,7 @@ class IngestSocket:
                 uid = _peer_uid(connection)
                 if uid != os.getuid():
                     log.warning("ingest socket: refused a process of user %s", uid)
+                    _drain(connection)  # unread, so that the refusal reaches the process
                     answer: Mapping[str, Any] = {
                         "ok": False,
                         "kind": "StoreError",
@@ -196,6 +197,15 @@ def _peer_uid(connection: socket.socket) -> int:
     raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", raw)
     return int(uid)
+
+
+def _drain(connection: socket.socket) -> None:
+    """Read and drop what the process sent (bounded); its content is never looked at."""
+    connection.settimeout(READ_SECONDS)
+    size = 0
+    with contextlib.suppress(OSError):
+        while size <= MAX_MESSAGE_BYTES and (chunk := connection.recv(65536)):
+            size += len(chunk)
 
 
 def _read_request(connection: socket.socket) -> Mapping[str, Any]:

@@ -90,7 +90,9 @@ def busy_or_error(exc: duckdb.Error, path: Path) -> Exception:
     text = str(exc)
     # DuckDB has no exception type of its own for a file locked by another process: it is an
     # IOException like a missing or unreadable file, told apart only by its message.
-    if isinstance(exc, duckdb.IOException) and "lock" in text.lower():
+    # In one process DuckDB says instead that the file is attached already.
+    held = isinstance(exc, duckdb.IOException) and "lock" in text.lower()
+    if held or "already attached" in text:
         pid = re.search(r"PID (\d+)", text)
         holder = f" (process {pid.group(1)})" if pid else ""
         return StoreBusy(
@@ -369,6 +371,30 @@ def rows_at(con: duckdb.DuckDBPyConnection, dataset: str, version: int) -> int |
         [dataset, version],
     ).fetchone()
     return int(row[0]) if row else None
+
+
+def empty_copy(datasets: list[DatasetInfo], folder: Path) -> Path:
+    """A database in folder with the datasets' tables and metadata but no rows: what the
+    offline tools decide on (names, columns, types) while the server holds the real file."""
+    path = folder / "datasets-without-rows.duckdb"
+    with _open_writable(path) as con:
+        con.execute(_METADATA_DDL)
+        for info in datasets:
+            columns = ", ".join(f"{quote_identifier(c.name)} {c.type}" for c in info.columns)
+            con.execute(f"CREATE TABLE datasets.{quote_identifier(info.name)} ({columns})")
+            con.execute(
+                "INSERT INTO _connector.datasets "
+                "(name, description, rows, columns_json, source, mode, ingested_at, version) "
+                "VALUES (?, ?, 0, ?, '', 'replace', ?, ?)",
+                [
+                    info.name,
+                    info.description,
+                    json.dumps([[c.name, c.type] for c in info.columns]),
+                    info.ingested_at,
+                    info.version,
+                ],
+            )
+    return path
 
 
 def list_datasets(db_path: Path) -> list[DatasetInfo]:

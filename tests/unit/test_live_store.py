@@ -1,0 +1,136 @@
+"""Dataset versions, the commit gate, and the writable sandbox the live server uses."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from connector.commit_gate import CommitGate
+from connector.enforce import RowRange, relation_for
+from connector.errors import AlreadyLoaded, DataError
+from connector.sandbox import SandboxDatabase, SandboxLimits
+from connector.shaping import Shaping
+from connector.store import (
+    LoadRequest,
+    create_database,
+    ingest,
+    ingest_request,
+    list_datasets,
+    load,
+    stage,
+)
+
+CSV = "plant,defects\nRegensburg,3\nLeipzig,5\n"
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    path = tmp_path / "data.duckdb"
+    create_database(path)
+    (tmp_path / "d.csv").write_text(CSV)
+    return path
+
+
+def test_every_ingest_increases_the_version_and_a_replace_restarts_appends(
+    database: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "d.csv"
+    modes: list[Literal["replace", "append"]] = ["replace", "append", "append", "replace", "append"]
+    for mode in modes:
+        ingest(database, source, "parts", description=None, mode=mode)
+    (info,) = list_datasets(database)
+    assert (info.version, info.replaced_at, info.rows) == (5, 4, 4)
+
+
+def test_content_loaded_before_is_refused_with_where_it_came_from(
+    database: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "d.csv"
+    request = LoadRequest(source, "parts", "append", sha256="ab" * 32, once=True)
+    ingest_request(database, request)
+    with pytest.raises(AlreadyLoaded) as again:
+        ingest_request(database, request)
+    assert again.value.source == "d.csv"
+    assert "version 1" in again.value.message
+    (info,) = list_datasets(database)
+    assert (info.version, info.rows) == (1, 2)
+
+
+def test_a_file_that_fails_midway_changes_nothing(database: Path, tmp_path: Path) -> None:
+    ingest(database, tmp_path / "d.csv", "parts", description=None, mode="replace")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("plant,defects\nLeipzig,7\nMunich,many\n")
+    with pytest.raises(DataError):
+        ingest(database, bad, "parts", description=None, mode="append")
+    (info,) = list_datasets(database)
+    assert (info.version, info.rows) == (1, 2)
+
+
+def test_the_writable_sandbox_sees_a_commit_only_after_it_and_peers_cannot_write(
+    database: Path, tmp_path: Path
+) -> None:
+    ingest(database, tmp_path / "d.csv", "parts", description=None, mode="replace")
+    sandbox = SandboxDatabase(database, SandboxLimits(), writable=True)
+    try:
+        info = sandbox.datasets()["parts"]
+        old = relation_for(info, {"plant", "defects"}, Shaping(), b"k" * 32)
+        session = sandbox.session()
+        session.expose([old])
+        reader = session.stream("SELECT count(*) FROM parts", 10, 5.0)
+        writer = sandbox.writer()
+        with stage(LoadRequest(tmp_path / "d.csv", "parts", "append")) as staged:
+            load(writer, staged, LoadRequest(tmp_path / "d.csv", "parts", "append"))
+        writer.close()
+        # The running query keeps its snapshot; the metadata changes at refresh only.
+        assert [b.column(0)[0].as_py() for b in reader] == [2]
+        assert sandbox.datasets()["parts"].version == 1
+        sandbox.refresh()
+        assert (sandbox.datasets()["parts"].version, sandbox.rows_at("parts", 1)) == (2, 2)
+        # A peer's session is a read-only transaction, whatever SQL reaches it.
+        with pytest.raises(Exception, match="read-only"):
+            session._cursor.execute("INSERT INTO datasets.parts VALUES ('x', 1)")
+        session.close()
+        since = relation_for(
+            sandbox.datasets()["parts"], {"plant"}, Shaping(), b"k" * 32, RowRange(1, 2, 4)
+        )
+        assert (
+            since.shaped_table
+            and since.shaped_table
+            != relation_for(info, {"plant"}, Shaping(), b"k" * 32, RowRange(1, 2, 4)).shaped_table
+        )  # the version is part of a copy's name
+    finally:
+        sandbox.close()
+
+
+def test_a_waiting_commit_goes_before_new_passes_and_after_held_ones() -> None:
+    gate = CommitGate()
+    held = gate.enter()
+    order: list[str] = []
+
+    def commit() -> None:
+        with gate.commit():
+            order.append("commit")
+
+    def later_pass() -> None:
+        gate.enter().leave()
+        order.append("later pass")
+
+    committer = threading.Thread(target=commit)
+    committer.start()
+    while not gate._commits_waiting:
+        time.sleep(0.001)
+    latecomer = threading.Thread(target=later_pass)
+    latecomer.start()
+    time.sleep(0.05)
+    assert order == []  # the commit waits for the held pass; the new pass for the commit
+    held.leave()
+    held.leave()  # leaving twice is harmless
+    committer.join(5)
+    latecomer.join(5)
+    assert order == ["commit", "later pass"]
+    assert gate.generation == 1
+    assert held.generation == 0
