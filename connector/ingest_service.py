@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 8  # ingest requests handled at once (more wait in the listen backlog)
 READ_SECONDS = 10.0  # a request must arrive this quickly after connecting
+STOP_GRACE_SECONDS = 30.0  # how long a stopping server waits for loads in progress
 
 
 class LiveIngest:
@@ -131,6 +133,12 @@ class IngestSocket:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.path.unlink(missing_ok=True)
+        # Loads in progress finish (or fail and change nothing) before the store closes.
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for _ in range(MAX_CONNECTIONS):
+            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                log.warning("live ingest: a load still runs at stop; it will change nothing")
+                break
 
     def _accept(self) -> None:
         while not self._stopping.is_set() and self._listener is not None:
