@@ -66,7 +66,11 @@ class StagedFile:
         elif csv_options:
             raise DataError("--csv-option applies to CSV files only")
         self.source = source
-        self._con = duckdb.connect(":memory:", config={"threads": 2})
+        # Lossless: UUID, JSON and other DuckDB types cross as Arrow extension types and
+        # arrive as they were read, not as text.
+        self._con = duckdb.connect(
+            ":memory:", config={"threads": 2, "arrow_lossless_conversion": True}
+        )
         try:
             literal = sql_string(str(source))
             self._relation = self._con.sql(f"SELECT * FROM {_READERS[fmt]}({literal}{options})")  # noqa: S608

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import duckdb
 import pytest
 
 from connector.commit_gate import CommitGate
@@ -134,3 +135,22 @@ def test_a_waiting_commit_goes_before_new_passes_and_after_held_ones() -> None:
     assert order == ["commit", "later pass"]
     assert gate.generation == 1
     assert held.generation == 0
+
+
+def test_types_arrive_as_read_through_the_arrow_hand_over(database: Path, tmp_path: Path) -> None:
+    source = tmp_path / "x.parquet"
+    duckdb.execute(
+        "COPY (SELECT uuid() AS u, '{\"k\": 1}'::JSON AS j, 1.5::DECIMAL(10, 3) AS d, "
+        "TIMESTAMPTZ '2026-01-01 10:00:00+01' AS tz, [1, 2] AS l, {'a': 1} AS s, true AS b) "
+        f"TO '{source}' (FORMAT parquet)"
+    )
+    info = ingest(database, source, "typed", description=None, mode="replace")
+    assert [c.type for c in info.columns] == [
+        "UUID",
+        "JSON",
+        "DECIMAL(10,3)",
+        "TIMESTAMP WITH TIME ZONE",
+        "INTEGER[]",
+        "STRUCT(a INTEGER)",
+        "BOOLEAN",
+    ]
