@@ -283,6 +283,7 @@ class Provider:
             relations = ()
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
+        entry.versions = {r.dataset: [r.since, r.version] for r in relations}
         entry.obligations = dict(decision.obligations)
         entry.columns = {
             r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]

@@ -15,6 +15,7 @@ import duckdb
 import pytest
 
 from connector import __version__
+from connector.audit_chain import read_entries
 from connector.client import Peer, receipt_of
 from connector.errors import QueryRejected
 from connector.server import RunningServer
@@ -203,6 +204,11 @@ def test_since_version_sends_exactly_the_appended_rows_under_the_same_masks_and_
     assert all(len(row["part_no"]) == 64 for row in new.to_pylist())  # hashed, as in full reads
     assert receipt_of(new).versions == {"part_defects": [version, version + 1]}
     assert nothing_new.num_rows == 0
+    # The provider's audit log says which data each answer covered, as the receipt does.
+    log = live.provider.home / "audit" / "audit.jsonl"
+    answered = [e for e in read_entries(log) if e["type"] == "request" and e["kind"] == "query"]
+    assert answered[-1]["versions"] == {"part_defects": [version + 1, version + 1]}
+    assert answered[-2]["versions"] == {"part_defects": [0, version + 1]}
 
 
 def tuple_of(row: dict[str, object]) -> tuple[object, ...]:
