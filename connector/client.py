@@ -267,12 +267,11 @@ class Peer:
             for d in answer.datasets
         ]
 
-    def explain(self, sql: str, purpose: str) -> PeerDecision:
+    def explain(self, sql: str, purpose: str, *, since_version: int = 0) -> PeerDecision:
         """The provider's decision for sql under purpose, without running it."""
+        request = pb.QueryRequest(sql=sql, purpose=purpose, since_version=since_version)
         try:
-            answer = self._stub.Explain(
-                pb.QueryRequest(sql=sql, purpose=purpose), timeout=self.timeout
-            )
+            answer = self._stub.Explain(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise self._error(error) from None
         return PeerDecision(

@@ -57,14 +57,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 metavar="N",
                 help="cut the result at N rows (0: the policy's limit only)",
             )
-            command.add_argument(
-                "--since-version",
-                type=int,
-                default=0,
-                metavar="N",
-                help="only the rows appended after version N of the dataset (the version your "
-                "last read covered: see its receipt or the catalog)",
-            )
+        command.add_argument(
+            "--since-version",
+            type=int,
+            default=0,
+            metavar="N",
+            help="only the rows appended after version N of the dataset (the version your "
+            "last read covered: see its receipt or the catalog)",
+        )
         command.set_defaults(run=run)
 
 
@@ -156,7 +156,7 @@ def _catalog(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     with _peer(args) as peer:
-        decision = peer.explain(args.sql, args.purpose)
+        decision = peer.explain(args.sql, args.purpose, since_version=args.since_version)
     print("allowed" if decision.allow else "denied")
     for reason in decision.reasons:
         print(escaped(f"  reason: {reason}"))

@@ -241,6 +241,8 @@ def test_since_version_is_refused_after_a_replace_or_ahead_of_the_dataset(live: 
                 PURPOSE,
                 since_version=1,
             )
+        explained = peer.explain(COUNT_STOCK, PURPOSE, since_version=stock + 1)
+        assert "rows added after version" in explained.relations[0].definition
         # Rows appended after the replace are readable again.
         live.ingest(live.csv(5), "stock", "--append")
         table = peer.query(COUNT_STOCK, PURPOSE, since_version=stock + 1)
