@@ -9,6 +9,7 @@ server, the CLI opens the file itself, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -27,6 +28,7 @@ from connector.errors import (
     StoreError,
 )
 from connector.store import ColumnInfo, DatasetInfo, LoadRequest, ingest_request, list_datasets
+from connector.version_log import VersionInfo, list_versions
 
 SOCKET_FOLDER = "state/ingest"  # in the home; mode 0700
 SOCKET_NAME = "ingest.sock"  # mode 0600
@@ -160,6 +162,32 @@ def submit(settings: Settings, request: LoadRequest) -> DatasetInfo:
     if answer is None:
         return ingest_request(settings.database, request)
     return info_from_json(answer["dataset"])
+
+
+def home_versions(settings: Settings, dataset: str) -> list[VersionInfo]:
+    """A dataset's version log: from the running server when there is one, else the file."""
+    answer = _ask(settings, {"op": "versions", "dataset": dataset})
+    if answer is None:
+        return list_versions(settings.database, dataset)
+    return [
+        VersionInfo(
+            int(raw["version"]),
+            str(raw["mode"]),
+            int(raw["rows_before"]),
+            int(raw["rows_after"]),
+            str(raw["source"]),
+            str(raw["sha256"]),
+            dt.datetime.fromisoformat(str(raw["ingested_at"])),
+        )
+        for raw in answer["versions"]
+    ]
+
+
+def version_json(version: VersionInfo) -> dict[str, Any]:
+    """One entry of a version log as JSON fields."""
+    fields = dataclasses.asdict(version)
+    fields["ingested_at"] = version.ingested_at.isoformat()
+    return fields
 
 
 def home_datasets(settings: Settings) -> list[DatasetInfo]:

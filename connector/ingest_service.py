@@ -36,6 +36,7 @@ from connector.ingest_client import (
     error_json,
     info_json,
     reachable_path,
+    version_json,
 )
 from connector.sandbox import SandboxDatabase
 from connector.store import DatasetInfo, LoadRequest, load, stage
@@ -182,6 +183,10 @@ class IngestSocket:
                     "ok": True,
                     "datasets": [info_json(i) for i in self._sandbox.datasets().values()],
                 }
+            if op == "versions":
+                dataset = _text(message, "dataset")
+                versions = self._sandbox.versions(dataset)
+                return {"ok": True, "versions": [version_json(v) for v in versions]}
             if op == "ingest":
                 info = self._live.load(_load_request(message))
                 return {"ok": True, "dataset": info_json(info)}

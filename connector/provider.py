@@ -19,7 +19,7 @@ from connector.aggregates import aggregate_form
 from connector.audit import AuditLog
 from connector.audit_entry import AuditEntry
 from connector.config import Revocations
-from connector.enforce import Relation, RowRange, relations_for, visible_columns
+from connector.enforce import Relation, relations_for, visible_columns
 from connector.errors import (
     ConnectorError,
     NotAuthenticated,
@@ -28,6 +28,7 @@ from connector.errors import (
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity
+from connector.incremental import row_ranges
 from connector.noise import MICRO, BudgetStatus, PrivacyCharge, charges, noise_plan
 from connector.policy.consistency import conflicts_for
 from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
@@ -262,7 +263,11 @@ class Provider:
                 decision = Decision(False, tuple(c.peer_reason() for c in clashes))
         relations: tuple[Relation, ...] = ()
         unbound: QueryRejected | None = None
-        ranges = self._row_ranges(request, shape, datasets) if decision.allow else {}
+        ranges = (
+            row_ranges(request.since_version, shape.datasets, datasets, self.sandbox.rows_at)
+            if decision.allow
+            else {}
+        )
         if decision.allow:
             try:
                 relations = relations_for(decision, datasets, snapshot.by_id, self.mask_key, ranges)
@@ -315,36 +320,6 @@ class Provider:
             generation=generation,
             versions=tuple((r.dataset, r.since, r.version) for r in relations),
         )
-
-    def _row_ranges(
-        self, request: PeerRequest, shape: QueryShape, datasets: Mapping[str, DatasetInfo]
-    ) -> dict[str, RowRange]:
-        """The rows a since_version request reads: those appended after that version."""
-        since = request.since_version
-        if not since:
-            return {}
-        if len(shape.datasets) != 1:
-            raise QueryRejected(
-                "since_version applies to a query over one dataset; query each dataset on its own"
-            )
-        name = shape.datasets[0]
-        info = datasets.get(name)
-        if info is None:
-            return {}  # nothing to read: refused as any other name without data
-        if since > info.version:
-            raise QueryRejected(
-                f"dataset {name} is at version {info.version}; since_version {since} is "
-                "ahead of it (your catalog shows the current version)"
-            )
-        start = self.sandbox.rows_at(name, since) if since >= info.replaced_at else None
-        if start is None:
-            raise QueryRejected(
-                f"dataset {name} was replaced at version {info.replaced_at}, not only appended "
-                f"to since version {since}, so there are no rows added since then to send: "
-                "read it whole (without since_version), then ask for rows since version "
-                f"{info.version} or later"
-            )
-        return {name: RowRange(since, start, info.rows)}
 
     def _budget(self, member_id: str, policies: list[tuple[str, Shaping]]) -> BudgetStatus | None:
         """The privacy budget member_id has left today under the noising policies given."""

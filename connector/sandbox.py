@@ -49,8 +49,8 @@ from connector.store import (
     busy_or_error,
     prepare_metadata,
     read_metadata,
-    rows_at,
 )
+from connector.version_log import VersionInfo, read_versions, rows_at
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,16 @@ class SandboxDatabase:
         if not self.writable:
             raise StoreError("this sandbox opened the member's file read-only")
         return self._cursor()
+
+    def versions(self, dataset: str) -> list[VersionInfo]:
+        """The dataset's version log (the owner's tools only; never a peer's)."""
+        cursor = self._cursor()
+        try:
+            return read_versions(cursor, dataset)
+        except duckdb.CatalogException:
+            return []
+        finally:
+            cursor.close()
 
     def rows_at(self, dataset: str, version: int) -> int | None:
         """The rows dataset had at version (None: no such version is recorded)."""

@@ -364,15 +364,6 @@ def read_metadata(con: duckdb.DuckDBPyConnection) -> dict[str, DatasetInfo]:
     }
 
 
-def rows_at(con: duckdb.DuckDBPyConnection, dataset: str, version: int) -> int | None:
-    """The rows dataset had once version was loaded (None: no such version)."""
-    row = con.execute(
-        "SELECT rows_after FROM _connector.dataset_versions WHERE name = ? AND version = ?",
-        [dataset, version],
-    ).fetchone()
-    return int(row[0]) if row else None
-
-
 def empty_copy(datasets: list[DatasetInfo], folder: Path) -> Path:
     """A database in folder with the datasets' tables and metadata but no rows: what the
     offline tools decide on (names, columns, types) while the server holds the real file."""

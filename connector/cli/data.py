@@ -12,7 +12,7 @@ from types import FrameType
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
 from connector.errors import ConfigError, DataError
-from connector.ingest_client import home_datasets, submit
+from connector.ingest_client import home_datasets, home_versions, submit
 from connector.safetext import escaped
 from connector.store import LoadRequest, check_dataset_name
 from connector.watch import DropFolder
@@ -92,6 +92,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     show = commands.add_parser("datasets", help="list the datasets in this member's database")
     add_home(show)
+    show.add_argument(
+        "--versions",
+        metavar="NAME",
+        help="list every version of dataset NAME instead: mode, rows, file and its sha256 "
+        "(the manifest a watched folder loads each file once by)",
+    )
     show.set_defaults(run=_datasets)
 
 
@@ -159,11 +165,27 @@ def _csv_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _datasets(args: argparse.Namespace) -> int:
+    if args.versions is not None:
+        return _versions(settings_of(args), args.versions)
     for info in home_datasets(settings_of(args)):
         print(
             escaped(
                 f"{info.name}  {info.rows} rows  {len(info.columns)} columns  "
                 f"{info.description}  (version {info.version})"
+            )
+        )
+    return 0
+
+
+def _versions(settings: Settings, dataset: str) -> int:
+    versions = home_versions(settings, dataset)
+    if not versions:
+        raise DataError(f"no versions of dataset {dataset!r} are recorded in this home")
+    for v in versions:
+        print(
+            escaped(
+                f"{v.version}  {v.ingested_at:%Y-%m-%d %H:%M:%S}  {v.mode}  "
+                f"rows {v.rows_before}->{v.rows_after}  {v.source}  {v.sha256 or '-'}"
             )
         )
     return 0

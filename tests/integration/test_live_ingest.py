@@ -364,3 +364,15 @@ def test_policy_test_and_datasets_work_while_the_server_holds_the_file(
     out = capsys.readouterr().out
     assert "part_defects" in out
     assert "(version " in out
+
+
+def test_datasets_versions_lists_the_manifest_of_what_was_loaded(
+    live: Live, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert run_cli("datasets", "--home", live.provider.home, "--versions", "part_defects") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1  ")
+    assert "replace  rows 0->200  first.csv" in lines[0]
+    assert all(" append  " in line for line in lines[1:])
+    assert run_cli("datasets", "--home", live.provider.home, "--versions", "nothing") == 1

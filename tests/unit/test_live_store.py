@@ -24,6 +24,7 @@ from connector.store import (
     load,
     stage,
 )
+from connector.version_log import list_versions
 
 CSV = "plant,defects\nRegensburg,3\nLeipzig,5\n"
 
@@ -59,6 +60,8 @@ def test_content_loaded_before_is_refused_with_where_it_came_from(
     assert "version 1" in again.value.message
     (info,) = list_datasets(database)
     assert (info.version, info.rows) == (1, 2)
+    (version,) = list_versions(database, "parts")
+    assert (version.version, version.source, version.sha256) == (1, "d.csv", "ab" * 32)
 
 
 def test_a_file_that_fails_midway_changes_nothing(database: Path, tmp_path: Path) -> None:
