@@ -1,9 +1,11 @@
 """The sandboxed read path for peers' queries on the member's DuckDB file.
 
-The file is attached read-only to an in-memory connection that is locked down as the
-project's SECURITY.md describes. Each request gets its own cursor with TEMP views that show
-only what its policy grants; the bound plan is checked (plancheck.py) to scan nothing else;
-results stream batch by batch; errors echo no data (sandbox_errors.py).
+The file is attached to an in-memory connection that is locked down as the project's
+SECURITY.md describes: read-only, except in the running server, which is also the file's
+single writer for live ingest (ingest_service.py). Each request gets its own cursor in a
+read-only transaction (DuckDB refuses any write in it) with TEMP views that show only what
+its policy grants; the bound plan is checked (plancheck.py) to scan nothing else; results
+stream batch by batch; errors echo no data (sandbox_errors.py).
 
 A query on a shaped dataset (masks, row filters, aggregate-only) may scan only its shaped
 copy (shaped_copies.py), never the stored table: with the guard switched off, no SQL reaches
@@ -134,7 +136,11 @@ class SandboxDatabase:
             raise
         self._db.execute(f"USE {STORED_CATALOG}")
         if writable:
-            prepare_metadata(self._db)
+            try:
+                prepare_metadata(self._db)
+            except duckdb.Error as exc:
+                self._db.close()
+                raise StoreError(f"cannot prepare {db_path} for live ingest: {exc}") from None
         self.writable = writable
         self._datasets = self._read_datasets()
         _lock_down(self._db, limits)
