@@ -38,6 +38,12 @@ def row_ranges(
             "it (your catalog shows the current version)"
         )
     start = rows_at(name, since) if since >= info.replaced_at else None
+    if start is None and since >= info.replaced_at:
+        raise QueryRejected(
+            f"version {since} of dataset {name} is not in its version log (loaded before "
+            "versions were kept): read it whole (without since_version), then ask for rows "
+            f"since version {info.version} or later"
+        )
     if start is None:
         raise QueryRejected(
             f"dataset {name} was replaced at version {info.replaced_at}, not only appended to "

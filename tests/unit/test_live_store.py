@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 
 from connector.commit_gate import CommitGate
 from connector.enforce import RowRange, relation_for
-from connector.errors import AlreadyLoaded, DataError
+from connector.errors import AlreadyLoaded, DataError, QueryRejected
+from connector.incremental import row_ranges
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
 from connector.store import (
+    DatasetInfo,
     LoadRequest,
     create_database,
     ingest,
@@ -157,3 +160,25 @@ def test_types_arrive_as_read_through_the_arrow_hand_over(database: Path, tmp_pa
         "STRUCT(a INTEGER)",
         "BOOLEAN",
     ]
+
+
+def test_row_ranges_name_every_reason_a_since_version_read_is_refused() -> None:
+    info = DatasetInfo("d", "", 30, (), dt.datetime.now(dt.UTC), version=6, replaced_at=3)
+    known = {3: 10, 4: 12, 5: 20, 6: 30}
+    datasets = {"d": info}
+
+    def rows(since: int) -> dict[str, RowRange]:
+        return row_ranges(since, ("d",), datasets, lambda _, v: known.get(v))
+
+    assert row_ranges(0, ("d", "e"), datasets, lambda _, v: None) == {}
+    assert rows(4) == {"d": RowRange(4, 12, 30)}
+    assert rows(6) == {"d": RowRange(6, 30, 30)}  # nothing new yet: an empty answer
+    with pytest.raises(QueryRejected, match="replaced at version 3"):
+        rows(2)
+    with pytest.raises(QueryRejected, match="ahead of it"):
+        rows(7)
+    with pytest.raises(QueryRejected, match="one dataset"):
+        row_ranges(4, ("d", "e"), datasets, lambda _, v: known.get(v))
+    del known[5]
+    with pytest.raises(QueryRejected, match="not in its version log"):
+        rows(5)
