@@ -150,10 +150,12 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _free_name(folder: Path, name: str) -> Path:
-    """folder/name, or folder/name.N when a file of that name is there already."""
+    """folder/name, or folder/STEM.N.SUFFIX when a file of that name is there already (the
+    suffix stays last: it tells the file's format)."""
+    plain = Path(name)
     target, n = folder / name, 1
     while target.exists() or target.with_name(target.name + REASON_SUFFIX).exists():
-        target, n = folder / f"{name}.{n}", n + 1
+        target, n = folder / f"{plain.stem}.{n}{plain.suffix}", n + 1
     return target
 
 

@@ -300,7 +300,7 @@ def test_watched_folder_loads_each_file_once_also_after_a_restart_and_sets_bad_o
     assert "good.csv: already" in out
     assert "again.csv: failed" in out
     assert "loaded" in (drop / "failed" / "again.csv.reason").read_text()
-    assert sorted(p.name for p in (drop / "done").iterdir()) == ["good.csv", "good.csv.1"]
+    assert sorted(p.name for p in (drop / "done").iterdir()) == ["good.1.csv", "good.csv"]
     assert list((drop / ".loading").iterdir()) == []
     with live.peer() as peer:
         assert _version(peer, "stock") == version + 1
