@@ -78,6 +78,9 @@ class AuditEntry:
     query_prefix: str = ""  # only when the query is too long or malformed to keep whole
     client_reference: str = ""
     opened_seq: int = 0  # the "opened" entry written before the first byte of the answer
+    # dataset -> [since_version, version] of the data read (as in the receipt; kept only
+    # when the request got as far as a decision that reads data)
+    versions: dict[str, list[int]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     seq: int = 0
 
@@ -95,6 +98,8 @@ class AuditEntry:
         record = asdict(self)
         record.pop("started")
         record.pop("seq")
+        if not self.versions:
+            record.pop("versions")
         for name in ("request_id", "member_id", "purpose", "client_reference", "decision"):
             record[name] = bounded(record[name])
         record["datasets"] = [bounded(d) for d in self.datasets]

@@ -40,6 +40,7 @@ from connector.audit_chain import verify_log
 from connector.config import Settings
 from connector.errors import BackupError, StoreBusy
 from connector.identity import load_ed25519_public, public_path
+from connector.ingest_client import server_snapshot
 from connector.sqltext import quote_identifier, sql_string
 from connector.store import busy_or_error
 
@@ -63,8 +64,8 @@ class BackupSummary:
 def make_backup(settings: Settings, output: Path, snapshot: Snapshot = None) -> BackupSummary:
     """Write a consistent archive of settings.home to output (mode 0600: it holds keys).
 
-    snapshot(source, target) copies the DuckDB file consistently (default: from a read-only
-    attach, `snapshot_database`); a process that holds the file for writing passes its own.
+    snapshot(source, target) copies the DuckDB file consistently (default: by the running
+    server, which holds its writer, else from a read-only attach, `snapshot_database`).
     """
     home = settings.home.resolve()
     output = output.resolve()
@@ -78,7 +79,7 @@ def make_backup(settings: Settings, output: Path, snapshot: Snapshot = None) -> 
     except OSError as exc:
         raise BackupError(f"cannot write in {output.parent}: {exc.strerror}") from None
     try:
-        audit_entries = _stage(settings, home, staging, snapshot or snapshot_database)
+        audit_entries = _stage(settings, home, staging, snapshot or _home_snapshot(settings))
         files = _manifest_files(staging)
         manifest = {
             "format": BACKUP_FORMAT,
@@ -223,6 +224,25 @@ def copy_attached_database(con: duckdb.DuckDBPyConnection, catalog: str, target:
     finally:
         con.execute("DETACH backup_copy")
     os.chmod(target, 0o600)
+
+
+def _home_snapshot(settings: Settings) -> Callable[[Path, Path], None]:
+    def snapshot(source: Path, target: Path) -> None:
+        if not server_snapshot(settings, target):  # no server runs on this home
+            snapshot_database(source, target)
+
+    return snapshot
+
+
+def copy_database_files(database: Path, target: Path) -> None:
+    """Copy the DuckDB file and its write-ahead log, if any, to target and target.wal;
+    consistent only while no commit can land (the server's `CommitGate.hold`)."""
+    for source, copy in ((database, target), (Path(f"{database}.wal"), Path(f"{target}.wal"))):
+        if source.exists():
+            with open(source, "rb") as src, new_private_file(copy) as out:
+                shutil.copyfileobj(src, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
 
 
 def snapshot_database(source: Path, target: Path) -> None:

@@ -126,6 +126,7 @@ class CatalogEntry:
     min_group_size: int = 0  # not 0: aggregate-only
     noise: NoiseInfo | None = None  # answers carry differential-privacy noise
     group_by: tuple[tuple[str, ...], ...] = ()  # the only GROUP BY sets allowed (): any
+    version: int = 0  # the dataset's version (every ingest increases it)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class Peer:
         self._stub = pb_grpc.ConnectorStub(self._channel)
         self._ca_pem = identity.ca_pem
         self._provider_proof: tuple[str, str] | None = None  # endorsement, certificate
+        self.provider_version = ""  # the provider's connector version (set by catalog())
 
     def __enter__(self) -> Peer:
         return self
@@ -239,6 +241,7 @@ class Peer:
         except grpc.RpcError as error:
             raise self._error(error) from None
         self._provider_proof = (answer.receipt_key_endorsement, answer.provider_certificate_pem)
+        self.provider_version = answer.connector_version
         return [
             CatalogEntry(
                 name=d.name,
@@ -259,16 +262,16 @@ class Peer:
                 min_group_size=d.min_group_size,
                 noise=_noise_of(d),
                 group_by=_group_by_of(d),
+                version=d.version,
             )
             for d in answer.datasets
         ]
 
-    def explain(self, sql: str, purpose: str) -> PeerDecision:
+    def explain(self, sql: str, purpose: str, *, since_version: int = 0) -> PeerDecision:
         """The provider's decision for sql under purpose, without running it."""
+        request = pb.QueryRequest(sql=sql, purpose=purpose, since_version=since_version)
         try:
-            answer = self._stub.Explain(
-                pb.QueryRequest(sql=sql, purpose=purpose), timeout=self.timeout
-            )
+            answer = self._stub.Explain(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise self._error(error) from None
         return PeerDecision(
@@ -295,31 +298,61 @@ class Peer:
         )
 
     def stream(
-        self, sql: str, purpose: str, *, max_rows: int = 0, request_id: str = ""
+        self,
+        sql: str,
+        purpose: str,
+        *,
+        max_rows: int = 0,
+        request_id: str = "",
+        since_version: int = 0,
     ) -> Iterator[pb.QueryResponse]:
         """The raw response stream: arrow_ipc pieces, then the receipt."""
         request = pb.QueryRequest(
-            sql=sql, purpose=purpose, max_rows=max_rows, request_id=request_id
+            sql=sql,
+            purpose=purpose,
+            max_rows=max_rows,
+            request_id=request_id,
+            since_version=since_version,
         )
         try:
             yield from self._stub.Query(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise self._error(error) from None
 
-    def query(self, sql: str, purpose: str, *, max_rows: int = 0, request_id: str = "") -> pa.Table:
-        """Run sql under purpose; a pyarrow.Table carrying its verified receipt (receipt_of)."""
-        result = self.fetch(sql, purpose, max_rows=max_rows, request_id=request_id)
+    def query(
+        self,
+        sql: str,
+        purpose: str,
+        *,
+        max_rows: int = 0,
+        request_id: str = "",
+        since_version: int = 0,
+    ) -> pa.Table:
+        """Run sql under purpose; a pyarrow.Table carrying its verified receipt (receipt_of).
+        since_version: only the rows appended after that version of the dataset."""
+        result = self.fetch(
+            sql, purpose, max_rows=max_rows, request_id=request_id, since_version=since_version
+        )
         metadata = dict(result.table.schema.metadata or {})
         metadata[RECEIPT_METADATA_KEY] = result.receipt_jws.encode()
         return result.table.replace_schema_metadata(metadata)
 
     def fetch(
-        self, sql: str, purpose: str, *, max_rows: int = 0, request_id: str = ""
+        self,
+        sql: str,
+        purpose: str,
+        *,
+        max_rows: int = 0,
+        request_id: str = "",
+        since_version: int = 0,
     ) -> QueryResult:
         """Run sql under purpose; the table, the verified receipt and the bytes received."""
         pieces: list[bytes] = []
         token = ""
-        for message in self.stream(sql, purpose, max_rows=max_rows, request_id=request_id):
+        messages = self.stream(
+            sql, purpose, max_rows=max_rows, request_id=request_id, since_version=since_version
+        )
+        for message in messages:
             if message.HasField("receipt"):
                 token = message.receipt.jws
             else:

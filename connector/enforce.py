@@ -60,6 +60,8 @@ class Relation:
     sql: str
     description: str
     shaping: Shaping = field(default_factory=Shaping)
+    version: int = 0  # the dataset's version the relation reads
+    since: int = 0  # not 0: only the rows appended after this version (a shaped copy)
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -74,9 +76,11 @@ class Relation:
     @cached_property  # read several times per query; hashing the SQL once is enough
     def shaped_table(self) -> str:
         """The name of the shaped copy ('' when the relation is a plain view)."""
-        if self.shaping.is_plain:
+        if self.shaping.is_plain and not self.since:
             return ""
-        return "s_" + hashlib.sha256(self.sql.encode()).hexdigest()[:32]
+        # The version is in the name: a copy built from older data is never asked for again.
+        text = f"{self.version}\n{self.sql}"
+        return "s_" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
     @property
     def clamps(self) -> Mapping[str, tuple[int | float, int | float]]:
@@ -109,20 +113,31 @@ def shaping_of(grant: GrantShape, policies: Mapping[str, ShapedPolicy]) -> Shapi
     return next(iter(found.values()))
 
 
+@dataclass(frozen=True)
+class RowRange:
+    """The rows an append-only dataset gained after version `since`: rowids [start, end)."""
+
+    since: int
+    start: int
+    end: int
+
+
 def relations_for(
     decision: DecisionLike,
     datasets: Mapping[str, DatasetInfo],
     policies: Mapping[str, ShapedPolicy],
     mask_key: bytes,
+    row_ranges: Mapping[str, RowRange] | None = None,
 ) -> tuple[Relation, ...]:
-    """The relations for every granted dataset that holds data, with only granted columns."""
+    """The relations for every granted dataset that holds data, with only granted columns
+    (and only the rows of its row range, when one is given)."""
     relations = []
     for grant in decision.grants:
         info = datasets.get(grant.dataset)
         if info is not None:
-            relations.append(
-                relation_for(info, set(grant.columns), shaping_of(grant, policies), mask_key)
-            )
+            shaping = shaping_of(grant, policies)
+            rows = (row_ranges or {}).get(grant.dataset)
+            relations.append(relation_for(info, set(grant.columns), shaping, mask_key, rows))
     return tuple(relations)
 
 
@@ -196,9 +211,14 @@ def _clamp_sql(column: ColumnInfo, low: float, high: float) -> str:
 
 
 def relation_for(
-    info: DatasetInfo, granted: set[str], shaping: Shaping, mask_key: bytes
+    info: DatasetInfo,
+    granted: set[str],
+    shaping: Shaping,
+    mask_key: bytes,
+    rows: RowRange | None = None,
 ) -> Relation:
-    """The relation one dataset becomes under a grant of these columns with this shaping."""
+    """The relation one dataset becomes under a grant of these columns with this shaping
+    (only the rows in rows, when given: every term of the shaping applies to them alike)."""
     missing = granted - {c.name for c in info.columns}
     if missing:
         log.warning(
@@ -235,11 +255,20 @@ def relation_for(
             described.append(mask_description(column.name, kind))
     where = shaping.where_sql()
     condition = f" WHERE {where}" if where else ""
+    described_where = condition
+    if rows is not None:
+        # Datasets are only appended to or replaced, so a row's rowid is its position.
+        span = f"rowid >= {int(rows.start)} AND rowid < {int(rows.end)}"
+        condition = f" WHERE {span}" + (f" AND ({where})" if where else "")
+        since = f"<rows added after version {int(rows.since)}>"
+        described_where = f" WHERE {since}" + (f" AND ({where})" if where else "")
     table = f"datasets.{quote_identifier(info.name)}"
     return Relation(
         dataset=info.name,
         columns=visible_columns(info, granted, shaping),
         sql=f"SELECT {', '.join(run)} FROM {table}{condition}",
-        description=f"SELECT {', '.join(described)} FROM {info.name}{condition}",
+        description=f"SELECT {', '.join(described)} FROM {info.name}{described_where}",
         shaping=shaping,
+        version=info.version,
+        since=rows.since if rows is not None else 0,
     )

@@ -169,6 +169,15 @@ class DataError(ConnectorError):
     """A file to ingest is missing, unreadable or in a format the connector cannot load."""
 
 
+class AlreadyLoaded(DataError):
+    """A file whose content was loaded into the dataset before (a watched folder loads
+    each content once)."""
+
+    def __init__(self, message: str, *, source: str = "") -> None:
+        super().__init__(message)
+        self.source = source  # the name of the file it was first loaded from
+
+
 class StoreBusy(ConnectorError):
     """The DuckDB file is held by another process (usually a running server)."""
 

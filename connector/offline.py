@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from connector import jws
 from connector.audit import AuditLog
 from connector.config import Settings
-from connector.errors import ConfigError, PolicyError
+from connector.errors import ConfigError, PolicyError, StoreBusy
+from connector.ingest_client import home_datasets
 from connector.policy.model import MAX_POLICY_BYTES, parse_policy, read_limited
 from connector.policy.registry import EngineFactory, PolicyRegistry, PolicySnapshot
 from connector.policy.signing import load_policy_dir, policy_files, sign_policy
@@ -31,6 +32,7 @@ from connector.provider import Provider
 from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner
 from connector.sandbox import SandboxDatabase, SandboxLimits
+from connector.store import empty_copy
 
 TrustedKeys = dict[str, ed25519.Ed25519PublicKey]
 
@@ -87,16 +89,18 @@ class FixedPolicies(PolicyRegistry):
 
 
 def offline_provider(settings: Settings, scratch: Path, policies: FixedPolicies) -> Provider:
-    """A Provider over the home's data (read-only) that writes only into scratch."""
+    """A Provider over the home's data (read-only) that writes only into scratch; while the
+    home's server runs (it holds the file), over empty tables of the same datasets."""
     server = settings.server
-    sandbox = SandboxDatabase(
-        settings.database,
-        SandboxLimits(
-            memory_limit=server.memory_limit,
-            threads=server.threads,
-            max_query_seconds=server.max_query_seconds,
-        ),
-    )  # shaped copies in memory
+    limits = SandboxLimits(
+        memory_limit=server.memory_limit,
+        threads=server.threads,
+        max_query_seconds=server.max_query_seconds,
+    )
+    try:
+        sandbox = SandboxDatabase(settings.database, limits)  # shaped copies in memory
+    except StoreBusy:
+        sandbox = SandboxDatabase(empty_copy(home_datasets(settings), scratch), limits)
     sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
     signer = ReceiptSigner(ed25519.Ed25519PrivateKey.generate())  # nothing is sent
     try:

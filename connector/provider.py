@@ -28,6 +28,7 @@ from connector.errors import (
     ResourceExhausted,
 )
 from connector.identity import MemberIdentity, member_identity, member_of_spiffe_id
+from connector.incremental import row_ranges
 from connector.noise import (
     MICRO,
     BudgetStatus,
@@ -278,18 +279,26 @@ class Provider:
         snapshot = self.policies.snapshot  # one load for the decision and its limits
         if snapshot is not self._pruned_for:
             self.prune_shaped_copies()
-        decision = self._decide(snapshot.engine, member, request, shape, at or self.clock())
+        # Generation first: a commit between the two reads makes the query decide again.
+        generation = self.sandbox.gate.generation
+        datasets = self.sandbox.datasets()
+        decision = self._decide(
+            snapshot.engine, member, request, shape, at or self.clock(), datasets=datasets
+        )
         if decision.allow and self.mask_consistency == "refuse":
             clashes = conflicts_for(snapshot.mask_conflicts, member.member_id, shape.datasets)
             if clashes:
                 decision = Decision(False, tuple(c.peer_reason() for c in clashes))
         relations: tuple[Relation, ...] = ()
         unbound: QueryRejected | None = None
+        ranges = (
+            row_ranges(request.since_version, shape.datasets, datasets, self.sandbox.rows_at)
+            if decision.allow
+            else {}
+        )
         if decision.allow:
             try:
-                relations = relations_for(
-                    decision, self.sandbox.datasets(), snapshot.by_id, self.mask_key
-                )
+                relations = relations_for(decision, datasets, snapshot.by_id, self.mask_key, ranges)
                 # Before any form check, copy or data: a name that does not exist is refused
                 # exactly as a hidden one (no oracle through Explain, errors or timing).
                 self.sandbox.check_names(request.sql, relations, shape.datasets)
@@ -307,6 +316,7 @@ class Provider:
             relations = ()
         entry.decision = "allow" if decision.allow else "deny"
         entry.reasons = decision.reasons
+        entry.versions = {r.dataset: [r.since, r.version] for r in relations}
         entry.obligations = dict(decision.obligations)
         entry.columns = {
             r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]
@@ -335,6 +345,8 @@ class Provider:
             noise=plan,
             privacy=privacy,
             budget=self._budget(member.member_id, noising),
+            generation=generation,
+            versions=tuple((r.dataset, r.since, r.version) for r in relations),
         )
 
     def _budget(self, member_id: str, policies: list[tuple[str, Shaping]]) -> BudgetStatus | None:
@@ -362,11 +374,21 @@ class Provider:
         deadline_seconds bounds the wait for a slot (None: the peer set no deadline)."""
         explanation = self.check(member, request, entry)
         slot = self.slots.acquire(member.member_id, deadline_seconds=deadline_seconds)
+        # From here until its query starts (and DuckDB holds its snapshot), no new data is
+        # committed: the query reads exactly the versions it was decided on (commit_gate.py).
+        gate_pass = self.sandbox.gate.enter()
         try:
+            if gate_pass.generation != explanation.generation:
+                explanation = self._explain(member, request, entry)  # new data came in
+                if not explanation.decision.allow:
+                    raise PermissionDenied(list(explanation.decision.reasons))
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
             self._spend_privacy(member.member_id, explanation.privacy)
-            run = QueryRun(self, member, request, explanation, entry, slot=slot)
+            run = QueryRun(
+                self, member, request, explanation, entry, slot=slot, gate_pass=gate_pass
+            )
         except BaseException:
+            gate_pass.leave()
             slot.finish()
             raise
         self.stall_watch.watch(run)
@@ -400,8 +422,9 @@ class Provider:
         request: PeerRequest,
         shape: QueryShape,
         time: dt.datetime,
+        *,
+        datasets: Mapping[str, DatasetInfo],
     ) -> Decision:
-        datasets = self.sandbox.datasets()
         columns = {
             name: frozenset(c.name for c in datasets[name].columns if c.name in shape.column_refs)
             if name in datasets

@@ -21,6 +21,7 @@ import pyarrow as pa
 from connector.arrow_stream import IpcPieces
 from connector.audit_entry import AuditEntry
 from connector.canonical import canonical_json
+from connector.commit_gate import GatePass
 from connector.errors import (
     PermissionDenied,
     QueryTimeout,
@@ -69,9 +70,13 @@ class QueryRun:
         entry: AuditEntry,
         *,
         slot: Slot,
+        gate_pass: GatePass | None = None,
     ) -> None:
+        """gate_pass: held until the query has started (then no commit can change what it
+        was decided on); left at the latest when the run closes."""
         self._provider = provider
         self._slot = slot
+        self._gate_pass = gate_pass
         self._waiting_since: float | None = None  # suspended at a yield since (monotonic)
         self.stalled = False
         self.end_stream: Callable[[], None] | None = None  # set by the transport
@@ -138,6 +143,7 @@ class QueryRun:
             plan = self._session.verify_plan(sql, self._explanation.relations)
             self._refuse_packing(packed_in_plan(plan))
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
+            self._leave_gate()  # DuckDB holds the query's snapshot now
             noise = self._explanation.noise  # noised answers: each batch noised, renamed
             measured = noise.schema(result.schema) if noise else result.schema
             self._refuse_packed_lists(measured)
@@ -289,11 +295,19 @@ class QueryRun:
             audit_seq=seq,
             obligations=dict(self._explanation.decision.obligations),
             client_reference=entry.client_reference,
+            versions={
+                name: [since, version] for name, since, version in self._explanation.versions
+            },
         )
         return fields, self._provider.signer.sign(fields)
 
+    def _leave_gate(self) -> None:
+        if self._gate_pass is not None:
+            self._gate_pass.leave()
+
     def close(self) -> None:
         """Release the DuckDB session and the query slot; safe to call more than once."""
+        self._leave_gate()
         with self._lock:
             if self._finished:
                 return

@@ -46,6 +46,9 @@ class ReceiptFields:
     obligations: dict[str, Any] = field(default_factory=dict)
     limited_by: str = ""  # the limit that cut the result ("" when not truncated)
     client_reference: str = ""  # the peer's own id for the request; request_id is ours
+    # dataset -> [since_version, version]: the answer covers the rows added after since (0:
+    # all rows) up to and including version.
+    versions: dict[str, list[int]] = field(default_factory=dict)
     issued_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     )

@@ -22,9 +22,12 @@ class PeerRequest:
     purpose: str
     max_rows: int
     request_id: str
+    since_version: int = 0  # not 0: only the rows appended after this dataset version
 
     @classmethod
-    def checked(cls, sql: str, purpose: str, max_rows: int, request_id: str) -> PeerRequest:
+    def checked(
+        cls, sql: str, purpose: str, max_rows: int, request_id: str, since_version: int = 0
+    ) -> PeerRequest:
         """Validate the fields; QueryRejected says which one is wrong and how to fix it."""
         if not PURPOSE.fullmatch(purpose):
             raise QueryRejected(
@@ -35,7 +38,9 @@ class PeerRequest:
             raise QueryRejected("request_id must be 1-128 printable ASCII characters, or empty")
         if max_rows < 0:
             raise QueryRejected("max_rows must not be negative")
-        return cls(sql, purpose, max_rows, request_id or str(uuid.uuid4()))
+        if since_version < 0:
+            raise QueryRejected("since_version must not be negative")
+        return cls(sql, purpose, max_rows, request_id or str(uuid.uuid4()), since_version)
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,7 @@ class Explanation:
     noise: NoisePlan | None = None  # how the answer is noised (None: exact)
     privacy: tuple[PrivacyCharge, ...] = ()  # the privacy budget the query spends
     budget: BudgetStatus | None = None  # the member's privacy budget left today
+    generation: int = -1  # the store's state (commit gate generation) it was decided on
+    # Each dataset read: (name, since_version, version): the rows after since (0: all) up to
+    # and including version.
+    versions: tuple[tuple[str, int, int], ...] = ()

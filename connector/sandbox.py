@@ -1,9 +1,11 @@
 """The sandboxed read path for peers' queries on the member's DuckDB file.
 
-The file is attached read-only to an in-memory connection that is locked down as the
-project's SECURITY.md describes. Each request gets its own cursor with TEMP views that show
-only what its policy grants; the bound plan is checked (plancheck.py) to scan nothing else;
-results stream batch by batch; errors echo no data (sandbox_errors.py).
+The file is attached to an in-memory connection that is locked down as the project's
+SECURITY.md describes: read-only, except in the running server, which is also the file's
+single writer for live ingest (ingest_service.py). Each request gets its own cursor in a
+read-only transaction (DuckDB refuses any write in it) with TEMP views that show only what
+its policy grants; the bound plan is checked (plancheck.py) to scan nothing else; results
+stream batch by batch; errors echo no data (sandbox_errors.py).
 
 A query on a shaped dataset (masks, row filters, aggregate-only) may scan only its shaped
 copy (shaped_copies.py), never the stored table: with the guard switched off, no SQL reaches
@@ -25,6 +27,7 @@ import pyarrow as pa
 
 from connector.alarms import Alarm, AlarmClock
 from connector.arrow_stream import narrowed, narrowed_schema
+from connector.commit_gate import CommitGate
 from connector.errors import (
     QueryCancelled,
     QueryRejected,
@@ -42,7 +45,14 @@ from connector.shaped_copies import (
 )
 from connector.sqltext import quote_identifier, sql_string
 from connector.sqltree import plan_document
-from connector.store import ColumnInfo, DatasetInfo, busy_or_error, read_metadata
+from connector.store import (
+    ColumnInfo,
+    DatasetInfo,
+    busy_or_error,
+    prepare_metadata,
+    read_metadata,
+)
+from connector.version_log import VersionInfo, read_versions, rows_at
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +112,20 @@ class SandboxDatabase:
         shaped_path: Path | None = None,
         *,
         max_shaped_copies: int = MAX_SHAPED_COPIES,
+        writable: bool = False,
     ) -> None:
+        """writable: the server's own instance, which also loads new data (see writer());
+        peers' sessions then read in read-only transactions."""
         if not db_path.exists():
             raise StoreError(f"{db_path} does not exist: run `connector init` first")
-        # An in-memory connection with the member's file attached read-only and the scratch
-        # database of shaped copies (in memory when no path is given), both before the
-        # lock-down: afterwards ATTACH is refused.
+        # An in-memory connection with the member's file attached (read-only unless this is
+        # the live server's single writer) and the scratch database of shaped copies (in
+        # memory when no path is given), both before the lock-down: afterwards ATTACH is
+        # refused.
         self._db = duckdb.connect(":memory:")
+        mode = "" if writable else " (READ_ONLY)"
         try:
-            self._db.execute(f"ATTACH {sql_string(str(db_path))} AS {STORED_CATALOG} (READ_ONLY)")
+            self._db.execute(f"ATTACH {sql_string(str(db_path))} AS {STORED_CATALOG}{mode}")
         except duckdb.Error as exc:
             self._db.close()
             raise busy_or_error(exc, db_path) from None
@@ -120,26 +135,79 @@ class SandboxDatabase:
             self._db.close()
             raise
         self._db.execute(f"USE {STORED_CATALOG}")
-        try:
-            self._datasets = read_metadata(self._db)
-        except duckdb.CatalogException:
-            self._datasets = {}
+        if writable:
+            try:
+                prepare_metadata(self._db)
+            except duckdb.Error as exc:
+                self._db.close()
+                raise StoreError(f"cannot prepare {db_path} for live ingest: {exc}") from None
+        self.writable = writable
+        self.path = db_path
+        self._datasets = self._read_datasets()
         _lock_down(self._db, limits)
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)
+        self.gate = CommitGate()
         # Deadlines and interrupts run on this one thread, started now while memory is
         # plentiful: a query must still be stoppable when no new thread can start.
         self._alarms = AlarmClock("query-alarms")
         self._alarms.start()
+
+    def _read_datasets(self) -> Mapping[str, DatasetInfo]:
+        cursor = self._cursor()
+        try:
+            return read_metadata(cursor)
+        except duckdb.CatalogException:
+            return {}
+        finally:
+            cursor.close()
+
+    def refresh(self) -> None:
+        """Read the datasets' metadata again (after a commit, inside the gate's turn)."""
+        self._datasets = self._read_datasets()
+        self.shaped.keep_versions({name: info.version for name, info in self._datasets.items()})
+
+    def writer(self) -> duckdb.DuckDBPyConnection:
+        """A cursor that writes the member's datasets (the live ingest's; never a peer's)."""
+        if not self.writable:
+            raise StoreError("this sandbox opened the member's file read-only")
+        return self._cursor()
+
+    def versions(self, dataset: str) -> list[VersionInfo]:
+        """The dataset's version log (the owner's tools only; never a peer's)."""
+        cursor = self._cursor()
+        try:
+            return read_versions(cursor, dataset)
+        except duckdb.CatalogException:
+            return []
+        finally:
+            cursor.close()
+
+    def rows_at(self, dataset: str, version: int) -> int | None:
+        """The rows dataset had at version (None: no such version is recorded)."""
+        cursor = self._cursor()
+        try:
+            return rows_at(cursor, dataset, version)
+        except duckdb.CatalogException:
+            return None
+        finally:
+            cursor.close()
 
     def datasets(self) -> Mapping[str, DatasetInfo]:
         """The datasets as they were when the database was opened."""
         return self._datasets
 
     def session(self) -> SandboxSession:
-        """A fresh cursor for one request; its TEMP views vanish with it."""
+        """A fresh cursor for one request in a read-only transaction (nothing it runs can
+        write the member's data); its TEMP views vanish with it."""
         with _sandbox_errors():
-            return SandboxSession(self._cursor(), self.shaped, self._alarms)
+            cursor = self._cursor()
+            try:
+                cursor.execute("BEGIN TRANSACTION READ ONLY")
+            except BaseException:
+                cursor.close()
+                raise
+            return SandboxSession(cursor, self.shaped, self._alarms)
 
     def check_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]

@@ -22,6 +22,8 @@ from connector.directory import HeldDirectory
 from connector.errors import ConfigError, ConnectorError, IdentityError
 from connector.flight import FlightEndpoint, start_flight
 from connector.identity import load_ed25519_private, load_private_key
+from connector.ingest_client import socket_path
+from connector.ingest_service import IngestSocket, LiveIngest
 from connector.memory import QuietTrimmer
 from connector.metrics import ConnectorMetrics
 from connector.policy.fit import fit_warnings
@@ -126,6 +128,7 @@ def build_provider(
             max_query_seconds=settings.server.max_query_seconds,
         ),
         settings.shaped_copies,
+        writable=True,  # the server is the single writer of live ingests (ingest_service.py)
     )
     sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
     signers = trusted_keys(settings.policies.trusted_signers.values())
@@ -192,6 +195,7 @@ class RunningServer:
     _reload_asked: threading.Event = field(default_factory=threading.Event)
     flight: FlightEndpoint | None = None  # the Arrow Flight SQL port ([flight] listen)
     flight_held = False  # stop() left a Flight call that pyarrow cannot cancel
+    ingest: IngestSocket | None = None
 
     def set_serving(self, serving: bool) -> None:
         """Tell the health service whether requests are answered now."""
@@ -293,6 +297,8 @@ class RunningServer:
         # The handlers are done; gRPC still sends their last status. Calls of no connector
         # request (health watches) are cut after that moment.
         self.server.stop(SETTLE_SECONDS).wait()
+        if self.ingest is not None:
+            self.ingest.stop()
         self.provider.stall_watch.stop()
         self.provider.sandbox.close()
         self.provider.audit.close()
@@ -321,16 +327,10 @@ def _close_unstarted(provider: Provider) -> None:
     provider.quotas.close()
 
 
-def start_server(
-    settings: Settings, listen: str | None = None, flight_listen: str | None = None
-) -> RunningServer:
-    """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one),
-    and Flight SQL on flight_listen (default [flight] listen; "" for none)."""
-    opa = opa_link(settings)
-    metrics = ConnectorMetrics()
-    provider = build_provider(settings, opa, metrics.policies_loaded)
-    provider.audit.on_written = metrics.audit_written
-    metrics.follow(provider.slots.in_use, provider.quotas)
+def _grpc_server(
+    settings: Settings, provider: Provider
+) -> tuple[ConnectorService, grpc.Server, health.HealthServicer]:
+    """The gRPC server (not started) with the connector, health and reflection services."""
     options = [
         ("grpc.max_receive_message_length", settings.server.max_message_bytes),
         ("grpc.max_send_message_length", settings.server.max_message_bytes * 4),
@@ -357,6 +357,20 @@ def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    return service, server, health_servicer
+
+
+def start_server(
+    settings: Settings, listen: str | None = None, flight_listen: str | None = None
+) -> RunningServer:
+    """Start the server for a member's home on listen (HOST:PORT; port 0 picks a free one),
+    and Flight SQL on flight_listen (default [flight] listen; "" for none)."""
+    opa = opa_link(settings)
+    metrics = ConnectorMetrics()
+    provider = build_provider(settings, opa, metrics.policies_loaded)
+    provider.audit.on_written = metrics.audit_written
+    metrics.follow(provider.slots.in_use, provider.quotas)
+    service, server, health_servicer = _grpc_server(settings, provider)
     address = listen or settings.server.listen
     try:
         tls = ServerTlsFiles(
@@ -376,10 +390,19 @@ def start_server(
         raise ConfigError(
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
+    ingest = IngestSocket(LiveIngest(provider.sandbox), socket_path(settings))
+    try:
+        ingest.start()
+    except (OSError, ConnectorError) as exc:
+        server.stop(0).wait()
+        metrics.close()
+        _close_unstarted(provider)
+        raise ConfigError(f"cannot open the ingest socket {ingest.path}: {exc}") from None
     server.start()
     try:
         flight = _start_flight(settings, provider, flight_listen)
     except Exception:
+        ingest.stop()
         server.stop(0).wait()
         metrics.close()
         _close_unstarted(provider)
@@ -399,6 +422,7 @@ def start_server(
         metrics_port,
     )
     running.flight = flight
+    running.ingest = ingest
     running.refresh_health()
     provider.audit.on_change = running.refresh_health
     if opa is not None:

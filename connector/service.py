@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from connector import __version__
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector.audit import write_failure_cause
 from connector.audit_entry import AuditEntry
@@ -311,6 +312,7 @@ class ConnectorService:
             receipt_key_id=signer.key_id,
             provider_certificate_pem=signer.certificate_pem,
             receipt_key_endorsement=signer.endorsement,
+            connector_version=__version__,
         )
 
     def Explain(  # noqa: N802

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -49,6 +49,8 @@ class _ShapedRelation(Protocol):
     def dataset(self) -> str: ...
     @property
     def shaping(self) -> _CanonicalShaping: ...
+    @property
+    def version(self) -> int: ...
 
 
 def shaped_name(table: str) -> str:
@@ -86,6 +88,7 @@ class _Copy:
     users: int = 0
     bytes: int = 0
     reachable: bool = True
+    version: int = 0  # the dataset's version it was built from (0: not known)
 
 
 class ShapedCopies:
@@ -104,6 +107,7 @@ class ShapedCopies:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._checkpoint_due = False  # dropped copies' blocks are reusable after a checkpoint
+        self._versions: dict[str, int] | None = None  # each dataset's version (None: unknown)
 
     def acquire(self, relation: ExposedRelation) -> str:
         """The qualified name of relation's shaped copy, built on first use and kept from
@@ -135,8 +139,24 @@ class ShapedCopies:
         """The policies changed: drop the copies none of them can use (once unused)."""
         with self._lock:
             for copy in self._copies.values():
-                copy.reachable = copy.key in reachable
+                copy.reachable = copy.key in reachable and self._current(copy)
             self._drop_unused()
+
+    def keep_versions(self, versions: Mapping[str, int]) -> None:
+        """New data was loaded: drop the copies built from an older version of a dataset
+        (once unused). No request asks for them again: a copy's name holds its version."""
+        with self._lock:
+            self._versions = dict(versions)
+            for copy in self._copies.values():
+                if not self._current(copy):
+                    copy.reachable = False
+            self._drop_unused()
+
+    def _current(self, copy: _Copy) -> bool:
+        """False when the copy was built from an older version of its dataset."""
+        if copy.key is None or not copy.version or self._versions is None:
+            return True
+        return copy.version == self._versions.get(copy.key[0])
 
     @property
     def total_bytes(self) -> int:
@@ -178,10 +198,10 @@ class ShapedCopies:
             relation.dataset,
             size,
         )
-        key = None
         if isinstance(relation, _ShapedRelation):
             key = (relation.dataset, relation.shaping.canonical())
-        return _Copy(key, bytes=size)
+            return _Copy(key, bytes=size, version=relation.version)
+        return _Copy(None, bytes=size)
 
     def _drop_unused(self) -> None:
         """Drop unused copies no policy can use, then the least recently used unused ones

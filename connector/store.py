@@ -10,34 +10,27 @@ import datetime as dt
 import json
 import logging
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import duckdb
+import pyarrow as pa
 
-from connector.column_names import dataset_columns
-from connector.csv_strict import check_structure, dialect_from
 from connector.errors import (
+    AlreadyLoaded,
     DataError,
     StoreBusy,
     StoreError,
 )
 from connector.names import DATASET_NAME
-from connector.sqltext import quote_identifier, sql_string
+from connector.sqltext import quote_identifier
+from connector.staging import StagedFile
 
 log = logging.getLogger(__name__)
 
-FORMATS = {
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-    ".json": "json",
-    ".ndjson": "json",
-    ".jsonl": "json",
-}
-_READERS = {"csv": "read_csv", "parquet": "read_parquet", "json": "read_json_auto"}
 _METADATA_DDL = """
 CREATE SCHEMA IF NOT EXISTS datasets;
 CREATE SCHEMA IF NOT EXISTS _connector;
@@ -46,7 +39,15 @@ CREATE TABLE IF NOT EXISTS _connector.datasets (
     columns_json VARCHAR NOT NULL, source VARCHAR NOT NULL, mode VARCHAR NOT NULL,
     ingested_at TIMESTAMPTZ NOT NULL
 );
+ALTER TABLE _connector.datasets ADD COLUMN IF NOT EXISTS version BIGINT DEFAULT 1;
+CREATE TABLE IF NOT EXISTS _connector.dataset_versions (
+    name VARCHAR NOT NULL, version BIGINT NOT NULL, mode VARCHAR NOT NULL,
+    rows_before BIGINT NOT NULL, rows_after BIGINT NOT NULL, source VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL, ingested_at TIMESTAMPTZ NOT NULL
+);
 """
+# Datasets are never updated or deleted from, only appended to or replaced: a row's rowid is
+# its position, so the rows an append added are the rowids from rows_before to rows_after.
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,37 @@ class DatasetInfo:
     rows: int
     columns: tuple[ColumnInfo, ...]
     ingested_at: dt.datetime
+    version: int = 1  # increased by every ingest
+    replaced_at: int = 1  # the version of the last replace: rows since a later one are appends
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """One ingest: which file, into which dataset, how."""
+
+    source: Path
+    dataset: str
+    mode: Literal["replace", "append"] = "replace"
+    description: str | None = None
+    file_format: str | None = None
+    csv_options: Mapping[str, str] = field(default_factory=dict)
+    normalise_names: bool = False
+    sha256: str = ""  # the file's content hash (recorded; see `once`)
+    once: bool = False  # refuse a file whose content was loaded into the dataset before
 
 
 def busy_or_error(exc: duckdb.Error, path: Path) -> Exception:
     text = str(exc)
     # DuckDB has no exception type of its own for a file locked by another process: it is an
     # IOException like a missing or unreadable file, told apart only by its message.
-    if isinstance(exc, duckdb.IOException) and "lock" in text.lower():
+    # In one process DuckDB says instead that the file is attached already.
+    held = isinstance(exc, duckdb.IOException) and "lock" in text.lower()
+    if held or "already attached" in text:
         pid = re.search(r"PID (\d+)", text)
         holder = f" (process {pid.group(1)})" if pid else ""
         return StoreBusy(
-            f"{path} is in use by a running connector{holder}; stop the server, run the "
+            f"{path} is in use by a running connector{holder}: `connector ingest` and "
+            "`connector datasets` go through it; for anything else stop the server, run the "
             "command again, then start the server"
         )
     return StoreError(f"cannot open {path}: {text.splitlines()[0]}")
@@ -88,6 +109,11 @@ def create_database(path: Path) -> None:
         con.execute(_METADATA_DDL)
 
 
+def prepare_metadata(con: duckdb.DuckDBPyConnection) -> None:
+    """Create (or bring up to date) the metadata tables in the database con uses."""
+    con.execute(_METADATA_DDL)
+
+
 def _open_writable(path: Path) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(str(path))
@@ -95,28 +121,23 @@ def _open_writable(path: Path) -> duckdb.DuckDBPyConnection:
         raise busy_or_error(exc, path) from None
 
 
-def _file_format(source: Path, file_format: str | None) -> str:
-    fmt = file_format or FORMATS.get(source.suffix.lower())
-    if fmt not in _READERS:
-        raise DataError(
-            f"cannot tell the format of {source.name}: use a .csv, .parquet or .json file, "
-            "or pass --format csv|parquet|json"
-        )
-    return fmt
-
-
 def _columns_of(con: duckdb.DuckDBPyConnection, table: str) -> tuple[ColumnInfo, ...]:
     rows = con.execute(
         "SELECT column_name, data_type FROM duckdb_columns() "
-        "WHERE schema_name = 'datasets' AND table_name = ? ORDER BY column_index",
+        "WHERE database_name = current_database() AND schema_name = 'datasets' "
+        "AND table_name = ? ORDER BY column_index",
         [table],
     ).fetchall()
     return tuple(ColumnInfo(str(n), str(t)) for n, t in rows)
 
 
-def _staged_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
-    # DuckDB's readers already rename names that collide case-insensitively (A, a -> A, a_1).
-    return [str(d[0]) for d in con.execute("SELECT * FROM staged LIMIT 0").description]
+def check_dataset_name(dataset: str) -> None:
+    """DataError unless dataset is a valid dataset name."""
+    if not DATASET_NAME.fullmatch(dataset):
+        raise DataError(
+            f"invalid dataset name {dataset!r}: use 1-63 lower-case letters, digits and _, "
+            "starting with a letter"
+        )
 
 
 def ingest(
@@ -131,58 +152,125 @@ def ingest(
     normalise_names: bool = False,
 ) -> DatasetInfo:
     """Load source into dataset in one transaction: all rows or none (a CSV file is
-    checked strictly first: see csv_strict.py)."""
-    if not DATASET_NAME.fullmatch(dataset):
-        raise DataError(
-            f"invalid dataset name {dataset!r}: use 1-63 lower-case letters, digits and _, "
-            "starting with a letter"
-        )
-    if not source.is_file():
-        raise DataError(f"{source} does not exist or is not a file")
-    fmt = _file_format(source, file_format)
-    options = ""
-    if fmt == "csv":
-        dialect = dialect_from(csv_options or {}, source)
-        check_structure(source, dialect)
-        options = ", " + dialect.reader_options()
-    elif csv_options:
-        raise DataError("--csv-option applies to CSV files only")
-    reader = _READERS[fmt]
-    with _open_writable(db_path) as con:
+    checked strictly first: see csv_strict.py). Opens the database file itself."""
+    request = LoadRequest(
+        source, dataset, mode, description, file_format, dict(csv_options or {}), normalise_names
+    )
+    return ingest_request(db_path, request)
+
+
+def ingest_request(db_path: Path, request: LoadRequest) -> DatasetInfo:
+    """Run one LoadRequest against the database file (no server holds it)."""
+    check_dataset_name(request.dataset)
+    with _staged(request) as staged, _open_writable(db_path) as con:
         con.execute(_METADATA_DDL)
-        try:
-            literal = sql_string(str(source))
-            con.execute(f"CREATE TEMP VIEW staged AS SELECT * FROM {reader}({literal}{options})")
-            names = _staged_columns(con)
-        except duckdb.Error as exc:
-            raise DataError(f"cannot read {source}: {str(exc).splitlines()[0]}") from None
-        columns = dataset_columns(names, normalise=normalise_names)
-        select = ", ".join(
-            f"{quote_identifier(n)} AS {quote_identifier(c)}"
-            for n, c in zip(names, columns, strict=True)
-        )
-        target = f"datasets.{quote_identifier(dataset)}"
-        con.execute("BEGIN TRANSACTION")
-        try:
-            existing = _columns_of(con, dataset)
-            if mode == "append" and existing:
-                appended = _append_select(existing, names, columns, dataset)
-                con.execute(f"INSERT INTO {target} SELECT {appended} FROM staged")
-            else:
-                con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {select} FROM staged")
-            info = _record(con, dataset, description, source, mode)
-            con.execute("COMMIT")
-        except duckdb.Error as exc:
-            con.execute("ROLLBACK")
-            raise DataError(
-                f"cannot load {source.name} into {dataset}: {str(exc).splitlines()[0]}; "
-                "nothing was changed"
-            ) from None
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    log.info("dataset %s: %s from %s, now %d rows", dataset, mode, source, info.rows)
+        info = load(con, staged, request)
+    log.info(
+        "dataset %s: %s from %s, now %d rows (version %d)",
+        info.name,
+        request.mode,
+        request.source,
+        info.rows,
+        info.version,
+    )
     return info
+
+
+def _staged(request: LoadRequest) -> StagedFile:
+    return StagedFile(
+        request.source,
+        requested_format=request.file_format,
+        csv_options=request.csv_options,
+        normalise_names=request.normalise_names,
+    )
+
+
+def stage(request: LoadRequest) -> StagedFile:
+    """The request's file opened for loading (checked strictly when CSV)."""
+    check_dataset_name(request.dataset)
+    return _staged(request)
+
+
+Commit = Callable[[duckdb.DuckDBPyConnection], None]
+
+
+def _commit(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("COMMIT")
+
+
+def load(
+    con: duckdb.DuckDBPyConnection,
+    staged: StagedFile,
+    request: LoadRequest,
+    commit: Commit = _commit,
+) -> DatasetInfo:
+    """Load a staged file into the member database con uses by default, in one transaction
+    that commit(con) ends; the dataset's version increases by one."""
+    dataset, source = request.dataset, request.source
+    view = f"staged_{secrets.token_hex(8)}"
+    select = ", ".join(
+        f"{quote_identifier(n)} AS {quote_identifier(c)}"
+        for n, c in zip(staged.names, staged.columns, strict=True)
+    )
+    target = f"datasets.{quote_identifier(dataset)}"
+    con.register(view, staged.reader())
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if request.once and request.sha256:
+            _refuse_loaded_before(con, dataset, request.sha256)
+        existing = _columns_of(con, dataset)
+        before = _current(con, dataset)
+        if request.mode == "append" and existing:
+            appended = _append_select(existing, staged.names, staged.columns, dataset)
+            con.execute(f"INSERT INTO {target} SELECT {appended} FROM {view}")
+        else:
+            con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {select} FROM {view}")
+        info = _record(con, request, before if existing else None)
+        commit(con)
+    except (duckdb.Error, pa.ArrowException, OSError) as exc:
+        _rollback(con)
+        raise DataError(
+            f"cannot load {source.name} into {dataset}: {str(exc).splitlines()[0]}; "
+            "nothing was changed"
+        ) from None
+    except BaseException:
+        _rollback(con)
+        raise
+    finally:
+        con.unregister(view)
+    return info
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        log.debug("nothing to roll back", exc_info=True)
+
+
+def _refuse_loaded_before(con: duckdb.DuckDBPyConnection, dataset: str, sha256: str) -> None:
+    row = con.execute(
+        "SELECT version, source, ingested_at FROM _connector.dataset_versions "
+        "WHERE name = ? AND sha256 = ? ORDER BY version LIMIT 1",
+        [dataset, sha256],
+    ).fetchone()
+    if row is not None:
+        raise AlreadyLoaded(
+            f"the same content was loaded into {dataset} as version {row[0]} from {row[1]} "
+            f"at {row[2]:%Y-%m-%d %H:%M:%S %Z}; not loaded again",
+            source=str(row[1]),
+        )
+
+
+def _current(con: duckdb.DuckDBPyConnection, dataset: str) -> tuple[int, int, int]:
+    """The dataset's (version, rows, last replace version); zeros when it does not exist."""
+    row = con.execute(
+        "SELECT d.version, d.rows, coalesce(max(v.version) FILTER (WHERE v.mode = 'replace'), "
+        "0) FROM _connector.datasets d LEFT JOIN _connector.dataset_versions v "
+        "ON v.name = d.name WHERE d.name = ? GROUP BY d.version, d.rows",
+        [dataset],
+    ).fetchone()
+    return (int(row[0] or 0), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
 
 def _append_select(
@@ -202,45 +290,102 @@ def _append_select(
 
 
 def _record(
-    con: duckdb.DuckDBPyConnection,
-    dataset: str,
-    description: str | None,
-    source: Path,
-    mode: str,
+    con: duckdb.DuckDBPyConnection, request: LoadRequest, before: tuple[int, int, int] | None
 ) -> DatasetInfo:
-    rows = con.execute(f"SELECT count(*) FROM datasets.{quote_identifier(dataset)}").fetchone()
+    dataset = request.dataset
+    rows_row = con.execute(f"SELECT count(*) FROM datasets.{quote_identifier(dataset)}").fetchone()
+    rows = int(rows_row[0]) if rows_row else 0
     old = con.execute(
-        "SELECT description FROM _connector.datasets WHERE name = ?", [dataset]
+        "SELECT description, version FROM _connector.datasets WHERE name = ?", [dataset]
     ).fetchone()
-    text = description if description is not None else (old[0] if old else "")
+    text = request.description if request.description is not None else (old[0] if old else "")
+    # Versions only grow, also across a replace or a dataset dropped and loaded again.
+    last = con.execute(
+        "SELECT max(version) FROM _connector.dataset_versions WHERE name = ?", [dataset]
+    ).fetchone()
+    version = max(int(old[1] or 0) if old else 0, int(last[0] or 0) if last else 0) + 1
+    appended = request.mode == "append" and before is not None
+    mode = "append" if appended else "replace"
+    rows_before = before[1] if appended and before else 0
     columns = _columns_of(con, dataset)
     now = dt.datetime.now(dt.UTC)
     con.execute(
-        "INSERT OR REPLACE INTO _connector.datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO _connector.datasets "
+        "(name, description, rows, columns_json, source, mode, ingested_at, version) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             dataset,
             text,
-            rows[0] if rows else 0,
+            rows,
             json.dumps([[c.name, c.type] for c in columns]),
-            source.name,
-            mode,
+            request.source.name,
+            request.mode,
             now,
+            version,
         ],
     )
-    return DatasetInfo(dataset, text, int(rows[0]) if rows else 0, columns, now)
+    con.execute(
+        "INSERT INTO _connector.dataset_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [dataset, version, mode, rows_before, rows, request.source.name, request.sha256, now],
+    )
+    replaced_at = before[2] if appended and before and before[2] else version
+    return DatasetInfo(dataset, text, rows, columns, now, version, replaced_at)
 
 
 def read_metadata(con: duckdb.DuckDBPyConnection) -> dict[str, DatasetInfo]:
-    rows = con.execute(
-        "SELECT name, description, rows, columns_json, ingested_at FROM _connector.datasets "
-        "ORDER BY name"
-    ).fetchall()
+    """The datasets recorded in the database con uses by default."""
+    versioned = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = '_connector' AND table_name = 'dataset_versions'"
+    ).fetchone()
+    if versioned and versioned[0]:
+        rows = con.execute(
+            "SELECT d.name, d.description, d.rows, d.columns_json, d.ingested_at, d.version, "
+            "coalesce(max(v.version) FILTER (WHERE v.mode = 'replace'), 1) "
+            "FROM _connector.datasets d LEFT JOIN _connector.dataset_versions v "
+            "ON v.name = d.name GROUP BY ALL ORDER BY d.name"
+        ).fetchall()
+    else:  # a database written before versions were kept: every dataset is at version 1
+        rows = con.execute(
+            "SELECT name, description, rows, columns_json, ingested_at, 1, 1 "
+            "FROM _connector.datasets ORDER BY name"
+        ).fetchall()
     return {
         name: DatasetInfo(
-            name, desc, int(count), tuple(ColumnInfo(n, t) for n, t in json.loads(cols)), when
+            name,
+            desc,
+            int(count),
+            tuple(ColumnInfo(n, t) for n, t in json.loads(cols)),
+            when,
+            int(version or 1),
+            int(replaced),
         )
-        for name, desc, count, cols, when in rows
+        for name, desc, count, cols, when, version, replaced in rows
     }
+
+
+def empty_copy(datasets: list[DatasetInfo], folder: Path) -> Path:
+    """A database in folder with the datasets' tables and metadata but no rows: what the
+    offline tools decide on (names, columns, types) while the server holds the real file."""
+    path = folder / "datasets-without-rows.duckdb"
+    with _open_writable(path) as con:
+        con.execute(_METADATA_DDL)
+        for info in datasets:
+            columns = ", ".join(f"{quote_identifier(c.name)} {c.type}" for c in info.columns)
+            con.execute(f"CREATE TABLE datasets.{quote_identifier(info.name)} ({columns})")
+            con.execute(
+                "INSERT INTO _connector.datasets "
+                "(name, description, rows, columns_json, source, mode, ingested_at, version) "
+                "VALUES (?, ?, 0, ?, '', 'replace', ?, ?)",
+                [
+                    info.name,
+                    info.description,
+                    json.dumps([[c.name, c.type] for c in info.columns]),
+                    info.ingested_at,
+                    info.version,
+                ],
+            )
+    return path
 
 
 def list_datasets(db_path: Path) -> list[DatasetInfo]:

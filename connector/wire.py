@@ -87,6 +87,7 @@ def dataset_message(entry: CatalogDataset) -> pb.Dataset:
         min_group_size=entry.shaping.min_group_size,
         noise=_noise_message(entry.shaping, entry.budget),
         group_by=_grouping_sets(entry.shaping),
+        version=entry.info.version,
     )
 
 
@@ -139,6 +140,10 @@ def receipt_message(fields: ReceiptFields, token: str) -> pb.Receipt:
         obligations_json=obligations_json(fields.obligations),
         limited_by=fields.limited_by,
         client_reference=fields.client_reference,
+        versions=[
+            pb.DatasetVersions(dataset=name, since_version=span[0], version=span[1])
+            for name, span in sorted(fields.versions.items())
+        ],
         jws=token,
     )
 
@@ -194,7 +199,7 @@ def peer_request(request: pb.QueryRequest | MalformedRequest, entry: AuditEntry)
     entry.purpose = bounded(request.purpose)
     entry.client_reference = bounded(request.request_id)
     checked = PeerRequest.checked(
-        request.sql, request.purpose, request.max_rows, request.request_id
+        request.sql, request.purpose, request.max_rows, request.request_id, request.since_version
     )
     # The connector's own id goes on record and in the receipt: a peer cannot make two
     # requests (its own, or another member's) share one. Its id is the client reference.

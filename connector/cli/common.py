@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from connector.config import HOME_ENV, Settings, load_settings, resolve_home
@@ -30,12 +29,13 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return load_settings(resolve_home(args.home))
 
 
-def datasets_or_note(database: Path) -> dict[str, DatasetInfo] | None:
-    """The home's datasets, to check policies against (None, with a note, when unreadable)."""
-    from connector.store import list_datasets  # here: peers' commands need no DuckDB
+def datasets_or_note(settings: Settings) -> dict[str, DatasetInfo] | None:
+    """The home's datasets, to check policies against (None, with a note, when unreadable);
+    from the running server when there is one."""
+    from connector.ingest_client import home_datasets  # here: peers' commands need no DuckDB
 
     try:
-        return {info.name: info for info in list_datasets(database)}
+        return {info.name: info for info in home_datasets(settings)}
     except ConnectorError as error:
         print(escaped(f"note: datasets and columns not checked: {error}"), file=sys.stderr)
         return None

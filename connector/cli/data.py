@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 from connector.cli.common import add_home, settings_of
-from connector.errors import DataError
+from connector.config import Settings
+from connector.errors import ConfigError, DataError
+from connector.ingest_client import home_datasets, home_versions, submit
 from connector.safetext import escaped
-from connector.store import ingest, list_datasets
+from connector.store import LoadRequest, check_dataset_name
+from connector.watch import DropFolder
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ingest and datasets sub-commands."""
-    load = commands.add_parser("ingest", help="load a CSV, Parquet or JSON file as a dataset")
+    load = commands.add_parser(
+        "ingest",
+        help="load a CSV, Parquet or JSON file as a dataset (also while the server runs), or "
+        "watch a folder for such files",
+    )
     add_home(load)
-    load.add_argument("file", type=Path, metavar="FILE", help="a .csv, .parquet or .json file")
+    load.add_argument(
+        "file", type=Path, nargs="?", metavar="FILE", help="a .csv, .parquet or .json file"
+    )
+    load.add_argument(
+        "--watch",
+        type=Path,
+        metavar="DIR",
+        help="instead of FILE: load each new file that appears in DIR, once, until SIGTERM; "
+        "loaded files move to DIR/done/, refused ones to DIR/failed/ beside NAME.reason",
+    )
+    load.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --watch: how often DIR is scanned; a file is taken once it has not changed "
+        "for this long (default: %(default)s)",
+    )
+    load.add_argument(
+        "--once",
+        action="store_true",
+        help="with --watch: load the files in DIR now, then exit",
+    )
     load.add_argument(
         "--dataset",
         required=True,
@@ -59,24 +92,65 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     show = commands.add_parser("datasets", help="list the datasets in this member's database")
     add_home(show)
+    show.add_argument(
+        "--versions",
+        metavar="NAME",
+        help="list every version of dataset NAME instead: mode, rows, file and its sha256 "
+        "(the manifest a watched folder loads each file once by)",
+    )
     show.set_defaults(run=_datasets)
 
 
 def _ingest(args: argparse.Namespace) -> int:
     settings = settings_of(args)
-    info = ingest(
-        settings.database,
-        args.file,
-        args.dataset,
-        description=args.description,
+    if (args.file is None) == (args.watch is None):
+        raise ConfigError("give either FILE or --watch DIR")
+    check_dataset_name(args.dataset)
+    request = LoadRequest(
+        source=args.file or Path(),
+        dataset=args.dataset,
         mode=args.mode,
+        description=args.description,
         file_format=args.format,
         csv_options=_csv_options(args.csv_option),
         normalise_names=args.normalise_names,
     )
+    if args.watch is not None:
+        return _watch(settings, args.watch, request, args.interval, once=args.once)
+    info = submit(settings, request)
     verb = "replaced with" if args.mode == "replace" else "appended to, now"
     columns = ", ".join(f"{c.name} {c.type}" for c in info.columns)
-    print(escaped(f"dataset {info.name} {verb} {info.rows} rows: {columns}"))
+    print(
+        escaped(f"dataset {info.name} {verb} {info.rows} rows (version {info.version}): {columns}")
+    )
+    return 0
+
+
+def _watch(
+    settings: Settings, folder: Path, template: LoadRequest, interval: float, *, once: bool
+) -> int:
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder; --watch needs the drop folder")
+    if not 0.05 <= interval <= 3600:
+        raise ConfigError("--interval must be from 0.05 to 3600 seconds")
+    drops = DropFolder(folder, template, lambda request: submit(settings, request))
+    if once:
+        outcomes = drops.scan(settled=True)
+        for outcome in outcomes:
+            print(escaped(f"{outcome.name}: {outcome.result} {outcome.detail}".rstrip()))
+        return 1 if any(o.result == "failed" for o in outcomes) else 0
+    stop = threading.Event()
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("%s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        drops.run(stop, interval)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return 0
 
 
@@ -91,10 +165,27 @@ def _csv_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _datasets(args: argparse.Namespace) -> int:
-    for info in list_datasets(settings_of(args).database):
+    if args.versions is not None:
+        return _versions(settings_of(args), args.versions)
+    for info in home_datasets(settings_of(args)):
         print(
             escaped(
-                f"{info.name}  {info.rows} rows  {len(info.columns)} columns  {info.description}"
+                f"{info.name}  {info.rows} rows  {len(info.columns)} columns  "
+                f"{info.description}  (version {info.version})"
+            )
+        )
+    return 0
+
+
+def _versions(settings: Settings, dataset: str) -> int:
+    versions = home_versions(settings, dataset)
+    if not versions:
+        raise DataError(f"no versions of dataset {dataset!r} are recorded in this home")
+    for v in versions:
+        print(
+            escaped(
+                f"{v.version}  {v.ingested_at:%Y-%m-%d %H:%M:%S}  {v.mode}  "
+                f"rows {v.rows_before}->{v.rows_after}  {v.source}  {v.sha256 or '-'}"
             )
         )
     return 0

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from connector import __version__
 from connector.cli.logs import add_log_options, configure_logging
 from connector.errors import ConnectorError
 from connector.safetext import escaped
@@ -63,6 +64,9 @@ def named_command(argv: Sequence[str]) -> str | None:
 
 def _add_top_level_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument(
+        "--version", action="version", version=f"connector {__version__}", help="show the version"
+    )
     add_log_options(parser, top_level=True)
 
 

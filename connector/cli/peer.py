@@ -61,6 +61,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 metavar="N",
                 help="cut the result at N rows (0: the policy's limit only)",
             )
+        command.add_argument(
+            "--since-version",
+            type=int,
+            default=0,
+            metavar="N",
+            help="only the rows appended after version N of the dataset (the version your "
+            "last read covered: see its receipt or the catalog)",
+        )
         command.set_defaults(run=run)
 
 
@@ -154,6 +162,7 @@ def _catalog(args: argparse.Namespace) -> int:
                 "max_bytes_per_query": e.max_bytes_per_query,
                 "bytes_per_day": e.bytes_per_day,
                 "obligations": e.obligations,
+                "version": e.version,
             }
             for e in entries
         ]
@@ -166,6 +175,7 @@ def _catalog(args: argparse.Namespace) -> int:
         print(escaped(f"{args.to} grants you no datasets"))
     for e in entries:
         print(escaped(f"{e.name}: {e.description}"))
+        print(escaped(f"  version:  {e.version}"))
         print(
             escaped(f"  columns:  {', '.join(_column_text(n, t, e.masks) for n, t in e.columns)}")
         )
@@ -200,7 +210,7 @@ def _catalog(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     with _peer(args) as peer:
-        decision = peer.explain(args.sql, args.purpose)
+        decision = peer.explain(args.sql, args.purpose, since_version=args.since_version)
     print("allowed" if decision.allow else "denied")
     for reason in decision.reasons:
         print(escaped(f"  reason: {reason}"))
@@ -273,7 +283,9 @@ def _query(args: argparse.Namespace) -> int:
         raise ConfigError(f"--format {args.format} needs --output FILE")
     with _peer(args) as peer:
         try:
-            result = peer.fetch(args.sql, args.purpose, max_rows=args.max_rows)
+            result = peer.fetch(
+                args.sql, args.purpose, max_rows=args.max_rows, since_version=args.since_version
+            )
         except PermissionDenied as denied:
             refused = [f"{peer.address} refused: {r}" for r in denied.reasons]
             raise PermissionDenied(refused) from None
@@ -289,6 +301,12 @@ def _query(args: argparse.Namespace) -> int:
         escaped(
             f"{receipt.rows} rows{cut} from {receipt.provider_id}, "
             f"request {receipt.request_id}, policies {joined(receipt.policies)}"
+            + "".join(
+                f", {name} versions {since + 1}..{version}"
+                if since
+                else f", {name} version {version}"
+                for name, (since, version) in sorted(receipt.versions.items())
+            )
         ),
         file=sys.stderr,
     )

@@ -163,7 +163,7 @@ def _verify(args: argparse.Namespace) -> int:
         if verdict.policy is not None:
             for line in _shaping_lines(verdict.policy.shaping):
                 print(f"  {escaped(line)}")
-    datasets = datasets_or_note(settings.database)
+    datasets = datasets_or_note(settings)
     for verdict in verdicts:
         if verdict.status is VerdictStatus.VALID and verdict.policy and datasets is not None:
             for warning in fit_warnings(verdict.policy, datasets):

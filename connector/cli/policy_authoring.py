@@ -13,6 +13,7 @@ from connector.cli.common import add_home, settings_of
 from connector.config import Settings
 from connector.directory import load_held
 from connector.errors import ConfigError, ConnectorError, PolicyError
+from connector.ingest_client import home_datasets
 from connector.policy.draft import DraftTerms, check_terms, draft_text
 from connector.policy.lint import lint_files
 from connector.policy.lint_draft import Finding, HomeFacts, Severity
@@ -25,7 +26,7 @@ from connector.policy.signing import (
 from connector.policy.versions import VersionMemory
 from connector.safetext import escaped
 from connector.shaping import MASK_KINDS
-from connector.store import DatasetInfo, list_datasets
+from connector.store import DatasetInfo
 
 # Verdicts whose file carries a good signature: a version signed before.
 _SIGNED = {
@@ -82,7 +83,7 @@ def home_facts(settings: Settings, now: dt.datetime) -> tuple[HomeFacts, list[st
     notes = []
     datasets: dict[str, DatasetInfo] | None
     try:
-        datasets = {info.name: info for info in list_datasets(settings.database)}
+        datasets = {info.name: info for info in home_datasets(settings)}
     except ConnectorError as error:
         datasets = None
         notes.append(f"datasets and columns not checked: {error}")
@@ -137,7 +138,7 @@ def _report(findings: Sequence[Finding], file_count: int, *, strict: bool) -> in
 def _new(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     try:
-        datasets = {info.name: info for info in list_datasets(settings.database)}
+        datasets = {info.name: info for info in home_datasets(settings)}
     except ConnectorError as error:
         raise ConfigError(
             f"cannot read this home's datasets ({error}); a policy is drafted against them"

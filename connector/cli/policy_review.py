@@ -60,7 +60,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise PolicyError("no such file; give the path of a policy file (.yaml)", path=str(path))
     policy = parse_policy(path)
     settings = _home_or_none(args)
-    datasets = datasets_or_note(settings.database) if settings else None
+    datasets = datasets_or_note(settings) if settings else None
     status = _signature_status(path, settings) if settings else None
     warnings = nested_grouping_warnings(policy.shaping)
     if datasets is not None:

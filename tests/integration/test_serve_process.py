@@ -13,7 +13,14 @@ from connector.audit_chain import read_entries
 from connector.client import Peer
 from connector.errors import PermissionDenied, StoreBusy
 from connector.store import ingest, list_datasets
-from tests.conftest import Member, ProviderPair, ServerProcess, wait_for, write_defects_csv
+from tests.conftest import (
+    Member,
+    ProviderPair,
+    ServerProcess,
+    run_cli,
+    wait_for,
+    write_defects_csv,
+)
 
 # Each test starts `connector serve` as a new Python process (about 2 s alone).
 pytestmark = pytest.mark.slow
@@ -71,7 +78,7 @@ def test_sighup_reloads_policies_at_once(
     assert server.process.wait(timeout=30) == 0
 
 
-def test_ingest_while_serving_fails_clearly_and_leaves_the_file_intact(
+def test_ingest_while_serving_goes_through_the_server_process(
     tmp_path: Path,
     provider_and_grantee: tuple[Member, Member],
     server_process: Callable[[Member], ServerProcess],
@@ -79,19 +86,21 @@ def test_ingest_while_serving_fails_clearly_and_leaves_the_file_intact(
     provider, grantee = provider_and_grantee
     server = server_process(provider)
     database = provider.home / "data.duckdb"
+    more = write_defects_csv(tmp_path / "more.csv", 10)
+    # Opening the file directly is refused (the server is its single writer) ...
     with pytest.raises(StoreBusy) as busy:
-        ingest(
-            database,
-            write_defects_csv(tmp_path / "more.csv", 10),
-            "part_defects",
-            description=None,
-            mode="append",
-        )
-    assert "stop" in str(busy.value)
+        ingest(database, more, "part_defects", description=None, mode="append")
+    assert "connector ingest" in str(busy.value)
+    # ... while `connector ingest` hands the file to the server over its socket.
+    args = ("ingest", "--home", provider.home, more, "--dataset", "part_defects", "--append")
+    assert run_cli(*args) == 0
+    assert run_cli("datasets", "--home", provider.home) == 0
     with Peer(f"127.0.0.1:{server.port}", grantee.identity()) as peer:
         assert peer.query("SELECT count(*) AS n FROM part_defects", "quality-benchmarking")[
             "n"
-        ].to_pylist() == [200]
+        ].to_pylist() == [210]
+        assert [d.version for d in peer.catalog()] == [2]
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0
-    assert [d.rows for d in list_datasets(database)] == [200]
+    assert [(d.rows, d.version) for d in list_datasets(database)] == [(210, 2)]
+    assert not (provider.home / "state" / "ingest" / "ingest.sock").exists()

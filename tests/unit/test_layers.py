@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
      "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool",
-     "log_context"},
+     "log_context", "commit_gate"},
     {"config", "config_template", "identity", "jws", "receipt", "status", "directory",
      "directory_draft"},
-    {"csv_strict", "column_names", "store"},
+    {"csv_strict", "column_names", "staging", "store", "version_log", "ingest_client", "watch"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
      "federated_sql",
      "aggregates"},
@@ -23,13 +23,15 @@ LAYERS: list[set[str]] = [
      "policy.publish", "policy.answers", "policy.engine", "policy.opa", "policy.consistency",
      "policy.fit", "policy.registry", "policy.lint_draft", "policy.lint_across", "policy.lint",
      "policy.draft", "policy.explain", "policy.filter_order", "policy.diff"},
-    {"enforce", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors", "sandbox"},
+    {"enforce", "incremental", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors",
+     "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases", "backup",
      "restore"},
-    {"wire", "service", "tls_reload", "metrics", "flight_sql", "flight_tickets",
-     "flight_status", "flight_answer", "flight", "server", "client", "result_files",
-     "federation_targets", "federated_stream", "federation", "federated_receipts"},
+    {"wire", "service", "ingest_service", "tls_reload", "metrics", "flight_sql",
+     "flight_tickets", "flight_status", "flight_answer", "flight", "server", "client",
+     "result_files", "federation_targets", "federated_stream", "federation",
+     "federated_receipts", "__main__"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 

@@ -123,6 +123,7 @@ class Dataset(_message.Message):
     BYTES_PER_DAY_FIELD_NUMBER: _builtins.int
     NOISE_FIELD_NUMBER: _builtins.int
     GROUP_BY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     max_rows_per_query: _builtins.int
@@ -143,6 +144,10 @@ class Dataset(_message.Message):
     sent (the concatenated arrow_ipc fields of a Query stream).
     """
     bytes_per_day: _builtins.int
+    version: _builtins.int
+    """The dataset's version: every ingest (append or replace) increases it. After an append,
+    QueryRequest.since_version set to the version you read last sends only the new rows.
+    """
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Column]:
         """The columns this peer may read (and only these)."""
@@ -191,10 +196,11 @@ class Dataset(_message.Message):
         bytes_per_day: _builtins.int = ...,
         noise: Global___NoiseTerms | None = ...,
         group_by: _abc.Iterable[Global___GroupingSet] | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["noise", b"noise", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_day", b"bytes_per_day", "columns", b"columns", "description", b"description", "group_by", b"group_by", "max_bytes_per_query", b"max_bytes_per_query", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "noise", b"noise", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_per_day", b"bytes_per_day", "columns", b"columns", "description", b"description", "group_by", b"group_by", "max_bytes_per_query", b"max_bytes_per_query", "max_rows_per_query", b"max_rows_per_query", "min_group_size", b"min_group_size", "name", b"name", "noise", b"noise", "obligations_json", b"obligations_json", "policies", b"policies", "purposes", b"purposes", "queries_per_day", b"queries_per_day", "row_filter", b"row_filter", "rows_per_day", b"rows_per_day", "valid_from", b"valid_from", "valid_until", b"valid_until", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,6 +314,7 @@ class Catalog(_message.Message):
     RECEIPT_KEY_ID_FIELD_NUMBER: _builtins.int
     PROVIDER_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     RECEIPT_KEY_ENDORSEMENT_FIELD_NUMBER: _builtins.int
+    CONNECTOR_VERSION_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     """The answering member."""
     member_id: _builtins.str
@@ -322,6 +329,8 @@ class Catalog(_message.Message):
     names the receipt key: with them a receipt is checked against the owner's certificate.
     """
     receipt_key_endorsement: _builtins.str
+    connector_version: _builtins.str
+    """The answering connector's software version (what runs where, for IT teams)."""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dataset]: ...
     def __init__(
@@ -334,10 +343,11 @@ class Catalog(_message.Message):
         receipt_key_id: _builtins.str = ...,
         provider_certificate_pem: _builtins.str = ...,
         receipt_key_endorsement: _builtins.str = ...,
+        connector_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "member_id", b"member_id", "provider_certificate_pem", b"provider_certificate_pem", "provider_id", b"provider_id", "receipt_key_endorsement", b"receipt_key_endorsement", "receipt_key_id", b"receipt_key_id", "receipt_public_key_pem", b"receipt_public_key_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connector_version", b"connector_version", "datasets", b"datasets", "member_id", b"member_id", "provider_certificate_pem", b"provider_certificate_pem", "provider_id", b"provider_id", "receipt_key_endorsement", b"receipt_key_endorsement", "receipt_key_id", b"receipt_key_id", "receipt_public_key_pem", b"receipt_public_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,6 +361,7 @@ class QueryRequest(_message.Message):
     PURPOSE_FIELD_NUMBER: _builtins.int
     MAX_ROWS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SINCE_VERSION_FIELD_NUMBER: _builtins.int
     sql: _builtins.str
     """One SELECT statement over dataset names from the catalog."""
     purpose: _builtins.str
@@ -362,6 +373,11 @@ class QueryRequest(_message.Message):
     connector assigns the request id itself (unique per connector); this reference is kept
     beside it, as Receipt.client_reference and in the provider's audit log.
     """
+    since_version: _builtins.int
+    """Optional (0 = the whole dataset): only the rows appended after this version of the one
+    dataset the query reads, with every policy term applied to them exactly as to a full
+    read. Refused (INVALID_ARGUMENT) when the dataset was replaced since that version.
+    """
     def __init__(
         self,
         *,
@@ -369,10 +385,11 @@ class QueryRequest(_message.Message):
         purpose: _builtins.str = ...,
         max_rows: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        since_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_rows", b"max_rows", "purpose", b"purpose", "request_id", b"request_id", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_rows", b"max_rows", "purpose", b"purpose", "request_id", b"request_id", "since_version", b"since_version", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +442,7 @@ class Receipt(_message.Message):
     OBLIGATIONS_JSON_FIELD_NUMBER: _builtins.int
     LIMITED_BY_FIELD_NUMBER: _builtins.int
     CLIENT_REFERENCE_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     JWS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Assigned by the answering connector, unique among its requests."""
@@ -463,6 +481,10 @@ class Receipt(_message.Message):
     def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyRef]: ...
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetVersions]:
+        """The versions of the data the answer covers, one entry per dataset read."""
+
     def __init__(
         self,
         *,
@@ -481,15 +503,45 @@ class Receipt(_message.Message):
         obligations_json: _builtins.str = ...,
         limited_by: _builtins.str = ...,
         client_reference: _builtins.str = ...,
+        versions: _abc.Iterable[Global___DatasetVersions] | None = ...,
         jws: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "client_reference", b"client_reference", "issued_at", b"issued_at", "jws", b"jws", "limited_by", b"limited_by", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_seq", b"audit_seq", "bytes", b"bytes", "client_reference", b"client_reference", "issued_at", b"issued_at", "jws", b"jws", "limited_by", b"limited_by", "member_id", b"member_id", "obligations_json", b"obligations_json", "policies", b"policies", "provider_id", b"provider_id", "purpose", b"purpose", "query_sha256", b"query_sha256", "request_id", b"request_id", "result_sha256", b"result_sha256", "rows", b"rows", "truncated", b"truncated", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
+class DatasetVersions(_message.Message):
+    """The answer covers the rows of dataset added after since_version (0: all of them) up to
+    and including version.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    SINCE_VERSION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    since_version: _builtins.int
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        since_version: _builtins.int = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "since_version", b"since_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetVersions: _TypeAlias = DatasetVersions  # noqa: Y015
 
 @_typing.final
 class Relation(_message.Message):
