@@ -1,46 +1,33 @@
-"""Building and running the gRPC server: mutual TLS, limits, health, reflection, reloads, stop."""
+"""Building and running the servers of a home: gRPC with mutual TLS, limits, health and
+reflection, the Flight SQL port, the ingest socket and metrics; reloads and a clean stop."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from connector.audit import AuditLog
 from connector.config import Settings, load_settings
-from connector.directory import HeldDirectory
-from connector.errors import ConfigError, ConnectorError, IdentityError
+from connector.errors import ConfigError, ConnectorError
 from connector.flight import FlightEndpoint, start_flight
-from connector.identity import load_ed25519_private, load_private_key
+from connector.home_provider import build_provider
+from connector.identity import load_ed25519_private
 from connector.ingest_client import socket_path
 from connector.ingest_service import IngestSocket, LiveIngest
 from connector.memory import QuietTrimmer
 from connector.metrics import ConnectorMetrics
-from connector.policy.fit import fit_warnings
-from connector.policy.model import UsagePolicy
-from connector.policy.opa import OpaLink, engine_factory, opa_link
-from connector.policy.registry import PolicyRegistry, PolicySnapshot
-from connector.policy.signing import trusted_keys
-from connector.policy.versions import VersionMemory
-from connector.process_memory import limit_address_space, prepare_allocators, process_allowance
+from connector.policy.opa import OpaLink, opa_link
 from connector.provider import Provider
-from connector.quota import QuotaLedger
 from connector.receipt import ReceiptSigner, endorse_receipt_key
-from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.service import SERVICE_NAME as CONNECTOR_SERVICE
 from connector.service import ConnectorService, add_to_server
-from connector.shaping import load_mask_key
-from connector.store import DatasetInfo
 from connector.thread_pool import PrestartedThreadPool
 from connector.tls_reload import ServerTlsFiles, TlsMaterial
 
@@ -90,89 +77,6 @@ def _follow_tls(
         metrics.tls_reloaded()
 
     return follow
-
-
-def _log_misfits(policies: Sequence[UsagePolicy], datasets: Mapping[str, DatasetInfo]) -> None:
-    """Say in the log why a policy in force grants nothing (a dataset or column typo...)."""
-    for policy in policies:
-        for warning in fit_warnings(policy, datasets):
-            log.warning("policy %s@%d: %s", policy.id, policy.version, warning)
-
-
-def _policies_loaded(
-    snapshot: PolicySnapshot,
-    sandbox: SandboxDatabase,
-    also: Callable[[PolicySnapshot], None] | None,
-) -> None:
-    _log_misfits(snapshot.policies, sandbox.datasets())
-    if also is not None:
-        also(snapshot)
-
-
-def build_provider(
-    settings: Settings,
-    opa: OpaLink | None = None,
-    on_policy_load: Callable[[PolicySnapshot], None] | None = None,
-) -> Provider:
-    """The Provider for a member's home: store opened, policies loaded, receipt key read.
-
-    opa: the link to the OPA server (engine `opa`; made here when not given);
-    on_policy_load: also told of every policy load (metrics)."""
-    if opa is None:
-        opa = opa_link(settings)
-    sandbox = SandboxDatabase(
-        settings.database,
-        SandboxLimits(
-            memory_limit=settings.server.memory_limit,
-            threads=settings.server.threads,
-            max_query_seconds=settings.server.max_query_seconds,
-        ),
-        settings.shaped_copies,
-        writable=True,  # the server is the single writer of live ingests (ingest_service.py)
-    )
-    sandbox.shaped.max_bytes = settings.shaped_copies_max_bytes
-    signers = trusted_keys(settings.policies.trusted_signers.values())
-    log.info("trusted policy signers: %s", ", ".join(signers) or "none")
-    registry = PolicyRegistry(
-        settings.policies.directory,
-        signers,
-        engine_factory(settings, opa),
-        VersionMemory(settings.policies.versions_file),
-        on_load=lambda snapshot: _policies_loaded(snapshot, sandbox, on_policy_load),
-        roles=HeldDirectory(settings.home, settings.ca, settings.dataspace),
-    )
-    receipt_key = load_ed25519_private(settings.receipt_key)
-    tls_key = load_private_key(settings.key)
-    if not isinstance(tls_key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{settings.key}: the TLS key must be EC P-256")
-    signer = ReceiptSigner(
-        receipt_key,
-        endorsement=endorse_receipt_key(tls_key, settings.member_id, receipt_key.public_key()),
-        certificate_pem=settings.cert.read_text(encoding="ascii"),
-    )
-    return Provider(
-        settings.member_id,
-        settings.dataspace,
-        sandbox,
-        registry,
-        signer,
-        audit=AuditLog(
-            settings.audit_log,
-            signer,
-            refusal_burst=settings.refusal_burst,
-            refusals_per_second=settings.refusals_per_minute / 60,
-        ),
-        quotas=QuotaLedger(settings.quota_ledger),
-        revoked=settings.revoked,
-        mask_key=load_mask_key(settings.mask_key),
-        batch_rows=settings.server.batch_rows,
-        max_query_seconds=settings.server.max_query_seconds,
-        max_concurrent_queries=settings.server.max_concurrent_queries,
-        mask_consistency=settings.policies.mask_consistency,
-        explains_per_minute=settings.server.explains_per_minute,
-        max_concurrent_queries_per_member=settings.server.max_concurrent_queries_per_member,
-        stall_seconds=settings.server.stall_seconds,
-    )
 
 
 @dataclass
@@ -440,59 +344,3 @@ def _start_flight(
     if not address:
         return None
     return start_flight(provider, address, settings.cert, settings.key, settings.ca)
-
-
-def _limit_memory(settings: Settings) -> None:
-    """The sandbox's own memory bound (process_memory.py): set once everything is loaded."""
-    server = settings.server
-    limit = limit_address_space(process_allowance(server.memory_limit, server.process_memory_limit))
-    if limit is None:
-        log.warning(
-            "this platform cannot limit the server's address space: only DuckDB's memory_limit, "
-            "which does not count strings that queries build, bounds a peer's query"
-        )
-        return
-    log.info(
-        "memory: the process may map %d MiB beyond the %d MiB it maps now (process_memory_limit)",
-        limit.allowance >> 20,
-        limit.mapped_at_start >> 20,
-    )
-
-
-def serve_forever(
-    settings: Settings, listen: str | None = None, flight_listen: str | None = None
-) -> bool:
-    """Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads policies and revocations.
-    False when a Flight SQL call is still held after the stop (see `FlightEndpoint.stop`):
-    everything is closed and written, and the process should end at once."""
-    prepare_allocators()
-    running = start_server(settings, listen, flight_listen)
-    _limit_memory(settings)
-    stop = threading.Event()
-
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.info("%s received, already stopping", name)
-            return
-        log.info(
-            "%s received, stopping: running queries may finish within %g s",
-            name,
-            settings.server.shutdown_grace_seconds,
-        )
-        stop.set()
-
-    def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP received, reloading")
-        running.ask_reload()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    try:
-        while not stop.wait(3600):
-            pass
-    finally:
-        running.stop()
-        log.info("stopped")
-    return not running.flight_held

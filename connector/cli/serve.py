@@ -9,7 +9,7 @@ import sys
 
 from connector.cli.common import add_home, settings_of
 from connector.cli.logs import add_log_options
-from connector.server import serve_forever
+from connector.foreground import serve_forever
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -180,9 +180,8 @@ def homes(tmp_path_factory: pytest.TempPathFactory, dataspace: Path) -> dict[str
     root = tmp_path_factory.mktemp("memory")
     members = {}
     for member_id in ("carmaker", "supplier-a", "supplier-b"):
-        assert (
-            run_cli("init", root / member_id, "--member", member_id, "--dataspace", dataspace) == 0
-        )
+        init = ("init", root / member_id, "--member", member_id, "--dataspace", dataspace)
+        assert run_cli(*init, "--flight-listen", "") == 0  # two servers run at once
         members[member_id] = Member(member_id, root / member_id)
     provider = members["carmaker"]
     config = provider.home / "connector.toml"

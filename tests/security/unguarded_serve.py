@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 
-from connector import server
+from connector import foreground, server
 from connector.cli.main import main
 from connector.config import Settings
 from connector.sqlguard import QueryShape
@@ -38,5 +38,5 @@ def _start_unguarded(
 
 
 if __name__ == "__main__":
-    server.start_server = _start_unguarded
+    foreground.start_server = _start_unguarded  # what `connector serve` starts
     sys.exit(main(sys.argv[1:]))

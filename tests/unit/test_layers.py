@@ -26,12 +26,12 @@ LAYERS: list[set[str]] = [
     {"enforce", "incremental", "plancheck", "quota", "slots", "shaped_copies", "sandbox_errors",
      "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
-     "offline", "policy_replay", "decision_log", "policy_cases", "backup",
+     "offline", "policy_replay", "decision_log", "policy_cases", "home_provider", "backup",
      "restore"},
     {"wire", "service", "ingest_service", "tls_reload", "metrics", "flight_sql",
      "flight_tickets", "flight_status", "flight_answer", "flight", "server", "client",
      "result_files", "federation_targets", "federated_stream", "federation",
-     "federated_receipts", "__main__"},
+     "federated_receipts", "foreground", "__main__"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
 

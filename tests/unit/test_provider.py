@@ -22,11 +22,11 @@ from connector.errors import (
     QueryRejected,
     ResourceExhausted,
 )
+from connector.home_provider import build_provider
 from connector.identity import MemberIdentity, create_dataspace_ca, issue_member_certificate
 from connector.policy.ref import PolicyRef
 from connector.provider import Provider
 from connector.request import PeerRequest
-from connector.server import build_provider
 from tests.conftest import Member, ProviderPair, policy_text, write_defects_csv
 
 PURPOSE = "quality-benchmarking"
