@@ -17,7 +17,7 @@ from connector.result_files import write_text
 from connector.safetext import escaped
 
 if TYPE_CHECKING:
-    from connector.federation import FederatedResult, MemberReport
+    from connector.federated_answers import FederatedResult, MemberReport
 
 EXIT_INCOMPLETE = 1
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(result: FederatedResult) -> None:
     """One line per member, then what is missing from the answer."""
-    from connector.federation import ANSWERED
+    from connector.federated_answers import ANSWERED
 
     for report in result.reports:
         line = f"  {report.label} ({report.address}): {report.outcome}"

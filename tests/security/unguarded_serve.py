@@ -38,5 +38,5 @@ def _start_unguarded(
 
 
 if __name__ == "__main__":
-    foreground.start_server = _start_unguarded  # what `connector serve` starts
+    foreground.start_server = _start_unguarded  # type: ignore[attr-defined]  # what serve starts
     sys.exit(main(sys.argv[1:]))

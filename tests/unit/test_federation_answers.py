@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from connector.errors import PeerError
+from connector.federated_answers import MemberReport, check_answer_shape, combined_or_refused, union
 from connector.federated_sql import plan_federation
-from connector.federation import MemberReport, check_answer_shape, combined_or_refused, union
 
 PLAN = plan_federation("SELECT plant, sum(defects) AS s, min(week) AS w FROM d GROUP BY plant")
 

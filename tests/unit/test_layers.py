@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
      "restore"},
     {"wire", "service", "ingest_service", "tls_reload", "metrics", "flight_sql",
      "flight_tickets", "flight_status", "flight_answer", "flight", "server", "client",
-     "result_files", "federation_targets", "federated_stream", "federation",
+     "result_files", "federation_targets", "federated_stream", "federated_answers", "federation",
      "federated_receipts", "foreground", "__main__"},
 ]  # fmt: skip
 LAYER_OF = {module: n for n, layer in enumerate(LAYERS) for module in layer}
