@@ -11,6 +11,7 @@ A second grant shapes the same rows (part_no hashed, a row filter every row pass
 first query builds the shaped copy, measured against local DuckDB computing the same masked
 rows; later queries read the copy.
 Servers and clients share this process and the machine's cores; the ratios are what to read.
+Then bench/control.py measures the control path against `connector serve` in its own process.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
 from connector.server import start_server
 from connector.shaping import hmac_sql, load_mask_key
+
+try:  # `make bench` runs this file as a script, with bench/ on the path
+    from control import ControlSettings, flight_sql_paths, measure_control
+except ImportError:  # imported as bench.stream
+    from bench.control import ControlSettings, flight_sql_paths, measure_control
 
 DATASET = "part_events"
 PURPOSE = "benchmarking"
@@ -204,6 +210,10 @@ def report(results: list[Measurement], flight_tls: str) -> None:
             f"{m.name:<34}{m.rows:>11,}{m.seconds:>10.3f}{m.rows / m.seconds / 1e6:>10.2f}"
             f"{m.arrow_bytes / m.seconds / 1e6:>9.0f}"
         )
+    print(
+        f"Peer.query(): {base['connector query()'] / base['connector stream']:.2f}x the raw stub "
+        "(target <= 1.5x)"
+    )
     for name in ("connector stream", "connector query()"):
         print(
             f"{name}: {base[name] / base['local DuckDB']:.2f}x local DuckDB, "
@@ -220,7 +230,7 @@ def report(results: list[Measurement], flight_tls: str) -> None:
     print("servers and clients share this process and its cores; compare ratios, not seconds")
 
 
-def measure(work: Path, rows: int, repeat: int) -> None:
+def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> None:
     provider, grantee = build_space(work, rows)
     settings = load_settings(provider)
     identity = PeerIdentity.from_home(grantee)
@@ -258,19 +268,38 @@ def measure(work: Path, rows: int, repeat: int) -> None:
         flight_server.shutdown()
         server.stop(grace=1)
     report(results, "mutual TLS")
+    flight_sql_paths({})
+    print("\ncontrol path (the connector in its own process):")
+    tls = (settings.cert, settings.key, settings.ca)
+    tiny = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
+    for line in measure_control(work, provider, identity, tls, (sql_peer, tiny, PURPOSE), control):
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tiny", type=int, default=300, help="tiny queries timed")
+    parser.add_argument(
+        "--load-seconds", type=float, default=5.0, help="how long each concurrent load runs"
+    )
+    parser.add_argument(
+        "--peers", default="1,16,64", help="concurrent peer counts, comma-separated"
+    )
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="connector-bench-"))
     print(f"streaming {args.rows:,} rows, median of {args.repeat} runs, work folder {work}")
     try:
-        measure(work, args.rows, args.repeat)
+        control = ControlSettings(
+            repeat=args.repeat,
+            tiny=args.tiny,
+            load_seconds=args.load_seconds,
+            peer_counts=tuple(int(n) for n in args.peers.split(",")),
+        )
+        measure(work, args.rows, args.repeat, control)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
