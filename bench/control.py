@@ -62,11 +62,14 @@ def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], seconds: float = 60) -> None:
+def _wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, seconds: float = 60
+) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise SystemExit(f"the server process ended at start (status {process.returncode})")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"the server process ended at start ({process.returncode}):\n{tail}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -75,11 +78,13 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], seconds: float =
 
 
 @contextmanager
-def served(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process listening on port; stopped (SIGTERM, then SIGKILL) afterwards."""
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def served(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process listening on port, its output in log; stopped (SIGTERM, then
+    SIGKILL) afterwards."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(port, process)
+        _wait_for_port(port, process, log)
         yield process
     finally:
         process.send_signal(signal.SIGTERM)
@@ -283,7 +288,7 @@ def measure_control(
     lines = []
     port = free_port()
     address = f"localhost:{port}"
-    with served(connector_process(provider, port), port) as server:
+    with served(connector_process(provider, port), port, work / "connector.log") as server:
         with Peer(address, identity, timeout=600) as peer:
             pieces = work / "pieces.bin"
             size = write_pieces(peer, big, purpose, pieces)
@@ -298,7 +303,7 @@ def measure_control(
             loads.append(load)
             memory.append(rss_mib(server.pid))
     bare_port = free_port()
-    with served(bare_process(pieces, tls, bare_port), bare_port) as bare:
+    with served(bare_process(pieces, tls, bare_port), bare_port, work / "bare.log") as bare:
         bare_cpu = server_cpu_per_call(bare.pid, bare_stream(bare_port, identity), options.repeat)
     decisions = decision_seconds(provider, "grantee", tiny, purpose, options.decisions)
     ratio = statistics.median(connector_cpu) / statistics.median(bare_cpu)

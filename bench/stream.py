@@ -156,6 +156,11 @@ class DuckDBFlightServer(flight.FlightServerBase):  # type: ignore[misc]
         )
         self._db = duckdb.connect(str(database), read_only=True)
 
+    def close(self) -> None:
+        """Shut down and release the file (another process serves it next)."""
+        self.shutdown()
+        self._db.close()
+
     def do_get(self, context: object, ticket: flight.Ticket) -> flight.RecordBatchStream:
         cursor = self._db.cursor()
         reader = cursor.sql(ticket.ticket.decode()).to_arrow_reader(BATCH_ROWS)
@@ -265,7 +270,7 @@ def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> Non
                 timed(SHAPED, repeat, connector_stream(peer, sql_peer, SHAPED_PURPOSE)),
             ]
     finally:
-        flight_server.shutdown()
+        flight_server.close()
         server.stop(grace=1)
     report(results, "mutual TLS")
     flight_sql_paths({})

@@ -143,7 +143,7 @@ def build_provider(
         endorsement=endorse_receipt_key(tls_key, settings.member_id, receipt_key.public_key()),
         certificate_pem=settings.cert.read_text(encoding="ascii"),
     )
-    return Provider(
+    provider = Provider(
         settings.member_id,
         settings.dataspace,
         sandbox,
@@ -166,6 +166,9 @@ def build_provider(
         max_concurrent_queries_per_member=settings.server.max_concurrent_queries_per_member,
         stall_seconds=settings.server.stall_seconds,
     )
+    provider.slots.queue_length = settings.server.queue_length
+    provider.slots.queue_seconds = settings.server.queue_seconds
+    return provider
 
 
 @dataclass
@@ -326,9 +329,10 @@ def start_server(settings: Settings, listen: str | None = None) -> RunningServer
         ("grpc.max_connection_idle_ms", 600_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    # Workers enough that a request rarely waits; requests beyond max_in_flight (counted
-    # from arrival) are refused by the handler, on record, not by gRPC without a trace.
-    max_in_flight = settings.server.max_concurrent_queries * 4 + 8
+    # Workers enough that a request rarely waits, queued queries included (each holds one);
+    # requests beyond max_in_flight (counted from arrival) are refused by the handler, on
+    # record, not by gRPC without a trace.
+    max_in_flight = settings.server.max_concurrent_queries * 4 + 8 + settings.server.queue_length
     service = ConnectorService(
         provider,
         max_piece_bytes=settings.server.max_message_bytes * 4 - 1024,
