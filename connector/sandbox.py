@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class TypedRelation(Protocol):
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
+CHECKED_NAMES = 1024  # texts whose names bound against their stand-ins, kept (LRU)
+MAX_CHECKED_LENGTH = 16_384  # longer texts are bound every time
 OUT_OF_MEMORY = "the query needs more memory than this connector allows; aggregate or filter more"
 # How an allocation that failed inside DuckDB can be worded when it is not raised as
 # OutOfMemoryException (a failed allocation at the process's address-space limit).
@@ -125,6 +128,9 @@ class SandboxDatabase:
         except duckdb.CatalogException:
             self._datasets = {}
         _lock_down(self._db, limits)
+        self._names_lock = threading.Lock()
+        self._names_passed: OrderedDict[_NamesKey, None] = OrderedDict()
+        self._names_for: object = self._datasets
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)
         # Deadlines and interrupts run on this one thread, started now while memory is
@@ -147,7 +153,30 @@ class SandboxDatabase:
         """Bind sql against empty stand-ins of the relations (their names and types only):
         every name the query uses resolves, or the same refusal Query would give. Explain
         and Query both bind this way before any data or shaped copy is touched, so neither
-        answers nor timing tell a hidden name from one that does not exist."""
+        answers nor timing tell a hidden name from one that does not exist.
+
+        A text that bound against the same stand-ins under the same datasets is not bound
+        again (only passes are kept: a refusal is worked out again each time)."""
+        key = _names_key(sql, relations, datasets)
+        with self._names_lock:
+            if self._names_for is not self._datasets:
+                self._names_passed.clear()
+                self._names_for = self._datasets
+            if key is not None and key in self._names_passed:
+                self._names_passed.move_to_end(key)
+                return
+            generation = self._names_for
+        self._bind_names(sql, relations, datasets)
+        if key is not None:
+            with self._names_lock:
+                if self._names_for is generation:
+                    self._names_passed[key] = None
+                    while len(self._names_passed) > CHECKED_NAMES:
+                        self._names_passed.popitem(last=False)
+
+    def _bind_names(
+        self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
+    ) -> None:
         with _sandbox_errors():
             cursor = self._cursor()
         try:
@@ -326,6 +355,21 @@ class ResultStream:
             if self._deadline:
                 self._deadline.cancel()
             self._session.finished()
+
+
+_NamesKey = tuple[str, tuple[tuple[str, tuple[tuple[str, str], ...]], ...], tuple[str, ...]]
+
+
+def _names_key(
+    sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
+) -> _NamesKey | None:
+    """What check_names depends on besides the datasets: the text and the stand-ins."""
+    if type(sql) is not str or len(sql) > MAX_CHECKED_LENGTH:
+        return None
+    stand_ins = tuple(
+        (str(r.dataset), tuple((str(c.name), str(c.type)) for c in r.columns)) for r in relations
+    )
+    return sql, stand_ins, tuple(str(d) for d in datasets)
 
 
 def bound_plan(

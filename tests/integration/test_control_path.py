@@ -4,6 +4,7 @@ bounded queue (each refusal on record) instead of being refused at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import threading
@@ -16,10 +17,17 @@ import pytest
 
 from connector.audit_chain import read_entries
 from connector.config import load_settings
-from connector.errors import NotAuthenticated, PermissionDenied, ResourceExhausted
+from connector.errors import (
+    NotAuthenticated,
+    PeerError,
+    PermissionDenied,
+    QueryRejected,
+    ResourceExhausted,
+)
 from connector.identity import MemberIdentity
 from connector.request import PeerRequest
 from connector.server import RunningServer
+from connector.store import ColumnInfo
 from tests.conftest import Member, Space, copied_space, policy_text
 
 PURPOSE = "quality-benchmarking"
@@ -195,3 +203,42 @@ def test_queue_refusals_are_on_record(restored: Space) -> None:
             slot.finish()
     refused = _entries(restored.provider)[before:]
     assert [e["outcome"] for e in refused] == ["exhausted", "exhausted"]
+
+
+def test_the_client_checks_a_changed_provider_proof_again(own_space: Space) -> None:
+    with own_space.peer() as peer:
+        assert peer.query(QUERY, PURPOSE).num_rows == 1
+        assert peer.query(QUERY, PURPOSE).num_rows == 1  # the proof checked once, kept
+        endorsement, certificate = peer._provider_proof or ("", "")
+        # Another member's certificate with this provider's endorsement: refused, not
+        # taken from what was checked for the true pair.
+        other = (own_space.grantee.home / "tls" / "cert.pem").read_text()
+        peer._provider_proof = (endorsement, other)
+        with pytest.raises(PeerError, match="does not verify"):
+            peer.query(QUERY, PURPOSE)
+        peer._provider_proof = (endorsement[:-4] + "AAAA", certificate)
+        with pytest.raises(PeerError, match="does not verify"):
+            peer.query(QUERY, PURPOSE)
+        peer._provider_proof = (endorsement, certificate)
+        assert peer.query(QUERY, PURPOSE).num_rows == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _StandIn:
+    dataset: str
+    columns: tuple[ColumnInfo, ...]
+
+
+def test_a_name_check_passed_once_is_made_again_for_other_stand_ins(own_space: Space) -> None:
+    sandbox = own_space.server.provider.sandbox
+    sql = "SELECT plant, defects FROM part_defects"
+    both = _StandIn(
+        "part_defects", (ColumnInfo("plant", "VARCHAR"), ColumnInfo("defects", "BIGINT"))
+    )
+    narrow = _StandIn("part_defects", (ColumnInfo("plant", "VARCHAR"),))
+    for _ in range(2):
+        sandbox.check_names(sql, [both], ["part_defects"])
+    with pytest.raises(PermissionDenied):
+        sandbox.check_names(sql, [narrow], ["part_defects"])
+    with pytest.raises(QueryRejected, match="not a dataset"):
+        sandbox.check_names(sql, [], ["part_defects"])
