@@ -33,7 +33,7 @@ from connector.errors import (
     ResourceExhausted,
     StoreError,
 )
-from connector.plancheck import ExposedRelation, SourceName, check_plan
+from connector.plancheck import ExposedRelation, SourceName, check_plan_text
 from connector.sandbox_errors import PEER_FAULTS, peer_message, plan_refusal
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,
@@ -241,8 +241,8 @@ class SandboxSession:
     ) -> dict[str, Any]:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
         and reads aggregate-only relations only in the aggregate form; returns the plan."""
-        plan = bound_plan(self._cursor, sql, datasets or [r.dataset for r in relations])
-        check_plan(plan, {_source_of(r): r for r in relations})
+        text, plan = bound_plan_text(self._cursor, sql, datasets or [r.dataset for r in relations])
+        check_plan_text(text, plan, {_source_of(r): r for r in relations})
         return plan
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
@@ -376,6 +376,13 @@ def bound_plan(
     cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
 ) -> dict[str, Any]:
     """The bound plan of one SELECT as DuckDB serialises it; refusals for what cannot bind."""
+    return bound_plan_text(cursor, sql, datasets)[1]
+
+
+def bound_plan_text(
+    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
+) -> tuple[str, dict[str, Any]]:
+    """The bound plan's serialised text and its parse; refusals for what cannot bind."""
     # The shaped database is writable: nothing but one SELECT may reach the planner.
     try:
         statements = cursor.extract_statements(sql)
@@ -387,10 +394,11 @@ def bound_plan(
         rows = cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
     except duckdb.Error as exc:
         raise QueryRejected(peer_message(exc)) from None
-    plan = plan_document(rows[0][0] if rows else None)
+    text = rows[0][0] if rows else None
+    plan = plan_document(text)
     if plan.get("error"):
         raise plan_refusal(plan, datasets)
-    return plan
+    return str(text), plan
 
 
 @contextmanager
