@@ -66,6 +66,8 @@ class Measurement:
     seconds: float
     rows: int
     arrow_bytes: int
+    fastest: float = 0.0
+    slowest: float = 0.0
 
 
 def run(*args: str | Path) -> None:
@@ -127,7 +129,7 @@ def timed(name: str, repeat: int, once: Callable[[], tuple[int, int]]) -> Measur
         started = time.perf_counter()
         rows, size = once()
         times.append(time.perf_counter() - started)
-    return Measurement(name, statistics.median(times), rows, size)
+    return Measurement(name, statistics.median(times), rows, size, min(times), max(times))
 
 
 def local_duckdb(database: Path, sql: str) -> Callable[[], tuple[int, int]]:
@@ -209,10 +211,11 @@ def connector_table(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
 
 def report(results: list[Measurement], flight_tls: str) -> None:
     base = {m.name: m.seconds for m in results}
-    print(f"\n{'path':<34}{'rows':>11}{'seconds':>10}{'Mrows/s':>10}{'MB/s':>9}")
+    print(f"\n{'path':<34}{'rows':>11}{'seconds':>10}{'min-max':>14}{'Mrows/s':>10}{'MB/s':>9}")
     for m in results:
         print(
-            f"{m.name:<34}{m.rows:>11,}{m.seconds:>10.3f}{m.rows / m.seconds / 1e6:>10.2f}"
+            f"{m.name:<34}{m.rows:>11,}{m.seconds:>10.3f}"
+            f"{f'{m.fastest:.2f}-{m.slowest:.2f}':>14}{m.rows / m.seconds / 1e6:>10.2f}"
             f"{m.arrow_bytes / m.seconds / 1e6:>9.0f}"
         )
     print(
