@@ -242,3 +242,21 @@ def test_a_name_check_passed_once_is_made_again_for_other_stand_ins(own_space: S
         sandbox.check_names(sql, [narrow], ["part_defects"])
     with pytest.raises(QueryRejected, match="not a dataset"):
         sandbox.check_names(sql, [], ["part_defects"])
+
+
+def test_a_cached_decision_cannot_be_changed_through_what_a_caller_got(
+    own_space: Space,
+) -> None:
+    provider = own_space.server.provider
+    member = MemberIdentity(provider.dataspace, "supplier-a", "supplier-a", 0)
+    request = PeerRequest.checked(QUERY, PURPOSE, 0, "")
+    shape = provider.guard(QUERY)
+    now = dt.datetime.now(dt.UTC)
+    provider.decide(member, request, shape, now)
+    first = provider.decide(member, request, shape, now)  # from the cache
+    assert first.obligations, "the test needs a decision with obligations"
+    for value in first.obligations.values():
+        if isinstance(value, list):
+            value.append("tampered")
+    again = provider.decide(member, request, shape, now)
+    assert "tampered" not in repr(again.obligations)
