@@ -42,7 +42,9 @@ def _time_slot(boundaries: tuple[int, ...], time: dt.datetime) -> int:
 
 
 class DecisionCache:
-    """A bounded LRU of decisions for one generation of (policy snapshot, revocations)."""
+    """A bounded LRU of decisions for one generation of (policy snapshot, revocations).
+
+    max_entries 0 keeps nothing (every decision is taken by the engine)."""
 
     def __init__(self, max_entries: int = MAX_DECISIONS) -> None:
         self.max_entries = max_entries
@@ -64,19 +66,19 @@ class DecisionCache:
         """The decision for request under snapshot (taken by decide, default the snapshot's
         engine, unless the same request was decided under the same generation and slot)."""
         key = self._key(snapshot, revoked, request)
-        if key is not None:
-            with self._lock:
-                found = self._entries.get(key)
-                if found is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
+        with self._lock:
+            found = self._entries.get(key)
             if found is not None:
-                return _private(found)
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if found is not None:
+            return _private(found)
         decision = (decide or snapshot.engine.decide)(request)
         with self._lock:
             self.misses += 1
             # Kept only if the generation did not change while the engine decided.
-            if key is not None and self._snapshot is snapshot and self._revoked is revoked:
+            same = self._snapshot is snapshot and self._revoked is revoked
+            if self.max_entries > 0 and same:
                 self._entries[key] = _private(decision)
                 while len(self._entries) > self.max_entries:
                     self._entries.popitem(last=False)
@@ -92,9 +94,7 @@ class DecisionCache:
         with self._lock:
             return len(self._entries)
 
-    def _key(
-        self, snapshot: PolicySnapshot, revoked: Hashable, request: DecisionRequest
-    ) -> _Key | None:
+    def _key(self, snapshot: PolicySnapshot, revoked: Hashable, request: DecisionRequest) -> _Key:
         with self._lock:
             if self._snapshot is not snapshot or self._revoked is not revoked:
                 # Identity, not equality: each reload makes a new object, and the cache

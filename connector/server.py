@@ -168,6 +168,10 @@ def build_provider(
     )
     provider.slots.queue_length = settings.server.queue_length
     provider.slots.queue_seconds = settings.server.queue_seconds
+    if opa is not None:
+        # An OPA server that stops answering (or trusting this connector) stops answers at
+        # once, as its operators expect: its decisions are not kept.
+        provider.decisions.max_entries = 0
     return provider
 
 
