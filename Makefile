@@ -57,8 +57,10 @@ typecheck: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py connector/_proto
 
+# Big answers, tiny queries, cached decisions and concurrent peers in one run (see bench/):
+# BENCH_ARGS="--load-seconds 20" for the issue-13 load length.
 bench: $(STAMP)
-	$(PY) bench/stream.py
+	$(PY) bench/stream.py $(BENCH_ARGS)
 	$(PY) bench/federation.py
 
 # A bounded mixed load against a real server (not part of `make test`): SOAK_ARGS="--duration 600".

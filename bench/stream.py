@@ -13,6 +13,7 @@ A second grant shapes the same rows (part_no hashed, a row filter every row pass
 first query builds the shaped copy, measured against local DuckDB computing the same masked
 rows; later queries read the copy.
 Servers and clients share this process and the machine's cores; the ratios are what to read.
+Then bench/control.py measures the control path against `connector serve` in its own process.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ from connector.flight_sql import pack
 from connector.server import start_server
 from connector.shaping import hmac_sql, load_mask_key
 
+try:  # `make bench` runs this file as a script, with bench/ on the path
+    from control import ControlSettings, flight_sql_paths, measure_control
+except ImportError:  # imported as bench.stream
+    from bench.control import ControlSettings, flight_sql_paths, measure_control
+
 DATASET = "part_events"
 PURPOSE = "benchmarking"
 SHAPED_PURPOSE = "shaped-benchmarking"
@@ -66,6 +72,8 @@ class Measurement:
     seconds: float
     rows: int
     arrow_bytes: int
+    fastest: float = 0.0
+    slowest: float = 0.0
 
 
 def run(*args: str | Path) -> None:
@@ -127,7 +135,7 @@ def timed(name: str, repeat: int, once: Callable[[], tuple[int, int]]) -> Measur
         started = time.perf_counter()
         rows, size = once()
         times.append(time.perf_counter() - started)
-    return Measurement(name, statistics.median(times), rows, size)
+    return Measurement(name, statistics.median(times), rows, size, min(times), max(times))
 
 
 def local_duckdb(database: Path, sql: str) -> Callable[[], tuple[int, int]]:
@@ -155,6 +163,11 @@ class DuckDBFlightServer(flight.FlightServerBase):  # type: ignore[misc]
             root_certificates=ca,
         )
         self._db = duckdb.connect(str(database), read_only=True)
+
+    def close(self) -> None:
+        """Shut down and release the file (another process serves it next)."""
+        self.shutdown()
+        self._db.close()
 
     def do_get(self, context: object, ticket: flight.Ticket) -> flight.RecordBatchStream:
         cursor = self._db.cursor()
@@ -250,12 +263,17 @@ def connector_table(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
 
 def report(results: list[Measurement], flight_tls: str) -> None:
     base = {m.name: m.seconds for m in results}
-    print(f"\n{'path':<34}{'rows':>11}{'seconds':>10}{'Mrows/s':>10}{'MB/s':>9}")
+    print(f"\n{'path':<34}{'rows':>11}{'seconds':>10}{'min-max':>14}{'Mrows/s':>10}{'MB/s':>9}")
     for m in results:
         print(
-            f"{m.name:<34}{m.rows:>11,}{m.seconds:>10.3f}{m.rows / m.seconds / 1e6:>10.2f}"
+            f"{m.name:<34}{m.rows:>11,}{m.seconds:>10.3f}"
+            f"{f'{m.fastest:.2f}-{m.slowest:.2f}':>14}{m.rows / m.seconds / 1e6:>10.2f}"
             f"{m.arrow_bytes / m.seconds / 1e6:>9.0f}"
         )
+    print(
+        f"Peer.query(): {base['connector query()'] / base['connector stream']:.2f}x the raw stub "
+        "(target <= 1.5x)"
+    )
     for name in ("connector stream", "connector query()", FLIGHT_SQL, FLIGHT_SQL_ADBC):
         print(
             f"{name}: {base[name] / base['local DuckDB']:.2f}x local DuckDB, "
@@ -272,7 +290,7 @@ def report(results: list[Measurement], flight_tls: str) -> None:
     print("servers and clients share this process and its cores; compare ratios, not seconds")
 
 
-def measure(work: Path, rows: int, repeat: int) -> None:
+def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> None:
     provider, grantee = build_space(work, rows)
     settings = load_settings(provider)
     identity = PeerIdentity.from_home(grantee)
@@ -314,22 +332,41 @@ def measure(work: Path, rows: int, repeat: int) -> None:
                 timed(SHAPED, repeat, connector_stream(peer, sql_peer, SHAPED_PURPOSE)),
             ]
     finally:
-        flight_server.shutdown()
+        flight_server.close()
         server.stop(grace=1)
     report(results, "mutual TLS")
+    flight_sql_paths({})
+    print("\ncontrol path (the connector in its own process):")
+    tls = (settings.cert, settings.key, settings.ca)
+    tiny = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
+    for line in measure_control(work, provider, identity, tls, (sql_peer, tiny, PURPOSE), control):
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tiny", type=int, default=300, help="tiny queries timed")
+    parser.add_argument(
+        "--load-seconds", type=float, default=5.0, help="how long each concurrent load runs"
+    )
+    parser.add_argument(
+        "--peers", default="1,16,64", help="concurrent peer counts, comma-separated"
+    )
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="connector-bench-"))
     print(f"streaming {args.rows:,} rows, median of {args.repeat} runs, work folder {work}")
     try:
-        measure(work, args.rows, args.repeat)
+        control = ControlSettings(
+            repeat=args.repeat,
+            tiny=args.tiny,
+            load_seconds=args.load_seconds,
+            peer_counts=tuple(int(n) for n in args.peers.split(",")),
+        )
+        measure(work, args.rows, args.repeat, control)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

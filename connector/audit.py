@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from connector.audit_chain import entry_hash, recover_tail
 from connector.audit_entry import AuditEntry, bounded
@@ -123,6 +123,12 @@ class AuditLog:
         self._since_checkpoint = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size  # where the last whole line ends
+        # Group commit: request entries are written under the lock and fsync'd after it, one
+        # fsync covering every line written before it started. _synced is the state the
+        # last fsync covered; _epoch changes when lines not yet fsync'd are dropped.
+        self._sync_lock = threading.Lock()
+        self._synced = (self._size, self._seq, self._head)
+        self._epoch = 0
         self._throttled: dict[str, _Throttled] = {}
         self._last_aggregate = time.monotonic()
         self._outage: _Outage | None = None
@@ -156,25 +162,86 @@ class AuditLog:
             if self._outage is not None and not self._retry(force=False):
                 self._keep_for_later(entry, record)
             try:
-                seq = entry.seq = self._write(record)
+                seq = entry.seq = self._write(record, sync=False)
             except AuditUnavailable:
                 self._keep_for_later(entry, record)
                 raise
             self._after_write()
-            return seq
+            end, epoch = self._size, self._epoch
+        try:
+            self._sync_through(end, epoch)  # returns only once the entry is on disk
+        except AuditUnavailable:
+            with self._lock:
+                entry.seq = 0
+                self._keep_for_later(entry, record)
+            raise
+        return seq
 
     def opened(self, entry: AuditEntry) -> int:
         """Write the "opened" entry of an answer about to be sent; AuditUnavailable (the
         refusal counted for the outage entry) if it cannot be written."""
         with self._lock:
+            written = False
             if self._outage is None or self._retry(force=False):
                 with contextlib.suppress(AuditUnavailable):
-                    entry.opened_seq = self._write({"type": "opened", **entry.opened_record()})
+                    record = {"type": "opened", **entry.opened_record()}
+                    entry.opened_seq = self._write(record, sync=False)
                     self._after_write()
-                    return entry.opened_seq
-            if self._outage is not None:
-                self._outage.refused[entry.member_id] += 1  # nothing was sent: a refusal
-            raise AuditUnavailable(self._peer_reason())
+                    written = True
+            end, epoch = self._size, self._epoch
+            if not written:
+                return self._refuse_opened(entry)
+        try:
+            self._sync_through(end, epoch)  # nothing is sent before the entry is on disk
+        except AuditUnavailable:
+            with self._lock:
+                entry.opened_seq = 0
+                return self._refuse_opened(entry)
+        return entry.opened_seq
+
+    def _refuse_opened(self, entry: AuditEntry) -> NoReturn:
+        if self._outage is not None:
+            self._outage.refused[entry.member_id] += 1  # nothing was sent: a refusal
+        raise AuditUnavailable(self._peer_reason())
+
+    def _sync_through(self, end: int, epoch: int) -> None:
+        """Return once the file is on disk up to byte end (written in epoch): one fsync for
+        every entry written before it starts; AuditUnavailable if it fails or the entry was
+        dropped as not durable."""
+        with self._sync_lock:
+            with self._lock:
+                if self._epoch != epoch:
+                    raise AuditUnavailable(self._peer_reason())
+                if self._synced[0] >= end:
+                    return  # an fsync that started after the entry was written covered it
+                target = (self._size, self._seq, self._head)
+                # A duplicate: the log may reopen its file meanwhile (outage recovery).
+                fd = os.dup(self._fd)
+            try:
+                os.fsync(fd)
+            except OSError as error:
+                with self._lock:
+                    if self._epoch == epoch:
+                        self._drop_unsynced()
+                        self._fail(error)
+                raise AuditUnavailable(self._peer_reason()) from None
+            finally:
+                os.close(fd)
+            with self._lock:
+                if self._epoch != epoch:
+                    raise AuditUnavailable(self._peer_reason())
+                if self._synced[0] < target[0]:
+                    self._synced = target
+
+    def _drop_unsynced(self) -> None:
+        """An fsync failed: lines written since the last good one may be lost, so they are
+        cut off and the chain goes back to where it was durable (their requests are refused)."""
+        size, seq, head = self._synced
+        if self._size == size:
+            return
+        self._epoch += 1
+        self._seq, self._head, self._size = seq, head, size
+        self._roll_back()
 
     def check_writable(self, member_id: str) -> None:
         """Raise AuditUnavailable while the log cannot be written; the refused request is
@@ -307,23 +374,27 @@ class AuditLog:
         self._write({"type": "checkpoint", **claim, "jws": token})
         self._since_checkpoint = 0
 
-    def _write(self, fields: dict[str, Any]) -> int:
+    def _write(self, fields: dict[str, Any], *, sync: bool = True) -> int:
         if self._outage is not None:
             raise AuditUnavailable(self._peer_reason())
-        return self._write_line(fields)
+        return self._write_line(fields, sync=sync)
 
-    def _write_line(self, fields: dict[str, Any]) -> int:
+    def _write_line(self, fields: dict[str, Any], *, sync: bool = True) -> int:
+        """Append one entry; fsync'd now, or by the caller's _sync_through when not sync."""
         seq = self._seq + 1
         entry = {"seq": seq, "time": _now_text(), **fields, "prev": self._head}
         entry["hash"] = entry_hash(entry)
         line = (canonical_json(entry) + "\n").encode()
         try:
-            self._put(line)
+            self._put(line, sync)
         except OSError as error:
+            self._drop_unsynced()  # the failure may have cost lines not yet fsync'd too
             self._fail(error)
             raise AuditUnavailable(self._peer_reason()) from None
         self._seq, self._head = seq, entry["hash"]
         self._size += len(line)
+        if sync:
+            self._synced = (self._size, self._seq, self._head)
         if self.on_written is not None:
             try:
                 self.on_written(entry)
@@ -331,14 +402,15 @@ class AuditLog:
                 log.exception("a listener of audit entries failed (the entry is written)")
         return seq
 
-    def _put(self, line: bytes) -> None:
-        """Write the whole line and fsync it, or leave the file as it was."""
+    def _put(self, line: bytes, sync: bool = True) -> None:
+        """Write the whole line (and fsync it when sync), or leave the file as it was."""
         view = memoryview(line)
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
         except OSError:
             self._roll_back()
             raise

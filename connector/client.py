@@ -31,7 +31,13 @@ from connector.config import load_settings
 from connector.errors import ConnectorError, IdentityError, PeerError, PeerUnreachable, Unavailable
 from connector.jws import JwsError, b64url_decode
 from connector.policy.ref import PolicyRef
-from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
+from connector.receipt import (
+    ProviderProof,
+    ReceiptBundle,
+    ReceiptFields,
+    provider_proof,
+    verify_endorsed,
+)
 from connector.status import REASON_KEY, error_from_status
 
 __all__ = [
@@ -205,6 +211,7 @@ class Peer:
         self._ca_pem = identity.ca_pem
         self._provider_proof: tuple[str, str] | None = None  # endorsement, certificate
         self.provider_version = ""  # the provider's connector version (set by catalog())
+        self._checked_proof: tuple[tuple[str, str], ProviderProof] | None = None
 
     def __enter__(self) -> Peer:
         return self
@@ -362,7 +369,7 @@ class Peer:
         data = b"".join(pieces)
         bundle = ReceiptBundle(token, *(self._provider_proof or self._fetch_provider_proof()))
         try:
-            receipt = verify_bundle(bundle, self._ca_pem, data)
+            receipt = verify_endorsed(token, self._proof_of(bundle), data)
         except (JwsError, ConnectorError) as exc:
             raise PeerError(f"the receipt from {self.address} does not verify: {exc}") from None
         return QueryResult(read_ipc_pieces([data]), receipt, bundle, data)
@@ -370,6 +377,17 @@ class Peer:
     def provider_proof(self) -> tuple[str, str]:
         """The provider's receipt-key endorsement and certificate (from its catalog)."""
         return self._provider_proof or self._fetch_provider_proof()
+
+    def _proof_of(self, bundle: ReceiptBundle) -> ProviderProof:
+        """The provider's receipt key, checked once per certificate and endorsement (both
+        come from its catalog; a new pair, e.g. after a certificate rotation, is checked)."""
+        pair = (bundle.endorsement, bundle.provider_certificate_pem)
+        known = self._checked_proof
+        if known is not None and known[0] == pair:
+            return known[1]
+        proof = provider_proof(bundle, self._ca_pem)
+        self._checked_proof = (pair, proof)
+        return proof
 
     def _fetch_provider_proof(self) -> tuple[str, str]:
         """The provider's certificate and receipt-key endorsement, as its catalog gives them."""

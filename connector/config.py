@@ -46,6 +46,7 @@ DEFAULT_SHAPED_COPIES_MAX_BYTES = "1GiB"
 MAX_TOML_DEPTH = 16
 MAX_WHOLE = 2**31 - 1  # gRPC and DuckDB take these settings as 32-bit integers
 MAX_SECONDS = 7 * 24 * 3600.0
+MAX_QUEUE = 1024  # each waiting query holds one of the server's prestarted threads
 # Strings and comments, whose brackets do not nest: multi-line forms first.
 _TOML_SKIP = re.compile(
     "|".join(
@@ -72,6 +73,8 @@ class ServerSettings:
     max_concurrent_queries_per_member: int = 4  # at most max_concurrent_queries
     stall_seconds: float = 30.0  # an answer its peer does not read for this long is ended
     shutdown_grace_seconds: float = 10.0  # running queries may finish this long at SIGTERM
+    queue_length: int = 64  # queries over max_concurrent_queries that may wait for a slot
+    queue_seconds: float = 5.0  # how long one of them waits before it is refused
 
 
 @dataclass(frozen=True)
@@ -368,6 +371,8 @@ def _server(section: _Section) -> ServerSettings:
         shutdown_grace_seconds=section.number(
             "shutdown_grace_seconds", ServerSettings.shutdown_grace_seconds, 0, 3600
         ),
+        queue_length=section.whole("queue_length", ServerSettings.queue_length, 0, MAX_QUEUE),
+        queue_seconds=section.number("queue_seconds", ServerSettings.queue_seconds, 0, 600),
     )
 
 

@@ -50,7 +50,9 @@ process_memory_limit = "{_S.process_memory_limit}"  # memory `connector serve` m
                             # RESOURCE_EXHAUSTED and the server goes on (Linux)
 threads = {_S.threads}                 # DuckDB threads
 batch_rows = {_S.batch_rows}          # rows per Arrow record batch sent to the peer
-max_concurrent_queries = {_S.max_concurrent_queries}  # more at once are refused with RESOURCE_EXHAUSTED
+max_concurrent_queries = {_S.max_concurrent_queries}  # more at once wait in the queue below
+queue_length = {_S.queue_length}           # queries that may wait for a slot; more are refused (RESOURCE_EXHAUSTED)
+queue_seconds = {_number(_S.queue_seconds)}         # a waiting query is refused after this long (RESOURCE_EXHAUSTED)
 explains_per_minute = {_S.explains_per_minute}    # per member; Explain costs no quota, so it is rate-limited
 # max_concurrent_queries_per_member = 4  # one member's share; default: half the above
 stall_seconds = {_number(_S.stall_seconds)}          # an answer the peer stops reading is ended after this long

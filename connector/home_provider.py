@@ -87,7 +87,7 @@ def build_provider(
         endorsement=endorse_receipt_key(tls_key, settings.member_id, receipt_key.public_key()),
         certificate_pem=settings.cert.read_text(encoding="ascii"),
     )
-    return Provider(
+    provider = Provider(
         settings.member_id,
         settings.dataspace,
         sandbox,
@@ -110,3 +110,10 @@ def build_provider(
         max_concurrent_queries_per_member=settings.server.max_concurrent_queries_per_member,
         stall_seconds=settings.server.stall_seconds,
     )
+    provider.slots.queue_length = settings.server.queue_length
+    provider.slots.queue_seconds = settings.server.queue_seconds
+    if opa is not None:
+        # An OPA server that stops answering (or trusting this connector) stops answers at
+        # once, as its operators expect: its decisions are not kept.
+        provider.decisions.max_entries = 0
+    return provider

@@ -10,6 +10,9 @@ SQL guard in front.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -18,7 +21,14 @@ from connector.aggregates import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS, i
 from connector.errors import QueryRejected
 from connector.sqltree import Ancestors, Node, SourceName
 
-__all__ = ["ExposedRelation", "SourceName", "check_aggregate_scan", "check_plan"]
+__all__ = [
+    "ExposedRelation",
+    "SourceName",
+    "check_aggregate_scan",
+    "check_plan",
+    "check_plan_text",
+]
+PASSED_PLANS = 1024  # plans that passed, kept by digest (LRU)
 
 # DuckDB's VOLATILE functions (duckdb_functions().stability; tests/unit/test_sqltree.py
 # checks the list): a filter calling one can pick part of a group without reading a column.
@@ -66,6 +76,42 @@ def check_plan(plan: Mapping[str, Any], allowed: Mapping[SourceName, ExposedRela
                 check_aggregate_scan(scan, ancestors, relation.min_group_size)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
+
+
+_PlanKey = tuple[bytes, tuple[tuple[SourceName, str, tuple[str, ...], int], ...]]
+_passed: OrderedDict[_PlanKey, None] = OrderedDict()
+_passed_lock = threading.Lock()
+
+
+def check_plan_text(
+    text: str, plan: Mapping[str, Any], allowed: Mapping[SourceName, ExposedRelation]
+) -> None:
+    """check_plan of plan, the parse of text; a plan that passed with the same relations
+    (their sources, names, columns and group minimum: all check_plan reads of them) is not
+    walked again. Only passes are kept: a refusal is worked out again each time."""
+    key: _PlanKey = (
+        hashlib.sha256(text.encode("utf-8")).digest(),
+        tuple(
+            sorted(
+                (
+                    source,
+                    str(r.dataset),
+                    tuple(str(c) for c in r.column_names),
+                    int(r.min_group_size),
+                )
+                for source, r in allowed.items()
+            )
+        ),
+    )
+    with _passed_lock:
+        if key in _passed:
+            _passed.move_to_end(key)
+            return
+    check_plan(plan, allowed)
+    with _passed_lock:
+        _passed[key] = None
+        while len(_passed) > PASSED_PLANS:
+            _passed.popitem(last=False)
 
 
 _WRITING_OPERATORS = (

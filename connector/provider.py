@@ -19,6 +19,7 @@ from connector.aggregates import aggregate_form
 from connector.audit import AuditLog
 from connector.audit_entry import AuditEntry
 from connector.config import Revocations
+from connector.decision_cache import DecisionCache
 from connector.enforce import Relation, relations_for, visible_columns
 from connector.errors import (
     ConnectorError,
@@ -38,10 +39,10 @@ from connector.noise import (
     noise_plan,
 )
 from connector.policy.consistency import conflicts_for
-from connector.policy.engine import CatalogGrant, Decision, DecisionRequest, PolicyEngine
+from connector.policy.engine import CatalogGrant, Decision, DecisionRequest
 from connector.policy.model import Limits, UsagePolicy
 from connector.policy.ref import policy_refs
-from connector.policy.registry import PolicyRegistry
+from connector.policy.registry import PolicyRegistry, PolicySnapshot
 from connector.query_run import QueryRun
 from connector.quota import PolicyQuota, QuotaLedger
 from connector.rate import RateLimit
@@ -159,6 +160,7 @@ class Provider:
         self.slots = QuerySlots(max_concurrent_queries, per_member)
         self.stall_watch = StallWatch(stall_seconds)
         self._pruned_for: object = None  # the policy snapshot the shaped copies follow
+        self.decisions = DecisionCache()  # emptied by any new policy snapshot or revocations
         self.mask_consistency = mask_consistency
         # Explain costs no quota: without a limit it would be a free probe.
         self._explains = RateLimit(explains_per_minute)
@@ -283,7 +285,7 @@ class Provider:
         generation = self.sandbox.gate.generation
         datasets = self.sandbox.datasets()
         decision = self._decide(
-            snapshot.engine, member, request, shape, at or self.clock(), datasets=datasets
+            snapshot, member, request, shape, at or self.clock(), datasets=datasets
         )
         if decision.allow and self.mask_consistency == "refuse":
             clashes = conflicts_for(snapshot.mask_conflicts, member.member_id, shape.datasets)
@@ -415,9 +417,18 @@ class Provider:
             {(d, p.shaping.canonical()) for p in snapshot.policies for d in p.datasets}
         )
 
+    def decide(
+        self, member: MemberIdentity, request: PeerRequest, shape: QueryShape, time: dt.datetime
+    ) -> Decision:
+        """The policy decision alone for a checked query at time (from the cache when the same
+        request was decided under the policies and revocations in force)."""
+        return self._decide(
+            self.policies.snapshot, member, request, shape, time, datasets=self.sandbox.datasets()
+        )
+
     def _decide(
         self,
-        engine: PolicyEngine,
+        snapshot: PolicySnapshot,
         member: MemberIdentity,
         request: PeerRequest,
         shape: QueryShape,
@@ -431,7 +442,9 @@ class Provider:
             else frozenset()
             for name in shape.datasets
         }
-        return engine.decide(
+        return self.decisions.decide(
+            snapshot,
+            self.revoked,
             DecisionRequest(
                 member=member.member_id,
                 purpose=request.purpose,
@@ -439,7 +452,7 @@ class Provider:
                 columns=columns,
                 uses_star=shape.uses_star,
                 time=time,
-            )
+            ),
         )
 
 

@@ -149,6 +149,20 @@ class ReceiptBundle:
 
 def verify_bundle(bundle: ReceiptBundle, ca_pem: bytes, data: bytes | None) -> ReceiptFields:
     """Check the provider's certificate against the CA, the endorsement, the signature, the data."""
+    return verify_endorsed(bundle.receipt_jws, provider_proof(bundle, ca_pem), data)
+
+
+@dataclass(frozen=True)
+class ProviderProof:
+    """A provider's receipt key, as its CA-issued certificate endorses it."""
+
+    provider_id: str
+    receipt_key: ed25519.Ed25519PublicKey
+
+
+def provider_proof(bundle: ReceiptBundle, ca_pem: bytes) -> ProviderProof:
+    """The receipt key the bundle's certificate (issued by the CA) endorses; JwsError if not.
+    A function of the certificate, the endorsement and the CA alone: peers may keep it."""
     try:
         cert = x509.load_pem_x509_certificate(bundle.provider_certificate_pem.encode())
         cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
@@ -156,8 +170,14 @@ def verify_bundle(bundle: ReceiptBundle, ca_pem: bytes, data: bytes | None) -> R
         raise jws.JwsError(
             "the provider's certificate is not issued by your data space's CA"
         ) from None
-    fields = verify_receipt(bundle.receipt_jws, endorsed_receipt_key(bundle.endorsement, cert))
-    if fields.provider_id != member_identity(cert).member_id:
+    key = endorsed_receipt_key(bundle.endorsement, cert)
+    return ProviderProof(member_identity(cert).member_id, key)
+
+
+def verify_endorsed(token: str, proof: ProviderProof, data: bytes | None) -> ReceiptFields:
+    """Check a receipt's signature by the proven key, its provider and the data's digest."""
+    fields = verify_receipt(token, proof.receipt_key)
+    if fields.provider_id != proof.provider_id:
         raise jws.JwsError("the receipt names another provider than the certificate")
     if data is not None and hashlib.sha256(data).hexdigest() != fields.result_sha256:
         raise jws.JwsError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from connector.errors import (
     ResourceExhausted,
     StoreError,
 )
-from connector.plancheck import ExposedRelation, SourceName, check_plan
+from connector.plancheck import ExposedRelation, SourceName, check_plan_text
 from connector.sandbox_errors import PEER_FAULTS, peer_message, plan_refusal
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,
@@ -69,6 +70,8 @@ class TypedRelation(Protocol):
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
+CHECKED_NAMES = 1024  # texts whose names bound against their stand-ins, kept (LRU)
+MAX_CHECKED_LENGTH = 16_384  # longer texts are bound every time
 OUT_OF_MEMORY = "the query needs more memory than this connector allows; aggregate or filter more"
 # How an allocation that failed inside DuckDB can be worded when it is not raised as
 # OutOfMemoryException (a failed allocation at the process's address-space limit).
@@ -145,6 +148,9 @@ class SandboxDatabase:
         self.path = db_path
         self._datasets = self._read_datasets()
         _lock_down(self._db, limits)
+        self._names_lock = threading.Lock()
+        self._names_passed: OrderedDict[_NamesKey, None] = OrderedDict()
+        self._names_for: object = self._datasets
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)
         self.gate = CommitGate()
@@ -215,7 +221,30 @@ class SandboxDatabase:
         """Bind sql against empty stand-ins of the relations (their names and types only):
         every name the query uses resolves, or the same refusal Query would give. Explain
         and Query both bind this way before any data or shaped copy is touched, so neither
-        answers nor timing tell a hidden name from one that does not exist."""
+        answers nor timing tell a hidden name from one that does not exist.
+
+        A text that bound against the same stand-ins under the same datasets is not bound
+        again (only passes are kept: a refusal is worked out again each time)."""
+        key = _names_key(sql, relations, datasets)
+        with self._names_lock:
+            if self._names_for is not self._datasets:
+                self._names_passed.clear()
+                self._names_for = self._datasets
+            if key is not None and key in self._names_passed:
+                self._names_passed.move_to_end(key)
+                return
+            generation = self._names_for
+        self._bind_names(sql, relations, datasets)
+        if key is not None:
+            with self._names_lock:
+                if self._names_for is generation:
+                    self._names_passed[key] = None
+                    while len(self._names_passed) > CHECKED_NAMES:
+                        self._names_passed.popitem(last=False)
+
+    def _bind_names(
+        self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
+    ) -> None:
         with _sandbox_errors():
             cursor = self._cursor()
         try:
@@ -280,8 +309,8 @@ class SandboxSession:
     ) -> dict[str, Any]:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
         and reads aggregate-only relations only in the aggregate form; returns the plan."""
-        plan = bound_plan(self._cursor, sql, datasets or [r.dataset for r in relations])
-        check_plan(plan, {_source_of(r): r for r in relations})
+        text, plan = bound_plan_text(self._cursor, sql, datasets or [r.dataset for r in relations])
+        check_plan_text(text, plan, {_source_of(r): r for r in relations})
         return plan
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
@@ -396,10 +425,32 @@ class ResultStream:
             self._session.finished()
 
 
+_NamesKey = tuple[str, tuple[tuple[str, tuple[tuple[str, str], ...]], ...], tuple[str, ...]]
+
+
+def _names_key(
+    sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
+) -> _NamesKey | None:
+    """What check_names depends on besides the datasets: the text and the stand-ins."""
+    if type(sql) is not str or len(sql) > MAX_CHECKED_LENGTH:
+        return None
+    stand_ins = tuple(
+        (str(r.dataset), tuple((str(c.name), str(c.type)) for c in r.columns)) for r in relations
+    )
+    return sql, stand_ins, tuple(str(d) for d in datasets)
+
+
 def bound_plan(
     cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
 ) -> dict[str, Any]:
     """The bound plan of one SELECT as DuckDB serialises it; refusals for what cannot bind."""
+    return bound_plan_text(cursor, sql, datasets)[1]
+
+
+def bound_plan_text(
+    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
+) -> tuple[str, dict[str, Any]]:
+    """The bound plan's serialised text and its parse; refusals for what cannot bind."""
     # The shaped database is writable: nothing but one SELECT may reach the planner.
     try:
         statements = cursor.extract_statements(sql)
@@ -411,10 +462,11 @@ def bound_plan(
         rows = cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
     except duckdb.Error as exc:
         raise QueryRejected(peer_message(exc)) from None
-    plan = plan_document(rows[0][0] if rows else None)
+    text = rows[0][0] if rows else None
+    plan = plan_document(text)
     if plan.get("error"):
         raise plan_refusal(plan, datasets)
-    return plan
+    return str(text), plan
 
 
 @contextmanager

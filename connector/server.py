@@ -242,9 +242,10 @@ def _grpc_server(
         ("grpc.max_connection_idle_ms", 600_000),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    # Workers enough that a request rarely waits; requests beyond max_in_flight (counted
-    # from arrival) are refused by the handler, on record, not by gRPC without a trace.
-    max_in_flight = settings.server.max_concurrent_queries * 4 + 8
+    # Workers enough that a request rarely waits, queued queries included (each holds one);
+    # requests beyond max_in_flight (counted from arrival) are refused by the handler, on
+    # record, not by gRPC without a trace.
+    max_in_flight = settings.server.max_concurrent_queries * 4 + 8 + settings.server.queue_length
     service = ConnectorService(
         provider,
         max_piece_bytes=settings.server.max_message_bytes * 4 - 1024,

@@ -6,6 +6,9 @@ interrupt, which can take seconds. So that queries still stopping in DuckDB cann
 a second bound counts DuckDB executions until they really end: at most twice the number of
 slots. A new query whose slot is free waits briefly for an execution to finish stopping
 rather than being refused, since stopping ones end within a few seconds.
+
+A query over the limit waits in a bounded queue (queue_length waiting at most, each for
+queue_seconds at most) rather than being refused at once: bursts of peers are served in turn.
 """
 
 from __future__ import annotations
@@ -21,15 +24,26 @@ log = logging.getLogger(__name__)
 
 EXECUTION_WAIT_SECONDS = 5.0  # longer than DuckDB takes to notice an interrupt (about 3 s)
 ADMISSION_WAIT_SECONDS = 0.5  # covers a peer that left a moment ago and is not yet noticed
+QUEUE_LENGTH = 64  # queries waiting for a slot at most (the rest are refused at once)
 
 
 class QuerySlots:
     """Admits queries within a total and a per-member bound; thread-safe."""
 
-    def __init__(self, total: int, per_member: int) -> None:
+    def __init__(
+        self,
+        total: int,
+        per_member: int,
+        queue_length: int = QUEUE_LENGTH,
+        queue_seconds: float = ADMISSION_WAIT_SECONDS,
+    ) -> None:
+        """queue_length queries may wait for a slot, each queue_seconds at most."""
         self.total = total
         self.per_member = min(per_member, total)
         self.max_executing = 2 * total
+        self.queue_length = queue_length
+        self.queue_seconds = queue_seconds
+        self._waiting = 0
         self._admitted = 0
         self._executing = 0
         self._by_member: Counter[str] = Counter()
@@ -38,17 +52,21 @@ class QuerySlots:
     def acquire(
         self,
         member: str,
-        admission_wait: float = ADMISSION_WAIT_SECONDS,
+        admission_wait: float | None = None,
         execution_wait: float = EXECUTION_WAIT_SECONDS,
         deadline_seconds: float | None = None,
     ) -> Slot:
-        """A slot for one of member's queries; ResourceExhausted when none is free, and
-        QueryTimeout when the peer's deadline passes while waiting."""
+        """A slot for one of member's queries, waiting in the queue up to admission_wait
+        (default queue_seconds); ResourceExhausted when none is free by then or the queue
+        is full, and QueryTimeout when the peer's deadline passes while waiting."""
+        if admission_wait is None:
+            admission_wait = self.queue_seconds
         if deadline_seconds is not None:
             admission_wait = min(admission_wait, deadline_seconds)
             execution_wait = min(execution_wait, deadline_seconds)
         with self._changed:
-            self._changed.wait_for(lambda: self._free_for(member), admission_wait)
+            if not self._free_for(member):
+                self._queue(member, admission_wait)
             if self._by_member[member] >= self.per_member:
                 raise ResourceExhausted(
                     f"you already run {self.per_member} queries at once on this connector, "
@@ -75,6 +93,24 @@ class QuerySlots:
                 )
             self._executing += 1
         return slot
+
+    def _queue(self, member: str, seconds: float) -> None:
+        """Wait (lock held by the caller) until a slot is free for member, seconds at most."""
+        if self._waiting >= self.queue_length:
+            raise ResourceExhausted(
+                f"no query slot is free and the queue of waiting queries is full "
+                f"({self._waiting} waiting); retry shortly"
+            )
+        self._waiting += 1
+        try:
+            self._changed.wait_for(lambda: self._free_for(member), seconds)
+        finally:
+            self._waiting -= 1
+
+    def waiting(self) -> int:
+        """Queries waiting for a slot now."""
+        with self._changed:
+            return self._waiting
 
     def _free_for(self, member: str) -> bool:
         return self._admitted < self.total and self._by_member[member] < self.per_member

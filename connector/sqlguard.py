@@ -10,6 +10,7 @@ a pattern or a whole row counts as *); policy decides.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -28,6 +29,11 @@ from connector.valuesize import check_value_sizes
 
 UNKNOWN_LOCATION = 2**64 - 1
 MAX_DEPTH = 600
+# The verdict on a text is a function of the text alone: peers repeat the same queries, so
+# the last ones are kept (accepted ones only; a refusal is parsed again). Texts are bounded
+# in size so that the cache holds at most CACHED_QUERIES * MAX_CACHED_LENGTH characters.
+CACHED_QUERIES = 512
+MAX_CACHED_LENGTH = 16_384
 
 # Scalar functions and operators as DuckDB's parser names them. Deliberately absent: anything
 # that runs SQL from a string (query, query_table, json_execute_serialized_sql), reads files
@@ -198,7 +204,24 @@ def inspect_query(
 
     value_sizes=False skips the value-size rule: only for tests that show the sandbox's own
     defences (packing under row limits, memory) with that part of the guard switched off.
+    The shape is immutable and shared by every caller that sends the same text.
     """
+    if len(sql) <= MAX_CACHED_LENGTH and type(sql) is str:
+        return _inspect_cached(sql, max_length, value_sizes)
+    return _inspect(sql, max_length, value_sizes)
+
+
+@functools.lru_cache(maxsize=CACHED_QUERIES)
+def _inspect_cached(sql: str, max_length: int, value_sizes: bool) -> QueryShape:
+    return _inspect(sql, max_length, value_sizes)
+
+
+def clear_guard_cache() -> None:
+    """Forget every cached verdict (for tests and after a change of the guard's rules)."""
+    _inspect_cached.cache_clear()
+
+
+def _inspect(sql: str, max_length: int, value_sizes: bool) -> QueryShape:
     check_query_bounds(sql, max_length)
     if not sql.strip():
         raise QueryRejected("the query is empty; send one SELECT statement")

@@ -391,7 +391,11 @@ def test_requests_over_the_concurrency_limits_are_refused_on_record(
     slots or the in-flight limit; gRPC's own limit used to refuse them without a trace)
     are on record too."""
     provider, grantee = provider_pair(
-        settings={"max_concurrent_queries = 8": "max_concurrent_queries = 1"}
+        settings={
+            "max_concurrent_queries = 8": "max_concurrent_queries = 1",
+            # A short queue: the rest are refused, by it or by the in-flight limit.
+            "queue_length = 64": "queue_length = 4",
+        }
     )
     server = serve(provider)
     slow = "SELECT count(*) AS n FROM part_defects a, part_defects b, part_defects c"

@@ -76,6 +76,10 @@ RENDERED = render_config("acme", "space", "127.0.0.1:7000")
         ("reload_seconds = 2", "reload_seconds = " + "1" * 400, "reload_seconds must be"),
         ("threads = 2", "threads = " + "9" * 400, "threads must be a whole number"),
         ("max_message_bytes", "max_message_bytes = 4294967296\n#", "max_message_bytes must"),
+        ("queue_length = 64", "queue_length = 1025", "queue_length must be a whole number"),
+        ("queue_length = 64", "queue_length = -1", "queue_length must be a whole number"),
+        ("queue_seconds = 5 ", "queue_seconds = inf ", "queue_seconds must be"),
+        ("queue_seconds = 5 ", "queue_seconds = 601 ", "queue_seconds must be"),
     ],
 )
 def test_every_number_setting_is_finite_and_in_range(
@@ -142,6 +146,14 @@ def test_the_per_member_share_defaults_to_half_the_slots(tmp_path: Path) -> None
     )
     server = load_settings(_home(tmp_path, text)).server
     assert (server.max_concurrent_queries_per_member, server.stall_seconds) == (3, 30.0)
+
+
+def test_the_slot_queue_reads_back(tmp_path: Path) -> None:
+    text = RENDERED.replace("queue_length = 64", "queue_length = 0").replace(
+        "queue_seconds = 5 ", "queue_seconds = 0.25 "
+    )
+    server = load_settings(_home(tmp_path, text)).server
+    assert (server.queue_length, server.queue_seconds) == (0, 0.25)
 
 
 def test_the_file_init_writes_says_exactly_the_defaults(tmp_path: Path) -> None:

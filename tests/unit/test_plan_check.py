@@ -3,11 +3,15 @@ of an aggregate-only relation reads only grouping columns, however the query nam
 
 from __future__ import annotations
 
+import dataclasses
+
+import duckdb
 import pytest
 
 from connector.enforce import relation_for
 from connector.errors import QueryRejected
-from connector.sandbox import SandboxDatabase
+from connector.plancheck import check_plan_text
+from connector.sandbox import SandboxDatabase, bound_plan_text
 from connector.store import DatasetInfo
 from tests.unit.test_shaped_sandbox import AGGREGATE, COLUMNS, KEY, MASKED, _run, parts
 
@@ -112,3 +116,28 @@ def test_a_plan_that_cannot_be_serialised_is_refused_with_a_reason(
     with pytest.raises(QueryRejected, match="cannot check the plan"):
         _run(store, sql, relation)
     assert _run(store, "SELECT 1 AS one", relation) == [{"one": 1}]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exposed:
+    dataset: str
+    column_names: tuple[str, ...]
+    sql: str = ""
+    shaped_table: str = ""
+    min_group_size: int = 0
+
+
+def test_a_plan_that_passed_is_checked_again_for_other_relations() -> None:
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t AS SELECT 1 AS a, 2 AS b")
+    text, plan = bound_plan_text(con, "SELECT a, b FROM t", ["t"])
+    source = ("memory", "main", "t")
+    for _ in range(2):
+        check_plan_text(text, plan, {source: _Exposed("t", ("a", "b"))})
+    with pytest.raises(QueryRejected, match="column b of t, not granted"):
+        check_plan_text(text, plan, {source: _Exposed("t", ("a",))})
+    with pytest.raises(QueryRejected, match="not one of your datasets"):
+        check_plan_text(text, plan, {("memory", "main", "u"): _Exposed("t", ("a", "b"))})
+    with pytest.raises(QueryRejected, match="aggregate-only"):
+        check_plan_text(text, plan, {source: _Exposed("t", ("a", "b"), min_group_size=5)})
+    con.close()

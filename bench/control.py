@@ -1,0 +1,340 @@
+"""The control path of `make bench`: server CPU per big call, tiny queries, cached decisions,
+and many concurrent peers, against a connector served by its own process.
+
+  server CPU        CPU seconds `connector serve` spends on one big answer, against a bare
+                    grpcio server (bench/bare_grpc.py) streaming the very same bytes over the
+                    same mutual TLS;
+  tiny query        p50 and p99 of one-row queries through the raw gRPC stub;
+  cached decision   one decision taken again in-process (the policy engine's answer for the
+                    same member, purpose, datasets and columns under the same policies);
+  concurrent peers  N peers (own channels) sending tiny queries for a bounded time: answers,
+                    errors by status code, and the server's memory before and after.
+
+flight_sql_paths() is where the Arrow Flight SQL measurements (ADBC, FlightClient against the
+connector's Flight SQL port) plug in once that endpoint exists.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from connector.client import Peer, PeerIdentity
+from connector.errors import ConnectorError
+from connector.identity import MemberIdentity
+from connector.request import PeerRequest
+
+BARE_SERVER = Path(__file__).with_name("bare_grpc.py")
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    """A loopback port free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process pid so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process pid."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
+
+
+def _wait_for_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, seconds: float = 60
+) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"the server process ended at start ({process.returncode}):\n{tail}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"no server on port {port} after {seconds} s")
+
+
+@contextmanager
+def served(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process listening on port, its output in log; stopped (SIGTERM, then
+    SIGKILL) afterwards."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, process, log)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def connector_process(home: Path, port: int) -> list[str]:
+    """The argv of `connector serve` for home on loopback port."""
+    code = "import sys; from connector.cli.main import main; sys.exit(main())"
+    listen = f"127.0.0.1:{port}"
+    return [sys.executable, "-c", code, "serve", "--home", str(home), "--listen", listen]
+
+
+def bare_process(pieces: Path, tls: tuple[Path, Path, Path], port: int) -> list[str]:
+    """The argv of the bare grpcio server streaming the pieces file."""
+    cert, key, ca = tls
+    return [sys.executable, str(BARE_SERVER), str(pieces), str(cert), str(key), str(ca), str(port)]
+
+
+def write_pieces(peer: Peer, sql: str, purpose: str, path: Path) -> int:
+    """Save the Arrow IPC pieces one connector answer carries (length-prefixed); their bytes."""
+    total = 0
+    with path.open("wb") as out:
+        for message in peer.stream(sql, purpose):
+            if not message.HasField("receipt"):
+                out.write(len(message.arrow_ipc).to_bytes(8, "little"))
+                out.write(message.arrow_ipc)
+                total += len(message.arrow_ipc)
+    return total
+
+
+def server_cpu_per_call(pid: int, call: Callable[[], object], repeat: int) -> list[float]:
+    """CPU seconds server pid spends on each of repeat calls."""
+    spent = []
+    for _ in range(repeat):
+        before = cpu_seconds(pid)
+        call()
+        spent.append(cpu_seconds(pid) - before)
+    return spent
+
+
+def bare_stream(port: int, identity: PeerIdentity) -> Callable[[], int]:
+    """One call to the bare server: the bytes it streamed."""
+    channel = grpc.secure_channel(
+        f"localhost:{port}",
+        grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem),
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+    method = channel.unary_stream("/bench.Bare/Stream")
+
+    def once() -> int:
+        return sum(len(m) for m in method(b""))
+
+    return once
+
+
+def raw_stub(peer: Peer, sql: str, purpose: str) -> Callable[[], int]:
+    """One query through the generated stub, nothing decoded: the bytes received."""
+
+    def once() -> int:
+        return sum(len(m.arrow_ipc) for m in peer.stream(sql, purpose))
+
+    return once
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The share-th quantile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def tiny_latencies(peer: Peer, sql: str, purpose: str, count: int) -> list[float]:
+    """Seconds per tiny query through the raw stub (after a few warm-up calls)."""
+    once = raw_stub(peer, sql, purpose)
+    for _ in range(5):
+        once()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def decision_seconds(home: Path, member: str, sql: str, purpose: str, count: int) -> list[float]:
+    """Seconds per decision taken again for the same request, in-process (server not started)."""
+    from connector.config import load_settings
+    from connector.server import build_provider
+
+    provider = build_provider(load_settings(home))
+    try:
+        identity = MemberIdentity(provider.dataspace, member, member, 0)
+        request = PeerRequest.checked(sql, purpose, 0, "")
+        shape = provider.guard(sql)
+        now = dt.datetime.now(dt.UTC)
+        # Provider.decide takes the cached path; before it existed, the engine was asked.
+        decide = getattr(provider, "decide", None) or (
+            lambda m, r, s, t: provider._decide(provider.policies.snapshot.engine, m, r, s, t)
+        )
+        decide(identity, request, shape, now)
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            decide(identity, request, shape, now)
+            times.append(time.perf_counter() - started)
+        return times
+    finally:
+        provider.sandbox.close()
+        provider.audit.close()
+        provider.quotas.close()
+
+
+@dataclass
+class LoadResult:
+    """What N concurrent peers got in a bounded time."""
+
+    peers: int
+    seconds: float
+    answered: int = 0
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.answered / self.seconds
+
+
+def concurrent_load(
+    address: str, identity: PeerIdentity, sql: str, purpose: str, peers: int, seconds: float
+) -> LoadResult:
+    """peers threads, each with its own channel, sending tiny queries for seconds."""
+    result = LoadResult(peers, seconds)
+    lock = threading.Lock()
+    start = threading.Barrier(peers + 1)
+    stop = threading.Event()
+
+    def peer_loop() -> None:
+        with Peer(address, identity, timeout=30) as peer:
+            once = raw_stub(peer, sql, purpose)
+            start.wait()
+            while not stop.is_set():
+                began = time.perf_counter()
+                try:
+                    once()
+                except ConnectorError as error:
+                    with lock:
+                        result.errors[type(error).__name__] += 1
+                    continue
+                with lock:
+                    result.answered += 1
+                    result.latencies.append(time.perf_counter() - began)
+
+    threads = [threading.Thread(target=peer_loop, daemon=True) for _ in range(peers)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    return result
+
+
+def flight_sql_paths(results: dict[str, object]) -> None:
+    """Hook: Arrow Flight SQL measurements (5 M rows and tiny queries through ADBC and through
+    pyarrow.flight.FlightClient against the connector's Flight SQL port) go here once that
+    endpoint is merged; they add their figures to results under 'flight sql ...' names."""
+
+
+def spread(values: list[float]) -> str:
+    """Median and range, for a noisy shared machine."""
+    return f"median {statistics.median(values):.4g} (min {min(values):.4g}, max {max(values):.4g})"
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """How long and how much the control-path part measures."""
+
+    repeat: int = 3
+    tiny: int = 300
+    decisions: int = 2000
+    load_seconds: float = 5.0
+    peer_counts: tuple[int, ...] = (1, 16, 64)
+
+
+def measure_control(
+    work: Path,
+    provider: Path,
+    identity: PeerIdentity,
+    tls: tuple[Path, Path, Path],
+    queries: tuple[str, str, str],
+    options: ControlSettings,
+) -> list[str]:
+    """Run the control-path measurements against `connector serve` on provider's home;
+    queries: the big one, a tiny one, and their purpose. Returns the report's lines."""
+    big, tiny, purpose = queries
+    lines = []
+    port = free_port()
+    address = f"localhost:{port}"
+    with served(connector_process(provider, port), port, work / "connector.log") as server:
+        with Peer(address, identity, timeout=600) as peer:
+            pieces = work / "pieces.bin"
+            size = write_pieces(peer, big, purpose, pieces)
+            connector_cpu = server_cpu_per_call(
+                server.pid, raw_stub(peer, big, purpose), options.repeat
+            )
+            tiny_times = tiny_latencies(peer, tiny, purpose, options.tiny)
+        loads = []
+        memory = [rss_mib(server.pid)]
+        for count in options.peer_counts:
+            load = concurrent_load(address, identity, tiny, purpose, count, options.load_seconds)
+            loads.append(load)
+            memory.append(rss_mib(server.pid))
+    bare_port = free_port()
+    with served(bare_process(pieces, tls, bare_port), bare_port, work / "bare.log") as bare:
+        bare_cpu = server_cpu_per_call(bare.pid, bare_stream(bare_port, identity), options.repeat)
+    decisions = decision_seconds(provider, "grantee", tiny, purpose, options.decisions)
+    ratio = statistics.median(connector_cpu) / statistics.median(bare_cpu)
+    lines.append(f"server CPU per big call ({size / 1e6:.0f} MB of Arrow IPC), seconds:")
+    lines.append(f"  connector serve   {spread(connector_cpu)}")
+    lines.append(f"  bare grpcio       {spread(bare_cpu)}")
+    lines.append(f"  ratio: {ratio:.2f}x bare grpcio (target <= 1.3x)")
+    ms = [t * 1000 for t in tiny_times]
+    lines.append(
+        f"tiny query, raw stub, {len(ms)} calls: p50 {percentile(ms, 0.5):.2f} ms, "
+        f"p99 {percentile(ms, 0.99):.2f} ms (target p50 <= 2 ms)"
+    )
+    us = [t * 1e6 for t in decisions]
+    lines.append(
+        f"decision again for the same request: p50 {percentile(us, 0.5):.1f} us, "
+        f"p99 {percentile(us, 0.99):.1f} us (target <= 20 us)"
+    )
+    one = loads[0].per_second if loads and loads[0].peers == 1 else 0.0
+    for load in loads:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(load.errors.items())) or "none"
+        p99 = percentile(load.latencies, 0.99) * 1000 if load.latencies else float("nan")
+        versus = f", {load.per_second / one:.2f}x one peer" if one else ""
+        lines.append(
+            f"{load.peers:>3} peers for {load.seconds:g} s: {load.answered} answered "
+            f"({load.per_second:.0f}/s{versus}), p99 {p99:.1f} ms, errors: {errors}"
+        )
+    lines.append(
+        f"server RSS, MiB: {memory[0]:.0f} before the load, "
+        + ", ".join(
+            f"{m:.0f} after {n} peers" for m, n in zip(memory[1:], options.peer_counts, strict=True)
+        )
+        + f" ({(memory[-1] / memory[0] - 1) * 100:+.0f}% at the end; target within 10%)"
+    )
+    return lines
