@@ -125,7 +125,9 @@ class IngestSocket:
         log.info("live ingest: `connector ingest` hands files to this server over %s", self.path)
 
     def stop(self) -> None:
-        """Stop listening and remove the socket (requests being loaded finish)."""
+        """Stop listening and remove the socket (requests being loaded finish); once."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -149,9 +151,14 @@ class IngestSocket:
             except OSError:
                 return  # closed by stop()
             self._slots.acquire()
-            threading.Thread(
-                target=self._serve, args=(connection,), name="ingest-request", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._serve, args=(connection,), name="ingest-request", daemon=True
+                ).start()
+            except RuntimeError:  # no thread can start now (memory limit): refuse this one
+                log.warning("live ingest: no thread could start for a request; refused")
+                connection.close()
+                self._slots.release()
 
     def _serve(self, connection: socket.socket) -> None:
         try:

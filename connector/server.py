@@ -178,6 +178,8 @@ class RunningServer:
         """Stop taking requests; let running queries finish for grace seconds (default:
         shutdown_grace_seconds), then stop them; write their audit entries and the
         shutdown checkpoint, and close the store."""
+        if self._stop.is_set():
+            return  # stopped already (a test's fixture may stop what the test stopped)
         if grace is None:
             grace = self.settings.server.shutdown_grace_seconds
         self._stop.set()

@@ -3,12 +3,14 @@
 At the address-space limit no thread can start. gRPC hands each call to the request pool
 from its one serving thread; a pool that started threads on demand raised there, that
 thread ended, and the server took connections and answered none, ever (found by
-test_memory_bounds.py's concurrent blow-ups).
+test_memory_bounds.py's concurrent blow-ups). And stopping never waits on what a first
+stop ended.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -59,3 +61,16 @@ def test_many_concurrent_queries_are_answered_when_no_thread_can_start(
             peer.close()
     assert not failures, failures[:3]
     assert len(answers) == 36 and set(answers) == {4}
+
+
+def test_a_second_stop_returns_at_once(
+    provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
+) -> None:
+    # Fixtures stop what a test stopped already: the second stop must not wait (it waited
+    # for the ingest socket's loads, 30 s) or touch what the first closed.
+    provider, _ = provider_pair()
+    server = serve(provider)
+    server.stop(grace=1)
+    started = time.monotonic()
+    server.stop(grace=1)
+    assert time.monotonic() - started < 5
