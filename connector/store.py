@@ -388,15 +388,19 @@ def empty_copy(datasets: list[DatasetInfo], folder: Path) -> Path:
     return path
 
 
-def list_datasets(db_path: Path) -> list[DatasetInfo]:
-    """The datasets in a member database (opened read-only)."""
+def open_read_only(db_path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to a member database (StoreBusy while a server holds it)."""
     if not db_path.exists():
         raise StoreError(f"{db_path} does not exist: run `connector init` first")
     try:
-        con = duckdb.connect(str(db_path), read_only=True)
+        return duckdb.connect(str(db_path), read_only=True)
     except duckdb.Error as exc:
         raise busy_or_error(exc, db_path) from None
-    with con:
+
+
+def list_datasets(db_path: Path) -> list[DatasetInfo]:
+    """The datasets in a member database (opened read-only)."""
+    with open_read_only(db_path) as con:
         try:
             return list(read_metadata(con).values())
         except duckdb.CatalogException:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import duckdb
 
-from connector.errors import StoreError
-from connector.store import busy_or_error
+from connector.store import open_read_only
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,7 @@ def read_versions(con: duckdb.DuckDBPyConnection, dataset: str) -> list[VersionI
 
 def list_versions(db_path: Path, dataset: str) -> list[VersionInfo]:
     """The version log of dataset in a member database (opened read-only)."""
-    if not db_path.exists():
-        raise StoreError(f"{db_path} does not exist: run `connector init` first")
-    try:
-        con = duckdb.connect(str(db_path), read_only=True)
-    except duckdb.Error as exc:
-        raise busy_or_error(exc, db_path) from None
-    with con:
+    with open_read_only(db_path) as con:
         try:
             return read_versions(con, dataset)
         except duckdb.CatalogException:
