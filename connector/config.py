@@ -6,7 +6,6 @@ errors: a typo in a security setting must not be silently ignored.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tomllib
@@ -17,6 +16,7 @@ from typing import Any, ClassVar
 
 from connector.errors import ConfigError
 from connector.process_memory import AUTO, MIN_OVERHEAD, parse_size
+from connector.toml_strict import TomlSection, check_nesting
 
 CONFIG_FILE = "connector.toml"
 CONFIG_FORMAT = 1
@@ -41,19 +41,8 @@ DEFAULT_PATHS: Mapping[tuple[str, str], str] = {
 DEFAULT_REFUSAL_BURST = 20  # a member's refusals recorded one by one before throttling
 DEFAULT_REFUSALS_PER_MINUTE = 30  # ... and how fast that allowance comes back
 DEFAULT_SHAPED_COPIES_MAX_BYTES = "1GiB"
-# connector.toml is two levels deep; tomllib recurses once per level of arrays and inline
-# tables, so thousands of levels raised RecursionError. Bounded before parsing.
-MAX_TOML_DEPTH = 16
-MAX_WHOLE = 2**31 - 1  # gRPC and DuckDB take these settings as 32-bit integers
 MAX_SECONDS = 7 * 24 * 3600.0
 MAX_QUEUE = 1024  # each waiting query holds one of the server's prestarted threads
-# Strings and comments, whose brackets do not nest: multi-line forms first.
-_TOML_SKIP = re.compile(
-    "|".join(
-        (r'"""[\s\S]*?"""', r"'''[\s\S]*?'''", r'"(?:[^"\\\n]|\\.)*"', r"'[^'\n]*'", r"#[^\n]*")
-    )
-)
-_TOML_BRACKET = re.compile(r"[\[\]{}]")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
@@ -173,7 +162,7 @@ def settings_from_text(text: str, home: Path) -> Settings:
     this way before writing it)."""
     path = home / CONFIG_FILE
     try:
-        _check_nesting(path, text)
+        check_nesting(path, text)
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
@@ -184,99 +173,15 @@ def settings_from_text(text: str, home: Path) -> Settings:
     return _settings_from(raw, home, path)
 
 
-def _check_nesting(path: Path, text: str) -> None:
-    """ConfigError when arrays or inline tables nest deeper than MAX_TOML_DEPTH."""
-    depth = 0
-    for bracket in _TOML_BRACKET.finditer(_TOML_SKIP.sub("", text)):
-        depth += 1 if bracket.group() in "[{" else -1
-        if depth > MAX_TOML_DEPTH:
-            line = text.count("\n", 0, bracket.start()) + 1
-            raise ConfigError(
-                f"{path}:{line}: nested more than {MAX_TOML_DEPTH} levels deep; "
-                "write it as `connector init` does"
-            )
-        depth = max(depth, 0)
-
-
-class _Section:
-    """One TOML table being read; remembers which keys were used to reject the rest."""
-
-    def __init__(self, raw: Any, name: str, path: Path) -> None:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: [{name}] must be a table")
-        self.raw: dict[str, Any] = raw
-        self.name = name
-        self.path = path
-        self.used: set[str] = set()
-
-    def _get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self.used.add(key)
-        if key not in self.raw:
-            if default is _REQUIRED:
-                raise ConfigError(f"{self.path}: [{self.name}] needs '{key}'")
-            return default
-        value = self.raw[key]
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise ConfigError(f"{self.path}: [{self.name}] {key} must not be true/false")
-        if not isinstance(value, kind):
-            raise ConfigError(f"{self.path}: [{self.name}] {key} has the wrong type ({value!r})")
-        return value
-
-    def text(self, key: str, default: Any = None) -> str:
-        return str(self._get(key, str, _REQUIRED if default is None else default))
-
-    def number(self, key: str, default: float, minimum: float, maximum: float) -> float:
-        raw = self._get(key, (int, float), default)
-        try:
-            value = float(raw)
-        except OverflowError:  # an integer of hundreds of digits
-            value = math.inf
-        if not math.isfinite(value) or not minimum <= value <= maximum:
-            raise ConfigError(
-                f"{self.path}: [{self.name}] {key} must be a number from {minimum:g} to "
-                f"{maximum:g}, not {str(raw)[:40]}"
-            )
-        return value
-
-    def whole(self, key: str, default: int, minimum: int, maximum: int = MAX_WHOLE) -> int:
-        value = int(self._get(key, int, default))
-        if not minimum <= value <= maximum:
-            raise ConfigError(
-                f"{self.path}: [{self.name}] {key} must be a whole number from {minimum} to "
-                f"{maximum}, not {str(value)[:40]}"
-            )
-        return value
-
-    def strings(self, key: str) -> list[str]:
-        values = self._get(key, list, [])
-        if not all(isinstance(v, str) for v in values):
-            raise ConfigError(f"{self.path}: [{self.name}] {key} must be a list of strings")
-        return list(values)
-
-    def table(self, key: str) -> dict[str, Any]:
-        return dict(self._get(key, dict, {}))
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.raw) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"{self.path}: unknown key(s) in [{self.name}]: {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(self.used))}"
-            )
-
-
-_REQUIRED = object()
-
-
 def _settings_from(raw: dict[str, Any], home: Path, path: Path) -> Settings:
-    top = _Section(raw, "top level", path)
+    top = TomlSection(raw, "top level", path)
     fmt = top.whole("format", CONFIG_FORMAT, 1)
     if fmt > CONFIG_FORMAT:
         raise ConfigError(
             f"{path} has format {fmt}, written for a newer connector (this one reads "
             f"format {CONFIG_FORMAT}); upgrade the connector"
         )
-    sections = {name: _Section(top.table(name), name, path) for name in _SECTIONS}
+    sections = {name: TomlSection(top.table(name), name, path) for name in _SECTIONS}
     top.finish()
     member, audit = sections["member"], sections["audit"]
 
@@ -328,14 +233,14 @@ _SECTIONS = (
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
-def _flight(section: _Section) -> FlightSettings:
+def _flight(section: TomlSection) -> FlightSettings:
     # A home made before the Flight SQL port existed has no [flight]: the port stays off.
     return FlightSettings(
         listen=_optional_listen(section, DEFAULT_FLIGHT_LISTEN, "turn the Flight SQL port off")
     )
 
 
-def _server(section: _Section) -> ServerSettings:
+def _server(section: TomlSection) -> ServerSettings:
     memory = section.text("memory_limit", ServerSettings.memory_limit)
     if not _SIZE.fullmatch(memory.strip()):
         raise ConfigError(
@@ -376,13 +281,13 @@ def _server(section: _Section) -> ServerSettings:
     )
 
 
-def _metrics(section: _Section) -> MetricsSettings:
+def _metrics(section: TomlSection) -> MetricsSettings:
     return MetricsSettings(
         listen=_optional_listen(section, MetricsSettings.example_listen, "serve no metrics")
     )
 
 
-def _optional_listen(section: _Section, example: str, empty_means: str) -> str:
+def _optional_listen(section: TomlSection, example: str, empty_means: str) -> str:
     """The section's `listen`: HOST:PORT, or "" (also when left out) for no such port."""
     listen = section.text("listen", "").strip()
     found = _HOST_PORT.fullmatch(listen)
@@ -398,9 +303,9 @@ _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4})
 
 
-def _byte_size(section: _Section, key: str, default: str) -> int:
+def _byte_size(section: TomlSection, key: str, default: str) -> int:
     """A size in bytes, written as a whole number or as text such as '512MiB' (at least 1 MiB)."""
-    value = section._get(key, (int, str), default)
+    value = section.value(key, (int, str), default)
     if isinstance(value, int):
         size = value
     else:
@@ -416,7 +321,7 @@ def _byte_size(section: _Section, key: str, default: str) -> int:
     return size
 
 
-def _process_memory(section: _Section, memory_limit: str) -> str:
+def _process_memory(section: TomlSection, memory_limit: str) -> str:
     value = section.text("process_memory_limit", AUTO)
     if value.strip().lower() == AUTO:
         return AUTO
@@ -429,7 +334,9 @@ def _process_memory(section: _Section, memory_limit: str) -> str:
     return value
 
 
-def _policies(section: _Section, home: Path, in_home: Callable[[str, str], Path]) -> PolicySettings:
+def _policies(
+    section: TomlSection, home: Path, in_home: Callable[[str, str], Path]
+) -> PolicySettings:
     engine = section.text("engine", PolicySettings.engine)
     if engine not in ENGINES:
         raise ConfigError(
@@ -468,7 +375,7 @@ def _policies(section: _Section, home: Path, in_home: Callable[[str, str], Path]
     )
 
 
-def _revoked(section: _Section) -> Revocations:
+def _revoked(section: TomlSection) -> Revocations:
     serials: set[int] = set()
     for text in section.strings("serials"):
         try:
