@@ -70,17 +70,17 @@ from connector.flight_tickets import (
     Prepared,
 )
 from connector.identity import MemberIdentity
-from connector.policy.ref import policy_refs
-from connector.provider import Provider
-from connector.query_run import QueryRun
-from connector.request import PeerRequest
-from connector.sandbox import OUT_OF_MEMORY
-from connector.service import (
+from connector.peer_failures import (
     STATE_FAILED,
     EngineFailureLog,
     new_request_id,
     storage_trouble,
 )
+from connector.policy.ref import policy_refs
+from connector.provider import Provider
+from connector.query_run import QueryRun
+from connector.request import PeerRequest
+from connector.sandbox import OUT_OF_MEMORY
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pyarrow import flight
 
 from connector.canonical import canonical_bytes
 from connector.errors import ConnectorError, PermissionDenied, PolicyEngineError, StateUnavailable
-from connector.service import ENGINE_FAILED, ENGINE_UNAVAILABLE, STATE_FAILED
+from connector.peer_failures import ENGINE_FAILED, ENGINE_UNAVAILABLE, STATE_FAILED
 
 # How each kind of connector error reaches a Flight client (errors.py names the kind by its
 # gRPC status). Flight has no class for INVALID_ARGUMENT or RESOURCE_EXHAUSTED: those go as

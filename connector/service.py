@@ -6,12 +6,9 @@ in the auth context, never from a request field.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import threading
-import uuid
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -19,7 +16,6 @@ import grpc
 
 from connector import __version__
 from connector._proto.connector.v1 import connector_pb2 as pb
-from connector.audit import write_failure_cause
 from connector.audit_entry import AuditEntry
 from connector.errors import (
     AnswerTooLarge,
@@ -27,7 +23,6 @@ from connector.errors import (
     ConnectorError,
     PermissionDenied,
     PolicyEngineError,
-    PolicyEngineUnavailable,
     QueryCancelled,
     QueryRejected,
     QueryStalled,
@@ -40,10 +35,17 @@ from connector.errors import (
 )
 from connector.identity import MemberIdentity
 from connector.log_context import bind_request
+from connector.peer_failures import (
+    STATE_FAILED,
+    STOPPING,
+    EngineFailureLog,
+    new_request_id,
+    peer_text,
+    storage_trouble,
+)
 from connector.policy.ref import joined
 from connector.provider import Provider
 from connector.query_run import QueryRun
-from connector.rate import RateLimit
 from connector.sandbox import OUT_OF_MEMORY
 from connector.status import REASON_KEY, reasons_metadata, status_of
 from connector.wire import (
@@ -55,68 +57,6 @@ from connector.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# What a peer is told instead of an error text that would show the provider's internals
-# (engine output, JSON decode positions, the OPA server's address); the owner's log and the
-# audit entry keep the detail.
-ENGINE_FAILED = (
-    "the provider's policy engine could not reach a decision, so nothing is answered; the "
-    "provider's operators can see why in its log"
-)
-ENGINE_UNAVAILABLE = (
-    "the provider's policy engine is unavailable right now, so nothing is answered; retry "
-    "later (the provider's operators can see why in its log)"
-)
-STOPPING = (
-    "the provider's connector is shutting down, so this query was stopped before it ended; "
-    "retry later"
-)
-STATE_FAILED = (
-    "the provider's connector cannot write its working state right now, so it answers "
-    "nothing; retry later"
-)
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-_STORAGE_TEXTS = ("disk is full", "no space left", "readonly database", "read-only file system")
-
-
-def storage_trouble(error: BaseException) -> str | None:
-    """What is wrong with storage when error means a full or read-only volume, else None."""
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
-        return write_failure_cause(error)
-    text = str(error).lower()
-    return next((t for t in _STORAGE_TEXTS if t in text), None)
-
-
-def _peer_text(error: ConnectorError) -> str:
-    if isinstance(error, PolicyEngineUnavailable):
-        return ENGINE_UNAVAILABLE
-    return ENGINE_FAILED if isinstance(error, PolicyEngineError) else error.message
-
-
-class EngineFailureLog:
-    """While the engine is down every request fails the same way: one ERROR line every few
-    seconds per kind of failure, not one per request (a peer's retries must not flood the
-    log; each request is still in the audit log)."""
-
-    def __init__(self, per_minute: int = 6) -> None:
-        self._limit = RateLimit(per_minute)
-        self._unlogged: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def failed(self, error: PolicyEngineError) -> None:
-        """Log error unless its kind was logged a moment ago (then count it)."""
-        kind = type(error).__name__
-        with self._lock:
-            if self._limit.take(kind):
-                self._unlogged[kind] += 1
-                return
-            also = self._unlogged.pop(kind, 0)
-        log.error(
-            "the policy engine failed (the peer is told only that): %s%s",
-            error.message,
-            f" ({also} more such refusals since the last line)" if also else "",
-        )
 
 
 def _abort(
@@ -131,8 +71,8 @@ def _abort(
         context.set_trailing_metadata(reasons_metadata(error))
     elif code is grpc.StatusCode.UNAVAILABLE:
         # A reason marks the refusal as the provider's own, not a transport failure.
-        context.set_trailing_metadata(((REASON_KEY, _peer_text(error).encode("utf-8")),))
-    context.abort(code, _peer_text(error))
+        context.set_trailing_metadata(((REASON_KEY, peer_text(error).encode("utf-8")),))
+    context.abort(code, peer_text(error))
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
 
@@ -144,11 +84,6 @@ def _internal(context: grpc.ServicerContext, method: str) -> NoReturn:
         "the provider's connector failed unexpectedly; its operators can find the cause in its log",
     )
     raise AssertionError("context.abort returns only by raising")  # pragma: no cover
-
-
-def new_request_id() -> str:
-    """A request id assigned by this connector (random, so unique across restarts too)."""
-    return str(uuid.uuid4())
 
 
 class _Handed:

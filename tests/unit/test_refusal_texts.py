@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from connector.service import storage_trouble
+from connector.peer_failures import storage_trouble
 
 
 @pytest.mark.parametrize(
