@@ -80,7 +80,7 @@ from connector.policy.ref import policy_refs
 from connector.provider import Provider
 from connector.query_run import QueryRun
 from connector.request import PeerRequest
-from connector.sandbox import OUT_OF_MEMORY
+from connector.sandbox_errors import OUT_OF_MEMORY
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,13 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import duckdb
+
 from connector import sqltree
 from connector.aggregates import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS, is_measurement_type
 from connector.errors import QueryRejected
-from connector.sqltree import Ancestors, Node, SourceName
+from connector.sandbox_errors import peer_message, plan_refusal
+from connector.sqltree import Ancestors, Node, SourceName, plan_document
 
 __all__ = [
     "ExposedRelation",
@@ -288,3 +291,32 @@ def _is_min_count(expression: Mapping[str, Any], counts: set[int], minimum: int)
         return False
     value = sqltree.bound_constant(right)
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def bound_plan(
+    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
+) -> dict[str, Any]:
+    """The bound plan of one SELECT as DuckDB serialises it; refusals for what cannot bind."""
+    return bound_plan_text(cursor, sql, datasets)[1]
+
+
+def bound_plan_text(
+    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
+) -> tuple[str, dict[str, Any]]:
+    """The bound plan's serialised text and its parse; refusals for what cannot bind."""
+    # The shaped database is writable: nothing but one SELECT may reach the planner.
+    try:
+        statements = cursor.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRejected(peer_message(exc)) from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryRejected("send exactly one SELECT statement")
+    try:
+        rows = cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
+    except duckdb.Error as exc:
+        raise QueryRejected(peer_message(exc)) from None
+    text = rows[0][0] if rows else None
+    plan = plan_document(text)
+    if plan.get("error"):
+        raise plan_refusal(plan, datasets)
+    return str(text), plan

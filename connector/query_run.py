@@ -35,7 +35,8 @@ from connector.policy.ref import policy_refs
 from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner
 from connector.request import Explanation, PeerRequest
-from connector.sandbox import SandboxDatabase, SandboxSession
+from connector.sandbox import SandboxDatabase
+from connector.sandbox_session import SandboxSession
 from connector.slots import Slot
 
 log = logging.getLogger(__name__)

@@ -17,35 +17,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import duckdb
-import pyarrow as pa
 
-from connector.alarms import Alarm, AlarmClock
-from connector.arrow_stream import narrowed, narrowed_schema
+from connector.alarms import AlarmClock
 from connector.commit_gate import CommitGate
 from connector.errors import (
-    QueryCancelled,
-    QueryRejected,
-    QueryTimeout,
-    ResourceExhausted,
     StoreError,
 )
-from connector.plancheck import ExposedRelation, SourceName, check_plan_text
-from connector.sandbox_errors import PEER_FAULTS, peer_message, plan_refusal
+from connector.plancheck import bound_plan
+from connector.sandbox_errors import sandbox_failures
+from connector.sandbox_session import STORED_CATALOG, SandboxSession
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,
-    SHAPED_CATALOG,
     ShapedCopies,
     attach_scratch,
 )
 from connector.sqltext import quote_identifier, sql_string
-from connector.sqltree import plan_document
 from connector.store import (
     ColumnInfo,
     DatasetInfo,
@@ -67,15 +59,10 @@ class TypedRelation(Protocol):
     def columns(self) -> tuple[ColumnInfo, ...]: ...
 
 
-INTERRUPT_REPEATS = 200
-INTERRUPT_INTERVAL = 0.05
-STORED_CATALOG = "stored"  # the member's file, attached read-only
 CHECKED_NAMES = 1024  # texts whose names bound against their stand-ins, kept (LRU)
 MAX_CHECKED_LENGTH = 16_384  # longer texts are bound every time
-OUT_OF_MEMORY = "the query needs more memory than this connector allows; aggregate or filter more"
 # How an allocation that failed inside DuckDB can be worded when it is not raised as
 # OutOfMemoryException (a failed allocation at the process's address-space limit).
-_OUT_OF_MEMORY_TEXTS = ("out of memory", "bad allocation", "bad_alloc", "failed to allocate")
 
 
 @dataclass(frozen=True)
@@ -206,7 +193,7 @@ class SandboxDatabase:
     def session(self) -> SandboxSession:
         """A fresh cursor for one request in a read-only transaction (nothing it runs can
         write the member's data); its TEMP views vanish with it."""
-        with _sandbox_errors():
+        with sandbox_failures():
             cursor = self._cursor()
             try:
                 cursor.execute("BEGIN TRANSACTION READ ONLY")
@@ -245,10 +232,10 @@ class SandboxDatabase:
     def _bind_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
     ) -> None:
-        with _sandbox_errors():
+        with sandbox_failures():
             cursor = self._cursor()
         try:
-            with _sandbox_errors():
+            with sandbox_failures():
                 for relation in relations:
                     columns = ", ".join(
                         f"CAST(NULL AS {c.type}) AS {quote_identifier(c.name)}"
@@ -274,157 +261,6 @@ class SandboxDatabase:
         self._db.close()
 
 
-class SandboxSession:
-    """One request's cursor: exposes per-request views, checks the plan, streams results."""
-
-    def __init__(
-        self, cursor: duckdb.DuckDBPyConnection, shaped: ShapedCopies, alarms: AlarmClock
-    ) -> None:
-        self._cursor = cursor
-        self._shaped = shaped
-        self._alarms = alarms
-        self._interrupts = 0
-        self._copies: list[str] = []
-        self._running = threading.Event()
-        self._cancelled = threading.Event()
-        self._closed = False
-        self._timed_out = False
-        self._lock = threading.Lock()
-
-    def expose(self, relations: Sequence[ExposedRelation]) -> None:
-        """Create the TEMP view of each relation under its dataset name."""
-        for relation in relations:
-            source = relation.sql
-            if relation.shaped_table:
-                shaped = self._shaped.acquire(relation)  # our own name, a hash
-                self._copies.append(relation.shaped_table)
-                source = f"SELECT * FROM {shaped}"  # noqa: S608
-            with _sandbox_errors():
-                self._cursor.execute(
-                    f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
-                )
-
-    def verify_plan(
-        self, sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str] = ()
-    ) -> dict[str, Any]:
-        """Second layer: one SELECT whose bound plan scans only what the relations expose,
-        and reads aggregate-only relations only in the aggregate form; returns the plan."""
-        text, plan = bound_plan_text(self._cursor, sql, datasets or [r.dataset for r in relations])
-        check_plan_text(text, plan, {_source_of(r): r for r in relations})
-        return plan
-
-    def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
-        """Run sql and return its batches as they come (memory bounded by batch_rows)."""
-        self._running.set()
-        deadline = self._alarms.call_later(timeout, self._time_up) if timeout else None
-        try:
-            reader = self._cursor.sql(sql).to_arrow_reader(batch_rows)
-        except (duckdb.Error, pa.ArrowException, OSError, MemoryError, RuntimeError) as exc:
-            if deadline:
-                deadline.cancel()
-            raise self._map(exc) from None
-        return ResultStream(reader, self, deadline)
-
-    def _time_up(self) -> None:
-        self._timed_out = True
-        self.interrupt()
-
-    def _map(self, exc: Exception) -> Exception:
-        text = str(exc)
-        # pyarrow re-raises DuckDB's interrupt as a plain OSError: its text is all that is left.
-        interrupted = isinstance(exc, duckdb.InterruptException) or "INTERRUPT" in text
-        if self._timed_out or (interrupted and not self._cancelled.is_set()):
-            # An interrupt nobody here asked for is DuckDB's own max_execution_time.
-            return QueryTimeout("the query ran past its time limit and was stopped")
-        if interrupted or self._cancelled.is_set():
-            return QueryCancelled("the query was cancelled")
-        if _out_of_memory(exc):
-            return ResourceExhausted(OUT_OF_MEMORY)
-        if not isinstance(exc, duckdb.Error):
-            log.warning("peer query failed outside DuckDB: %r", exc)
-            return StoreError("the query failed while running")
-        log.info("peer query failed in DuckDB: %s", text.splitlines()[0] if text else exc)
-        if isinstance(exc, PEER_FAULTS):
-            return QueryRejected(peer_message(exc))
-        return StoreError(peer_message(exc))
-
-    def interrupt(self) -> None:
-        """Stop the running query; repeated until DuckDB has noticed (SECURITY.md)."""
-        with self._lock:
-            if self._closed or not self._running.is_set() or self._cancelled.is_set():
-                return
-            self._cancelled.set()
-        # An interrupt that arrives before DuckDB starts executing is lost: repeat it.
-        self._alarms.call_later(0.0, self._interrupt_again)
-
-    def _interrupt_again(self) -> float | None:
-        with self._lock:
-            if self._closed or not self._running.is_set() or self._interrupts >= INTERRUPT_REPEATS:
-                return None
-            self._interrupts += 1
-            self._cursor.interrupt()  # sets a flag in DuckDB: returns at once
-        return INTERRUPT_INTERVAL
-
-    def finished(self) -> None:
-        """The query is done; interrupts no longer apply."""
-        self._running.clear()
-
-    def close(self) -> None:
-        """Close the cursor (and its TEMP views)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._running.clear()
-        try:
-            self._cursor.close()
-        except duckdb.Error:
-            log.debug("closing a sandbox cursor failed", exc_info=True)
-        for name in self._copies:
-            self._shaped.release(name)
-
-
-class ResultStream:
-    """The schema and record batches of a running query."""
-
-    def __init__(
-        self,
-        reader: pa.RecordBatchReader,
-        session: SandboxSession,
-        deadline: Alarm | None,
-    ) -> None:
-        self.schema: pa.Schema = narrowed_schema(reader.schema)
-        self._reader = reader
-        self._session = session
-        self._deadline = deadline
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        try:
-            while True:
-                if self._session._cancelled.is_set():
-                    raise self._session._map(duckdb.InterruptException("interrupted"))
-                try:
-                    batch = self._reader.read_next_batch()
-                except StopIteration:
-                    return
-                except (duckdb.Error, pa.ArrowException, MemoryError, OSError) as exc:
-                    # pyarrow reports DuckDB's interrupt ("INTERRUPT Error") and a failed
-                    # allocation in DuckDB's reader as plain OSErrors: _map reads them all.
-                    raise self._session._map(exc) from None
-                try:
-                    batch = narrowed(batch, self.schema)
-                except pa.ArrowInvalid:
-                    raise QueryRejected(
-                        "a whole number in the result does not fit in 64 bits; cast it in the "
-                        "query (to DOUBLE or VARCHAR)"
-                    ) from None
-                yield batch
-        finally:
-            if self._deadline:
-                self._deadline.cancel()
-            self._session.finished()
-
-
 _NamesKey = tuple[str, tuple[tuple[str, tuple[tuple[str, str], ...]], ...], tuple[str, ...]]
 
 
@@ -438,65 +274,3 @@ def _names_key(
         (str(r.dataset), tuple((str(c.name), str(c.type)) for c in r.columns)) for r in relations
     )
     return sql, stand_ins, tuple(str(d) for d in datasets)
-
-
-def bound_plan(
-    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
-) -> dict[str, Any]:
-    """The bound plan of one SELECT as DuckDB serialises it; refusals for what cannot bind."""
-    return bound_plan_text(cursor, sql, datasets)[1]
-
-
-def bound_plan_text(
-    cursor: duckdb.DuckDBPyConnection, sql: str, datasets: Sequence[str]
-) -> tuple[str, dict[str, Any]]:
-    """The bound plan's serialised text and its parse; refusals for what cannot bind."""
-    # The shaped database is writable: nothing but one SELECT may reach the planner.
-    try:
-        statements = cursor.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryRejected(peer_message(exc)) from None
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise QueryRejected("send exactly one SELECT statement")
-    try:
-        rows = cursor.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()
-    except duckdb.Error as exc:
-        raise QueryRejected(peer_message(exc)) from None
-    text = rows[0][0] if rows else None
-    plan = plan_document(text)
-    if plan.get("error"):
-        raise plan_refusal(plan, datasets)
-    return str(text), plan
-
-
-@contextmanager
-def _sandbox_errors() -> Iterator[None]:
-    """DuckDB's and Python's errors outside a running query (cursors, views) as the
-    connector's own: memory running short is RESOURCE_EXHAUSTED, never INTERNAL."""
-    try:
-        yield
-    except (duckdb.Error, MemoryError, RuntimeError) as exc:
-        if _out_of_memory(exc):
-            raise ResourceExhausted(OUT_OF_MEMORY) from None
-        log.warning("the sandbox failed outside a query: %s", exc)
-        raise StoreError(
-            peer_message(exc) if isinstance(exc, duckdb.Error) else "the sandbox failed"
-        ) from None
-
-
-def _out_of_memory(exc: Exception) -> bool:
-    """A failed allocation, whichever layer reports it (DuckDB, Arrow or Python); a thread
-    that cannot start has no memory for its stack."""
-    if isinstance(exc, duckdb.OutOfMemoryException | MemoryError):
-        return True
-    if isinstance(exc, RuntimeError):
-        return "can't start new thread" in str(exc)
-    text = str(exc).lower()
-    return any(t in text for t in _OUT_OF_MEMORY_TEXTS)
-
-
-def _source_of(relation: ExposedRelation) -> SourceName:
-    """The (catalog, schema, table) a relation's scans must name."""
-    if relation.shaped_table:
-        return (SHAPED_CATALOG, "main", relation.shaped_table)
-    return (STORED_CATALOG, "datasets", relation.dataset)

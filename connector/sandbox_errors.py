@@ -6,14 +6,27 @@ and names the peer did not write; these texts are what a peer gets instead.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import duckdb
 
-from connector.errors import ConnectorError, PermissionDenied, QueryRejected
+from connector.errors import (
+    ConnectorError,
+    PermissionDenied,
+    QueryRejected,
+    ResourceExhausted,
+    StoreError,
+)
 from connector.refusals import column_refusal
 from connector.sqltree import error_position
+
+log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY = "the query needs more memory than this connector allows; aggregate or filter more"
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "bad allocation", "bad_alloc", "failed to allocate")
 
 # DuckDB error classes a peer may learn about, with a fixed text that echoes no data.
 _SAFE_MESSAGES: tuple[tuple[type[duckdb.Error], str], ...] = (
@@ -89,3 +102,29 @@ def plan_refusal(plan: Mapping[str, object], datasets: Sequence[str]) -> Connect
             )
         return QueryRejected(f"{kind or 'name'} {name} does not exist", position=position)
     return QueryRejected(plan_error_message(plan), position=position)
+
+
+@contextmanager
+def sandbox_failures() -> Iterator[None]:
+    """DuckDB's and Python's errors outside a running query (cursors, views) as the
+    connector's own: memory running short is RESOURCE_EXHAUSTED, never INTERNAL."""
+    try:
+        yield
+    except (duckdb.Error, MemoryError, RuntimeError) as exc:
+        if out_of_memory(exc):
+            raise ResourceExhausted(OUT_OF_MEMORY) from None
+        log.warning("the sandbox failed outside a query: %s", exc)
+        raise StoreError(
+            peer_message(exc) if isinstance(exc, duckdb.Error) else "the sandbox failed"
+        ) from None
+
+
+def out_of_memory(exc: Exception) -> bool:
+    """A failed allocation, whichever layer reports it (DuckDB, Arrow or Python); a thread
+    that cannot start has no memory for its stack."""
+    if isinstance(exc, duckdb.OutOfMemoryException | MemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        return "can't start new thread" in str(exc)
+    text = str(exc).lower()
+    return any(t in text for t in _OUT_OF_MEMORY_TEXTS)

@@ -46,7 +46,7 @@ from connector.peer_failures import (
 from connector.policy.ref import joined
 from connector.provider import Provider
 from connector.query_run import QueryRun
-from connector.sandbox import OUT_OF_MEMORY
+from connector.sandbox_errors import OUT_OF_MEMORY
 from connector.status import REASON_KEY, reasons_metadata, status_of
 from connector.wire import (
     dataset_message,

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
      "policy.fit", "policy.registry", "policy.lint_draft", "policy.lint_across", "policy.lint",
      "policy.draft", "policy.explain", "policy.filter_order", "policy.diff"},
     {"enforce", "incremental", "plancheck", "decision_cache", "quota", "slots",
-     "shaped_copies", "sandbox_errors", "sandbox"},
+     "shaped_copies", "sandbox_errors", "sandbox_session", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit", "query_run", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases", "home_provider",
      "peer_failures", "backup",

@@ -10,8 +10,8 @@ import pytest
 
 from connector.enforce import relation_for
 from connector.errors import QueryRejected
-from connector.plancheck import check_plan_text
-from connector.sandbox import SandboxDatabase, bound_plan_text
+from connector.plancheck import bound_plan_text, check_plan_text
+from connector.sandbox import SandboxDatabase
 from connector.store import DatasetInfo
 from tests.unit.test_shaped_sandbox import AGGREGATE, COLUMNS, KEY, MASKED, _run, parts
 
