@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +49,39 @@ READ_SECONDS = 10.0  # a request must arrive this quickly after connecting
 STOP_GRACE_SECONDS = 30.0  # how long a stopping server waits for loads in progress
 
 
+# A load's request, the rows it added (0 when refused) and its refusal, if any.
+IngestReport = Callable[[LoadRequest, int, ConnectorError | None], None]
+
+
 class LiveIngest:
     """Loads files into the running server's database; thread-safe."""
 
-    def __init__(self, sandbox: SandboxDatabase) -> None:
+    def __init__(self, sandbox: SandboxDatabase, on_finished: IngestReport | None = None) -> None:
+        """on_finished: told of every load's request and its outcome (metrics)."""
         self._sandbox = sandbox
+        self._on_finished = on_finished
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_lock = threading.Lock()
         self.loaded = 0  # ingests committed since start
 
     def load(self, request: LoadRequest) -> DatasetInfo:
         """Load request's file: all of it becomes visible at once, or nothing does."""
+        try:
+            info, added = self._load(request)
+        except ConnectorError as error:
+            if self._on_finished is not None:
+                self._on_finished(request, 0, error)
+            raise
+        if self._on_finished is not None:
+            self._on_finished(request, added, None)
+        return info
+
+    def _load(self, request: LoadRequest) -> tuple[DatasetInfo, int]:
         with self._locks_lock:
             lock = self._locks[request.dataset]
         with stage(request) as staged, lock:
+            before = self._sandbox.datasets().get(request.dataset)
+            kept = before.rows if before is not None and request.mode == "append" else 0
             writer = self._sandbox.writer()
             try:
                 info = load(writer, staged, request, commit=self._commit)
@@ -77,7 +96,7 @@ class LiveIngest:
             info.rows,
             info.version,
         )
-        return info
+        return info, info.rows - kept
 
     def _commit(self, writer: duckdb.DuckDBPyConnection) -> None:
         with self._sandbox.gate.commit():

@@ -6,7 +6,7 @@ entry is counted once under its kind and outcome, and refusals the log throttled
 from its aggregate entries. Gauges (active queries, policies in force, quota use today) are
 read when Prometheus scrapes. Served over plain HTTP at `[metrics] listen`, `/metrics`.
 
-Live ingest and the watched drop folder report through `ingest_finished` and `watched_file`.
+Live ingests report through `ingest_reported` (the server's `LiveIngest`), watched files among them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from connector.errors import ConfigError
+from connector.errors import AlreadyLoaded, ConfigError, ConnectorError
 from connector.policy.registry import PolicySnapshot
 from connector.policy.signing import VerdictStatus
 from connector.quota import QuotaLedger
+from connector.store import LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,16 @@ class ConnectorMetrics:
         self.ingests.labels(dataset, mode, "loaded" if ok else "failed").inc()
         if ok:
             self.ingested_rows.labels(dataset).inc(max(0, rows))
+
+    def ingest_reported(
+        self, request: LoadRequest, rows: int, error: ConnectorError | None
+    ) -> None:
+        """A live ingest ended (`LiveIngest`'s report); a request that loads a file only once
+        comes from a watched folder (`connector ingest --watch`)."""
+        self.ingest_finished(request.dataset, request.mode, rows, ok=error is None)
+        if request.once:
+            duplicate = isinstance(error, AlreadyLoaded)
+            self.watched_file("loaded" if error is None else "duplicate" if duplicate else "failed")
 
     def watched_file(self, outcome: str) -> None:
         """A file was taken from a watched folder: loaded, failed or duplicate."""

@@ -297,7 +297,9 @@ def start_server(
         raise ConfigError(
             f"cannot listen on {address}: {exc}; is another server using it?"
         ) from None
-    ingest = IngestSocket(LiveIngest(provider.sandbox), socket_path(settings))
+    ingest = IngestSocket(
+        LiveIngest(provider.sandbox, metrics.ingest_reported), socket_path(settings)
+    )
     try:
         ingest.start()
     except (OSError, ConnectorError) as exc:

@@ -23,6 +23,7 @@ from tests.conftest import (
     connect,
     from_template,
     policy_text,
+    run_cli,
     servers,
     write_defects_csv,
 )
@@ -195,3 +196,30 @@ def test_a_metrics_port_in_use_stops_the_start_with_the_reason(
     config.write_text(text)
     with servers() as start:
         assert start(provider).metrics_port
+
+
+def test_live_ingests_and_watched_files_are_counted(
+    served: tuple[Member, Member, RunningServer], tmp_path: Path
+) -> None:
+    provider, _, server = served
+    before = scrape(server)
+    csv = write_defects_csv(tmp_path / "lots.csv", rows=30)
+    assert run_cli("ingest", "--home", provider.home, csv, "--dataset", "lots") == 0
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    write_defects_csv(drop / "a.csv", rows=5)
+    (drop / "bad.csv").write_text("plant,defects\nx\n")
+    watch = ("ingest", "--home", provider.home, "--watch", drop, "--dataset", "lots", "--once")
+    assert run_cli(*watch, "--append") == 1  # one file set aside
+    after = scrape(server)
+
+    def grew(name: str, labels: tuple[tuple[str, str], ...]) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    lots = ("dataset", "lots")
+    assert grew("connector_ingests_total", (lots, ("mode", "replace"), ("outcome", "loaded"))) == 1
+    assert grew("connector_ingests_total", (lots, ("mode", "append"), ("outcome", "loaded"))) == 1
+    assert grew("connector_ingests_total", (lots, ("mode", "append"), ("outcome", "failed"))) == 1
+    assert grew("connector_ingested_rows_total", (lots,)) == 35
+    assert grew("connector_watched_files_total", (("outcome", "loaded"),)) == 1
+    assert grew("connector_watched_files_total", (("outcome", "failed"),)) == 1
