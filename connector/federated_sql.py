@@ -271,16 +271,36 @@ def _group_nodes(
     if force:
         return [dict(item) for item in select_list if not any(_aggregates_in(item))]
     by_alias = {sqltree.expression_alias(i): i for i in select_list if sqltree.expression_alias(i)}
+    read_columns = {
+        reference.names[0] for _, reference in sqltree.column_references(select_list)
+        if reference.is_plain_name
+    }  # fmt: skip
     found = []
     for written in node.get("group_expressions") or []:
         names = written.get("column_names") or []
         expression = written
         if written.get("class") == "COLUMN_REF" and len(names) == 1 and names[0] in by_alias:
             expression = by_alias[names[0]]
+            # DuckDB binds a GROUP BY name to the dataset's column first when one exists:
+            # `plant % 2 AS plant ... GROUP BY plant` groups by the column plant. When the
+            # query reads a column of the alias's name, grouping by the aliased expression
+            # would ask the members something else.
+            if _renames_nothing(expression) and names[0].lower() in read_columns:
+                raise _refuse(
+                    f"GROUP BY {names[0]} names both a select alias and a column; group by "
+                    "the expression itself, not its alias",
+                    written,
+                )
         if sqltree.constant_literal(expression) is not None:
             raise _refuse("GROUP BY by position is not combined; name the columns", expression)
         found.append(dict(expression, alias=""))
     return found
+
+
+def _renames_nothing(node: Mapping[str, Any]) -> bool:
+    """True unless node is a plain column (then its alias only renames it)."""
+    reference = sqltree.column_reference(node)
+    return reference is None or not reference.is_plain_name
 
 
 def _partial(

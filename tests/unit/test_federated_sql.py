@@ -147,3 +147,13 @@ def test_what_cannot_be_combined_exactly_is_refused_saying_which_and_why(
     with pytest.raises(NotFederable, match="cannot be combined across members") as refused:
         plan_federation(sql)
     assert words in str(refused.value)
+
+
+def test_a_group_by_name_that_aliases_an_expression_is_refused() -> None:
+    # DuckDB groups by the dataset's column `plant` here, not by `plant % 2`: the rewrite
+    # would ask every member something else, so the query is refused before it is sent.
+    sql = "SELECT plant % 2 AS plant, sum(defects) AS s FROM part_defects GROUP BY plant"
+    with pytest.raises(NotFederable, match="group by the expression itself"):
+        plan_federation(sql)
+    renamed = plan_federation("SELECT plant AS p, sum(defects) AS s FROM part_defects GROUP BY p")
+    assert "GROUP BY plant" in renamed.member_sql
