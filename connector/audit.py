@@ -166,8 +166,10 @@ class AuditLog:
             except AuditUnavailable:
                 self._keep_for_later(entry, record)
                 raise
-            self._after_write()
+            # Where this entry ends, before a checkpoint after it (whose failure may drop it,
+            # changing the epoch) moves the end on.
             end, epoch = self._size, self._epoch
+            self._after_write()
         try:
             self._sync_through(end, epoch)  # returns only once the entry is on disk
         except AuditUnavailable:
@@ -182,13 +184,14 @@ class AuditLog:
         refusal counted for the outage entry) if it cannot be written."""
         with self._lock:
             written = False
+            end, epoch = 0, self._epoch
             if self._outage is None or self._retry(force=False):
                 with contextlib.suppress(AuditUnavailable):
                     record = {"type": "opened", **entry.opened_record()}
                     entry.opened_seq = self._write(record, sync=False)
+                    end, epoch = self._size, self._epoch  # before a checkpoint, as above
                     self._after_write()
                     written = True
-            end, epoch = self._size, self._epoch
             if not written:
                 return self._refuse_opened(entry)
         try:

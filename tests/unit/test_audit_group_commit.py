@@ -109,3 +109,26 @@ def test_a_failed_fsync_refuses_the_entries_it_did_not_cover(
     ]
     assert any(r["type"] == "outage" and r["refused"] == {"acme": 1} for r in records)
     assert verify_log(path, KEY.public_key()).intact
+
+
+def test_an_entry_a_failed_checkpoint_drops_is_refused_not_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint written right after an entry fails (disk full) and drops the entry's
+    # unsynced line: the request must be refused, not answered with a number not on disk.
+    unpatched = AuditLog._put
+
+    def full(self: AuditLog, line: bytes, sync: bool = True) -> None:
+        if sync:  # only the checkpoint writes with sync
+            raise OSError(errno.ENOSPC, "No space left on device")
+        unpatched(self, line, sync)
+
+    for method in ("append", "opened"):
+        log = AuditLog(tmp_path / f"{method}.jsonl", ReceiptSigner(KEY), checkpoint_every=2)
+        log.append(_entry("first"))
+        monkeypatch.setattr(AuditLog, "_put", full)
+        with pytest.raises(AuditUnavailable):
+            getattr(log, method)(_entry("second"))
+        monkeypatch.undo()
+        assert len(list(read_entries(tmp_path / f"{method}.jsonl"))) == 1, method
+        log.close()
