@@ -65,8 +65,10 @@ class DecisionCache:
     ) -> Decision:
         """The decision for request under snapshot (taken by decide, default the snapshot's
         engine, unless the same request was decided under the same generation and slot)."""
-        key = self._key(snapshot, revoked, request)
         with self._lock:
+            # Following the generation and looking up in one turn of the lock: between the
+            # two, a request of the previous snapshot could bring back its own entries.
+            key = self._key(snapshot, revoked, request)
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
@@ -95,14 +97,14 @@ class DecisionCache:
             return len(self._entries)
 
     def _key(self, snapshot: PolicySnapshot, revoked: Hashable, request: DecisionRequest) -> _Key:
-        with self._lock:
-            if self._snapshot is not snapshot or self._revoked is not revoked:
-                # Identity, not equality: each reload makes a new object, and the cache
-                # holds the one it follows, so its id cannot be reused by another.
-                self._entries.clear()
-                self._snapshot, self._revoked = snapshot, revoked
-                self._boundaries = date_boundaries(snapshot)
-            boundaries = self._boundaries
+        """The request's key, the cache following snapshot and revoked (hold the lock)."""
+        if self._snapshot is not snapshot or self._revoked is not revoked:
+            # Identity, not equality: each reload makes a new object, and the cache holds
+            # the one it follows, so its id cannot be reused by another.
+            self._entries.clear()
+            self._snapshot, self._revoked = snapshot, revoked
+            self._boundaries = date_boundaries(snapshot)
+        boundaries = self._boundaries
         # Column names come from the store's metadata (the guard's names only select them),
         # and datasets are in the guard's sorted order: the key needs no further sorting.
         columns = tuple((d, frozenset(c)) for d, c in request.columns.items())
