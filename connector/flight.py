@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -109,6 +110,9 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         )
         self._engine_log = EngineFailureLog()
         self._running: set[QueryRun] = set()  # answers being sent (stop() looks at them)
+        # Answers being sent, by member. A stalled peer's query is stopped, but pyarrow keeps
+        # its call (and thread) until the peer goes: counted here, not by the query slots.
+        self._sending: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def stop(self, grace: float) -> bool:
@@ -236,10 +240,21 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
                 return flight.RecordBatchStream(self._metadata(member, plan, entry))
             request = self._request(plan.sql, plan.purpose, entry)
             self._same_policies(member, request, plan)
+            self._check_sending(member.member_id)
             run = self._provider.query(member, request, entry)
         except Exception as error:
             self._refuse(entry, error, "DoGet")
-        return self._answer(run, entry)
+        return self._answer(run, entry, member.member_id)
+
+    def _check_sending(self, member_id: str) -> None:
+        """Refuse a member whose answers still being sent fill its share of the queries."""
+        most = self._provider.slots.per_member
+        with self._lock:
+            if self._sending[member_id] >= most:
+                raise ResourceExhausted(
+                    f"you already receive {most} answers at once on this port, the most one "
+                    "member may; read or close them first"
+                )
 
     def _same_policies(self, member: MemberIdentity, request: PeerRequest, plan: Plan) -> None:
         """Refuse when the policies in force no longer allow the query by the same policy
@@ -253,7 +268,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         if policy_refs(now.decision.policies) != plan.policies:
             raise PermissionDenied([POLICIES_CHANGED])
 
-    def _answer(self, run: QueryRun, entry: AuditEntry) -> flight.FlightDataStream:
+    def _answer(self, run: QueryRun, entry: AuditEntry, member_id: str) -> flight.FlightDataStream:
         try:
             self._provider.audit.opened(entry)  # nothing leaves before this is on disk
             pieces = run.pieces()
@@ -267,7 +282,8 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             self._refuse(entry, error, "DoGet")
         with self._lock:
             self._running.add(run)
-        return flight.GeneratorStream(reader.schema, self._batches(run, reader, feed, entry))
+        batches = self._batches(run, reader, feed, entry, member_id)
+        return flight.GeneratorStream(reader.schema, batches)
 
     def _batches(
         self,
@@ -275,8 +291,11 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         reader: pa.ipc.RecordBatchStreamReader,
         feed: IpcFeed,
         entry: AuditEntry,
+        member_id: str,
     ) -> Iterator[Any]:
         held: pa.RecordBatch | None = None
+        with self._lock:  # counted once sending starts (a stream never started holds nothing)
+            self._sending[member_id] += 1
         try:
             while True:
                 try:
@@ -307,6 +326,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             run.close()
             with self._lock:
                 self._running.discard(run)
+                self._sending[member_id] -= 1
         receipt = receipt_metadata(self._provider.signer, token)
         log.info("answered %s over Flight SQL: %d rows", fields.request_id, fields.rows)
         last = held if held is not None else pa.RecordBatch.from_pylist([], schema=reader.schema)

@@ -76,3 +76,18 @@ def test_sigterm_ends_the_process_while_a_flight_peer_does_not_read(
         reader.cancel()
     finally:
         process.close()
+
+
+def test_answers_a_member_does_not_read_count_against_its_share(fspace: Space) -> None:
+    # pyarrow keeps a call whose peer stopped reading (and its thread) until the peer goes,
+    # even once the stall watch stopped the query: one member must not pile them up.
+    client = flight_client(fspace.server, fspace.grantee)
+    share = fspace.server.provider.slots.per_member
+    readers = [hold_unread(client) for _ in range(share)]
+    try:
+        info = client.get_flight_info(statement(LARGE), headers(PURPOSE))
+        with pytest.raises(flight.FlightError, match="answers at once on this port"):
+            client.do_get(info.endpoints[0].ticket).read_all()
+    finally:
+        for reader in readers:
+            reader.cancel()
