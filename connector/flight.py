@@ -200,6 +200,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
                 raise unimplemented("path descriptors")
             command = unpack(descriptor.command)
             purpose = purpose_of(context)
+            self._tickets.check_room(member.member_id)  # before the decision is paid for
             if isinstance(command, sql_pb.CommandStatementQuery):
                 plan = self._plan(member, command.query, purpose, entry)
             elif isinstance(command, sql_pb.CommandPreparedStatementQuery):
@@ -370,6 +371,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             self._refuse(entry, error, "DoAction")
 
     def _prepare(self, member: MemberIdentity, sql: str, purpose: str, entry: AuditEntry) -> bytes:
+        self._prepared.check_room(member.member_id)
         self._plan(member, sql, purpose, entry)  # refused now, with reasons, when not allowed
         handle = self._prepared.issue(Prepared(member.member_id, purpose, sql))
         result = sql_pb.ActionCreatePreparedStatementResult(prepared_statement_handle=handle)

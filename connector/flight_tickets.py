@@ -85,16 +85,17 @@ class HandleBook(Generic[Held]):
         self._held: OrderedDict[bytes, tuple[float, Held]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def check_room(self, member_id: str) -> None:
+        """ResourceExhausted when member_id holds the most handles kept per member: asked
+        before a decision is taken for a new one, so that decisions never fetched (free
+        probes of the policies) are bounded by the unused handles a member may hold."""
+        with self._lock:
+            self._check_room(member_id)
+
     def issue(self, value: Held) -> bytes:
         """A new handle for value; ResourceExhausted when its member holds too many."""
         with self._lock:
-            self._expire()
-            held = sum(1 for _, v in self._held.values() if v.member_id == value.member_id)
-            if held >= self._per_member:
-                raise ResourceExhausted(
-                    f"you hold {held} unused Flight tickets or prepared statements, the most "
-                    "this connector keeps per member; fetch or close them first"
-                )
+            self._check_room(value.member_id)
             handle = secrets.token_bytes(HANDLE_BYTES)
             self._held[handle] = (self._clock() + self._lifetime, value)
             return handle
@@ -118,6 +119,15 @@ class HandleBook(Generic[Held]):
             held = self._held.get(handle)
             if held is not None and held[1].member_id == member_id:
                 del self._held[handle]
+
+    def _check_room(self, member_id: str) -> None:
+        self._expire()
+        held = sum(1 for _, v in self._held.values() if v.member_id == member_id)
+        if held >= self._per_member:
+            raise ResourceExhausted(
+                f"you hold {held} unused Flight tickets or prepared statements, the most "
+                "this connector keeps per member; fetch or close them first"
+            )
 
     def _expire(self) -> None:
         now = self._clock()

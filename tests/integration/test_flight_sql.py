@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 from pyarrow import flight
 
 from connector._proto import flight_sql_pb2 as sql_pb
-from connector.errors import PermissionDenied
+from connector.errors import ConnectorError, PermissionDenied
 from connector.flight_sql import pack
 from connector.receipt import ReceiptBundle, verify_bundle
 from connector.server import RunningServer
@@ -262,7 +262,7 @@ def test_aggregate_only_answers_aggregates_and_refuses_rows_as_grpc(fspace: Spac
     raw = "SELECT plant, defects FROM part_defects"
     with pytest.raises(flight.FlightError) as refused:
         flight_query(flight_client(fspace.server, b), raw, BENCH)
-    with pytest.raises(Exception) as on_grpc:
+    with pytest.raises(ConnectorError) as on_grpc:
         fspace.peer(b).query(raw, BENCH)
     assert refusal(refused.value)["reasons"][0] in str(on_grpc.value)
 

@@ -12,7 +12,7 @@ import pytest
 from pyarrow import flight
 
 from connector.config import DEFAULT_FLIGHT_LISTEN, load_settings
-from connector.errors import PermissionDenied
+from connector.errors import PermissionDenied, ResourceExhausted
 from connector.flight_tickets import HandleBook, Plan
 from connector.identity import create_dataspace_ca
 from connector.server import RunningServer
@@ -83,8 +83,11 @@ def test_tickets_expire_and_are_bounded_per_member() -> None:
     plan = Plan("a", PURPOSE, SQL, "r1")
     first = book.issue(plan)
     book.issue(plan)
-    with pytest.raises(Exception, match="most this connector keeps"):
+    with pytest.raises(ResourceExhausted, match="most this connector keeps"):
         book.issue(plan)
+    with pytest.raises(ResourceExhausted, match="most this connector keeps"):
+        book.check_room("a")  # asked before a new decision is taken
+    book.check_room("b")
     book.issue(Plan("b", PURPOSE, SQL, "r2"))  # another member's allowance is its own
     now[0] = 61.0
     with pytest.raises(PermissionDenied):

@@ -98,7 +98,7 @@ def test_the_writable_sandbox_sees_a_commit_only_after_it_and_peers_cannot_write
         sandbox.refresh()
         assert (sandbox.datasets()["parts"].version, sandbox.rows_at("parts", 1)) == (2, 2)
         # A peer's session is a read-only transaction, whatever SQL reaches it.
-        with pytest.raises(Exception, match="read-only"):
+        with pytest.raises(duckdb.Error, match="read-only"):
             session._cursor.execute("INSERT INTO datasets.parts VALUES ('x', 1)")
         session.close()
         since = relation_for(
