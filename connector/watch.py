@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import logging
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ FAILED = "failed"
 LOADING = ".loading"
 REASON_SUFFIX = ".reason"
 # Names writers use for files still being written; such files are never taken.
+WILDCARDS = "*?["  # DuckDB's file readers expand these in a path
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", REASON_SUFFIX)
 
 Submit = Callable[[LoadRequest], DatasetInfo]
@@ -91,18 +93,26 @@ class DropFolder:
         seen, ready = {}, []
         for path in files:
             try:
-                stat = path.stat()
+                info = path.lstat()
             except FileNotFoundError:
                 continue
-            seen[path.name] = (stat.st_size, stat.st_mtime_ns)
+            seen[path.name] = (info.st_size, info.st_mtime_ns)
             if all_now or self._seen.get(path.name) == seen[path.name]:
                 ready.append(path)
         self._seen = {n: s for n, s in seen.items() if n not in {p.name for p in ready}}
         return ready
 
     def _load(self, path: Path) -> Outcome:
-        request = dataclasses.replace(self._template, source=path, sha256=_sha256(path), once=True)
+        if not stat.S_ISREG(path.lstat().st_mode):  # replaced by a link since it was listed
+            return self._set_aside(path, "not a regular file (links are not followed)")
+        if any(c in path.name for c in WILDCARDS):
+            return self._set_aside(
+                path, "the file name has * ? or [, which the loader reads as a pattern; rename it"
+            )
         try:
+            request = dataclasses.replace(
+                self._template, source=path, sha256=_sha256(path), once=True
+            )
             info = self._submit(request)
         except AlreadyLoaded as already:
             if already.source == path.name:  # loaded before the watch stopped: finish the move
@@ -114,6 +124,8 @@ class DropFolder:
             return Outcome(path.name, "retry", busy.message)
         except ConnectorError as error:
             return self._set_aside(path, error.message)
+        except OSError as error:  # unreadable (e.g. dropped by another user with mode 0600)
+            return self._set_aside(path, f"the file cannot be read: {error.strerror}")
         except Exception as error:  # the watch must outlive any one file
             log.exception("loading %s failed unexpectedly", path.name)
             return self._set_aside(path, f"the connector failed unexpectedly: {error!r}")
@@ -142,10 +154,13 @@ def _files(folder: Path) -> list[Path]:
     found = []
     for path in folder.iterdir():
         try:
-            if path.is_file() and not path.name.startswith("."):
-                found.append((path.stat().st_mtime_ns, path.name, path))
+            # Links are never followed: whoever drops files must not make the connector
+            # load (and share) a file of its own, such as a key or the audit log.
+            info = path.lstat()
         except FileNotFoundError:
             continue  # taken away meanwhile
+        if stat.S_ISREG(info.st_mode) and not path.name.startswith("."):
+            found.append((info.st_mtime_ns, path.name, path))
     return [path for _, _, path in sorted(found)]
 
 

@@ -414,3 +414,26 @@ def test_backups_taken_while_ingests_commit_each_hold_one_committed_state(
         assert stock.rows == base_rows + 7 * (stock.version - base_version), (n, stock)
     assert stock.version == base_version + 6  # the last archive
     assert len(archives) > 2, "no archive was taken while the loads ran"
+
+
+def test_a_watched_folder_never_follows_links_nor_expands_patterns(
+    live: Live, tmp_path: Path
+) -> None:
+    # Whoever drops files must not make the connector load a file of its own (a key, the
+    # audit log) into a dataset peers may be granted, by a link or by a name DuckDB's
+    # readers would expand as a pattern.
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_bytes(live.csv(3).read_bytes())
+    (drop / "link.csv").symlink_to(secret)
+    (drop / "s*.csv").write_bytes(live.csv(2).read_bytes())
+    with live.peer() as peer:
+        version = _version(peer, "stock")
+    watch = ("ingest", "--home", live.provider.home, "--watch", drop, "--dataset", "stock")
+    assert run_cli(*watch, "--append", "--once") == 1  # the pattern-named file is set aside
+    assert (drop / "link.csv").is_symlink()  # left where it was, never read
+    assert "pattern" in (drop / "failed" / "s*.csv.reason").read_text()
+    assert not (drop / "done").exists() or not list((drop / "done").iterdir())
+    with live.peer() as peer:
+        assert _version(peer, "stock") == version
