@@ -214,8 +214,18 @@ def _ca_keys(ca_pem: bytes) -> list[ec.EllipticCurvePublicKey]:
         certificates = x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
         raise DirectoryError("the data space's CA bundle holds no PEM certificate") from None
-    keys = [c.public_key() for c in certificates]
+    # Only CA certificates: a member's own certificate in the bundle must not be able to
+    # sign a directory (that gives it roles), though its key makes the same kind of JWS.
+    keys = [c.public_key() for c in certificates if _is_ca(c)]
     return [k for k in keys if isinstance(k, ec.EllipticCurvePublicKey)]
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return bool(constraints.value.ca)
 
 
 def verify_directory(data: bytes, signature: str, ca_pem: bytes, dataspace: str) -> Directory:

@@ -155,3 +155,25 @@ def test_bad_directories_are_refused_and_the_held_one_stays(
         path.with_name(name + ".jws").write_text(jws.sign_es256(data, key, detached=True))
     assert "the version held, with other content" in refused(home, tmp_path / "reused.json", capsys)
     assert "not a member directory" in refused(home, tmp_path / "list.json", capsys)
+
+
+def test_a_member_certificate_in_the_ca_bundle_cannot_sign_a_directory(
+    authority: Path, make_member: Callable[[str], Member], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # A bundle that also holds a member's own certificate (misconfiguration, or several
+    # spaces in one bundle) must not let that member sign itself roles.
+    home = make_member("supplier-a").home
+    add(authority, "carmaker", "--role", "oem")
+    assert (
+        run_cli("directory", "update", "--home", home, publish(authority, tmp_path / "d.json")) == 0
+    )
+    bundle = home / "tls" / "ca.pem"
+    bundle.write_bytes(bundle.read_bytes() + (home / "tls" / "cert.pem").read_bytes())
+    key = load_private_key(home / "tls" / "key.pem")
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    data = Directory(DATASPACE, 7, "2026-01-01T00:00:00+00:00").to_json()
+    path = tmp_path / "self-signed.json"
+    path.write_bytes(data)
+    path.with_name(path.name + ".jws").write_text(jws.sign_es256(data, key, detached=True))
+    assert "does not verify against your data space's CA" in refused(home, path, capsys)
