@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+
+from connector.signal_inbox import SignalInbox
 
 
 def read_pieces(path: Path) -> list[bytes]:
@@ -49,10 +50,9 @@ def main() -> None:
         require_client_auth=True,
     )
     server.add_secure_port(f"127.0.0.1:{port}", credentials)
-    server.start()
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    stopped.wait()
+    with SignalInbox((signal.SIGTERM,)) as inbox:
+        server.start()
+        inbox.wait(None)
     server.stop(1).wait()
 
 

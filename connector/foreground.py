@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
-from types import FrameType
 
 from connector.config import Settings
 from connector.process_memory import limit_address_space, prepare_allocators, process_allowance
-from connector.server import start_server
+from connector.server import RunningServer, start_server
+from connector.signal_inbox import SignalInbox
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,9 @@ def _limit_memory(settings: Settings) -> None:
     )
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def serve_forever(
     settings: Settings, listen: str | None = None, flight_listen: str | None = None
 ) -> bool:
@@ -39,33 +41,30 @@ def serve_forever(
     False when a Flight SQL call is still held after the stop (see `FlightEndpoint.stop`):
     everything is closed and written, and the process should end at once."""
     prepare_allocators()
-    running = start_server(settings, listen, flight_listen)
-    _limit_memory(settings)
-    stop = threading.Event()
-
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.info("%s received, already stopping", name)
-            return
-        log.info(
-            "%s received, stopping: running queries may finish within %g s",
-            name,
-            settings.server.shutdown_grace_seconds,
-        )
-        stop.set()
-
-    def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP received, reloading")
-        running.ask_reload()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    try:
-        while not stop.wait(3600):
-            pass
-    finally:
-        running.stop()
-        log.info("stopped")
+    # Taken before the server starts: a SIGTERM sent as soon as the port is announced still
+    # stops it cleanly, with its checkpoint.
+    with SignalInbox((*STOP_SIGNALS, signal.SIGHUP)) as inbox:
+        running = start_server(settings, listen, flight_listen)
+        try:
+            _limit_memory(settings)
+            _until_stop_signal(inbox, running, settings.server.shutdown_grace_seconds)
+        finally:
+            running.stop()
+            log.info("stopped")
+        for number in inbox.wait(0):
+            log.info("%s received while stopping: ignored", number.name)
     return not running.flight_held
+
+
+def _until_stop_signal(inbox: SignalInbox, running: RunningServer, grace: float) -> None:
+    while True:
+        for number in inbox.wait(None):
+            if number in STOP_SIGNALS:
+                log.info(
+                    "%s received, stopping: running queries may finish within %g s",
+                    number.name,
+                    grace,
+                )
+                return
+            log.info("SIGHUP received, reloading")
+            running.ask_reload()

@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import logging
 import stat
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,20 +59,21 @@ class DropFolder:
         for sub in (DONE, FAILED, LOADING):
             (folder / sub).mkdir(parents=True, exist_ok=True)
 
-    def run(self, stop: threading.Event, interval: float) -> None:
-        """Scan every interval seconds until stop is set."""
+    def run(self, stopped: Callable[[float], bool], interval: float) -> None:
+        """Scan, then wait with stopped(interval), until it says True."""
         log.info(
             "watching %s: new files go into dataset %s (%s)",
             self.folder,
             self._template.dataset,
             self._template.mode,
         )
-        while not stop.is_set():
+        while True:
             try:
                 self.scan()
             except OSError:
                 log.exception("scanning %s failed; trying again", self.folder)
-            stop.wait(interval)
+            if stopped(interval):
+                return
 
     def scan(self, *, settled: bool = False) -> list[Outcome]:
         """One pass: files left in .loading first, then the new files that have settled

@@ -410,6 +410,13 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.lines)
 
+    def exit_code(self, timeout: float = 30) -> int:
+        """Wait for the process to end; a process still running fails with what it logged."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"connector serve still running after {timeout:g} s:\n{self.log()[-4000:]}")
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()

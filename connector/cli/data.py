@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import threading
 from pathlib import Path
-from types import FrameType
 
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
 from connector.errors import ConfigError, DataError
 from connector.ingest_client import home_datasets, home_versions, submit
 from connector.safetext import escaped
+from connector.signal_inbox import SignalInbox
 from connector.store import LoadRequest, check_dataset_name
 from connector.watch import DropFolder
 
@@ -139,19 +138,16 @@ def _watch(
         for outcome in outcomes:
             print(escaped(f"{outcome.name}: {outcome.result} {outcome.detail}".rstrip()))
         return 1 if any(o.result == "failed" for o in outcomes) else 0
-    stop = threading.Event()
-
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        logging.getLogger(__name__).info("%s received, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        drops.run(stop, interval)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with SignalInbox((signal.SIGTERM, signal.SIGINT)) as inbox:
+        drops.run(lambda seconds: _stop_received(inbox, seconds), interval)
     return 0
+
+
+def _stop_received(inbox: SignalInbox, seconds: float) -> bool:
+    for number in inbox.wait(seconds):
+        logging.getLogger(__name__).info("%s received, stopping", number.name)
+        return True
+    return False
 
 
 def _csv_options(pairs: list[str]) -> dict[str, str]:

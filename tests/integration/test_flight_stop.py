@@ -4,7 +4,6 @@ cannot cancel that call, so neither stop() nor SIGTERM may wait for it."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -68,10 +67,7 @@ def test_sigterm_ends_the_process_while_a_flight_peer_does_not_read(
         )
         reader = hold_unread(client)
         process.process.send_signal(signal.SIGTERM)
-        try:
-            code = process.process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            pytest.fail("connector serve did not end on SIGTERM:\n" + process.log()[-3000:])
+        code = process.exit_code(40)
         assert code == 0, process.log()[-3000:]
         reader.cancel()
     finally:

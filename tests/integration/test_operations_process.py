@@ -92,7 +92,7 @@ def test_sighup_serves_a_new_certificate_without_a_restart(
         assert peer.query("SELECT count(*) AS n FROM part_defects", PURPOSE).num_rows == 1
     _handshake_without_certificate(server.port)  # gRPC's own line for it must not break JSON
     server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=30) == 0
+    assert server.exit_code() == 0
     lines = _json_lines(server)
     assert any("TLS files reloaded" in str(line["message"]) for line in lines)
     answered = [line for line in lines if str(line["message"]).startswith("answered ")]
@@ -145,7 +145,7 @@ def test_sigterm_lets_running_queries_finish_then_stops_the_rest_and_exits_0(
     slow.join(timeout=60)
     assert isinstance(outcome.get("slow"), Unavailable)
     assert "shutting down" in str(outcome["slow"])
-    assert server.process.wait(timeout=60) == 0
+    assert server.exit_code(60) == 0
     assert time.monotonic() - stopping < GRACE + 10
     log = server.log()
     assert "Traceback" not in log
