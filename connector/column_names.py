@@ -18,6 +18,9 @@ from connector.errors import DataError
 from connector.names import COLUMN_NAME
 
 _NOT_NAME = re.compile(r"[^a-z0-9_]+")
+# DuckDB's own name for a row's number: a column of that name would hide it from the SQL the
+# connector writes (an incremental read selects rows by it).
+RESERVED = frozenset({"rowid"})
 
 
 def plain_name(header: str) -> str:
@@ -25,6 +28,8 @@ def plain_name(header: str) -> str:
     folded = unicodedata.normalize("NFKD", header.casefold())
     ascii_only = folded.encode("ascii", "ignore").decode("ascii")
     name = _NOT_NAME.sub("_", ascii_only).strip("_")[:63] or "column"
+    if name in RESERVED:
+        return f"{name}_"
     return name if name[0].isalpha() or name[0] == "_" else f"c_{name}"[:63]
 
 
@@ -32,7 +37,18 @@ def dataset_columns(headers: Sequence[str], *, normalise: bool) -> list[str]:
     """The column names headers are loaded as; DataError names the headers that are not
     plain names (unless normalise) and any two that become the same name."""
     lowered = [h.lower() if h.isascii() else h for h in headers]
-    wrong = [h for h, low in zip(headers, lowered, strict=True) if not COLUMN_NAME.fullmatch(low)]
+    wrong = [
+        h
+        for h, low in zip(headers, lowered, strict=True)
+        if not COLUMN_NAME.fullmatch(low) or low in RESERVED
+    ]
+    reserved = [h for h, low in zip(headers, lowered, strict=True) if low in RESERVED]
+    if reserved and not normalise:
+        raise DataError(
+            f"a column may not be named {reserved[0]!r}: DuckDB keeps that name for each row's "
+            "number, which incremental reads rely on; rename it in the file, or pass "
+            f"--normalise-names to load it as {plain_name(reserved[0])}; nothing was loaded"
+        )
     if wrong and not normalise:
         shown = ", ".join(f"{h!r} -> {plain_name(h)}" for h in wrong[:10])
         raise DataError(

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Protocol
 
 from connector.aggregates import is_measurement_type
+from connector.column_names import RESERVED
 from connector.errors import PermissionDenied
 from connector.policy.answers import GrantShape
 from connector.shaping import Shaping, mask_description, mask_sql
@@ -141,6 +142,27 @@ def relations_for(
     return tuple(relations)
 
 
+def _check_incremental(info: DatasetInfo, shaping: Shaping) -> None:
+    if shaping.min_group_size and shaping.noise is None:
+        # Rows since N-1 and since N both pass the minimum group size, but their difference
+        # is exactly what version N appended, one row perhaps. Noise bounds what differencing
+        # learns; exact aggregates over version ranges do not.
+        raise PermissionDenied(
+            [
+                f"dataset {info.name} is aggregate-only without noise, so it is not read by "
+                "version (since_version): two such reads would tell the rows of one version "
+                "apart; read it whole"
+            ]
+        )
+    if any(c.name.lower() in RESERVED for c in info.columns):
+        raise PermissionDenied(
+            [
+                f"dataset {info.name} has a column named rowid (loaded before that name was "
+                "reserved), so its rows cannot be selected by version; read it whole"
+            ]
+        )
+
+
 def visible_columns(
     info: DatasetInfo, granted: set[str], shaping: Shaping
 ) -> tuple[ColumnInfo, ...]:
@@ -257,6 +279,7 @@ def relation_for(
     condition = f" WHERE {where}" if where else ""
     described_where = condition
     if rows is not None:
+        _check_incremental(info, shaping)
         # Datasets are only appended to or replaced, so a row's rowid is its position.
         span = f"rowid >= {int(rows.start)} AND rowid < {int(rows.end)}"
         condition = f" WHERE {span}" + (f" AND ({where})" if where else "")

@@ -71,3 +71,30 @@ def test_two_headers_with_one_plain_name_are_refused(
     assert run_cli("ingest", "--home", provider.home, source, "--dataset", "t",
                    "--normalise-names") == 1  # fmt: skip
     assert "would both be named plant_name" in capsys.readouterr().err
+
+
+def test_a_rowid_column_is_refused_or_renamed_and_incremental_reads_stay_exact(
+    tmp_path: Path,
+    make_member: Callable[[str], Member],
+    serve: Callable[[Member], RunningServer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A column named rowid would hide DuckDB's row number from the rows-since-version SQL.
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    first, more = tmp_path / "first.csv", tmp_path / "more.csv"
+    first.write_text("ROWID,plant\n900,Leipzig\n901,Munich\n", encoding="utf-8")
+    more.write_text("rowid,plant\n0,Dresden\n", encoding="utf-8")
+    args = ("ingest", "--home", provider.home, first, "--dataset", "lots")
+    capsys.readouterr()
+    assert run_cli(*args) == 1
+    assert "may not be named 'ROWID'" in capsys.readouterr().err
+    assert run_cli(*args, "--normalise-names") == 0
+    assert run_cli("ingest", "--home", provider.home, more, "--dataset", "lots", "--append",
+                   "--normalise-names") == 0  # fmt: skip
+    provider.write_policy(
+        "p.yaml",
+        policy_text("p", members="[supplier-a]", datasets="[lots]", columns="[rowid_, plant]"),
+    )
+    with connect(serve(provider), grantee) as peer:
+        since = peer.query("SELECT * FROM lots", "quality-benchmarking", since_version=1)
+    assert since.to_pylist() == [{"rowid_": 0, "plant": "Dresden"}]

@@ -18,7 +18,7 @@ from connector import __version__
 from connector.audit_chain import read_entries
 from connector.client import Peer, receipt_of
 from connector.config import load_settings
-from connector.errors import QueryRejected
+from connector.errors import PermissionDenied, QueryRejected
 from connector.ingest_client import home_datasets
 from connector.server import RunningServer
 from connector.store import list_datasets
@@ -34,6 +34,11 @@ rows:
   where: {{plant: [{", ".join(ALLOWED_PLANTS)}]}}
 """
 AGGREGATE_ONLY = "aggregate_only: {min_group_size: 10}\n"
+NOISY = "noisy-benchmarks"
+NOISY_TERMS = (
+    "aggregate_only:\n  min_group_size: 10\n"
+    "  noise: {epsilon: 1, epsilon_per_day: 100, bounds: {defects: [0, 1000]}}\n"
+)
 
 
 @dataclass
@@ -84,6 +89,7 @@ def live(
     provider.ingest(write_defects_csv(folder / "stock.csv", 40), "stock")
     provider.write_policy("q.yaml", _shaped_policy("q", f"[{PURPOSE}]", ""))
     provider.write_policy("agg.yaml", _shaped_policy("agg", f"[{AGGREGATES}]", AGGREGATE_ONLY))
+    provider.write_policy("noisy.yaml", _shaped_policy("noisy", f"[{NOISY}]", NOISY_TERMS))
     provider.write_policy(
         "s.yaml",
         policy_text(
@@ -218,16 +224,32 @@ def tuple_of(row: dict[str, object]) -> tuple[object, ...]:
     return tuple(row.values())
 
 
-def test_since_version_applies_aggregate_only_terms_to_the_new_rows(live: Live) -> None:
-    sql = "SELECT plant, count(*) AS n FROM part_defects GROUP BY plant ORDER BY plant"
+def test_since_version_is_refused_on_exact_aggregates_and_kept_under_noise(live: Live) -> None:
+    # Exact aggregates since N-1 and since N both pass the minimum group size, yet their
+    # difference is what version N appended: one row, here.
+    sql = "SELECT plant, count(*) AS n, sum(defects) AS d FROM part_defects GROUP BY plant"
     with live.peer() as peer:
         version = _version(peer, "part_defects")
+        live.ingest(live.csv(1), "part_defects", "--append")
         live.ingest(live.csv(44), "part_defects", "--append")
-        groups = peer.query(sql, AGGREGATES, since_version=version).to_pylist()
-        with pytest.raises(QueryRejected, match="aggregate-only"):
-            peer.query("SELECT * FROM part_defects", AGGREGATES, since_version=version)
-    # 44 new rows over 4 plants, 2 of them shared: 11 each, over the minimum of 10.
-    assert groups == [{"plant": "Dingolfing", "n": 11}, {"plant": "Regensburg", "n": 11}]
+        for since in (version, version + 1):
+            with pytest.raises(PermissionDenied, match="aggregate-only without noise") as refused:
+                peer.query(sql, AGGREGATES, since_version=since)
+            assert refused.value.reasons == [
+                "dataset part_defects is aggregate-only without noise, so it is not read by "
+                "version (since_version): two such reads would tell the rows of one version "
+                "apart; read it whole"
+            ]
+        assert peer.query(sql, AGGREGATES).num_rows == 2  # whole reads go on
+        with pytest.raises(QueryRejected, match="answers with noise"):
+            peer.query("SELECT * FROM part_defects", NOISY, since_version=version)
+        noisy = peer.query(sql, NOISY, since_version=version + 1).to_pylist()
+    # 44 new rows over 4 plants, 2 of them allowed: 11 each, over the minimum of 10.
+    assert sorted(row["plant"] for row in noisy) == ["Dingolfing", "Regensburg"]
+    audit = read_entries(live.provider.home / "audit" / "audit.jsonl")
+    entries = [e for e in audit if e.get("purpose") == AGGREGATES]
+    denied = [e for e in entries if "aggregate-only without noise" in str(e.get("reasons"))]
+    assert [e["decision"] for e in denied] == ["deny", "deny"]
 
 
 def test_since_version_is_refused_after_a_replace_or_ahead_of_the_dataset(live: Live) -> None:

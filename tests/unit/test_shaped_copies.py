@@ -3,12 +3,19 @@ scratch file made anew at start, its .wal included."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
-from connector.enforce import Relation, relation_for
+import pytest
+
+from connector.enforce import Relation, RowRange, relation_for
+from connector.errors import PermissionDenied
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import RowFilter, Shaping
+from connector.store import ColumnInfo, DatasetInfo
 from tests.unit.test_shaped_sandbox import KEY, _parts_database, _run
+
+NOW = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 
 COUNT = "SELECT count(*) AS n FROM parts"
 
@@ -60,3 +67,13 @@ def test_the_scratch_file_and_its_wal_are_made_anew_at_start(tmp_path: Path) -> 
         assert _run(reopened, COUNT, _only(info, "B")) == [{"n": 1}]
     finally:
         reopened.close()
+
+
+def test_a_dataset_with_a_rowid_column_is_not_read_by_version() -> None:
+    # Loaded before the name was reserved: the row range would select by the data column.
+    info = DatasetInfo(
+        "old", "", 3, (ColumnInfo("rowid", "BIGINT"), ColumnInfo("plant", "VARCHAR")), NOW
+    )
+    with pytest.raises(PermissionDenied, match="column named rowid"):
+        relation_for(info, {"plant"}, Shaping(), KEY, RowRange(1, 2, 3))
+    assert "rowid" not in relation_for(info, {"plant"}, Shaping(), KEY).sql.split("FROM")[0]
