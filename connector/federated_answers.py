@@ -92,6 +92,7 @@ class FederatedResult:
     reports: list[MemberReport]
     per_member: bool = False
     incomplete_groups: list[dict[str, Any]] = field(default_factory=list)
+    sql: str = ""  # the query as asked, from which the plan follows
 
     @property
     def complete(self) -> bool:

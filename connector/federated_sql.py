@@ -180,13 +180,13 @@ def query_datasets(sql: str) -> tuple[str, ...]:
     return tuple(sorted(set(_tables(serialised_query(sql)["statements"][0]["node"]))))
 
 
-def plan_federation(sql: str) -> FederationPlan:
-    """How sql is asked of many members; NotFederable (before anything is sent) when the
-    answers could not be combined exactly."""
+def plan_federation(sql: str, *, per_member: bool = False) -> FederationPlan:
+    """How sql is asked of many members (each answer kept apart when per_member);
+    NotFederable (before anything is sent) when the answers could not be combined exactly."""
     document = serialised_query(sql)
     node = document["statements"][0]["node"]
     datasets = tuple(sorted(set(_tables(node))))
-    if sqltree.query_type(node) != "SELECT_NODE":
+    if per_member or sqltree.query_type(node) != "SELECT_NODE":
         return FederationPlan(UNION, sql, datasets)
     grouped = bool(node.get("group_expressions")) or (
         node.get("aggregate_handling") == "FORCE_AGGREGATES"

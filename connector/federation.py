@@ -55,10 +55,8 @@ from connector.federated_answers import (
 )
 from connector.federated_sql import (
     AGGREGATE,
-    UNION,
     FederationPlan,
     plan_federation,
-    query_datasets,
 )
 from connector.federated_stream import read_answer
 from connector.federation_targets import (
@@ -139,9 +137,7 @@ class FederatedQuery:
 
     def plan(self, sql: str, *, per_member: bool = False) -> FederationPlan:
         """How sql is asked (NotFederable before anything is sent)."""
-        if per_member:
-            return FederationPlan(UNION, sql, query_datasets(sql))
-        return plan_federation(sql)
+        return plan_federation(sql, per_member=per_member)
 
     def run(
         self,
@@ -187,7 +183,9 @@ class FederatedQuery:
             )
             raise FederationIncomplete(f"not every member answered: {missing}")
         answered = [(r, tables[r.label]) for r in reports if r.label in tables]
-        return self._combined(plan, answered, reports, per_member)
+        result = self._combined(plan, answered, reports, per_member)
+        result.sql = sql
+        return result
 
     def _combined(
         self,

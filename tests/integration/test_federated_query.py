@@ -13,11 +13,12 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from connector.errors import DirectoryError, NotFederable
-from connector.federated_sql import MEMBER_COLUMN
+from connector.federated_sql import MEMBER_COLUMN, plan_federation
 from connector.federation import (
     ANSWERED,
     REFUSED,
@@ -278,6 +279,57 @@ def test_receipts_of_every_member_are_kept_and_verified(
         output.with_name(f"{output.name}.sup-b.arrow").write_bytes(b"changed")
     assert run_cli("receipt", "verify", receipts, "--data", output, "--home", home) == 1
     assert "NOT VALID" in capsys.readouterr().err
+
+
+def _swap_labels(document: dict[str, Any]) -> None:
+    first, second = document["members"][:2]
+    first["member"], second["member"] = second["member"], first["member"]
+    first["member_id"], second["member_id"] = second["member_id"], first["member_id"]
+
+
+def _one_part_twice(document: dict[str, Any]) -> None:
+    twice = dict(document["members"][0])
+    twice["member"] = twice["member_id"] = "sup-d"
+    document["members"][2] = twice
+
+
+def _plan_cut(document: dict[str, Any]) -> None:
+    document["plan"]["limit"] = 1
+
+
+def _other_query(document: dict[str, Any]) -> None:
+    document["sql"] = SUM_QUERY.replace("sum(", "max(")
+    document["plan"] = plan_federation(document["sql"]).to_json()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (_swap_labels, "signed by sup-"),
+        (_one_part_twice, "answers twice"),
+        (_plan_cut, "not the one its query makes"),
+        (_other_query, "answers another query"),
+    ],
+)
+def test_a_receipts_file_states_nothing_its_receipts_do_not_sign(
+    federation: Federation,
+    tmp_path: Path,
+    tamper: Callable[[dict[str, Any]], None],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Without --data only the receipts are checked: the unsigned plan, labels and list of
+    # parts must still agree with what the members signed.
+    output, home = tmp_path / "answer.arrow", federation.asker.home
+    args = ["--to", "sup-a", "--to", "sup-b", "--to", "sup-d", "--purpose", PURPOSE]
+    assert run_cli("query", "--home", home, *args, "--output", output, SUM_QUERY) == 0
+    receipts = output.with_name(output.name + ".receipts.json")
+    document = json.loads(receipts.read_text())
+    tamper(document)
+    receipts.write_text(json.dumps(document))
+    capsys.readouterr()
+    assert run_cli("receipt", "verify", receipts, "--home", home) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_progress_is_shown_on_a_terminal_only(

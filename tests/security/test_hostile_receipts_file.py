@@ -12,12 +12,14 @@ import pytest
 from connector.federated_sql import plan_federation
 from tests.conftest import run_cli
 
-PLAN = plan_federation("SELECT plant, sum(defects) AS s FROM part_defects GROUP BY plant")
+SQL = "SELECT plant, sum(defects) AS s FROM part_defects GROUP BY plant"
+PLAN = plan_federation(SQL)
 
 
 def document(plan: dict[str, Any], members: list[Any]) -> dict[str, Any]:
-    return {"format": 1, "kind": "aggregate", "result": "r.csv", "data_format": "csv",
-            "plan": plan, "members": members, "incomplete_groups": []}  # fmt: skip
+    return {"format": 2, "kind": "aggregate", "sql": SQL, "result": "r.csv",
+            "data_format": "csv", "plan": plan, "members": members,
+            "incomplete_groups": []}  # fmt: skip
 
 
 def smuggled_function() -> dict[str, Any]:
@@ -42,6 +44,8 @@ def receipt_entry(part: str) -> dict[str, Any]:
         document(PLAN.to_json(), [receipt_entry("p.arrow") | {"receipt": {"evil": 1}}]),
         document(PLAN.to_json(), ["not an object"]),
         {"plan": "nothing"},
+        {**document(PLAN.to_json(), []), "format": 1},  # the plan was trusted as written
+        {**document(PLAN.to_json(), []), "sql": "SELECT 1; DROP TABLE x"},
         [],
     ],
 )
