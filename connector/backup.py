@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import duckdb
@@ -41,10 +41,12 @@ from connector.config import Settings
 from connector.errors import BackupError, StoreBusy
 from connector.identity import load_ed25519_public, public_path
 from connector.ingest_client import server_snapshot
+from connector.safetext import escaped
 from connector.sqltext import quote_identifier, sql_string
 from connector.store import busy_or_error
 
 MANIFEST = "backup.json"
+MAX_NAME_CHARS = 1024
 BACKUP_FORMAT = 1
 CHUNK = 1024 * 1024
 Snapshot = Callable[[Path, Path], None] | None
@@ -145,6 +147,13 @@ def _stage(
         # Files written atomically are renamed into place: a half-written one is not kept.
         if path in special or path in skipped or path.name.endswith(TEMPORARY_SUFFIX):
             continue
+        name = path.relative_to(home).as_posix()
+        if not is_plain_archive_name(name):
+            raise BackupError(
+                f"'{escaped(name)}' in the home has a name a restore refuses (the archive's "
+                f"{MANIFEST}, a backslash or a control character): rename or remove it, then "
+                "back up again; nothing was written"
+            )
         _copy_plain(path, staging / path.relative_to(home))
     entries = 0
     if audit.exists():  # no request answered yet: no log
@@ -153,6 +162,22 @@ def _stage(
         _copy_sqlite(ledger, staging / ledger.relative_to(home))
     snapshot(database, staging / database.relative_to(home))
     return entries
+
+
+def is_plain_archive_name(name: object) -> bool:
+    """A plain relative path with no way out of the home: the only names a backup writes
+    and a restore takes."""
+    text = name if isinstance(name, str) else ""
+    parts = text.split("/")
+    return (
+        0 < len(text) <= MAX_NAME_CHARS
+        and text != MANIFEST
+        and not text.startswith("/")
+        and "\\" not in text
+        and all(part not in ("", ".", "..") for part in parts)
+        and all(ch.isprintable() for ch in text)
+        and PurePosixPath(text).as_posix() == text
+    )
 
 
 def _regular_files(home: Path) -> Iterator[Path]:

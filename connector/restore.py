@@ -16,19 +16,25 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from connector.atomic_file import sync_directory
 from connector.audit_chain import verify_log
-from connector.backup import BACKUP_FORMAT, CHUNK, MANIFEST, check_inside_home, new_private_file
+from connector.backup import (
+    BACKUP_FORMAT,
+    CHUNK,
+    MANIFEST,
+    check_inside_home,
+    is_plain_archive_name,
+    new_private_file,
+)
 from connector.config import CONFIG_FILE, Settings, load_settings
 from connector.errors import BackupError, ConfigError, ConnectorError
 from connector.identity import load_ed25519_public, public_path
 
 MAX_FILES = 100_000
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-MAX_NAME_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -129,18 +135,7 @@ def _read_manifest(archive: Path, body: bytes) -> dict[str, Any]:
 
 def _check_name(archive: Path, name: object) -> None:
     """A file name in the archive must be a plain relative path with no way out of the home."""
-    text = name if isinstance(name, str) else ""
-    parts = text.split("/")
-    plain = (
-        0 < len(text) <= MAX_NAME_CHARS
-        and text != MANIFEST
-        and not text.startswith("/")
-        and "\\" not in text
-        and all(part not in ("", ".", "..") for part in parts)
-        and all(ch.isprintable() for ch in text)
-        and PurePosixPath(text).as_posix() == text
-    )
-    if not plain:
+    if not is_plain_archive_name(name):
         raise BackupError(
             f"{archive} names a file {str(name)[:80]!r} outside a plain relative path; refused"
         )

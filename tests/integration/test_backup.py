@@ -138,6 +138,24 @@ def test_backup_refuses_an_existing_output_or_one_inside_the_home(
         make_backup(outside, tmp_path / "new.tar.gz")
 
 
+@pytest.mark.parametrize("name", [MANIFEST, "notes\\draft.txt", "notes/bell\x07.txt"])
+def test_backup_refuses_a_home_file_whose_name_restore_would_refuse(
+    tmp_path: Path, busy_space: Space, name: str
+) -> None:
+    # An archive that cannot be restored is no backup: refused before anything is written.
+    settings = load_settings(busy_space.provider.home)
+    stray = settings.home / name
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_text("x")
+    try:
+        with pytest.raises(BackupError, match="has a name a restore refuses") as refused:
+            make_backup(settings, tmp_path / "b.tar.gz")
+    finally:
+        stray.unlink()
+    assert "\x07" not in str(refused.value)  # shown escaped
+    assert not (tmp_path / "b.tar.gz").exists() and list(tmp_path.iterdir()) == []
+
+
 def test_restore_never_writes_over_a_home(tmp_path: Path, busy_space: Space) -> None:
     archive = tmp_path / "b.tar.gz"
     make_backup(load_settings(busy_space.provider.home), archive)
