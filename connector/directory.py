@@ -298,15 +298,19 @@ def load_held(home: Path, ca_pem: bytes, dataspace: str) -> Directory | None:
     path = held_path(home)
     if not path.exists():
         return None
+    data, signature = _held_document(path)
+    return verify_directory(data, signature, ca_pem, dataspace)
+
+
+def _held_document(path: Path) -> tuple[bytes, str]:
+    """The held file's directory bytes and signature, not yet verified."""
     try:
         raw = jws.parse_json(_read_bounded(path, 2 * MAX_DIRECTORY_BYTES + 8192))
     except jws.JwsError as exc:
         raise DirectoryError(f"{path} is not a held member directory: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("directory"), str):
         raise DirectoryError(f"{path} is not a held member directory")
-    return verify_directory(
-        raw["directory"].encode(), str(raw.get("signature", "")), ca_pem, dataspace
-    )
+    return raw["directory"].encode(), str(raw.get("signature", ""))
 
 
 def held_or_none(home: Path, ca_pem: bytes, dataspace: str) -> Directory | None:
@@ -327,17 +331,49 @@ class Update:
     changed: bool
 
 
+def _held_floor(
+    home: Path, ca_pem: bytes, dataspace: str, source: Path
+) -> tuple[Directory | None, bool]:
+    """The held directory an update must not go below, and whether it verifies. One that
+    no longer does (CA rotated, file damaged) still sets that floor: otherwise an older
+    directory signed by the same authority could bring back a role it had withdrawn."""
+    try:
+        return load_held(home, ca_pem, dataspace), True
+    except (DirectoryError, jws.JwsError) as exc:
+        path = held_path(home)
+        try:
+            unverified = parse_directory(_held_document(path)[0])
+        except (DirectoryError, jws.JwsError):
+            raise DirectoryError(
+                f"the directory this home holds ({path}) cannot be read ({exc}), so the "
+                f"version {source} must not go below is unknown; nothing was changed: move "
+                f"that file away to take {source} whatever its version"
+            ) from None
+        log.warning(
+            "the directory this home holds no longer verifies (%s); its version %d is still "
+            "the lowest an update may take",
+            exc,
+            unverified.version,
+        )
+        return unverified, False
+
+
 def update_held(home: Path, source: Path, ca_pem: bytes, dataspace: str) -> Update:
     """Hold the published directory at source, if it verifies and is not older than the one
     held; the one held stays in force on any refusal."""
     directory, data, signature = read_published(source, ca_pem, dataspace)
-    held = held_or_none(home, ca_pem, dataspace)
+    held, verified = _held_floor(home, ca_pem, dataspace, source)
     if held is not None:
         if directory.version < held.version:
+            standing = (
+                f"version {held.version} stays in force"
+                if verified
+                else f"version {held.version} no longer verifies, so roles grant nobody until "
+                "one as new is taken"
+            )
             raise DirectoryError(
                 f"{source} is version {directory.version}, older than version {held.version} "
-                "held; version "
-                f"{held.version} stays in force (ask the authority for the latest directory)"
+                f"held; {standing} (ask the authority for the latest directory)"
             )
         if directory.version == held.version:
             if directory.to_json() != held.to_json():
@@ -346,7 +382,8 @@ def update_held(home: Path, source: Path, ca_pem: bytes, dataspace: str) -> Upda
                     "content; version "
                     f"{held.version} stays in force (the authority must publish a new version)"
                 )
-            return Update(held, held.version, False)
+            if verified:
+                return Update(held, held.version, False)
     document = {
         "directory": data.decode("utf-8"),
         "signature": signature.strip(),

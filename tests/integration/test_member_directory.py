@@ -177,3 +177,28 @@ def test_a_member_certificate_in_the_ca_bundle_cannot_sign_a_directory(
     path.write_bytes(data)
     path.with_name(path.name + ".jws").write_text(jws.sign_es256(data, key, detached=True))
     assert "does not verify against your data space's CA" in refused(home, path, capsys)
+
+
+def test_a_held_directory_that_no_longer_verifies_still_stops_a_rollback(
+    authority: Path, make_member: Callable[[str], Member], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # Version 1 gave supplier-b the role oem; version 2 withdrew it.
+    home = make_member("supplier-a").home
+    add(authority, "supplier-b", "--role", "oem")
+    old = publish(authority, tmp_path / "old.json")
+    assert run_cli("dataspace", "member", "remove", authority, "supplier-b") == 0
+    new = publish(authority, tmp_path / "new.json")
+    assert run_cli("directory", "update", "--home", home, new) == 0
+    held = json.loads(held_path(home).read_text())
+    held["signature"] = held["signature"][:-4] + "AAAA"  # damaged: no longer verifies
+    held_path(home).write_text(json.dumps(held))
+    capsys.readouterr()
+    assert "older than version 2 held" in refused(home, old, capsys)
+    assert run_cli("directory", "update", "--home", home, new) == 0  # the same one mends it
+    assert run_cli("members", "--home", home) == 0
+    held_path(home).write_text("not json")
+    err = refused(home, old, capsys)
+    assert "cannot be read" in err and "move that file away" in err
+    held_path(home).unlink()
+    assert run_cli("directory", "update", "--home", home, old) == 0
