@@ -188,6 +188,11 @@ class StoreError(ConnectorError):
     """The DuckDB file could not be read or a query failed for a reason the peer may see."""
 
 
+class LoadedNotRead(StoreError):
+    """An ingest committed its data, but the server could not read its datasets again yet:
+    the file must not be loaded a second time."""
+
+
 class BackupError(ConnectorError):
     """A backup could not be made, or an archive cannot be restored; says why."""
 
@@ -210,3 +215,10 @@ class NotFederable(QueryRejected):
 
 class FederationIncomplete(ConnectorError):
     """Client side: not every member answered, and every member's answer was required."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's text, for a message (its class name when it has
+    no text: an empty message must not end in an IndexError)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

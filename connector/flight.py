@@ -37,6 +37,7 @@ from connector.errors import (
     QueryStalled,
     ResourceExhausted,
     StateUnavailable,
+    first_line,
 )
 from connector.flight_answer import IpcFeed, receipt_metadata
 from connector.flight_sql import (
@@ -396,7 +397,7 @@ def start_flight(
         endpoint = FlightEndpoint(provider, location, cert, key, ca)
     except (pa.ArrowException, OSError) as exc:
         raise ConfigError(
-            f"cannot serve Flight SQL on {listen}: {str(exc).splitlines()[0]}; is another "
+            f"cannot serve Flight SQL on {listen}: {first_line(exc)}; is another "
             "server using it? ([flight] listen in connector.toml)"
         ) from None
     log.info(

@@ -25,6 +25,7 @@ from connector.errors import (
     BackupError,
     ConnectorError,
     DataError,
+    LoadedNotRead,
     StoreBusy,
     StoreError,
 )
@@ -39,6 +40,7 @@ _MAX_SOCKET_PATH = 100
 _ERRORS: Mapping[str, Callable[[str], ConnectorError]] = {
     "BackupError": BackupError,
     "DataError": DataError,
+    "LoadedNotRead": LoadedNotRead,
     "StoreBusy": StoreBusy,
     "StoreError": StoreError,
 }

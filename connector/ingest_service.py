@@ -31,7 +31,14 @@ from typing import Any
 import duckdb
 
 from connector.backup import copy_database_files
-from connector.errors import BackupError, ConnectorError, DataError, StoreError
+from connector.errors import (
+    BackupError,
+    ConnectorError,
+    DataError,
+    LoadedNotRead,
+    StoreError,
+    first_line,
+)
 from connector.ingest_client import (
     MAX_MESSAGE_BYTES,
     error_json,
@@ -101,7 +108,17 @@ class LiveIngest:
     def _commit(self, writer: duckdb.DuckDBPyConnection) -> None:
         with self._sandbox.gate.commit():
             writer.execute("COMMIT")
-            self._sandbox.refresh()
+            try:
+                self._sandbox.refresh()
+            except (duckdb.Error, MemoryError) as exc:
+                # Committed: saying "nothing was changed" would have the file loaded again.
+                # The sandbox reads its datasets again before the next query uses them.
+                raise LoadedNotRead(
+                    "the file was loaded and committed, but the server could not read the "
+                    f"datasets again ({first_line(exc)}); "
+                    "do not load it again: `connector datasets` shows its version once the "
+                    "server reads them"
+                ) from None
 
 
 class IngestSocket:

@@ -28,6 +28,7 @@ from connector.alarms import AlarmClock
 from connector.commit_gate import CommitGate
 from connector.errors import (
     StoreError,
+    first_line,
 )
 from connector.plancheck import bound_plan
 from connector.sandbox_errors import sandbox_failures
@@ -133,6 +134,7 @@ class SandboxDatabase:
                 raise StoreError(f"cannot prepare {db_path} for live ingest: {exc}") from None
         self.writable = writable
         self.path = db_path
+        self._stale = False  # the metadata held is older than the data (refresh failed)
         self._datasets = self._read_datasets()
         _lock_down(self._db, limits)
         self._names_lock = threading.Lock()
@@ -157,8 +159,12 @@ class SandboxDatabase:
 
     def refresh(self) -> None:
         """Read the datasets' metadata again (after a commit, inside the gate's turn)."""
+        # Until this succeeds, the metadata held is older than the data: its versions would
+        # serve shaped copies built from the data before the commit.
+        self._stale = True
         self._datasets = self._read_datasets()
         self.shaped.keep_versions({name: info.version for name, info in self._datasets.items()})
+        self._stale = False
 
     def writer(self) -> duckdb.DuckDBPyConnection:
         """A cursor that writes the member's datasets (the live ingest's; never a peer's)."""
@@ -187,7 +193,17 @@ class SandboxDatabase:
             cursor.close()
 
     def datasets(self) -> Mapping[str, DatasetInfo]:
-        """The datasets as they were when the database was opened."""
+        """The datasets as of the last commit; read again first when reading them after
+        that commit failed (StoreError while it still fails: nothing stale is served)."""
+        if self._stale:
+            try:
+                self.refresh()
+            except (duckdb.Error, MemoryError) as exc:
+                raise StoreError(
+                    "the connector could not read its datasets after the last ingest "
+                    f"({first_line(exc)}); "
+                    "try again shortly"
+                ) from None
         return self._datasets
 
     def session(self) -> SandboxSession:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from connector.column_names import dataset_columns
 from connector.csv_strict import check_structure, dialect_from
-from connector.errors import DataError
+from connector.errors import DataError, first_line
 from connector.sqltext import sql_string
 
 FORMATS = {
@@ -78,7 +78,7 @@ class StagedFile:
             self.names: list[str] = [str(c) for c in self._relation.columns]
         except duckdb.Error as exc:
             self._con.close()
-            raise DataError(f"cannot read {source}: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"cannot read {source}: {first_line(exc)}") from None
         try:
             self.columns = dataset_columns(self.names, normalise=normalise_names)
         except BaseException:
@@ -90,7 +90,7 @@ class StagedFile:
         try:
             return self._relation.to_arrow_reader(BATCH_ROWS)
         except duckdb.Error as exc:
-            raise DataError(f"cannot read {self.source}: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"cannot read {self.source}: {first_line(exc)}") from None
 
     def close(self) -> None:
         """Close the private connection."""

@@ -24,6 +24,7 @@ from connector.errors import (
     DataError,
     StoreBusy,
     StoreError,
+    first_line,
 )
 from connector.names import DATASET_NAME
 from connector.sqltext import quote_identifier
@@ -230,8 +231,7 @@ def load(
     except (duckdb.Error, pa.ArrowException, OSError) as exc:
         _rollback(con)
         raise DataError(
-            f"cannot load {source.name} into {dataset}: {str(exc).splitlines()[0]}; "
-            "nothing was changed"
+            f"cannot load {source.name} into {dataset}: {first_line(exc)}; nothing was changed"
         ) from None
     except BaseException:
         _rollback(con)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from connector.errors import AlreadyLoaded, ConnectorError, StoreBusy
+from connector.errors import AlreadyLoaded, ConnectorError, LoadedNotRead, StoreBusy
 from connector.store import DatasetInfo, LoadRequest
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,10 @@ class DropFolder:
                 self._move(path, DONE)
                 return Outcome(path.name, "already", already.message)
             return self._set_aside(path, already.message)
+        except LoadedNotRead as committed:
+            self._move(path, DONE)  # in the database: a second load would double its rows
+            log.warning("%s loaded into %s: %s", path.name, self._template.dataset, committed)
+            return Outcome(path.name, "loaded", committed.message)
         except StoreBusy as busy:
             log.warning("%s not loaded yet (tried again later): %s", path.name, busy.message)
             return Outcome(path.name, "retry", busy.message)

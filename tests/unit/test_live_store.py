@@ -13,8 +13,9 @@ import pytest
 
 from connector.commit_gate import CommitGate
 from connector.enforce import RowRange, relation_for
-from connector.errors import AlreadyLoaded, DataError, QueryRejected
+from connector.errors import AlreadyLoaded, DataError, LoadedNotRead, QueryRejected, StoreError
 from connector.incremental import row_ranges
+from connector.ingest_service import LiveIngest
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
 from connector.store import (
@@ -182,3 +183,32 @@ def test_row_ranges_name_every_reason_a_since_version_read_is_refused() -> None:
     del known[5]
     with pytest.raises(QueryRejected, match="not in its version log"):
         rows(5)
+
+
+def test_a_refresh_that_fails_after_the_commit_says_so_and_serves_nothing_stale(
+    database: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: reading the metadata after COMMIT fails (as it may at the memory
+    # limit). The data is in: "nothing was changed" would have the file loaded twice.
+    ingest(database, tmp_path / "d.csv", "parts", description=None, mode="replace")
+    sandbox = SandboxDatabase(database, SandboxLimits(), writable=True)
+    read = SandboxDatabase._read_datasets
+    failures = iter([True, True, False])
+
+    def flaky(self: SandboxDatabase) -> object:
+        if next(failures, False):
+            raise duckdb.IOException("IO Error: injected")
+        return read(self)
+
+    try:
+        live = LiveIngest(sandbox)
+        monkeypatch.setattr(SandboxDatabase, "_read_datasets", flaky)
+        with pytest.raises(LoadedNotRead, match="loaded and committed") as refused:
+            live.load(LoadRequest(tmp_path / "d.csv", "parts", "append"))
+        assert "nothing was changed" not in str(refused.value)
+        with pytest.raises(StoreError, match="could not read its datasets"):
+            sandbox.datasets()  # version 1's metadata would serve version 1's shaped copies
+        assert sandbox.datasets()["parts"].version == 2
+    finally:
+        sandbox.close()
+    assert list_datasets(database)[0].rows == 4
