@@ -36,6 +36,7 @@ from connector.errors import (
     QueryRejected,
     QueryStalled,
     ResourceExhausted,
+    ShuttingDown,
     StateUnavailable,
     first_line,
 )
@@ -74,6 +75,7 @@ from connector.flight_tickets import (
 from connector.identity import MemberIdentity
 from connector.peer_failures import (
     STATE_FAILED,
+    STOPPING,
     EngineFailureLog,
     new_request_id,
     storage_trouble,
@@ -87,6 +89,8 @@ from connector.sandbox_errors import OUT_OF_MEMORY
 log = logging.getLogger(__name__)
 
 UNREAD_SECONDS = 1.0  # at stop, answers whose peers read nothing for this long are not awaited
+# After the grace, stopped queries need a moment to notice the interrupt and record themselves.
+DRAIN_SECONDS = 5.0
 
 
 class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[misc]
@@ -110,30 +114,61 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             PREPARED_SECONDS, single_use=False, refusal=PREPARED_REFUSED
         )
         self._engine_log = EngineFailureLog()
-        self._running: set[QueryRun] = set()  # answers being sent (stop() looks at them)
+        # Answers being sent and their audit entries: whoever takes a run out of here (its
+        # stream, or stop() for a peer that does not read) writes its one entry.
+        self._running: dict[QueryRun, AuditEntry] = {}
+        self._stopping = False
         # Answers being sent, by member. A stalled peer's query is stopped, but pyarrow keeps
         # its call (and thread) until the peer goes: counted here, not by the query slots.
         self._sending: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def stop(self, grace: float) -> bool:
-        """Stop taking calls; wait at most grace seconds for the running ones. False when one
-        is still held: pyarrow cannot cancel a call, and waits for a peer that does not read
-        its answer (then even at the process's exit)."""
+        """Stop taking calls; let running answers go on for grace seconds, then stop their
+        queries and write the audit entry of each (also of answers nobody reads). False when
+        a call is still held: pyarrow cannot cancel a call, and waits for a peer that does not
+        read its answer (then even at the process's exit)."""
         stopper = threading.Thread(target=self.shutdown, name="flight-stop", daemon=True)
         stopper.start()
         until = time.monotonic() + grace
         while stopper.is_alive() and time.monotonic() < until and not self._all_unread():
             stopper.join(0.1)
+        self._stop_answers()
         if stopper.is_alive():
             log.warning("the Flight SQL port stopped without waiting for answers nobody reads")
         return not stopper.is_alive()
 
-    def _all_unread(self) -> bool:
-        """Every answer still running waits for a peer that has not read for a second."""
+    def _stop_answers(self) -> None:
+        with self._lock:
+            self._stopping = True
+            runs = list(self._running)
+        for run in runs:
+            run.cancel()
+        # Streams a peer reads end now and record themselves; the others are recorded here.
+        until = time.monotonic() + DRAIN_SECONDS
+        while time.monotonic() < until and not self._all_unread(at_least=0.0):
+            time.sleep(0.05)
+        with self._lock:
+            left = list(self._running.items())
+            self._running.clear()
+        for run, entry in left:
+            entry.rows = run.rows
+            self._record_quietly(entry, ShuttingDown(STOPPING))
+
+    def _claim(self, run: QueryRun) -> bool:
+        """Take run out of the running answers: True for the one caller that records it."""
+        with self._lock:
+            return self._running.pop(run, None) is not None
+
+    def _all_unread(self, at_least: float = UNREAD_SECONDS) -> bool:
+        """Every answer still running waits for a peer that has not read for at_least seconds
+        (True also when none runs, once stopping)."""
         with self._lock:
             runs = list(self._running)
-        return bool(runs) and all(run.waiting_for_peer() > UNREAD_SECONDS for run in runs)
+            stopping = self._stopping
+        if not runs:
+            return stopping
+        return all(run.waiting_for_peer() > at_least for run in runs)
 
     # Who asks, and for what.
 
@@ -283,7 +318,9 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             run.close()
             self._refuse(entry, error, "DoGet")
         with self._lock:
-            self._running.add(run)
+            if self._stopping:
+                run.cancel()
+            self._running[run] = entry
         batches = self._batches(run, reader, feed, entry, member_id)
         return flight.GeneratorStream(reader.schema, batches)
 
@@ -311,28 +348,36 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
                 held = batch
             if feed.error is not None:
                 raise feed.error
+            if not self._claim(run):
+                raise flight_error(ShuttingDown(STOPPING))  # stop() recorded it
             fields, token = run.receipt()  # the audit entry is on disk before the receipt leaves
         except GeneratorExit:
-            entry.rows = run.rows
-            gone = (
-                QueryStalled("the peer stopped reading the answer; its query was stopped")
-                if run.stalled
-                else QueryCancelled("the peer went away while the answer was sent")
-            )
-            self._record_quietly(entry, gone)
+            if self._claim(run):
+                entry.rows = run.rows
+                self._record_quietly(entry, self._gone(run))
             raise
         except Exception as error:
+            if not self._claim(run):
+                raise flight_error(ShuttingDown(STOPPING)) from None
             entry.rows = run.rows
+            if self._stopping and isinstance(error, QueryCancelled) and not run.stalled:
+                error = ShuttingDown(STOPPING)
             self._refuse(entry, error, "DoGet")
         finally:
             run.close()
             with self._lock:
-                self._running.discard(run)
+                self._running.pop(run, None)
                 self._sending[member_id] -= 1
         receipt = receipt_metadata(self._provider.signer, token)
         log.info("answered %s over Flight SQL: %d rows", fields.request_id, fields.rows)
         last = held if held is not None else pa.RecordBatch.from_pylist([], schema=reader.schema)
         yield last, pa.py_buffer(receipt)
+
+    @staticmethod
+    def _gone(run: QueryRun) -> ConnectorError:
+        if run.stalled:
+            return QueryStalled("the peer stopped reading the answer; its query was stopped")
+        return QueryCancelled("the peer went away while the answer was sent")
 
     def _record_quietly(self, entry: AuditEntry, error: ConnectorError) -> None:
         try:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pyarrow import flight
 
+from connector.audit_chain import read_entries, verify_log
+from connector.identity import load_ed25519_public
 from connector.server import RunningServer
 from tests.conftest import Member, ServerProcess, Space, from_template
 from tests.integration.test_flight_sql import (
@@ -42,12 +45,37 @@ def fspace(tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningSer
 
 
 def test_stop_does_not_wait_for_a_peer_that_stopped_reading(fspace: Space) -> None:
-    reader = hold_unread(flight_client(fspace.server, fspace.grantee))
+    client = flight_client(fspace.server, fspace.grantee)
+    reader = hold_unread(client)
+    # A second answer the peer goes on reading: stopped at the end of the grace.
+    info = client.get_flight_info(statement(LARGE), headers(PURPOSE))
+    reading = client.do_get(info.endpoints[0].ticket)
+    ended: list[BaseException] = []
+
+    def read_on() -> None:
+        try:
+            while True:
+                reading.read_chunk()
+                time.sleep(0.01)
+        except (flight.FlightError, StopIteration) as error:
+            ended.append(error)
+
+    reader_thread = threading.Thread(target=read_on, daemon=True)
+    reader_thread.start()
     stopper = threading.Thread(target=fspace.server.stop, kwargs={"grace": 1})
     stopper.start()
     stopper.join(timeout=20)
     assert not stopper.is_alive(), "stop() waits for a peer that does not read"
+    reader_thread.join(timeout=10)
     reader.cancel()
+    assert ended and "shutting down" in str(ended[0])
+    # Both answers are on record, neither lost when the log closed behind them.
+    log = fspace.provider.home / "audit" / "audit.jsonl"
+    queries = [e for e in read_entries(log) if e.get("kind") == "query" and e["type"] == "request"]
+    assert [e["outcome"] for e in queries] == ["shutdown", "shutdown"]
+    key = load_ed25519_public(fspace.provider.home / "keys" / "receipt.key.pub")
+    verdict = verify_log(log, key)
+    assert verdict.intact, verdict.message
 
 
 @pytest.mark.slow
