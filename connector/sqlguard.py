@@ -25,7 +25,7 @@ from connector.errors import QueryRejected
 from connector.packing import packed_rows
 from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 from connector.sqltree import error_position
-from connector.valuesize import check_value_sizes
+from connector.valuesize_tree import check_value_sizes
 
 UNKNOWN_LOCATION = 2**64 - 1
 MAX_DEPTH = 600
