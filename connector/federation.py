@@ -53,13 +53,8 @@ from connector.federated_answers import (
     report_json,
     union,
 )
-from connector.federated_sql import (
-    AGGREGATE,
-    UNION,
-    FederationPlan,
-    plan_federation,
-    query_datasets,
-)
+from connector.federated_plan import AGGREGATE, UNION, FederationPlan
+from connector.federated_sql import plan_federation, query_datasets
 from connector.federated_stream import read_answer
 from connector.federation_targets import (
     ROLE_PREFIX,

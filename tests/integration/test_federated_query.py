@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from connector.errors import DirectoryError, NotFederable
-from connector.federated_sql import MEMBER_COLUMN
+from connector.federated_plan import MEMBER_COLUMN
 from connector.federation import (
     ANSWERED,
     REFUSED,

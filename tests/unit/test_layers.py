@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"csv_strict", "column_names", "staging", "store", "version_log", "ingest_client", "watch"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
      "valuesize_tree",
-     "federated_sql",
+     "federated_plan", "federated_sql",
      "aggregates"},
     {"policy.yaml_strict", "policy.terms", "policy.model", "policy.versions", "policy.signing",
      "policy.publish", "policy.answers", "policy.engine", "policy.opa", "policy.consistency",
