@@ -18,7 +18,7 @@ from typing import Any
 from connector import sqltree
 from connector.errors import NotFederable
 from connector.federated_plan import AGGREGATE, UNION, AggregatePart, FederationPlan
-from connector.sqlguard import AGGREGATE_FUNCTIONS
+from connector.sqlallowed import AGGREGATE_FUNCTIONS
 from connector.sqljson import query_sql, serialised_query
 
 COMBINABLE = frozenset({"count", "count_star", "sum", "avg", "mean", "min", "max"})
