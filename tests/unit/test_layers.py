@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
      "directory_draft"},
     {"csv_strict", "column_names", "staging", "store", "version_log", "ingest_client", "watch"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
-     "valuesize_tree", "sqlparser", "sqlallowed",
+     "valuesize_tree", "sqlparser", "sqlallowed", "plantree",
      "federated_plan", "federated_sql",
      "aggregates"},
     {"policy.yaml_strict", "policy.terms", "policy.model", "policy.versions", "policy.signing",
