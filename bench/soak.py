@@ -6,7 +6,7 @@ send a mix of requests: catalog, small, shaped (masked and filtered), aggregate-
 100k-row queries, Explain, client cancellations and short deadlines. 8 peers for the first
 third of the time, then 32. Refused and forbidden queries come from the prober, a member
 with no grant (one prober thread for every 8 peers): a member whose requests keep being
-refused is held back as a whole for a while (audit.py), so mixing them into the granted
+refused is held back as a whole for a while (audit_refusals.py), so mixing them into the granted
 members' traffic would measure that penalty instead of the load. A policy is edited and
 re-signed every 30 s and the server gets SIGHUP every minute. Every 10 s the server's RSS,
 fds, threads, scratch file size, requests per second and errors by status code are sampled.
@@ -581,7 +581,8 @@ def check_audit(
     everything = list(read_entries(settings.audit_log))
     entries = [e for e in everything if e.get("type") == "request"]
     # A member's refusals beyond its allowance are counted in "refusals" entries, not one
-    # by one (audit.py): those count for the member's requests that have no entry of their own.
+    # by one (audit_refusals.py): those count for the member's requests that have no entry
+    # of their own.
     counted: Counter[str] = Counter()
     for aggregate in everything:
         if aggregate.get("type") == "refusals":

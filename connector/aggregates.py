@@ -21,7 +21,7 @@ import duckdb
 from connector import sqltree
 from connector.errors import QueryRejected
 from connector.noise import NoisyRelation, grouping_form
-from connector.sqlguard import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS
+from connector.sqlallowed import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS
 from connector.sqljson import query_sql, serialised_query
 
 # The aggregates an aggregate-only dataset answers (plan names; the peer may also write avg

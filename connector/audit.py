@@ -5,99 +5,40 @@ receipt key anchor the chain, so `audit_chain.verify_log` finds changed, removed
 or reordered entries and names the first one. Entries are fsync'd before the peer sees the
 end of its answer, and an "opened" entry before the first byte of it.
 
-The log is also hostile-input safe: fields a peer controls are size-checked before they
-are recorded (over-long or malformed text is kept as sha256, length and a short escaped
-prefix); a member's refusals beyond a burst are counted and written as one aggregate entry
-instead of one line each; and when the file cannot be written (disk full, file-size limit,
-read-only) a failed write is rolled back, so the chain never holds a torn line, the log
-reports itself unavailable (the server refuses everything and says NOT_SERVING) and it
-resumes by itself, first writing an "outage" entry that counts what was refused meanwhile.
+The log is also hostile-input safe: peer-controlled fields are size-checked (audit_entry);
+a member's refusals beyond a burst are counted, not written one by one (audit_refusals); and
+when the file cannot be written a failed write is rolled back (the chain never holds a torn
+line), the log refuses everything until it resumes by itself, first writing an "outage"
+entry that counts what was refused meanwhile (audit_outage).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import errno
 import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from connector.audit_chain import entry_hash, recover_tail
-from connector.audit_entry import AuditEntry, bounded
+from connector.audit_entry import AuditEntry, now_text
+from connector.audit_outage import UNAVAILABLE_REASON, Outage, write_failure_cause
+from connector.audit_refusals import (
+    ALWAYS_RECORDED,
+    REFUSAL_BURST,
+    REFUSALS_PER_SECOND,
+    RefusalAllowance,
+)
 from connector.canonical import canonical_json
-from connector.config import DEFAULT_REFUSAL_BURST, DEFAULT_REFUSALS_PER_MINUTE
 from connector.errors import AuditUnavailable, ResourceExhausted
 from connector.receipt import ReceiptSigner
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 100
-
-REFUSAL_BURST = DEFAULT_REFUSAL_BURST  # one member's refusals recorded one by one
-REFUSALS_PER_SECOND = DEFAULT_REFUSALS_PER_MINUTE / 60  # ... and how fast that comes back
-AGGREGATE_SECONDS = 5.0  # throttled refusals are written as one entry at most this often
-RETRY_SECONDS = 0.5  # how often an unwritable log is tried again
-MAX_LATE_ENTRIES = 1000  # final entries of opened answers kept in memory during an outage
-
-# Outcomes that are always recorded one by one: something was (or may have been) answered.
-ALWAYS_RECORDED = frozenset(
-    {"answered", "cancelled", "stalled", "timeout", "too_large", "failed", "shutdown"}
-)
-# Refusals the request itself caused; a member that keeps sending them is held back
-# (throttled()). Refusals the connector's state caused (busy, expired, unavailable) are
-# rate-limited in the log like any refusal, but never hold the member back: a busy
-# connector must not lock out the members it is too busy to serve.
-FAULT_OUTCOMES = frozenset({"rejected", "denied", "unauthenticated"})
-
-
-def _now_text() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-
-
-def write_failure_cause(error: OSError) -> str:
-    """What an OSError from writing the log means, in the owner's words."""
-    causes = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is used up",
-        errno.EFBIG: "the file-size limit is reached",
-        errno.EROFS: "the file system is read-only",
-        errno.EACCES: "the file is not writable",
-        errno.EPERM: "the file is not writable",
-        errno.EBADF: "the file is not open for writing",
-    }
-    return causes.get(error.errno or 0, error.strerror or str(error))
-
-
-@dataclass
-class _Throttled:
-    """One member's refusals: the allowance left and what was counted instead of written."""
-
-    tokens: float  # refusals that may still be written one by one
-    faults: float  # refusals caused by the request that may still come before holding back
-    stamp: float
-    count: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
-    first: str = ""
-    last: str = ""
-
-
-@dataclass
-class _Outage:
-    """What happened while the log could not be written."""
-
-    since: str
-    cause: str
-    refused: Counter[str] = field(default_factory=Counter)
-    late: list[dict[str, Any]] = field(default_factory=list)
-    lost: int = 0
-    tried: float = 0.0
 
 
 class AuditLog:
@@ -115,8 +56,6 @@ class AuditLog:
         self.path = path
         self._signer = signer
         self._every = checkpoint_every
-        self._burst = refusal_burst
-        self._refill = refusals_per_second
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._head = recover_tail(path)
@@ -129,9 +68,8 @@ class AuditLog:
         self._sync_lock = threading.Lock()
         self._synced = (self._size, self._seq, self._head)
         self._epoch = 0
-        self._throttled: dict[str, _Throttled] = {}
-        self._last_aggregate = time.monotonic()
-        self._outage: _Outage | None = None
+        self._refusals = RefusalAllowance(refusal_burst, refusals_per_second)
+        self._outage: Outage | None = None
         self.on_change: Callable[[bool], None] | None = None  # told when writability changes
         # Told of each entry once it is on disk (metrics); runs under the log's lock.
         self.on_written: Callable[[dict[str, Any]], None] | None = None
@@ -205,7 +143,7 @@ class AuditLog:
     def _refuse_opened(self, entry: AuditEntry) -> NoReturn:
         if self._outage is not None:
             self._outage.refused[entry.member_id] += 1  # nothing was sent: a refusal
-        raise AuditUnavailable(self._peer_reason())
+        raise AuditUnavailable(UNAVAILABLE_REASON)
 
     def _sync_through(self, end: int, epoch: int) -> None:
         """Return once the file is on disk up to byte end (written in epoch): one fsync for
@@ -214,7 +152,7 @@ class AuditLog:
         with self._sync_lock:
             with self._lock:
                 if self._epoch != epoch:
-                    raise AuditUnavailable(self._peer_reason())
+                    raise AuditUnavailable(UNAVAILABLE_REASON)
                 if self._synced[0] >= end:
                     return  # an fsync that started after the entry was written covered it
                 target = (self._size, self._seq, self._head)
@@ -227,12 +165,12 @@ class AuditLog:
                     if self._epoch == epoch:
                         self._drop_unsynced()
                         self._fail(error)
-                raise AuditUnavailable(self._peer_reason()) from None
+                raise AuditUnavailable(UNAVAILABLE_REASON) from None
             finally:
                 os.close(fd)
             with self._lock:
                 if self._epoch != epoch:
-                    raise AuditUnavailable(self._peer_reason())
+                    raise AuditUnavailable(UNAVAILABLE_REASON)
                 if self._synced[0] < target[0]:
                     self._synced = target
 
@@ -252,7 +190,7 @@ class AuditLog:
         with self._lock:
             if self._outage is not None and not self._retry(force=False):
                 self._outage.refused[member_id] += 1
-                raise AuditUnavailable(self._peer_reason())
+                raise AuditUnavailable(UNAVAILABLE_REASON)
 
     def admit(self, member_id: str) -> None:
         """Refuse at once (before any other work) a request the log cannot record, or one
@@ -268,11 +206,7 @@ class AuditLog:
         """Whether member_id has sent more refused requests (its own faults) than allowed
         for now; its requests are then refused at once."""
         with self._lock:
-            bucket = self._throttled.get(member_id)
-            if bucket is None:
-                return False
-            self._refill_bucket(bucket)
-            return bucket.faults < 1
+            return self._refusals.throttled(member_id)
 
     def tick(self) -> bool:
         """Periodic work: retry an unwritable log, write due aggregates; returns available."""
@@ -308,30 +242,10 @@ class AuditLog:
 
     # -- refusals beyond the allowance ------------------------------------------------
 
-    def _refill_bucket(self, bucket: _Throttled) -> None:
-        now = time.monotonic()
-        gained = (now - bucket.stamp) * self._refill
-        bucket.tokens = min(self._burst, bucket.tokens + gained)
-        bucket.faults = min(self._burst, bucket.faults + gained)
-        bucket.stamp = now
-
     def _allowance(self, entry: AuditEntry) -> bool:
         """Take one recorded refusal from the member's allowance; count it if none is left."""
-        bucket = self._throttled.setdefault(
-            entry.member_id,
-            _Throttled(float(self._burst), float(self._burst), time.monotonic()),
-        )
-        self._refill_bucket(bucket)
-        if entry.outcome in FAULT_OUTCOMES:
-            bucket.faults = max(0.0, bucket.faults - 1)
-        if bucket.tokens >= 1:
-            bucket.tokens -= 1
+        if self._refusals.take(entry):
             return True
-        moment = _now_text()
-        bucket.count += 1
-        bucket.outcomes[entry.outcome or "refused"] += 1
-        bucket.first = bucket.first or moment
-        bucket.last = moment
         if self._outage is None:
             # If this write fails the count stays, to be written once the log works again.
             with contextlib.suppress(AuditUnavailable):
@@ -339,28 +253,7 @@ class AuditLog:
         return False
 
     def _write_aggregates(self, *, force: bool) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_aggregate < AGGREGATE_SECONDS:
-            return
-        self._last_aggregate = now
-        for member, bucket in list(self._throttled.items()):
-            if bucket.count:
-                self._write(
-                    {
-                        "type": "refusals",
-                        "member_id": bounded(member),
-                        "count": bucket.count,
-                        "outcomes": dict(sorted(bucket.outcomes.items())),
-                        "first": bucket.first,
-                        "last": bucket.last,
-                    }
-                )
-                bucket.count, bucket.outcomes, bucket.first = 0, Counter(), ""
-                self._after_write()
-            else:
-                self._refill_bucket(bucket)
-                if bucket.tokens >= self._burst and bucket.faults >= self._burst:
-                    del self._throttled[member]  # full allowance again: forget the member
+        self._refusals.write_aggregates(self._write, self._after_write, force=force)
 
     # -- writing, failing and recovering ----------------------------------------------
 
@@ -379,13 +272,13 @@ class AuditLog:
 
     def _write(self, fields: dict[str, Any], *, sync: bool = True) -> int:
         if self._outage is not None:
-            raise AuditUnavailable(self._peer_reason())
+            raise AuditUnavailable(UNAVAILABLE_REASON)
         return self._write_line(fields, sync=sync)
 
     def _write_line(self, fields: dict[str, Any], *, sync: bool = True) -> int:
         """Append one entry; fsync'd now, or by the caller's _sync_through when not sync."""
         seq = self._seq + 1
-        entry = {"seq": seq, "time": _now_text(), **fields, "prev": self._head}
+        entry = {"seq": seq, "time": now_text(), **fields, "prev": self._head}
         entry["hash"] = entry_hash(entry)
         line = (canonical_json(entry) + "\n").encode()
         try:
@@ -393,7 +286,7 @@ class AuditLog:
         except OSError as error:
             self._drop_unsynced()  # the failure may have cost lines not yet fsync'd too
             self._fail(error)
-            raise AuditUnavailable(self._peer_reason()) from None
+            raise AuditUnavailable(UNAVAILABLE_REASON) from None
         self._seq, self._head = seq, entry["hash"]
         self._size += len(line)
         if sync:
@@ -430,7 +323,7 @@ class AuditLog:
     def _fail(self, error: OSError) -> None:
         cause = write_failure_cause(error)
         if self._outage is None:
-            self._outage = _Outage(_now_text(), cause, tried=time.monotonic())
+            self._outage = Outage(now_text(), cause, tried=time.monotonic())
             log.error(
                 "audit log %s cannot be written (%s: %s); every request is refused until it "
                 "can, and the health service says NOT_SERVING",
@@ -442,49 +335,25 @@ class AuditLog:
         else:
             self._outage.tried = time.monotonic()
 
-    def _peer_reason(self) -> str:
-        return (
-            "the provider's connector cannot write its audit log, so it answers nothing until "
-            "its operators fix that; retry later"
-        )
-
     def _keep_for_later(self, entry: AuditEntry, record: dict[str, Any]) -> None:
         """During an outage: a final entry of an opened answer is kept to be written on
         recovery; any other request is counted in the outage entry."""
         outage = self._outage
         if outage is None:
             return
-        if entry.opened_seq:
-            if len(outage.late) < MAX_LATE_ENTRIES:
-                outage.late.append(record)
-            else:
-                outage.lost += 1
-        else:
-            outage.refused[entry.member_id] += 1
-        raise AuditUnavailable(self._peer_reason())
+        outage.keep(entry, record)
+        raise AuditUnavailable(UNAVAILABLE_REASON)
 
     def _retry(self, *, force: bool) -> bool:
         """Try to write again (at most every RETRY_SECONDS unless forced); True if it works."""
         outage = self._outage
         if outage is None:
             return True
-        now = time.monotonic()
-        if not force and now - outage.tried < RETRY_SECONDS:
+        if not outage.due(force=force):
             return False
-        outage.tried = now
         try:
             self._reopen()
-            self._write_line(
-                {
-                    "type": "outage",
-                    "from": outage.since,
-                    "until": _now_text(),
-                    "cause": outage.cause,
-                    "refused": dict(sorted(outage.refused.items())),
-                    "late_entries": len(outage.late),
-                    "lost_entries": outage.lost,
-                }
-            )
+            self._write_line(outage.record())
             outage.refused.clear()
             while outage.late:
                 self._write_line({**outage.late[0], "late": True})

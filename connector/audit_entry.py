@@ -7,6 +7,7 @@ length and a short escaped prefix instead of whole.
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 import hashlib
 import re
 import time
@@ -22,6 +23,11 @@ PREFIX_CHARS = 48
 
 # Controls (except tab and newline), bidi overrides and lone surrogates mark malformed text.
 _MALFORMED = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def now_text() -> str:
+    """The current time as the audit log records it (UTC, microseconds)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
 def text_digest(value: str | bytes) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from connector.errors import (
     Unavailable,
     WrongIdentity,
 )
-from connector.federated_sql import AGGREGATE, MEMBER_COLUMN, FederationPlan, combine, group_keys
+from connector.federated_plan import AGGREGATE, MEMBER_COLUMN, FederationPlan, combine, group_keys
 from connector.receipt import ReceiptBundle, ReceiptFields
 
 ANSWERED = "answered"

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from connector.arrow_stream import read_ipc_pieces
 from connector.errors import ConnectorError
 from connector.federated_answers import FederatedResult, MemberReport, union
-from connector.federated_sql import AGGREGATE, FederationPlan, combine, plan_federation
+from connector.federated_plan import AGGREGATE, FederationPlan, combine
+from connector.federated_sql import plan_federation
 from connector.jws import JwsError, parse_json
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
 from connector.result_files import TEXT_FORMATS, write_text

@@ -53,11 +53,8 @@ from connector.federated_answers import (
     report_json,
     union,
 )
-from connector.federated_sql import (
-    AGGREGATE,
-    FederationPlan,
-    plan_federation,
-)
+from connector.federated_plan import AGGREGATE, FederationPlan
+from connector.federated_sql import plan_federation
 from connector.federated_stream import read_answer
 from connector.federation_targets import (
     ROLE_PREFIX,

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections import Counter
 
-from connector.audit import write_failure_cause
+from connector.audit_outage import write_failure_cause
 from connector.errors import ConnectorError, PolicyEngineError, PolicyEngineUnavailable
 from connector.rate import RateLimit
 

@@ -18,11 +18,12 @@ from typing import Any, Protocol
 
 import duckdb
 
-from connector import sqltree
+from connector import plantree
 from connector.aggregates import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS, is_measurement_type
 from connector.errors import QueryRejected
+from connector.plantree import Ancestors, SourceName, plan_document
 from connector.sandbox_errors import peer_message, plan_refusal
-from connector.sqltree import Ancestors, Node, SourceName, plan_document
+from connector.sqltree import Node
 
 __all__ = [
     "ExposedRelation",
@@ -67,13 +68,13 @@ def check_plan(plan: Mapping[str, Any], allowed: Mapping[SourceName, ExposedRela
     """QueryRejected unless every scan of plan reads an allowed relation's exposed columns,
     and aggregate-only relations only in the aggregate form."""
     try:
-        for operator, ancestors in sqltree.operators(plan):
-            kind = sqltree.operator_type(operator)
+        for operator, ancestors in plantree.operators(plan):
+            kind = plantree.operator_type(operator)
             if any(word in kind for word in _WRITING_OPERATORS):
                 raise QueryRejected("only SELECT is allowed")
             if kind != "LOGICAL_GET":
                 continue
-            scan = sqltree.scan_of(operator)
+            scan = plantree.scan_of(operator)
             relation = _check_scan(scan, allowed)
             if relation.min_group_size:
                 check_aggregate_scan(scan, ancestors, relation.min_group_size)
@@ -124,7 +125,7 @@ _WRITING_OPERATORS = (
 
 
 def _check_scan(
-    scan: sqltree.Scan, allowed: Mapping[SourceName, ExposedRelation]
+    scan: plantree.Scan, allowed: Mapping[SourceName, ExposedRelation]
 ) -> ExposedRelation:
     """The relation a scan reads; QueryRejected unless it reads exposed columns of one."""
     if scan.function != "seq_scan":
@@ -149,7 +150,7 @@ def _check_scan(
     return relation
 
 
-def check_aggregate_scan(scan: sqltree.Scan, ancestors: Ancestors, min_group_size: int) -> None:
+def check_aggregate_scan(scan: plantree.Scan, ancestors: Ancestors, min_group_size: int) -> None:
     """A scan of an aggregate-only relation must feed, through column-only steps and filters
     on grouping columns, one aggregate of allowed functions over plain columns, whose every
     group is kept only when count(*) >= min_group_size."""
@@ -166,7 +167,7 @@ def check_aggregate_scan(scan: sqltree.Scan, ancestors: Ancestors, min_group_siz
     filters: list[tuple[Node, list[str | None]]] = []
     steps = iter(ancestors)
     for node in steps:
-        kind = sqltree.operator_type(node)
+        kind = plantree.operator_type(node)
         if kind == "LOGICAL_FILTER":
             filters.append((node, columns))
             columns = _after_filter(node, columns, refused)
@@ -179,20 +180,20 @@ def check_aggregate_scan(scan: sqltree.Scan, ancestors: Ancestors, min_group_siz
             raise refused
     else:
         raise refused
-    groups = sqltree.aggregate_groups(aggregate)
-    expressions = sqltree.operator_expressions(aggregate)
-    if not all(sqltree.is_bound_ref(g) for g in groups):
+    groups = plantree.aggregate_groups(aggregate)
+    expressions = plantree.operator_expressions(aggregate)
+    if not all(plantree.is_bound_ref(g) for g in groups):
         raise refused
     if not all(_allowed_aggregate(e) for e in expressions):
         raise refused
-    grouping = {_column_at(columns, g, refused) for g in groups if sqltree.is_bound_ref(g)}
+    grouping = {_column_at(columns, g, refused) for g in groups if plantree.is_bound_ref(g)}
     for node, inputs in filters:
         _check_row_filter(node, inputs, grouping, refused)
     _check_minimum(groups, expressions, next(steps, None), min_group_size, refused)
 
 
 def _column_at(columns: Sequence[str | None], ref: Node, refused: QueryRejected) -> str:
-    index = sqltree.bound_ref_index(ref)
+    index = plantree.bound_ref_index(ref)
     if index is None or not 0 <= index < len(columns) or columns[index] is None:
         raise refused
     return str(columns[index])
@@ -202,8 +203,8 @@ def _after_projection(
     node: Node, columns: list[str | None], refused: QueryRejected
 ) -> list[str | None]:
     outputs: list[str | None] = []
-    for expression in sqltree.operator_expressions(node):
-        if not sqltree.is_bound_ref(expression):
+    for expression in plantree.operator_expressions(node):
+        if not plantree.is_bound_ref(expression):
             raise refused  # a computed column before the aggregate
         outputs.append(_column_at(columns, expression, refused))
     return outputs
@@ -212,7 +213,7 @@ def _after_projection(
 def _after_filter(
     node: Node, columns: list[str | None], refused: QueryRejected
 ) -> list[str | None]:
-    selection = sqltree.projection_map(node)
+    selection = plantree.projection_map(node)
     if not selection:
         return columns
     outputs: list[str | None] = []
@@ -229,8 +230,8 @@ def _check_row_filter(
     """A filter before the aggregate keeps or drops whole groups: it may read only grouping
     columns (by any name: #n and COLUMNS(...) are bound to columns here) and call no
     volatile function."""
-    for expression in sqltree.bound_expressions(sqltree.operator_expressions(node)):
-        kind = sqltree.bound_class(expression)
+    for expression in plantree.bound_expressions(plantree.operator_expressions(node)):
+        kind = plantree.bound_class(expression)
         if kind not in ROW_FILTER_CLASSES:
             raise refused
         if kind == "BOUND_REF" and _column_at(columns, expression, refused) not in grouping:
@@ -238,7 +239,7 @@ def _check_row_filter(
                 f"{refused.message}; this query filters on "
                 f"{_column_at(columns, expression, refused)}, which it does not group by"
             )
-        if kind == "BOUND_FUNCTION" and sqltree.bound_function_name(expression) in (
+        if kind == "BOUND_FUNCTION" and plantree.bound_function_name(expression) in (
             VOLATILE_FUNCTIONS
         ):
             raise refused
@@ -255,41 +256,41 @@ def _check_minimum(
     count_outputs = {
         len(groups) + i
         for i, e in enumerate(expressions)
-        if isinstance(e, dict) and sqltree.bound_function_name(e) == "count_star"
+        if isinstance(e, dict) and plantree.bound_function_name(e) == "count_star"
     }
-    if having is None or sqltree.operator_type(having) != "LOGICAL_FILTER":
+    if having is None or plantree.operator_type(having) != "LOGICAL_FILTER":
         raise refused
     if not any(
         _is_min_count(e, count_outputs, min_group_size)
-        for e in sqltree.conjuncts(sqltree.operator_expressions(having))
+        for e in plantree.conjuncts(plantree.operator_expressions(having))
     ):
         raise refused
 
 
 def _allowed_aggregate(expression: object) -> bool:
-    if not isinstance(expression, dict) or sqltree.bound_class(expression) != "BOUND_AGGREGATE":
+    if not isinstance(expression, dict) or plantree.bound_class(expression) != "BOUND_AGGREGATE":
         return False
-    name = sqltree.bound_function_name(expression)
+    name = plantree.bound_function_name(expression)
     if name not in AGGREGATE_ONLY_FUNCTIONS or expression.get("filter") is not None:
         return False
-    children = sqltree.bound_children(expression)
-    if expression.get("order_bys") or not all(sqltree.is_bound_ref(c) for c in children):
+    children = plantree.bound_children(expression)
+    if expression.get("order_bys") or not all(plantree.is_bound_ref(c) for c in children):
         return False
     if name in EXTREMUM_FUNCTIONS:
-        types = sqltree.bound_argument_types(expression)
+        types = plantree.bound_argument_types(expression)
         return bool(types) and all(is_measurement_type(t) for t in types)
     return True
 
 
 def _is_min_count(expression: Mapping[str, Any], counts: set[int], minimum: int) -> bool:
     """expression is `count(*) >= N` with N >= minimum, count(*) of the aggregate below."""
-    children = sqltree.bound_children(expression)
+    children = plantree.bound_children(expression)
     if expression.get("type") != "COMPARE_GREATERTHANOREQUALTO" or len(children) != 2:
         return False
     left, right = children
-    if not sqltree.is_bound_ref(left) or sqltree.bound_ref_index(left) not in counts:
+    if not plantree.is_bound_ref(left) or plantree.bound_ref_index(left) not in counts:
         return False
-    value = sqltree.bound_constant(right)
+    value = plantree.bound_constant(right)
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 

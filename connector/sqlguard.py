@@ -1,7 +1,7 @@
 """Parse a peer's SQL with DuckDB's own parser, refuse what is not allowed, report what it reads.
 
 One SELECT statement only. Every relation must be an unqualified name (a dataset, or a CTE
-in scope); no table functions, no functions outside FUNCTIONS below, no parameters, no
+in scope); no table functions, no functions outside sqlallowed.FUNCTIONS, no parameters, no
 lambdas, no recursive CTEs, no samples, no time travel. The walker reads the JSON that
 `json_serialize_sql` gives in DuckDB 2.0 through sqltree.py and refuses any node it does not
 know. The guard knows nothing of policies: it reports datasets and column names (a position,
@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any
-
-import duckdb
 
 from connector import sqltree
 from connector.errors import QueryRejected
 from connector.packing import packed_rows
+from connector.sqlallowed import (
+    EXPRESSION_CLASSES,
+    FUNCTIONS,
+    PATH_LIKE,
+    REFUSED_CLASSES,
+    RESERVED_PREFIXES,
+)
 from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
-from connector.sqltree import error_position
-from connector.valuesize import check_value_sizes
+from connector.sqlparser import parse_select
+from connector.valuesize_tree import check_value_sizes
 
 UNKNOWN_LOCATION = 2**64 - 1
 MAX_DEPTH = 600
@@ -34,85 +36,6 @@ MAX_DEPTH = 600
 # in size so that the cache holds at most CACHED_QUERIES * MAX_CACHED_LENGTH characters.
 CACHED_QUERIES = 512
 MAX_CACHED_LENGTH = 16_384
-
-# Scalar functions and operators as DuckDB's parser names them. Deliberately absent: anything
-# that runs SQL from a string (query, query_table, json_execute_serialized_sql), reads files
-# or the network, shows settings, the catalog or the host (current_setting, duckdb_*,
-# pragma_*, version, getenv), and randomness that could be seeded (setseed).
-SCALAR_FUNCTIONS = frozenset(
-    """
-    + - * / // % ^ ** & | << >> ~ ! || ~~ !~~ ~~* !~~* ~~~ !~~~ ^@ @> <@ && <-> <=>
-    abs ceil ceiling floor round trunc sign sqrt cbrt exp ln log log2 log10 pow power
-    greatest least mod pi degrees radians sin cos tan asin acos atan atan2 even factorial
-    gcd lcm isnan isinf isfinite bit_count xor
-    lower upper lcase ucase length len strlen char_length character_length substring substr
-    left right concat concat_ws trim ltrim rtrim lpad rpad replace reverse repeat
-    starts_with ends_with prefix suffix contains position strpos instr split_part
-    string_split regexp_matches regexp_full_match regexp_replace regexp_extract
-    like_escape ilike_escape not_like_escape not_ilike_escape format printf
-    ascii chr unicode initcap translate md5 sha256 hash levenshtein jaccard
-    date_trunc datetrunc date_part datepart date_diff datediff date_sub datesub date_add
-    year month day week weekofyear quarter hour minute second millisecond microsecond
-    dayofweek dayofmonth dayofyear isodow isoyear yearweek weekday epoch epoch_ms
-    era decade century millennium julian last_day monthname dayname make_date make_time
-    make_timestamp strftime strptime try_strptime to_days to_hours to_minutes to_seconds
-    to_weeks to_months to_years to_milliseconds to_microseconds timezone age
-    current_date today now get_current_timestamp current_timestamp time_bucket
-    coalesce nullif ifnull if iff typeof
-    list_value list_pack struct_pack row array_extract list_extract struct_extract
-    array_length list_contains list_has array_contains list_sort array_sort list_distinct
-    list_aggregate list_unique len cardinality
-    """.split()
-)
-
-AGGREGATE_FUNCTIONS = frozenset(
-    """
-    count count_star sum avg mean min max median mode quantile quantile_cont quantile_disc
-    stddev stddev_samp stddev_pop variance var_samp var_pop corr covar_pop covar_samp
-    regr_slope regr_intercept regr_r2 approx_count_distinct approx_quantile
-    bool_and bool_or every any_value first last arg_min arg_max argmin argmax
-    min_by max_by product bit_and bit_or bit_xor string_agg group_concat listagg list
-    array_agg histogram entropy kurtosis skewness sum_no_overflow fsum favg
-    """.split()
-)
-
-WINDOW_FUNCTIONS = frozenset(
-    """
-    row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value
-    last_value nth_value
-    """.split()
-)
-
-FUNCTIONS = SCALAR_FUNCTIONS | AGGREGATE_FUNCTIONS | WINDOW_FUNCTIONS
-
-# Expression classes the walker understands; anything else is refused.
-EXPRESSION_CLASSES = frozenset(
-    {
-        "COLUMN_REF",
-        "CONSTANT",
-        "FUNCTION",
-        "COMPARISON",
-        "CONJUNCTION",
-        "OPERATOR",
-        "CASE",
-        "CAST",
-        "BETWEEN",
-        "SUBQUERY",
-        "WINDOW",
-        "STAR",
-        "COLLATE",
-        "POSITIONAL_REFERENCE",
-        "TYPE",
-    }
-)
-REFUSED_CLASSES = {
-    "PARAMETER": "prepared-statement parameters ($1, ?) are not allowed; write the values",
-    "LAMBDA": "lambda functions are not allowed",
-    "LAMBDA_REF": "lambda functions are not allowed",
-    "DEFAULT": "DEFAULT is not allowed in a query",
-}
-RESERVED_PREFIXES = ("duckdb_", "sqlite_", "pg_", "information_schema", "_connector")
-PATH_LIKE = re.compile(r"[/\\.:]")
 
 
 @dataclass(frozen=True)
@@ -154,40 +77,6 @@ class _Findings:
         return frozenset(columns), uses_star
 
 
-def _parser_database() -> duckdb.DuckDBPyConnection:
-    """The locked-down in-memory database that only parses and serialises."""
-    con = duckdb.connect(":memory:", config={"threads": 1})
-    for statement in (
-        "SET enable_external_access = false",
-        "SET autoload_known_extensions = false",
-        "SET autoinstall_known_extensions = false",
-        "SET lock_configuration = true",
-    ):
-        con.execute(statement)
-    return con
-
-
-# One database for all threads: each DuckDB database starts threads of its own, whose
-# stacks would count against the server's address-space limit (process_memory.py).
-_PARSER_DATABASE = _parser_database()
-
-
-class _ParserConnection(threading.local):
-    """One cursor per thread on the shared parser database: a database per thread cost
-    about 6 MB and 9 threads each, kept for the life of the server's worker threads."""
-
-    def __init__(self) -> None:
-        self.con = _PARSER_DATABASE.cursor()
-
-
-_PARSER = _ParserConnection()
-
-
-def parser_connection() -> duckdb.DuckDBPyConnection:
-    """This thread's locked-down in-memory connection, which only parses and serialises."""
-    return _PARSER.con
-
-
 def _location(node: dict[str, Any]) -> int | None:
     value = node.get("query_location")
     return value if isinstance(value, int) and 0 <= value < UNKNOWN_LOCATION else None
@@ -227,7 +116,7 @@ def _inspect(sql: str, max_length: int, value_sizes: bool) -> QueryShape:
         raise QueryRejected("the query is empty; send one SELECT statement")
     findings = _Findings()
     try:
-        tree = _parse(sql)
+        tree = parse_select(sql)
         _Walker(findings).query_node(tree, frozenset(), 0)
         if value_sizes:
             check_value_sizes(tree)
@@ -242,56 +131,6 @@ def _inspect(sql: str, max_length: int, value_sizes: bool) -> QueryShape:
         uses_star=uses_star,
         packing=packed_rows(tree),
     )
-
-
-def _parse(sql: str) -> dict[str, Any]:
-    con = _PARSER.con
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise _syntax_error(exc, _error_position(con, sql)) from None
-    if len(statements) != 1:
-        raise QueryRejected(
-            f"send exactly one statement, not {len(statements)} (no ';' between statements)"
-        )
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise QueryRejected(f"only SELECT is allowed, not {kind.name}", position=0)
-    try:
-        text = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
-    except duckdb.Error as exc:
-        raise _syntax_error(exc) from None
-    document = json.loads(text)
-    if document.get("error"):
-        message = str(document.get("error_message", "the query could not be parsed"))
-        first = message.splitlines()[0]
-        text = first if first.startswith("syntax error") else f"syntax error: {first}"
-        raise QueryRejected(text, position=error_position(document))
-    nodes = document.get("statements", [])
-    if len(nodes) != 1 or not isinstance(nodes[0].get("node"), dict):
-        raise QueryRejected("send exactly one SELECT statement")
-    node: dict[str, Any] = nodes[0]["node"]
-    return node
-
-
-def _syntax_error(exc: duckdb.Error, position: int | None = None) -> QueryRejected:
-    first = str(exc).splitlines()[0] if str(exc) else "the query could not be parsed"
-    first = first.replace("Parser Error: ", "")
-    if "expression depth" in first:
-        return QueryRejected("the query is nested too deeply")
-    text = first if first.startswith("syntax error") else f"syntax error: {first}"
-    return QueryRejected(text, position=position)
-
-
-def _error_position(con: duckdb.DuckDBPyConnection, sql: str) -> int | None:
-    """Where DuckDB's parser stopped: its serialised error carries the position, which the
-    exception's text only draws as a caret."""
-    try:
-        text = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
-        document = json.loads(text)
-    except (duckdb.Error, ValueError, IndexError):
-        return None
-    return error_position(document) if isinstance(document, dict) else None
 
 
 class _Walker:

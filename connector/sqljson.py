@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 
 from connector.errors import QueryRejected
-from connector.sqlguard import parser_connection
+from connector.sqlparser import parser_connection
 
 
 def serialised_query(sql: str) -> dict[str, Any]:

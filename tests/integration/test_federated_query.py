@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from connector.errors import DirectoryError, NotFederable
-from connector.federated_sql import MEMBER_COLUMN, plan_federation
+from connector.federated_plan import MEMBER_COLUMN
+from connector.federated_sql import plan_federation
 from connector.federation import (
     ANSWERED,
     REFUSED,

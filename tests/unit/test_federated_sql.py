@@ -10,13 +10,8 @@ import pyarrow as pa
 import pytest
 
 from connector.errors import NotFederable
-from connector.federated_sql import (
-    AGGREGATE,
-    UNION,
-    FederationPlan,
-    combine,
-    plan_federation,
-)
+from connector.federated_plan import AGGREGATE, UNION, FederationPlan, combine
+from connector.federated_sql import plan_federation
 
 ROWS = [
     ("Leipzig", "P1", 3, 1.5),

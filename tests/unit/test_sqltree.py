@@ -8,7 +8,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from connector import sqltree
+from connector import plantree, sqltree
 from connector.errors import QueryRejected
 from connector.plancheck import VOLATILE_FUNCTIONS
 from connector.sqltree import ColumnReference, ReferenceKind
@@ -103,7 +103,7 @@ def test_functions_constants_and_modifiers() -> None:
 
 
 def _plan(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
-    return sqltree.plan_document(
+    return plantree.plan_document(
         con.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()[0][0]
     )
 
@@ -112,7 +112,7 @@ def test_a_scan_names_its_table_and_the_columns_it_outputs() -> None:
     con = duckdb.connect()
     con.execute("CREATE TABLE parts (id INTEGER, plant VARCHAR, serial VARCHAR)")
     plan = _plan(con, "SELECT plant FROM parts WHERE #3 <> 'x'")
-    scans = [sqltree.scan_of(o) for o, _ in sqltree.operators(plan) if o["type"] == "LOGICAL_GET"]
+    scans = [plantree.scan_of(o) for o, _ in plantree.operators(plan) if o["type"] == "LOGICAL_GET"]
     assert len(scans) == 1
     scan = scans[0]
     assert scan.function == "seq_scan"
@@ -121,11 +121,11 @@ def test_a_scan_names_its_table_and_the_columns_it_outputs() -> None:
     assert scan.output_columns() == ("serial", "plant")
     assert not scan.table_filters
     # The positional reference is bound to serial, the scan's first output.
-    (filter_op,) = [o for o, _ in sqltree.operators(plan) if o["type"] == "LOGICAL_FILTER"]
+    (filter_op,) = [o for o, _ in plantree.operators(plan) if o["type"] == "LOGICAL_FILTER"]
     refs = [
-        sqltree.bound_ref_index(e)
-        for e in sqltree.bound_expressions(sqltree.operator_expressions(filter_op))
-        if sqltree.is_bound_ref(e)
+        plantree.bound_ref_index(e)
+        for e in plantree.bound_expressions(plantree.operator_expressions(filter_op))
+        if plantree.is_bound_ref(e)
     ]
     assert refs == [0]
 
@@ -137,12 +137,14 @@ def test_bound_constants_functions_and_conjuncts() -> None:
         con, "SELECT plant FROM parts GROUP BY plant HAVING count(*) >= 5 AND count(*) < 9"
     )
     having = next(
-        o for o, ancestors in sqltree.operators(plan) if o["type"] == "LOGICAL_FILTER" and ancestors
+        o
+        for o, ancestors in plantree.operators(plan)
+        if o["type"] == "LOGICAL_FILTER" and ancestors
     )
-    terms = list(sqltree.conjuncts(sqltree.operator_expressions(having)))
+    terms = list(plantree.conjuncts(plantree.operator_expressions(having)))
     assert [t["type"] for t in terms] == ["COMPARE_GREATERTHANOREQUALTO", "COMPARE_LESSTHAN"]
-    assert [sqltree.bound_constant(sqltree.bound_children(t)[1]) for t in terms] == [5, 9]
-    assert sqltree.bound_function_name(terms[0]) == ">="
+    assert [plantree.bound_constant(plantree.bound_children(t)[1]) for t in terms] == [5, 9]
+    assert plantree.bound_function_name(terms[0]) == ">="
 
 
 @pytest.mark.parametrize(
@@ -151,7 +153,7 @@ def test_bound_constants_functions_and_conjuncts() -> None:
 )
 def test_a_plan_that_could_not_be_serialised_is_refused(text: object) -> None:
     with pytest.raises(QueryRejected, match="cannot check the plan"):
-        sqltree.plan_document(text)
+        plantree.plan_document(text)
 
 
 def test_duckdb_serialises_an_over_long_integer_literal_to_nothing() -> None:
