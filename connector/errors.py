@@ -87,6 +87,14 @@ class QueryRejected(ConnectorError):
         self.position = position
 
 
+class Unimplemented(ConnectorError):
+    """A call or command the connector does not implement (Flight SQL port); says what it
+    answers instead."""
+
+    status = "UNIMPLEMENTED"
+    outcome = "rejected"
+
+
 class PermissionDenied(ConnectorError):
     """The usage policies do not allow this request; carries the reasons."""
 

@@ -38,6 +38,7 @@ from connector.errors import (
     ResourceExhausted,
     ShuttingDown,
     StateUnavailable,
+    Unimplemented,
     first_line,
 )
 from connector.flight_answer import IpcFeed, receipt_metadata
@@ -196,11 +197,20 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
 
     # Refusals: recorded by the Provider, sent as Flight errors.
 
+    def refuse_call(self, context: flight.ServerCallContext, error: Unimplemented) -> NoReturn:
+        """Record a call the port does not implement (a probe is on record like a query)."""
+        entry = AuditEntry("call", request_id=new_request_id())
+        try:
+            self._member(context, entry)
+        except Exception as refused:
+            self._refuse(entry, refused, "call")
+        self._refuse(entry, error, "call")
+
     def _refuse(self, entry: AuditEntry, error: Exception, method: str) -> NoReturn:
         if isinstance(error, flight.FlightError):
             raise error
         if isinstance(error, UnsupportedCommand):
-            raise unimplemented(f"the command {error.name}") from None
+            error = unimplemented(f"the command {error.name}")
         if isinstance(error, MemoryError):
             error = ResourceExhausted(OUT_OF_MEMORY)
         trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)

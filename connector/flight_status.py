@@ -13,7 +13,13 @@ import pyarrow as pa
 from pyarrow import flight
 
 from connector.canonical import canonical_bytes
-from connector.errors import ConnectorError, PermissionDenied, PolicyEngineError, StateUnavailable
+from connector.errors import (
+    ConnectorError,
+    PermissionDenied,
+    PolicyEngineError,
+    StateUnavailable,
+    Unimplemented,
+)
 from connector.peer_failures import ENGINE_FAILED, ENGINE_UNAVAILABLE, STATE_FAILED
 
 # How each kind of connector error reaches a Flight client (errors.py names the kind by its
@@ -27,6 +33,7 @@ FLIGHT_ERROR_OF: dict[str, type[flight.FlightError]] = {
     "DEADLINE_EXCEEDED": flight.FlightTimedOutError,
     "CANCELLED": flight.FlightCancelledError,
     "UNAVAILABLE": flight.FlightUnavailableError,
+    "UNIMPLEMENTED": flight.FlightServerError,
     "INTERNAL": flight.FlightInternalError,
 }
 UNEXPECTED = (
@@ -50,11 +57,11 @@ def flight_error(error: ConnectorError) -> flight.FlightError:
     return kind(f"{error.status}: {text}", extra_info=canonical_bytes(detail))
 
 
-def unimplemented(what: str) -> flight.FlightError:
+def unimplemented(what: str) -> Unimplemented:
     """The refusal of a Flight (SQL) call this connector does not implement."""
-    return flight.FlightServerError(
-        f"UNIMPLEMENTED: this connector's Flight SQL port does not implement {what}; it answers "
-        "SELECT statements (CommandStatementQuery or prepared), GetSqlInfo, GetCatalogs, "
+    return Unimplemented(
+        f"this connector's Flight SQL port does not implement {what}; it answers SELECT "
+        "statements (CommandStatementQuery or prepared), GetSqlInfo, GetCatalogs, "
         "GetDbSchemas, GetTables and GetTableTypes"
     )
 
@@ -88,11 +95,16 @@ def purpose_of(context: flight.ServerCallContext) -> str:
 
 class RefusedCalls:
     """The Flight calls the endpoint refuses whatever they carry (a mixin before pyarrow's
-    FlightServerBase, whose own versions would answer with a traceback)."""
+    FlightServerBase, whose own versions would answer with a traceback). Each refusal is
+    recorded like any other, by `refuse_call`."""
+
+    def refuse_call(self, context: flight.ServerCallContext, error: Unimplemented) -> NoReturn:
+        """Record the refused call of the member context names, and raise its Flight error."""
+        raise NotImplementedError  # the endpoint records it: it holds the audit log
 
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> NoReturn:
         """Refused: datasets are listed by GetTables, for the member asking."""
-        raise unimplemented("ListFlights (use GetTables)")
+        self.refuse_call(context, unimplemented("ListFlights (use GetTables)"))
 
     def get_schema(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
@@ -100,13 +112,17 @@ class RefusedCalls:
         """Not implemented: a result's schema comes with its answer. Answered with an empty
         schema whose metadata says so, since pyarrow sends the server's traceback with any
         error raised here (even a Flight error)."""
-        refusal = str(unimplemented("GetSchema (a result's schema comes with its answer)"))
-        return flight.SchemaResult(pa.schema([], metadata={UNIMPLEMENTED_KEY: refusal}))
+        try:
+            self.refuse_call(
+                context, unimplemented("GetSchema (a result's schema comes with its answer)")
+            )
+        except flight.FlightError as refused:
+            return flight.SchemaResult(pa.schema([], metadata={UNIMPLEMENTED_KEY: str(refused)}))
 
     def do_put(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> NoReturn:
         """Refused: the connector is read-only for peers."""
-        raise unimplemented("DoPut (the connector is read-only for peers)")
+        self.refuse_call(context, unimplemented("DoPut (the connector is read-only for peers)"))
 
     def do_exchange(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> NoReturn:
         """Refused."""
-        raise unimplemented("DoExchange")
+        self.refuse_call(context, unimplemented("DoExchange"))

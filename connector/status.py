@@ -22,6 +22,7 @@ ERROR_OF: dict[grpc.StatusCode, type[errors.ConnectorError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.QueryTimeout,
     grpc.StatusCode.CANCELLED: errors.QueryCancelled,
+    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
 }
 
 

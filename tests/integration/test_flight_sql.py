@@ -18,6 +18,7 @@ from google.protobuf import any_pb2
 from pyarrow import flight
 
 from connector._proto import flight_sql_pb2 as sql_pb
+from connector.audit_chain import read_entries
 from connector.errors import ConnectorError, PermissionDenied
 from connector.flight_sql import pack
 from connector.receipt import ReceiptBundle, verify_bundle
@@ -357,6 +358,8 @@ def test_sql_info_and_table_types(fspace: Space) -> None:
 )
 def test_other_commands_are_refused_clearly(fspace: Space, command: Any) -> None:
     client = flight_client(fspace.server, fspace.grantee)
+    log = fspace.provider.home / "audit" / "audit.jsonl"
+    before = len(list(read_entries(log))) if log.exists() else 0
     body = pack(command) if not isinstance(command, bytes) else command
     with pytest.raises(flight.FlightServerError) as refused:
         client.get_flight_info(flight.FlightDescriptor.for_command(body))
@@ -378,6 +381,16 @@ def test_other_commands_are_refused_clearly(fspace: Space, command: Any) -> None
     assert "Traceback" not in str(put.value)
     actions = {a.type for a in client.list_actions()}
     assert actions == {"CreatePreparedStatement", "ClosePreparedStatement", "CloseSession"}
+    # Every refused call is on record, with the member and why: probes leave a trace.
+    refused_calls = [
+        " ".join(e["reasons"])
+        for e in list(read_entries(log))[before:]
+        if e["type"] == "request" and e.get("outcome") == "rejected"
+    ]
+    for what in ("the action 'DropEverything'", "ListFlights", "GetSchema", "DoPut"):
+        assert sum(f"does not implement {what}" in r for r in refused_calls) == 1, what
+    if not isinstance(command, bytes):
+        assert any("does not implement the command" in r for r in refused_calls)
 
 
 def test_an_empty_answer_still_ends_with_its_receipt(fspace: Space) -> None:
