@@ -6,13 +6,17 @@ peers query each other: answered, refused for purpose, refused for a column, ref
 lack of any policy, a catalog and an explain. The data-space authority publishes the signed
 member directory, and the data space's sustainability office asks all three members one
 question at once: two answer, one refuses, and the answer says so member by member. Every
-step is the real `connector` command.
+step is the real `connector` command line (run in this process; each connector serves in
+a process of its own).
 The servers are stopped when the demo ends, also on error or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import re
 import shutil
 import signal
@@ -22,6 +26,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
+
+from connector.cli.logs import TEXT_FORMAT
+from connector.cli.main import main as cli
 
 EXAMPLES = Path(__file__).resolve().parent
 DATASPACE = "open-manufacturing"
@@ -48,14 +56,41 @@ RELOADED = "policies loaded from"
 FLIGHT_LINE = re.compile(r"Arrow Flight SQL on \S+ \(port (\d+)\)")
 
 
+class _CurrentStderr(logging.StreamHandler[TextIO]):
+    """Log records go to whatever sys.stderr is at the time: each step's own capture."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
+def _capture_logs() -> None:
+    # Commands run in this process: the command line's own logging set-up (once per
+    # process, to the stderr of the moment) would keep writing to the first step's capture.
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def connector(
     *args: str | Path, check: bool = True, show: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `connector` command and show it like a terminal would."""
-    command = [sys.executable, "-m", "connector.cli.main", *map(str, args)]
+    """Run the real `connector` command line (in this process: starting Python for each of
+    the demo's steps would take most of its time) and show it like a terminal would."""
+    words = [str(a) for a in args]
     if show:
-        print(f"\n$ connector {' '.join(_quote(str(a)) for a in args)}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+        print(f"\n$ connector {' '.join(_quote(w) for w in words)}", flush=True)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = cli(words)
+        except SystemExit as exit_:  # usage errors end in argparse's exit
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    done = subprocess.CompletedProcess(words, status, out.getvalue(), err.getvalue())
     if show:
         print(done.stdout, end="")
         for line in done.stderr.splitlines():
@@ -356,6 +391,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("demo-space"))
     parser.add_argument("--keep-running", action="store_true", help="serve until Ctrl-C")
     args = parser.parse_args()
+    _capture_logs()
     homes = set_up(args.workdir.resolve())
     servers: list[Server] = []
     try:
