@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from connector.policy.ref import PolicyRef
@@ -101,9 +101,10 @@ class AuditEntry:
 
     def as_record(self) -> dict[str, Any]:
         """The JSON-able fields written to the log, each text field size-checked."""
-        record = asdict(self)
-        record.pop("started")
-        record.pop("seq")
+        # Field by field, not dataclasses.asdict: its deep copy was a tenth of a tiny query.
+        # The record is written at once, so sharing the entry's values is safe.
+        record = {name: getattr(self, name) for name in _RECORDED}
+        record["policies"] = [{"id": p.id, "version": p.version} for p in self.policies]
         if not self.versions:
             record.pop("versions")
         for name in ("request_id", "member_id", "purpose", "client_reference", "decision"):
@@ -125,3 +126,6 @@ class AuditEntry:
             "decision": full["decision"],
             "policies": full["policies"],
         }
+
+
+_RECORDED = tuple(f.name for f in fields(AuditEntry) if f.name not in ("started", "seq"))

@@ -11,8 +11,6 @@ SQL guard in front.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -22,6 +20,7 @@ from connector import plantree
 from connector.aggregates import AGGREGATE_ONLY_FUNCTIONS, EXTREMUM_FUNCTIONS, is_measurement_type
 from connector.errors import QueryRejected
 from connector.plantree import Ancestors, SourceName, plan_document
+from connector.recent import RecentlyUsed
 from connector.sandbox_errors import peer_message, plan_refusal
 from connector.sqltree import Node
 
@@ -83,8 +82,7 @@ def check_plan(plan: Mapping[str, Any], allowed: Mapping[SourceName, ExposedRela
 
 
 _PlanKey = tuple[bytes, tuple[tuple[SourceName, str, tuple[str, ...], int], ...]]
-_passed: OrderedDict[_PlanKey, None] = OrderedDict()
-_passed_lock = threading.Lock()
+_passed: RecentlyUsed[_PlanKey, bool] = RecentlyUsed(PASSED_PLANS)
 
 
 def check_plan_text(
@@ -107,15 +105,10 @@ def check_plan_text(
             )
         ),
     )
-    with _passed_lock:
-        if key in _passed:
-            _passed.move_to_end(key)
-            return
+    if _passed.get(key):
+        return
     check_plan(plan, allowed)
-    with _passed_lock:
-        _passed[key] = None
-        while len(_passed) > PASSED_PLANS:
-            _passed.popitem(last=False)
+    _passed.put(key, True)
 
 
 _WRITING_OPERATORS = (

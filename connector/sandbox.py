@@ -15,12 +15,10 @@ a clear value or a filtered-out row, and no filter on a clear value can be timed
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 
@@ -31,8 +29,9 @@ from connector.errors import (
     first_line,
 )
 from connector.plancheck import bound_plan
+from connector.recent import RecentlyUsed
 from connector.sandbox_errors import sandbox_failures
-from connector.sandbox_session import STORED_CATALOG, SandboxSession
+from connector.sandbox_session import STORED_CATALOG, PassedPlans, PlanKey, SandboxSession
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,
     ShapedCopies,
@@ -61,6 +60,7 @@ class TypedRelation(Protocol):
 
 
 CHECKED_NAMES = 1024  # texts whose names bound against their stand-ins, kept (LRU)
+CHECKED_PLANS = 1024  # bound plans that passed the plan check, by query and relations (LRU)
 MAX_CHECKED_LENGTH = 16_384  # longer texts are bound every time
 # How an allocation that failed inside DuckDB can be worded when it is not raised as
 # OutOfMemoryException (a failed allocation at the process's address-space limit).
@@ -137,9 +137,9 @@ class SandboxDatabase:
         self._stale = False  # the metadata held is older than the data (refresh failed)
         self._datasets = self._read_datasets()
         _lock_down(self._db, limits)
-        self._names_lock = threading.Lock()
-        self._names_passed: OrderedDict[_NamesKey, None] = OrderedDict()
-        self._names_for: object = self._datasets
+        # Work that passed against the datasets as they are: emptied by a commit.
+        self._names_passed: RecentlyUsed[_NamesKey, bool] = RecentlyUsed(CHECKED_NAMES)
+        self._plans_passed: RecentlyUsed[PlanKey, dict[str, Any]] = RecentlyUsed(CHECKED_PLANS)
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)
         self.gate = CommitGate()
@@ -216,7 +216,9 @@ class SandboxDatabase:
             except BaseException:
                 cursor.close()
                 raise
-            return SandboxSession(cursor, self.shaped, self._alarms)
+            return SandboxSession(
+                cursor, self.shaped, self._alarms, PassedPlans(self._plans_passed, self._datasets)
+            )
 
     def check_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
@@ -229,21 +231,12 @@ class SandboxDatabase:
         A text that bound against the same stand-ins under the same datasets is not bound
         again (only passes are kept: a refusal is worked out again each time)."""
         key = _names_key(sql, relations, datasets)
-        with self._names_lock:
-            if self._names_for is not self._datasets:
-                self._names_passed.clear()
-                self._names_for = self._datasets
-            if key is not None and key in self._names_passed:
-                self._names_passed.move_to_end(key)
-                return
-            generation = self._names_for
+        generation = self._datasets
+        if key is not None and self._names_passed.get(key, generation):
+            return
         self._bind_names(sql, relations, datasets)
         if key is not None:
-            with self._names_lock:
-                if self._names_for is generation:
-                    self._names_passed[key] = None
-                    while len(self._names_passed) > CHECKED_NAMES:
-                        self._names_passed.popitem(last=False)
+            self._names_passed.put(key, True, generation)
 
     def _bind_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]

@@ -3,9 +3,11 @@ stopping it (deadline, cancel) from the sandbox's one alarm thread."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -21,6 +23,7 @@ from connector.errors import (
     StoreError,
 )
 from connector.plancheck import ExposedRelation, SourceName, bound_plan_text, check_plan_text
+from connector.recent import RecentlyUsed
 from connector.sandbox_errors import (
     OUT_OF_MEMORY,
     PEER_FAULTS,
@@ -38,13 +41,40 @@ INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
 
 
+# A query's text, the datasets it names, and each exposed relation (dataset, definition,
+# shaped copy, group minimum, columns): all a bound plan and its check depend on, once the
+# datasets are fixed (PassedPlans.generation).
+PlanKey = tuple[bytes, tuple[str, ...], tuple[tuple[str, str, str, int, tuple[str, ...]], ...]]
+
+
+@dataclass(frozen=True)
+class PassedPlans:
+    """The sandbox's plans that passed the check, and the datasets they were bound against."""
+
+    plans: RecentlyUsed[PlanKey, dict[str, Any]]
+    generation: object
+
+
+def _plan_key(sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str]) -> PlanKey:
+    exposed = sorted(
+        (r.dataset, r.sql, r.shaped_table, r.min_group_size, tuple(r.column_names))
+        for r in relations
+    )
+    return hashlib.sha256(sql.encode("utf-8")).digest(), tuple(datasets), tuple(exposed)
+
+
 class SandboxSession:
     """One request's cursor: exposes per-request views, checks the plan, streams results."""
 
     def __init__(
-        self, cursor: duckdb.DuckDBPyConnection, shaped: ShapedCopies, alarms: AlarmClock
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        shaped: ShapedCopies,
+        alarms: AlarmClock,
+        passed: PassedPlans,
     ) -> None:
         self._cursor = cursor
+        self._passed = passed
         self._shaped = shaped
         self._alarms = alarms
         self._interrupts = 0
@@ -73,8 +103,16 @@ class SandboxSession:
     ) -> dict[str, Any]:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
         and reads aggregate-only relations only in the aggregate form; returns the plan."""
-        text, plan = bound_plan_text(self._cursor, sql, datasets or [r.dataset for r in relations])
+        names = datasets or [r.dataset for r in relations]
+        key = _plan_key(sql, relations, names)
+        # The same query over the same relations binds to the same plan: bound and checked
+        # once while the datasets stay as they are (a refusal is worked out each time).
+        known = self._passed.plans.get(key, self._passed.generation)
+        if known is not None:
+            return known
+        text, plan = bound_plan_text(self._cursor, sql, names)
         check_plan_text(text, plan, {source_of(r): r for r in relations})
+        self._passed.plans.put(key, plan, self._passed.generation)
         return plan
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:

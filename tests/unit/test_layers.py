@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "connector"
 LAYERS: list[set[str]] = [
     {"errors", "names", "canonical", "safetext", "sqltext", "refusals", "rate", "atomic_file",
      "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool",
-     "log_context", "commit_gate", "toml_strict", "signal_inbox"},
+     "log_context", "commit_gate", "toml_strict", "signal_inbox", "recent"},
     {"config", "config_template", "identity", "jws", "receipt", "status", "directory",
      "directory_draft"},
     {"csv_strict", "column_names", "staging", "store", "version_log", "ingest_client", "watch"},

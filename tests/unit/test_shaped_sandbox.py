@@ -317,3 +317,27 @@ def test_policies_with_the_same_shaping_written_differently_agree() -> None:
     number = Shaping(filters=(RowFilter("ok", values=(1,)),))
     with pytest.raises(PermissionDenied, match="shape it differently"):
         shaping_of(grant, {"a": Policy(flag), "b": Policy(number)})
+
+
+def test_a_plan_is_bound_once_per_query_and_relations_until_the_data_changes(
+    parts: tuple[SandboxDatabase, DatasetInfo],
+) -> None:
+    store, info = parts
+    relation = relation_for(info, {"plant", "price"}, Shaping(), KEY)
+    other = relation_for(info, {"plant"}, Shaping(), KEY)
+
+    def plan(sql: str, exposed: Relation) -> object:
+        session = store.session()
+        try:
+            session.expose([exposed])
+            return session.verify_plan(sql, [exposed])
+        finally:
+            session.close()
+
+    sql = "SELECT plant, sum(price) FROM parts GROUP BY plant"
+    first = plan(sql, relation)
+    assert plan(sql, relation) is first  # bound and checked once
+    with pytest.raises(PermissionDenied, match="column price"):
+        plan(sql, other)  # other relations: bound and checked again, and refused
+    store.refresh()  # what an ingest's commit does: plans bound before are not reused
+    assert plan(sql, relation) is not first
