@@ -42,10 +42,11 @@ class IpcFeed(io.RawIOBase):
 def receipt_metadata(signer: ReceiptSigner, token: str) -> bytes:
     """The app_metadata of an answer's last message: the receipt with what proves who signed
     it, the fields of a receipt file (`connector receipt verify` reads it as one)."""
+    endorsed = signer.endorsement
     bundle = {
         "receipt_jws": token,
-        "endorsement": signer.endorsement,
-        "provider_certificate_pem": signer.certificate_pem,
+        "endorsement": endorsed.jws,
+        "provider_certificate_pem": endorsed.certificate_pem,
         "data_format": "arrow",
     }
     return canonical_json(bundle).encode("utf-8")

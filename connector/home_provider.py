@@ -21,7 +21,7 @@ from connector.policy.signing import trusted_keys
 from connector.policy.versions import VersionMemory
 from connector.provider import Provider
 from connector.quota import QuotaLedger
-from connector.receipt import ReceiptSigner, endorse_receipt_key
+from connector.receipt import ReceiptEndorsement, ReceiptSigner, endorse_receipt_key
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import load_mask_key
 from connector.store import DatasetInfo
@@ -84,8 +84,10 @@ def build_provider(
         raise IdentityError(f"{settings.key}: the TLS key must be EC P-256")
     signer = ReceiptSigner(
         receipt_key,
-        endorsement=endorse_receipt_key(tls_key, settings.member_id, receipt_key.public_key()),
-        certificate_pem=settings.cert.read_text(encoding="ascii"),
+        ReceiptEndorsement(
+            endorse_receipt_key(tls_key, settings.member_id, receipt_key.public_key()),
+            settings.cert.read_text(encoding="ascii"),
+        ),
     )
     provider = Provider(
         settings.member_id,

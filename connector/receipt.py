@@ -65,15 +65,25 @@ class ReceiptFields:
         return cls(policies=policies, **raw)
 
 
+@dataclass(frozen=True)
+class ReceiptEndorsement:
+    """What ties receipts to the provider: its TLS key's JWS endorsing the receipt key, and
+    that TLS certificate. Replaced as one (a rotation must never pair one with the other's
+    predecessor, or receipts signed meanwhile would not verify)."""
+
+    jws: str = ""
+    certificate_pem: str = ""
+
+
 class ReceiptSigner:
     """Signs receipts with the provider's Ed25519 receipt key, endorsed by its TLS key."""
 
     def __init__(
-        self, key: ed25519.Ed25519PrivateKey, *, endorsement: str = "", certificate_pem: str = ""
+        self, key: ed25519.Ed25519PrivateKey, endorsement: ReceiptEndorsement | None = None
     ) -> None:
         self._key = key
-        self.endorsement = endorsement
-        self.certificate_pem = certificate_pem
+        # Read once per answer: a TLS reload replaces it whole.
+        self.endorsement = endorsement or ReceiptEndorsement()
         self.key_id = jws.key_id(key.public_key())
         self.public_key_pem = public_pem(key.public_key()).decode()
 

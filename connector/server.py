@@ -25,7 +25,7 @@ from connector.memory import QuietTrimmer
 from connector.metrics import ConnectorMetrics
 from connector.policy.opa import OpaLink, opa_link
 from connector.provider import Provider
-from connector.receipt import ReceiptSigner, endorse_receipt_key
+from connector.receipt import ReceiptEndorsement, ReceiptSigner, endorse_receipt_key
 from connector.service import SERVICE_NAME as CONNECTOR_SERVICE
 from connector.service import ConnectorService, add_to_server
 from connector.thread_pool import PrestartedThreadPool
@@ -72,8 +72,7 @@ def _follow_tls(
 
     def follow(material: TlsMaterial) -> None:
         endorsement = endorse_receipt_key(material.key, settings.member_id, receipt_public)
-        signer.endorsement = endorsement
-        signer.certificate_pem = material.cert_pem.decode("ascii")
+        signer.endorsement = ReceiptEndorsement(endorsement, material.cert_pem.decode("ascii"))
         metrics.tls_reloaded()
 
     return follow
@@ -284,7 +283,8 @@ def start_server(
             settings.cert,
             settings.key,
             settings.ca,
-            settings.member_id,
+            member_id=settings.member_id,
+            dataspace=settings.dataspace,
             on_change=_follow_tls(settings, provider.signer, metrics),
         )
         port = server.add_secure_port(address, tls.credentials())

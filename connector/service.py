@@ -239,14 +239,15 @@ class ConnectorService:
         finally:
             self._left()
         signer = self._provider.signer
+        endorsed = signer.endorsement
         return pb.Catalog(
             provider_id=self._provider.member_id,
             member_id=member.member_id,
             datasets=[dataset_message(d) for d in datasets],
             receipt_public_key_pem=signer.public_key_pem,
             receipt_key_id=signer.key_id,
-            provider_certificate_pem=signer.certificate_pem,
-            receipt_key_endorsement=signer.endorsement,
+            provider_certificate_pem=endorsed.certificate_pem,
+            receipt_key_endorsement=endorsed.jws,
             connector_version=__version__,
         )
 

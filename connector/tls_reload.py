@@ -28,6 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from connector.errors import ConnectorError, IdentityError
 from connector.identity import member_identity
 
+# A new certificate may start this much after this machine's clock (issued elsewhere).
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
 log = logging.getLogger(__name__)
 
 FileStamp = tuple[tuple[int, int, int], ...]  # (inode, size, mtime) of each file
@@ -50,7 +53,9 @@ class TlsMaterial:
         )
 
 
-def read_tls_material(cert: Path, key: Path, ca: Path, member_id: str) -> TlsMaterial:
+def read_tls_material(
+    cert: Path, key: Path, ca: Path, member_id: str, dataspace: str
+) -> TlsMaterial:
     """Read and check the files; IdentityError says what does not fit."""
     files = {}
     for what, path in (("certificate", cert), ("key", key), ("CA bundle", ca)):
@@ -73,13 +78,26 @@ def read_tls_material(cert: Path, key: Path, ca: Path, member_id: str) -> TlsMat
     if not _chains_to(chain, authorities):
         raise IdentityError(f"{cert} was not issued by a CA in the bundle {ca}")
     try:
-        named = member_identity(certificate).member_id
+        named = member_identity(certificate)
     except ConnectorError as exc:
         raise IdentityError(f"{cert}: {exc.message}") from None
-    if named != member_id:
-        raise IdentityError(f"{cert} is the certificate of member {named!r}, not {member_id!r}")
-    if certificate.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+    if named.member_id != member_id:
+        raise IdentityError(
+            f"{cert} is the certificate of member {named.member_id!r}, not {member_id!r}"
+        )
+    if named.dataspace != dataspace:
+        raise IdentityError(
+            f"{cert} is a certificate of data space {named.dataspace!r}, not {dataspace!r}"
+        )
+    now = dt.datetime.now(dt.UTC)
+    if certificate.not_valid_after_utc <= now:
         raise IdentityError(f"{cert} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
+    if certificate.not_valid_before_utc > now + CLOCK_SKEW:
+        # Peers would refuse it in every handshake: the set in force is kept meanwhile.
+        raise IdentityError(
+            f"{cert} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
+            "put it in place then (or check this machine's clock)"
+        )
     return TlsMaterial(files["certificate"], files["key"], files["CA bundle"], private, certificate)
 
 
@@ -125,17 +143,19 @@ class ServerTlsFiles:
         cert: Path,
         key: Path,
         ca: Path,
+        *,
         member_id: str,
+        dataspace: str,
         on_change: Callable[[TlsMaterial], None] | None = None,
     ) -> None:
         """Read the files now (IdentityError if they do not fit); on_change is told of
         every later set put in force."""
         self._paths = (cert, key, ca)
-        self._member_id = member_id
+        self._member = (member_id, dataspace)
         self._on_change = on_change
         self._lock = threading.Lock()
         self._stamp = _stamp(self._paths)
-        self.material = read_tls_material(cert, key, ca, member_id)
+        self.material = read_tls_material(cert, key, ca, member_id, dataspace)
         self._version = 0  # sets put in force since start
         self._served = 0  # the version gRPC was last handed
 
@@ -175,7 +195,7 @@ class ServerTlsFiles:
             return False
         self._stamp = stamp  # a refused set is not read again until a file changes
         try:
-            material = read_tls_material(*self._paths, self._member_id)
+            material = read_tls_material(*self._paths, *self._member)
         except IdentityError as exc:
             log.error("new TLS files not taken, the ones in force stay: %s", exc.message)
             return False

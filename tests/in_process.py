@@ -57,7 +57,7 @@ class InProcessPeer:
             pieces.close()
             run.close()
         signer = provider.signer
-        bundle = ReceiptBundle(token, signer.endorsement, signer.certificate_pem)
+        bundle = ReceiptBundle(token, signer.endorsement.jws, signer.endorsement.certificate_pem)
         verify_bundle(bundle, self._ca_pem, data)
         return read_ipc_pieces([data])
 

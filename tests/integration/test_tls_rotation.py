@@ -177,6 +177,8 @@ def _issue(
     *,
     ca: bool,
     name: str,
+    dataspace: str = DATASPACE,
+    starts: dt.timedelta = dt.timedelta(minutes=-5),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -187,13 +189,13 @@ def _issue(
         .issuer_name(issuer.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_before(now + starts)
         .not_valid_after(now + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if not ca:
         san = [
-            x509.UniformResourceIdentifier(f"spiffe://{DATASPACE}/member/carmaker"),
+            x509.UniformResourceIdentifier(f"spiffe://{dataspace}/member/carmaker"),
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         ]
@@ -229,3 +231,38 @@ def test_a_certificate_from_an_intermediate_ca_is_taken_with_its_chain(
     # Out of order (the intermediate first), the set is refused.
     (tls / "cert.pem").write_bytes(intermediate.public_bytes(pem) + leaf.public_bytes(pem))
     assert not space.server.tls.reload()
+
+
+@pytest.mark.parametrize(
+    ("space_name", "starts", "words"),
+    [
+        ("other-space", dt.timedelta(minutes=-5), "a certificate of data space 'other-space'"),
+        (DATASPACE, dt.timedelta(days=1), "is valid only from"),
+    ],
+    ids=["another data space", "not valid yet"],
+)
+def test_a_certificate_of_another_space_or_not_yet_valid_is_refused(
+    rotating_space: Space,
+    space_name: str,
+    starts: dt.timedelta,
+    words: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Both chain to a CA of the bundle and name the member: peers would still refuse them.
+    space = rotating_space
+    before = served_certificate(space.server.port, space.grantee)
+    root, root_key = _issue(None, None, ca=True, name="root")
+    leaf, leaf_key = _issue(
+        root, root_key, ca=False, name="carmaker", dataspace=space_name, starts=starts
+    )
+    pem = serialization.Encoding.PEM
+    tls = space.provider.home / "tls"
+    (tls / "ca.pem").write_bytes((tls / "ca.pem").read_bytes() + root.public_bytes(pem))
+    (tls / "key.pem").write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (tls / "cert.pem").write_bytes(leaf.public_bytes(pem))
+    assert not space.server.tls.reload()
+    assert words in caplog.text
+    served = served_certificate(space.server.port, space.grantee)
+    assert served.serial_number == before.serial_number
