@@ -9,6 +9,9 @@ rather than being refused, since stopping ones end within a few seconds.
 
 A query over the limit waits in a bounded queue (queue_length waiting at most, each for
 queue_seconds at most) rather than being refused at once: bursts of peers are served in turn.
+One member may fill the whole queue while nobody else waits; when another member's query
+finds it full, the member holding the most places gives up its latest one (that query is
+refused), so no member can keep the others out of the queue.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Protocol
 
 from connector.errors import QueryTimeout, ResourceExhausted
@@ -25,6 +29,20 @@ log = logging.getLogger(__name__)
 EXECUTION_WAIT_SECONDS = 5.0  # longer than DuckDB takes to notice an interrupt (about 3 s)
 ADMISSION_WAIT_SECONDS = 0.5  # covers a peer that left a moment ago and is not yet noticed
 QUEUE_LENGTH = 64  # queries waiting for a slot at most (the rest are refused at once)
+
+
+QUEUE_GIVEN_UP = (
+    "your query waited for a slot, but the queue was needed for other members' queries (you "
+    "held the most places in it); retry shortly, or send fewer queries at once"
+)
+
+
+@dataclass(eq=False)
+class _Place:
+    """One query's place in the queue."""
+
+    member: str
+    given_up: bool = False
 
 
 class QuerySlots:
@@ -43,7 +61,7 @@ class QuerySlots:
         self.max_executing = 2 * total
         self.queue_length = queue_length
         self.queue_seconds = queue_seconds
-        self._waiting = 0
+        self._places: list[_Place] = []  # the queue, in arrival order
         self._admitted = 0
         self._executing = 0
         self._by_member: Counter[str] = Counter()
@@ -96,21 +114,40 @@ class QuerySlots:
 
     def _queue(self, member: str, seconds: float) -> None:
         """Wait (lock held by the caller) until a slot is free for member, seconds at most."""
-        if self._waiting >= self.queue_length:
+        if len(self._places) >= self.queue_length and not self._make_room_for(member):
             raise ResourceExhausted(
                 f"no query slot is free and the queue of waiting queries is full "
-                f"({self._waiting} waiting); retry shortly"
+                f"({len(self._places)} waiting); retry shortly"
             )
-        self._waiting += 1
+        place = _Place(member)
+        self._places.append(place)
         try:
-            self._changed.wait_for(lambda: self._free_for(member), seconds)
+            self._changed.wait_for(lambda: place.given_up or self._free_for(member), seconds)
         finally:
-            self._waiting -= 1
+            if not place.given_up:
+                self._places.remove(place)
+        if place.given_up:
+            raise ResourceExhausted(QUEUE_GIVEN_UP)
+
+    def _make_room_for(self, member: str) -> bool:
+        """Take the latest place of the member holding the most, if it holds more than
+        member would with one more; True when a place was freed."""
+        if not self._places:
+            return False
+        held = Counter(place.member for place in self._places)
+        most, count = held.most_common(1)[0]
+        if most == member or count <= held[member] + 1:
+            return False
+        latest = next(p for p in reversed(self._places) if p.member == most)
+        latest.given_up = True
+        self._places.remove(latest)
+        self._changed.notify_all()
+        return True
 
     def waiting(self) -> int:
         """Queries waiting for a slot now."""
         with self._changed:
-            return self._waiting
+            return len(self._places)
 
     def _free_for(self, member: str) -> bool:
         return self._admitted < self.total and self._by_member[member] < self.per_member

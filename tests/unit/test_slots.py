@@ -77,3 +77,52 @@ def test_concurrent_acquires_never_pass_the_bounds() -> None:
         t.join()
     assert peak["in_use"] <= 5 and peak["member"] <= 2
     assert (slots.in_use(), slots.executing()) == (0, 0)
+
+
+def _wait_in_queue(slots: QuerySlots, member: str, outcomes: list[str]) -> threading.Thread:
+    def wait() -> None:
+        try:
+            slots.acquire(member, admission_wait=10).finish()
+            outcomes.append(f"{member}: admitted")
+        except ResourceExhausted as refused:
+            outcomes.append(f"{member}: {refused.message[:40]}")
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread
+
+
+def test_one_member_may_fill_the_queue_but_not_keep_another_member_out() -> None:
+    slots = QuerySlots(total=1, per_member=1, queue_length=3)
+    running = slots.acquire("a")
+    outcomes: list[str] = []
+    waiters = []
+    for _ in range(3):
+        waiters.append(_wait_in_queue(slots, "a", outcomes))
+        while slots.waiting() < len(waiters):
+            time.sleep(0.01)
+    waiters.append(_wait_in_queue(slots, "b", outcomes))  # a gives up its latest place
+    while not outcomes:
+        time.sleep(0.01)
+    assert len(outcomes) == 1 and outcomes[0].startswith("a: your query waited for a slot")
+    waiters.append(_wait_in_queue(slots, "c", outcomes))  # a held 2 places, c none
+    while len(outcomes) < 2:
+        time.sleep(0.01)
+    assert outcomes[1].startswith("a: your query waited for a slot")
+    # One place each now: a fourth member would take nobody's place.
+    with pytest.raises(ResourceExhausted, match="queue of waiting queries is full"):
+        slots.acquire("d", admission_wait=1)
+    assert slots.waiting() == 3
+    running.finish()
+    for waiter in waiters:
+        waiter.join(timeout=10)
+    assert sorted(outcomes[2:]) == ["a: admitted", "b: admitted", "c: admitted"]
+
+
+def test_no_queue_refuses_at_once() -> None:
+    slots = QuerySlots(total=1, per_member=1, queue_length=0)
+    held = slots.acquire("a")
+    for member in ("a", "b"):
+        with pytest.raises(ResourceExhausted, match="queue of waiting queries is full"):
+            slots.acquire(member, admission_wait=1)
+    held.finish()
