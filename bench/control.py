@@ -10,8 +10,8 @@ and many concurrent peers, against a connector served by its own process.
   concurrent peers  N peers (own channels) sending tiny queries for a bounded time: answers,
                     errors by status code, and the server's memory before and after.
 
-flight_sql_paths() is where the Arrow Flight SQL measurements (ADBC, FlightClient against the
-connector's Flight SQL port) plug in once that endpoint exists.
+Tiny queries are also timed on the connector's Arrow Flight SQL port, through pyarrow's
+FlightClient (GetFlightInfo and DoGet: two calls a query) and through ADBC's DB-API.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ from connector.client import Peer, PeerIdentity
 from connector.errors import ConnectorError
 from connector.identity import MemberIdentity
 from connector.request import PeerRequest
+
+try:  # `make bench` runs the scripts with bench/ on the path
+    from flight_clients import adbc_fetch, flight_client_fetch
+except ImportError:  # imported as bench.control
+    from bench.flight_clients import adbc_fetch, flight_client_fetch
 
 BARE_SERVER = Path(__file__).with_name("bare_grpc.py")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -95,11 +100,12 @@ def served(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[b
             process.wait()
 
 
-def connector_process(home: Path, port: int) -> list[str]:
-    """The argv of `connector serve` for home on loopback port."""
+def connector_process(home: Path, port: int, flight_port: int) -> list[str]:
+    """The argv of `connector serve` for home on loopback ports (gRPC, Flight SQL)."""
     code = "import sys; from connector.cli.main import main; sys.exit(main())"
-    listen = f"127.0.0.1:{port}"
-    return [sys.executable, "-c", code, "serve", "--home", str(home), "--listen", listen]
+    listen, flight_listen = f"127.0.0.1:{port}", f"127.0.0.1:{flight_port}"
+    return [sys.executable, "-c", code, "serve", "--home", str(home), "--listen", listen,
+            "--flight-listen", flight_listen]  # fmt: skip
 
 
 def bare_process(pieces: Path, tls: tuple[Path, Path, Path], port: int) -> list[str]:
@@ -160,9 +166,8 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def tiny_latencies(peer: Peer, sql: str, purpose: str, count: int) -> list[float]:
-    """Seconds per tiny query through the raw stub (after a few warm-up calls)."""
-    once = raw_stub(peer, sql, purpose)
+def tiny_latencies(once: Callable[[], object], count: int) -> list[float]:
+    """Seconds per call of once, a tiny query (after a few warm-up calls)."""
     for _ in range(5):
         once()
     times = []
@@ -252,12 +257,6 @@ def concurrent_load(
     return result
 
 
-def flight_sql_paths(results: dict[str, object]) -> None:
-    """Hook: Arrow Flight SQL measurements (5 M rows and tiny queries through ADBC and through
-    pyarrow.flight.FlightClient against the connector's Flight SQL port) go here once that
-    endpoint is merged; they add their figures to results under 'flight sql ...' names."""
-
-
 def spread(values: list[float]) -> str:
     """Median and range, for a noisy shared machine."""
     return f"median {statistics.median(values):.4g} (min {min(values):.4g}, max {max(values):.4g})"
@@ -286,16 +285,26 @@ def measure_control(
     queries: the big one, a tiny one, and their purpose. Returns the report's lines."""
     big, tiny, purpose = queries
     lines = []
-    port = free_port()
+    port, flight_port = free_port(), free_port()
     address = f"localhost:{port}"
-    with served(connector_process(provider, port), port, work / "connector.log") as server:
-        with Peer(address, identity, timeout=600) as peer:
+    argv = connector_process(provider, port, flight_port)
+    with served(argv, port, work / "connector.log") as server:
+        with (
+            Peer(address, identity, timeout=600) as peer,
+            adbc_fetch(flight_port, identity, tiny, purpose) as adbc_once,
+        ):
             pieces = work / "pieces.bin"
             size = write_pieces(peer, big, purpose, pieces)
             connector_cpu = server_cpu_per_call(
                 server.pid, raw_stub(peer, big, purpose), options.repeat
             )
-            tiny_times = tiny_latencies(peer, tiny, purpose, options.tiny)
+            tiny_times = {
+                "raw gRPC stub": tiny_latencies(raw_stub(peer, tiny, purpose), options.tiny),
+                "Flight SQL, FlightClient": tiny_latencies(
+                    flight_client_fetch(flight_port, identity, tiny, purpose), options.tiny
+                ),
+                "Flight SQL, ADBC": tiny_latencies(adbc_once, options.tiny),
+            }
         loads = []
         memory = [rss_mib(server.pid)]
         for count in options.peer_counts:
@@ -311,11 +320,12 @@ def measure_control(
     lines.append(f"  connector serve   {spread(connector_cpu)}")
     lines.append(f"  bare grpcio       {spread(bare_cpu)}")
     lines.append(f"  ratio: {ratio:.2f}x bare grpcio (target <= 1.3x)")
-    ms = [t * 1000 for t in tiny_times]
-    lines.append(
-        f"tiny query, raw stub, {len(ms)} calls: p50 {percentile(ms, 0.5):.2f} ms, "
-        f"p99 {percentile(ms, 0.99):.2f} ms (target p50 <= 2 ms)"
-    )
+    for path, times in tiny_times.items():
+        ms = [t * 1000 for t in times]
+        lines.append(
+            f"tiny query, {path}, {len(ms)} calls: p50 {percentile(ms, 0.5):.2f} ms, "
+            f"p99 {percentile(ms, 0.99):.2f} ms (target p50 <= 2 ms)"
+        )
     us = [t * 1e6 for t in decisions]
     lines.append(
         f"decision again for the same request: p50 {percentile(us, 0.5):.1f} us, "

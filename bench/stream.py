@@ -41,18 +41,18 @@ from pathlib import Path
 import duckdb
 import pyarrow.flight as flight
 
-from connector._proto.flight_sql_pb2 import CommandStatementQuery
 from connector.cli.main import main as cli
 from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
-from connector.flight_sql import pack
 from connector.server import start_server
 from connector.shaping import hmac_sql, load_mask_key
 
 try:  # `make bench` runs this file as a script, with bench/ on the path
-    from control import ControlSettings, flight_sql_paths, measure_control
+    from control import ControlSettings, measure_control
+    from flight_clients import adbc_fetch, flight_client_fetch
 except ImportError:  # imported as bench.stream
-    from bench.control import ControlSettings, flight_sql_paths, measure_control
+    from bench.control import ControlSettings, measure_control
+    from bench.flight_clients import adbc_fetch, flight_client_fetch
 
 DATASET = "part_events"
 PURPOSE = "benchmarking"
@@ -207,52 +207,6 @@ def connector_stream(peer: Peer, sql: str, purpose: str = PURPOSE) -> Callable[[
     return once
 
 
-def flight_sql_client(port: int, identity: PeerIdentity, sql: str) -> Callable[[], tuple[int, int]]:
-    client = flight.FlightClient(
-        f"grpc+tls://localhost:{port}",
-        tls_root_certs=identity.ca_pem,
-        cert_chain=identity.cert_pem,
-        private_key=identity.key_pem,
-    )
-    options = flight.FlightCallOptions(headers=[(b"x-connector-purpose", PURPOSE.encode())])
-    command = flight.FlightDescriptor.for_command(pack(CommandStatementQuery(query=sql)))
-
-    def once() -> tuple[int, int]:
-        info = client.get_flight_info(command, options)
-        rows = size = 0
-        for chunk in client.do_get(info.endpoints[0].ticket, options):
-            rows += chunk.data.num_rows
-            size += chunk.data.nbytes
-        return rows, size
-
-    return once
-
-
-def flight_sql_adbc(port: int, identity: PeerIdentity, sql: str) -> Callable[[], tuple[int, int]]:
-    import adbc_driver_flightsql.dbapi as flightsql
-    from adbc_driver_flightsql import DatabaseOptions
-
-    options = {
-        DatabaseOptions.TLS_ROOT_CERTS.value: identity.ca_pem.decode(),
-        DatabaseOptions.MTLS_CERT_CHAIN.value: identity.cert_pem.decode(),
-        DatabaseOptions.MTLS_PRIVATE_KEY.value: identity.key_pem.decode(),
-        f"{DatabaseOptions.RPC_CALL_HEADER_PREFIX.value}x-connector-purpose": PURPOSE,
-    }
-
-    def once() -> tuple[int, int]:
-        with (
-            flightsql.connect(
-                f"grpc+tls://localhost:{port}", db_kwargs=options, autocommit=True
-            ) as connection,
-            connection.cursor() as cursor,
-        ):
-            cursor.execute(sql)
-            table = cursor.fetch_arrow_table()
-        return table.num_rows, table.nbytes
-
-    return once
-
-
 def connector_table(peer: Peer, sql: str) -> Callable[[], tuple[int, int]]:
     def once() -> tuple[int, int]:
         table = peer.query(sql, PURPOSE)
@@ -302,14 +256,21 @@ def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> Non
         f"SELECT plant, {masked} AS part_no, day, defects, cost "
         f'FROM datasets."{DATASET}" WHERE defects >= 0'
     )
+    # The anchors read a copy: the serving connector holds its file, and DuckDB attaches a
+    # file once per process.
+    anchor = work / "anchor.duckdb"
+    shutil.copyfile(settings.database, anchor)
     server = start_server(settings, "127.0.0.1:0", "127.0.0.1:0")
     assert server.flight is not None
-    flight_server = DuckDBFlightServer(settings.database, provider_tls)
+    flight_server = DuckDBFlightServer(anchor, provider_tls)
     threading.Thread(target=flight_server.serve, daemon=True).start()
     try:
-        with Peer(f"localhost:{server.port}", identity, timeout=600) as peer:
+        with (
+            Peer(f"localhost:{server.port}", identity, timeout=600) as peer,
+            adbc_fetch(server.flight.port, identity, sql_peer, PURPOSE) as adbc_once,
+        ):
             results = [
-                timed("local DuckDB", repeat, local_duckdb(settings.database, sql_owner)),
+                timed("local DuckDB", repeat, local_duckdb(anchor, sql_owner)),
                 timed(
                     "Arrow Flight",
                     repeat,
@@ -318,15 +279,15 @@ def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> Non
                 timed("connector stream", repeat, connector_stream(peer, sql_peer)),
                 timed("connector query()", repeat, connector_table(peer, sql_peer)),
                 timed(
-                    FLIGHT_SQL, repeat, flight_sql_client(server.flight.port, identity, sql_peer)
+                    FLIGHT_SQL,
+                    repeat,
+                    flight_client_fetch(server.flight.port, identity, sql_peer, PURPOSE),
                 ),
-                timed(
-                    FLIGHT_SQL_ADBC, repeat, flight_sql_adbc(server.flight.port, identity, sql_peer)
-                ),
+                timed(FLIGHT_SQL_ADBC, repeat, adbc_once),
                 timed(
                     "local DuckDB, masked",
                     repeat,
-                    local_duckdb(settings.database, sql_owner_masked),
+                    local_duckdb(anchor, sql_owner_masked),
                 ),
                 timed(SHAPED_FIRST, 1, connector_stream(peer, sql_peer, SHAPED_PURPOSE)),
                 timed(SHAPED, repeat, connector_stream(peer, sql_peer, SHAPED_PURPOSE)),
@@ -335,7 +296,6 @@ def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> Non
         flight_server.close()
         server.stop(grace=1)
     report(results, "mutual TLS")
-    flight_sql_paths({})
     print("\ncontrol path (the connector in its own process):")
     tls = (settings.cert, settings.key, settings.ca)
     tiny = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
