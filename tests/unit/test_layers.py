@@ -95,3 +95,19 @@ def test_there_is_no_import_cycle() -> None:
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def _readme_layout() -> str:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    return readme[readme.index("| layer | module | job |") :].split("\n\n")[0]
+
+
+def test_the_readme_layout_names_every_module_in_layer_order() -> None:
+    table = _readme_layout()
+    every = set(_modules())
+    every |= {f"cli.{p.stem}" for p in (PACKAGE / "cli").glob("*.py") if p.stem != "__init__"}
+    shown = {m: table.find(f"`{m.replace('.', '/')}`") for m in every}
+    assert sorted(m for m, at in shown.items() if at < 0) == []
+    # Rows follow the layers: no module is listed before one of an earlier layer.
+    order = sorted((at, LAYER_OF[m]) for m, at in shown.items() if m in LAYER_OF)
+    assert [layer for _, layer in order] == sorted(layer for _, layer in order)
