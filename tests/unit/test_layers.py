@@ -32,7 +32,8 @@ LAYERS: list[set[str]] = [
      "peer_failures", "backup",
      "restore"},
     {"wire", "service", "ingest_service", "tls_reload", "metrics", "flight_sql",
-     "flight_tickets", "flight_status", "flight_answer", "flight", "server", "client",
+     "flight_tickets", "flight_status", "flight_answer", "flight_streams", "flight", "server",
+     "client",
      "result_files", "federation_targets", "federated_stream", "federated_answers", "federation",
      "federated_receipts", "foreground", "__main__"},
 ]  # fmt: skip
