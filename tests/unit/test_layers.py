@@ -14,7 +14,7 @@ LAYERS: list[set[str]] = [
      "arrow_stream", "process_memory", "memory", "policy.ref", "alarms", "thread_pool",
      "log_context", "commit_gate", "toml_strict", "signal_inbox"},
     {"config", "config_template", "identity", "authentication", "jws", "receipt", "status",
-     "directory", "directory_draft"},
+     "directory", "held_directory", "directory_draft"},
     {"csv_strict", "column_names", "staging", "store", "version_log", "ingest_client", "watch"},
     {"sqlbounds", "sqltree", "valuesize", "packing", "sqlguard", "sqljson", "shaping", "noise",
      "valuesize_tree", "sqlparser", "sqlallowed", "plantree",
