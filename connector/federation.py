@@ -25,7 +25,6 @@ import pyarrow as pa
 
 from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
-from connector.directory import load_held
 from connector.errors import (
     ConnectorError,
     FederationIncomplete,
@@ -63,6 +62,7 @@ from connector.federation_targets import (
     dataspace_of,
     resolve_targets,
 )
+from connector.held_directory import load_held
 from connector.jws import JwsError
 from connector.receipt import ReceiptBundle, verify_bundle
 

@@ -14,10 +14,9 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import pyarrow as pa
 from pyarrow import flight
@@ -32,16 +31,12 @@ from connector.errors import (
     NotAuthenticated,
     PermissionDenied,
     PolicyEngineError,
-    QueryCancelled,
     QueryRejected,
-    QueryStalled,
     ResourceExhausted,
-    ShuttingDown,
     StateUnavailable,
     Unimplemented,
     first_line,
 )
-from connector.flight_answer import IpcFeed, receipt_metadata
 from connector.flight_sql import (
     CLOSE_PREPARED,
     CLOSE_SESSION,
@@ -64,6 +59,7 @@ from connector.flight_status import (
     purpose_of,
     unimplemented,
 )
+from connector.flight_streams import AnswerStreams
 from connector.flight_tickets import (
     POLICIES_CHANGED,
     PREPARED_REFUSED,
@@ -76,22 +72,16 @@ from connector.flight_tickets import (
 from connector.identity import MemberIdentity
 from connector.peer_failures import (
     STATE_FAILED,
-    STOPPING,
     EngineFailureLog,
     new_request_id,
     storage_trouble,
 )
 from connector.policy.ref import policy_refs
 from connector.provider import Provider
-from connector.query_run import QueryRun
 from connector.request import PeerRequest
 from connector.sandbox_errors import OUT_OF_MEMORY
 
 log = logging.getLogger(__name__)
-
-UNREAD_SECONDS = 1.0  # at stop, answers whose peers read nothing for this long are not awaited
-# After the grace, stopped queries need a moment to notice the interrupt and record themselves.
-DRAIN_SECONDS = 5.0
 
 
 class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[misc]
@@ -115,14 +105,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             PREPARED_SECONDS, single_use=False, refusal=PREPARED_REFUSED
         )
         self._engine_log = EngineFailureLog()
-        # Answers being sent and their audit entries: whoever takes a run out of here (its
-        # stream, or stop() for a peer that does not read) writes its one entry.
-        self._running: dict[QueryRun, AuditEntry] = {}
-        self._stopping = False
-        # Answers being sent, by member. A stalled peer's query is stopped, but pyarrow keeps
-        # its call (and thread) until the peer goes: counted here, not by the query slots.
-        self._sending: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self._answers = AnswerStreams(provider, self._refuse)
 
     def stop(self, grace: float) -> bool:
         """Stop taking calls; let running answers go on for grace seconds, then stop their
@@ -132,44 +115,12 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         stopper = threading.Thread(target=self.shutdown, name="flight-stop", daemon=True)
         stopper.start()
         until = time.monotonic() + grace
-        while stopper.is_alive() and time.monotonic() < until and not self._all_unread():
+        while stopper.is_alive() and time.monotonic() < until and not self._answers.all_unread():
             stopper.join(0.1)
-        self._stop_answers()
+        self._answers.stop_all()
         if stopper.is_alive():
             log.warning("the Flight SQL port stopped without waiting for answers nobody reads")
         return not stopper.is_alive()
-
-    def _stop_answers(self) -> None:
-        with self._lock:
-            self._stopping = True
-            runs = list(self._running)
-        for run in runs:
-            run.cancel()
-        # Streams a peer reads end now and record themselves; the others are recorded here.
-        until = time.monotonic() + DRAIN_SECONDS
-        while time.monotonic() < until and not self._all_unread(at_least=0.0):
-            time.sleep(0.05)
-        with self._lock:
-            left = list(self._running.items())
-            self._running.clear()
-        for run, entry in left:
-            entry.rows = run.rows
-            self._record_quietly(entry, ShuttingDown(STOPPING))
-
-    def _claim(self, run: QueryRun) -> bool:
-        """Take run out of the running answers: True for the one caller that records it."""
-        with self._lock:
-            return self._running.pop(run, None) is not None
-
-    def _all_unread(self, at_least: float = UNREAD_SECONDS) -> bool:
-        """Every answer still running waits for a peer that has not read for at_least seconds
-        (True also when none runs, once stopping)."""
-        with self._lock:
-            runs = list(self._running)
-            stopping = self._stopping
-        if not runs:
-            return stopping
-        return all(run.waiting_for_peer() > at_least for run in runs)
 
     # Who asks, and for what.
 
@@ -270,7 +221,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         refs = policy_refs(explanation.decision.policies)
         return Plan(member.member_id, purpose, sql, entry.request_id, refs, snapshot)
 
-    # The answer: DoGet redeems the ticket once and streams.
+    # The answer: DoGet redeems the ticket once; AnswerStreams streams it.
 
     def do_get(
         self, context: flight.ServerCallContext, ticket: flight.Ticket
@@ -287,21 +238,11 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
                 return flight.RecordBatchStream(self._metadata(member, plan, entry))
             request = self._request(plan.sql, plan.purpose, entry)
             self._same_policies(member, request, plan)
-            self._check_sending(member.member_id)
+            self._answers.check_sending(member.member_id)
             run = self._provider.query(member, request, entry)
         except Exception as error:
             self._refuse(entry, error, "DoGet")
-        return self._answer(run, entry, member.member_id)
-
-    def _check_sending(self, member_id: str) -> None:
-        """Refuse a member whose answers still being sent fill its share of the queries."""
-        most = self._provider.slots.per_member
-        with self._lock:
-            if self._sending[member_id] >= most:
-                raise ResourceExhausted(
-                    f"you already receive {most} answers at once on this port, the most one "
-                    "member may; read or close them first"
-                )
+        return self._answers.stream(run, entry, member.member_id)
 
     def _same_policies(self, member: MemberIdentity, request: PeerRequest, plan: Plan) -> None:
         """Refuse when the policies in force no longer allow the query by the same policy
@@ -314,86 +255,6 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             raise PermissionDenied([POLICIES_CHANGED, *denied.reasons]) from None
         if policy_refs(now.decision.policies) != plan.policies:
             raise PermissionDenied([POLICIES_CHANGED])
-
-    def _answer(self, run: QueryRun, entry: AuditEntry, member_id: str) -> flight.FlightDataStream:
-        try:
-            self._provider.audit.opened(entry)  # nothing leaves before this is on disk
-            pieces = run.pieces()
-            feed = IpcFeed(pieces)
-            try:
-                reader = pa.ipc.open_stream(feed)
-            except pa.ArrowException:
-                raise feed.error or QueryRejected("the query produced no answer") from None
-        except Exception as error:
-            run.close()
-            self._refuse(entry, error, "DoGet")
-        with self._lock:
-            if self._stopping:
-                run.cancel()
-            self._running[run] = entry
-        batches = self._batches(run, reader, feed, entry, member_id)
-        return flight.GeneratorStream(reader.schema, batches)
-
-    def _batches(
-        self,
-        run: QueryRun,
-        reader: pa.ipc.RecordBatchStreamReader,
-        feed: IpcFeed,
-        entry: AuditEntry,
-        member_id: str,
-    ) -> Iterator[Any]:
-        held: pa.RecordBatch | None = None
-        with self._lock:  # counted once sending starts (a stream never started holds nothing)
-            self._sending[member_id] += 1
-        try:
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except pa.ArrowException:
-                    raise feed.error or QueryRejected("the answer could not be read") from None
-                if held is not None:
-                    yield held
-                held = batch
-            if feed.error is not None:
-                raise feed.error
-            if not self._claim(run):
-                raise flight_error(ShuttingDown(STOPPING))  # stop() recorded it
-            fields, token = run.receipt()  # the audit entry is on disk before the receipt leaves
-        except GeneratorExit:
-            if self._claim(run):
-                entry.rows = run.rows
-                self._record_quietly(entry, self._gone(run))
-            raise
-        except Exception as error:
-            if not self._claim(run):
-                raise flight_error(ShuttingDown(STOPPING)) from None
-            entry.rows = run.rows
-            if self._stopping and isinstance(error, QueryCancelled) and not run.stalled:
-                error = ShuttingDown(STOPPING)
-            self._refuse(entry, error, "DoGet")
-        finally:
-            run.close()
-            with self._lock:
-                self._running.pop(run, None)
-                self._sending[member_id] -= 1
-        receipt = receipt_metadata(self._provider.signer, token)
-        log.info("answered %s over Flight SQL: %d rows", fields.request_id, fields.rows)
-        last = held if held is not None else pa.RecordBatch.from_pylist([], schema=reader.schema)
-        yield last, pa.py_buffer(receipt)
-
-    @staticmethod
-    def _gone(run: QueryRun) -> ConnectorError:
-        if run.stalled:
-            return QueryStalled("the peer stopped reading the answer; its query was stopped")
-        return QueryCancelled("the peer went away while the answer was sent")
-
-    def _record_quietly(self, entry: AuditEntry, error: ConnectorError) -> None:
-        try:
-            self._provider.record(entry, error)
-        except Exception:
-            log.exception("could not write the audit entry of request %s", entry.request_id)
 
     def _metadata(self, member: MemberIdentity, plan: Plan, entry: AuditEntry) -> pa.Table:
         def listed() -> list[ListedTable]:

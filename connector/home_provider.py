@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from connector.audit import AuditLog
 from connector.config import Settings
-from connector.directory import HeldDirectory
 from connector.errors import IdentityError
+from connector.held_directory import HeldDirectory
 from connector.identity import load_ed25519_private, load_private_key
 from connector.policy.fit import fit_warnings
 from connector.policy.model import UsagePolicy

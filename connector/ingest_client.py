@@ -29,7 +29,8 @@ from connector.errors import (
     StoreBusy,
     StoreError,
 )
-from connector.store import ColumnInfo, DatasetInfo, LoadRequest, ingest_request, list_datasets
+from connector.store import ColumnInfo, DatasetInfo, list_datasets
+from connector.store_ingest import LoadRequest, ingest_request
 from connector.version_log import VersionInfo, list_versions
 
 SOCKET_FOLDER = "state/ingest"  # in the home; mode 0700

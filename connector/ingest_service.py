@@ -47,7 +47,8 @@ from connector.ingest_client import (
     version_json,
 )
 from connector.sandbox import SandboxDatabase
-from connector.store import DatasetInfo, LoadRequest, load, stage
+from connector.store import DatasetInfo
+from connector.store_ingest import LoadRequest, load, stage
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from connector.errors import AlreadyLoaded, ConfigError, ConnectorError
 from connector.policy.registry import PolicySnapshot
 from connector.policy.signing import VerdictStatus
 from connector.quota import QuotaLedger
-from connector.store import LoadRequest
+from connector.store_ingest import LoadRequest
 
 log = logging.getLogger(__name__)
 

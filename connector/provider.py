@@ -9,26 +9,27 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography import x509
+from collections.abc import Callable, Mapping
 
 from connector.aggregates import aggregate_form
 from connector.audit import AuditLog
 from connector.audit_entry import AuditEntry
+from connector.authentication import (
+    certificate_member,
+    refuse_revoked_certificate,
+    refuse_revoked_spiffe,
+    spiffe_member,
+)
 from connector.config import Revocations
 from connector.decision_cache import DecisionCache
-from connector.enforce import Relation, relations_for, visible_columns
+from connector.enforce import Relation, relations_for
 from connector.errors import (
     ConnectorError,
-    NotAuthenticated,
     PermissionDenied,
     QueryRejected,
     ResourceExhausted,
 )
-from connector.identity import MemberIdentity, member_identity, member_of_spiffe_id
+from connector.identity import MemberIdentity
 from connector.incremental import row_ranges
 from connector.noise import (
     MICRO,
@@ -38,9 +39,10 @@ from connector.noise import (
     load_mechanisms,
     noise_plan,
 )
+from connector.peer_catalog import CatalogDataset, catalog_entries
 from connector.policy.consistency import conflicts_for
-from connector.policy.engine import CatalogGrant, Decision, DecisionRequest
-from connector.policy.model import Limits, UsagePolicy
+from connector.policy.engine import Decision, DecisionRequest
+from connector.policy.model import Limits
 from connector.policy.ref import policy_refs
 from connector.policy.registry import PolicyRegistry, PolicySnapshot
 from connector.query_run import QueryRun
@@ -52,68 +54,9 @@ from connector.sandbox import SandboxDatabase
 from connector.shaping import Shaping
 from connector.slots import QuerySlots, StallWatch
 from connector.sqlguard import QueryShape, inspect_query
-from connector.store import ColumnInfo, DatasetInfo
+from connector.store import DatasetInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CatalogDataset:
-    """One dataset as a peer sees it: only the columns and terms granted to that peer."""
-
-    info: DatasetInfo
-    columns: tuple[ColumnInfo, ...]
-    grant: CatalogGrant
-    limits: Limits
-    obligations: Mapping[str, Any]
-    shaping: Shaping = field(default_factory=Shaping)
-    budget: BudgetStatus | None = None  # the privacy budget left today (noised datasets)
-
-
-def catalog_entries(
-    info: DatasetInfo, grant: CatalogGrant, policies: Sequence[UsagePolicy]
-) -> list[CatalogDataset]:
-    """One entry per set of purposes that gets the same terms: each is exactly what a query
-    under those purposes sees (columns, masks, filters, group minimum, limits, policies)."""
-    by_terms: dict[tuple[tuple[str, int], ...], list[str]] = {}
-    applicable_of: dict[tuple[tuple[str, int], ...], list[UsagePolicy]] = {}
-    for purpose in grant.purposes:
-        applicable = [p for p in policies if purpose in p.purposes]
-        if len({p.shaping.canonical() for p in applicable}) != 1:
-            # Queries under this purpose are refused (policies shape the dataset differently);
-            # listing a merged shape would misstate what the peer gets.
-            log.warning(
-                "dataset %s is not listed for purpose %r: its policies shape it differently",
-                info.name,
-                purpose,
-            )
-            continue
-        key = tuple(sorted((p.id, p.version) for p in applicable))
-        by_terms.setdefault(key, []).append(purpose)
-        applicable_of[key] = applicable
-    entries = []
-    for key, purposes in by_terms.items():
-        applicable = applicable_of[key]
-        shaping = applicable[0].shaping
-        granted = {c for p in applicable for c in p.columns} & set(grant.columns)
-        entries.append(
-            CatalogDataset(
-                info,
-                visible_columns(info, granted, shaping),
-                dataclasses.replace(
-                    grant,
-                    columns=tuple(sorted(granted)),
-                    purposes=tuple(sorted(purposes)),
-                    policies=tuple(sorted((p.id, p.version) for p in applicable)),
-                    valid_from=min(p.valid_from for p in applicable),
-                    valid_until=max(p.valid_until for p in applicable),
-                ),
-                Limits.tightest(p.limits for p in applicable),
-                {p.id: dataclasses.asdict(p.obligations) for p in applicable},
-                shaping,
-            )
-        )
-    return entries
 
 
 class Provider:
@@ -178,48 +121,17 @@ class Provider:
 
     def authenticate(self, cert_pem: bytes | None, entry: AuditEntry) -> MemberIdentity:
         """The member a TLS-verified peer certificate names, refusing revoked ones."""
-        identity = self._identity(cert_pem)
+        identity = certificate_member(cert_pem, self.dataspace)
         entry.member_id = identity.member_id
-        revoked = self.revoked
-        if identity.member_id in revoked.members or identity.serial in revoked.serials:
-            raise NotAuthenticated(
-                f"member {identity.member_id!r} or its certificate is revoked by this connector; "
-                "ask the provider's IT team"
-            )
+        refuse_revoked_certificate(identity, self.revoked)
         return identity
 
     def authenticate_spiffe_id(self, uri: str, entry: AuditEntry) -> MemberIdentity:
         """The member a TLS-verified SPIFFE id names, for a transport that cannot see the
         certificate's serial: while any serial is revoked, nobody (fail closed)."""
-        dataspace, member_id = member_of_spiffe_id(uri)
-        identity = self._in_dataspace(MemberIdentity(dataspace, member_id, member_id, 0))
-        entry.member_id = member_id
-        if member_id in self.revoked.members:
-            raise NotAuthenticated(
-                f"member {member_id!r} is revoked by this connector; ask the provider's IT team"
-            )
-        if self.revoked.serials:
-            raise NotAuthenticated(
-                "this connector revokes certificates by serial, which this port cannot see, so "
-                "it answers no one here; use the provider's gRPC port, or ask its IT team"
-            )
-        return identity
-
-    def _identity(self, cert_pem: bytes | None) -> MemberIdentity:
-        if not cert_pem:
-            raise NotAuthenticated("no client certificate was presented")
-        try:
-            identity = member_identity(x509.load_pem_x509_certificate(cert_pem))
-        except ValueError:
-            raise NotAuthenticated("the client certificate could not be read") from None
-        return self._in_dataspace(identity)
-
-    def _in_dataspace(self, identity: MemberIdentity) -> MemberIdentity:
-        if identity.dataspace != self.dataspace:
-            raise NotAuthenticated(
-                f"the certificate belongs to data space {identity.dataspace!r}; this connector "
-                f"serves {self.dataspace!r}"
-            )
+        identity = spiffe_member(uri, self.dataspace)
+        entry.member_id = identity.member_id
+        refuse_revoked_spiffe(identity, self.revoked)
         return identity
 
     def catalog(self, member: MemberIdentity, entry: AuditEntry) -> list[CatalogDataset]:

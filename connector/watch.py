@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connector.errors import AlreadyLoaded, ConnectorError, LoadedNotRead, StoreBusy
-from connector.store import DatasetInfo, LoadRequest
+from connector.store import DatasetInfo
+from connector.store_ingest import LoadRequest
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from connector.audit_entry import AuditEntry, bounded
 from connector.canonical import canonical_json
 from connector.errors import QueryRejected
 from connector.noise import BudgetStatus
+from connector.peer_catalog import CatalogDataset
 from connector.policy.ref import PolicyRef, policy_refs
-from connector.provider import CatalogDataset
 from connector.receipt import ReceiptFields
 from connector.request import Explanation, PeerRequest
 from connector.shaping import Shaping

@@ -13,7 +13,7 @@ from connector.errors import ConfigError, DataError
 from connector.ingest_client import home_datasets, home_versions, submit
 from connector.safetext import escaped
 from connector.signal_inbox import SignalInbox
-from connector.store import LoadRequest, check_dataset_name
+from connector.store_ingest import LoadRequest, check_dataset_name
 from connector.watch import DropFolder
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
-from connector.directory import Directory, describe, load_held, update_held
+from connector.directory import Directory, describe
 from connector.errors import ConfigError
+from connector.held_directory import load_held, update_held
 from connector.safetext import escaped
 
 

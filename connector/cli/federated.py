@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from connector.cli.common import settings_of
 from connector.client import PeerIdentity
 from connector.config import Settings
-from connector.directory import load_held
 from connector.errors import ConfigError
 from connector.federation_targets import Target, resolve_targets
+from connector.held_directory import load_held
 from connector.result_files import write_text
 from connector.safetext import escaped
 

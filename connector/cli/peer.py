@@ -12,9 +12,9 @@ from typing import Any
 from connector.cli import federated
 from connector.cli.common import add_home, settings_of
 from connector.client import NoiseInfo, Peer, PeerIdentity
-from connector.directory import load_held
 from connector.errors import ConfigError, ConnectorError, PermissionDenied
 from connector.federation_targets import check_member_endpoint
+from connector.held_directory import load_held
 from connector.policy.ref import joined
 from connector.result_files import ARROW_SUFFIX, FORMATS, save, write_text
 from connector.safetext import escaped

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from connector.cli.common import add_home, settings_of
 from connector.config import Settings
-from connector.directory import load_held
 from connector.errors import ConfigError, ConnectorError, PolicyError
+from connector.held_directory import load_held
 from connector.ingest_client import home_datasets
 from connector.policy.draft import DraftTerms, check_terms, draft_text
 from connector.policy.lint import lint_files

@@ -13,7 +13,8 @@ from pathlib import Path
 from connector.cli.common import add_home, datasets_or_note, settings_of
 from connector.config import CONFIG_FILE, HOME_ENV, Settings, resolve_home
 from connector.errors import PolicyError
-from connector.policy.diff import Change, diff_policies, diff_sets, load_policies, widens
+from connector.policy.diff import Change, diff_policies, widens
+from connector.policy.diff_sets import diff_sets, load_policies
 from connector.policy.explain import explanation, explanation_lines, nested_grouping_warnings
 from connector.policy.filter_order import Direction
 from connector.policy.fit import fit_warnings

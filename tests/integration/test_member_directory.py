@@ -12,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from connector import jws
-from connector.directory import Directory, held_path
+from connector.directory import Directory
+from connector.held_directory import held_path
 from connector.identity import create_dataspace_ca, load_private_key
 from tests.conftest import DATASPACE, Member, run_cli
 

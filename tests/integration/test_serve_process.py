@@ -13,7 +13,8 @@ import pytest
 from connector.audit_chain import read_entries
 from connector.client import Peer
 from connector.errors import PermissionDenied, StoreBusy
-from connector.store import ingest, list_datasets
+from connector.store import list_datasets
+from connector.store_ingest import ingest
 from tests.conftest import (
     Member,
     ProviderPair,

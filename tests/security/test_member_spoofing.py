@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from connector.config import load_settings
-from connector.directory import load_held
 from connector.errors import WrongIdentity
 from connector.federation import WRONG_IDENTITY, FederatedQuery, resolve_targets
 from connector.federation_targets import Target, check_member_endpoint
+from connector.held_directory import load_held
 from connector.identity import create_dataspace_ca, issue_member_certificate
 from tests.conftest import Space, run_cli
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from connector.errors import DataError
-from connector.store import create_database, ingest, list_datasets
+from connector.store import create_database, list_datasets
+from connector.store_ingest import ingest
 from tests.conftest import run_cli
 
 

@@ -18,16 +18,8 @@ from connector.incremental import row_ranges
 from connector.ingest_service import LiveIngest
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
-from connector.store import (
-    DatasetInfo,
-    LoadRequest,
-    create_database,
-    ingest,
-    ingest_request,
-    list_datasets,
-    load,
-    stage,
-)
+from connector.store import DatasetInfo, create_database, list_datasets
+from connector.store_ingest import LoadRequest, ingest, ingest_request, load, stage
 from connector.version_log import list_versions
 
 CSV = "plant,defects\nRegensburg,3\nLeipzig,5\n"

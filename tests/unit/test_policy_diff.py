@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from connector.errors import PolicyError
-from connector.policy.diff import Change, diff_policies, diff_sets, load_policies, widens
+from connector.policy.diff import Change, diff_policies, widens
+from connector.policy.diff_sets import diff_sets, load_policies
 from connector.policy.filter_order import Direction
 from connector.policy.model import UsagePolicy, parse_policy
 

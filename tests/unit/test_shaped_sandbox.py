@@ -19,7 +19,8 @@ from connector.enforce import Relation, relation_for, shaping_of
 from connector.errors import ConfigError, PermissionDenied, QueryRejected, StoreError
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import REDACTED, RowFilter, Shaping, hmac_sql, load_mask_key
-from connector.store import DatasetInfo, create_database, ingest, list_datasets
+from connector.store import DatasetInfo, create_database, list_datasets
+from connector.store_ingest import ingest
 
 KEY = bytes(range(32))
 ROWS = 100

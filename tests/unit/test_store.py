@@ -29,7 +29,8 @@ from connector.errors import (
 from connector.policy.engine import Decision, Grant
 from connector.sandbox import SandboxDatabase, SandboxLimits
 from connector.shaping import Shaping
-from connector.store import create_database, ingest, list_datasets
+from connector.store import create_database, list_datasets
+from connector.store_ingest import ingest
 
 
 @dataclass(frozen=True)
