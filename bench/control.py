@@ -181,7 +181,7 @@ def tiny_latencies(once: Callable[[], object], count: int) -> list[float]:
 def decision_seconds(home: Path, member: str, sql: str, purpose: str, count: int) -> list[float]:
     """Seconds per decision taken again for the same request, in-process (server not started)."""
     from connector.config import load_settings
-    from connector.server import build_provider
+    from connector.home_provider import build_provider
 
     provider = build_provider(load_settings(home))
     try:
@@ -189,10 +189,7 @@ def decision_seconds(home: Path, member: str, sql: str, purpose: str, count: int
         request = PeerRequest.checked(sql, purpose, 0, "")
         shape = provider.guard(sql)
         now = dt.datetime.now(dt.UTC)
-        # Provider.decide takes the cached path; before it existed, the engine was asked.
-        decide = getattr(provider, "decide", None) or (
-            lambda m, r, s, t: provider._decide(provider.policies.snapshot.engine, m, r, s, t)
-        )
+        decide = provider.decide  # the cached path a repeated request takes
         decide(identity, request, shape, now)
         times = []
         for _ in range(count):

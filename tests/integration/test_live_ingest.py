@@ -102,9 +102,13 @@ def live(
 def _allowed_rows(*files: Path) -> int:
     plants = ", ".join(f"'{p}'" for p in ALLOWED_PLANTS)
     total = 0
-    for path in files:
-        row = duckdb.execute(f"SELECT count(*) FROM '{path}' WHERE plant IN ({plants})").fetchone()
-        total += int(row[0]) if row else 0
+    # A connection of its own: a result left unread on DuckDB's shared default connection
+    # breaks the next test in this process that uses it.
+    with duckdb.connect() as con:
+        for path in files:
+            sql = f"SELECT count(*) FROM '{path}' WHERE plant IN ({plants})"
+            row = con.execute(sql).fetchone()
+            total += int(row[0]) if row else 0
     return total
 
 
