@@ -8,16 +8,24 @@ from cryptography import x509
 from connector.config import Revocations
 from connector.errors import NotAuthenticated
 from connector.identity import MemberIdentity, member_identity, member_of_spiffe_id
+from connector.recent import RecentlyUsed
+
+# What a certificate names depends on its bytes alone: read once per certificate, while the
+# data space and revocation checks run on every request.
+_READ: RecentlyUsed[bytes, MemberIdentity] = RecentlyUsed(256)
 
 
 def certificate_member(cert_pem: bytes | None, dataspace: str) -> MemberIdentity:
     """The member a TLS-verified peer certificate names, in this connector's data space."""
     if not cert_pem:
         raise NotAuthenticated("no client certificate was presented")
-    try:
-        identity = member_identity(x509.load_pem_x509_certificate(cert_pem))
-    except ValueError:
-        raise NotAuthenticated("the client certificate could not be read") from None
+    identity = _READ.get(cert_pem)
+    if identity is None:
+        try:
+            identity = member_identity(x509.load_pem_x509_certificate(cert_pem))
+        except ValueError:
+            raise NotAuthenticated("the client certificate could not be read") from None
+        _READ.put(cert_pem, identity)
     return in_dataspace(identity, dataspace)
 
 
