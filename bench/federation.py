@@ -90,9 +90,9 @@ class Server:
 
     def __init__(self, home: Path) -> None:
         command = [sys.executable, "-m", "connector.cli.main", "serve", "--home", str(home)]
-        self.process = subprocess.Popen(
-            [*command, "--listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True
-        )
+        # Flight SQL off: new homes all default to one Flight port, and ten share this host.
+        listen = ["--listen", "127.0.0.1:0", "--flight-listen", ""]
+        self.process = subprocess.Popen([*command, *listen], stderr=subprocess.PIPE, text=True)
         self.port = 0
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
