@@ -413,9 +413,11 @@ class ServerProcess:
     def exit_code(self, timeout: float = 30) -> int:
         """Wait for the process to end; a process still running fails with what it logged."""
         try:
-            return self.process.wait(timeout=timeout)
+            code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"connector serve still running after {timeout:g} s:\n{self.log()[-4000:]}")
+        self._reader.join(timeout=10)  # every line it wrote, before a test reads the log
+        return code
 
     def close(self) -> None:
         if self.process.poll() is None:
