@@ -281,7 +281,7 @@ def _literal(node: Mapping[str, Any]) -> str | None:
         return inner[1:] if inner.startswith("-") else f"-{inner}"
     literal = node.get("literal")
     if isinstance(literal, dict):
-        if str(literal.get("kind", "")).upper() == "NULL":
+        if str(literal.get("kind", "")).upper() in ("NULL", "NULL_LITERAL"):  # 2.0: NULL_LITERAL
             return "0"
         return str(literal.get("text", ""))
     value = node.get("value")  # DuckDB 1.5

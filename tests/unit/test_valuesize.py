@@ -150,6 +150,8 @@ ALLOWED = [
     "SELECT plant, count(*) FROM part_defects GROUP BY ALL HAVING count(*) > 5 ORDER BY 2 LIMIT 3",
     "SELECT string_agg(plant, ',')"
     " FROM part_defects WHERE plant IN (SELECT plant FROM part_defects)",
+    # A NULL count builds nothing (DuckDB 2.0 names the literal NULL_LITERAL).
+    "SELECT repeat(plant, NULL), lpad(part_no, NULL, '0') FROM part_defects",
 ]
 
 
