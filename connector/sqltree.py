@@ -67,6 +67,28 @@ def child_expressions(node: Mapping[str, Any]) -> Iterator[Node]:
             yield from direct_expressions(value)
 
 
+def operand_expressions(node: Mapping[str, Any]) -> Iterator[Node]:
+    """The expressions an expression's value is computed from: its children, without a
+    subquery's body or a CAST's target type (a type is not a value)."""
+    for key, value in node.items():
+        if key not in ("subquery", "type_expr"):
+            yield from direct_expressions(value)
+
+
+def call_modifier_expressions(node: Mapping[str, Any]) -> Iterator[Node]:
+    """A call's expressions besides its arguments: FILTER, ORDER BY inside the call, and a
+    window's PARTITION BY, ORDER BY, frame bounds and defaults."""
+    for key, value in node.items():
+        if key != "arguments":
+            yield from direct_expressions(value)
+
+
+def cast_operand(node: Mapping[str, Any]) -> Node | None:
+    """The expression a CAST converts (None for anything else)."""
+    child = node.get("child") if node.get("class") == "CAST" else None
+    return child if is_expression(child) else None
+
+
 def all_expressions(value: object) -> Iterator[Node]:
     """Every expression at or below value, not entering subquery bodies."""
     for expression in direct_expressions(value):

@@ -1,6 +1,6 @@
-"""The size rule (valuesize) applied to DuckDB's serialised syntax tree (json_serialize_sql,
-2.0 with 1.5 fallbacks): each expression's bound, each result row's, and where aggregates
-that collect rows into one value may stand."""
+"""The size rule (valuesize) applied to DuckDB's serialised syntax tree, read through
+sqltree's accessors: each expression's bound, each result row's, and where aggregates that
+collect rows into one value may stand. Runs after the guard's walk accepted the tree."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from connector import sqltree
 from connector.errors import QueryRejected
 from connector.packing import TOP_N
 from connector.valuesize import (
@@ -49,18 +50,18 @@ class _SizeWalker:
         for name, body in _cte_bodies(node):
             self.query(body, _Block(outermost=False, single_source=False), scope)
             scope[name] = _single_query(body, scope)
-        kind = node.get("type")
+        kind = sqltree.query_type(node)
         if kind == "SET_OPERATION_NODE":
-            children = [node.get("left"), node.get("right"), *(node.get("children") or [])]
             inner = _Block(block.outermost, single_source=False)
-            widths = [self.query(c, inner, scope) for c in children if c is not None]
+            widths = [self.query(c, inner, scope) for c in sqltree.set_operation_children(node)]
             return max(widths, default=0)
         if kind != "SELECT_NODE":
             return HUGE
         source = node.get("from_table")
         self.source(source, scope)
         here = _Block(block.outermost, _single_source(source, scope))
-        widths = [self.expression(e, here, scope) for e in _list(node.get("select_list"))]
+        select_list = sqltree.direct_expressions(node.get("select_list"))
+        widths = [self.expression(e, here, scope) for e in select_list]
         row = sum(widths)
         if row > MAX_ROW_BYTES:
             raise QueryRejected(
@@ -68,7 +69,7 @@ class _SizeWalker:
                 f"{readable_size(MAX_ROW_BYTES)} per row; select fewer or smaller values"
             )
         for key in ("where_clause", "group_expressions", "having", "qualify", "modifiers"):
-            for expression in _expressions(node.get(key)):
+            for expression in sqltree.direct_expressions(node.get(key)):
                 self.expression(expression, here, scope)
         return widths[0] if widths else 0
 
@@ -76,22 +77,22 @@ class _SizeWalker:
         """Check the subqueries and join conditions of a FROM item."""
         if not isinstance(ref, dict):
             return
-        kind = ref.get("type")
+        kind = sqltree.table_ref_type(ref)
         nested = _Block(outermost=False, single_source=False)
         if kind == "SUBQUERY":
-            self.query((ref.get("subquery") or {}).get("node"), nested, ctes)
+            self.query(sqltree.subquery_body(ref), nested, ctes)
         elif kind == "JOIN":
             self.source(ref.get("left"), ctes)
             self.source(ref.get("right"), ctes)
-            for expression in _expressions(ref.get("condition")):
+            for expression in sqltree.direct_expressions(ref.get("condition")):
                 self.expression(expression, nested, ctes)
         elif kind == "EXPRESSION_LIST":
-            for expression in _expressions(ref.get("values")):
+            for expression in sqltree.direct_expressions(ref.get("values")):
                 self.expression(expression, nested, ctes)
 
     def expression(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
         """The bound of one expression's value, checking every function inside it."""
-        kind = node.get("class")
+        kind = sqltree.expression_class(node)
         if kind == "CONSTANT":
             return len((_literal(node) or "").encode()) + NUMBER_BYTES
         if kind == "COLUMN_REF":
@@ -111,12 +112,13 @@ class _SizeWalker:
         return self._children(node, block, ctes) + NUMBER_BYTES
 
     def _children(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
-        return sum(self.expression(child, block, ctes) for child in _child_expressions(node))
+        operands = sqltree.operand_expressions(node)
+        return sum(self.expression(child, block, ctes) for child in operands)
 
     def _subquery(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
-        inner = (node.get("subquery") or {}).get("node")
+        inner = sqltree.subquery_body(node)
         kind = str(node.get("subquery_type", ""))
-        for child in _expressions(node.get("child")):
+        for child in sqltree.operand_expressions(node):  # the left side of IN / ANY
             self.expression(child, block, ctes)
         if kind == "ARRAY":
             # ARRAY(SELECT ...) collects rows into one value, like list().
@@ -127,15 +129,14 @@ class _SizeWalker:
         return width if kind == "SCALAR" else NUMBER_BYTES
 
     def _function(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
-        name = str(node.get("function_name", "")).lower()
-        window = node.get("class") == "WINDOW"
+        name = sqltree.function_name(node)
+        window = sqltree.expression_class(node) == "WINDOW"
         inner = _Block(block.outermost, block.single_source, block.in_window or window)
         arguments = [
             Argument(self.expression(e, inner, ctes), _literal(e) if _is_constant(e) else None)
             for e in _arguments(node)
         ]
-        # ORDER BY inside the call, FILTER, and a window's PARTITION BY / ORDER BY / frame.
-        for extra in _extra_expressions(node):
+        for extra in sqltree.call_modifier_expressions(node):
             self.expression(extra, inner, ctes)
         positional_n = TOP_N.get(name)
         if name in COLLECTING or (positional_n is not None and len(arguments) > positional_n):
@@ -185,18 +186,18 @@ def _single_source(ref: Any, ctes: Mapping[str, bool]) -> bool:
     """Whether a FROM item yields at most the rows of one dataset (no join multiplies)."""
     if not isinstance(ref, dict):
         return False
-    kind = ref.get("type")
+    kind = sqltree.table_ref_type(ref)
     if kind == "BASE_TABLE":
-        return ctes.get(str(ref.get("table_name", "")).lower(), True)
+        return ctes.get(sqltree.table_name(ref).lower(), True)
     if kind == "SUBQUERY":
-        return _single_query((ref.get("subquery") or {}).get("node"), ctes)
+        return _single_query(sqltree.subquery_body(ref), ctes)
     if kind == "JOIN" and str(ref.get("join_type", "")).upper() in ("SEMI", "ANTI"):
         return _single_source(ref.get("left"), ctes)
     return kind in ("EMPTY", "EXPRESSION_LIST")
 
 
 def _single_query(node: Any, ctes: Mapping[str, bool]) -> bool:
-    if not isinstance(node, dict) or node.get("type") != "SELECT_NODE":
+    if not isinstance(node, dict) or sqltree.query_type(node) != "SELECT_NODE":
         return False
     scope = dict(ctes)
     for name, body in _cte_bodies(node):
@@ -205,63 +206,23 @@ def _single_query(node: Any, ctes: Mapping[str, bool]) -> bool:
 
 
 def _cte_bodies(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    for entry in (node.get("cte_map") or {}).get("map") or []:
-        body = (entry.get("value") or {}).get("query_node")
-        yield str(entry.get("key", "")).lower(), body
-
-
-def _list(value: Any) -> list[dict[str, Any]]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def _expressions(value: Any) -> Iterator[dict[str, Any]]:
-    """The outermost expressions in value (a node, a list, or a modifier structure)."""
-    if isinstance(value, dict):
-        if "class" in value:
-            yield value
-        elif "type" not in value or not str(value.get("type", "")).endswith("_NODE"):
-            for item in value.values():
-                yield from _expressions(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _expressions(item)
+    for name, entry in sqltree.cte_entries(node):
+        yield name, entry.get("query_node")
 
 
 def _arguments(node: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A function's arguments (DuckDB 2.0 `arguments`, 1.5 `children`)."""
-    if "arguments" in node:
-        return [
-            a["expression"] if isinstance(a, dict) and "expression" in a else a
-            for a in node.get("arguments") or []
-            if isinstance(a, dict)
-        ]
-    return _list(node.get("children"))
-
-
-_FUNCTION_PARTS = frozenset(("arguments", "children"))
-
-
-def _extra_expressions(node: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    for key, value in node.items():
-        if key not in _FUNCTION_PARTS:
-            yield from _expressions(value)
-
-
-def _child_expressions(node: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    for key, value in node.items():
-        if key != "type_expr":
-            yield from _expressions(value)
+    return [a for a in sqltree.function_arguments(node) if isinstance(a, dict)]
 
 
 def _is_constant(node: Mapping[str, Any]) -> bool:
     """A constant, possibly cast or negated: its value is known before the query runs."""
-    kind = node.get("class")
+    kind = sqltree.expression_class(node)
     if kind == "CONSTANT":
         return True
     if kind == "CAST":
-        child = node.get("child")
-        return isinstance(child, dict) and _is_constant(child)
-    if kind == "FUNCTION" and node.get("function_name") in ("-", "+"):
+        operand = sqltree.cast_operand(node)
+        return operand is not None and _is_constant(operand)
+    if kind == "FUNCTION" and sqltree.function_name(node) in ("-", "+"):
         args = _arguments(node)
         return len(args) == 1 and _is_constant(args[0])
     return False
@@ -269,22 +230,18 @@ def _is_constant(node: Mapping[str, Any]) -> bool:
 
 def _literal(node: Mapping[str, Any]) -> str | None:
     """The text of a constant (NULL as '0'), seen through casts and a sign."""
-    kind = node.get("class")
+    kind = sqltree.expression_class(node)
     if kind == "CAST":
-        child = node.get("child")
-        return _literal(child) if isinstance(child, dict) else None
+        operand = sqltree.cast_operand(node)
+        return _literal(operand) if operand is not None else None
     if kind == "FUNCTION":
         args = _arguments(node)
         inner = _literal(args[0]) if len(args) == 1 else None
-        if inner is None or node.get("function_name") == "+":
+        if inner is None or sqltree.function_name(node) == "+":
             return inner
         return inner[1:] if inner.startswith("-") else f"-{inner}"
-    literal = node.get("literal")
-    if isinstance(literal, dict):
-        if str(literal.get("kind", "")).upper() in ("NULL", "NULL_LITERAL"):  # 2.0: NULL_LITERAL
-            return "0"
-        return str(literal.get("text", ""))
-    value = node.get("value")  # DuckDB 1.5
-    if isinstance(value, dict):
-        return "0" if value.get("is_null") else str(value.get("value", ""))
-    return None
+    constant = sqltree.constant_literal(node)
+    if constant is None:
+        return None
+    literal_kind, text = constant
+    return "0" if literal_kind.upper() in ("NULL", "NULL_LITERAL") else text

@@ -169,3 +169,35 @@ def test_the_volatile_function_list_matches_duckdb() -> None:
         "SELECT DISTINCT function_name FROM duckdb_functions() WHERE stability = 'VOLATILE'"
     ).fetchall()
     assert {r[0] for r in rows} <= VOLATILE_FUNCTIONS
+
+
+def _select_list(sql: str) -> list[Any]:
+    con = duckdb.connect()
+    document = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    return list(document["statements"][0]["node"]["select_list"])
+
+
+def _names(nodes: Any) -> list[str]:
+    return [
+        ".".join(n["column_names"]) if n["class"] == "COLUMN_REF" else n["class"] for n in nodes
+    ]
+
+
+def test_a_value_is_computed_from_its_operands_not_from_a_cast_type_or_a_subquery_body() -> None:
+    cast, in_subquery = _select_list(
+        "SELECT CAST(a AS DECIMAL(10, 3)), b IN (SELECT c FROM t) FROM t"
+    )
+    assert _names(sqltree.operand_expressions(cast)) == ["a"]  # not the TYPE DECIMAL(10, 3)
+    assert sqltree.cast_operand(cast) == next(sqltree.operand_expressions(cast))
+    assert _names(sqltree.operand_expressions(in_subquery)) == ["b"]  # not c, the body's
+    assert sqltree.cast_operand(in_subquery) is None
+
+
+def test_a_calls_modifiers_are_its_expressions_besides_its_arguments() -> None:
+    aggregate, window = _select_list(
+        "SELECT list(a ORDER BY b) FILTER (WHERE c), lag(d, 2) OVER (PARTITION BY e ORDER BY f) "
+        "FROM t"
+    )
+    assert sorted(_names(sqltree.call_modifier_expressions(aggregate))) == ["b", "c"]
+    assert sorted(_names(sqltree.call_modifier_expressions(window))) == ["e", "f"]
+    assert _names(a for a in sqltree.function_arguments(window)) == ["d", "CONSTANT"]
