@@ -130,10 +130,9 @@ def plan_federation(sql: str, *, per_member: bool = False) -> FederationPlan:
 
 
 def _refuse(message: str, node: Mapping[str, Any] | None = None) -> NotFederable:
-    location = node.get("query_location") if node else None
-    position = location if isinstance(location, int) and location < 2**32 else None
     return NotFederable(
-        f"this query cannot be combined across members: {message}", position=position
+        f"this query cannot be combined across members: {message}",
+        position=sqltree.query_location(node),
     )
 
 

@@ -29,7 +29,6 @@ from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 from connector.sqlparser import parse_select
 from connector.valuesize_tree import check_value_sizes
 
-UNKNOWN_LOCATION = 2**64 - 1
 MAX_DEPTH = 600
 # The verdict on a text is a function of the text alone: peers repeat the same queries, so
 # the last ones are kept (accepted ones only; a refusal is parsed again). Texts are bounded
@@ -77,13 +76,8 @@ class _Findings:
         return frozenset(columns), uses_star
 
 
-def _location(node: dict[str, Any]) -> int | None:
-    value = node.get("query_location")
-    return value if isinstance(value, int) and 0 <= value < UNKNOWN_LOCATION else None
-
-
 def _reject(reason: str, node: dict[str, Any] | None = None) -> QueryRejected:
-    return QueryRejected(reason, position=_location(node) if node else None)
+    return QueryRejected(reason, position=sqltree.query_location(node))
 
 
 def inspect_query(
@@ -147,9 +141,9 @@ class _Walker:
         kind = sqltree.query_type(node)
         scope = ctes | self._ctes(node, ctes, depth)
         if kind == "SELECT_NODE":
-            if node.get("sample") is not None:
+            if sqltree.has_sample(node):
                 raise _reject("TABLESAMPLE / USING SAMPLE is not allowed", node)
-            self.table_ref(node.get("from_table"), scope, depth + 1)
+            self.table_ref(sqltree.from_item(node), scope, depth + 1)
             for key in ("select_list", "where_clause", "group_expressions", "having", "qualify"):
                 self.expressions(node.get(key), scope, depth + 1)
             self.expressions(list(sqltree.modifier_expressions(node)), scope, depth + 1)
@@ -167,11 +161,11 @@ class _Walker:
         names = frozenset(name for name, _ in entries)
         self.found.relations.update(names)
         for _, value in entries:
-            if value.get("key_targets") or value.get("payload_aggregates"):
+            if sqltree.cte_uses_key(value):
                 raise QueryRejected("recursive CTEs (USING KEY) are not allowed")
             # A CTE body sees the outer names and the CTEs of its WITH (fails closed if
             # it names itself: that reference is then not a dataset and will not bind).
-            self.query_node(value.get("query_node"), outer | names, depth + 1)
+            self.query_node(sqltree.cte_body(value), outer | names, depth + 1)
         return names
 
     def table_ref(self, ref: Any, ctes: frozenset[str], depth: int) -> None:
@@ -180,26 +174,25 @@ class _Walker:
         if not isinstance(ref, dict):
             raise QueryRejected("the query has a FROM part the connector cannot check")
         kind = sqltree.table_ref_type(ref)
-        if ref.get("sample") is not None:
+        if sqltree.has_sample(ref):
             raise _reject("TABLESAMPLE / USING SAMPLE is not allowed", ref)
         if sqltree.table_alias(ref):
             self.found.relations.add(sqltree.table_alias(ref))
         if kind == "BASE_TABLE":
             self._base_table(ref, ctes)
         elif kind == "JOIN":
-            self.table_ref(ref.get("left"), ctes, depth + 1)
-            self.table_ref(ref.get("right"), ctes, depth + 1)
-            self.expressions(ref.get("condition"), ctes, depth + 1)
-            self.found.columns.update(str(c).lower() for c in ref.get("using_columns") or [])
+            for side in sqltree.join_sides(ref):
+                self.table_ref(side, ctes, depth + 1)
+            self.expressions(sqltree.join_condition(ref), ctes, depth + 1)
+            self.found.columns.update(sqltree.join_using_columns(ref))
         elif kind == "SUBQUERY":
             self.query_node(sqltree.subquery_body(ref), ctes, depth + 1)
         elif kind == "EXPRESSION_LIST":
-            self.expressions(ref.get("values"), ctes, depth + 1)
+            self.expressions(sqltree.values_rows(ref), ctes, depth + 1)
         elif kind == "EMPTY":
             return
         elif kind == "TABLE_FUNCTION":
-            function = ref.get("function") or {}
-            name = function.get("function_name", "a table function")
+            name = sqltree.table_function_name(ref) or "a table function"
             raise _reject(f"table functions such as {name}() are not allowed in FROM", ref)
         elif kind in ("SHOW_REF", "PIVOT"):
             raise _reject(
@@ -211,11 +204,11 @@ class _Walker:
 
     def _base_table(self, ref: dict[str, Any], ctes: frozenset[str]) -> None:
         name = sqltree.table_name(ref)
-        if ref.get("schema_name") or ref.get("catalog_name"):
+        if sqltree.table_is_qualified(ref):
             raise _reject(
                 f"qualified table names are not allowed: use the dataset name only ({name})", ref
             )
-        if ref.get("at_clause") is not None:
+        if sqltree.table_travels_in_time(ref):
             raise _reject("time travel (AT ...) is not allowed", ref)
         lowered = name.lower()
         self.found.relations.add(lowered)

@@ -231,6 +231,21 @@ def set_operation_children(node: Mapping[str, Any]) -> list[object]:
     return children + list(node.get("children") or [])
 
 
+def cte_body(entry: Mapping[str, Any]) -> object:
+    """The query node of a CTE entry (from cte_entries)."""
+    return entry.get("query_node")
+
+
+def cte_uses_key(entry: Mapping[str, Any]) -> bool:
+    """A recursive CTE's USING KEY (its key targets or payload aggregates)."""
+    return bool(entry.get("key_targets") or entry.get("payload_aggregates"))
+
+
+def has_sample(node: Mapping[str, Any]) -> bool:
+    """TABLESAMPLE on a FROM item, or USING SAMPLE on a SELECT."""
+    return node.get("sample") is not None
+
+
 def table_ref_type(ref: Mapping[str, Any]) -> str:
     """BASE_TABLE, JOIN, SUBQUERY, ..."""
     return str(ref.get("type", ""))
@@ -241,9 +256,72 @@ def table_name(ref: Mapping[str, Any]) -> str:
     return str(ref.get("table_name", ""))
 
 
+def table_is_qualified(ref: Mapping[str, Any]) -> bool:
+    """A BASE_TABLE written with a schema or catalog (main.t, db.main.t)."""
+    return bool(ref.get("schema_name") or ref.get("catalog_name"))
+
+
+def table_travels_in_time(ref: Mapping[str, Any]) -> bool:
+    """A BASE_TABLE read AT a version or time."""
+    return ref.get("at_clause") is not None
+
+
+def table_function_name(ref: Mapping[str, Any]) -> str:
+    """The function a TABLE_FUNCTION item calls, as written."""
+    function = ref.get("function")
+    return str(function.get("function_name", "")) if isinstance(function, dict) else ""
+
+
+def join_sides(ref: Mapping[str, Any]) -> tuple[object, object]:
+    """The left and right FROM items of a JOIN."""
+    return ref.get("left"), ref.get("right")
+
+
+def join_type(ref: Mapping[str, Any]) -> str:
+    """INNER, LEFT, SEMI, ANTI, ... of a JOIN (upper-cased)."""
+    return str(ref.get("join_type", "")).upper()
+
+
+def join_condition(ref: Mapping[str, Any]) -> object:
+    """A JOIN's ON condition (None for USING, NATURAL and cross joins)."""
+    return ref.get("condition")
+
+
+def join_using_columns(ref: Mapping[str, Any]) -> list[str]:
+    """The lower-cased columns of a JOIN's USING (...)."""
+    return [str(c).lower() for c in ref.get("using_columns") or []]
+
+
+def values_rows(ref: Mapping[str, Any]) -> object:
+    """The rows of expressions of a VALUES list (EXPRESSION_LIST)."""
+    return ref.get("values")
+
+
 def table_alias(ref: Mapping[str, Any]) -> str:
     """The lower-cased alias of a FROM item ("" when none)."""
     return str(ref.get("alias") or "").lower()
+
+
+def query_location(node: Mapping[str, Any] | None) -> int | None:
+    """Where in the query text a node starts (None when DuckDB does not know: it writes
+    2**64 - 1 then)."""
+    value = node.get("query_location") if node else None
+    return value if isinstance(value, int) and 0 <= value < 2**63 else None
+
+
+def from_item(node: Mapping[str, Any]) -> object:
+    """The FROM item of a SELECT node (EMPTY when it has none)."""
+    return node.get("from_table")
+
+
+def select_list(node: Mapping[str, Any]) -> Iterator[Node]:
+    """The expressions a SELECT node selects, in order."""
+    return direct_expressions(node.get("select_list"))
+
+
+def subquery_type(node: Mapping[str, Any]) -> str:
+    """SCALAR, EXISTS, ANY, ARRAY, ... of a SUBQUERY expression."""
+    return str(node.get("subquery_type", ""))
 
 
 def error_position(document: Mapping[str, Any]) -> int | None:

@@ -57,11 +57,10 @@ class _SizeWalker:
             return max(widths, default=0)
         if kind != "SELECT_NODE":
             return HUGE
-        source = node.get("from_table")
+        source = sqltree.from_item(node)
         self.source(source, scope)
         here = _Block(block.outermost, _single_source(source, scope))
-        select_list = sqltree.direct_expressions(node.get("select_list"))
-        widths = [self.expression(e, here, scope) for e in select_list]
+        widths = [self.expression(e, here, scope) for e in sqltree.select_list(node)]
         row = sum(widths)
         if row > MAX_ROW_BYTES:
             raise QueryRejected(
@@ -82,12 +81,12 @@ class _SizeWalker:
         if kind == "SUBQUERY":
             self.query(sqltree.subquery_body(ref), nested, ctes)
         elif kind == "JOIN":
-            self.source(ref.get("left"), ctes)
-            self.source(ref.get("right"), ctes)
-            for expression in sqltree.direct_expressions(ref.get("condition")):
+            for side in sqltree.join_sides(ref):
+                self.source(side, ctes)
+            for expression in sqltree.direct_expressions(sqltree.join_condition(ref)):
                 self.expression(expression, nested, ctes)
         elif kind == "EXPRESSION_LIST":
-            for expression in sqltree.direct_expressions(ref.get("values")):
+            for expression in sqltree.direct_expressions(sqltree.values_rows(ref)):
                 self.expression(expression, nested, ctes)
 
     def expression(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
@@ -117,7 +116,7 @@ class _SizeWalker:
 
     def _subquery(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
         inner = sqltree.subquery_body(node)
-        kind = str(node.get("subquery_type", ""))
+        kind = sqltree.subquery_type(node)
         for child in sqltree.operand_expressions(node):  # the left side of IN / ANY
             self.expression(child, block, ctes)
         if kind == "ARRAY":
@@ -176,10 +175,7 @@ def _collecting_allowed(
 
 
 def _refuse(reason: str, node: Mapping[str, Any] | None) -> QueryRejected:
-    location = node.get("query_location") if node else None
-    if isinstance(location, int) and 0 <= location < 2**63:
-        return QueryRejected(reason, position=location)
-    return QueryRejected(reason)
+    return QueryRejected(reason, position=sqltree.query_location(node))
 
 
 def _single_source(ref: Any, ctes: Mapping[str, bool]) -> bool:
@@ -191,8 +187,8 @@ def _single_source(ref: Any, ctes: Mapping[str, bool]) -> bool:
         return ctes.get(sqltree.table_name(ref).lower(), True)
     if kind == "SUBQUERY":
         return _single_query(sqltree.subquery_body(ref), ctes)
-    if kind == "JOIN" and str(ref.get("join_type", "")).upper() in ("SEMI", "ANTI"):
-        return _single_source(ref.get("left"), ctes)
+    if kind == "JOIN" and sqltree.join_type(ref) in ("SEMI", "ANTI"):
+        return _single_source(sqltree.join_sides(ref)[0], ctes)
     return kind in ("EMPTY", "EXPRESSION_LIST")
 
 
@@ -202,12 +198,12 @@ def _single_query(node: Any, ctes: Mapping[str, bool]) -> bool:
     scope = dict(ctes)
     for name, body in _cte_bodies(node):
         scope[name] = _single_query(body, scope)
-    return _single_source(node.get("from_table"), scope)
+    return _single_source(sqltree.from_item(node), scope)
 
 
 def _cte_bodies(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     for name, entry in sqltree.cte_entries(node):
-        yield name, entry.get("query_node")
+        yield name, sqltree.cte_body(entry)
 
 
 def _arguments(node: Mapping[str, Any]) -> list[dict[str, Any]]:

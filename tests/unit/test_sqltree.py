@@ -201,3 +201,33 @@ def test_a_calls_modifiers_are_its_expressions_besides_its_arguments() -> None:
     assert sorted(_names(sqltree.call_modifier_expressions(aggregate))) == ["b", "c"]
     assert sorted(_names(sqltree.call_modifier_expressions(window))) == ["e", "f"]
     assert _names(a for a in sqltree.function_arguments(window)) == ["d", "CONSTANT"]
+
+
+def _node(sql: str) -> Any:
+    con = duckdb.connect()
+    document = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    return document["statements"][0]["node"]
+
+
+def test_from_items_are_read_through_their_accessors() -> None:
+    join = sqltree.from_item(_node("SELECT 1 FROM a SEMI JOIN main.b USING (Plant)"))
+    assert isinstance(join, dict) and sqltree.join_type(join) == "SEMI"
+    left, right = sqltree.join_sides(join)
+    assert isinstance(left, dict) and isinstance(right, dict)
+    assert (sqltree.table_is_qualified(left), sqltree.table_is_qualified(right)) == (False, True)
+    assert sqltree.join_using_columns(join) == ["plant"] and sqltree.join_condition(join) is None
+    values = sqltree.from_item(_node("SELECT * FROM (VALUES (1, 2)) v(a, b)"))
+    assert isinstance(values, dict) and sqltree.table_ref_type(values) == "SUBQUERY"
+    sampled = sqltree.from_item(_node("SELECT * FROM t TABLESAMPLE 10%"))
+    assert isinstance(sampled, dict) and sqltree.has_sample(sampled)
+    function = sqltree.from_item(_node("SELECT * FROM read_csv('x.csv')"))
+    assert isinstance(function, dict) and sqltree.table_function_name(function) == "read_csv"
+
+
+def test_a_location_duckdb_does_not_know_is_none() -> None:
+    node = _node("SELECT a FROM t")
+    first = next(sqltree.select_list(node))
+    assert sqltree.query_location(first) == 7
+    empty = sqltree.from_item(_node("SELECT 1"))
+    assert isinstance(empty, dict) and sqltree.query_location(empty) is None
+    assert sqltree.query_location(None) is None
