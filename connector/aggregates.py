@@ -126,18 +126,20 @@ class _FormCheck:
             raise self.fail("UNION, INTERSECT and EXCEPT are not allowed")
         if sqltree.cte_entries(node):
             raise self.fail("WITH is not allowed")
-        if node.get("qualify") is not None or node.get("sample") is not None:
+        if sqltree.qualify_clause(node) is not None or sqltree.has_sample(node):
             raise self.fail("QUALIFY and samples are not allowed")
-        self._from(node.get("from_table") or {})
+        source = sqltree.from_item(node)
+        self._from(source if isinstance(source, dict) else {})
         self.groups = self._groups(node)
         aliases = set()
-        for item in node.get("select_list") or []:
+        for item in sqltree.select_list(node):
             self._output(item, "the select list")
-            if item.get("alias"):
-                aliases.add(str(item["alias"]).lower())
-        self._where(node.get("where_clause"))
-        if node.get("having") is not None:
-            self._output(node["having"], "HAVING")
+            if sqltree.expression_alias(item):
+                aliases.add(sqltree.expression_alias(item).lower())
+        self._where(sqltree.where_clause(node))
+        having = sqltree.having_clause(node)
+        if having is not None:
+            self._output(having, "HAVING")
         # ORDER BY, DISTINCT ON and LIMIT: the same rule as the select list.
         for expression in sqltree.modifier_expressions(node):
             self._output(expression, "ORDER BY, DISTINCT ON and LIMIT", aliases)
@@ -175,15 +177,15 @@ class _FormCheck:
         return names[0]
 
     def _groups(self, node: dict[str, Any]) -> frozenset[str]:
-        if node.get("aggregate_handling") != "STANDARD_HANDLING":
+        if sqltree.aggregate_handling(node) != "STANDARD_HANDLING":
             raise self.fail("GROUP BY ALL is not allowed: name the grouping columns")
         names = []
-        for expression in node.get("group_expressions") or []:
+        for expression in sqltree.group_expressions(node):
             name = self._plain_column(expression, "GROUP BY")
             if name is None:
                 raise self.fail("GROUP BY may list only granted columns by name")
             names.append(name)
-        if (node.get("group_sets") or [[]]) != [list(range(len(names)))]:
+        if (sqltree.group_sets(node) or [[]]) != [list(range(len(names)))]:
             raise self.fail("GROUPING SETS, ROLLUP and CUBE are not allowed")
         return frozenset(names)
 

@@ -319,6 +319,36 @@ def select_list(node: Mapping[str, Any]) -> Iterator[Node]:
     return direct_expressions(node.get("select_list"))
 
 
+def where_clause(node: Mapping[str, Any]) -> object:
+    """A SELECT node's WHERE condition (None when it has none)."""
+    return node.get("where_clause")
+
+
+def having_clause(node: Mapping[str, Any]) -> object:
+    """A SELECT node's HAVING condition (None when it has none)."""
+    return node.get("having")
+
+
+def qualify_clause(node: Mapping[str, Any]) -> object:
+    """A SELECT node's QUALIFY condition (None when it has none)."""
+    return node.get("qualify")
+
+
+def group_expressions(node: Mapping[str, Any]) -> list[object]:
+    """A SELECT node's GROUP BY expressions, as written."""
+    return list(node.get("group_expressions") or [])
+
+
+def group_sets(node: Mapping[str, Any]) -> list[object]:
+    """The grouping sets over group_expressions (indexes; one set for a plain GROUP BY)."""
+    return list(node.get("group_sets") or [])
+
+
+def aggregate_handling(node: Mapping[str, Any]) -> str:
+    """STANDARD_HANDLING, or FORCE_AGGREGATES for GROUP BY ALL and the like."""
+    return str(node.get("aggregate_handling", ""))
+
+
 def subquery_type(node: Mapping[str, Any]) -> str:
     """SCALAR, EXISTS, ANY, ARRAY, ... of a SUBQUERY expression."""
     return str(node.get("subquery_type", ""))

@@ -231,3 +231,20 @@ def test_a_location_duckdb_does_not_know_is_none() -> None:
     empty = sqltree.from_item(_node("SELECT 1"))
     assert isinstance(empty, dict) and sqltree.query_location(empty) is None
     assert sqltree.query_location(None) is None
+
+
+def test_a_selects_clauses_are_read_through_their_accessors() -> None:
+    node = _node(
+        "SELECT a, count(*) FROM t WHERE b > 1 GROUP BY a HAVING count(*) > 2 "
+        "QUALIFY row_number() OVER () = 1"
+    )
+    assert _names([sqltree.where_clause(node)]) == ["COMPARISON"]
+    assert _names([sqltree.having_clause(node)]) == ["COMPARISON"]
+    assert _names([sqltree.qualify_clause(node)]) == ["COMPARISON"]
+    assert _names(sqltree.group_expressions(node)) == ["a"]
+    assert sqltree.group_sets(node) == [[0]]
+    assert sqltree.aggregate_handling(node) == "STANDARD_HANDLING"
+    everything = _node("SELECT a, count(*) FROM t GROUP BY ALL")
+    assert sqltree.aggregate_handling(everything) == "FORCE_AGGREGATES"
+    rollup = _node("SELECT a, b, count(*) FROM t GROUP BY ROLLUP (a, b)")
+    assert len(sqltree.group_sets(rollup)) == 3
