@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from connector import plantree, sqltree
+
 # Aggregates whose result grows with the number of rows they read.
 PACKING_AGGREGATES = frozenset(
     """
@@ -55,11 +57,11 @@ def packed_rows(tree: Any) -> str:
 
 
 def _packing(node: dict[str, Any]) -> str:
-    kind = node.get("class")
+    kind = sqltree.expression_class(node)
     if kind not in ("FUNCTION", "WINDOW"):
         return ""
-    name = str(node.get("function_name", "")).lower()
-    arguments = node.get("arguments") or []
+    name = sqltree.function_name(node)
+    arguments = sqltree.function_arguments(node)
     if name in PACKING_AGGREGATES:
         return f"{name}() gathers many rows into one value"
     if name in TOP_N and len(arguments) > TOP_N[name]:
@@ -68,7 +70,7 @@ def _packing(node: dict[str, Any]) -> str:
         return f"{name}() with a list of fractions returns many rows' values"
     if kind == "WINDOW" and name in OFFSET_WINDOWS:
         return f"{name}() OVER reads other rows' values into each row"
-    if kind == "WINDOW" and (node.get("start_expr") or node.get("end_expr")):
+    if kind == "WINDOW" and sqltree.window_has_frame_offsets(node):
         return "a window frame with an offset (ROWS n PRECEDING) reads other rows into each row"
     if name in BUILDERS and any(_is_aggregate(n) for n in _nodes(arguments)):
         return f"{name}() over aggregates or windows packs several values into one"
@@ -79,19 +81,18 @@ def packed_in_plan(plan: Any) -> str:
     """What in a bound plan (json_serialize_plan) packs several rows into one ('' if
     nothing): the sandbox's check, independent of how the SQL spelled it."""
     for node in _nodes(plan):
-        kind = node.get("expression_class")
+        kind = plantree.bound_class(node)
         if kind not in ("BOUND_AGGREGATE", "BOUND_WINDOW"):
             continue
-        path = (node.get("qname") or {}).get("path") or [""]
-        name = str(path[-1]).lower()
-        returns = str((node.get("return_type") or {}).get("id", ""))
+        name = plantree.bound_function_name(node).lower()
+        returns = plantree.bound_return_type(node)
         if returns in COLLECTION_TYPES:
             return f"{name or 'an aggregate'}() returns a {returns.lower()} of many rows' values"
         if name in PACKING_AGGREGATES:
             return f"{name}() gathers many rows into one value"
-        if kind == "BOUND_WINDOW" and str(node.get("type")) in OFFSET_WINDOW_TYPES:
+        if kind == "BOUND_WINDOW" and plantree.bound_type(node) in OFFSET_WINDOW_TYPES:
             return "a window function reads other rows' values into each row"
-        if kind == "BOUND_WINDOW" and (node.get("start_expr") or node.get("end_expr")):
+        if kind == "BOUND_WINDOW" and plantree.window_has_frame_offsets(node):
             return "a window frame with an offset reads other rows into each row"
     return ""
 
@@ -102,17 +103,17 @@ OFFSET_WINDOW_TYPES = frozenset(
 )
 
 
-def _is_constant(argument: Any) -> bool:
-    expression = argument.get("expression") if isinstance(argument, dict) else None
-    return isinstance(expression, dict) and expression.get("class") == "CONSTANT"
+def _is_constant(expression: object) -> bool:
+    return sqltree.is_expression(expression) and sqltree.expression_class(expression) == "CONSTANT"
 
 
 def _is_aggregate(node: dict[str, Any]) -> bool:
-    if node.get("class") == "WINDOW":
+    kind = sqltree.expression_class(node)
+    if kind == "WINDOW":
         return True
-    if node.get("class") != "FUNCTION":
+    if kind != "FUNCTION":
         return False
-    name = str(node.get("function_name", "")).lower()
+    name = sqltree.function_name(node)
     return name in AGGREGATES or name in PACKING_AGGREGATES
 
 

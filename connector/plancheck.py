@@ -264,10 +264,12 @@ def _allowed_aggregate(expression: object) -> bool:
     if not isinstance(expression, dict) or plantree.bound_class(expression) != "BOUND_AGGREGATE":
         return False
     name = plantree.bound_function_name(expression)
-    if name not in AGGREGATE_ONLY_FUNCTIONS or expression.get("filter") is not None:
+    if name not in AGGREGATE_ONLY_FUNCTIONS or plantree.aggregate_is_filtered_or_ordered(
+        expression
+    ):
         return False
     children = plantree.bound_children(expression)
-    if expression.get("order_bys") or not all(plantree.is_bound_ref(c) for c in children):
+    if not all(plantree.is_bound_ref(c) for c in children):
         return False
     if name in EXTREMUM_FUNCTIONS:
         types = plantree.bound_argument_types(expression)
@@ -278,7 +280,7 @@ def _allowed_aggregate(expression: object) -> bool:
 def _is_min_count(expression: Mapping[str, Any], counts: set[int], minimum: int) -> bool:
     """expression is `count(*) >= N` with N >= minimum, count(*) of the aggregate below."""
     children = plantree.bound_children(expression)
-    if expression.get("type") != "COMPARE_GREATERTHANOREQUALTO" or len(children) != 2:
+    if plantree.bound_type(expression) != "COMPARE_GREATERTHANOREQUALTO" or len(children) != 2:
         return False
     left, right = children
     if not plantree.is_bound_ref(left) or plantree.bound_ref_index(left) not in counts:

@@ -105,6 +105,27 @@ def bound_argument_types(expression: Mapping[str, Any]) -> list[str]:
     return [str(a.get("id", "")) for a in expression.get("arguments") or [] if isinstance(a, dict)]
 
 
+def bound_type(expression: Mapping[str, Any]) -> str:
+    """The expression's kind within its class (COMPARE_GREATERTHANOREQUALTO, WINDOW_LAG)."""
+    return str(expression.get("type", ""))
+
+
+def bound_return_type(expression: Mapping[str, Any]) -> str:
+    """The id of the type an expression returns (INTEGER, LIST, MAP, ...)."""
+    returns = expression.get("return_type")
+    return str(returns.get("id", "")) if isinstance(returns, dict) else ""
+
+
+def aggregate_is_filtered_or_ordered(expression: Mapping[str, Any]) -> bool:
+    """A bound aggregate with FILTER (WHERE ...) or ORDER BY inside the call."""
+    return expression.get("filter") is not None or bool(expression.get("order_bys"))
+
+
+def window_has_frame_offsets(expression: Mapping[str, Any]) -> bool:
+    """A bound window whose frame starts or ends an offset away (ROWS n PRECEDING)."""
+    return bool(expression.get("start_expr") or expression.get("end_expr"))
+
+
 def bound_expressions(value: object) -> Iterator[Node]:
     """Every bound expression at or below value."""
     if isinstance(value, dict):

@@ -196,6 +196,11 @@ def function_is_distinct(node: Mapping[str, Any]) -> bool:
     return bool(node.get("distinct"))
 
 
+def window_has_frame_offsets(node: Mapping[str, Any]) -> bool:
+    """A WINDOW whose frame starts or ends an offset away (ROWS n PRECEDING)."""
+    return bool(node.get("start_expr") or node.get("end_expr"))
+
+
 def expression_alias(node: Mapping[str, Any]) -> str:
     """The alias of a select-list expression as written ("" when none)."""
     return str(node.get("alias") or "")

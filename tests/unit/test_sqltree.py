@@ -248,3 +248,36 @@ def test_a_selects_clauses_are_read_through_their_accessors() -> None:
     assert sqltree.aggregate_handling(everything) == "FORCE_AGGREGATES"
     rollup = _node("SELECT a, b, count(*) FROM t GROUP BY ROLLUP (a, b)")
     assert len(sqltree.group_sets(rollup)) == 3
+
+
+def test_bound_aggregates_and_windows_are_read_through_their_accessors() -> None:
+    con = duckdb.connect()
+    con.execute("CREATE TABLE parts (plant VARCHAR, defects INTEGER, week DATE)")
+
+    def bound(sql: str, name: str) -> dict[str, Any]:
+        return next(
+            e
+            for e in plantree.bound_expressions(_plan(con, sql))
+            if plantree.bound_class(e) in ("BOUND_AGGREGATE", "BOUND_WINDOW")
+            and plantree.bound_function_name(e) == name
+        )
+
+    packed = bound("SELECT list(plant) FROM parts", "list")
+    assert plantree.bound_return_type(packed) == "LIST"
+    assert not plantree.aggregate_is_filtered_or_ordered(packed)
+    filtered = bound("SELECT count(*) FILTER (WHERE defects > 1) FROM parts", "count_star")
+    assert plantree.aggregate_is_filtered_or_ordered(filtered)
+    assert plantree.bound_return_type(filtered) == "BIGINT"
+    lag = bound("SELECT lag(plant) OVER (ORDER BY week) FROM parts", "")  # offset windows: no name
+    assert plantree.bound_type(lag) == "WINDOW_LAG" and not plantree.window_has_frame_offsets(lag)
+    framed = bound(
+        "SELECT max(defects) OVER (ORDER BY week ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) "
+        "FROM parts",
+        "max",
+    )
+    assert plantree.window_has_frame_offsets(framed)
+    framed_sql, plain_sql = _select_list(
+        "SELECT max(a) OVER (ROWS 2 PRECEDING), max(a) OVER () FROM t"
+    )
+    assert sqltree.window_has_frame_offsets(framed_sql)
+    assert not sqltree.window_has_frame_offsets(plain_sql)
