@@ -98,8 +98,8 @@ def output_name(node: Mapping[str, Any]) -> str:
 
 def _tables(value: object) -> Iterator[str]:
     if isinstance(value, dict):
-        if value.get("type") == "BASE_TABLE" and isinstance(value.get("table_name"), str):
-            yield value["table_name"].lower()
+        if sqltree.table_ref_type(value) == "BASE_TABLE" and sqltree.table_name(value):
+            yield sqltree.table_name(value).lower()
         for child in value.values():
             yield from _tables(child)
     elif isinstance(value, list):
@@ -120,10 +120,10 @@ def plan_federation(sql: str, *, per_member: bool = False) -> FederationPlan:
     datasets = tuple(sorted(set(_tables(node))))
     if per_member or sqltree.query_type(node) != "SELECT_NODE":
         return FederationPlan(UNION, sql, datasets)
-    grouped = bool(node.get("group_expressions")) or (
-        node.get("aggregate_handling") == "FORCE_AGGREGATES"
+    grouped = bool(sqltree.group_expressions(node)) or (
+        sqltree.aggregate_handling(node) == "FORCE_AGGREGATES"
     )
-    select_list = node.get("select_list") or []
+    select_list = list(sqltree.select_list(node))
     if not grouped and not any(any(_aggregates_in(item)) for item in select_list):
         return FederationPlan(UNION, sql, datasets)
     return _aggregate_plan(document, node, datasets)
@@ -139,17 +139,17 @@ def _refuse(message: str, node: Mapping[str, Any] | None = None) -> NotFederable
 def _aggregate_plan(
     document: dict[str, Any], node: dict[str, Any], datasets: tuple[str, ...]
 ) -> FederationPlan:
-    if node.get("having") is not None:
+    if sqltree.having_clause(node) is not None:
         raise _refuse(
             "HAVING would filter each member's partial groups, not the combined ones; filter "
             "the combined answer yourself, or ask with --per-member"
         )
-    if node.get("qualify") is not None or node.get("sample") is not None:
+    if sqltree.qualify_clause(node) is not None or sqltree.has_sample(node):
         raise _refuse("QUALIFY and USING SAMPLE are not combined")
-    if len(node.get("group_sets") or []) > 1:
+    if len(sqltree.group_sets(node)) > 1:
         raise _refuse("GROUPING SETS, ROLLUP and CUBE are not combined; ask one grouping")
-    select_list: list[dict[str, Any]] = node.get("select_list") or []
-    force = node.get("aggregate_handling") == "FORCE_AGGREGATES"
+    select_list: list[dict[str, Any]] = list(sqltree.select_list(node))
+    force = sqltree.aggregate_handling(node) == "FORCE_AGGREGATES"
     group_nodes = _group_nodes(node, select_list, force)
     new_select: list[dict[str, Any]] = []
     groups: list[tuple[str, str]] = []
@@ -207,7 +207,7 @@ def _group_nodes(
         if reference.is_plain_name
     }  # fmt: skip
     found = []
-    for written in node.get("group_expressions") or []:
+    for written in sqltree.direct_expressions(sqltree.group_expressions(node)):
         names = written.get("column_names") or []
         expression = written
         if written.get("class") == "COLUMN_REF" and len(names) == 1 and names[0] in by_alias:
