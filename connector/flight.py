@@ -24,7 +24,6 @@ from pyarrow import flight
 from connector._proto import flight_sql_pb2 as sql_pb
 from connector.audit_entry import AuditEntry, bounded
 from connector.errors import (
-    AuditUnavailable,
     ConfigError,
     ConnectorError,
     IdentityError,
@@ -32,8 +31,6 @@ from connector.errors import (
     PermissionDenied,
     PolicyEngineError,
     QueryRejected,
-    ResourceExhausted,
-    StateUnavailable,
     Unimplemented,
     first_line,
 )
@@ -71,15 +68,13 @@ from connector.flight_tickets import (
 )
 from connector.identity import MemberIdentity
 from connector.peer_failures import (
-    STATE_FAILED,
     EngineFailureLog,
     new_request_id,
-    storage_trouble,
+    recorded_refusal,
 )
 from connector.policy.ref import policy_refs
 from connector.provider import Provider
 from connector.request import PeerRequest
-from connector.sandbox_errors import OUT_OF_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +157,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             raise error
         if isinstance(error, UnsupportedCommand):
             error = unimplemented(f"the command {error.name}")
-        if isinstance(error, MemoryError):
-            error = ResourceExhausted(OUT_OF_MEMORY)
-        trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)
-        if trouble is not None:
-            log.error("%s refused: the connector's state volume: %s (%s)", method, trouble, error)
-            error = StateUnavailable(STATE_FAILED)
-        try:
-            if not isinstance(error, AuditUnavailable):
-                self._provider.record(entry, error)
-        except AuditUnavailable as unavailable:
-            error = unavailable
-        except Exception:
-            log.exception("could not write the audit entry of a refused Flight %s", method)
+        error = recorded_refusal(error, entry, self._provider.record, f"Flight {method}")
         if not isinstance(error, ConnectorError):
             log.exception("Flight %s failed unexpectedly", method, exc_info=error)
             raise flight.FlightInternalError(UNEXPECTED) from None

@@ -9,10 +9,20 @@ import logging
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
+from connector.audit_entry import AuditEntry
 from connector.audit_outage import write_failure_cause
-from connector.errors import ConnectorError, PolicyEngineError, PolicyEngineUnavailable
+from connector.errors import (
+    AuditUnavailable,
+    ConnectorError,
+    PolicyEngineError,
+    PolicyEngineUnavailable,
+    ResourceExhausted,
+    StateUnavailable,
+)
 from connector.rate import RateLimit
+from connector.sandbox_errors import OUT_OF_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,32 @@ def storage_trouble(error: BaseException) -> str | None:
         return write_failure_cause(error)
     text = str(error).lower()
     return next((t for t in _STORAGE_TEXTS if t in text), None)
+
+
+def recorded_refusal(
+    error: Exception,
+    entry: AuditEntry,
+    record: Callable[[AuditEntry, BaseException], object],
+    method: str,
+) -> Exception:
+    """The refusal a request ends with, on record: the process's memory limit and a full or
+    read-only state volume become the connector errors that say so, and the entry is written
+    (unless the audit log itself is what failed). Either wire sends what this returns."""
+    if isinstance(error, MemoryError):  # at the process's memory limit (process_memory.py)
+        error = ResourceExhausted(OUT_OF_MEMORY)
+    trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)
+    if trouble is not None:
+        # A full or read-only state volume: the owner is told exactly that.
+        log.error("%s refused: the connector's state volume: %s (%s)", method, trouble, error)
+        error = StateUnavailable(STATE_FAILED)
+    try:
+        if not isinstance(error, AuditUnavailable):  # else already counted or kept
+            record(entry, error)
+    except AuditUnavailable as unavailable:
+        error = unavailable
+    except Exception:
+        log.exception("could not write the audit entry of a refused %s", method)
+    return error
 
 
 def peer_text(error: ConnectorError) -> str:

@@ -31,22 +31,19 @@ from connector.errors import (
     RequestExpired,
     ResourceExhausted,
     ShuttingDown,
-    StateUnavailable,
 )
 from connector.identity import MemberIdentity
 from connector.log_context import bind_request
 from connector.peer_failures import (
-    STATE_FAILED,
     STOPPING,
     EngineFailureLog,
     new_request_id,
     peer_text,
-    storage_trouble,
+    recorded_refusal,
 )
 from connector.policy.ref import joined
 from connector.provider import Provider
 from connector.query_run import QueryRun
-from connector.sandbox_errors import OUT_OF_MEMORY
 from connector.status import REASON_KEY, reasons_metadata, status_of
 from connector.wire import (
     dataset_message,
@@ -206,20 +203,7 @@ class ConnectorService:
     def _refuse(
         self, context: grpc.ServicerContext, entry: AuditEntry, error: Exception, method: str
     ) -> NoReturn:
-        if isinstance(error, MemoryError):  # at the process's memory limit (process_memory.py)
-            error = ResourceExhausted(OUT_OF_MEMORY)
-        trouble = None if isinstance(error, ConnectorError) else storage_trouble(error)
-        if trouble is not None:
-            # A full or read-only state volume: the owner is told exactly that.
-            log.error("%s refused: the connector's state volume: %s (%s)", method, trouble, error)
-            error = StateUnavailable(STATE_FAILED)
-        try:
-            if not isinstance(error, AuditUnavailable):  # else already counted or kept
-                self._provider.record(entry, error)
-        except AuditUnavailable as unavailable:
-            error = unavailable
-        except Exception:
-            log.exception("could not write the audit entry of a refused %s", method)
+        error = recorded_refusal(error, entry, self._provider.record, method)
         if isinstance(error, ConnectorError):
             _abort(context, error, self._engine_log)
         _internal(context, method)
