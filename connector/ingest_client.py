@@ -141,7 +141,7 @@ def _ask(settings: Settings, message: Mapping[str, Any]) -> Mapping[str, Any] | 
             ) from None
         channel.sendall(json.dumps(message).encode() + b"\n")
         channel.shutdown(socket.SHUT_WR)
-        answer = _read_all(channel)
+        answer = read_message(channel, StoreError("the running server's answer is too long"))
     try:
         decoded: Mapping[str, Any] = json.loads(answer)
     except ValueError:
@@ -151,13 +151,15 @@ def _ask(settings: Settings, message: Mapping[str, Any]) -> Mapping[str, Any] | 
     return decoded
 
 
-def _read_all(channel: socket.socket) -> bytes:
+def read_message(channel: socket.socket, too_long: ConnectorError) -> bytes:
+    """Everything the other side sends until it shuts down its end; too_long once that
+    passes MAX_MESSAGE_BYTES (the socket's two sides use one bound)."""
     chunks, size = [], 0
     while chunk := channel.recv(65536):
         chunks.append(chunk)
         size += len(chunk)
         if size > MAX_MESSAGE_BYTES:
-            raise StoreError("the running server's answer is too long")
+            raise too_long
     return b"".join(chunks)
 
 

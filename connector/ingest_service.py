@@ -44,6 +44,7 @@ from connector.ingest_client import (
     error_json,
     info_json,
     reachable_path,
+    read_message,
     version_json,
 )
 from connector.sandbox import SandboxDatabase
@@ -282,15 +283,10 @@ def _drain(connection: socket.socket) -> None:
 
 def _read_request(connection: socket.socket) -> Mapping[str, Any]:
     connection.settimeout(READ_SECONDS)
-    chunks, size = [], 0
-    while chunk := connection.recv(65536):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_MESSAGE_BYTES:
-            raise DataError("the ingest request is too long")
+    data = read_message(connection, DataError("the ingest request is too long"))
     connection.settimeout(None)
     try:
-        message = json.loads(b"".join(chunks))
+        message = json.loads(data)
     except ValueError:
         raise DataError("the ingest request is not JSON") from None
     if not isinstance(message, dict):
