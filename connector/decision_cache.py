@@ -20,7 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
-from connector.policy.engine import Decision, DecisionRequest, ns
+from connector.policy.engine import Decision, DecisionRequest
+from connector.policy.model import ns
 from connector.policy.registry import PolicySnapshot
 
 MAX_DECISIONS = 4096

@@ -22,7 +22,7 @@ from connector import REGO_ALLOCATOR_FIRST
 from connector.canonical import canonical_bytes
 from connector.errors import PolicyEngineError
 from connector.policy.answers import AnswerFault, catalog_grant_fault, decision_grant_fault
-from connector.policy.model import UsagePolicy
+from connector.policy.model import UsagePolicy, from_ns, ns
 from connector.refusals import column_refusal
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,6 @@ class PolicyEngine(Protocol):
     def catalog(self, member: str, time: dt.datetime) -> tuple[CatalogGrant, ...]: ...
 
 
-def ns(moment: dt.datetime) -> int:
-    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
-
-
-def _from_ns(value: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(value / 1_000_000_000, dt.UTC)
-
-
 def _policy_pairs(raw: Any) -> tuple[tuple[str, int], ...]:
     return tuple((str(i), int(v)) for i, v in raw)
 
@@ -198,8 +190,8 @@ def catalog_from(result: Any, revision: str) -> tuple[CatalogGrant, ...]:
                         tuple(map(str, e["columns"])),
                         tuple(map(str, e["purposes"])),
                         _policy_pairs(e["policies"]),
-                        _from_ns(int(e["valid_from_ns"])),
-                        _from_ns(int(e["valid_until_ns"])),
+                        from_ns(int(e["valid_from_ns"])),
+                        from_ns(int(e["valid_until_ns"])),
                     )
                     for e in result["entries"]
                 ),

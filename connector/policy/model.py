@@ -135,8 +135,8 @@ class UsagePolicy:
             "members": list(self.members),
             "roles": list(self.roles),
             "purposes": list(self.purposes),
-            "valid_from_ns": _ns(self.valid_from),
-            "valid_until_ns": _ns(self.valid_until),
+            "valid_from_ns": ns(self.valid_from),
+            "valid_until_ns": ns(self.valid_until),
             "valid_from": self.valid_from.isoformat(),
             "valid_until": self.valid_until.isoformat(),
             "columns": list(self.columns),
@@ -147,8 +147,15 @@ class UsagePolicy:
         }
 
 
-def _ns(moment: dt.datetime) -> int:
+def ns(moment: dt.datetime) -> int:
+    """A moment as whole nanoseconds since the epoch: how policies' validity and requests'
+    times meet in the decision library (one encoding for both, or boundaries would drift)."""
     return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def from_ns(value: int) -> dt.datetime:
+    """The moment ns(moment) encodes (UTC)."""
+    return dt.datetime.fromtimestamp(value / 1_000_000_000, dt.UTC)
 
 
 def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:

@@ -41,11 +41,10 @@ from connector.policy.engine import (
     UntrustedAnswer,
     catalog_from,
     decision_from,
-    ns,
     policy_data,
     rego_library,
 )
-from connector.policy.model import UsagePolicy
+from connector.policy.model import UsagePolicy, ns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
