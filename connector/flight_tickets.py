@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -82,7 +82,10 @@ class HandleBook(Generic[Held]):
         self._single_use = single_use
         self._per_member = per_member
         self._clock = clock
+        # In expiry order: every handle lives the same lifetime from its issue or last use,
+        # and a use moves it to the end.
         self._held: OrderedDict[bytes, tuple[float, Held]] = OrderedDict()
+        self._by_member: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def check_room(self, member_id: str) -> None:
@@ -98,6 +101,7 @@ class HandleBook(Generic[Held]):
             self._check_room(value.member_id)
             handle = secrets.token_bytes(HANDLE_BYTES)
             self._held[handle] = (self._clock() + self._lifetime, value)
+            self._by_member[value.member_id] += 1
             return handle
 
     def take(self, handle: bytes, member_id: str) -> Held:
@@ -106,11 +110,12 @@ class HandleBook(Generic[Held]):
         void afterwards: whoever leaked it must ask again."""
         with self._lock:
             self._expire()
-            held = self._held.pop(handle, None)
+            held = self._pop(handle)
             if held is None or held[1].member_id != member_id:
                 raise PermissionDenied([self._refusal])
             if not self._single_use:
                 self._held[handle] = (self._clock() + self._lifetime, held[1])
+                self._by_member[member_id] += 1
             return held[1]
 
     def close(self, handle: bytes, member_id: str) -> None:
@@ -118,11 +123,11 @@ class HandleBook(Generic[Held]):
         with self._lock:
             held = self._held.get(handle)
             if held is not None and held[1].member_id == member_id:
-                del self._held[handle]
+                self._pop(handle)
 
     def _check_room(self, member_id: str) -> None:
         self._expire()
-        held = sum(1 for _, v in self._held.values() if v.member_id == member_id)
+        held = self._by_member[member_id]
         if held >= self._per_member:
             raise ResourceExhausted(
                 f"you hold {held} unused Flight tickets or prepared statements, the most "
@@ -131,8 +136,20 @@ class HandleBook(Generic[Held]):
 
     def _expire(self) -> None:
         now = self._clock()
-        for handle in [h for h, (until, _) in self._held.items() if until <= now]:
-            del self._held[handle]
+        while self._held:
+            handle, (until, _) = next(iter(self._held.items()))
+            if until > now:
+                return
+            self._pop(handle)
+
+    def _pop(self, handle: bytes) -> tuple[float, Held] | None:
+        held = self._held.pop(handle, None)
+        if held is not None:
+            member_id = held[1].member_id
+            self._by_member[member_id] -= 1
+            if not self._by_member[member_id]:
+                del self._by_member[member_id]
+        return held
 
     def __len__(self) -> int:
         with self._lock:
