@@ -25,6 +25,7 @@ from connector.federated_sql import plan_federation
 from connector.jws import JwsError, parse_json
 from connector.receipt import ReceiptBundle, ReceiptFields, verify_bundle
 from connector.result_files import TEXT_FORMATS, write_text
+from connector.sqlbounds import DEFAULT_MAX_LENGTH, check_query_bounds
 
 RECEIPTS_SUFFIX = ".receipts.json"
 PER_MEMBER = "per-member"  # FederatedResult.kind when each answer is kept apart
@@ -135,6 +136,9 @@ def _document(path: Path) -> tuple[dict[str, Any], FederationPlan]:
     except (OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise JwsError(f"{path} is not a federated receipts file ({exc})") from None
     try:
+        # The file is hostile: its query meets the same pre-scan as a peer's before DuckDB's
+        # parser reads it.
+        check_query_bounds(sql, DEFAULT_MAX_LENGTH)
         plan = plan_federation(sql, per_member=kind == PER_MEMBER)
     except ConnectorError as exc:
         raise JwsError(f"{path}: its query cannot be planned again ({exc})") from None

@@ -46,6 +46,8 @@ def receipt_entry(part: str) -> dict[str, Any]:
         {"plan": "nothing"},
         {**document(PLAN.to_json(), []), "format": 1},  # the plan was trusted as written
         {**document(PLAN.to_json(), []), "sql": "SELECT 1; DROP TABLE x"},
+        # Nesting the parser must never see (the pre-scan refuses it first).
+        {**document(PLAN.to_json(), []), "sql": "SELECT " + "(" * 50_000 + "1" + ")" * 50_000},
         [],
     ],
 )
