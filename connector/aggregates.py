@@ -77,12 +77,12 @@ def aggregate_only_query(sql: str, terms: AggregateTerms) -> str:
     """The query with `count(*) >= K` added to its HAVING; QueryRejected unless it is in
     the aggregate-only form."""
     document = serialised_query(sql)
-    node = document["statements"][0]["node"]
+    node = sqltree.statement_node(document)
     try:
         _FormCheck(terms).select(node)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
-    node["having"] = _with_minimum(node.get("having"), terms.min_group_size)
+    node["having"] = _with_minimum(sqltree.having_clause(node), terms.min_group_size)
     try:
         return query_sql(document)
     except duckdb.Error:
@@ -105,8 +105,8 @@ def _minimum_condition(and_having: bool, minimum: int) -> str:
         if and_having
         else "SELECT 1 HAVING count(*) >= {k}"
     )
-    node = serialised_query(template.format(k=minimum))["statements"][0]["node"]
-    return json.dumps(node["having"])
+    node = sqltree.statement_node(serialised_query(template.format(k=minimum)))
+    return json.dumps(sqltree.having_clause(node))
 
 
 class _FormCheck:

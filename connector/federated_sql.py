@@ -74,7 +74,7 @@ def _why_not(node: Mapping[str, Any]) -> str:
 
 @functools.cache
 def _empty_select() -> str:
-    return json.dumps(serialised_query("SELECT 1")["statements"][0]["node"])
+    return json.dumps(sqltree.statement_node(serialised_query("SELECT 1")))
 
 
 def expression_text(node: Mapping[str, Any]) -> str:
@@ -90,10 +90,8 @@ def output_name(node: Mapping[str, Any]) -> str:
     alias = sqltree.expression_alias(node)
     if alias:
         return alias
-    reference = sqltree.column_reference(node)
-    if reference is not None and node.get("column_names"):
-        return str(node["column_names"][-1])
-    return expression_text(node)
+    names = sqltree.written_column_names(node)
+    return names[-1] if names else expression_text(node)
 
 
 def _tables(value: object) -> Iterator[str]:
@@ -109,14 +107,14 @@ def _tables(value: object) -> Iterator[str]:
 
 def query_datasets(sql: str) -> tuple[str, ...]:
     """The names a query reads from (datasets, and CTE names, which match no dataset)."""
-    return tuple(sorted(set(_tables(serialised_query(sql)["statements"][0]["node"]))))
+    return tuple(sorted(set(_tables(sqltree.statement_node(serialised_query(sql))))))
 
 
 def plan_federation(sql: str, *, per_member: bool = False) -> FederationPlan:
     """How sql is asked of many members (each answer kept apart when per_member);
     NotFederable (before anything is sent) when the answers could not be combined exactly."""
     document = serialised_query(sql)
-    node = document["statements"][0]["node"]
+    node = sqltree.statement_node(document)
     datasets = tuple(sorted(set(_tables(node))))
     if per_member or sqltree.query_type(node) != "SELECT_NODE":
         return FederationPlan(UNION, sql, datasets)
@@ -176,7 +174,7 @@ def _aggregate_plan(
         new_select += partial_nodes
     order_by, limit = _modifiers(node, select_list, outputs)
     rewritten = copy.deepcopy(document)
-    member = rewritten["statements"][0]["node"]
+    member = sqltree.statement_node(rewritten)
     member["select_list"] = new_select
     member["modifiers"] = []
     if not force:
@@ -208,9 +206,9 @@ def _group_nodes(
     }  # fmt: skip
     found = []
     for written in sqltree.direct_expressions(sqltree.group_expressions(node)):
-        names = written.get("column_names") or []
+        names = sqltree.written_column_names(written)
         expression = written
-        if written.get("class") == "COLUMN_REF" and len(names) == 1 and names[0] in by_alias:
+        if len(names) == 1 and names[0] in by_alias:
             expression = by_alias[names[0]]
             # DuckDB binds a GROUP BY name to the dataset's column first when one exists:
             # `plant % 2 AS plant ... GROUP BY plant` groups by the column plant. When the
@@ -275,14 +273,15 @@ def _modifiers(
     order_by: list[tuple[str, bool]] = []
     limit: int | None = None
     shapes = [json.dumps(_shape(i), sort_keys=True) for i in select_list]
-    for modifier in node.get("modifiers") or []:
-        kind = modifier.get("type")
+    for modifier in sqltree.query_modifiers(node):
+        kind = modifier.kind
         if kind == "ORDER_MODIFIER":
-            for order in modifier.get("orders") or []:
-                expression = order.get("expression") or {}
-                order_by.append((_order_output(expression, shapes, outputs), _descending(order)))
-        elif kind == "LIMIT_MODIFIER" and modifier.get("offset") is None:
-            literal = sqltree.constant_literal(modifier.get("limit") or {})
+            for order in modifier.orders:
+                order_by.append(
+                    (_order_output(order.expression, shapes, outputs), _descending(order))
+                )
+        elif kind == "LIMIT_MODIFIER" and not modifier.has_offset:
+            literal = sqltree.constant_literal(modifier.limit or {})
             if literal is None or not literal[1].isdigit():
                 raise _refuse("LIMIT must be a whole number to be applied after combining")
             limit = int(literal[1])
@@ -291,19 +290,19 @@ def _modifiers(
     return tuple(order_by), limit
 
 
-def _descending(order: Mapping[str, Any]) -> bool:
-    if order.get("null_order") not in (None, "ORDER_DEFAULT"):
+def _descending(order: sqltree.OrderTerm) -> bool:
+    if order.null_order != "ORDER_DEFAULT":
         raise _refuse("NULLS FIRST / LAST is not applied after combining")
-    return order.get("type") == "DESCENDING"
+    return order.descending
 
 
 def _order_output(expression: dict[str, Any], shapes: list[str], outputs: list[str]) -> str:
     key = json.dumps(_shape(expression), sort_keys=True)
     if key in shapes:
         return outputs[shapes.index(key)]
-    names = expression.get("column_names") or []
-    if expression.get("class") == "COLUMN_REF" and len(names) == 1 and names[0] in outputs:
-        return str(names[0])
+    names = sqltree.written_column_names(expression)
+    if len(names) == 1 and names[0] in outputs:
+        return names[0]
     literal = sqltree.constant_literal(expression)
     if literal is not None and literal[1].isdigit() and 0 < int(literal[1]) <= len(outputs):
         return outputs[int(literal[1]) - 1]

@@ -228,7 +228,7 @@ def noise_plan(sql: str, relation: NoisyRelation) -> NoisePlan | None:
     if shaping.noise is None and not shaping.group_by:
         return None
     document = serialised_query(sql)
-    node = document["statements"][0]["node"]
+    node = sqltree.statement_node(document)
     if sqltree.query_type(node) != "SELECT_NODE":
         raise _refused(relation, "UNION, INTERSECT and EXCEPT are not allowed")
     groups = _group_names(node, relation)
@@ -271,11 +271,11 @@ def _column(expression: object) -> str | None:
 
 def _group_names(node: dict[str, Any], relation: NoisyRelation) -> tuple[str, ...]:
     """The GROUP BY columns, checked against the declared sets."""
-    expressions = node.get("group_expressions") or []
+    expressions = sqltree.group_expressions(node)
     names = tuple(_column(e) for e in expressions)
-    if node.get("aggregate_handling") != "STANDARD_HANDLING" or None in names:
+    if sqltree.aggregate_handling(node) != "STANDARD_HANDLING" or None in names:
         raise _refused(relation, "GROUP BY may list only granted columns by name")
-    if expressions and (node.get("group_sets") or [[]]) != [list(range(len(names)))]:
+    if expressions and (sqltree.group_sets(node) or [[]]) != [list(range(len(names)))]:
         raise _refused(relation, "GROUPING SETS, ROLLUP and CUBE are not allowed")
     groups = tuple(str(n) for n in names)
     declared = relation.shaping.group_by
@@ -300,20 +300,20 @@ class _Planner:
         return _refused(self.relation, detail)
 
     def plan(self, document: dict[str, Any], node: dict[str, Any]) -> NoisePlan:
-        if node.get("having") is not None:
+        if sqltree.having_clause(node) is not None:
             raise self.fail("HAVING is not allowed under noise (it would test exact aggregates)")
-        outputs = tuple(self._output(item) for item in node.get("select_list") or [])
+        outputs = tuple(self._output(item) for item in sqltree.select_list(node))
         if not outputs:
             raise self.fail("the select list is empty")
         aggregate_names = {o.name.lower() for o in outputs if o.kind != "group"}
-        self._modifiers(node.get("modifiers") or [], aggregate_names)
+        self._modifiers(sqltree.query_modifiers(node), aggregate_names)
         # The aliases hold '-', which no granted column name can: an ORDER BY a grouping
         # column never binds to a measurement instead.
         select = [
             f"{quote_identifier(g)} AS {quote_identifier(a)}" for g, a in self.group_aliases.items()
         ] + [f"{m.sql} AS {quote_identifier(m.alias)}" for m in self.measurements.values()]
-        template = serialised_query(f"SELECT {', '.join(select)}")["statements"][0]["node"]
-        node["select_list"] = template["select_list"]
+        template = sqltree.statement_node(serialised_query(f"SELECT {', '.join(select)}"))
+        node["select_list"] = list(sqltree.select_list(template))
         try:
             rewritten = query_sql(document)
         except duckdb.Error:
@@ -379,15 +379,15 @@ class _Planner:
             found = self.measurements[text] = Measurement(alias, text, sql, sensitivity, integer)
         return found.alias
 
-    def _modifiers(self, modifiers: list[Any], aggregate_names: set[str]) -> None:
+    def _modifiers(self, modifiers: list[sqltree.QueryModifier], aggregate_names: set[str]) -> None:
         for modifier in modifiers:
-            kind = modifier.get("type") if isinstance(modifier, dict) else None
+            kind = modifier.kind
             if kind == "LIMIT_MODIFIER":
                 continue  # constants only: the aggregate-only check refuses anything else
             if kind != "ORDER_MODIFIER":
                 raise self.fail("only ORDER BY and LIMIT may follow the query under noise")
-            for order in modifier.get("orders") or []:
-                column = _column(order.get("expression"))
+            for order in modifier.orders:
+                column = _column(order.expression)
                 if column is None or column in aggregate_names or column not in self.groups:
                     raise self.fail(
                         "ORDER BY may name only grouping columns under noise (an order by an "

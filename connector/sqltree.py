@@ -148,6 +148,20 @@ def column_reference(node: Mapping[str, Any]) -> ColumnReference | None:
     return None
 
 
+def written_column_names(node: Mapping[str, Any]) -> tuple[str, ...]:
+    """A column reference's dotted names as written (case kept: they name output columns);
+    () for any other expression."""
+    if node.get("class") != "COLUMN_REF":
+        return ()
+    return tuple(str(n) for n in node.get("column_names") or [])
+
+
+def statement_node(document: Mapping[str, Any]) -> Node:
+    """The query node of a serialised single-statement document."""
+    node: Node = document["statements"][0]["node"]
+    return node
+
+
 def column_references(value: object) -> Iterator[tuple[Node, ColumnReference]]:
     """Every column reference at or below value (not inside subquery bodies)."""
     for expression in all_expressions(value):
@@ -223,6 +237,53 @@ def cte_entries(node: Mapping[str, Any]) -> list[tuple[str, Node]]:
     """The (lower-cased name, body entry) of each CTE of a query node's WITH."""
     entries = (node.get("cte_map") or {}).get("map") or []
     return [(str(e.get("key", "")).lower(), e.get("value") or {}) for e in entries]
+
+
+@dataclass(frozen=True)
+class OrderTerm:
+    """One term of an ORDER BY."""
+
+    expression: Node
+    descending: bool
+    null_order: str  # ORDER_DEFAULT unless NULLS FIRST / LAST was written
+
+
+@dataclass(frozen=True)
+class QueryModifier:
+    """One modifier after a query: ORDER BY, LIMIT / OFFSET, DISTINCT (ON)."""
+
+    kind: str  # ORDER_MODIFIER, LIMIT_MODIFIER, DISTINCT_MODIFIER, ...
+    orders: tuple[OrderTerm, ...] = ()  # ORDER_MODIFIER
+    limit: Node | None = None  # LIMIT_MODIFIER: the LIMIT expression
+    has_offset: bool = False  # LIMIT_MODIFIER: an OFFSET was written
+
+
+def query_modifiers(node: Mapping[str, Any]) -> list[QueryModifier]:
+    """The modifiers of a query node, in order (unknown entries come with an empty kind)."""
+    found = []
+    for modifier in node.get("modifiers") or []:
+        if not isinstance(modifier, dict):
+            found.append(QueryModifier(""))
+            continue
+        orders = tuple(
+            OrderTerm(
+                order.get("expression") or {},
+                order.get("type") == "DESCENDING",
+                str(order.get("null_order") or "ORDER_DEFAULT"),
+            )
+            for order in modifier.get("orders") or []
+            if isinstance(order, dict)
+        )
+        limit = modifier.get("limit")
+        found.append(
+            QueryModifier(
+                str(modifier.get("type") or ""),
+                orders,
+                limit if is_expression(limit) else None,
+                modifier.get("offset") is not None,
+            )
+        )
+    return found
 
 
 def modifier_expressions(node: Mapping[str, Any]) -> Iterator[Node]:

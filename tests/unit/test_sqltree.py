@@ -102,6 +102,34 @@ def test_functions_constants_and_modifiers() -> None:
     ]
 
 
+def _statement(sql: str) -> dict[str, Any]:
+    con = duckdb.connect()
+    document = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    return sqltree.statement_node(document)
+
+
+def test_order_by_limit_and_offset_read_as_typed_modifiers() -> None:
+    node = _statement("SELECT a FROM t ORDER BY a DESC NULLS LAST, b LIMIT 4 OFFSET 2")
+    order, limit = sqltree.query_modifiers(node)
+    assert order.kind == "ORDER_MODIFIER"
+    assert [(sqltree.written_column_names(o.expression), o.descending) for o in order.orders] == [
+        (("a",), True),
+        (("b",), False),
+    ]
+    assert [o.null_order for o in order.orders] == ["NULLS LAST", "ORDER_DEFAULT"]
+    assert limit.kind == "LIMIT_MODIFIER" and limit.has_offset
+    assert limit.limit is not None and sqltree.constant_literal(limit.limit) == ("INTEGER", "4")
+    (distinct,) = sqltree.query_modifiers(_statement("SELECT DISTINCT a FROM t"))
+    assert (distinct.kind, distinct.orders, distinct.limit) == ("DISTINCT_MODIFIER", (), None)
+
+
+def test_written_column_names_keep_their_case_and_only_name_columns() -> None:
+    column, call, position = sqltree.select_list(_statement("SELECT t.Plant, lower(x), #1 FROM t"))
+    assert sqltree.written_column_names(column) == ("t", "Plant")
+    assert sqltree.written_column_names(call) == ()
+    assert sqltree.written_column_names(position) == ()
+
+
 def _plan(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
     return plantree.plan_document(
         con.execute("SELECT json_serialize_plan(?)", [sql]).fetchall()[0][0]
