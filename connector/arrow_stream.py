@@ -60,9 +60,13 @@ class IpcPieces:
         self._writer = pa.ipc.new_stream(self._sink, schema)
         self._digest = hashlib.sha256()
         self.bytes_sent = 0
+        # The digest and size before the latest piece: a transport that refuses to send that
+        # piece records what it did send without hashing every piece a second time.
+        self._before_latest = (self._digest.copy(), 0)
 
     def _take(self) -> bytes:
         data = self._sink.take()
+        self._before_latest = (self._digest.copy(), self.bytes_sent)
         self._digest.update(data)
         self.bytes_sent += len(data)
         return data
@@ -81,6 +85,16 @@ class IpcPieces:
     def sha256(self) -> str:
         """Hex sha256 of every byte produced so far."""
         return self._digest.hexdigest()
+
+    def sha256_of_first(self, size: int) -> str:
+        """Hex sha256 of the first size bytes produced: all of them, or all but the latest
+        piece (what a transport handed over when it refused that piece)."""
+        if size == self.bytes_sent:
+            return self._digest.hexdigest()
+        digest, before = self._before_latest
+        if size != before:
+            raise ValueError(f"no digest of the first {size} of {self.bytes_sent} bytes")
+        return digest.hexdigest()
 
 
 def read_ipc_pieces(pieces: Iterable[bytes]) -> pa.Table:

@@ -271,6 +271,13 @@ class QueryRun:
             }
         )
 
+    def digest_of_first(self, size: int) -> str:
+        """Hex sha256 of the first size bytes of the answer ("" for none): what a transport
+        handed over, which is every piece produced or all but the latest."""
+        if self._pieces is None or not size:
+            return ""
+        return self._pieces.sha256_of_first(size)
+
     def receipt(self) -> tuple[ReceiptFields, str]:
         """Record the completed run in the audit log, then sign its receipt."""
         if self._pieces is None:

@@ -6,7 +6,6 @@ in the auth context, never from a request field.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -46,10 +45,12 @@ from connector.provider import Provider
 from connector.query_run import QueryRun
 from connector.status import REASON_KEY, reasons_metadata, status_of
 from connector.wire import (
+    arrow_piece_message,
     dataset_message,
     decision_message,
     lenient,
     peer_request,
+    query_response_bytes,
     receipt_message,
 )
 
@@ -86,19 +87,18 @@ def _internal(context: grpc.ServicerContext, method: str) -> NoReturn:
 class _Handed:
     """What was handed to the transport so far: rows, bytes and their sha256."""
 
-    def __init__(self) -> None:
+    def __init__(self, run: QueryRun) -> None:
         self.rows = 0
         self.bytes = 0
-        self._digest = hashlib.sha256()
+        self._run = run
 
     def add(self, piece: bytes, rows: int) -> None:
         self.rows = rows
         self.bytes += len(piece)
-        self._digest.update(piece)
 
     def onto(self, entry: AuditEntry) -> None:
         entry.rows, entry.bytes = self.rows, self.bytes
-        entry.result_sha256 = self._digest.hexdigest() if self.bytes else ""
+        entry.result_sha256 = self._run.digest_of_first(self.bytes)
 
 
 class ConnectorService:
@@ -253,7 +253,7 @@ class ConnectorService:
 
     def Query(  # noqa: N802
         self, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[pb.QueryResponse]:
+    ) -> Iterator[pb.QueryResponse | bytes]:
         """Run a query: Arrow IPC pieces, then the signed receipt."""
         try:
             yield from self._query(requests, context)
@@ -262,7 +262,7 @@ class ConnectorService:
 
     def _query(
         self, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[pb.QueryResponse]:
+    ) -> Iterator[pb.QueryResponse | bytes]:
         entry = AuditEntry("query", request_id=new_request_id())
         bind_request(entry)  # log lines from here on name the request and its member
         try:
@@ -281,7 +281,7 @@ class ConnectorService:
         run.end_stream = context.cancel  # a peer that stops reading is cut off
         self._track(run, running=True)
         pieces = run.pieces(context.time_remaining())
-        handed = _Handed()
+        handed = _Handed(run)
         try:
             for piece in pieces:
                 if len(piece) > self._max_piece_bytes:
@@ -291,7 +291,7 @@ class ConnectorService:
                         "narrower columns"
                     )
                 handed.add(piece, run.rows)
-                yield pb.QueryResponse(arrow_ipc=piece)
+                yield arrow_piece_message(piece)
             # The audit entry is written (fsync) inside receipt(), before the peer gets it.
             fields, token = run.receipt()
         except GeneratorExit:
@@ -361,7 +361,7 @@ def add_to_server(service: ConnectorService, server: grpc.Server) -> None:
         "Query": grpc.stream_stream_rpc_method_handler(
             service.Query,
             request_deserializer=lenient(pb.QueryRequest),
-            response_serializer=pb.QueryResponse.SerializeToString,
+            response_serializer=query_response_bytes,
         ),
         "Explain": grpc.stream_unary_rpc_method_handler(
             service.Explain,

@@ -163,6 +163,31 @@ class MalformedRequest:
         )
 
 
+# QueryResponse.arrow_ipc, length-delimited (wire type 2): its key is (field number << 3) | 2.
+_ARROW_IPC_KEY = bytes([pb.QueryResponse.DESCRIPTOR.fields_by_name["arrow_ipc"].number << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def arrow_piece_message(piece: bytes) -> bytes:
+    """The encoded QueryResponse carrying one Arrow IPC piece, written directly: building
+    and serialising the message copies a megabyte-sized piece several times over (about
+    6 ms a 2 MB piece here against 0.2 ms for this one copy; `make bench`'s server CPU)."""
+    return b"".join((_ARROW_IPC_KEY, _varint(len(piece)), piece))
+
+
+def query_response_bytes(message: pb.QueryResponse | bytes) -> bytes:
+    """The Query stream's serializer: Arrow pieces come encoded, the receipt as a message."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def _field_bytes(raw: bytes, number: int) -> bytes | None:
     """The raw bytes of a length-delimited field, read without UTF-8 checks."""
     try:
