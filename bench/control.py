@@ -77,6 +77,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def thread_count(pid: int) -> int:
+    """Threads of process pid now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of process pid."""
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
@@ -364,6 +372,7 @@ def measure_control(
             for count in options.peer_counts:
                 loads[path].append(concurrent_load(session, count, options.load_seconds))
                 memory.append(rss_mib(server.pid))
+        threads = thread_count(server.pid)
     bare_port = free_port()
     with served(bare_process(pieces, tls, bare_port), bare_port, work / "bare.log") as bare:
         bare_cpu = server_cpu_per_call(bare.pid, bare_stream(bare_port, identity), options.repeat)
@@ -392,7 +401,8 @@ def measure_control(
     lines.append(
         f"server RSS, MiB: {memory[0]:.0f} before the loads, "
         + ", ".join(after)
-        + f" ({(memory[-1] / memory[0] - 1) * 100:+.0f}% at the end; target within 10%)"
+        + f" ({(memory[-1] / memory[0] - 1) * 100:+.0f}% at the end; target within 10%); "
+        f"{threads} threads after the loads"
     )
     return lines
 
