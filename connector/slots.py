@@ -42,9 +42,11 @@ QUEUE_GIVEN_UP = (
 
 @dataclass(eq=False)
 class _Place:
-    """One query's place in the queue."""
+    """One query's place in the queue, woken alone when it may take a slot (waking every
+    waiting thread on each freed slot cost more than the queries it admitted)."""
 
     member: str
+    turn: threading.Condition
     given_up: bool = False
 
 
@@ -68,7 +70,8 @@ class QuerySlots:
         self._admitted = 0
         self._executing = 0
         self._by_member: Counter[str] = Counter()
-        self._changed = threading.Condition()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # told when an execution ends
 
     def acquire(
         self,
@@ -122,11 +125,11 @@ class QuerySlots:
                 f"no query slot is free and the queue of waiting queries is full "
                 f"({len(self._places)} waiting); retry shortly"
             )
-        place = _Place(member)
+        place = _Place(member, threading.Condition(self._lock))
         self._places.append(place)
         first = False
         try:
-            self._changed.wait_for(
+            place.turn.wait_for(
                 lambda: place.given_up or (self._free_for(member) and self._first_of(place)),
                 seconds,
             )
@@ -134,7 +137,7 @@ class QuerySlots:
         finally:
             if not place.given_up:
                 self._places.remove(place)
-                self._changed.notify_all()  # the member's next place may be first now
+                self._wake_turns()  # the member's next place may be first now
         if place.given_up:
             raise ResourceExhausted(QUEUE_GIVEN_UP)
         if not first and self._free_for(member):
@@ -155,8 +158,17 @@ class QuerySlots:
         latest = next(p for p in reversed(self._places) if p.member == most)
         latest.given_up = True
         self._places.remove(latest)
-        self._changed.notify_all()
+        latest.turn.notify()
         return True
+
+    def _wake_turns(self) -> None:
+        """Wake each member's earliest place if a slot is free for it (lock held)."""
+        seen: set[str] = set()
+        for place in self._places:
+            if place.member not in seen:
+                seen.add(place.member)
+                if self._free_for(place.member):
+                    place.turn.notify()
 
     def _first_of(self, place: _Place) -> bool:
         """Whether place is its member's earliest place in the queue (lock held)."""
@@ -186,7 +198,7 @@ class QuerySlots:
             self._by_member[member] -= 1
             if not self._by_member[member]:
                 del self._by_member[member]
-            self._changed.notify_all()
+            self._wake_turns()
 
     def _end_execution(self) -> None:
         with self._changed:
