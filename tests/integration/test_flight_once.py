@@ -101,10 +101,11 @@ def test_a_prepared_statement_runs_on_its_decision_while_nothing_changed(
     once_space: Space,
 ) -> None:
     client = flight_client(once_space.server, once_space.grantee)
+    expected = once_space.peer().query(SQL, PURPOSE)
     before = decisions_taken(once_space)
     handle = prepare(client, SQL)
-    assert run_prepared(client, handle).table.num_rows == 200
-    assert run_prepared(client, handle).table.num_rows == 200
+    assert run_prepared(client, handle).table.equals(expected)
+    assert run_prepared(client, handle).table.equals(expected)
     assert decisions_taken(once_space) == before + 1
     entries = query_entries(once_space.provider)[-2:]
     assert [e["outcome"] for e in entries] == ["answered", "answered"]
@@ -149,12 +150,13 @@ def test_a_policy_expiring_between_the_two_calls_is_refused_at_doget(restored: S
 
 def test_a_revocation_between_the_two_calls_decides_again(restored: Space) -> None:
     client = flight_client(restored.server, restored.grantee)
+    rows = restored.peer().query(SQL, PURPOSE).num_rows
     issued = ticket(client)
     provider = restored.server.provider
     # What a reload of connector.toml does (server.py): new revocations, the same policies.
     provider.revoked = Revocations(members=frozenset({"supplier-b"}))
     before = decisions_taken(restored)
-    assert fetch(client.do_get(issued)).table.num_rows == 200
+    assert fetch(client.do_get(issued)).table.num_rows == rows
     assert decisions_taken(restored) == before + 1
 
 
@@ -175,3 +177,13 @@ def test_a_data_commit_between_the_two_calls_decides_again(
     assert answer.table.equals(expected)
     flight_entry, grpc_entry = query_entries(once_space.provider)[-2:]
     assert flight_entry["versions"] == grpc_entry["versions"]
+
+
+def test_a_reload_that_keeps_the_grant_decides_again_once(once_space: Space) -> None:
+    client = flight_client(once_space.server, once_space.grantee)
+    issued = ticket(client)
+    once_space.server.provider.policies.reload()  # a new snapshot of the same policies
+    before = decisions_taken(once_space)
+    answer = fetch(client.do_get(issued))
+    assert decisions_taken(once_space) == before + 1
+    assert answer.table.equals(once_space.peer().query(SQL, PURPOSE))
