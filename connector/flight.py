@@ -184,8 +184,13 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             if isinstance(command, sql_pb.CommandStatementQuery):
                 plan = self._plan(member, command.query, purpose, entry)
             elif isinstance(command, sql_pb.CommandPreparedStatementQuery):
-                prepared = self._prepared.take(command.prepared_statement_handle, member.member_id)
+                prepared_handle = command.prepared_statement_handle
+                prepared = self._prepared.take(prepared_handle, member.member_id)
                 plan = self._plan(member, prepared.sql, prepared.purpose, entry, prepared.decided)
+                if plan.decided is not prepared.decided:  # decided again: the next runs reuse it
+                    self._prepared.update(
+                        prepared_handle, dataclasses.replace(prepared, decided=plan.decided)
+                    )
             else:
                 metadata = checked_metadata(descriptor.command)
                 plan = Plan(member.member_id, purpose, "", entry.request_id, metadata=metadata)

@@ -124,6 +124,13 @@ class HandleBook(Generic[Held]):
                 self._by_member[member_id] += 1
             return held[1]
 
+    def update(self, handle: bytes, value: Held) -> None:
+        """Hold value for handle instead, if handle is still held for value's member."""
+        with self._lock:
+            held = self._held.get(handle)
+            if held is not None and held[1].member_id == value.member_id:
+                self._held[handle] = (held[0], value)
+
     def close(self, handle: bytes, member_id: str) -> None:
         """Forget handle if member_id holds it (closing another's handle does nothing)."""
         with self._lock:

@@ -187,3 +187,14 @@ def test_a_reload_that_keeps_the_grant_decides_again_once(once_space: Space) -> 
     answer = fetch(client.do_get(issued))
     assert decisions_taken(once_space) == before + 1
     assert answer.table.equals(once_space.peer().query(SQL, PURPOSE))
+
+
+def test_a_prepared_statement_decided_again_keeps_the_new_decision(once_space: Space) -> None:
+    client = flight_client(once_space.server, once_space.grantee)
+    expected = once_space.peer().query(SQL, PURPOSE)
+    handle = prepare(client, SQL)
+    once_space.server.provider.policies.reload()  # a new snapshot of the same policies
+    before = decisions_taken(once_space)
+    assert run_prepared(client, handle).table.equals(expected)  # decided again
+    assert run_prepared(client, handle).table.equals(expected)  # on that decision
+    assert decisions_taken(once_space) == before + 1
