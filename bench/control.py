@@ -10,28 +10,43 @@ and many concurrent peers, against a connector served by its own process.
   concurrent peers  N peers (own channels) sending tiny queries for a bounded time: answers,
                     errors by status code, and the server's memory before and after.
 
-Tiny queries are also timed on the connector's Arrow Flight SQL port, through pyarrow's
-FlightClient (GetFlightInfo and DoGet: two calls a query) and through ADBC's DB-API.
+Tiny queries and concurrent peers are also measured on the connector's Arrow Flight SQL
+port, through pyarrow's FlightClient (GetFlightInfo and DoGet: two calls a query; each peer
+its own client), and tiny queries through ADBC's DB-API.
+
+Run alone (`python bench/control.py`), it builds a small data space of its own first.
 """
 
 from __future__ import annotations
 
+# First: the package loads the Rego allocator before any other C++ library (see
+# connector/__init__.py).
+import connector  # noqa: F401
+
+# isort: split
+
+import argparse
 import collections
+import contextlib
 import datetime as dt
+import logging
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pyarrow.flight as flight
 
 from connector.client import Peer, PeerIdentity
 from connector.errors import ConnectorError
@@ -39,9 +54,9 @@ from connector.identity import MemberIdentity
 from connector.request import PeerRequest
 
 try:  # `make bench` runs the scripts with bench/ on the path
-    from flight_clients import adbc_fetch, flight_client_fetch
+    from flight_clients import adbc_fetch, flight_client_fetch, flight_client_session
 except ImportError:  # imported as bench.control
-    from bench.flight_clients import adbc_fetch, flight_client_fetch
+    from bench.flight_clients import adbc_fetch, flight_client_fetch, flight_client_session
 
 BARE_SERVER = Path(__file__).with_name("bare_grpc.py")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -60,6 +75,14 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process pid so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def thread_count(pid: int) -> int:
+    """Threads of process pid now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
 
 
 def rss_mib(pid: int) -> float:
@@ -212,32 +235,53 @@ class LoadResult:
     answered: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     latencies: list[float] = field(default_factory=list)
+    first_error: dict[str, str] = field(default_factory=dict)  # by type: its first message
 
     @property
     def per_second(self) -> float:
         return self.answered / self.seconds
 
 
-def concurrent_load(
-    address: str, identity: PeerIdentity, sql: str, purpose: str, peers: int, seconds: float
-) -> LoadResult:
-    """peers threads, each with its own channel, sending tiny queries for seconds."""
+# One peer's connection, for the length of a load: yields that peer's one-query callable.
+PeerSession = Callable[[], AbstractContextManager[Callable[[], object]]]
+
+
+def grpc_peer(address: str, identity: PeerIdentity, sql: str, purpose: str) -> PeerSession:
+    """A peer on its own gRPC channel, each query through the raw stub."""
+
+    @contextmanager
+    def session() -> Iterator[Callable[[], object]]:
+        with Peer(address, identity, timeout=30) as peer:
+            yield raw_stub(peer, sql, purpose)
+
+    return session
+
+
+def flight_peer(port: int, identity: PeerIdentity, sql: str, purpose: str) -> PeerSession:
+    """A peer with its own FlightClient, each query GetFlightInfo and DoGet."""
+    return lambda: flight_client_session(port, identity, sql, purpose)
+
+
+def concurrent_load(session: PeerSession, peers: int, seconds: float) -> LoadResult:
+    """peers threads, each with its own session (connection), sending tiny queries for
+    seconds; errors are counted by type (a gRPC status's or a Flight error's)."""
     result = LoadResult(peers, seconds)
     lock = threading.Lock()
     start = threading.Barrier(peers + 1)
     stop = threading.Event()
 
     def peer_loop() -> None:
-        with Peer(address, identity, timeout=30) as peer:
-            once = raw_stub(peer, sql, purpose)
+        with session() as once:
             start.wait()
             while not stop.is_set():
                 began = time.perf_counter()
                 try:
                     once()
-                except ConnectorError as error:
+                except (ConnectorError, flight.FlightError) as error:
                     with lock:
-                        result.errors[type(error).__name__] += 1
+                        name = type(error).__name__
+                        result.errors[name] += 1
+                        result.first_error.setdefault(name, str(error).splitlines()[0][:200])
                     continue
                 with lock:
                     result.answered += 1
@@ -257,6 +301,22 @@ def concurrent_load(
 def spread(values: list[float]) -> str:
     """Median and range, for a noisy shared machine."""
     return f"median {statistics.median(values):.4g} (min {min(values):.4g}, max {max(values):.4g})"
+
+
+def load_lines(path: str, loads: list[LoadResult]) -> list[str]:
+    """The report's lines for the loads of one path (gRPC or Flight), against one peer's."""
+    lines = []
+    one = loads[0].per_second if loads and loads[0].peers == 1 else 0.0
+    for load in loads:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(load.errors.items())) or "none"
+        p99 = percentile(load.latencies, 0.99) * 1000 if load.latencies else float("nan")
+        versus = f", {load.per_second / one:.2f}x one peer" if one else ""
+        lines.append(
+            f"{path:<6} {load.peers:>3} peers for {load.seconds:g} s: {load.answered} answered "
+            f"({load.per_second:.0f}/s{versus}), p99 {p99:.1f} ms, errors: {errors}"
+        )
+        lines.extend(f"         first {k}: {m}" for k, m in sorted(load.first_error.items()))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -302,12 +362,17 @@ def measure_control(
                 ),
                 "Flight SQL, ADBC": tiny_latencies(adbc_once, options.tiny),
             }
-        loads = []
+        sessions = {
+            "gRPC": grpc_peer(address, identity, tiny, purpose),
+            "Flight": flight_peer(flight_port, identity, tiny, purpose),
+        }
+        loads: dict[str, list[LoadResult]] = {path: [] for path in sessions}
         memory = [rss_mib(server.pid)]
-        for count in options.peer_counts:
-            load = concurrent_load(address, identity, tiny, purpose, count, options.load_seconds)
-            loads.append(load)
-            memory.append(rss_mib(server.pid))
+        for path, session in sessions.items():
+            for count in options.peer_counts:
+                loads[path].append(concurrent_load(session, count, options.load_seconds))
+                memory.append(rss_mib(server.pid))
+        threads = thread_count(server.pid)
     bare_port = free_port()
     with served(bare_process(pieces, tls, bare_port), bare_port, work / "bare.log") as bare:
         bare_cpu = server_cpu_per_call(bare.pid, bare_stream(bare_port, identity), options.repeat)
@@ -328,20 +393,64 @@ def measure_control(
         f"decision again for the same request: p50 {percentile(us, 0.5):.1f} us, "
         f"p99 {percentile(us, 0.99):.1f} us (target <= 20 us)"
     )
-    one = loads[0].per_second if loads and loads[0].peers == 1 else 0.0
-    for load in loads:
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(load.errors.items())) or "none"
-        p99 = percentile(load.latencies, 0.99) * 1000 if load.latencies else float("nan")
-        versus = f", {load.per_second / one:.2f}x one peer" if one else ""
-        lines.append(
-            f"{load.peers:>3} peers for {load.seconds:g} s: {load.answered} answered "
-            f"({load.per_second:.0f}/s{versus}), p99 {p99:.1f} ms, errors: {errors}"
-        )
+    for path, path_loads in loads.items():
+        lines.extend(load_lines(path, path_loads))
+    after = [f"{m:.0f} after {n} {path} peers" for (path, n), m in zip(
+        [(path, n) for path in loads for n in options.peer_counts], memory[1:], strict=True
+    )]  # fmt: skip
     lines.append(
-        f"server RSS, MiB: {memory[0]:.0f} before the load, "
-        + ", ".join(
-            f"{m:.0f} after {n} peers" for m, n in zip(memory[1:], options.peer_counts, strict=True)
-        )
-        + f" ({(memory[-1] / memory[0] - 1) * 100:+.0f}% at the end; target within 10%)"
+        f"server RSS, MiB: {memory[0]:.0f} before the loads, "
+        + ", ".join(after)
+        + f" ({(memory[-1] / memory[0] - 1) * 100:+.0f}% at the end; target within 10%); "
+        f"{threads} threads after the loads"
     )
     return lines
+
+
+def main() -> None:
+    """Measure the control path alone, on a small data space built for it."""
+    try:  # `python bench/control.py` has bench/ on the path
+        from stream import DATASET, PURPOSE, build_space
+    except ImportError:
+        from bench.stream import DATASET, PURPOSE, build_space
+    from connector.config import load_settings
+
+    parser = argparse.ArgumentParser(
+        description="The control path of `make bench`, alone, on a small data space of its own."
+    )
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the big answer")
+    parser.add_argument("--repeat", type=int, default=3, help="big calls timed")
+    parser.add_argument("--tiny", type=int, default=300, help="tiny queries timed")
+    parser.add_argument(
+        "--load-seconds", type=float, default=5.0, help="how long each concurrent load runs"
+    )
+    parser.add_argument(
+        "--peers", default="1,16,64", help="concurrent peer counts, comma-separated"
+    )
+    parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="connector-control-"))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the set-up's CLI output
+            provider, grantee = build_space(work, args.rows)
+        settings = load_settings(provider)
+        identity = PeerIdentity.from_home(grantee)
+        options = ControlSettings(
+            repeat=args.repeat,
+            tiny=args.tiny,
+            load_seconds=args.load_seconds,
+            peer_counts=tuple(int(n) for n in args.peers.split(",")),
+        )
+        tls = (settings.cert, settings.key, settings.ca)
+        tiny = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
+        queries = (f"SELECT * FROM {DATASET}", tiny, PURPOSE)
+        for line in measure_control(work, provider, identity, tls, queries, options):
+            print(line)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ Each keeps its connection open across calls, as a peer's tool does."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import adbc_driver_flightsql.dbapi as flightsql
 import pyarrow.flight as flight
@@ -21,12 +21,28 @@ Fetch = Callable[[], tuple[int, int]]  # one query: rows and Arrow bytes receive
 
 def flight_client_fetch(port: int, identity: PeerIdentity, sql: str, purpose: str) -> Fetch:
     """One query through pyarrow's FlightClient: GetFlightInfo, then DoGet of its ticket."""
-    client = flight.FlightClient(
+    return _fetch_with(_client(port, identity), sql, purpose)
+
+
+@contextmanager
+def flight_client_session(
+    port: int, identity: PeerIdentity, sql: str, purpose: str
+) -> Iterator[Fetch]:
+    """flight_client_fetch on a client of its own, closed when the block ends."""
+    with closing(_client(port, identity)) as client:
+        yield _fetch_with(client, sql, purpose)
+
+
+def _client(port: int, identity: PeerIdentity) -> flight.FlightClient:
+    return flight.FlightClient(
         f"grpc+tls://localhost:{port}",
         tls_root_certs=identity.ca_pem,
         cert_chain=identity.cert_pem,
         private_key=identity.key_pem,
     )
+
+
+def _fetch_with(client: flight.FlightClient, sql: str, purpose: str) -> Fetch:
     options = flight.FlightCallOptions(headers=[(PURPOSE_HEADER.encode(), purpose.encode())])
     command = flight.FlightDescriptor.for_command(pack(CommandStatementQuery(query=sql)))
 

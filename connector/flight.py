@@ -73,7 +73,7 @@ from connector.peer_failures import (
     recorded_refusal,
 )
 from connector.policy.ref import policy_refs
-from connector.provider import Provider
+from connector.provider import Decided, Provider
 from connector.request import PeerRequest
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,13 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
             if isinstance(command, sql_pb.CommandStatementQuery):
                 plan = self._plan(member, command.query, purpose, entry)
             elif isinstance(command, sql_pb.CommandPreparedStatementQuery):
-                prepared = self._prepared.take(command.prepared_statement_handle, member.member_id)
-                plan = self._plan(member, prepared.sql, prepared.purpose, entry)
+                prepared_handle = command.prepared_statement_handle
+                prepared = self._prepared.take(prepared_handle, member.member_id)
+                plan = self._plan(member, prepared.sql, prepared.purpose, entry, prepared.decided)
+                if plan.decided is not prepared.decided:  # decided again: the next runs reuse it
+                    self._prepared.update(
+                        prepared_handle, dataclasses.replace(prepared, decided=plan.decided)
+                    )
             else:
                 metadata = checked_metadata(descriptor.command)
                 plan = Plan(member.member_id, purpose, "", entry.request_id, metadata=metadata)
@@ -197,12 +202,19 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         # No schema: a query's is known only once it runs (clients take the stream's).
         return flight.FlightInfo(None, descriptor, [endpoint], -1, -1)
 
-    def _plan(self, member: MemberIdentity, sql: str, purpose: str, entry: AuditEntry) -> Plan:
+    def _plan(
+        self,
+        member: MemberIdentity,
+        sql: str,
+        purpose: str,
+        entry: AuditEntry,
+        earlier: Decided | None = None,
+    ) -> Plan:
+        """The query decided now (or earlier's decision, while nothing it rests on changed)."""
         request = self._request(sql, purpose, entry)
-        snapshot = self._provider.policies.snapshot
-        explanation = self._provider.check(member, request, entry)
-        refs = policy_refs(explanation.decision.policies)
-        return Plan(member.member_id, purpose, sql, entry.request_id, refs, snapshot)
+        decided = self._provider.checked(member, request, entry, earlier)
+        refs = policy_refs(decided.explanation.decision.policies)
+        return Plan(member.member_id, purpose, sql, entry.request_id, refs, decided)
 
     # The answer: DoGet redeems the ticket once; AnswerStreams streams it.
 
@@ -220,24 +232,30 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
                 entry.kind = "catalog"
                 return flight.RecordBatchStream(self._metadata(member, plan, entry))
             request = self._request(plan.sql, plan.purpose, entry)
-            self._same_policies(member, request, plan)
+            decided = self._same_policies(member, request, plan)
             self._answers.check_sending(member.member_id)
-            run = self._provider.query(member, request, entry)
+            run = self._provider.query(member, request, entry, decided=decided)
         except Exception as error:
             self._refuse(entry, error, "DoGet")
         return self._answers.stream(run, entry, member.member_id)
 
-    def _same_policies(self, member: MemberIdentity, request: PeerRequest, plan: Plan) -> None:
-        """Refuse when the policies in force no longer allow the query by the same policy
-        versions as when its ticket was issued (asked only after a reload)."""
-        if self._provider.policies.snapshot is plan.snapshot:
-            return
+    def _same_policies(
+        self, member: MemberIdentity, request: PeerRequest, plan: Plan
+    ) -> Decided | None:
+        """The decision to run the ticket's query on: the ticket's own while the policies are
+        the ones it was decided under (Provider.query decides again if anything else changed);
+        after a reload, the query decided again, refused unless the same policy versions
+        allow it."""
+        if plan.decided is None or self._provider.policies.snapshot is plan.decided.snapshot:
+            return plan.decided
         try:
-            now = self._provider.check(member, request, AuditEntry("query"))
+            # Its own entry: the request's is filled in by query(), as for any decision.
+            now = self._provider.checked(member, request, AuditEntry("query"))
         except PermissionDenied as denied:
             raise PermissionDenied([POLICIES_CHANGED, *denied.reasons]) from None
-        if policy_refs(now.decision.policies) != plan.policies:
+        if policy_refs(now.explanation.decision.policies) != plan.policies:
             raise PermissionDenied([POLICIES_CHANGED])
+        return now
 
     def _metadata(self, member: MemberIdentity, plan: Plan, entry: AuditEntry) -> pa.Table:
         def listed() -> list[ListedTable]:
@@ -272,8 +290,8 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
 
     def _prepare(self, member: MemberIdentity, sql: str, purpose: str, entry: AuditEntry) -> bytes:
         self._prepared.check_room(member.member_id)
-        self._plan(member, sql, purpose, entry)  # refused now, with reasons, when not allowed
-        handle = self._prepared.issue(Prepared(member.member_id, purpose, sql))
+        plan = self._plan(member, sql, purpose, entry)  # refused now, with reasons, if not allowed
+        handle = self._prepared.issue(Prepared(member.member_id, purpose, sql, plan.decided))
         result = sql_pb.ActionCreatePreparedStatementResult(prepared_statement_handle=handle)
         return pack(result)
 

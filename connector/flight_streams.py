@@ -50,7 +50,9 @@ class AnswerStreams:
         # Answers being sent, by member. A stalled peer's query is stopped, but pyarrow keeps
         # its call (and thread) until the peer goes: counted here, not by the query slots.
         self._sending: Counter[str] = Counter()
+        self._waiting = 0  # DoGets waiting for one of their member's answers to end
         self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)  # told when an answer stops sending
 
     def stop_all(self) -> None:
         """Stop the running answers' queries and write the audit entry of each (also of
@@ -87,13 +89,32 @@ class AnswerStreams:
         return all(run.waiting_for_peer() > at_least for run in runs)
 
     def check_sending(self, member_id: str) -> None:
-        """Refuse a member whose answers still being sent fill its share of the queries."""
-        most = self._provider.slots.per_member
-        with self._lock:
-            if self._sending[member_id] >= most:
+        """Wait while a member's answers still being sent fill its share of the queries, as
+        long as a query waits for a slot (queue_seconds), in a queue as long as the slots'
+        (queue_length); ResourceExhausted when it stays full or the queue is."""
+        slots = self._provider.slots
+        most = slots.per_member
+        with self._sent:
+            if self._sending[member_id] < most:
+                return
+            if self._waiting >= slots.queue_length:
                 raise ResourceExhausted(
                     f"you already receive {most} answers at once on this port, the most one "
-                    "member may; read or close them first"
+                    f"member may, and {self._waiting} more requests wait; read or close your "
+                    "answers first"
+                )
+            self._waiting += 1
+            try:
+                free = self._sent.wait_for(
+                    lambda: self._sending[member_id] < most, slots.queue_seconds
+                )
+            finally:
+                self._waiting -= 1
+            if not free:
+                raise ResourceExhausted(
+                    f"you already receive {most} answers at once on this port, the most one "
+                    f"member may, and none ended within {slots.queue_seconds:g} s; read or "
+                    "close them first"
                 )
 
     def stream(self, run: QueryRun, entry: AuditEntry, member_id: str) -> flight.FlightDataStream:
@@ -157,9 +178,10 @@ class AnswerStreams:
             self._refuse(entry, error, "DoGet")
         finally:
             run.close()
-            with self._lock:
+            with self._sent:
                 self._running.pop(run, None)
                 self._sending[member_id] -= 1
+                self._sent.notify_all()
         receipt = receipt_metadata(self._provider.signer, token)
         log.info("answered %s over Flight SQL: %d rows", fields.request_id, fields.rows)
         last = held if held is not None else pa.RecordBatch.from_pylist([], schema=reader.schema)

@@ -1,7 +1,8 @@
 """Flight SQL tickets and prepared statements, kept by the connector (never trusted from a peer).
 
 A ticket is a random handle for a plan the control step (GetFlightInfo) decided on: the
-member, the purpose, the query and the policy versions that allowed it. It is redeemed once,
+member, the purpose, the query, the policy versions that allowed it and the decision itself
+(reused by DoGet while still valid, so a query is decided once). It is redeemed once,
 only by that member, within its lifetime; the handle itself carries nothing to forge.
 """
 
@@ -17,6 +18,7 @@ from typing import Generic, TypeVar
 
 from connector.errors import PermissionDenied, ResourceExhausted
 from connector.policy.ref import PolicyRef
+from connector.provider import Decided
 
 TICKET_SECONDS = 60.0  # a ticket not redeemed within this is void
 PREPARED_SECONDS = 600.0  # a prepared statement not used for this long is forgotten
@@ -48,17 +50,21 @@ class Plan:
     sql: str
     request_id: str
     policies: tuple[PolicyRef, ...] = ()  # the policies (id@version) that allowed the query
-    snapshot: object = None  # the policy snapshot the decision was taken on
+    # The decision itself, with what it was taken on: DoGet runs the query on it while
+    # nothing that decision depends on changed, and decides again otherwise.
+    decided: Decided | None = None
     metadata: bytes = b""  # for a metadata command: the command itself (no query)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A prepared statement: a query a member may run (decided again at each run)."""
+    """A prepared statement: a query a member may run (its decision is reused by each run
+    while nothing it depends on changed, and taken again otherwise)."""
 
     member_id: str
     purpose: str
     sql: str
+    decided: Decided | None = None
 
 
 Held = TypeVar("Held", Plan, Prepared)
@@ -117,6 +123,13 @@ class HandleBook(Generic[Held]):
                 self._held[handle] = (self._clock() + self._lifetime, held[1])
                 self._by_member[member_id] += 1
             return held[1]
+
+    def update(self, handle: bytes, value: Held) -> None:
+        """Hold value for handle instead, if handle is still held for value's member."""
+        with self._lock:
+            held = self._held.get(handle)
+            if held is not None and held[1].member_id == value.member_id:
+                self._held[handle] = (held[0], value)
 
     def close(self, handle: bytes, member_id: str) -> None:
         """Forget handle if member_id holds it (closing another's handle does nothing)."""

@@ -6,10 +6,13 @@ servicer only converts messages and maps the exceptions raised here to status co
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from connector.aggregates import aggregate_form
 from connector.audit import AuditLog
@@ -21,7 +24,7 @@ from connector.authentication import (
     spiffe_member,
 )
 from connector.config import Revocations
-from connector.decision_cache import DecisionCache
+from connector.decision_cache import DecisionCache, date_boundaries
 from connector.enforce import Relation, relations_for
 from connector.errors import (
     ConnectorError,
@@ -42,7 +45,7 @@ from connector.noise import (
 from connector.peer_catalog import CatalogDataset, catalog_entries
 from connector.policy.consistency import conflicts_for
 from connector.policy.engine import Decision, DecisionRequest
-from connector.policy.model import Limits
+from connector.policy.model import Limits, ns
 from connector.policy.ref import policy_refs
 from connector.policy.registry import PolicyRegistry, PolicySnapshot
 from connector.query_run import QueryRun
@@ -57,6 +60,31 @@ from connector.sqlguard import QueryShape, inspect_query
 from connector.store import DatasetInfo
 
 log = logging.getLogger(__name__)
+
+# The audit entry's fields a decision fills in (Provider._explain): copied to the entry of a
+# request that reuses the decision, so both wires record the same thing.
+_DECIDED_FIELDS = ("datasets", "decision", "reasons", "policies", "versions", "obligations",
+                   "columns")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A query's Explanation with everything it was decided on. Provider.query reuses it
+    instead of deciding again only while the member, the request, the policy snapshot (a
+    reload or a directory change makes a new one), the revocations, the data generation
+    and the clock's place among the policies' validity moments are all still the same."""
+
+    member_id: str
+    request: tuple[str, str, int]  # sql, purpose, since_version
+    explanation: Explanation
+    snapshot: PolicySnapshot
+    revoked: Revocations
+    # The decision holds for clock times in [holds_from, holds_until) (ns; no policy known
+    # to the snapshot starts or stops in between, and the decision library reads nothing
+    # else of the time).
+    holds_from: int
+    holds_until: int
+    recorded: tuple[tuple[str, Any], ...]  # the audit entry's _DECIDED_FIELDS
 
 
 class Provider:
@@ -108,6 +136,8 @@ class Provider:
         # Explain costs no quota: without a limit it would be a free probe.
         self._explains = RateLimit(explains_per_minute)
         self.clock = clock or _now
+        # The validity moments of the snapshot last asked about (Decided's time slot).
+        self._boundaries: tuple[object, tuple[int, ...]] = (None, ())
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -187,10 +217,11 @@ class Provider:
         request: PeerRequest,
         entry: AuditEntry,
         at: dt.datetime | None = None,
+        snapshot: PolicySnapshot | None = None,
     ) -> Explanation:
         shape = self.guard(request.sql)
         entry.datasets = shape.datasets
-        snapshot = self.policies.snapshot  # one load for the decision and its limits
+        snapshot = snapshot or self.policies.snapshot  # one load for the decision and limits
         if snapshot is not self._pruned_for:
             self.prune_shaped_copies()
         # Generation first: a commit between the two reads makes the query decide again.
@@ -283,17 +314,25 @@ class Provider:
         request: PeerRequest,
         entry: AuditEntry,
         deadline_seconds: float | None = None,
+        decided: Decided | None = None,
     ) -> QueryRun:
         """Check and start a query; raises before anything is sent when it is not allowed.
-        deadline_seconds bounds the wait for a slot (None: the peer set no deadline)."""
-        explanation = self.check(member, request, entry)
+        deadline_seconds bounds the wait for a slot (None: the peer set no deadline).
+        decided: this query's decision taken earlier (Provider.checked), used instead of
+        deciding again while nothing it depends on changed."""
+        explanation = self._reuse(decided, member, request, entry)
+        if explanation is None:
+            decided, explanation = None, self.check(member, request, entry)
         slot = self.slots.acquire(member.member_id, deadline_seconds=deadline_seconds)
         # From here until its query starts (and DuckDB holds its snapshot), no new data is
         # committed: the query reads exactly the versions it was decided on (commit_gate.py).
         gate_pass = self.sandbox.gate.enter()
         try:
-            if gate_pass.generation != explanation.generation:
-                explanation = self._explain(member, request, entry)  # new data came in
+            moved = gate_pass.generation != explanation.generation
+            if moved or (decided is not None and not self._holds(decided, member, request)):
+                # New data came in (or, while a reused decision waited for its slot, the
+                # policies, revocations or the clock's slot changed): decide again.
+                explanation = self._explain(member, request, entry)
                 if not explanation.decision.allow:
                     raise PermissionDenied(list(explanation.decision.reasons))
             self.quotas.claim_query(member.member_id, explanation.quotas, _now())
@@ -315,6 +354,77 @@ class Provider:
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
         return explanation
+
+    def checked(
+        self,
+        member: MemberIdentity,
+        request: PeerRequest,
+        entry: AuditEntry,
+        earlier: Decided | None = None,
+    ) -> Decided:
+        """check(), with what the decision depends on: query(decided=...) runs the query
+        without deciding again while none of that changed. earlier: a decision taken before
+        for the same query, returned as it is while nothing it depends on (data included)
+        changed."""
+        if (
+            earlier is not None
+            and earlier.explanation.generation == self.sandbox.gate.generation
+            and self._reuse(earlier, member, request, entry) is not None
+        ):
+            return earlier
+        snapshot, revoked, at = self.policies.snapshot, self.revoked, self.clock()
+        explanation = self._explain(member, request, entry, at, snapshot)
+        if not explanation.decision.allow:
+            raise PermissionDenied(list(explanation.decision.reasons))
+        holds_from, holds_until = self._time_slot(snapshot, at)
+        return Decided(
+            member.member_id,
+            (request.sql, request.purpose, request.since_version),
+            explanation,
+            snapshot,
+            revoked,
+            holds_from,
+            holds_until,
+            tuple((name, _copied(getattr(entry, name))) for name in _DECIDED_FIELDS),
+        )
+
+    def _reuse(
+        self,
+        decided: Decided | None,
+        member: MemberIdentity,
+        request: PeerRequest,
+        entry: AuditEntry,
+    ) -> Explanation | None:
+        """decided's Explanation, its audit fields copied to entry, if deciding again now
+        would take the same decision (the data generation is compared by the caller)."""
+        if decided is None or not self._holds(decided, member, request):
+            return None
+        for name, value in decided.recorded:
+            setattr(entry, name, _copied(value))
+        return decided.explanation
+
+    def _holds(self, decided: Decided, member: MemberIdentity, request: PeerRequest) -> bool:
+        """Whether decided is still the decision for member's request at the clock's time."""
+        now = ns(self.clock())
+        return (
+            decided.member_id == member.member_id
+            and decided.request == (request.sql, request.purpose, request.since_version)
+            and decided.snapshot is self.policies.snapshot
+            and decided.revoked is self.revoked
+            and decided.holds_from <= now < decided.holds_until
+        )
+
+    def _time_slot(self, snapshot: PolicySnapshot, at: dt.datetime) -> tuple[int, int]:
+        """The span of clock times (ns) around at in which no policy of snapshot starts or
+        stops being valid: the decision cache's time slot of at."""
+        kept_for, boundaries = self._boundaries
+        if kept_for is not snapshot:
+            boundaries = date_boundaries(snapshot)
+            self._boundaries = (snapshot, boundaries)
+        slot = bisect.bisect_right(boundaries, ns(at))
+        low = boundaries[slot - 1] if slot > 0 else _NEVER_BEFORE
+        high = boundaries[slot] if slot < len(boundaries) else _NEVER_AFTER
+        return low, high
 
     def _spend_privacy(self, member_id: str, privacy: tuple[PrivacyCharge, ...]) -> None:
         """Claim a noisy query's epsilon before it runs (Explain never spends any)."""
@@ -378,3 +488,15 @@ def _packing_refused(packing: str) -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+_NEVER_BEFORE, _NEVER_AFTER = -(2**63), 2**63
+
+
+def _copied(value: Any) -> Any:
+    """A copy of an audit entry field's value (JSON-shaped) that later changes cannot reach."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value

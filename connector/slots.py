@@ -8,7 +8,10 @@ slots. A new query whose slot is free waits briefly for an execution to finish s
 rather than being refused, since stopping ones end within a few seconds.
 
 A query over the limit waits in a bounded queue (queue_length waiting at most, each for
-queue_seconds at most) rather than being refused at once: bursts of peers are served in turn.
+queue_seconds at most) rather than being refused at once: bursts of peers are served in turn,
+each member's queries in their order of arrival (a new query does not pass a waiting one of
+its member, and a freed slot goes to the member's earliest place), so a wait is as long as
+the queries ahead of it take, not a draw that some lose for longer than queue_seconds.
 One member may fill the whole queue while nobody else waits; when another member's query
 finds it full, the member holding the most places gives up its latest one (that query is
 refused), so no member can keep the others out of the queue.
@@ -39,9 +42,11 @@ QUEUE_GIVEN_UP = (
 
 @dataclass(eq=False)
 class _Place:
-    """One query's place in the queue."""
+    """One query's place in the queue, woken alone when it may take a slot (waking every
+    waiting thread on each freed slot cost more than the queries it admitted)."""
 
     member: str
+    turn: threading.Condition
     given_up: bool = False
 
 
@@ -65,7 +70,8 @@ class QuerySlots:
         self._admitted = 0
         self._executing = 0
         self._by_member: Counter[str] = Counter()
-        self._changed = threading.Condition()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # told when an execution ends
 
     def acquire(
         self,
@@ -83,7 +89,7 @@ class QuerySlots:
             admission_wait = min(admission_wait, deadline_seconds)
             execution_wait = min(execution_wait, deadline_seconds)
         with self._changed:
-            if not self._free_for(member):
+            if not self._free_for(member) or any(p.member == member for p in self._places):
                 self._queue(member, admission_wait)
             if self._by_member[member] >= self.per_member:
                 raise ResourceExhausted(
@@ -119,15 +125,26 @@ class QuerySlots:
                 f"no query slot is free and the queue of waiting queries is full "
                 f"({len(self._places)} waiting); retry shortly"
             )
-        place = _Place(member)
+        place = _Place(member, threading.Condition(self._lock))
         self._places.append(place)
+        first = False
         try:
-            self._changed.wait_for(lambda: place.given_up or self._free_for(member), seconds)
+            place.turn.wait_for(
+                lambda: place.given_up or (self._free_for(member) and self._first_of(place)),
+                seconds,
+            )
+            first = not place.given_up and self._first_of(place)
         finally:
             if not place.given_up:
                 self._places.remove(place)
+                self._wake_turns()  # the member's next place may be first now
         if place.given_up:
             raise ResourceExhausted(QUEUE_GIVEN_UP)
+        if not first and self._free_for(member):
+            raise ResourceExhausted(
+                f"your queries waiting ahead of this one did not all get a slot within "
+                f"{seconds:g} s; retry shortly, or send fewer queries at once"
+            )
 
     def _make_room_for(self, member: str) -> bool:
         """Take the latest place of the member holding the most, if it holds more than
@@ -141,8 +158,21 @@ class QuerySlots:
         latest = next(p for p in reversed(self._places) if p.member == most)
         latest.given_up = True
         self._places.remove(latest)
-        self._changed.notify_all()
+        latest.turn.notify()
         return True
+
+    def _wake_turns(self) -> None:
+        """Wake each member's earliest place if a slot is free for it (lock held)."""
+        seen: set[str] = set()
+        for place in self._places:
+            if place.member not in seen:
+                seen.add(place.member)
+                if self._free_for(place.member):
+                    place.turn.notify()
+
+    def _first_of(self, place: _Place) -> bool:
+        """Whether place is its member's earliest place in the queue (lock held)."""
+        return next(p for p in self._places if p.member == place.member) is place
 
     def waiting(self) -> int:
         """Queries waiting for a slot now."""
@@ -168,7 +198,7 @@ class QuerySlots:
             self._by_member[member] -= 1
             if not self._by_member[member]:
                 del self._by_member[member]
-            self._changed.notify_all()
+            self._wake_turns()
 
     def _end_execution(self) -> None:
         with self._changed:

@@ -449,7 +449,7 @@ def test_prepared_statements_run_again_for_their_member_until_closed(fspace: Spa
     client = flight_client(fspace.server, fspace.grantee)
     handle = prepare(client, "SELECT plant FROM part_defects")
     assert run_prepared(client, handle).table.num_rows == 200
-    assert run_prepared(client, handle).table.num_rows == 200  # decided again each time
+    assert run_prepared(client, handle).table.num_rows == 200  # runs again each time
     with pytest.raises(flight.FlightUnauthorizedError, match="prepared statement is not valid"):
         run_prepared(flight_client(fspace.server, fspace.outsider), handle)
     handle = prepare(client, "SELECT plant FROM part_defects")

@@ -126,3 +126,51 @@ def test_no_queue_refuses_at_once() -> None:
         with pytest.raises(ResourceExhausted, match="queue of waiting queries is full"):
             slots.acquire(member, admission_wait=1)
     held.finish()
+
+
+def test_a_members_queries_are_admitted_in_their_order_of_arrival() -> None:
+    slots = QuerySlots(total=2, per_member=1, queue_length=8)
+    running = slots.acquire("a")
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def wait(n: int) -> None:
+        slot = slots.acquire("a", admission_wait=10)
+        with lock:
+            order.append(n)
+        slot.finish()
+
+    waiters = []
+    for n in range(4):
+        waiters.append(threading.Thread(target=wait, args=(n,)))
+        waiters[-1].start()
+        while slots.waiting() < n + 1:
+            time.sleep(0.01)
+    running.finish()
+    for waiter in waiters:
+        waiter.join(timeout=10)
+    assert order == [0, 1, 2, 3]
+
+
+def test_a_new_query_does_not_pass_a_waiting_one_of_its_member() -> None:
+    slots = QuerySlots(total=2, per_member=1, queue_length=8)
+    running = slots.acquire("a")
+    admitted: list[str] = []
+    waiter = threading.Thread(target=lambda: admitted.append(_admit(slots, "queued")))
+    waiter.start()
+    while slots.waiting() < 1:
+        time.sleep(0.01)
+    # The slot frees and a new query of the same member comes before the waiter wakes
+    # (the lock is reentrant: this thread goes on holding it).
+    with slots._changed:
+        running.finish()
+        with pytest.raises(ResourceExhausted):
+            slots.acquire("a", admission_wait=0)
+    waiter.join(timeout=10)
+    assert admitted == ["queued"]
+    assert slots.in_use() == 0
+
+
+def _admit(slots: QuerySlots, name: str) -> str:
+    slots.acquire("a", admission_wait=10).finish()
+    return name
