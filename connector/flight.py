@@ -23,6 +23,7 @@ from pyarrow import flight
 
 from connector._proto import flight_sql_pb2 as sql_pb
 from connector.audit_entry import AuditEntry, bounded
+from connector.decided import Decided
 from connector.errors import (
     ConfigError,
     ConnectorError,
@@ -73,7 +74,7 @@ from connector.peer_failures import (
     recorded_refusal,
 )
 from connector.policy.ref import policy_refs
-from connector.provider import Decided, Provider
+from connector.provider import Provider
 from connector.request import PeerRequest
 
 log = logging.getLogger(__name__)

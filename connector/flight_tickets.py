@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from connector.decided import Decided
 from connector.errors import PermissionDenied, ResourceExhausted
 from connector.policy.ref import PolicyRef
-from connector.provider import Decided
 
 TICKET_SECONDS = 60.0  # a ticket not redeemed within this is void
 PREPARED_SECONDS = 600.0  # a prepared statement not used for this long is forgotten

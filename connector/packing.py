@@ -140,3 +140,12 @@ def _nodes(value: Any) -> Iterator[dict[str, Any]]:
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, list):
             stack.extend(reversed(item))
+
+
+def packing_refused(packing: str) -> str:
+    """The reason a query that packs rows is refused where the policies limit rows."""
+    return (
+        f"{packing}; the policies of these datasets limit rows per query or per day, so a "
+        "result row must not carry many rows: ask for the rows themselves (within the limits) "
+        "or for aggregates such as count, sum, avg, min and max"
+    )

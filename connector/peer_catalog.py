@@ -4,6 +4,7 @@ that gets the same terms (columns, masks, filters, limits, policies)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from connector.enforce import visible_columns
 from connector.noise import BudgetStatus
 from connector.policy.engine import CatalogGrant
 from connector.policy.model import Limits, UsagePolicy
+from connector.policy.registry import PolicySnapshot
+from connector.quota import QuotaLedger
 from connector.shaping import Shaping
 from connector.store import ColumnInfo, DatasetInfo
 
@@ -76,3 +79,30 @@ def catalog_entries(
             )
         )
     return entries
+
+
+def granted_catalog(
+    member_id: str,
+    snapshot: PolicySnapshot,
+    datasets: Mapping[str, DatasetInfo],
+    quotas: QuotaLedger,
+    now: dt.datetime,
+) -> list[CatalogDataset]:
+    """The datasets granted to member_id at now, with only the granted columns and the
+    privacy budget left under the policies that noise them."""
+    listed = []
+    for grant in snapshot.engine.catalog(member_id, now):
+        info = datasets.get(grant.dataset)
+        if info is None:
+            log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
+            continue
+        policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
+        for entry in catalog_entries(info, grant, policies):
+            noised = [
+                (i, noise)
+                for i, _ in entry.grant.policies
+                if (noise := snapshot.by_id[i].shaping.noise) is not None
+            ]
+            budget = quotas.privacy_budget(member_id, noised, now)
+            listed.append(dataclasses.replace(entry, budget=budget))
+    return listed

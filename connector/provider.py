@@ -6,13 +6,9 @@ servicer only converts messages and maps the exceptions raised here to status co
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from connector.aggregates import aggregate_form
 from connector.audit import AuditLog
@@ -24,7 +20,8 @@ from connector.authentication import (
     spiffe_member,
 )
 from connector.config import Revocations
-from connector.decision_cache import DecisionCache, date_boundaries
+from connector.decided import Decided, TimeSlots, decided, record_decision
+from connector.decision_cache import DecisionCache
 from connector.enforce import Relation, relations_for
 from connector.errors import (
     ConnectorError,
@@ -35,17 +32,16 @@ from connector.errors import (
 from connector.identity import MemberIdentity
 from connector.incremental import row_ranges
 from connector.noise import (
-    MICRO,
-    BudgetStatus,
     PrivacyCharge,
     charges,
     load_mechanisms,
     noise_plan,
 )
-from connector.peer_catalog import CatalogDataset, catalog_entries
+from connector.packing import packing_refused
+from connector.peer_catalog import CatalogDataset, granted_catalog
 from connector.policy.consistency import conflicts_for
 from connector.policy.engine import Decision, DecisionRequest
-from connector.policy.model import Limits, ns
+from connector.policy.model import Limits
 from connector.policy.ref import policy_refs
 from connector.policy.registry import PolicyRegistry, PolicySnapshot
 from connector.query_run import QueryRun
@@ -54,37 +50,11 @@ from connector.rate import RateLimit
 from connector.receipt import ReceiptSigner
 from connector.request import Explanation, PeerRequest
 from connector.sandbox import SandboxDatabase
-from connector.shaping import Shaping
 from connector.slots import QuerySlots, StallWatch
 from connector.sqlguard import QueryShape, inspect_query
 from connector.store import DatasetInfo
 
 log = logging.getLogger(__name__)
-
-# The audit entry's fields a decision fills in (Provider._explain): copied to the entry of a
-# request that reuses the decision, so both wires record the same thing.
-_DECIDED_FIELDS = ("datasets", "decision", "reasons", "policies", "versions", "obligations",
-                   "columns")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Decided:
-    """A query's Explanation with everything it was decided on. Provider.query reuses it
-    instead of deciding again only while the member, the request, the policy snapshot (a
-    reload or a directory change makes a new one), the revocations, the data generation
-    and the clock's place among the policies' validity moments are all still the same."""
-
-    member_id: str
-    request: tuple[str, str, int]  # sql, purpose, since_version
-    explanation: Explanation
-    snapshot: PolicySnapshot
-    revoked: Revocations
-    # The decision holds for clock times in [holds_from, holds_until) (ns; no policy known
-    # to the snapshot starts or stops in between, and the decision library reads nothing
-    # else of the time).
-    holds_from: int
-    holds_until: int
-    recorded: tuple[tuple[str, Any], ...]  # the audit entry's _DECIDED_FIELDS
 
 
 class Provider:
@@ -136,8 +106,7 @@ class Provider:
         # Explain costs no quota: without a limit it would be a free probe.
         self._explains = RateLimit(explains_per_minute)
         self.clock = clock or _now
-        # The validity moments of the snapshot last asked about (Decided's time slot).
-        self._boundaries: tuple[object, tuple[int, ...]] = (None, ())
+        self._time_slots = TimeSlots()  # Decided's span of clock times
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -166,19 +135,9 @@ class Provider:
 
     def catalog(self, member: MemberIdentity, entry: AuditEntry) -> list[CatalogDataset]:
         """The datasets granted to member now, with only the granted columns (audited)."""
-        datasets = self.sandbox.datasets()
-        snapshot = self.policies.snapshot
-        listed = []
-        for grant in snapshot.engine.catalog(member.member_id, _now()):
-            info = datasets.get(grant.dataset)
-            if info is None:
-                log.warning("policy grants dataset %r, which holds no data yet", grant.dataset)
-                continue
-            policies = [snapshot.by_id[i] for i, _ in grant.policies if i in snapshot.by_id]
-            for listed_entry in catalog_entries(info, grant, policies):
-                shapings = [(i, snapshot.by_id[i].shaping) for i, _ in listed_entry.grant.policies]
-                budget = self._budget(member.member_id, shapings)
-                listed.append(dataclasses.replace(listed_entry, budget=budget))
+        listed = granted_catalog(
+            member.member_id, self.policies.snapshot, self.sandbox.datasets(), self.quotas, _now()
+        )
         entry.datasets = tuple(d.info.name for d in listed)
         entry.outcome = "answered"
         self.record(entry)
@@ -257,16 +216,9 @@ class Provider:
         limits = Limits.tightest(p.limits for p in used)
         entry.policies = policy_refs(decision.policies)  # also the ones whose limits refuse
         if decision.allow and shape.packing and limits.limits_rows:
-            decision = Decision(False, (_packing_refused(shape.packing),))
+            decision = Decision(False, (packing_refused(shape.packing),))
             relations = ()
-        entry.decision = "allow" if decision.allow else "deny"
-        entry.reasons = decision.reasons
-        entry.versions = {r.dataset: [r.since, r.version] for r in relations}
-        entry.obligations = dict(decision.obligations)
-        entry.columns = {
-            r.dataset: [c for c in r.column_names if shape.uses_star or c in shape.column_refs]
-            for r in relations
-        }
+        record_decision(entry, decision, relations, shape)
         sql = aggregate_form(request.sql, shape.datasets, relations) if decision.allow else ""
         if unbound is not None and decision.allow:
             raise unbound
@@ -277,7 +229,7 @@ class Provider:
         )
         noisy = next((r for r in relations if r.shaping.noise), None) if sql else None
         plan = noise_plan(request.sql, noisy) if noisy is not None else None
-        noising = [(p.id, p.shaping) for p in used if p.shaping.noise]
+        noising = [(p.id, p.shaping.noise) for p in used if p.shaping.noise]
         privacy = charges(plan.noise, [i for i, _ in noising]) if plan is not None else ()
         return Explanation(
             shape,
@@ -289,24 +241,10 @@ class Provider:
             sql=sql,
             noise=plan,
             privacy=privacy,
-            budget=self._budget(member.member_id, noising),
+            budget=self.quotas.privacy_budget(member.member_id, noising, _now()),
             generation=generation,
             versions=tuple((r.dataset, r.since, r.version) for r in relations),
         )
-
-    def _budget(self, member_id: str, policies: list[tuple[str, Shaping]]) -> BudgetStatus | None:
-        """The privacy budget member_id has left today under the noising policies given."""
-        left: list[tuple[int, int]] = []
-        resets = _now()
-        for policy_id, shaping in policies:
-            if shaping.noise is not None:
-                spent, resets = self.quotas.privacy_spent(member_id, policy_id, _now())
-                daily = charges(shaping.noise, [policy_id])[0].per_day
-                left.append((max(0, daily - spent), daily))
-        if not left:
-            return None
-        remaining, daily = min(left)
-        return BudgetStatus(daily / MICRO, remaining / MICRO, resets)
 
     def query(
         self,
@@ -376,55 +314,33 @@ class Provider:
         explanation = self._explain(member, request, entry, at, snapshot)
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
-        holds_from, holds_until = self._time_slot(snapshot, at)
-        return Decided(
+        slot = self._time_slots.around(snapshot, at)
+        return decided(
             member.member_id,
-            (request.sql, request.purpose, request.since_version),
+            request,
             explanation,
-            snapshot,
-            revoked,
-            holds_from,
-            holds_until,
-            tuple((name, _copied(getattr(entry, name))) for name in _DECIDED_FIELDS),
+            entry,
+            snapshot=snapshot,
+            revoked=revoked,
+            slot=slot,
         )
 
     def _reuse(
         self,
-        decided: Decided | None,
+        earlier: Decided | None,
         member: MemberIdentity,
         request: PeerRequest,
         entry: AuditEntry,
     ) -> Explanation | None:
-        """decided's Explanation, its audit fields copied to entry, if deciding again now
+        """earlier's Explanation, its audit fields copied to entry, if deciding again now
         would take the same decision (the data generation is compared by the caller)."""
-        if decided is None or not self._holds(decided, member, request):
+        if earlier is None or not self._holds(earlier, member, request):
             return None
-        for name, value in decided.recorded:
-            setattr(entry, name, _copied(value))
-        return decided.explanation
+        return earlier.restore(entry)
 
-    def _holds(self, decided: Decided, member: MemberIdentity, request: PeerRequest) -> bool:
-        """Whether decided is still the decision for member's request at the clock's time."""
-        now = ns(self.clock())
-        return (
-            decided.member_id == member.member_id
-            and decided.request == (request.sql, request.purpose, request.since_version)
-            and decided.snapshot is self.policies.snapshot
-            and decided.revoked is self.revoked
-            and decided.holds_from <= now < decided.holds_until
-        )
-
-    def _time_slot(self, snapshot: PolicySnapshot, at: dt.datetime) -> tuple[int, int]:
-        """The span of clock times (ns) around at in which no policy of snapshot starts or
-        stops being valid: the decision cache's time slot of at."""
-        kept_for, boundaries = self._boundaries
-        if kept_for is not snapshot:
-            boundaries = date_boundaries(snapshot)
-            self._boundaries = (snapshot, boundaries)
-        slot = bisect.bisect_right(boundaries, ns(at))
-        low = boundaries[slot - 1] if slot > 0 else _NEVER_BEFORE
-        high = boundaries[slot] if slot < len(boundaries) else _NEVER_AFTER
-        return low, high
+    def _holds(self, earlier: Decided, member: MemberIdentity, request: PeerRequest) -> bool:
+        snapshot, revoked = self.policies.snapshot, self.revoked
+        return earlier.holds(member.member_id, request, snapshot, revoked, self.clock())
 
     def _spend_privacy(self, member_id: str, privacy: tuple[PrivacyCharge, ...]) -> None:
         """Claim a noisy query's epsilon before it runs (Explain never spends any)."""
@@ -478,25 +394,5 @@ class Provider:
         )
 
 
-def _packing_refused(packing: str) -> str:
-    return (
-        f"{packing}; the policies of these datasets limit rows per query or per day, so a "
-        "result row must not carry many rows: ask for the rows themselves (within the limits) "
-        "or for aggregates such as count, sum, avg, min and max"
-    )
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-_NEVER_BEFORE, _NEVER_AFTER = -(2**63), 2**63
-
-
-def _copied(value: Any) -> Any:
-    """A copy of an audit entry field's value (JSON-shaped) that later changes cannot reach."""
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copied(v) for v in value]
-    return value

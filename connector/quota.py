@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connector.errors import ResourceExhausted
-from connector.noise import MICRO, PrivacyCharge
+from connector.noise import MICRO, BudgetStatus, PrivacyCharge, charges
+from connector.shaping import Noise
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -264,6 +265,22 @@ class QuotaLedger:
         day, reset = _today(now)
         with self._lock:
             return self._spent(day, member, policy_id), reset
+
+    def privacy_budget(
+        self, member: str, noised: Sequence[tuple[str, Noise]], now: dt.datetime
+    ) -> BudgetStatus | None:
+        """The privacy budget member has left today under the noising policies given (the
+        tightest one's); None when none is given."""
+        left: list[tuple[int, int]] = []
+        resets = now
+        for policy_id, noise in noised:
+            spent, resets = self.privacy_spent(member, policy_id, now)
+            daily = charges(noise, [policy_id])[0].per_day
+            left.append((max(0, daily - spent), daily))
+        if not left:
+            return None
+        remaining, daily = min(left)
+        return BudgetStatus(daily / MICRO, remaining / MICRO, resets)
 
 
 def most_rows(rows: int, size_of: Callable[[int], int], budget: int) -> int:

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"enforce", "incremental", "plancheck", "decision_cache", "quota", "slots",
      "shaped_copies", "sandbox_errors", "sandbox_session", "sandbox"},
     {"request", "audit_entry", "audit_chain", "audit",
-     "audit_refusals", "audit_outage", "query_run", "peer_catalog", "provider",
+     "audit_refusals", "audit_outage", "query_run", "peer_catalog", "decided", "provider",
      "offline", "policy_replay", "decision_log", "policy_cases", "home_provider",
      "peer_failures", "backup",
      "restore"},
