@@ -62,20 +62,22 @@ def timed_run(
     env_before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(tree)  # the server process imports connector from tree
     try:
-        with served(connector_process(provider, port, flight_port), port, log) as server:
-            with Peer(f"localhost:{port}", identity, timeout=60) as peer:
-                once = raw_stub(peer, TINY, PURPOSE)
-                if spy is None:
-                    return [t * 1000 for t in latencies(once, count)]
-                latencies(once, 20)
-                argv = [str(PY_SPY), "record", "-p", str(server.pid), "-o", str(spy),
-                        "--format", "raw", "-r", "500", "--nonblocking"]  # fmt: skip
-                sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-                try:
-                    return [t * 1000 for t in latencies(once, count)]
-                finally:
-                    sampler.send_signal(signal.SIGINT)
-                    sampler.wait(60)
+        with (
+            served(connector_process(provider, port, flight_port), port, log) as server,
+            Peer(f"localhost:{port}", identity, timeout=60) as peer,
+        ):
+            once = raw_stub(peer, TINY, PURPOSE)
+            if spy is None:
+                return [t * 1000 for t in latencies(once, count)]
+            latencies(once, 20)
+            argv = [str(PY_SPY), "record", "-p", str(server.pid), "-o", str(spy),
+                    "--format", "raw", "-r", "500", "--nonblocking"]  # fmt: skip
+            sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+            try:
+                return [t * 1000 for t in latencies(once, count)]
+            finally:
+                sampler.send_signal(signal.SIGINT)
+                sampler.wait(60)
     finally:
         if env_before is None:
             del os.environ["PYTHONPATH"]
@@ -84,7 +86,8 @@ def timed_run(
 
 
 def profiled(provider: Path, identity: PeerIdentity, count: int, top: int) -> None:
-    """Serve in this process under cProfile (server threads included) and print the top."""
+    """Serve in this process and print the top of cProfile (the calling thread only: the
+    client side; use --spy for the server's threads)."""
     from connector.config import load_settings
     from connector.server import start_server
 
