@@ -5,6 +5,11 @@ IPC pieces with bounded memory, cuts the result at the row and byte limits, clai
 and bytes before they are sent, and ends with the audit entry written, then the signed
 receipt. Bytes are Arrow IPC bytes as sent: the schema message and the end-of-stream marker
 count too, so every byte of the stream was claimed before it left.
+
+Nothing leaves before the request is on disk in the audit log. A small answer is worked out
+whole and recorded by its final entry before any of it is sent (one entry, one fsync); a
+longer one by an "opened" entry before its first byte, and its final entry before the
+receipt.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from connector.audit_entry import AuditEntry
 from connector.canonical import canonical_json
 from connector.commit_gate import GatePass
 from connector.errors import (
+    AnswerTooLarge,
     PermissionDenied,
     QueryTimeout,
     ResourceExhausted,
@@ -46,6 +52,17 @@ POLICIES_METADATA_KEY = "connector.policies"
 END_OF_STREAM_BYTES = 8  # the Arrow IPC stream's end marker (continuation + zero length)
 
 
+# An answer whose pieces come to at most this many bytes is worked out whole, then recorded,
+# then sent (no "opened" entry); a longer one holds at most this much and one piece more.
+HELD_ANSWER_BYTES = 256 * 1024
+
+
+class AnswerOpener(Protocol):
+    """The audit log's entry for an answer about to be sent before it ends (audit.AuditLog)."""
+
+    def opened(self, entry: AuditEntry) -> int: ...
+
+
 class AnsweringSide(Protocol):
     """What a running query needs of the provider that started it."""
 
@@ -57,6 +74,9 @@ class AnsweringSide(Protocol):
     max_query_seconds: float
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int: ...
+
+    @property
+    def audit(self) -> AnswerOpener: ...
 
 
 class QueryRun:
@@ -129,8 +149,40 @@ class QueryRun:
         yield data
         self._waiting_since = None
 
-    def pieces(self, deadline_seconds: float | None = None) -> Generator[bytes, None, None]:
-        """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size."""
+    def pieces(
+        self, deadline_seconds: float | None = None, max_piece_bytes: int = 0
+    ) -> Generator[bytes, None, None]:
+        """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size.
+        Nothing is yielded before the request is on disk: the final audit entry of an answer
+        of at most HELD_ANSWER_BYTES, else the "opened" entry (unless the transport wrote
+        it already). max_piece_bytes: the transport's message limit (0: none), checked
+        before a piece is recorded as sent."""
+        produced = self._produced(deadline_seconds)
+        try:
+            held: list[bytes] = []
+            size = 0
+            for piece in produced:
+                _check_piece(piece, max_piece_bytes)
+                held.append(piece)
+                size += len(piece)
+                if size > HELD_ANSWER_BYTES:
+                    break
+            else:  # whole: its final entry is all the record it needs
+                if not self.entry.opened_seq:
+                    self._record_answered()
+            if not self.entry.seq:
+                self._provider.audit.opened(self.entry)
+            for piece in held:
+                yield from self._handed_over(piece)
+            held.clear()
+            for piece in produced:
+                _check_piece(piece, max_piece_bytes)
+                yield from self._handed_over(piece)
+        finally:
+            produced.close()
+
+    def _produced(self, deadline_seconds: float | None) -> Generator[bytes, None, None]:
+        """The answer's pieces as they are worked out (see pieces)."""
         timeout = self._provider.max_query_seconds
         if deadline_seconds is not None and deadline_seconds <= 0:
             # The peer gave up while the query waited for a slot: do not start it.
@@ -160,10 +212,10 @@ class QueryRun:
                     self.rows += batch.num_rows
                     data = pieces.encode(batch)
                     self._check_claimed(pieces.bytes_sent)
-                    yield from self._handed_over(data)
+                    yield data
                 if self.truncated:
                     break
-            yield from self._handed_over(pieces.finish())
+            yield pieces.finish()
         finally:
             # A peer that goes away mid-stream is recorded by the transport, which knows
             # what it handed over.
@@ -271,16 +323,26 @@ class QueryRun:
             }
         )
 
-    def receipt(self) -> tuple[ReceiptFields, str]:
-        """Record the completed run in the audit log, then sign its receipt."""
+    def _record_answered(self) -> int:
+        """Write the completed run's final audit entry (once; fsync'd)."""
         if self._pieces is None:
             raise StoreError("the query produced no result to give a receipt for")
         entry = self.entry
+        if entry.seq:
+            return entry.seq
         entry.rows, entry.bytes = self.rows, self._pieces.bytes_sent
         entry.result_sha256, entry.truncated = self._pieces.sha256, self.truncated
         entry.limited_by = self.limited_by
         entry.outcome = "answered"
-        seq = self._provider.record(entry)
+        return self._provider.record(entry)
+
+    def receipt(self) -> tuple[ReceiptFields, str]:
+        """Record the completed run in the audit log (unless it was before it was sent),
+        then sign its receipt."""
+        seq = self._record_answered()
+        if self._pieces is None:  # for mypy: _record_answered refused a run without one
+            raise StoreError("the query produced no result to give a receipt for")
+        entry = self.entry
         fields = ReceiptFields(
             request_id=self._request.request_id,
             member_id=self._member.member_id,
@@ -315,6 +377,15 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._slot.finish()
+
+
+def _check_piece(piece: bytes, max_piece_bytes: int) -> None:
+    """AnswerTooLarge when piece is over the transport's message limit (0: none)."""
+    if max_piece_bytes and len(piece) > max_piece_bytes:
+        raise AnswerTooLarge(
+            f"one piece of the answer is {len(piece)} bytes, over the {max_piece_bytes}-byte "
+            "message limit; select fewer or narrower columns"
+        )
 
 
 def _is_collection(duckdb_type: str) -> bool:
