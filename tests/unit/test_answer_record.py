@@ -8,6 +8,7 @@ import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,7 @@ def _run(provider: Provider, grantee: Member, sql: str) -> QueryRun:
     return provider.query(member, PeerRequest.checked(sql, PURPOSE, 0, "r-1"), entry)
 
 
-def _on_disk(provider: Provider) -> list[dict[str, object]]:
+def _on_disk(provider: Provider) -> list[dict[str, Any]]:
     return [e for e in read_entries(provider.audit.path) if e["type"] != "checkpoint"]
 
 
@@ -63,9 +64,7 @@ def test_a_small_answer_is_on_record_whole_before_its_first_byte(
     pieces = run.pieces()
     first = next(pieces)
     entries = _on_disk(provider)  # the peer could see the first byte now
-    assert [(e["type"], e["outcome"], e["rows"]) for e in entries] == [
-        ("request", "answered", 200)
-    ]
+    assert [(e["type"], e["outcome"], e["rows"]) for e in entries] == [("request", "answered", 200)]
     rest = list(pieces)
     assert read_ipc_pieces([first, *rest]).num_rows == 200
     assert entries[0]["bytes"] == len(first) + sum(map(len, rest)) <= HELD_ANSWER_BYTES
@@ -130,4 +129,5 @@ def test_an_answer_whose_entry_cannot_be_written_sends_nothing(
         assert provider.audit.tick()  # the log recovers by itself
     entries = _on_disk(provider)
     assert [e["type"] for e in entries if e["type"] in ("request", "opened")] == []
-    assert sum(int(e["refused"]["supplier-a"]) for e in entries if e["type"] == "outage") == 2
+    refused = [e["refused"] for e in entries if e["type"] == "outage"]
+    assert refused == [{"supplier-a": 1}, {"supplier-a": 1}]
