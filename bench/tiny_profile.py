@@ -31,11 +31,18 @@ import tempfile
 from pathlib import Path
 
 try:  # run as a script with bench/ on the path
-    from control import connector_process, free_port, percentile, raw_stub, served
+    from control import connector_process, cpu_seconds, free_port, percentile, raw_stub, served
     from control import tiny_latencies as latencies
     from stream import DATASET, PURPOSE, build_space
 except ImportError:  # imported as bench.tiny_profile
-    from bench.control import connector_process, free_port, percentile, raw_stub, served
+    from bench.control import (
+        connector_process,
+        cpu_seconds,
+        free_port,
+        percentile,
+        raw_stub,
+        served,
+    )
     from bench.control import tiny_latencies as latencies
     from bench.stream import DATASET, PURPOSE, build_space
 
@@ -45,7 +52,21 @@ TINY = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
 HERE = Path(__file__).resolve().parent.parent
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
 PY_SPY = Path(sys.executable).with_name("py-spy")
+
+
+def thread_cpu(pid: int) -> collections.Counter[str]:
+    """CPU ticks of process pid's threads so far, by thread name."""
+    ticks: collections.Counter[str] = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name, fields = (task / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue  # the thread ended
+        values = fields.split()
+        ticks[name.split("(", 1)[1]] += int(values[11]) + int(values[12])
+    return ticks
 
 
 def timed_run(
@@ -68,7 +89,16 @@ def timed_run(
         ):
             once = raw_stub(peer, TINY, PURPOSE)
             if spy is None:
-                return [t * 1000 for t in latencies(once, count)]
+                before, threads = cpu_seconds(server.pid), thread_cpu(server.pid)
+                times = [t * 1000 for t in latencies(once, count)]
+                cpu_ms = (cpu_seconds(server.pid) - before) * 1000 / (count + 5)
+                spent = thread_cpu(server.pid) - threads
+                busiest = ", ".join(
+                    f"{name} {ticks * 1000 / TICKS / (count + 5):.2f}"
+                    for name, ticks in spent.most_common(6)
+                )
+                print(f"  server CPU per query: {cpu_ms:.2f} ms ({busiest})", flush=True)
+                return times
             latencies(once, 20)
             argv = [str(PY_SPY), "record", "-p", str(server.pid), "-o", str(spy),
                     "--format", "raw", "-r", "500", "--nonblocking"]  # fmt: skip
