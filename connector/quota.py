@@ -122,6 +122,8 @@ class QuotaLedger:
 
     def claim_query(self, member: str, quotas: Sequence[PolicyQuota], now: dt.datetime) -> None:
         """Count one query against every policy; ResourceExhausted says when a quota resets."""
+        if not quotas:
+            return  # nothing to count: no transaction (most queries of most grants)
         day, reset = _today(now)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
