@@ -167,9 +167,11 @@ class QueryRun:
                 size += len(piece)
                 if size > HELD_ANSWER_BYTES:
                     break
-            else:  # whole: its final entry is all the record it needs
+            else:  # whole: its final entry is all the record it needs, and one message
                 if not self.entry.opened_seq:
                     self._record_answered()
+                if len(held) > 1 and (not max_piece_bytes or size <= max_piece_bytes):
+                    held = [b"".join(held)]
             if not self.entry.seq:
                 self._provider.audit.opened(self.entry)
             for piece in held:
