@@ -80,8 +80,11 @@ def timed_run(
     """Milliseconds of count tiny queries against a server whose code comes from tree;
     spy: where py-spy writes the server's sampled stacks (collapsed) meanwhile."""
     port, flight_port = free_port(), free_port()
-    env_before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree)  # the server process imports connector from tree
+    env_before, cwd_before = os.environ.get("PYTHONPATH"), Path.cwd()
+    # The server process imports connector from tree: `python -c` puts its working folder
+    # first on sys.path, then PYTHONPATH.
+    os.environ["PYTHONPATH"] = str(tree)
+    os.chdir(tree)
     try:
         with (
             served(connector_process(provider, port, flight_port), port, log) as server,
@@ -109,6 +112,7 @@ def timed_run(
                 sampler.send_signal(signal.SIGINT)
                 sampler.wait(60)
     finally:
+        os.chdir(cwd_before)
         if env_before is None:
             del os.environ["PYTHONPATH"]
         else:
