@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -40,8 +40,9 @@ from connector.policy.model import tightest
 from connector.policy.ref import policy_refs
 from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner
+from connector.recent import RecentlyUsed
 from connector.request import Explanation, PeerRequest
-from connector.sandbox import SandboxDatabase
+from connector.sandbox import CHECKED_PLANS, SandboxDatabase
 from connector.sandbox_session import SandboxSession
 from connector.slots import Slot
 
@@ -196,7 +197,7 @@ class QueryRun:
             sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
             plan = self._session.verify_plan(sql, self._explanation.relations)
-            self._refuse_packing(packed_in_plan(plan))
+            self._refuse_packing(_packing(plan))
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             self._leave_gate()  # DuckDB holds the query's snapshot now
             noise = self._explanation.noise  # noised answers: each batch noised, renamed
@@ -379,6 +380,21 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._slot.finish()
+
+
+# What packs rows in each plan that passed the check (the sandbox keeps those plans, and
+# hands out the same object for the same query): by the plan's identity, the plan held.
+_PACKINGS: RecentlyUsed[int, tuple[dict[str, Any], str]] = RecentlyUsed(CHECKED_PLANS)
+
+
+def _packing(plan: dict[str, Any]) -> str:
+    """packed_in_plan(plan), worked out once per plan object."""
+    known = _PACKINGS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    packing = packed_in_plan(plan)
+    _PACKINGS.put(id(plan), (plan, packing))
+    return packing
 
 
 def _check_piece(piece: bytes, max_piece_bytes: int) -> None:
