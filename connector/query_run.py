@@ -6,10 +6,10 @@ and bytes before they are sent, and ends with the audit entry written, then the 
 receipt. Bytes are Arrow IPC bytes as sent: the schema message and the end-of-stream marker
 count too, so every byte of the stream was claimed before it left.
 
-Nothing leaves before the request is on disk in the audit log. A small answer is worked out
-whole and recorded by its final entry before any of it is sent (one entry, one fsync); a
-longer one by an "opened" entry before its first byte, and its final entry before the
-receipt.
+Nothing leaves before the claims it was sent under (quota.py) and the request are on disk. A
+small answer is worked out whole and recorded by its final entry before any of it is sent
+(one entry, one fsync); a longer one by an "opened" entry before its first byte, and its
+final entry before the receipt.
 """
 
 from __future__ import annotations
@@ -169,17 +169,20 @@ class QueryRun:
                 if size > HELD_ANSWER_BYTES:
                     break
             else:  # whole: its final entry is all the record it needs, and one message
+                self._provider.quotas.sync()  # what it claimed is on disk before it leaves
                 if not self.entry.opened_seq:
                     self._record_answered()
                 if len(held) > 1 and (not max_piece_bytes or size <= max_piece_bytes):
                     held = [b"".join(held)]
             if not self.entry.seq:
+                self._provider.quotas.sync()
                 self._provider.audit.opened(self.entry)
             for piece in held:
                 yield from self._handed_over(piece)
             held.clear()
             for piece in produced:
                 _check_piece(piece, max_piece_bytes)
+                self._provider.quotas.sync()  # the rows and bytes of this piece, claimed
                 yield from self._handed_over(piece)
         finally:
             produced.close()

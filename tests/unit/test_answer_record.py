@@ -32,7 +32,8 @@ LONG = "SELECT a.plant, b.week FROM part_defects a CROSS JOIN part_defects b"  #
 def homes(module_dir: Path, module_member: Callable[[str], Member]) -> tuple[Member, Member]:
     owner, grantee = module_member("carmaker"), module_member("supplier-a")
     owner.ingest(write_defects_csv(module_dir / "d.csv"), "part_defects")
-    owner.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    limits = "limits: {queries_per_day: 10000, rows_per_day: 10000000}\n"
+    owner.write_policy("q.yaml", policy_text("q", members="[supplier-a]") + limits)
     return owner, grantee
 
 
@@ -112,22 +113,71 @@ def test_a_piece_over_the_message_limit_is_refused_before_it_counts_as_sent(
         assert _on_disk(provider) == []  # nothing on record as sent (the transport records it)
 
 
+def _failing_fsync(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """fsync fails for the file called name (EIO), works for the others."""
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == name:
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+
+
 def test_an_answer_whose_entry_cannot_be_written_sends_nothing(
     provider: Provider, homes: tuple[Member, Member], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing(fd: int) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
     for sql in (SMALL, LONG):
         run = _run(provider, homes[1], sql)
-        real_fsync = os.fsync
-        monkeypatch.setattr(os, "fsync", failing)
+        _failing_fsync(monkeypatch, "audit.jsonl")
         with pytest.raises(AuditUnavailable):
             next(run.pieces())
-        monkeypatch.setattr(os, "fsync", real_fsync)
+        monkeypatch.undo()
         assert run.done
         assert provider.audit.tick()  # the log recovers by itself
     entries = _on_disk(provider)
     assert [e["type"] for e in entries if e["type"] in ("request", "opened")] == []
     refused = [e["refused"] for e in entries if e["type"] == "outage"]
     assert refused == [{"supplier-a": 1}, {"supplier-a": 1}]
+
+
+def test_an_answer_whose_claims_cannot_be_synced_sends_nothing(
+    provider: Provider, homes: tuple[Member, Member], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for sql in (SMALL, LONG):
+        run = _run(provider, homes[1], sql)
+        _failing_fsync(monkeypatch, "quota.sqlite-wal")
+        with pytest.raises(OSError, match="I/O error"):
+            next(run.pieces())
+        monkeypatch.undo()
+        assert run.done
+    assert _on_disk(provider) == []  # neither answered nor opened: the transport records it
+
+
+def test_the_claims_an_answer_is_sent_under_are_on_disk_before_it(
+    provider: Provider, homes: tuple[Member, Member], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    ledger, log = "quota.sqlite-wal", "audit.jsonl"
+    run = _run(provider, homes[1], SMALL)
+    pieces = run.pieces()
+    next(pieces)
+    assert synced == [ledger, log]  # the query and its rows claimed: one fsync for both
+    pieces.close()
+    run.close()
+    synced.clear()
+    provider.batch_rows = 1000  # 40 pieces, each claimed before it is handed over
+    pieces = _run(provider, homes[1], LONG).pieces()
+    next(pieces)
+    assert synced == [ledger, log]  # then the opened entry
+    for _ in pieces:  # every further piece's rows are on disk before it is handed over
+        assert provider.quotas.unsynced == 0
+    assert synced.count(ledger) > 10
