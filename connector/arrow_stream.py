@@ -52,12 +52,17 @@ class _ChunkSink(io.RawIOBase):
         return data
 
 
+# The current IPC format, stated once: without options pyarrow reads two environment
+# variables for a legacy format on every stream it opens.
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V5)
+
+
 class IpcPieces:
     """Encodes record batches to Arrow IPC bytes and keeps a running digest of all bytes."""
 
     def __init__(self, schema: pa.Schema) -> None:
         self._sink = _ChunkSink()
-        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._writer = pa.ipc.new_stream(self._sink, schema, options=WRITE_OPTIONS)
         self._digest = hashlib.sha256()
         self.bytes_sent = 0
 
