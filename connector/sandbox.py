@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import duckdb
 
@@ -35,6 +35,7 @@ from connector.sandbox_errors import sandbox_failures
 from connector.sandbox_session import (
     IDLE_CURSORS,
     STORED_CATALOG,
+    CheckedPlan,
     CursorPool,
     PassedPlans,
     PlanKey,
@@ -150,7 +151,7 @@ class SandboxDatabase:
         _lock_down(self._db, limits)
         # Work that passed against the datasets as they are: emptied by a commit.
         self._names_passed: RecentlyUsed[_NamesKey, bool] = RecentlyUsed(CHECKED_NAMES)
-        self._plans_passed: RecentlyUsed[PlanKey, dict[str, Any]] = RecentlyUsed(CHECKED_PLANS)
+        self._plans_passed: RecentlyUsed[PlanKey, CheckedPlan] = RecentlyUsed(CHECKED_PLANS)
         self._idle = CursorPool(idle_cursors)
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)

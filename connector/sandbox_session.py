@@ -141,12 +141,26 @@ class SessionCursors:
     generation: object
 
 
+# Functions a SELECT may call (the plan check lets them through) that leave state in the
+# cursor for its next query: such a cursor is never kept for another request.
+CONNECTION_STATE_FUNCTIONS = ("setseed",)
+
+# A plan that passed the check, and whether it leaves state in its cursor.
+CheckedPlan = tuple[dict[str, Any], bool]
+
+
 @dataclass(frozen=True)
 class PassedPlans:
     """The sandbox's plans that passed the check, and the datasets they were bound against."""
 
-    plans: RecentlyUsed[PlanKey, dict[str, Any]]
+    plans: RecentlyUsed[PlanKey, CheckedPlan]
     generation: object
+
+
+def _keeps_state(plan_text: str) -> bool:
+    """Whether a bound plan calls a function that changes its cursor for later queries (the
+    plan names each function it calls, also one reached through query())."""
+    return any(f'"{name}"' in plan_text for name in CONNECTION_STATE_FUNCTIONS)
 
 
 def _plan_key(sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str]) -> PlanKey:
@@ -178,6 +192,8 @@ class SandboxSession:
         self._running = threading.Event()
         self._cancelled = threading.Event()
         self._drained = False  # the query's result was read to its end
+        self._reusable_sql: str | None = None  # checked by verify_plan: leaves no state
+        self._reusable = False  # the query run is that one
         self._closed = False
         self._timed_out = False
         self._lock = threading.Lock()
@@ -242,16 +258,21 @@ class SandboxSession:
         # The same query over the same relations binds to the same plan: bound and checked
         # once while the datasets stay as they are (a refusal is worked out each time).
         known = self._passed.plans.get(key, self._passed.generation)
-        if known is not None:
-            return known
-        text, plan = bound_plan_text(self._cursor, sql, names)
-        check_plan_text(text, plan, {source_of(r): r for r in relations})
-        self._passed.plans.put(key, plan, self._passed.generation)
+        if known is None:
+            text, plan = bound_plan_text(self._cursor, sql, names)
+            check_plan_text(text, plan, {source_of(r): r for r in relations})
+            known = (plan, _keeps_state(text))
+            self._passed.plans.put(key, known, self._passed.generation)
+        plan, keeps_state = known
+        if not keeps_state:
+            self._reusable_sql = sql
         return plan
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
         self._running.set()
+        # Only a query checked to leave nothing in the cursor lets it be kept afterwards.
+        self._reusable = sql == self._reusable_sql
         deadline = self._alarms.call_later(timeout, self._time_up) if timeout else None
         try:
             reader = self._cursor.sql(sql).to_arrow_reader(batch_rows)
@@ -311,8 +332,8 @@ class SandboxSession:
 
     def close(self) -> None:
         """End the session: its cursor goes back to the pool (transaction rolled back, views
-        standing) if its query ran to its end untouched by any interrupt; else it is closed
-        with its TEMP views."""
+        standing) if its query passed verify_plan leaving no state in it and ran to its end
+        untouched by any interrupt; else it is closed with its TEMP views."""
         with self._lock:
             if self._closed:
                 return
@@ -320,6 +341,7 @@ class SandboxSession:
             self._running.clear()
             reusable = (
                 self._views is not None
+                and self._reusable
                 and self._drained
                 and not self._cancelled.is_set()
                 and not self._timed_out
