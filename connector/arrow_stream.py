@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -52,23 +53,28 @@ class _ChunkSink(io.RawIOBase):
         return data
 
 
+# The current IPC format, stated once: without options pyarrow reads two environment
+# variables for a legacy format on every stream it opens.
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V5)
+
+
 class IpcPieces:
     """Encodes record batches to Arrow IPC bytes and keeps a running digest of all bytes."""
 
     def __init__(self, schema: pa.Schema) -> None:
         self._sink = _ChunkSink()
-        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._writer = pa.ipc.new_stream(self._sink, schema, options=WRITE_OPTIONS)
         self._digest = hashlib.sha256()
         self.bytes_sent = 0
-        # The digest and size before the latest piece: a transport that refuses to send that
-        # piece records what it did send without hashing every piece a second time.
-        self._before_latest = (self._digest.copy(), 0)
+        # The digest at each piece boundary not yet handed over (see handed_over): what a
+        # transport sent of an answer cut short is recorded without hashing it twice.
+        self._boundaries: dict[int, Any] = {0: self._digest.copy()}
 
     def _take(self) -> bytes:
         data = self._sink.take()
-        self._before_latest = (self._digest.copy(), self.bytes_sent)
         self._digest.update(data)
         self.bytes_sent += len(data)
+        self._boundaries[self.bytes_sent] = self._digest.copy()
         return data
 
     def encode(self, batch: pa.RecordBatch) -> bytes:
@@ -86,15 +92,18 @@ class IpcPieces:
         """Hex sha256 of every byte produced so far."""
         return self._digest.hexdigest()
 
+    def handed_over(self, size: int) -> None:
+        """The first size bytes reached the transport: forget the boundaries before them."""
+        for boundary in [b for b in self._boundaries if b < size]:
+            del self._boundaries[boundary]
+
     def sha256_of_first(self, size: int) -> str:
-        """Hex sha256 of the first size bytes produced: all of them, or all but the latest
-        piece (what a transport handed over when it refused that piece)."""
-        if size == self.bytes_sent:
-            return self._digest.hexdigest()
-        digest, before = self._before_latest
-        if size != before:
+        """Hex sha256 of the first size bytes produced, at a piece boundary not before the
+        last one handed over (what a transport sent of an answer cut short)."""
+        digest = self._boundaries.get(size)
+        if digest is None:
             raise ValueError(f"no digest of the first {size} of {self.bytes_sent} bytes")
-        return digest.hexdigest()
+        return str(digest.hexdigest())
 
 
 def read_ipc_pieces(pieces: Iterable[bytes]) -> pa.Table:

@@ -3,7 +3,8 @@
 Each entry holds the hash of the one before; checkpoints signed with the connector's
 receipt key anchor the chain, so `audit_chain.verify_log` finds changed, removed, inserted
 or reordered entries and names the first one. Entries are fsync'd before the peer sees the
-end of its answer, and an "opened" entry before the first byte of it.
+end of its answer; an answer sent before its final entry is written has an "opened" entry
+fsync'd before its first byte (query_run.py: a small answer is recorded whole first).
 
 The log is also hostile-input safe: peer-controlled fields are size-checked (audit_entry);
 a member's refusals beyond a burst are counted, not written one by one (audit_refusals); and
@@ -118,9 +119,12 @@ class AuditLog:
         return seq
 
     def opened(self, entry: AuditEntry) -> int:
-        """Write the "opened" entry of an answer about to be sent; AuditUnavailable (the
-        refusal counted for the outage entry) if it cannot be written."""
+        """Write the "opened" entry of an answer about to be sent (once: nothing is written
+        again for an entry opened or finished already); AuditUnavailable (the refusal
+        counted for the outage entry) if it cannot be written."""
         with self._lock:
+            if entry.opened_seq or entry.seq:
+                return entry.opened_seq
             written = False
             end, epoch = 0, self._epoch
             if self._outage is None or self._retry(force=False):

@@ -97,9 +97,12 @@ def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
     return b64url(hashlib.sha256(jwk.encode()).digest())
 
 
-def sign(payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool) -> str:
-    """Compact JWS over payload; with detached=True the payload part is left empty."""
-    header = {"alg": ALGORITHM, "kid": key_id(key.public_key())}
+def sign(
+    payload: bytes, key: ed25519.Ed25519PrivateKey, *, detached: bool, kid: str | None = None
+) -> str:
+    """Compact JWS over payload; with detached=True the payload part is left empty. kid:
+    the key's id when the caller holds it (key_id of its public key)."""
+    header = {"alg": ALGORITHM, "kid": kid or key_id(key.public_key())}
     protected = b64url(canonical_bytes(header))
     body = b64url(payload)
     signature = b64url(key.sign(f"{protected}.{body}".encode("ascii")))

@@ -5,6 +5,11 @@ IPC pieces with bounded memory, cuts the result at the row and byte limits, clai
 and bytes before they are sent, and ends with the audit entry written, then the signed
 receipt. Bytes are Arrow IPC bytes as sent: the schema message and the end-of-stream marker
 count too, so every byte of the stream was claimed before it left.
+
+Nothing leaves before the claims it was sent under (quota.py) and the request are on disk. A
+small answer is worked out whole and recorded by its final entry before any of it is sent
+(one entry, one fsync); a longer one by an "opened" entry before its first byte, and its
+final entry before the receipt.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -23,6 +28,7 @@ from connector.audit_entry import AuditEntry
 from connector.canonical import canonical_json
 from connector.commit_gate import GatePass
 from connector.errors import (
+    AnswerTooLarge,
     PermissionDenied,
     QueryTimeout,
     ResourceExhausted,
@@ -34,8 +40,9 @@ from connector.policy.model import tightest
 from connector.policy.ref import policy_refs
 from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner
+from connector.recent import RecentlyUsed
 from connector.request import Explanation, PeerRequest
-from connector.sandbox import SandboxDatabase
+from connector.sandbox import CHECKED_PLANS, SandboxDatabase
 from connector.sandbox_session import SandboxSession
 from connector.slots import Slot
 
@@ -44,6 +51,17 @@ log = logging.getLogger(__name__)
 OBLIGATIONS_METADATA_KEY = "connector.obligations"
 POLICIES_METADATA_KEY = "connector.policies"
 END_OF_STREAM_BYTES = 8  # the Arrow IPC stream's end marker (continuation + zero length)
+
+
+# An answer whose pieces come to at most this many bytes is worked out whole, then recorded,
+# then sent (no "opened" entry); a longer one holds at most this much and one piece more.
+HELD_ANSWER_BYTES = 256 * 1024
+
+
+class AnswerOpener(Protocol):
+    """The audit log's entry for an answer about to be sent before it ends (audit.AuditLog)."""
+
+    def opened(self, entry: AuditEntry) -> int: ...
 
 
 class AnsweringSide(Protocol):
@@ -57,6 +75,9 @@ class AnsweringSide(Protocol):
     max_query_seconds: float
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int: ...
+
+    @property
+    def audit(self) -> AnswerOpener: ...
 
 
 class QueryRun:
@@ -97,6 +118,7 @@ class QueryRun:
             q.bytes_per_day for q in explanation.quotas
         )
         self._bytes_claimed = 0
+        self._handed = 0  # bytes the transport has taken and asked past
 
     def cancel(self) -> None:
         """Interrupt the query in DuckDB (the peer went away or its deadline passed); its
@@ -128,9 +150,49 @@ class QueryRun:
         self._waiting_since = time.monotonic()
         yield data
         self._waiting_since = None
+        self._handed += len(data)
+        if self._pieces is not None:
+            self._pieces.handed_over(self._handed)
 
-    def pieces(self, deadline_seconds: float | None = None) -> Generator[bytes, None, None]:
-        """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size."""
+    def pieces(
+        self, deadline_seconds: float | None = None, max_piece_bytes: int = 0
+    ) -> Generator[bytes, None, None]:
+        """Run the query and yield Arrow IPC bytes; bounded memory whatever the result size.
+        Nothing is yielded before the request is on disk: the final audit entry of an answer
+        of at most HELD_ANSWER_BYTES, else the "opened" entry (unless the transport wrote
+        it already). max_piece_bytes: the transport's message limit (0: none), checked
+        before a piece is recorded as sent."""
+        produced = self._produced(deadline_seconds)
+        try:
+            held: list[bytes] = []
+            size = 0
+            for piece in produced:
+                _check_piece(piece, max_piece_bytes)
+                held.append(piece)
+                size += len(piece)
+                if size > HELD_ANSWER_BYTES:
+                    break
+            else:  # whole: its final entry is all the record it needs, and one message
+                self._provider.quotas.sync()  # what it claimed is on disk before it leaves
+                if not self.entry.opened_seq:
+                    self._record_answered()
+                if len(held) > 1 and (not max_piece_bytes or size <= max_piece_bytes):
+                    held = [b"".join(held)]
+            if not self.entry.seq:
+                self._provider.quotas.sync()
+                self._provider.audit.opened(self.entry)
+            for piece in held:
+                yield from self._handed_over(piece)
+            held.clear()
+            for piece in produced:
+                _check_piece(piece, max_piece_bytes)
+                self._provider.quotas.sync()  # the rows and bytes of this piece, claimed
+                yield from self._handed_over(piece)
+        finally:
+            produced.close()
+
+    def _produced(self, deadline_seconds: float | None) -> Generator[bytes, None, None]:
+        """The answer's pieces as they are worked out (see pieces)."""
         timeout = self._provider.max_query_seconds
         if deadline_seconds is not None and deadline_seconds <= 0:
             # The peer gave up while the query waited for a slot: do not start it.
@@ -142,7 +204,7 @@ class QueryRun:
             sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
             plan = self._session.verify_plan(sql, self._explanation.relations)
-            self._refuse_packing(packed_in_plan(plan))
+            self._refuse_packing(_packing(plan))
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             self._leave_gate()  # DuckDB holds the query's snapshot now
             noise = self._explanation.noise  # noised answers: each batch noised, renamed
@@ -160,10 +222,10 @@ class QueryRun:
                     self.rows += batch.num_rows
                     data = pieces.encode(batch)
                     self._check_claimed(pieces.bytes_sent)
-                    yield from self._handed_over(data)
+                    yield data
                 if self.truncated:
                     break
-            yield from self._handed_over(pieces.finish())
+            yield pieces.finish()
         finally:
             # A peer that goes away mid-stream is recorded by the transport, which knows
             # what it handed over.
@@ -278,16 +340,26 @@ class QueryRun:
             return ""
         return self._pieces.sha256_of_first(size)
 
-    def receipt(self) -> tuple[ReceiptFields, str]:
-        """Record the completed run in the audit log, then sign its receipt."""
+    def _record_answered(self) -> int:
+        """Write the completed run's final audit entry (once; fsync'd)."""
         if self._pieces is None:
             raise StoreError("the query produced no result to give a receipt for")
         entry = self.entry
+        if entry.seq:
+            return entry.seq
         entry.rows, entry.bytes = self.rows, self._pieces.bytes_sent
         entry.result_sha256, entry.truncated = self._pieces.sha256, self.truncated
         entry.limited_by = self.limited_by
         entry.outcome = "answered"
-        seq = self._provider.record(entry)
+        return self._provider.record(entry)
+
+    def receipt(self) -> tuple[ReceiptFields, str]:
+        """Record the completed run in the audit log (unless it was before it was sent),
+        then sign its receipt."""
+        seq = self._record_answered()
+        if self._pieces is None:  # for mypy: _record_answered refused a run without one
+            raise StoreError("the query produced no result to give a receipt for")
+        entry = self.entry
         fields = ReceiptFields(
             request_id=self._request.request_id,
             member_id=self._member.member_id,
@@ -322,6 +394,30 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._slot.finish()
+
+
+# What packs rows in each plan that passed the check (the sandbox keeps those plans, and
+# hands out the same object for the same query): by the plan's identity, the plan held.
+_PACKINGS: RecentlyUsed[int, tuple[dict[str, Any], str]] = RecentlyUsed(CHECKED_PLANS)
+
+
+def _packing(plan: dict[str, Any]) -> str:
+    """packed_in_plan(plan), worked out once per plan object."""
+    known = _PACKINGS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    packing = packed_in_plan(plan)
+    _PACKINGS.put(id(plan), (plan, packing))
+    return packing
+
+
+def _check_piece(piece: bytes, max_piece_bytes: int) -> None:
+    """AnswerTooLarge when piece is over the transport's message limit (0: none)."""
+    if max_piece_bytes and len(piece) > max_piece_bytes:
+        raise AnswerTooLarge(
+            f"one piece of the answer is {len(piece)} bytes, over the {max_piece_bytes}-byte "
+            "message limit; select fewer or narrower columns"
+        )
 
 
 def _is_collection(duckdb_type: str) -> bool:

@@ -2,12 +2,18 @@
 
 Queries are claimed when a query starts, and rows and Arrow IPC bytes batch by batch before
 they are sent, each in its own transaction, so concurrent queries together never pass a limit
-and the counts survive restarts and crashes (a crash can only over-count what was claimed).
+and the counts survive restarts and crashes (a crash can only over-count what was sent).
+
+A claim is committed at once (a process crash keeps it) and made durable against a power
+loss by sync() before any byte it allows leaves: one fsync of the write-ahead log covers
+every claim committed before it (of one query, and of queries running beside it), instead
+of one fsync per claim.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -93,7 +99,13 @@ class QuotaLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # Commits are written to the log at once, fsync'd by sync() (a checkpoint syncs the
+        # log before it copies it into the file, and the file after).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._wal = Path(f"{path}-wal")
+        self._commits = 0  # claims committed so far
+        self._synced = 0  # of which the last finished sync() covered these
+        self._sync_lock = threading.Lock()
         self._db.execute(_SCHEMA)
         self._db.execute(_PRIVACY_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
@@ -105,6 +117,36 @@ class QuotaLedger:
         """Close the ledger."""
         with self._lock:
             self._db.close()
+
+    @property
+    def unsynced(self) -> int:
+        """Claims committed but not yet made durable by sync()."""
+        with self._lock:
+            return self._commits - self._synced
+
+    def sync(self) -> None:
+        """Return once every claim committed so far is on disk (before what it allows is
+        sent); OSError if the log cannot be synced."""
+        with self._lock:
+            wanted = self._commits
+        with self._sync_lock:
+            if self._synced >= wanted:
+                return  # a sync that started after those commits covered them
+            with self._lock:
+                covered = self._commits
+            try:
+                fd = os.open(self._wal, os.O_RDONLY)
+            except FileNotFoundError:
+                return  # no log: everything was checkpointed into the file (and synced)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._synced = covered
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._commits += 1
 
     def _counts(self, day: str, member: str, policy: str) -> Usage:
         row = self._db.execute(
@@ -123,6 +165,8 @@ class QuotaLedger:
 
     def claim_query(self, member: str, quotas: Sequence[PolicyQuota], now: dt.datetime) -> None:
         """Count one query against every policy; ResourceExhausted says when a quota resets."""
+        if not quotas:
+            return  # nothing to count: no transaction (most queries of most grants)
         day, reset = _today(now)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -133,7 +177,7 @@ class QuotaLedger:
                         raise _exhausted(quota, used_up, reset)
                 for quota in quotas:
                     self._add(day, member, quota.policy_id, Usage(queries=1))
-                self._db.execute("COMMIT")
+                self._commit()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -158,7 +202,7 @@ class QuotaLedger:
                         raise _exhausted(quota, f"{quota.bytes_per_day} bytes a day", reset)
                 for quota in quotas:
                     self._add(day, member, quota.policy_id, Usage(bytes=size))
-                self._db.execute("COMMIT")
+                self._commit()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -193,7 +237,7 @@ class QuotaLedger:
                 size = size_of(rows) if rows else 0
                 for quota in quotas:
                     self._add(day, member, quota.policy_id, Usage(rows=rows, bytes=size))
-                self._db.execute("COMMIT")
+                self._commit()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -253,7 +297,7 @@ class QuotaLedger:
                         "excluded.spent",
                         (day, member, charge.policy_id, charge.cost),
                     )
-                self._db.execute("COMMIT")
+                self._commit()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

@@ -13,7 +13,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,10 @@ class ReceiptFields:
 
     def to_json(self) -> builtins.bytes:
         """Canonical JSON (sorted keys, no spaces) of the fields."""
-        return canonical_bytes(asdict(self))
+        # Field by field, not dataclasses.asdict: its deep copy was a third of the signing.
+        record = {name: getattr(self, name) for name in _RECEIPT_FIELDS}
+        record["policies"] = [{"id": p.id, "version": p.version} for p in self.policies]
+        return canonical_bytes(record)
 
     @classmethod
     def from_json(cls, data: builtins.bytes) -> ReceiptFields:
@@ -63,6 +66,9 @@ class ReceiptFields:
         raw: dict[str, Any] = jws.parse_json(data)
         policies = tuple(PolicyRef(str(p["id"]), int(p["version"])) for p in raw.pop("policies"))
         return cls(policies=policies, **raw)
+
+
+_RECEIPT_FIELDS = tuple(f.name for f in fields(ReceiptFields))
 
 
 @dataclass(frozen=True)
@@ -87,13 +93,13 @@ class ReceiptSigner:
         self.key_id = jws.key_id(key.public_key())
         self.public_key_pem = public_pem(key.public_key()).decode()
 
-    def sign(self, fields: ReceiptFields) -> str:
+    def sign(self, receipt: ReceiptFields) -> str:
         """The compact JWS of the receipt."""
-        return jws.sign(fields.to_json(), self._key, detached=False)
+        return jws.sign(receipt.to_json(), self._key, detached=False, kid=self.key_id)
 
     def sign_json(self, claim: Mapping[str, Any]) -> str:
         """A compact JWS over canonical JSON of claim (audit checkpoints)."""
-        return jws.sign(canonical_bytes(dict(claim)), self._key, detached=False)
+        return jws.sign(canonical_bytes(dict(claim)), self._key, detached=False, kid=self.key_id)
 
 
 def verify_receipt(token: str, public_key: ed25519.Ed25519PublicKey) -> ReceiptFields:

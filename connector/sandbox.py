@@ -2,9 +2,10 @@
 
 The file is attached to an in-memory connection that is locked down as the project's
 SECURITY.md describes: read-only, except in the running server, which is also the file's
-single writer for live ingest (ingest_service.py). Each request gets its own cursor in a
-read-only transaction (DuckDB refuses any write in it) with TEMP views that show only what
-its policy grants; the bound plan is checked (plancheck.py) to scan nothing else; results
+single writer for live ingest (ingest_service.py). Each request runs in a read-only
+transaction of its own (DuckDB refuses any write in it) on a cursor whose TEMP views show
+only what its policy grants (a cursor is reused only for exactly the same views, under the
+same datasets); the bound plan is checked (plancheck.py) to scan nothing else; results
 stream batch by batch; errors echo no data (sandbox_errors.py).
 
 A query on a shaped dataset (masks, row filters, aggregate-only) may scan only its shaped
@@ -18,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import duckdb
 
@@ -31,7 +32,16 @@ from connector.errors import (
 from connector.plancheck import bound_plan
 from connector.recent import RecentlyUsed
 from connector.sandbox_errors import sandbox_failures
-from connector.sandbox_session import STORED_CATALOG, PassedPlans, PlanKey, SandboxSession
+from connector.sandbox_session import (
+    IDLE_CURSORS,
+    STORED_CATALOG,
+    CheckedPlan,
+    CursorPool,
+    PassedPlans,
+    PlanKey,
+    SandboxSession,
+    SessionCursors,
+)
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,
     ShapedCopies,
@@ -104,9 +114,11 @@ class SandboxDatabase:
         *,
         max_shaped_copies: int = MAX_SHAPED_COPIES,
         writable: bool = False,
+        idle_cursors: int = IDLE_CURSORS,
     ) -> None:
         """writable: the server's own instance, which also loads new data (see writer());
-        peers' sessions then read in read-only transactions."""
+        peers' sessions then read in read-only transactions. idle_cursors: how many
+        sessions' cursors are kept with their views for the next identical view set."""
         if not db_path.exists():
             raise StoreError(f"{db_path} does not exist: run `connector init` first")
         # An in-memory connection with the member's file attached (read-only unless this is
@@ -139,7 +151,8 @@ class SandboxDatabase:
         _lock_down(self._db, limits)
         # Work that passed against the datasets as they are: emptied by a commit.
         self._names_passed: RecentlyUsed[_NamesKey, bool] = RecentlyUsed(CHECKED_NAMES)
-        self._plans_passed: RecentlyUsed[PlanKey, dict[str, Any]] = RecentlyUsed(CHECKED_PLANS)
+        self._plans_passed: RecentlyUsed[PlanKey, CheckedPlan] = RecentlyUsed(CHECKED_PLANS)
+        self._idle = CursorPool(idle_cursors)
         self.limits = limits
         self.shaped = ShapedCopies(self._cursor, max_shaped_copies)
         self.gate = CommitGate()
@@ -207,18 +220,14 @@ class SandboxDatabase:
         return self._datasets
 
     def session(self) -> SandboxSession:
-        """A fresh cursor for one request in a read-only transaction (nothing it runs can
-        write the member's data); its TEMP views vanish with it."""
-        with sandbox_failures():
-            cursor = self._cursor()
-            try:
-                cursor.execute("BEGIN TRANSACTION READ ONLY")
-            except BaseException:
-                cursor.close()
-                raise
-            return SandboxSession(
-                cursor, self.shaped, self._alarms, PassedPlans(self._plans_passed, self._datasets)
-            )
+        """One request's session: its cursor runs in a read-only transaction (nothing it runs
+        can write the member's data), with TEMP views of exactly its relations. The cursor
+        comes from the pool of idle ones holding those views under the datasets as they are
+        (a commit empties the pool), or is new."""
+        generation = self._datasets
+        cursors = SessionCursors(self._cursor, self._idle, generation)
+        passed = PassedPlans(self._plans_passed, generation)
+        return SandboxSession(cursors, self.shaped, self._alarms, passed)
 
     def check_names(
         self, sql: str, relations: Sequence[TypedRelation], datasets: Sequence[str]
@@ -267,6 +276,7 @@ class SandboxDatabase:
     def close(self) -> None:
         """Close the database."""
         self._alarms.stop()
+        self._idle.clear()
         self._db.close()
 
 

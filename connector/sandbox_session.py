@@ -1,12 +1,18 @@
 """One peer request's sandbox cursor: its views, the plan check, the streamed result, and
-stopping it (deadline, cancel) from the sandbox's one alarm thread."""
+stopping it (deadline, cancel) from the sandbox's one alarm thread.
+
+A cursor whose query ran to its end is kept (CursorPool) with its TEMP views standing, for
+the next request that exposes exactly the same views while the datasets stay as they are;
+each request still runs in a read-only transaction of its own, rolled back at its end.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +53,114 @@ STORED_CATALOG = "stored"  # the member's file, attached read-only
 PlanKey = tuple[bytes, tuple[str, ...], tuple[tuple[str, str, str, int, tuple[str, ...]], ...]]
 
 
+# What a cursor's TEMP views are: each view's name and definition (the shaped copy it reads
+# named in it), in name order.
+ViewKey = tuple[tuple[str, str], ...]
+IDLE_CURSORS = 8  # cursors kept with their views standing, across all view sets
+BEGIN_READ_ONLY = "BEGIN TRANSACTION READ ONLY"
+
+
+class CursorPool:
+    """Idle sandbox cursors by the TEMP views they hold, all made under one generation of
+    the datasets (a lookup under a new one closes them all); thread-safe. A cursor is taken
+    by one request at a time and given back only by a request whose query ran to its end."""
+
+    def __init__(self, size: int = IDLE_CURSORS) -> None:
+        self._size = size
+        self._idle: OrderedDict[ViewKey, list[duckdb.DuckDBPyConnection]] = OrderedDict()
+        self._count = 0
+        self._generation: object = None
+        self._lock = threading.Lock()
+
+    def take(self, key: ViewKey, generation: object) -> duckdb.DuckDBPyConnection | None:
+        """An idle cursor holding exactly the views key names, made under generation."""
+        stale: list[duckdb.DuckDBPyConnection] = []
+        with self._lock:
+            if generation is not self._generation:
+                stale = self._drain()
+                self._generation = generation
+            cursors = self._idle.get(key)
+            cursor = cursors.pop() if cursors else None
+            if cursor is not None:
+                self._count -= 1
+                if not cursors:
+                    del self._idle[key]
+        _close_all(stale)
+        return cursor
+
+    def give(self, key: ViewKey, generation: object, cursor: duckdb.DuckDBPyConnection) -> None:
+        """Keep cursor (out of any transaction) for key, unless generation is past; the
+        least recently given cursors beyond the pool's size are closed."""
+        surplus = [cursor]
+        with self._lock:
+            if generation is self._generation and self._size > 0:
+                self._idle.setdefault(key, []).append(cursor)
+                self._idle.move_to_end(key)
+                self._count += 1
+                surplus = []
+                while self._count > self._size:
+                    oldest = next(iter(self._idle))
+                    surplus.append(self._idle[oldest].pop(0))
+                    self._count -= 1
+                    if not self._idle[oldest]:
+                        del self._idle[oldest]
+        _close_all(surplus)
+
+    def clear(self) -> None:
+        """Close every idle cursor."""
+        with self._lock:
+            stale = self._drain()
+        _close_all(stale)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._count
+
+    def _drain(self) -> list[duckdb.DuckDBPyConnection]:
+        cursors = [c for group in self._idle.values() for c in group]
+        self._idle.clear()
+        self._count = 0
+        return cursors
+
+
+def _close_all(cursors: list[duckdb.DuckDBPyConnection]) -> None:
+    for cursor in cursors:
+        try:
+            cursor.close()
+        except duckdb.Error:
+            log.debug("closing an idle sandbox cursor failed", exc_info=True)
+
+
+@dataclass(frozen=True)
+class SessionCursors:
+    """Where a session's cursor comes from: new ones (USE'ing the member's file) and the
+    pool of idle ones with their views, valid for the datasets as of generation."""
+
+    new: Callable[[], duckdb.DuckDBPyConnection]
+    pool: CursorPool
+    generation: object
+
+
+# Functions a SELECT may call (the plan check lets them through) that leave state in the
+# cursor for its next query: such a cursor is never kept for another request.
+CONNECTION_STATE_FUNCTIONS = ("setseed",)
+
+# A plan that passed the check, and whether it leaves state in its cursor.
+CheckedPlan = tuple[dict[str, Any], bool]
+
+
 @dataclass(frozen=True)
 class PassedPlans:
     """The sandbox's plans that passed the check, and the datasets they were bound against."""
 
-    plans: RecentlyUsed[PlanKey, dict[str, Any]]
+    plans: RecentlyUsed[PlanKey, CheckedPlan]
     generation: object
+
+
+def _keeps_state(plan_text: str) -> bool:
+    """Whether a bound plan calls a function that changes its cursor for later queries (the
+    plan names each function it calls, also one reached through query())."""
+    return any(f'"{name}"' in plan_text for name in CONNECTION_STATE_FUNCTIONS)
 
 
 def _plan_key(sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str]) -> PlanKey:
@@ -68,12 +176,14 @@ class SandboxSession:
 
     def __init__(
         self,
-        cursor: duckdb.DuckDBPyConnection,
+        cursors: SessionCursors,
         shaped: ShapedCopies,
         alarms: AlarmClock,
         passed: PassedPlans,
     ) -> None:
-        self._cursor = cursor
+        self._cursors = cursors
+        self._current: duckdb.DuckDBPyConnection | None = None
+        self._views: ViewKey | None = None  # set while the cursor may go back to the pool
         self._passed = passed
         self._shaped = shaped
         self._alarms = alarms
@@ -81,22 +191,62 @@ class SandboxSession:
         self._copies: list[str] = []
         self._running = threading.Event()
         self._cancelled = threading.Event()
+        self._drained = False  # the query's result was read to its end
+        self._reusable_sql: str | None = None  # checked by verify_plan: leaves no state
+        self._reusable = False  # the query run is that one
         self._closed = False
         self._timed_out = False
         self._lock = threading.Lock()
 
+    @property
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        """The session's cursor, in its read-only transaction (a new one, never pooled,
+        when asked for before expose)."""
+        if self._current is None:
+            with sandbox_failures():
+                cursor = self._cursors.new()
+                try:
+                    cursor.execute(BEGIN_READ_ONLY)
+                except BaseException:
+                    cursor.close()
+                    raise
+            self._current = cursor
+        return self._current
+
     def expose(self, relations: Sequence[ExposedRelation]) -> None:
-        """Create the TEMP view of each relation under its dataset name."""
+        """Show each relation as a TEMP view under its dataset name, then begin the read-only
+        transaction: on a pooled cursor whose views are exactly these, else on a new one."""
+        sources = []
         for relation in relations:
             source = relation.sql
             if relation.shaped_table:
                 shaped = self._shaped.acquire(relation)  # our own name, a hash
                 self._copies.append(relation.shaped_table)
                 source = f"SELECT * FROM {shaped}"  # noqa: S608
-            with sandbox_failures():
-                self._cursor.execute(
-                    f"CREATE TEMP VIEW {quote_identifier(relation.dataset)} AS {source}"
-                )
+            sources.append((quote_identifier(relation.dataset), source))
+        if self._current is not None:  # already in its transaction: views of its own
+            for name, source in sources:
+                with sandbox_failures():
+                    self._current.execute(f"CREATE TEMP VIEW {name} AS {source}")
+            return
+        key: ViewKey = tuple(sorted(sources))
+        cursors = self._cursors
+        with sandbox_failures():
+            cursor = cursors.pool.take(key, cursors.generation)
+            if cursor is None:
+                cursor = cursors.new()
+                try:
+                    for name, source in key:  # outside any transaction: they stay
+                        cursor.execute(f"CREATE TEMP VIEW {name} AS {source}")
+                except BaseException:
+                    cursor.close()
+                    raise
+            try:
+                cursor.execute(BEGIN_READ_ONLY)
+            except BaseException:
+                cursor.close()
+                raise
+        self._current, self._views = cursor, key
 
     def verify_plan(
         self, sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str] = ()
@@ -108,16 +258,21 @@ class SandboxSession:
         # The same query over the same relations binds to the same plan: bound and checked
         # once while the datasets stay as they are (a refusal is worked out each time).
         known = self._passed.plans.get(key, self._passed.generation)
-        if known is not None:
-            return known
-        text, plan = bound_plan_text(self._cursor, sql, names)
-        check_plan_text(text, plan, {source_of(r): r for r in relations})
-        self._passed.plans.put(key, plan, self._passed.generation)
+        if known is None:
+            text, plan = bound_plan_text(self._cursor, sql, names)
+            check_plan_text(text, plan, {source_of(r): r for r in relations})
+            known = (plan, _keeps_state(text))
+            self._passed.plans.put(key, known, self._passed.generation)
+        plan, keeps_state = known
+        if not keeps_state:
+            self._reusable_sql = sql
         return plan
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
         self._running.set()
+        # Only a query checked to leave nothing in the cursor lets it be kept afterwards.
+        self._reusable = sql == self._reusable_sql
         deadline = self._alarms.call_later(timeout, self._time_up) if timeout else None
         try:
             reader = self._cursor.sql(sql).to_arrow_reader(batch_rows)
@@ -164,26 +319,52 @@ class SandboxSession:
             if self._closed or not self._running.is_set() or self._interrupts >= INTERRUPT_REPEATS:
                 return None
             self._interrupts += 1
-            self._cursor.interrupt()  # sets a flag in DuckDB: returns at once
+            if self._current is not None:
+                self._current.interrupt()  # sets a flag in DuckDB: returns at once
         return INTERRUPT_INTERVAL
 
-    def finished(self) -> None:
-        """The query is done; interrupts no longer apply."""
-        self._running.clear()
+    def finished(self, drained: bool = False) -> None:
+        """The query is done (drained: its result was read to the end); interrupts no
+        longer apply."""
+        with self._lock:
+            self._drained = drained
+            self._running.clear()
 
     def close(self) -> None:
-        """Close the cursor (and its TEMP views)."""
+        """End the session: its cursor goes back to the pool (transaction rolled back, views
+        standing) if its query passed verify_plan leaving no state in it and ran to its end
+        untouched by any interrupt; else it is closed with its TEMP views."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # no interrupt of this session reaches the cursor from now
             self._running.clear()
-        try:
-            self._cursor.close()
-        except duckdb.Error:
-            log.debug("closing a sandbox cursor failed", exc_info=True)
+            reusable = (
+                self._views is not None
+                and self._reusable
+                and self._drained
+                and not self._cancelled.is_set()
+                and not self._timed_out
+                and self._interrupts == 0
+            )
+        cursor, self._current = self._current, None
+        if cursor is not None:
+            if reusable and self._views is not None and _rolled_back(cursor):
+                self._cursors.pool.give(self._views, self._cursors.generation, cursor)
+            else:
+                _close_all([cursor])
         for name in self._copies:
             self._shaped.release(name)
+
+
+def _rolled_back(cursor: duckdb.DuckDBPyConnection) -> bool:
+    """End cursor's read-only transaction, undoing anything done in it; False if that fails."""
+    try:
+        cursor.execute("ROLLBACK")
+    except duckdb.Error:
+        log.debug("ending a sandbox transaction failed", exc_info=True)
+        return False
+    return True
 
 
 class ResultStream:
@@ -201,6 +382,7 @@ class ResultStream:
         self._deadline = deadline
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        drained = False
         try:
             while True:
                 if self._session._cancelled.is_set():
@@ -208,6 +390,7 @@ class ResultStream:
                 try:
                     batch = self._reader.read_next_batch()
                 except StopIteration:
+                    drained = True
                     return
                 except (duckdb.Error, pa.ArrowException, MemoryError, OSError) as exc:
                     # pyarrow reports DuckDB's interrupt ("INTERRUPT Error") and a failed
@@ -224,7 +407,7 @@ class ResultStream:
         finally:
             if self._deadline:
                 self._deadline.cancel()
-            self._session.finished()
+            self._session.finished(drained)
 
 
 def source_of(relation: ExposedRelation) -> SourceName:

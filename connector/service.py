@@ -17,7 +17,6 @@ from connector import __version__
 from connector._proto.connector.v1 import connector_pb2 as pb
 from connector.audit_entry import AuditEntry
 from connector.errors import (
-    AnswerTooLarge,
     AuditUnavailable,
     ConnectorError,
     PermissionDenied,
@@ -271,25 +270,15 @@ class ConnectorService:
             run = self._provider.query(member, request, entry, context.time_remaining())
         except Exception as error:
             self._refuse(context, entry, error, "Query")
-        try:
-            # Nothing leaves before the request and its decision are on disk.
-            self._provider.audit.opened(entry)
-        except AuditUnavailable as error:
-            run.close()
-            self._refuse(context, entry, error, "Query")
+        # Nothing leaves before the request is on disk: pieces() writes its entry first.
         context.add_callback(run.cancel)
         run.end_stream = context.cancel  # a peer that stops reading is cut off
         self._track(run, running=True)
-        pieces = run.pieces(context.time_remaining())
+        # Pieces over the message limit are refused before they count as sent.
+        pieces = run.pieces(context.time_remaining(), self._max_piece_bytes)
         handed = _Handed(run)
         try:
             for piece in pieces:
-                if len(piece) > self._max_piece_bytes:
-                    raise AnswerTooLarge(
-                        f"one piece of the answer is {len(piece)} bytes, over the "
-                        f"{self._max_piece_bytes}-byte message limit; select fewer or "
-                        "narrower columns"
-                    )
                 handed.add(piece, run.rows)
                 yield arrow_piece_message(piece)
             # The audit entry is written (fsync) inside receipt(), before the peer gets it.

@@ -20,6 +20,9 @@ from tests.conftest import ProviderPair, connect, run_cli
 PURPOSE = "quality-benchmarking"
 DENIED = 6
 
+# Longer than the answers held whole before they are sent: it has an "opened" entry.
+LONG_ANSWER = "SELECT a.plant, b.week FROM part_defects a CROSS JOIN part_defects b"  # 40,000 rows
+
 
 @pytest.fixture
 def recorded(provider_pair: ProviderPair, serve: Any) -> tuple[Path, list[dict[str, Any]]]:
@@ -34,7 +37,7 @@ def recorded(provider_pair: ProviderPair, serve: Any) -> tuple[Path, list[dict[s
     server = serve(provider)
     with connect(server, grantee) as peer:
         peer.catalog()
-        peer.query("SELECT plant, week FROM part_defects", PURPOSE)
+        peer.query(LONG_ANSWER, PURPOSE)
         peer.explain("SELECT defects FROM part_defects", PURPOSE)
         for _ in range(DENIED):
             with pytest.raises(ConnectorError):
@@ -119,7 +122,7 @@ def _check_request(event: dict[str, Any], entry: dict[str, Any]) -> None:
     assert event["revision"] == refs
     if kind == "query" and entry["outcome"] == "answered":
         assert refs == "q@1"
-        assert event["connector_audit"]["rows"] == entry["rows"] == 200
+        assert event["connector_audit"]["rows"] == entry["rows"] == 40_000
         assert event["connector_audit"]["opened_seq"] == entry["opened_seq"] > 0
 
 
@@ -146,7 +149,7 @@ def test_a_changed_log_is_refused_with_file_line_and_fix(
 ) -> None:
     home, _ = recorded
     log = home / "audit" / "audit.jsonl"
-    log.write_text(log.read_text().replace('"rows":200', '"rows":1'))
+    log.write_text(log.read_text().replace('"rows":40000', '"rows":1'))
     capsys.readouterr()
     out = tmp_path / "decisions.jsonl"
     args = ("audit", "export", "--home", home, "--format", "opa-decision-log", "--output", out)

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -100,14 +101,31 @@ def test_sighup_serves_a_new_certificate_without_a_restart(
     assert str(answered[0]["request_id"]) in str(answered[0]["message"])
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _active_queries(metrics_port: int) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode("utf-8")
+    line = next(line for line in text.splitlines() if line.startswith("connector_active_queries"))
+    return float(line.split()[-1])
+
+
 def test_sigterm_lets_running_queries_finish_then_stops_the_rest_and_exits_0(
     provider_pair: ProviderPair, server_process: Callable[..., ServerProcess]
 ) -> None:
+    metrics_port = _free_port()
     provider, grantee = provider_pair(
         settings={
             "shutdown_grace_seconds = 10": f"shutdown_grace_seconds = {GRACE}",
             # Many small pieces: gRPC's flow control holds the answer while the peer waits.
             "batch_rows = 65536": "batch_rows = 200",
+            '# listen = "127.0.0.1:9464"': f'listen = "127.0.0.1:{metrics_port}"',
         }
     )
     server = server_process(provider, "--log-format", "json")
@@ -127,7 +145,8 @@ def test_sigterm_lets_running_queries_finish_then_stops_the_rest_and_exits_0(
     with Peer(address, grantee.identity(), timeout=120) as reader:
         stream = reader.stream(LARGE, PURPOSE)
         pieces = [next(stream).arrow_ipc]  # the large answer is being sent
-        wait_for(lambda: sum(e["type"] == "opened" for e in read_entries(audit)) == 2)
+        wait_for(lambda: sum(e["type"] == "opened" for e in read_entries(audit)) == 1)
+        wait_for(lambda: _active_queries(metrics_port) == 2)  # and the slow one runs
         stopping = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "SIGTERM received" in server.log())

@@ -270,6 +270,40 @@ def test_a_peer_that_cancels_at_the_end_is_on_record_with_what_it_got(space: Spa
     _verify(space.provider)
 
 
+def test_a_peer_that_leaves_after_the_first_of_many_held_pieces_is_on_record_with_it(
+    provider_pair: ProviderPair, serve: Any
+) -> None:
+    """Small batches: several pieces are worked out before the first is sent (the answer
+    may be held whole); the record names exactly the bytes that were handed over."""
+    provider, grantee = provider_pair(settings={"batch_rows = 65536": "batch_rows = 500"})
+    server = serve(provider)
+    sql = (
+        "SELECT a.plant, a.part_no, b.week, b.defects FROM part_defects a, part_defects b "
+        "ORDER BY ALL"
+    )
+    with _channel(server.port, grantee) as channel:
+        call = _raw_query(channel)(_request(sql, "leaves-early"), timeout=60)
+        first = next(iter(call)).arrow_ipc
+        call.cancel()
+        whole = b"".join(m.arrow_ipc for m in _raw_query(channel)(_request(sql, "all"), timeout=60))
+    assert 0 < len(first) < 256 * 1024 < len(whole)  # one piece of many, not the whole answer
+
+    def final() -> dict[str, Any] | None:
+        return next(
+            (e for e in _entries(provider) if e.get("client_reference") == "leaves-early"), None
+        )
+
+    wait_for(lambda: final() is not None)
+    entry = final()
+    assert entry is not None and entry["outcome"] == "cancelled", entry
+    # What reached the transport, which may be more than the peer read before it left.
+    handed = whole[: entry["bytes"]]
+    assert handed.startswith(first) and len(handed) < len(whole)
+    assert entry["result_sha256"] == hashlib.sha256(handed).hexdigest()
+    assert 0 < entry["rows"] < 200 * 200
+    _verify(provider)
+
+
 def test_an_answer_over_the_message_limit_has_its_own_outcome(
     provider_pair: ProviderPair, serve: Any
 ) -> None:

@@ -33,13 +33,24 @@ def _batch(rows: int) -> pa.RecordBatch:
 
 def test_the_digest_of_what_was_handed_over_needs_no_second_pass() -> None:
     pieces = IpcPieces(_batch(1).schema)
-    produced = [pieces.encode(_batch(10)), pieces.encode(_batch(20))]
-    everything = b"".join(produced)
-    assert pieces.sha256_of_first(len(everything)) == hashlib.sha256(everything).hexdigest()
-    # All but the latest piece: what a transport sent when it refused that piece.
-    assert pieces.sha256_of_first(len(produced[0])) == hashlib.sha256(produced[0]).hexdigest()
+    produced = [pieces.encode(_batch(10)), pieces.encode(_batch(20)), pieces.encode(_batch(5))]
+    first, second, _ = (len(p) for p in produced)
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    # Every boundary of pieces produced ahead (an answer held whole) has its digest.
+    assert pieces.sha256_of_first(0) == sha(b"")
+    assert pieces.sha256_of_first(first) == sha(produced[0])
+    assert pieces.sha256_of_first(first + second) == sha(produced[0] + produced[1])
+    assert pieces.sha256_of_first(pieces.bytes_sent) == sha(b"".join(produced))
     with pytest.raises(ValueError, match="no digest of the first 5"):
         pieces.sha256_of_first(5)
+    # Boundaries before what the transport took are forgotten: memory stays bounded.
+    pieces.handed_over(first + second)
+    with pytest.raises(ValueError):
+        pieces.sha256_of_first(first)
+    assert pieces.sha256_of_first(first + second) == sha(produced[0] + produced[1])
     produced.append(pieces.finish())
-    assert pieces.sha256 == hashlib.sha256(b"".join(produced)).hexdigest()
-    assert read_ipc_pieces(produced)["n"].to_pylist() == [*range(10), *range(20)]
+    assert pieces.sha256 == sha(b"".join(produced))
+    assert read_ipc_pieces(produced)["n"].to_pylist() == [*range(10), *range(20), *range(5)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -139,3 +140,37 @@ def test_a_ledger_from_before_byte_quotas_gains_the_column(tmp_path: Path) -> No
     ledger.claim_bytes("acme", [PolicyQuota("p", bytes_per_day=100)], 60, NOW)
     assert ledger.used("acme", "p", NOW) == Usage(3, 40, 60)
     ledger.close()
+
+
+def _synced_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files fsync'd from now on, in order."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+def test_one_sync_makes_every_claim_before_it_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = QuotaLedger(tmp_path / "q.sqlite")
+    quotas = [PolicyQuota("p", queries_per_day=10, rows_per_day=100, bytes_per_day=10_000)]
+    synced = _synced_files(monkeypatch)
+    ledger.sync()
+    assert synced == []  # nothing claimed yet
+    ledger.claim_query("acme", quotas, NOW)
+    ledger.claim_bytes("acme", quotas, 100, NOW)
+    ledger.claim_sent("acme", quotas, 5, lambda rows: rows * 10, now=NOW)
+    ledger.sync()
+    assert synced == [f"{tmp_path / 'q.sqlite'}-wal"]
+    ledger.sync()  # nothing new: no second fsync
+    ledger.claim_rows("acme", quotas, 1, NOW)
+    ledger.sync()
+    assert len(synced) == 2
+    ledger.close()
+    assert QuotaLedger(tmp_path / "q.sqlite").used("acme", "p", NOW) == Usage(1, 6, 150)

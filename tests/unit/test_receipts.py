@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from connector import jws
+from connector.canonical import canonical_bytes
 from connector.policy.ref import policy_refs
 from connector.receipt import ReceiptFields, ReceiptSigner, verify_receipt
 
@@ -60,3 +62,20 @@ def test_another_key_does_not_verify() -> None:
     token = ReceiptSigner(ed25519.Ed25519PrivateKey.generate()).sign(_fields())
     with pytest.raises(jws.JwsError):
         verify_receipt(token, ed25519.Ed25519PrivateKey.generate().public_key())
+
+
+def test_the_signed_payload_is_the_canonical_json_of_every_field() -> None:
+    fields = dataclasses.replace(
+        _fields(),
+        audit_seq=7,
+        obligations={"attribution": "Source: ACME", "delete_within_days": 90, "x": [1, {"b": 2}]},
+        limited_by="max_rows",
+        client_reference="mine-1",
+        versions={"parts": [0, 3]},
+    )
+    # The payload holds exactly the dataclass's fields, as dataclasses.asdict gives them.
+    assert fields.to_json() == canonical_bytes(dataclasses.asdict(fields))
+    key = ed25519.Ed25519PrivateKey.generate()
+    token = ReceiptSigner(key).sign(fields)
+    assert jws.b64url_decode(token.split(".")[1]) == fields.to_json()
+    assert verify_receipt(token, key.public_key()) == fields
