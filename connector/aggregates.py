@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import duckdb
 
-from connector import sqltree
+from connector import querytree, sqltree
 from connector.errors import QueryRejected
 from connector.noise import NoisyRelation, grouping_form
 from connector.sqlallowed import AGGREGATE_FUNCTIONS, WINDOW_FUNCTIONS
@@ -77,12 +77,12 @@ def aggregate_only_query(sql: str, terms: AggregateTerms) -> str:
     """The query with `count(*) >= K` added to its HAVING; QueryRejected unless it is in
     the aggregate-only form."""
     document = serialised_query(sql)
-    node = sqltree.statement_node(document)
+    node = querytree.statement_node(document)
     try:
         _FormCheck(terms).select(node)
     except RecursionError:
         raise QueryRejected("the query is nested too deeply") from None
-    node["having"] = _with_minimum(sqltree.having_clause(node), terms.min_group_size)
+    node["having"] = _with_minimum(querytree.having_clause(node), terms.min_group_size)
     try:
         return query_sql(document)
     except duckdb.Error:
@@ -105,8 +105,8 @@ def _minimum_condition(and_having: bool, minimum: int) -> str:
         if and_having
         else "SELECT 1 HAVING count(*) >= {k}"
     )
-    node = sqltree.statement_node(serialised_query(template.format(k=minimum)))
-    return json.dumps(sqltree.having_clause(node))
+    node = querytree.statement_node(serialised_query(template.format(k=minimum)))
+    return json.dumps(querytree.having_clause(node))
 
 
 class _FormCheck:
@@ -122,35 +122,35 @@ class _FormCheck:
         return QueryRejected(f"{detail}; {self.help}")
 
     def select(self, node: dict[str, Any]) -> None:
-        if sqltree.query_type(node) != "SELECT_NODE":
+        if querytree.query_type(node) != "SELECT_NODE":
             raise self.fail("UNION, INTERSECT and EXCEPT are not allowed")
-        if sqltree.cte_entries(node):
+        if querytree.cte_entries(node):
             raise self.fail("WITH is not allowed")
-        if sqltree.qualify_clause(node) is not None or sqltree.has_sample(node):
+        if querytree.qualify_clause(node) is not None or querytree.has_sample(node):
             raise self.fail("QUALIFY and samples are not allowed")
-        source = sqltree.from_item(node)
+        source = querytree.from_item(node)
         self._from(source if isinstance(source, dict) else {})
         self.groups = self._groups(node)
         aliases = set()
-        for item in sqltree.select_list(node):
+        for item in querytree.select_list(node):
             self._output(item, "the select list")
             if sqltree.expression_alias(item):
                 aliases.add(sqltree.expression_alias(item).lower())
-        self._where(sqltree.where_clause(node))
-        having = sqltree.having_clause(node)
+        self._where(querytree.where_clause(node))
+        having = querytree.having_clause(node)
         if having is not None:
             self._output(having, "HAVING")
         # ORDER BY, DISTINCT ON and LIMIT: the same rule as the select list.
-        for expression in sqltree.modifier_expressions(node):
+        for expression in querytree.modifier_expressions(node):
             self._output(expression, "ORDER BY, DISTINCT ON and LIMIT", aliases)
 
     def _from(self, ref: dict[str, Any]) -> None:
-        if sqltree.table_ref_type(ref) != "BASE_TABLE" or (
-            sqltree.table_name(ref).lower() != self.terms.dataset
+        if querytree.table_ref_type(ref) != "BASE_TABLE" or (
+            querytree.table_name(ref).lower() != self.terms.dataset
         ):
             raise self.fail(f"the query must read dataset {self.terms.dataset} alone (no joins)")
-        if sqltree.table_alias(ref):
-            self.qualifiers = frozenset({sqltree.table_alias(ref)})
+        if querytree.table_alias(ref):
+            self.qualifiers = frozenset({querytree.table_alias(ref)})
 
     def _plain_column(self, expression: object, where: str) -> str | None:
         """The granted column expression names plainly (plant, or part_defects.plant); None
@@ -177,15 +177,15 @@ class _FormCheck:
         return names[0]
 
     def _groups(self, node: dict[str, Any]) -> frozenset[str]:
-        if sqltree.aggregate_handling(node) != "STANDARD_HANDLING":
+        if querytree.aggregate_handling(node) != "STANDARD_HANDLING":
             raise self.fail("GROUP BY ALL is not allowed: name the grouping columns")
         names = []
-        for expression in sqltree.group_expressions(node):
+        for expression in querytree.group_expressions(node):
             name = self._plain_column(expression, "GROUP BY")
             if name is None:
                 raise self.fail("GROUP BY may list only granted columns by name")
             names.append(name)
-        if (sqltree.group_sets(node) or [[]]) != [list(range(len(names)))]:
+        if (querytree.group_sets(node) or [[]]) != [list(range(len(names)))]:
             raise self.fail("GROUPING SETS, ROLLUP and CUBE are not allowed")
         return frozenset(names)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from connector.errors import AnswerTooLarge
+
 
 def narrowed_schema(schema: pa.Schema) -> pa.Schema:
     """schema with whole-number decimals as int64: DuckDB gives sums of integers as HUGEINT,
@@ -31,6 +33,23 @@ def narrowed_schema(schema: pa.Schema) -> pa.Schema:
 def narrowed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     """batch cast to the narrowed schema; ArrowInvalid when a value does not fit."""
     return batch if batch.schema.equals(schema) else batch.cast(schema, safe=True)
+
+
+def check_piece_size(piece: bytes, max_piece_bytes: int) -> None:
+    """AnswerTooLarge when piece is over the transport's message limit (0: none)."""
+    if max_piece_bytes and len(piece) > max_piece_bytes:
+        raise AnswerTooLarge(
+            f"one piece of the answer is {len(piece)} bytes, over the {max_piece_bytes}-byte "
+            "message limit; select fewer or narrower columns"
+        )
+
+
+def without_dictionaries(schema: pa.Schema) -> pa.Schema:
+    """schema with dictionary columns as plain values: their IPC size is then predictable."""
+    fields = [
+        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema
+    ]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 class _ChunkSink(io.RawIOBase):

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from connector import sqltree
+from connector import querytree, sqltree
 from connector.errors import NotFederable
 from connector.federated_plan import AGGREGATE, UNION, AggregatePart, FederationPlan
 from connector.sqlallowed import AGGREGATE_FUNCTIONS
@@ -74,7 +74,7 @@ def _why_not(node: Mapping[str, Any]) -> str:
 
 @functools.cache
 def _empty_select() -> str:
-    return json.dumps(sqltree.statement_node(serialised_query("SELECT 1")))
+    return json.dumps(querytree.statement_node(serialised_query("SELECT 1")))
 
 
 def expression_text(node: Mapping[str, Any]) -> str:
@@ -96,8 +96,8 @@ def output_name(node: Mapping[str, Any]) -> str:
 
 def _tables(value: object) -> Iterator[str]:
     if isinstance(value, dict):
-        if sqltree.table_ref_type(value) == "BASE_TABLE" and sqltree.table_name(value):
-            yield sqltree.table_name(value).lower()
+        if querytree.table_ref_type(value) == "BASE_TABLE" and querytree.table_name(value):
+            yield querytree.table_name(value).lower()
         for child in value.values():
             yield from _tables(child)
     elif isinstance(value, list):
@@ -107,21 +107,21 @@ def _tables(value: object) -> Iterator[str]:
 
 def query_datasets(sql: str) -> tuple[str, ...]:
     """The names a query reads from (datasets, and CTE names, which match no dataset)."""
-    return tuple(sorted(set(_tables(sqltree.statement_node(serialised_query(sql))))))
+    return tuple(sorted(set(_tables(querytree.statement_node(serialised_query(sql))))))
 
 
 def plan_federation(sql: str, *, per_member: bool = False) -> FederationPlan:
     """How sql is asked of many members (each answer kept apart when per_member);
     NotFederable (before anything is sent) when the answers could not be combined exactly."""
     document = serialised_query(sql)
-    node = sqltree.statement_node(document)
+    node = querytree.statement_node(document)
     datasets = tuple(sorted(set(_tables(node))))
-    if per_member or sqltree.query_type(node) != "SELECT_NODE":
+    if per_member or querytree.query_type(node) != "SELECT_NODE":
         return FederationPlan(UNION, sql, datasets)
-    grouped = bool(sqltree.group_expressions(node)) or (
-        sqltree.aggregate_handling(node) == "FORCE_AGGREGATES"
+    grouped = bool(querytree.group_expressions(node)) or (
+        querytree.aggregate_handling(node) == "FORCE_AGGREGATES"
     )
-    select_list = list(sqltree.select_list(node))
+    select_list = list(querytree.select_list(node))
     if not grouped and not any(any(_aggregates_in(item)) for item in select_list):
         return FederationPlan(UNION, sql, datasets)
     return _aggregate_plan(document, node, datasets)
@@ -137,17 +137,17 @@ def _refuse(message: str, node: Mapping[str, Any] | None = None) -> NotFederable
 def _aggregate_plan(
     document: dict[str, Any], node: dict[str, Any], datasets: tuple[str, ...]
 ) -> FederationPlan:
-    if sqltree.having_clause(node) is not None:
+    if querytree.having_clause(node) is not None:
         raise _refuse(
             "HAVING would filter each member's partial groups, not the combined ones; filter "
             "the combined answer yourself, or ask with --per-member"
         )
-    if sqltree.qualify_clause(node) is not None or sqltree.has_sample(node):
+    if querytree.qualify_clause(node) is not None or querytree.has_sample(node):
         raise _refuse("QUALIFY and USING SAMPLE are not combined")
-    if len(sqltree.group_sets(node)) > 1:
+    if len(querytree.group_sets(node)) > 1:
         raise _refuse("GROUPING SETS, ROLLUP and CUBE are not combined; ask one grouping")
-    select_list: list[dict[str, Any]] = list(sqltree.select_list(node))
-    force = sqltree.aggregate_handling(node) == "FORCE_AGGREGATES"
+    select_list: list[dict[str, Any]] = list(querytree.select_list(node))
+    force = querytree.aggregate_handling(node) == "FORCE_AGGREGATES"
     group_nodes = _group_nodes(node, select_list, force)
     new_select: list[dict[str, Any]] = []
     groups: list[tuple[str, str]] = []
@@ -174,7 +174,7 @@ def _aggregate_plan(
         new_select += partial_nodes
     order_by, limit = _modifiers(node, select_list, outputs)
     rewritten = copy.deepcopy(document)
-    member = sqltree.statement_node(rewritten)
+    member = querytree.statement_node(rewritten)
     member["select_list"] = new_select
     member["modifiers"] = []
     if not force:
@@ -205,7 +205,7 @@ def _group_nodes(
         if reference.is_plain_name
     }  # fmt: skip
     found = []
-    for written in sqltree.direct_expressions(sqltree.group_expressions(node)):
+    for written in sqltree.direct_expressions(querytree.group_expressions(node)):
         names = sqltree.written_column_names(written)
         expression = written
         if len(names) == 1 and names[0] in by_alias:
@@ -273,7 +273,7 @@ def _modifiers(
     order_by: list[tuple[str, bool]] = []
     limit: int | None = None
     shapes = [json.dumps(_shape(i), sort_keys=True) for i in select_list]
-    for modifier in sqltree.query_modifiers(node):
+    for modifier in querytree.query_modifiers(node):
         kind = modifier.kind
         if kind == "ORDER_MODIFIER":
             for order in modifier.orders:
@@ -290,7 +290,7 @@ def _modifiers(
     return tuple(order_by), limit
 
 
-def _descending(order: sqltree.OrderTerm) -> bool:
+def _descending(order: querytree.OrderTerm) -> bool:
     if order.null_order != "ORDER_DEFAULT":
         raise _refuse("NULLS FIRST / LAST is not applied after combining")
     return order.descending

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 import duckdb
 import pyarrow as pa
 
-from connector import sqltree
+from connector import querytree, sqltree
 from connector.errors import PermissionDenied, QueryRejected, ResourceExhausted
 from connector.shaping import Noise, Shaping
 from connector.sqljson import query_sql, serialised_query
@@ -228,8 +228,8 @@ def noise_plan(sql: str, relation: NoisyRelation) -> NoisePlan | None:
     if shaping.noise is None and not shaping.group_by:
         return None
     document = serialised_query(sql)
-    node = sqltree.statement_node(document)
-    if sqltree.query_type(node) != "SELECT_NODE":
+    node = querytree.statement_node(document)
+    if querytree.query_type(node) != "SELECT_NODE":
         raise _refused(relation, "UNION, INTERSECT and EXCEPT are not allowed")
     groups = _group_names(node, relation)
     if shaping.noise is None:
@@ -271,11 +271,11 @@ def _column(expression: object) -> str | None:
 
 def _group_names(node: dict[str, Any], relation: NoisyRelation) -> tuple[str, ...]:
     """The GROUP BY columns, checked against the declared sets."""
-    expressions = sqltree.group_expressions(node)
+    expressions = querytree.group_expressions(node)
     names = tuple(_column(e) for e in expressions)
-    if sqltree.aggregate_handling(node) != "STANDARD_HANDLING" or None in names:
+    if querytree.aggregate_handling(node) != "STANDARD_HANDLING" or None in names:
         raise _refused(relation, "GROUP BY may list only granted columns by name")
-    if expressions and (sqltree.group_sets(node) or [[]]) != [list(range(len(names)))]:
+    if expressions and (querytree.group_sets(node) or [[]]) != [list(range(len(names)))]:
         raise _refused(relation, "GROUPING SETS, ROLLUP and CUBE are not allowed")
     groups = tuple(str(n) for n in names)
     declared = relation.shaping.group_by
@@ -300,20 +300,20 @@ class _Planner:
         return _refused(self.relation, detail)
 
     def plan(self, document: dict[str, Any], node: dict[str, Any]) -> NoisePlan:
-        if sqltree.having_clause(node) is not None:
+        if querytree.having_clause(node) is not None:
             raise self.fail("HAVING is not allowed under noise (it would test exact aggregates)")
-        outputs = tuple(self._output(item) for item in sqltree.select_list(node))
+        outputs = tuple(self._output(item) for item in querytree.select_list(node))
         if not outputs:
             raise self.fail("the select list is empty")
         aggregate_names = {o.name.lower() for o in outputs if o.kind != "group"}
-        self._modifiers(sqltree.query_modifiers(node), aggregate_names)
+        self._modifiers(querytree.query_modifiers(node), aggregate_names)
         # The aliases hold '-', which no granted column name can: an ORDER BY a grouping
         # column never binds to a measurement instead.
         select = [
             f"{quote_identifier(g)} AS {quote_identifier(a)}" for g, a in self.group_aliases.items()
         ] + [f"{m.sql} AS {quote_identifier(m.alias)}" for m in self.measurements.values()]
-        template = sqltree.statement_node(serialised_query(f"SELECT {', '.join(select)}"))
-        node["select_list"] = list(sqltree.select_list(template))
+        template = querytree.statement_node(serialised_query(f"SELECT {', '.join(select)}"))
+        node["select_list"] = list(querytree.select_list(template))
         try:
             rewritten = query_sql(document)
         except duckdb.Error:
@@ -379,7 +379,9 @@ class _Planner:
             found = self.measurements[text] = Measurement(alias, text, sql, sensitivity, integer)
         return found.alias
 
-    def _modifiers(self, modifiers: list[sqltree.QueryModifier], aggregate_names: set[str]) -> None:
+    def _modifiers(
+        self, modifiers: list[querytree.QueryModifier], aggregate_names: set[str]
+    ) -> None:
         for modifier in modifiers:
             kind = modifier.kind
             if kind == "LIMIT_MODIFIER":

@@ -13,10 +13,13 @@ bounded by the query's length, and the byte limits bound it whatever its shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import pyarrow as pa
+
 from connector import plantree, sqltree
+from connector.recent import RecentlyUsed
 
 # Aggregates whose result grows with the number of rows they read.
 PACKING_AGGREGATES = frozenset(
@@ -142,10 +145,51 @@ def _nodes(value: Any) -> Iterator[dict[str, Any]]:
             stack.extend(reversed(item))
 
 
+# What packs rows in each plan that passed the check (the sandbox keeps those plans, and
+# hands out the same object for the same query): by the plan's identity, the plan held.
+_KEPT_PLANS: RecentlyUsed[int, tuple[dict[str, Any], str]] = RecentlyUsed(1024)
+
+
+def packed_in_kept_plan(plan: dict[str, Any]) -> str:
+    """packed_in_plan(plan), worked out once per plan object."""
+    known = _KEPT_PLANS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    packing = packed_in_plan(plan)
+    _KEPT_PLANS.put(id(plan), (plan, packing))
+    return packing
+
+
 def packing_refused(packing: str) -> str:
     """The reason a query that packs rows is refused where the policies limit rows."""
     return (
-        f"{packing}; the policies of these datasets limit rows per query or per day, so a "
-        "result row must not carry many rows: ask for the rows themselves (within the limits) "
-        "or for aggregates such as count, sum, avg, min and max"
+        f"{packing}; the policies limit rows (per query or per day), so a result row must "
+        "not carry many rows: ask for the rows themselves (within the limits) or for "
+        "aggregates such as count, sum, avg, min and max"
+    )
+
+
+def built_collection(schema: pa.Schema, dataset_types: Iterable[str]) -> str | None:
+    """The first result column holding a list or map the datasets do not hold (so a row
+    could carry many rows); None when there is none or the datasets hold lists themselves
+    (the guard's check is what applies then)."""
+    if any(_is_collection(t) for t in dataset_types):
+        return None
+    return next((f.name for f in schema if _nested_collection(f.type)), None)
+
+
+def _is_collection(duckdb_type: str) -> bool:
+    """A DuckDB column type holding several values (LIST, ARRAY, MAP, or a STRUCT of them)."""
+    return "[" in duckdb_type or "MAP(" in duckdb_type.upper()
+
+
+def _nested_collection(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return True
+    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_map(arrow_type):
+        return True
+    if pa.types.is_list_view(arrow_type) or pa.types.is_large_list_view(arrow_type):
+        return True
+    return pa.types.is_struct(arrow_type) and any(
+        _nested_collection(arrow_type.field(i).type) for i in range(arrow_type.num_fields)
     )

@@ -19,30 +19,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Any, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 
-from connector.arrow_stream import IpcPieces
+from connector.arrow_stream import IpcPieces, check_piece_size, without_dictionaries
 from connector.audit_entry import AuditEntry
 from connector.canonical import canonical_json
 from connector.commit_gate import GatePass
 from connector.errors import (
-    AnswerTooLarge,
     PermissionDenied,
     QueryTimeout,
     ResourceExhausted,
     StoreError,
 )
 from connector.identity import MemberIdentity
-from connector.packing import packed_in_plan
+from connector.packing import built_collection, packed_in_kept_plan, packing_refused
 from connector.policy.model import tightest
 from connector.policy.ref import policy_refs
 from connector.quota import QuotaLedger, most_rows
 from connector.receipt import ReceiptFields, ReceiptSigner
-from connector.recent import RecentlyUsed
 from connector.request import Explanation, PeerRequest
-from connector.sandbox import CHECKED_PLANS, SandboxDatabase
+from connector.sandbox import SandboxDatabase
 from connector.sandbox_session import SandboxSession
 from connector.slots import Slot
 
@@ -167,7 +165,7 @@ class QueryRun:
             held: list[bytes] = []
             size = 0
             for piece in produced:
-                _check_piece(piece, max_piece_bytes)
+                check_piece_size(piece, max_piece_bytes)
                 held.append(piece)
                 size += len(piece)
                 if size > HELD_ANSWER_BYTES:
@@ -185,7 +183,7 @@ class QueryRun:
                 yield from self._handed_over(piece)
             held.clear()
             for piece in produced:
-                _check_piece(piece, max_piece_bytes)
+                check_piece_size(piece, max_piece_bytes)
                 self._provider.quotas.sync()  # the rows and bytes of this piece, claimed
                 yield from self._handed_over(piece)
         finally:
@@ -204,7 +202,7 @@ class QueryRun:
             sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
             plan = self._session.verify_plan(sql, self._explanation.relations)
-            self._refuse_packing(_packing(plan))
+            self._refuse_packing(packed_in_kept_plan(plan))
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             self._leave_gate()  # DuckDB holds the query's snapshot now
             noise = self._explanation.noise  # noised answers: each batch noised, renamed
@@ -212,7 +210,7 @@ class QueryRun:
             self._refuse_packed_lists(measured)
             schema = self._labelled(measured)
             if self._counts_bytes:
-                schema = _without_dictionaries(schema)
+                schema = without_dictionaries(schema)
             pieces = self._pieces = IpcPieces(schema)
             self._claim_frame(schema)
             for raw in result:
@@ -240,28 +238,18 @@ class QueryRun:
         """Second layer under row limits: the bound plan packs rows (the guard refuses the
         query first, from its text)."""
         if packing and self._limits_rows:
-            raise PermissionDenied(
-                [
-                    f"{packing}; the policies limit rows, so ask for the rows themselves or "
-                    "for aggregates such as count, sum, avg, min and max"
-                ]
-            )
+            raise PermissionDenied([packing_refused(packing)])
 
     def _refuse_packed_lists(self, schema: pa.Schema) -> None:
         """Second layer under row limits: a list or map the datasets do not hold was built
         by the query, so a row could carry many rows (the guard refuses this first)."""
-        explanation = self._explanation
         if not self._limits_rows:
             return
-        if any(_is_collection(c.type) for r in explanation.relations for c in r.columns):
-            return  # the dataset holds lists itself: the guard's check is what applies
-        built = [f.name for f in schema if _nested_collection(f.type)]
-        if built:
+        types = (c.type for r in self._explanation.relations for c in r.columns)
+        built = built_collection(schema, types)
+        if built is not None:
             raise PermissionDenied(
-                [
-                    f"result column {built[0]!r} gathers many rows into one value; the "
-                    "policies limit rows, so ask for the rows themselves or for aggregates"
-                ]
+                [packing_refused(f"result column {built!r} gathers many rows into one value")]
             )
 
     def _cut(self, limit: str) -> None:
@@ -394,55 +382,6 @@ class QueryRun:
             self._finished = True
         self._session.close()
         self._slot.finish()
-
-
-# What packs rows in each plan that passed the check (the sandbox keeps those plans, and
-# hands out the same object for the same query): by the plan's identity, the plan held.
-_PACKINGS: RecentlyUsed[int, tuple[dict[str, Any], str]] = RecentlyUsed(CHECKED_PLANS)
-
-
-def _packing(plan: dict[str, Any]) -> str:
-    """packed_in_plan(plan), worked out once per plan object."""
-    known = _PACKINGS.get(id(plan))
-    if known is not None and known[0] is plan:
-        return known[1]
-    packing = packed_in_plan(plan)
-    _PACKINGS.put(id(plan), (plan, packing))
-    return packing
-
-
-def _check_piece(piece: bytes, max_piece_bytes: int) -> None:
-    """AnswerTooLarge when piece is over the transport's message limit (0: none)."""
-    if max_piece_bytes and len(piece) > max_piece_bytes:
-        raise AnswerTooLarge(
-            f"one piece of the answer is {len(piece)} bytes, over the {max_piece_bytes}-byte "
-            "message limit; select fewer or narrower columns"
-        )
-
-
-def _is_collection(duckdb_type: str) -> bool:
-    """A DuckDB column type holding several values (LIST, ARRAY, MAP, or a STRUCT of them)."""
-    return "[" in duckdb_type or "MAP(" in duckdb_type.upper()
-
-
-def _nested_collection(arrow_type: pa.DataType) -> bool:
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        return True
-    if pa.types.is_fixed_size_list(arrow_type) or pa.types.is_map(arrow_type):
-        return True
-    if pa.types.is_list_view(arrow_type) or pa.types.is_large_list_view(arrow_type):
-        return True
-    return pa.types.is_struct(arrow_type) and any(
-        _nested_collection(arrow_type.field(i).type) for i in range(arrow_type.num_fields)
-    )
-
-
-def _without_dictionaries(schema: pa.Schema) -> pa.Schema:
-    """schema with dictionary columns as plain values: their IPC size is then predictable."""
-    fields = [
-        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema
-    ]
-    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _now() -> dt.datetime:

@@ -31,16 +31,14 @@ from connector.errors import (
 )
 from connector.plancheck import bound_plan
 from connector.recent import RecentlyUsed
+from connector.sandbox_cursors import IDLE_CURSORS, CursorPool, SessionCursors
 from connector.sandbox_errors import sandbox_failures
 from connector.sandbox_session import (
-    IDLE_CURSORS,
     STORED_CATALOG,
     CheckedPlan,
-    CursorPool,
     PassedPlans,
     PlanKey,
     SandboxSession,
-    SessionCursors,
 )
 from connector.shaped_copies import (
     MAX_SHAPED_COPIES,

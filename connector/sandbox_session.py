@@ -1,9 +1,9 @@
 """One peer request's sandbox cursor: its views, the plan check, the streamed result, and
 stopping it (deadline, cancel) from the sandbox's one alarm thread.
 
-A cursor whose query ran to its end is kept (CursorPool) with its TEMP views standing, for
-the next request that exposes exactly the same views while the datasets stay as they are;
-each request still runs in a read-only transaction of its own, rolled back at its end.
+A cursor whose query ran to its end is kept (sandbox_cursors.CursorPool) with its TEMP views
+standing, for the next request that exposes exactly the same views while the datasets stay
+as they are; each request still runs in a read-only transaction of its own, rolled back at its end.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from connector.errors import (
 )
 from connector.plancheck import ExposedRelation, SourceName, bound_plan_text, check_plan_text
 from connector.recent import RecentlyUsed
+from connector.sandbox_cursors import SessionCursors, ViewKey, close_all
 from connector.sandbox_errors import (
     OUT_OF_MEMORY,
     PEER_FAULTS,
@@ -45,100 +45,13 @@ log = logging.getLogger(__name__)
 INTERRUPT_REPEATS = 200
 INTERRUPT_INTERVAL = 0.05
 STORED_CATALOG = "stored"  # the member's file, attached read-only
+BEGIN_READ_ONLY = "BEGIN TRANSACTION READ ONLY"
 
 
 # A query's text, the datasets it names, and each exposed relation (dataset, definition,
 # shaped copy, group minimum, columns): all a bound plan and its check depend on, once the
 # datasets are fixed (PassedPlans.generation).
 PlanKey = tuple[bytes, tuple[str, ...], tuple[tuple[str, str, str, int, tuple[str, ...]], ...]]
-
-
-# What a cursor's TEMP views are: each view's name and definition (the shaped copy it reads
-# named in it), in name order.
-ViewKey = tuple[tuple[str, str], ...]
-IDLE_CURSORS = 8  # cursors kept with their views standing, across all view sets
-BEGIN_READ_ONLY = "BEGIN TRANSACTION READ ONLY"
-
-
-class CursorPool:
-    """Idle sandbox cursors by the TEMP views they hold, all made under one generation of
-    the datasets (a lookup under a new one closes them all); thread-safe. A cursor is taken
-    by one request at a time and given back only by a request whose query ran to its end."""
-
-    def __init__(self, size: int = IDLE_CURSORS) -> None:
-        self._size = size
-        self._idle: OrderedDict[ViewKey, list[duckdb.DuckDBPyConnection]] = OrderedDict()
-        self._count = 0
-        self._generation: object = None
-        self._lock = threading.Lock()
-
-    def take(self, key: ViewKey, generation: object) -> duckdb.DuckDBPyConnection | None:
-        """An idle cursor holding exactly the views key names, made under generation."""
-        stale: list[duckdb.DuckDBPyConnection] = []
-        with self._lock:
-            if generation is not self._generation:
-                stale = self._drain()
-                self._generation = generation
-            cursors = self._idle.get(key)
-            cursor = cursors.pop() if cursors else None
-            if cursor is not None:
-                self._count -= 1
-                if not cursors:
-                    del self._idle[key]
-        _close_all(stale)
-        return cursor
-
-    def give(self, key: ViewKey, generation: object, cursor: duckdb.DuckDBPyConnection) -> None:
-        """Keep cursor (out of any transaction) for key, unless generation is past; the
-        least recently given cursors beyond the pool's size are closed."""
-        surplus = [cursor]
-        with self._lock:
-            if generation is self._generation and self._size > 0:
-                self._idle.setdefault(key, []).append(cursor)
-                self._idle.move_to_end(key)
-                self._count += 1
-                surplus = []
-                while self._count > self._size:
-                    oldest = next(iter(self._idle))
-                    surplus.append(self._idle[oldest].pop(0))
-                    self._count -= 1
-                    if not self._idle[oldest]:
-                        del self._idle[oldest]
-        _close_all(surplus)
-
-    def clear(self) -> None:
-        """Close every idle cursor."""
-        with self._lock:
-            stale = self._drain()
-        _close_all(stale)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._count
-
-    def _drain(self) -> list[duckdb.DuckDBPyConnection]:
-        cursors = [c for group in self._idle.values() for c in group]
-        self._idle.clear()
-        self._count = 0
-        return cursors
-
-
-def _close_all(cursors: list[duckdb.DuckDBPyConnection]) -> None:
-    for cursor in cursors:
-        try:
-            cursor.close()
-        except duckdb.Error:
-            log.debug("closing an idle sandbox cursor failed", exc_info=True)
-
-
-@dataclass(frozen=True)
-class SessionCursors:
-    """Where a session's cursor comes from: new ones (USE'ing the member's file) and the
-    pool of idle ones with their views, valid for the datasets as of generation."""
-
-    new: Callable[[], duckdb.DuckDBPyConnection]
-    pool: CursorPool
-    generation: object
 
 
 # Functions a SELECT may call (the plan check lets them through) that leave state in the
@@ -352,7 +265,7 @@ class SandboxSession:
             if reusable and self._views is not None and _rolled_back(cursor):
                 self._cursors.pool.give(self._views, self._cursors.generation, cursor)
             else:
-                _close_all([cursor])
+                close_all([cursor])
         for name in self._copies:
             self._shaped.release(name)
 

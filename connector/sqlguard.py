@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from connector import sqltree
+from connector import querytree, sqltree
 from connector.errors import QueryRejected
 from connector.packing import packed_rows
 from connector.sqlallowed import (
@@ -138,34 +138,34 @@ class _Walker:
             raise QueryRejected("the query is nested too deeply")
         if not isinstance(node, dict):
             raise QueryRejected("the query has a part the connector cannot check")
-        kind = sqltree.query_type(node)
+        kind = querytree.query_type(node)
         scope = ctes | self._ctes(node, ctes, depth)
         if kind == "SELECT_NODE":
-            if sqltree.has_sample(node):
+            if querytree.has_sample(node):
                 raise _reject("TABLESAMPLE / USING SAMPLE is not allowed", node)
-            self.table_ref(sqltree.from_item(node), scope, depth + 1)
+            self.table_ref(querytree.from_item(node), scope, depth + 1)
             for key in ("select_list", "where_clause", "group_expressions", "having", "qualify"):
                 self.expressions(node.get(key), scope, depth + 1)
-            self.expressions(list(sqltree.modifier_expressions(node)), scope, depth + 1)
+            self.expressions(list(querytree.modifier_expressions(node)), scope, depth + 1)
         elif kind == "SET_OPERATION_NODE":
-            for child in sqltree.set_operation_children(node):
+            for child in querytree.set_operation_children(node):
                 self.query_node(child, scope, depth + 1)
-            self.expressions(list(sqltree.modifier_expressions(node)), scope, depth + 1)
+            self.expressions(list(querytree.modifier_expressions(node)), scope, depth + 1)
         elif kind in ("RECURSIVE_CTE_NODE", "CTE_NODE"):
             raise _reject("recursive CTEs are not allowed", node)
         else:
             raise _reject(f"this kind of query ({kind}) is not allowed", node)
 
     def _ctes(self, node: dict[str, Any], outer: frozenset[str], depth: int) -> frozenset[str]:
-        entries = sqltree.cte_entries(node)
+        entries = querytree.cte_entries(node)
         names = frozenset(name for name, _ in entries)
         self.found.relations.update(names)
         for _, value in entries:
-            if sqltree.cte_uses_key(value):
+            if querytree.cte_uses_key(value):
                 raise QueryRejected("recursive CTEs (USING KEY) are not allowed")
             # A CTE body sees the outer names and the CTEs of its WITH (fails closed if
             # it names itself: that reference is then not a dataset and will not bind).
-            self.query_node(sqltree.cte_body(value), outer | names, depth + 1)
+            self.query_node(querytree.cte_body(value), outer | names, depth + 1)
         return names
 
     def table_ref(self, ref: Any, ctes: frozenset[str], depth: int) -> None:
@@ -173,26 +173,26 @@ class _Walker:
             raise QueryRejected("the query is nested too deeply")
         if not isinstance(ref, dict):
             raise QueryRejected("the query has a FROM part the connector cannot check")
-        kind = sqltree.table_ref_type(ref)
-        if sqltree.has_sample(ref):
+        kind = querytree.table_ref_type(ref)
+        if querytree.has_sample(ref):
             raise _reject("TABLESAMPLE / USING SAMPLE is not allowed", ref)
-        if sqltree.table_alias(ref):
-            self.found.relations.add(sqltree.table_alias(ref))
+        if querytree.table_alias(ref):
+            self.found.relations.add(querytree.table_alias(ref))
         if kind == "BASE_TABLE":
             self._base_table(ref, ctes)
         elif kind == "JOIN":
-            for side in sqltree.join_sides(ref):
+            for side in querytree.join_sides(ref):
                 self.table_ref(side, ctes, depth + 1)
-            self.expressions(sqltree.join_condition(ref), ctes, depth + 1)
-            self.found.columns.update(sqltree.join_using_columns(ref))
+            self.expressions(querytree.join_condition(ref), ctes, depth + 1)
+            self.found.columns.update(querytree.join_using_columns(ref))
         elif kind == "SUBQUERY":
             self.query_node(sqltree.subquery_body(ref), ctes, depth + 1)
         elif kind == "EXPRESSION_LIST":
-            self.expressions(sqltree.values_rows(ref), ctes, depth + 1)
+            self.expressions(querytree.values_rows(ref), ctes, depth + 1)
         elif kind == "EMPTY":
             return
         elif kind == "TABLE_FUNCTION":
-            name = sqltree.table_function_name(ref) or "a table function"
+            name = querytree.table_function_name(ref) or "a table function"
             raise _reject(f"table functions such as {name}() are not allowed in FROM", ref)
         elif kind in ("SHOW_REF", "PIVOT"):
             raise _reject(
@@ -203,12 +203,12 @@ class _Walker:
             raise _reject(f"this kind of FROM item ({kind}) is not allowed", ref)
 
     def _base_table(self, ref: dict[str, Any], ctes: frozenset[str]) -> None:
-        name = sqltree.table_name(ref)
-        if sqltree.table_is_qualified(ref):
+        name = querytree.table_name(ref)
+        if querytree.table_is_qualified(ref):
             raise _reject(
                 f"qualified table names are not allowed: use the dataset name only ({name})", ref
             )
-        if sqltree.table_travels_in_time(ref):
+        if querytree.table_travels_in_time(ref):
             raise _reject("time travel (AT ...) is not allowed", ref)
         lowered = name.lower()
         self.found.relations.add(lowered)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from connector import sqltree
+from connector import querytree, sqltree
 from connector.errors import QueryRejected
 from connector.packing import TOP_N
 from connector.valuesize import (
@@ -50,17 +50,17 @@ class _SizeWalker:
         for name, body in _cte_bodies(node):
             self.query(body, _Block(outermost=False, single_source=False), scope)
             scope[name] = _single_query(body, scope)
-        kind = sqltree.query_type(node)
+        kind = querytree.query_type(node)
         if kind == "SET_OPERATION_NODE":
             inner = _Block(block.outermost, single_source=False)
-            widths = [self.query(c, inner, scope) for c in sqltree.set_operation_children(node)]
+            widths = [self.query(c, inner, scope) for c in querytree.set_operation_children(node)]
             return max(widths, default=0)
         if kind != "SELECT_NODE":
             return HUGE
-        source = sqltree.from_item(node)
+        source = querytree.from_item(node)
         self.source(source, scope)
         here = _Block(block.outermost, _single_source(source, scope))
-        widths = [self.expression(e, here, scope) for e in sqltree.select_list(node)]
+        widths = [self.expression(e, here, scope) for e in querytree.select_list(node)]
         row = sum(widths)
         if row > MAX_ROW_BYTES:
             raise QueryRejected(
@@ -76,17 +76,17 @@ class _SizeWalker:
         """Check the subqueries and join conditions of a FROM item."""
         if not isinstance(ref, dict):
             return
-        kind = sqltree.table_ref_type(ref)
+        kind = querytree.table_ref_type(ref)
         nested = _Block(outermost=False, single_source=False)
         if kind == "SUBQUERY":
             self.query(sqltree.subquery_body(ref), nested, ctes)
         elif kind == "JOIN":
-            for side in sqltree.join_sides(ref):
+            for side in querytree.join_sides(ref):
                 self.source(side, ctes)
-            for expression in sqltree.direct_expressions(sqltree.join_condition(ref)):
+            for expression in sqltree.direct_expressions(querytree.join_condition(ref)):
                 self.expression(expression, nested, ctes)
         elif kind == "EXPRESSION_LIST":
-            for expression in sqltree.direct_expressions(sqltree.values_rows(ref)):
+            for expression in sqltree.direct_expressions(querytree.values_rows(ref)):
                 self.expression(expression, nested, ctes)
 
     def expression(self, node: dict[str, Any], block: _Block, ctes: Mapping[str, bool]) -> int:
@@ -182,28 +182,28 @@ def _single_source(ref: Any, ctes: Mapping[str, bool]) -> bool:
     """Whether a FROM item yields at most the rows of one dataset (no join multiplies)."""
     if not isinstance(ref, dict):
         return False
-    kind = sqltree.table_ref_type(ref)
+    kind = querytree.table_ref_type(ref)
     if kind == "BASE_TABLE":
-        return ctes.get(sqltree.table_name(ref).lower(), True)
+        return ctes.get(querytree.table_name(ref).lower(), True)
     if kind == "SUBQUERY":
         return _single_query(sqltree.subquery_body(ref), ctes)
-    if kind == "JOIN" and sqltree.join_type(ref) in ("SEMI", "ANTI"):
-        return _single_source(sqltree.join_sides(ref)[0], ctes)
+    if kind == "JOIN" and querytree.join_type(ref) in ("SEMI", "ANTI"):
+        return _single_source(querytree.join_sides(ref)[0], ctes)
     return kind in ("EMPTY", "EXPRESSION_LIST")
 
 
 def _single_query(node: Any, ctes: Mapping[str, bool]) -> bool:
-    if not isinstance(node, dict) or sqltree.query_type(node) != "SELECT_NODE":
+    if not isinstance(node, dict) or querytree.query_type(node) != "SELECT_NODE":
         return False
     scope = dict(ctes)
     for name, body in _cte_bodies(node):
         scope[name] = _single_query(body, scope)
-    return _single_source(sqltree.from_item(node), scope)
+    return _single_source(querytree.from_item(node), scope)
 
 
 def _cte_bodies(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    for name, entry in sqltree.cte_entries(node):
-        yield name, sqltree.cte_body(entry)
+    for name, entry in querytree.cte_entries(node):
+        yield name, querytree.cte_body(entry)
 
 
 def _arguments(node: Mapping[str, Any]) -> list[dict[str, Any]]:

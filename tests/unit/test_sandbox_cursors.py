@@ -16,7 +16,8 @@ import pytest
 from connector.enforce import Relation, relation_for
 from connector.errors import PermissionDenied, QueryCancelled, QueryTimeout, StoreError
 from connector.sandbox import SandboxDatabase, SandboxLimits
-from connector.sandbox_session import CursorPool, SandboxSession
+from connector.sandbox_cursors import CursorPool
+from connector.sandbox_session import SandboxSession
 from connector.shaping import REDACTED, RowFilter, Shaping
 from connector.store import DatasetInfo, create_database
 from connector.store_ingest import LoadRequest, ingest, load, stage

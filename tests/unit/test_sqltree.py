@@ -8,7 +8,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from connector import plantree, sqltree
+from connector import plantree, querytree, sqltree
 from connector.errors import QueryRejected
 from connector.plancheck import VOLATILE_FUNCTIONS
 from connector.sqltree import ColumnReference, ReferenceKind
@@ -96,7 +96,7 @@ def test_functions_constants_and_modifiers() -> None:
         ColumnReference(ReferenceKind.NAME, names=("x",))
     ]
     assert sqltree.constant_literal(five) == ("INTEGER", "5")
-    assert [sqltree.constant_literal(e) for e in sqltree.modifier_expressions(node)] == [
+    assert [sqltree.constant_literal(e) for e in querytree.modifier_expressions(node)] == [
         ("INTEGER", "1"),
         ("INTEGER", "3"),
     ]
@@ -105,12 +105,12 @@ def test_functions_constants_and_modifiers() -> None:
 def _statement(sql: str) -> dict[str, Any]:
     con = duckdb.connect()
     document = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
-    return sqltree.statement_node(document)
+    return querytree.statement_node(document)
 
 
 def test_order_by_limit_and_offset_read_as_typed_modifiers() -> None:
     node = _statement("SELECT a FROM t ORDER BY a DESC NULLS LAST, b LIMIT 4 OFFSET 2")
-    order, limit = sqltree.query_modifiers(node)
+    order, limit = querytree.query_modifiers(node)
     assert order.kind == "ORDER_MODIFIER"
     assert [(sqltree.written_column_names(o.expression), o.descending) for o in order.orders] == [
         (("a",), True),
@@ -119,12 +119,14 @@ def test_order_by_limit_and_offset_read_as_typed_modifiers() -> None:
     assert [o.null_order for o in order.orders] == ["NULLS LAST", "ORDER_DEFAULT"]
     assert limit.kind == "LIMIT_MODIFIER" and limit.has_offset
     assert limit.limit is not None and sqltree.constant_literal(limit.limit) == ("INTEGER", "4")
-    (distinct,) = sqltree.query_modifiers(_statement("SELECT DISTINCT a FROM t"))
+    (distinct,) = querytree.query_modifiers(_statement("SELECT DISTINCT a FROM t"))
     assert (distinct.kind, distinct.orders, distinct.limit) == ("DISTINCT_MODIFIER", (), None)
 
 
 def test_written_column_names_keep_their_case_and_only_name_columns() -> None:
-    column, call, position = sqltree.select_list(_statement("SELECT t.Plant, lower(x), #1 FROM t"))
+    column, call, position = querytree.select_list(
+        _statement("SELECT t.Plant, lower(x), #1 FROM t")
+    )
     assert sqltree.written_column_names(column) == ("t", "Plant")
     assert sqltree.written_column_names(call) == ()
     assert sqltree.written_column_names(position) == ()
@@ -238,25 +240,30 @@ def _node(sql: str) -> Any:
 
 
 def test_from_items_are_read_through_their_accessors() -> None:
-    join = sqltree.from_item(_node("SELECT 1 FROM a SEMI JOIN main.b USING (Plant)"))
-    assert isinstance(join, dict) and sqltree.join_type(join) == "SEMI"
-    left, right = sqltree.join_sides(join)
+    join = querytree.from_item(_node("SELECT 1 FROM a SEMI JOIN main.b USING (Plant)"))
+    assert isinstance(join, dict) and querytree.join_type(join) == "SEMI"
+    left, right = querytree.join_sides(join)
     assert isinstance(left, dict) and isinstance(right, dict)
-    assert (sqltree.table_is_qualified(left), sqltree.table_is_qualified(right)) == (False, True)
-    assert sqltree.join_using_columns(join) == ["plant"] and sqltree.join_condition(join) is None
-    values = sqltree.from_item(_node("SELECT * FROM (VALUES (1, 2)) v(a, b)"))
-    assert isinstance(values, dict) and sqltree.table_ref_type(values) == "SUBQUERY"
-    sampled = sqltree.from_item(_node("SELECT * FROM t TABLESAMPLE 10%"))
-    assert isinstance(sampled, dict) and sqltree.has_sample(sampled)
-    function = sqltree.from_item(_node("SELECT * FROM read_csv('x.csv')"))
-    assert isinstance(function, dict) and sqltree.table_function_name(function) == "read_csv"
+    assert (querytree.table_is_qualified(left), querytree.table_is_qualified(right)) == (
+        False,
+        True,
+    )
+    assert (
+        querytree.join_using_columns(join) == ["plant"] and querytree.join_condition(join) is None
+    )
+    values = querytree.from_item(_node("SELECT * FROM (VALUES (1, 2)) v(a, b)"))
+    assert isinstance(values, dict) and querytree.table_ref_type(values) == "SUBQUERY"
+    sampled = querytree.from_item(_node("SELECT * FROM t TABLESAMPLE 10%"))
+    assert isinstance(sampled, dict) and querytree.has_sample(sampled)
+    function = querytree.from_item(_node("SELECT * FROM read_csv('x.csv')"))
+    assert isinstance(function, dict) and querytree.table_function_name(function) == "read_csv"
 
 
 def test_a_location_duckdb_does_not_know_is_none() -> None:
     node = _node("SELECT a FROM t")
-    first = next(sqltree.select_list(node))
+    first = next(querytree.select_list(node))
     assert sqltree.query_location(first) == 7
-    empty = sqltree.from_item(_node("SELECT 1"))
+    empty = querytree.from_item(_node("SELECT 1"))
     assert isinstance(empty, dict) and sqltree.query_location(empty) is None
     assert sqltree.query_location(None) is None
 
@@ -266,16 +273,16 @@ def test_a_selects_clauses_are_read_through_their_accessors() -> None:
         "SELECT a, count(*) FROM t WHERE b > 1 GROUP BY a HAVING count(*) > 2 "
         "QUALIFY row_number() OVER () = 1"
     )
-    assert _names([sqltree.where_clause(node)]) == ["COMPARISON"]
-    assert _names([sqltree.having_clause(node)]) == ["COMPARISON"]
-    assert _names([sqltree.qualify_clause(node)]) == ["COMPARISON"]
-    assert _names(sqltree.group_expressions(node)) == ["a"]
-    assert sqltree.group_sets(node) == [[0]]
-    assert sqltree.aggregate_handling(node) == "STANDARD_HANDLING"
+    assert _names([querytree.where_clause(node)]) == ["COMPARISON"]
+    assert _names([querytree.having_clause(node)]) == ["COMPARISON"]
+    assert _names([querytree.qualify_clause(node)]) == ["COMPARISON"]
+    assert _names(querytree.group_expressions(node)) == ["a"]
+    assert querytree.group_sets(node) == [[0]]
+    assert querytree.aggregate_handling(node) == "STANDARD_HANDLING"
     everything = _node("SELECT a, count(*) FROM t GROUP BY ALL")
-    assert sqltree.aggregate_handling(everything) == "FORCE_AGGREGATES"
+    assert querytree.aggregate_handling(everything) == "FORCE_AGGREGATES"
     rollup = _node("SELECT a, b, count(*) FROM t GROUP BY ROLLUP (a, b)")
-    assert len(sqltree.group_sets(rollup)) == 3
+    assert len(querytree.group_sets(rollup)) == 3
 
 
 def test_bound_aggregates_and_windows_are_read_through_their_accessors() -> None:
