@@ -120,7 +120,8 @@ class AnswerStreams:
     def stream(self, run: QueryRun, entry: AuditEntry, member_id: str) -> flight.FlightDataStream:
         """The started run as a Flight stream (refused through the endpoint if it cannot open)."""
         try:
-            self._provider.audit.opened(entry)  # nothing leaves before this is on disk
+            # pieces() yields nothing before the request is on disk: a small answer's final
+            # entry, else its "opened" entry (one fsync either way).
             pieces = run.pieces()
             feed = IpcFeed(pieces)
             try:

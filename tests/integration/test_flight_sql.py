@@ -242,6 +242,26 @@ def audit_lines(member: Member) -> list[str]:
     return (member.home / "audit" / "audit.jsonl").read_text().splitlines()
 
 
+def test_a_small_answer_is_on_record_whole_before_it_is_sent_a_long_one_opened_first(
+    fspace: Space,
+) -> None:
+    """As on gRPC: one entry (one fsync) for an answer small enough to be held whole; an
+    "opened" entry before the first byte of a longer one, then its final entry."""
+    client = flight_client(fspace.server, fspace.grantee)
+    small = flight_query(client, "SELECT plant FROM part_defects LIMIT 3")
+    big_sql = "SELECT a.plant, a.part_no, b.week FROM part_defects a, part_defects b"
+    big = flight_query(client, big_sql)
+    assert len(big.ipc_bytes()) > 256 * 1024 > len(small.ipc_bytes())
+    entries = [json.loads(line) for line in audit_lines(fspace.provider)]
+    for answer, kinds in ((small, ["request"]), (big, ["opened", "request"])):
+        bundle = ReceiptBundle(**json.loads(answer.metadata))
+        ca = fspace.grantee.identity().ca_pem
+        request_id = verify_bundle(bundle, ca, answer.ipc_bytes()).request_id
+        mine = [e for e in entries if e.get("request_id") == request_id]
+        assert [e["type"] for e in mine] == kinds
+        assert mine[-1]["outcome"] == "answered"
+
+
 def test_masks_filters_and_row_limits_hold_as_on_grpc(fspace: Space) -> None:
     sql = "SELECT plant, part_no, defects FROM part_defects ORDER BY ALL"
     expected = fspace.peer().query(sql, VIEW)
