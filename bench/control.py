@@ -55,8 +55,10 @@ from connector.request import PeerRequest
 
 try:  # `make bench` runs the scripts with bench/ on the path
     from flight_clients import adbc_fetch, flight_client_fetch, flight_client_session
+    from floors import duckdb_query, fsync_append, median_ms, write_messages
 except ImportError:  # imported as bench.control
     from bench.flight_clients import adbc_fetch, flight_client_fetch, flight_client_session
+    from bench.floors import duckdb_query, fsync_append, median_ms, write_messages
 
 BARE_SERVER = Path(__file__).with_name("bare_grpc.py")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -350,8 +352,9 @@ def measure_control(
             Peer(address, identity, timeout=600) as peer,
             adbc_fetch(flight_port, identity, tiny, purpose) as adbc_once,
         ):
-            pieces = work / "pieces.bin"
+            pieces, tiny_messages = work / "pieces.bin", work / "tiny-messages.bin"
             size = write_pieces(peer, big, purpose, pieces)
+            message_count = write_messages(peer, tiny, purpose, tiny_messages)
             connector_cpu = server_cpu_per_call(
                 server.pid, raw_stub(peer, big, purpose), options.repeat
             )
@@ -376,6 +379,14 @@ def measure_control(
     bare_port = free_port()
     with served(bare_process(pieces, tls, bare_port), bare_port, work / "bare.log") as bare:
         bare_cpu = server_cpu_per_call(bare.pid, bare_stream(bare_port, identity), options.repeat)
+    with served(bare_process(tiny_messages, tls, bare_port), bare_port, work / "bare.log"):
+        floors = {
+            f"bare grpcio stream of the tiny answer's {message_count} messages": median_ms(
+                bare_stream(bare_port, identity), options.tiny
+            ),
+            "DuckDB running the tiny query in-process": median_ms(duckdb_query(tiny), options.tiny),
+            "one fsync of an audit line": median_ms(fsync_append(work), options.tiny),
+        }
     decisions = decision_seconds(provider, "grantee", tiny, purpose, options.decisions)
     ratio = statistics.median(connector_cpu) / statistics.median(bare_cpu)
     lines.append(f"server CPU per big call ({size / 1e6:.0f} MB of Arrow IPC), seconds:")
@@ -388,6 +399,11 @@ def measure_control(
             f"tiny query, {path}, {len(ms)} calls: p50 {percentile(ms, 0.5):.2f} ms, "
             f"p99 {percentile(ms, 0.99):.2f} ms (target p50 <= 2 ms)"
         )
+    lines.append(
+        "what every tiny answer needs, each alone (p50): "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in floors.items())
+        + f"; together {sum(floors.values()):.2f} ms"
+    )
     us = [t * 1e6 for t in decisions]
     lines.append(
         f"decision again for the same request: p50 {percentile(us, 0.5):.1f} us, "
