@@ -258,5 +258,8 @@ def test_a_cached_decision_cannot_be_changed_through_what_a_caller_got(
     for value in first.obligations.values():
         if isinstance(value, list):
             value.append("tampered")
+    assert isinstance(first.obligations, dict)
+    first.obligations["tampered"] = True
     again = provider.decide(member, request, shape, now)
     assert "tampered" not in repr(again.obligations)
+    assert any(isinstance(v, list) for v in again.obligations.values()), "nested lists too"
