@@ -55,10 +55,10 @@ from connector.request import PeerRequest
 
 try:  # `make bench` runs the scripts with bench/ on the path
     from flight_clients import adbc_fetch, flight_client_fetch, flight_client_session
-    from floors import duckdb_query, fsync_append, median_ms, write_messages
+    from floors import duckdb_query, fsync_append, write_messages
 except ImportError:  # imported as bench.control
     from bench.flight_clients import adbc_fetch, flight_client_fetch, flight_client_session
-    from bench.floors import duckdb_query, fsync_append, median_ms, write_messages
+    from bench.floors import duckdb_query, fsync_append, write_messages
 
 BARE_SERVER = Path(__file__).with_name("bare_grpc.py")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -331,6 +331,31 @@ class ControlSettings:
     load_seconds: float = 5.0
     peer_counts: tuple[int, ...] = (1, 16, 64)
 
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> ControlSettings:
+        """The settings bench_arguments' options give."""
+        return cls(
+            repeat=args.repeat,
+            tiny=args.tiny,
+            load_seconds=args.load_seconds,
+            peer_counts=tuple(int(n) for n in args.peers.split(",")),
+        )
+
+
+def bench_arguments(parser: argparse.ArgumentParser, rows: int) -> argparse.ArgumentParser:
+    """The options `make bench`'s scripts share (BENCH_ARGS), added to parser."""
+    parser.add_argument("--rows", type=int, default=rows, help="rows of the big answer")
+    parser.add_argument("--repeat", type=int, default=3, help="big calls timed")
+    parser.add_argument("--tiny", type=int, default=300, help="tiny queries timed")
+    parser.add_argument(
+        "--load-seconds", type=float, default=5.0, help="how long each concurrent load runs"
+    )
+    parser.add_argument(
+        "--peers", default="1,16,64", help="concurrent peer counts, comma-separated"
+    )
+    parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
+    return parser
+
 
 def measure_control(
     work: Path,
@@ -381,11 +406,15 @@ def measure_control(
         bare_cpu = server_cpu_per_call(bare.pid, bare_stream(bare_port, identity), options.repeat)
     with served(bare_process(tiny_messages, tls, bare_port), bare_port, work / "bare.log"):
         floors = {
-            f"bare grpcio stream of the tiny answer's {message_count} messages": median_ms(
-                bare_stream(bare_port, identity), options.tiny
+            f"bare grpcio stream of the tiny answer's {message_count} messages": bare_stream(
+                bare_port, identity
             ),
-            "DuckDB running the tiny query in-process": median_ms(duckdb_query(tiny), options.tiny),
-            "one fsync of an audit line": median_ms(fsync_append(work), options.tiny),
+            "DuckDB running the tiny query in-process": duckdb_query(tiny),
+            "one fsync of an audit line": fsync_append(work),
+        }
+        floor_ms = {
+            name: percentile(tiny_latencies(once, options.tiny), 0.5) * 1000
+            for name, once in floors.items()
         }
     decisions = decision_seconds(provider, "grantee", tiny, purpose, options.decisions)
     ratio = statistics.median(connector_cpu) / statistics.median(bare_cpu)
@@ -401,8 +430,8 @@ def measure_control(
         )
     lines.append(
         "what every tiny answer needs, each alone (p50): "
-        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in floors.items())
-        + f"; together {sum(floors.values()):.2f} ms"
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in floor_ms.items())
+        + f"; together {sum(floor_ms.values()):.2f} ms"
     )
     us = [t * 1e6 for t in decisions]
     lines.append(
@@ -434,17 +463,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="The control path of `make bench`, alone, on a small data space of its own."
     )
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the big answer")
-    parser.add_argument("--repeat", type=int, default=3, help="big calls timed")
-    parser.add_argument("--tiny", type=int, default=300, help="tiny queries timed")
-    parser.add_argument(
-        "--load-seconds", type=float, default=5.0, help="how long each concurrent load runs"
-    )
-    parser.add_argument(
-        "--peers", default="1,16,64", help="concurrent peer counts, comma-separated"
-    )
-    parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
-    args = parser.parse_args()
+    args = bench_arguments(parser, rows=1_000_000).parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="connector-control-"))
     try:
@@ -452,12 +471,7 @@ def main() -> None:
             provider, grantee = build_space(work, args.rows)
         settings = load_settings(provider)
         identity = PeerIdentity.from_home(grantee)
-        options = ControlSettings(
-            repeat=args.repeat,
-            tiny=args.tiny,
-            load_seconds=args.load_seconds,
-            peer_counts=tuple(int(n) for n in args.peers.split(",")),
-        )
+        options = ControlSettings.from_arguments(args)
         tls = (settings.cert, settings.key, settings.ca)
         tiny = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
         queries = (f"SELECT * FROM {DATASET}", tiny, PURPOSE)

@@ -9,7 +9,6 @@ entry on disk before anything is sent.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,15 +55,3 @@ def fsync_append(folder: Path) -> Callable[[], object]:
         return None
 
     return once
-
-
-def median_ms(once: Callable[[], object], count: int) -> float:
-    """Median milliseconds per call of once (after a few warm-up calls)."""
-    for _ in range(5):
-        once()
-    times = []
-    for _ in range(count):
-        started = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1000

@@ -48,10 +48,10 @@ from connector.server import start_server
 from connector.shaping import hmac_sql, load_mask_key
 
 try:  # `make bench` runs this file as a script, with bench/ on the path
-    from control import ControlSettings, measure_control
+    from control import ControlSettings, bench_arguments, measure_control
     from flight_clients import adbc_fetch, flight_client_fetch
 except ImportError:  # imported as bench.stream
-    from bench.control import ControlSettings, measure_control
+    from bench.control import ControlSettings, bench_arguments, measure_control
     from bench.flight_clients import adbc_fetch, flight_client_fetch
 
 DATASET = "part_events"
@@ -305,27 +305,12 @@ def measure(work: Path, rows: int, repeat: int, control: ControlSettings) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=5_000_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--tiny", type=int, default=300, help="tiny queries timed")
-    parser.add_argument(
-        "--load-seconds", type=float, default=5.0, help="how long each concurrent load runs"
-    )
-    parser.add_argument(
-        "--peers", default="1,16,64", help="concurrent peer counts, comma-separated"
-    )
-    parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed")
-    args = parser.parse_args()
+    args = bench_arguments(parser, rows=5_000_000).parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="connector-bench-"))
     print(f"streaming {args.rows:,} rows, median of {args.repeat} runs, work folder {work}")
     try:
-        control = ControlSettings(
-            repeat=args.repeat,
-            tiny=args.tiny,
-            load_seconds=args.load_seconds,
-            peer_counts=tuple(int(n) for n in args.peers.split(",")),
-        )
+        control = ControlSettings.from_arguments(args)
         measure(work, args.rows, args.repeat, control)
     finally:
         if args.workdir is None:

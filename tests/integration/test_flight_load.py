@@ -15,12 +15,12 @@ from pyarrow import flight
 from connector.audit_chain import read_entries
 from connector.config import load_settings
 from connector.server import RunningServer
-from tests.conftest import Member, Space, from_template
+from tests.conftest import Member, Space
 from tests.integration.test_flight_sql import (
     PURPOSE,
     fetch,
     flight_client,
-    flight_homes,
+    flight_space,
     headers,
     statement,
 )
@@ -33,10 +33,7 @@ TINY = "SELECT plant, defects FROM part_defects"
 def load_space(
     module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> Space:
-    provider, grantee, outsider = from_template(
-        module_dir / "space", dataspace, "flight-space", flight_homes
-    )
-    return Space(provider, grantee, outsider, module_serve(provider))
+    return flight_space(module_dir, dataspace, module_serve)
 
 
 @pytest.fixture

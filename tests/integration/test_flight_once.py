@@ -19,12 +19,12 @@ from connector.config import Revocations, load_settings
 from connector.errors import PermissionDenied
 from connector.flight_tickets import POLICIES_CHANGED
 from connector.server import RunningServer
-from tests.conftest import Member, Space, from_template, run_cli, write_defects_csv
+from tests.conftest import Member, Space, run_cli, write_defects_csv
 from tests.integration.test_flight_sql import (
     PURPOSE,
     fetch,
     flight_client,
-    flight_homes,
+    flight_space,
     headers,
     prepare,
     refusal,
@@ -41,10 +41,7 @@ DECIDED = ("datasets", "columns", "decision", "reasons", "policies", "obligation
 def once_space(
     module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> Space:
-    provider, grantee, outsider = from_template(
-        module_dir / "space", dataspace, "flight-space", flight_homes
-    )
-    return Space(provider, grantee, outsider, module_serve(provider))
+    return flight_space(module_dir, dataspace, module_serve)
 
 
 @pytest.fixture

@@ -77,14 +77,21 @@ def turn_flight_on(member: Member) -> None:
     config.write_text(text.replace('listen = ""', 'listen = "127.0.0.1:0"'))
 
 
+def flight_space(
+    module_dir: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
+) -> Space:
+    """A provider with its Flight SQL port on, its grantee and an outsider; served."""
+    provider, grantee, outsider = from_template(
+        module_dir / "space", dataspace, "flight-space", flight_homes
+    )
+    return Space(provider, grantee, outsider, serve(provider))
+
+
 @pytest.fixture(scope="module")
 def fspace(
     module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> Space:
-    provider, grantee, outsider = from_template(
-        module_dir / "space", dataspace, "flight-space", flight_homes
-    )
-    return Space(provider, grantee, outsider, module_serve(provider))
+    return flight_space(module_dir, dataspace, module_serve)
 
 
 def uri(server: RunningServer) -> str:
