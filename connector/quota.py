@@ -13,6 +13,7 @@ of one fsync per claim.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import sqlite3
 import threading
@@ -20,9 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from connector.errors import ResourceExhausted
+from connector.errors import ResourceExhausted, StateUnavailable
 from connector.noise import MICRO, BudgetStatus, PrivacyCharge, charges
 from connector.shaping import Noise
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -126,7 +129,7 @@ class QuotaLedger:
 
     def sync(self) -> None:
         """Return once every claim committed so far is on disk (before what it allows is
-        sent); OSError if the log cannot be synced."""
+        sent); StateUnavailable if the log cannot be synced."""
         with self._lock:
             wanted = self._commits
         with self._sync_lock:
@@ -140,6 +143,12 @@ class QuotaLedger:
                 return  # no log: everything was checkpointed into the file (and synced)
             try:
                 os.fsync(fd)
+            except OSError as error:
+                log.error("the quota ledger's log could not be synced: %s", error)
+                raise StateUnavailable(
+                    "the provider's connector cannot put its quota counts on disk right now, "
+                    "so it sends nothing; retry later"
+                ) from error
             finally:
                 os.close(fd)
             self._synced = covered

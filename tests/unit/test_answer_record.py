@@ -16,7 +16,7 @@ from connector.arrow_stream import read_ipc_pieces
 from connector.audit_chain import read_entries
 from connector.audit_entry import AuditEntry
 from connector.config import load_settings
-from connector.errors import AnswerTooLarge, AuditUnavailable
+from connector.errors import AnswerTooLarge, AuditUnavailable, StateUnavailable
 from connector.home_provider import build_provider
 from connector.provider import Provider
 from connector.query_run import HELD_ANSWER_BYTES, QueryRun
@@ -148,7 +148,7 @@ def test_an_answer_whose_claims_cannot_be_synced_sends_nothing(
     for sql in (SMALL, LONG):
         run = _run(provider, homes[1], sql)
         _failing_fsync(monkeypatch, "quota.sqlite-wal")
-        with pytest.raises(OSError, match="I/O error"):
+        with pytest.raises(StateUnavailable, match="quota counts on disk"):
             next(run.pieces())
         monkeypatch.undo()
         assert run.done
