@@ -31,19 +31,14 @@ import tempfile
 from pathlib import Path
 
 try:  # run as a script with bench/ on the path
-    from control import connector_process, cpu_seconds, free_port, percentile, raw_stub, served
+    from control import connector_process, cpu_seconds, free_port, served
     from control import tiny_latencies as latencies
+    from peer_load import percentile, raw_stub
     from stream import DATASET, PURPOSE, build_space
 except ImportError:  # imported as bench.tiny_profile
-    from bench.control import (
-        connector_process,
-        cpu_seconds,
-        free_port,
-        percentile,
-        raw_stub,
-        served,
-    )
+    from bench.control import connector_process, cpu_seconds, free_port, served
     from bench.control import tiny_latencies as latencies
+    from bench.peer_load import percentile, raw_stub
     from bench.stream import DATASET, PURPOSE, build_space
 
 from connector.client import Peer, PeerIdentity
