@@ -5,6 +5,7 @@ has an "opened" entry before its first byte and its final entry before the recei
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -181,3 +182,19 @@ def test_the_claims_an_answer_is_sent_under_are_on_disk_before_it(
     for _ in pieces:  # every further piece's rows are on disk before it is handed over
         assert provider.quotas.unsynced == 0
     assert synced.count(ledger) > 10
+
+
+def test_what_a_transport_took_is_digested_at_each_piece_it_took(
+    provider: Provider, homes: tuple[Member, Member], caplog: pytest.LogCaptureFixture
+) -> None:
+    run = _run(provider, homes[1], LONG)
+    pieces = run.pieces()
+    first, second = next(pieces), next(pieces)
+    taken = len(first) + len(second)
+    assert run.digest_of_first(taken) == hashlib.sha256(first + second).hexdigest()
+    assert run.digest_of_first(0) == ""
+    # A size that is no boundary of what was taken: the entry goes without a digest, said.
+    assert run.digest_of_first(taken - 1) == ""
+    assert "no digest of the first" in caplog.text
+    pieces.close()
+    assert run.done
