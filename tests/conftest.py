@@ -313,6 +313,24 @@ def build_space(
     return Space(provider, grantee, outsider, serve(provider))
 
 
+@contextmanager
+def home_put_back(space: Space) -> Iterator[Space]:
+    """space, its provider's policies and connector.toml put back afterwards, and its
+    server reloaded (for tests that edit a module's shared space)."""
+    home = space.provider.home
+    saved = home.parent / "saved-policies"
+    shutil.rmtree(saved, ignore_errors=True)
+    shutil.copytree(home / "policies", saved)
+    config = (home / "connector.toml").read_text()
+    try:
+        yield space
+    finally:
+        shutil.rmtree(home / "policies")
+        shutil.copytree(saved, home / "policies")
+        (home / "connector.toml").write_text(config)
+        space.server.reload()
+
+
 def copied_space(
     directory: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
 ) -> Space:

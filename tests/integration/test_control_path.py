@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from connector.identity import MemberIdentity
 from connector.request import PeerRequest
 from connector.server import RunningServer
 from connector.store import ColumnInfo
-from tests.conftest import Member, Space, copied_space, policy_text
+from tests.conftest import Member, Space, copied_space, home_put_back, policy_text
 
 PURPOSE = "quality-benchmarking"
 QUERY = "SELECT plant, defects FROM part_defects LIMIT 1"
@@ -45,21 +44,13 @@ def own_space(
 @pytest.fixture
 def restored(own_space: Space) -> Iterator[Space]:
     """own_space, its policies, connector.toml and slot settings put back afterwards."""
-    home = own_space.provider.home
-    saved = home.parent / "saved-policies"
-    shutil.rmtree(saved, ignore_errors=True)
-    shutil.copytree(home / "policies", saved)
-    config = (home / "connector.toml").read_text()
     slots = own_space.server.provider.slots
     queue = (slots.queue_length, slots.queue_seconds)
     try:
-        yield own_space
+        with home_put_back(own_space):
+            yield own_space
     finally:
-        shutil.rmtree(home / "policies")
-        shutil.copytree(saved, home / "policies")
-        (home / "connector.toml").write_text(config)
         slots.queue_length, slots.queue_seconds = queue
-        own_space.server.reload()
 
 
 def _warm(space: Space) -> None:

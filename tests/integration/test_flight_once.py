@@ -6,7 +6,6 @@ passing a policy's validity between the two calls makes it decided again, as at 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from connector.config import Revocations, load_settings
 from connector.errors import PermissionDenied
 from connector.flight_tickets import POLICIES_CHANGED
 from connector.server import RunningServer
-from tests.conftest import Member, Space, run_cli, write_defects_csv
+from tests.conftest import Member, Space, home_put_back, run_cli, write_defects_csv
 from tests.integration.test_flight_sql import (
     PURPOSE,
     fetch,
@@ -47,21 +46,13 @@ def once_space(
 @pytest.fixture
 def restored(once_space: Space) -> Iterator[Space]:
     """once_space, its policies, connector.toml and clock put back afterwards."""
-    home = once_space.provider.home
-    saved = home.parent / "saved-policies"
-    shutil.rmtree(saved, ignore_errors=True)
-    shutil.copytree(home / "policies", saved)
-    config = (home / "connector.toml").read_text()
     provider = once_space.server.provider
     clock, revoked = provider.clock, provider.revoked
-    try:
-        yield once_space
-    finally:
-        provider.clock, provider.revoked = clock, revoked
-        shutil.rmtree(home / "policies")
-        shutil.copytree(saved, home / "policies")
-        (home / "connector.toml").write_text(config)
-        once_space.server.reload()
+    with home_put_back(once_space):
+        try:
+            yield once_space
+        finally:
+            provider.clock, provider.revoked = clock, revoked
 
 
 def decisions_taken(space: Space) -> int:
