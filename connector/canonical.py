@@ -18,3 +18,17 @@ def canonical_json(value: Any) -> str:
 def canonical_bytes(value: Any) -> bytes:
     """value as canonical JSON, UTF-8 encoded (what gets hashed or signed)."""
     return canonical_json(value).encode("utf-8")
+
+
+def json_copy(value: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, tuples of scalars), faster than
+    copy.deepcopy: scalars, the most of it, are taken as they are without a call."""
+    if isinstance(value, dict):
+        return {k: v if type(v) in _SCALARS else json_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        copied = [v if type(v) in _SCALARS else json_copy(v) for v in value]
+        return copied if isinstance(value, list) else tuple(copied)
+    return value
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})

@@ -11,15 +11,14 @@ moments (the decision library reads nothing else of the time) and the same data 
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from connector.audit_entry import AuditEntry
+from connector.canonical import json_copy
 from connector.config import Revocations
-from connector.decision_cache import date_boundaries
 from connector.enforce import Relation
 from connector.policy.engine import Decision
 from connector.policy.model import ns
@@ -31,7 +30,6 @@ from connector.sqlguard import QueryShape
 # request that reuses the decision, so both wires record the same thing.
 _DECIDED_FIELDS = ("datasets", "decision", "reasons", "policies", "versions", "obligations",
                    "columns")  # fmt: skip
-_NEVER_BEFORE, _NEVER_AFTER = -(2**63), 2**63
 
 
 def record_decision(
@@ -88,27 +86,8 @@ class Decided:
     def restore(self, entry: AuditEntry) -> Explanation:
         """The Explanation, with the audit fields it filled in copied onto entry."""
         for name, value in self.recorded:
-            setattr(entry, name, _copied(value))
+            setattr(entry, name, json_copy(value))
         return self.explanation
-
-
-class TimeSlots:
-    """The spans of clock times in which no policy of a snapshot starts or stops being valid
-    (the decision cache's time slots), kept for the snapshot last asked about."""
-
-    def __init__(self) -> None:
-        self._kept: tuple[object, tuple[int, ...]] = (None, ())
-
-    def around(self, snapshot: PolicySnapshot, at: dt.datetime) -> tuple[int, int]:
-        """The slot [from, until) in ns that holds at."""
-        kept_for, boundaries = self._kept
-        if kept_for is not snapshot:
-            boundaries = date_boundaries(snapshot)
-            self._kept = (snapshot, boundaries)
-        slot = bisect.bisect_right(boundaries, ns(at))
-        low = boundaries[slot - 1] if slot > 0 else _NEVER_BEFORE
-        high = boundaries[slot] if slot < len(boundaries) else _NEVER_AFTER
-        return low, high
 
 
 def decided(
@@ -122,14 +101,5 @@ def decided(
     slot: tuple[int, int],
 ) -> Decided:
     """The Decided for an allowed explanation taken at a time within slot."""
-    recorded = tuple((name, _copied(getattr(entry, name))) for name in _DECIDED_FIELDS)
+    recorded = tuple((name, json_copy(getattr(entry, name))) for name in _DECIDED_FIELDS)
     return Decided(member_id, request_key(request), explanation, snapshot, revoked, *slot, recorded)
-
-
-def _copied(value: Any) -> Any:
-    """A copy of an audit entry field's value (JSON-shaped) that later changes cannot reach."""
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copied(v) for v in value]
-    return value

@@ -17,13 +17,14 @@ import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any
 
+from connector.canonical import json_copy
 from connector.policy.engine import Decision, DecisionRequest
 from connector.policy.model import ns
 from connector.policy.registry import PolicySnapshot
 
 MAX_DECISIONS = 4096
+_NEVER_BEFORE, _NEVER_AFTER = -(2**63), 2**63
 
 _Key = tuple[str, str, tuple[str, ...], tuple[tuple[str, frozenset[str]], ...], bool, int]
 
@@ -86,6 +87,17 @@ class DecisionCache:
                     self._entries.popitem(last=False)
         return decision
 
+    def time_span(self, snapshot: PolicySnapshot, time: dt.datetime) -> tuple[int, int]:
+        """The span [from, until) of times (ns) around time in which no policy of snapshot
+        starts or stops being valid: a decision taken at time holds through it."""
+        with self._lock:
+            kept = self._boundaries if self._snapshot is snapshot else None
+        boundaries = kept if kept is not None else date_boundaries(snapshot)
+        slot = _time_slot(boundaries, time)
+        low = boundaries[slot - 1] if slot > 0 else _NEVER_BEFORE
+        high = boundaries[slot] if slot < len(boundaries) else _NEVER_AFTER
+        return low, high
+
     def clear(self) -> None:
         """Forget every decision."""
         with self._lock:
@@ -123,17 +135,6 @@ def _private(decision: Decision) -> Decision:
     """A copy no caller can change the cached one through (obligations are a dict)."""
     if not decision.obligations:
         return decision
-    obligations: Mapping[str, object] = _copied(decision.obligations)
+    obligations: Mapping[str, object] = json_copy(dict(decision.obligations))
     # The constructor, not dataclasses.replace: this runs on every cache hit (8 us less).
     return Decision(decision.allow, decision.reasons, decision.grants, obligations)
-
-
-def _copied(value: Any) -> Any:
-    """A deep copy of JSON-shaped data (what obligations are), faster than copy.deepcopy:
-    scalars, the most of it, are taken as they are without a call."""
-    if isinstance(value, list | tuple):
-        return [_copied(v) if type(v) in _CONTAINERS else v for v in value]
-    return {k: _copied(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
-
-
-_CONTAINERS = frozenset({dict, list, tuple})

@@ -20,7 +20,7 @@ from connector.authentication import (
     spiffe_member,
 )
 from connector.config import Revocations
-from connector.decided import Decided, TimeSlots, decided, record_decision
+from connector.decided import Decided, decided, record_decision
 from connector.decision_cache import DecisionCache
 from connector.enforce import Relation, relations_for
 from connector.errors import (
@@ -106,7 +106,6 @@ class Provider:
         # Explain costs no quota: without a limit it would be a free probe.
         self._explains = RateLimit(explains_per_minute)
         self.clock = clock or _now
-        self._time_slots = TimeSlots()  # Decided's span of clock times
 
     def record(self, entry: AuditEntry, error: BaseException | None = None) -> int:
         """Append the request's audit entry (once), with the outcome an error implies."""
@@ -314,7 +313,7 @@ class Provider:
         explanation = self._explain(member, request, entry, at, snapshot)
         if not explanation.decision.allow:
             raise PermissionDenied(list(explanation.decision.reasons))
-        slot = self._time_slots.around(snapshot, at)
+        slot = self.decisions.time_span(snapshot, at)
         return decided(
             member.member_id,
             request,

@@ -163,7 +163,7 @@ class QueryRun:
         produced = self._produced(deadline_seconds)
         try:
             held: list[bytes] = []
-            size = 0
+            size, whole = 0, False
             for piece in produced:
                 check_piece_size(piece, max_piece_bytes)
                 held.append(piece)
@@ -171,13 +171,13 @@ class QueryRun:
                 if size > HELD_ANSWER_BYTES:
                     break
             else:  # whole: its final entry is all the record it needs, and one message
-                self._provider.quotas.sync()  # what it claimed is on disk before it leaves
-                if not self.entry.opened_seq:
-                    self._record_answered()
                 if len(held) > 1 and (not max_piece_bytes or size <= max_piece_bytes):
                     held = [b"".join(held)]
+                whole = True
+            self._provider.quotas.sync()  # what the held pieces claimed is on disk first
+            if whole and not self.entry.opened_seq:
+                self._record_answered()
             if not self.entry.seq:
-                self._provider.quotas.sync()
                 self._provider.audit.opened(self.entry)
             for piece in held:
                 yield from self._handed_over(piece)
@@ -323,7 +323,7 @@ class QueryRun:
 
     def digest_of_first(self, size: int) -> str:
         """Hex sha256 of the first size bytes of the answer ("" for none): what a transport
-        handed over, which is every piece produced or all but the latest."""
+        handed over, at a piece boundary not before the last piece it took."""
         if self._pieces is None or not size:
             return ""
         try:
