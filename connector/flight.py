@@ -214,8 +214,7 @@ class FlightEndpoint(RefusedCalls, flight.FlightServerBase):  # type: ignore[mis
         """The query decided now (or earlier's decision, while nothing it rests on changed)."""
         request = self._request(sql, purpose, entry)
         decided = self._provider.checked(member, request, entry, earlier)
-        refs = policy_refs(decided.explanation.decision.policies)
-        return Plan(member.member_id, purpose, sql, entry.request_id, refs, decided)
+        return Plan(member.member_id, purpose, sql, entry.request_id, decided)
 
     # The answer: DoGet redeems the ticket once; AnswerStreams streams it.
 

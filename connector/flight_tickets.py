@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 from connector.decided import Decided
 from connector.errors import PermissionDenied, ResourceExhausted
-from connector.policy.ref import PolicyRef
+from connector.policy.ref import PolicyRef, policy_refs
 
 TICKET_SECONDS = 60.0  # a ticket not redeemed within this is void
 PREPARED_SECONDS = 600.0  # a prepared statement not used for this long is forgotten
@@ -49,11 +49,17 @@ class Plan:
     purpose: str
     sql: str
     request_id: str
-    policies: tuple[PolicyRef, ...] = ()  # the policies (id@version) that allowed the query
     # The decision itself, with what it was taken on: DoGet runs the query on it while
     # nothing that decision depends on changed, and decides again otherwise.
     decided: Decided | None = None
     metadata: bytes = b""  # for a metadata command: the command itself (no query)
+
+    @property
+    def policies(self) -> tuple[PolicyRef, ...]:
+        """The policies (id@version) that allowed the query (none for metadata)."""
+        if self.decided is None:
+            return ()
+        return policy_refs(self.decided.explanation.decision.policies)
 
 
 @dataclass(frozen=True)
