@@ -19,7 +19,6 @@ from typing import Any
 import pyarrow as pa
 
 from connector import plantree, sqltree
-from connector.recent import RecentlyUsed
 
 # Aggregates whose result grows with the number of rows they read.
 PACKING_AGGREGATES = frozenset(
@@ -143,21 +142,6 @@ def _nodes(value: Any) -> Iterator[dict[str, Any]]:
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, list):
             stack.extend(reversed(item))
-
-
-# What packs rows in each plan that passed the check (the sandbox keeps those plans, and
-# hands out the same object for the same query): by the plan's identity, the plan held.
-_KEPT_PLANS: RecentlyUsed[int, tuple[dict[str, Any], str]] = RecentlyUsed(1024)
-
-
-def packed_in_kept_plan(plan: dict[str, Any]) -> str:
-    """packed_in_plan(plan), worked out once per plan object."""
-    known = _KEPT_PLANS.get(id(plan))
-    if known is not None and known[0] is plan:
-        return known[1]
-    packing = packed_in_plan(plan)
-    _KEPT_PLANS.put(id(plan), (plan, packing))
-    return packing
 
 
 def packing_refused(packing: str) -> str:

@@ -34,7 +34,7 @@ from connector.errors import (
     StoreError,
 )
 from connector.identity import MemberIdentity
-from connector.packing import built_collection, packed_in_kept_plan, packing_refused
+from connector.packing import built_collection, packing_refused
 from connector.policy.model import tightest
 from connector.policy.ref import policy_refs
 from connector.quota import QuotaLedger, most_rows
@@ -201,8 +201,8 @@ class QueryRun:
         try:
             sql = self._explanation.sql
             self._session.expose(self._explanation.relations)
-            plan = self._session.verify_plan(sql, self._explanation.relations)
-            self._refuse_packing(packed_in_kept_plan(plan))
+            checked = self._session.verify_plan(sql, self._explanation.relations)
+            self._refuse_packing(checked.packing)
             result = self._session.stream(sql, self._provider.batch_rows, timeout)
             self._leave_gate()  # DuckDB holds the query's snapshot now
             noise = self._explanation.noise  # noised answers: each batch noised, renamed

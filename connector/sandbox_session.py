@@ -27,6 +27,7 @@ from connector.errors import (
     ResourceExhausted,
     StoreError,
 )
+from connector.packing import packed_in_plan
 from connector.plancheck import ExposedRelation, SourceName, bound_plan_text, check_plan_text
 from connector.recent import RecentlyUsed
 from connector.sandbox_cursors import SessionCursors, ViewKey, close_all
@@ -58,8 +59,14 @@ PlanKey = tuple[bytes, tuple[str, ...], tuple[tuple[str, str, str, int, tuple[st
 # cursor for its next query: such a cursor is never kept for another request.
 CONNECTION_STATE_FUNCTIONS = ("setseed",)
 
-# A plan that passed the check, and whether it leaves state in its cursor.
-CheckedPlan = tuple[dict[str, Any], bool]
+
+@dataclass(frozen=True)
+class CheckedPlan:
+    """A bound plan that passed the check, with what the sandbox needs to know of it."""
+
+    plan: dict[str, Any]
+    keeps_state: bool  # it leaves state in its cursor (never kept for another request)
+    packing: str  # how it packs many rows into one ("" when it does not)
 
 
 @dataclass(frozen=True)
@@ -163,9 +170,9 @@ class SandboxSession:
 
     def verify_plan(
         self, sql: str, relations: Sequence[ExposedRelation], datasets: Sequence[str] = ()
-    ) -> dict[str, Any]:
+    ) -> CheckedPlan:
         """Second layer: one SELECT whose bound plan scans only what the relations expose,
-        and reads aggregate-only relations only in the aggregate form; returns the plan."""
+        and reads aggregate-only relations only in the aggregate form; the checked plan."""
         names = datasets or [r.dataset for r in relations]
         key = _plan_key(sql, relations, names)
         # The same query over the same relations binds to the same plan: bound and checked
@@ -174,12 +181,11 @@ class SandboxSession:
         if known is None:
             text, plan = bound_plan_text(self._cursor, sql, names)
             check_plan_text(text, plan, {source_of(r): r for r in relations})
-            known = (plan, _keeps_state(text))
+            known = CheckedPlan(plan, _keeps_state(text), packed_in_plan(plan))
             self._passed.plans.put(key, known, self._passed.generation)
-        plan, keeps_state = known
-        if not keeps_state:
+        if not known.keeps_state:
             self._reusable_sql = sql
-        return plan
+        return known
 
     def stream(self, sql: str, batch_rows: int, timeout: float | None) -> ResultStream:
         """Run sql and return its batches as they come (memory bounded by batch_rows)."""
