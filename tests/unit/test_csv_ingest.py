@@ -3,13 +3,14 @@ is half-loaded, and the dialect is detected or given with --csv-option."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from connector.errors import DataError
 from connector.store import create_database, list_datasets
-from connector.store_ingest import ingest
+from connector.store_ingest import LoadRequest, ingest, stage
 from tests.conftest import run_cli
 
 
@@ -94,3 +95,32 @@ def test_the_cli_reports_the_line_and_exits_1(
                    "--csv-option", "delimiter=;") == 0  # fmt: skip
     assert run_cli("ingest", "--home", home, semi, "--dataset", "semi",
                    "--csv-option", "delimiter") == 1  # fmt: skip
+
+
+def test_files_staged_at_once_each_read_their_own_rows_and_leave_nothing(tmp_path: Path) -> None:
+    # Staged files share one in-memory reading database (opening one per file cost half of a
+    # small ingest): each must still read only its own file, also from two threads at once.
+    paths = []
+    for n in range(4):
+        path = tmp_path / f"f{n}.csv"
+        path.write_text("k,v\n" + "".join(f"{n},{i}\n" for i in range(5000)), encoding="utf-8")
+        paths.append(path)
+    results: dict[int, list[int]] = {}
+
+    def read(n: int) -> None:
+        with stage(LoadRequest(paths[n], f"d{n}", "replace")) as staged:
+            table = staged.reader().read_all()
+        results[n] = sorted(set(table.column("k").to_pylist()))
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {n: [n] for n in range(4)}
+    with stage(LoadRequest(paths[0], "d0", "replace")) as staged:
+        staged.reader().read_all()
+        leftovers = staged._con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE NOT internal"
+        ).fetchone()
+    assert leftovers == (0,)
