@@ -20,10 +20,13 @@ import pytest
 
 from connector.errors import PolicyEngineError, PolicyEngineUnavailable
 from connector.policy.engine import (
+    CompiledLibraries,
     DecisionRequest,
     EmbeddedEngine,
     OpaConnection,
     PolicyEngine,
+    policy_data,
+    rego_library,
 )
 from connector.policy.model import UsagePolicy, parse_policy
 from connector.policy.opa import OpaLink, OpaServerEngine, build_engine
@@ -304,6 +307,28 @@ def test_decision_cost_follows_the_requesters_policies_not_all_policies(tmp_path
     (grant,) = decision.grants
     assert len(grant.policies) == 150 and len(grant.columns) == 151
     assert [entry.dataset for entry in catalog] == ["part_defects"]
+
+
+def test_a_compiled_library_serves_exactly_the_policies_it_was_compiled_with(
+    tmp_path: Path,
+) -> None:
+    # Engines over the same policies share one compiled library; any change in a policy
+    # (here one more column in version 2) compiles again, never reuses the old one.
+    first = [_policy(tmp_path, "a", "[acme]")]
+    widened = [_policy(tmp_path, "a", "[acme]", version="2", columns="[plant, defects, cost]")]
+    asked = _request("acme", part_defects=["plant", "cost"])
+    assert not EmbeddedEngine(first).decide(asked).allow
+    assert EmbeddedEngine(widened).decide(asked).allow
+    assert not EmbeddedEngine(first).decide(asked).allow
+    assert EmbeddedEngine(widened).decide(asked).allow
+
+    kept, library = CompiledLibraries(kept=1), rego_library()
+    one, two = policy_data(first), policy_data(widened)
+    made = kept.bundle(library, one)
+    assert kept.bundle(library, one) is made
+    assert kept.bundle(library, two) is not made
+    assert kept.bundle(library, one) is not made  # only the last set is kept
+    assert kept.bundle(library + "\n# changed\n", one) is not kept.bundle(library, one)
 
 
 def _plain_reading(policies: list[UsagePolicy], request: DecisionRequest) -> dict[str, Any]:
