@@ -77,7 +77,9 @@ def _run_in_one_process(python: Path, target: Path, *commands: list[str | Path])
         timeout=120,
         check=False,
     )
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    # Only its own lines: the commands' output went into them (a library writing to the
+    # process's stdout directly would add lines of its own).
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]
     assert lines and lines[0]["connector"].startswith(str(target)), done.stdout + done.stderr
     ran = lines[1:]
     assert done.returncode == 0 and len(ran) == len(commands), done.stdout + done.stderr
