@@ -159,8 +159,9 @@ class NoisePlan:
 def load_mechanisms() -> None:
     """Load OpenDP now: a server calls this before it limits its address space, so that the
     first noisy query does not map OpenDP's library under the limit (commands that never add
-    noise skip its 0.2 s import)."""
-    import opendp.prelude  # noqa: F401
+    noise skip its 0.2 s import). Only the modules the sampler uses: opendp.prelude would
+    also load OpenDP's extras (scikit-learn, numpy and polars helpers)."""
+    import opendp.measurements  # noqa: F401
 
 
 @cache
@@ -169,16 +170,20 @@ def _sampler(
 ) -> Callable[[list[Any]], list[Any]]:
     """OpenDP's vetted vector Laplace mechanism (discrete over 64-bit integers), calibrated
     so that one row's change costs at most epsilon, as OpenDP's own privacy map confirms."""
-    import opendp.prelude as dp  # loaded by load_mechanisms() in a server, see there
+    # Loaded by load_mechanisms() in a server, see there.
+    from opendp.domains import atom_domain, vector_domain
+    from opendp.measurements import make_laplace
+    from opendp.metrics import l1_distance
+    from opendp.mod import enable_features
 
-    dp.enable_features("contrib")  # OpenDP's label for these measurements (idempotent)
+    enable_features("contrib")  # OpenDP's label for these measurements (idempotent)
     if integer:
-        space = dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64")
+        space = vector_domain(atom_domain(T="i64")), l1_distance(T="i64")
         d_in: int | float = int(sensitivity)
     else:
-        space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l1_distance(T=float)
+        space = vector_domain(atom_domain(T=float, nan=False)), l1_distance(T=float)
         d_in = float(sensitivity)
-    mechanism = dp.m.make_laplace(*space, scale=float(sensitivity) / epsilon)
+    mechanism = make_laplace(*space, scale=float(sensitivity) / epsilon)
     loss = float(mechanism.map(d_in))  # type: ignore[no-untyped-call]
     if loss > epsilon * (1 + 1e-9):
         raise PermissionDenied(["the noise for this query could not be calibrated; ask the owner"])

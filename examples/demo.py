@@ -114,6 +114,7 @@ class Server:
     port: int = 0
     flight_port: int = 0
     log: list[str] = field(default_factory=list)
+    reported: threading.Event = field(default_factory=threading.Event)  # its port, or its end
 
     def read(self) -> None:
         assert self.process.stderr is not None
@@ -122,12 +123,15 @@ class Server:
             found = PORT_LINE.search(line)
             if found:
                 self.port = int(found.group(1))
+                self.reported.set()
             flight = FLIGHT_LINE.search(line)
             if flight:
                 self.flight_port = int(flight.group(1))
+        self.reported.set()
 
 
 def start_server(member: str, home: Path) -> Server:
+    """Start `connector serve` for member; wait_until_serving() waits for its port."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -146,13 +150,13 @@ def start_server(member: str, home: Path) -> Server:
     )
     server = Server(member, process)
     threading.Thread(target=server.read, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while not server.port:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{member}'s connector did not start:\n{''.join(server.log)}")
-        time.sleep(0.05)
-    print(f"  {member}: serving on 127.0.0.1:{server.port} (mutual TLS)")
     return server
+
+
+def wait_until_serving(server: Server) -> None:
+    if not server.reported.wait(timeout=60) or not server.port:
+        raise SystemExit(f"{server.member}'s connector did not start:\n{''.join(server.log)}")
+    print(f"  {server.member}: serving on 127.0.0.1:{server.port} (mutual TLS)")
 
 
 def stop_servers(servers: list[Server]) -> None:
@@ -396,8 +400,10 @@ def main() -> int:
     servers: list[Server] = []
     try:
         print("\n== 3. Each member starts its connector")
-        for member, home in homes.items():
-            servers.append(start_server(member, home))
+        # All at once: each takes a second or two to start, mostly loading Python modules.
+        servers.extend(start_server(member, home) for member, home in homes.items())
+        for server in servers:
+            wait_until_serving(server)
         run_queries(
             homes,
             {s.member: s.port for s in servers},

@@ -123,6 +123,7 @@ class QueryLoad:
         self._live = live
         self._queries = queries
         self._stop = threading.Event()
+        self._answered = threading.Condition()  # notified at each answer and failure
         self.answers: collections.Counter[tuple[str, int]] = collections.Counter()
         self.failures: list[BaseException] = []
         self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
@@ -138,10 +139,14 @@ class QueryLoad:
         for thread in self._threads:
             thread.join(timeout=30)
 
-    def wait_for_more(self, answers: int = 4) -> None:
-        """Wait until the load has had this many more answers."""
-        seen = sum(self.answers.values())
-        wait_for(lambda: bool(self.failures) or sum(self.answers.values()) >= seen + answers)
+    def wait_for_more(self, answers: int = 4, timeout: float = 15.0) -> None:
+        """Wait until the load has had this many more answers (or a failure)."""
+        with self._answered:
+            wanted = self.answers.total() + answers
+            if not self._answered.wait_for(
+                lambda: bool(self.failures) or self.answers.total() >= wanted, timeout
+            ):
+                pytest.fail(f"the load had no {answers} more answers within {timeout} s")
 
     def _run(self) -> None:
         with self._live.peer() as peer:
@@ -150,9 +155,13 @@ class QueryLoad:
                     try:
                         table = peer.query(sql, purpose)
                     except BaseException as error:
-                        self.failures.append(error)
+                        with self._answered:
+                            self.failures.append(error)
+                            self._answered.notify_all()
                         return
-                    self.answers[(sql, int(table.column(0)[0].as_py()))] += 1
+                    with self._answered:
+                        self.answers[(sql, int(table.column(0)[0].as_py()))] += 1
+                        self._answered.notify_all()
 
 
 COUNT_DEFECTS = "SELECT count(*) AS n FROM part_defects"
