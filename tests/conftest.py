@@ -422,9 +422,11 @@ class ServerProcess:
         self.lines: list[str] = []
         self.port = 0
         self.flight_port = 0
+        self._serving = threading.Event()  # set at the port line, or when the output ends
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        wait_for(lambda: self.port != 0 or self.process.poll() is not None, timeout=30)
+        if not self._serving.wait(timeout=30):
+            pytest.fail(f"connector serve did not start within 30 s:\n{self.log()[-4000:]}")
         assert self.port, "".join(self.lines)
 
     def _read(self) -> None:
@@ -437,6 +439,8 @@ class ServerProcess:
             found = PORT_LINE.search(line)
             if found:
                 self.port = int(found.group(1))
+                self._serving.set()
+        self._serving.set()
 
     def log(self) -> str:
         return "".join(self.lines)
