@@ -43,6 +43,7 @@ from tests.conftest import (
 PURPOSE = "quality-benchmarking"
 QUERY = "/connector.v1.Connector/Query"
 EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # Arrow IPC end-of-stream marker
+CONTROL_CYCLE = "".join(chr(1 + j) for j in range(31)) * (128 * 1024 // 31 + 2)
 
 
 def _channel(port: int, member: Member) -> grpc.Channel:
@@ -123,7 +124,8 @@ def test_oversized_control_character_queries_cannot_flood_the_log(space: Space) 
     with _channel(space.server.port, space.outsider) as channel:
         call = _raw_query(channel)
         for i in range(24):
-            sql = "SELECT " + "".join(chr(1 + (i + j) % 31) for j in range(128 * 1024))
+            # chr(1 + (i + j) % 31) for j in range(128 KiB), cut from a repeated cycle.
+            sql = "SELECT " + CONTROL_CYCLE[i % 31 : i % 31 + 128 * 1024]
             raw = _request(sql)
             sent += len(raw)
             with pytest.raises(grpc.RpcError) as refused:
@@ -404,7 +406,7 @@ def test_short_deadlines_under_load_leave_every_request_on_record(space: Space) 
         t.start()
     for t in threads:
         t.join()
-    time.sleep(0.5)  # let handlers of requests already given up finish recording
+    space.server.service.wait_until_idle(5)  # handlers of requests given up still recording
     space.server.stop(grace=5)
     entries = _entries(space.provider)
     # Every request that reached the connector is on record. One whose 20 ms deadline passes

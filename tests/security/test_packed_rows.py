@@ -8,12 +8,14 @@ sandbox still refuses a result that carries a list the dataset does not hold.
 
 One server serves the module: each test asks as a member of its own, granted a policy of
 its own with those limits, so that no test spends another's daily rows (and each request is
-decided on one policy, as in a space of its own).
+decided on one policy, as in a space of its own). The grantees only ask: each has a
+certificate of the data space's CA for its member id, not a home of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from connector.audit_chain import read_entries
+from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
 from connector.errors import PermissionDenied, QueryRejected, ResourceExhausted
+from connector.identity import CA_CERT_FILE, issue_member_certificate
 from connector.server import RunningServer
 from connector.sqlguard import QueryShape, inspect_query
 from tests.conftest import (
@@ -68,24 +72,45 @@ PACKED = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Grantee:
+    """A member that only asks: its id and the certificate the data space's CA issued it."""
+
+    member_id: str
+    identity: PeerIdentity
+
+
 @dataclasses.dataclass
 class Limited:
     """The module's server: carmaker grants member supplier-N policy qN."""
 
     server: RunningServer
     provider: Member
-    grantees: list[Member]
+    certificates: Path  # supplier-N/cert.pem and key.pem
+    ca: Path
     unused: Iterator[int]
 
-    def grant(self) -> tuple[str, Member]:
+    def grant(self) -> tuple[str, Grantee]:
         """A policy id and its grantee no other test has asked as."""
         n = next(self.unused)
         assert n < GRANTS, "raise GRANTS: every test needs a grantee of its own"
-        return f"q{n}", self.grantees[n]
+        folder = self.certificates / f"supplier-{n}"
+        identity = PeerIdentity.from_files(folder / "cert.pem", folder / "key.pem", self.ca)
+        return f"q{n}", Grantee(f"supplier-{n}", identity)
 
 
-def _limited_homes(folder: Path, make: Callable[[str], Member]) -> list[Member]:
-    provider, grantees = make("carmaker"), [make(f"supplier-{n}") for n in range(GRANTS)]
+def _ask(server: RunningServer, grantee: Grantee) -> Peer:
+    return Peer(f"127.0.0.1:{server.port}", grantee.identity, timeout=30.0)
+
+
+def _limited_homes(dataspace: Path, folder: Path, make: Callable[[str], Member]) -> list[Member]:
+    provider = make("carmaker")
+    # What `connector init` issues a member (its home, keys and database aside, which a
+    # member that only asks does not use): 48 homes took seconds.
+    for n in range(GRANTS):
+        certificates = folder / "grantees" / f"supplier-{n}"
+        certificates.mkdir(parents=True)
+        issue_member_certificate(dataspace, f"supplier-{n}", certificates)
     provider.ingest(write_defects_csv(folder / "d.csv"), "part_defects")
     policies = [
         provider.write_policy(
@@ -94,16 +119,24 @@ def _limited_homes(folder: Path, make: Callable[[str], Member]) -> list[Member]:
         for n in range(GRANTS)
     ]
     assert run_cli("policy", "sign", "--home", provider.home, *policies) == 0
-    return [provider, *grantees]
+    return [provider]
 
 
 @pytest.fixture(scope="module")
 def limited(
     module_dir: Path, dataspace: Path, module_serve: Callable[[Member], RunningServer]
 ) -> Limited:
-    homes = from_template(module_dir / "limited", dataspace, "packed-rows", _limited_homes)
-    provider, *grantees = homes
-    return Limited(module_serve(provider), provider, grantees, itertools.count())
+    folder = module_dir / "limited"
+    (provider,) = from_template(
+        folder, dataspace, "packed-rows", functools.partial(_limited_homes, dataspace)
+    )
+    return Limited(
+        module_serve(provider),
+        provider,
+        folder / "grantees",
+        dataspace / CA_CERT_FILE,
+        itertools.count(),
+    )
 
 
 @pytest.fixture
@@ -118,7 +151,7 @@ def test_packed_rows_do_not_leave_past_the_row_limits(
     limited: Limited, server: RunningServer, sql: str
 ) -> None:
     policy, grantee = limited.grant()
-    with connect(server, grantee) as peer:
+    with _ask(server, grantee) as peer:
         for _ in range(6):  # the attack found it answered six times in a row
             # Refused as packing under the row limits, or earlier by the value-size rule
             # (a packed value a subquery or window could repeat): never answered.
@@ -149,7 +182,7 @@ def test_the_daily_row_limit_holds_over_many_queries(
 ) -> None:
     _, grantee = limited.grant()
     received = 0
-    with connect(server, grantee) as peer:
+    with _ask(server, grantee) as peer:
         for sql in PACKED[:6]:
             with pytest.raises(PermissionDenied):
                 peer.fetch(sql, PURPOSE)
@@ -188,7 +221,7 @@ def test_the_sandbox_refuses_packing_with_the_guard_blind(
 ) -> None:
     _, grantee = limited.grant()
     server.provider.guard = _guard_blind_to_packing  # this test only
-    with connect(server, grantee) as peer:
+    with _ask(server, grantee) as peer:
         for _ in range(2):  # again: from the plan and its packing as the sandbox kept them
             with pytest.raises(PermissionDenied, match="policies limit rows"):
                 peer.fetch(sql, PURPOSE)
