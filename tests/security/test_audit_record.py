@@ -46,7 +46,7 @@ EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # Arrow IPC end-of-stream marker
 CONTROL_CYCLE = "".join(chr(1 + j) for j in range(31)) * (128 * 1024 // 31 + 2)
 
 
-def _channel(port: int, member: Member) -> grpc.Channel:
+def _channel(port: int, member: Member, *options: tuple[str, int]) -> grpc.Channel:
     identity = member.identity()
     credentials = grpc.ssl_channel_credentials(
         root_certificates=identity.ca_pem,
@@ -59,6 +59,7 @@ def _channel(port: int, member: Member) -> grpc.Channel:
         options=[
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            *options,
         ],
     )
 
@@ -283,7 +284,10 @@ def test_a_peer_that_leaves_after_the_first_of_many_held_pieces_is_on_record_wit
         "SELECT a.plant, a.part_no, b.week, b.defects FROM part_defects a, part_defects b "
         "ORDER BY ALL"
     )
-    with _channel(server.port, grantee) as channel:
+    # Without bandwidth probes the peer's flow-control window stays at 64 KiB: however long
+    # this thread is held up between its first read and its cancel (a busy machine), the
+    # server cannot hand the transport the whole 1.4 MB answer and finish first.
+    with _channel(server.port, grantee, ("grpc.http2.bdp_probe", 0)) as channel:
         call = _raw_query(channel)(_request(sql, "leaves-early"), timeout=60)
         first = next(iter(call)).arrow_ipc
         call.cancel()
