@@ -23,9 +23,10 @@ demo: $(STAMP)
 
 # One worker more than cores (pytest-xdist): a worker often waits on a server or a
 # subprocess (2 cores: 136 s with 3 workers against 162 s with 2). All tests of a module go
-# to one worker, so a server the module shares starts once.
+# to one worker, so a server the module shares starts once; modules start in the order
+# tests/conftest.py gives them (the long ones first).
 WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1)')
-PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadscope
+PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The type check (about 15 s of one core on a fresh clone) runs beside the suite, whose
 # workers spend part of their time waiting on servers; style is checked first, in a second.

@@ -33,11 +33,12 @@ from tests.in_process import InProcessPeer
 DATASPACE = "test-space"
 
 
-# `--dist loadscope` gives each of the 2 workers one module, then one more each, then the next
-# module to whichever is free, in collection order. The memory blow-ups run first on one
-# worker, with the audit-record tests queued behind them (their short deadlines miss requests
-# under the blow-ups' memory pressure); the demo and the wheel build, which time nothing, run
-# beside them on the other.
+# `--dist loadscope --no-loadscope-reorder` (the Makefile) gives each worker one module, then
+# one more each, then the next module to whichever is free, in this order (without the flag
+# xdist puts the modules with most tests first, and the longest ones ran last). The memory
+# blow-ups and the audit-record tests start on different workers (the latter's short
+# deadlines miss requests under the blow-ups' memory pressure); the demo and the wheel
+# build, which time nothing, run beside them.
 RUN_FIRST = (
     "tests/security/test_memory_bounds.py",
     "tests/integration/test_demo.py",
