@@ -7,6 +7,7 @@ installed on this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 import re
@@ -50,6 +51,36 @@ columns:
     path = tmp_path / f"{pid}.yaml"
     path.write_text(text)
     return parse_policy(path)
+
+
+def _variant(
+    base: UsagePolicy,
+    pid: str,
+    *,
+    members: tuple[str, ...] | None = None,
+    datasets: tuple[str, ...] | None = None,
+    purposes: tuple[str, ...] | None = None,
+    columns_allow: tuple[str, ...] | None = None,
+) -> UsagePolicy:
+    """base with another id and lists: the policy its edited file parses to, without parsing.
+
+    A policy file's YAML parse costs about 5 ms; tests that need hundreds of policies make
+    them from one parsed base (its path and hash stay, which the engines do not read).
+    """
+    return dataclasses.replace(
+        base,
+        id=pid,
+        members=base.members if members is None else members,
+        datasets=base.datasets if datasets is None else datasets,
+        purposes=base.purposes if purposes is None else purposes,
+        columns_allow=base.columns_allow if columns_allow is None else columns_allow,
+    )
+
+
+def _parsed_alike(tmp_path: Path, made: UsagePolicy, members: str, **terms: str) -> UsagePolicy:
+    """The policy _policy parses for made's id and terms, with made's path and hash."""
+    parsed = _policy(tmp_path, made.id, members, **terms)
+    return dataclasses.replace(parsed, path=made.path, sha256=made.sha256)
 
 
 def _request(member: str, purpose: str = "quality", **columns: list[str]) -> DecisionRequest:
@@ -294,10 +325,14 @@ def test_decision_cost_follows_the_requesters_policies_not_all_policies(tmp_path
     # regopy recomputes function calls and compares whole objects in sets: with 150 policies
     # naming the requester a decision took 4 s, before the library computed each set once,
     # over policy positions, from an index of the requester's policies (0.15 s after).
+    base = _policy(tmp_path, "base", "[acme]")
     theirs = [
-        _policy(tmp_path, f"o{i}", f"[m{i % 50}]", columns=f"[plant, c{i}]") for i in range(300)
+        _variant(base, f"o{i}", members=(f"m{i % 50}",), columns_allow=("plant", f"c{i}"))
+        for i in range(300)
     ]
-    mine = [_policy(tmp_path, f"a{i}", "[acme]", columns=f"[plant, c{i}]") for i in range(150)]
+    mine = [_variant(base, f"a{i}", columns_allow=("plant", f"c{i}")) for i in range(150)]
+    assert theirs[7] == _parsed_alike(tmp_path, theirs[7], "[m7]", columns="[plant, c7]")
+    assert mine[9] == _parsed_alike(tmp_path, mine[9], "[acme]", columns="[plant, c9]")
     engine = EmbeddedEngine(theirs + mine)
     started = time.thread_time()  # this thread's CPU time: a busy machine does not count
     decision = engine.decide(_request("acme", part_defects=["plant", "c99"]))
@@ -359,21 +394,36 @@ def test_random_requests_agree_with_a_plain_reading_and_never_leak(tmp_path: Pat
     members, datasets = ["acme", "bob", "carl"], ["d1", "d2", "d3"]
     purposes, columns = ["quality", "planning", "audit"], ["c1", "c2", "c3", "c4"]
     days = ["2025-06-01", "2026-01-01", "2026-06-01", "2027-01-01"]
+    # One parsed policy per validity period; the rest are its variants (see _variant).
+    periods: dict[tuple[str, str], UsagePolicy] = {}
+    checked = False
     for round_no in range(20):
         policies = []
         for i in range(rng.randint(0, 8)):
             start, end = sorted(rng.sample(days, 2))
+            if (start, end) not in periods:
+                periods[start, end] = _policy(tmp_path, "base", "[acme]", start=start, until=end)
             policies.append(
-                _policy(
-                    tmp_path,
+                _variant(
+                    periods[start, end],
                     f"r{round_no}-p{i}",
-                    f"[{', '.join(rng.sample(members, rng.randint(1, 2)))}]",
-                    datasets=f"[{', '.join(rng.sample(datasets, rng.randint(1, 2)))}]",
-                    purposes=f"[{', '.join(rng.sample(purposes, rng.randint(1, 2)))}]",
-                    columns=f"[{', '.join(rng.sample(columns, rng.randint(1, 3)))}]",
-                    start=start,
-                    until=end,
+                    members=tuple(rng.sample(members, rng.randint(1, 2))),
+                    datasets=tuple(rng.sample(datasets, rng.randint(1, 2))),
+                    purposes=tuple(rng.sample(purposes, rng.randint(1, 2))),
+                    columns_allow=tuple(rng.sample(columns, rng.randint(1, 3))),
                 )
+            )
+        if policies and not checked:  # the variants are what their files would parse to
+            checked, made = True, policies[0]
+            assert made == _parsed_alike(
+                tmp_path,
+                made,
+                f"[{', '.join(made.members)}]",
+                datasets=f"[{', '.join(made.datasets)}]",
+                purposes=f"[{', '.join(made.purposes)}]",
+                columns=f"[{', '.join(made.columns_allow)}]",
+                start=made.valid_from.date().isoformat(),
+                until=made.valid_until.date().isoformat(),
             )
         engine = EmbeddedEngine(policies)
         for _ in range(15):
