@@ -219,6 +219,33 @@ def shared_shaped(
     return build_shaped(module_dir / "shaped", dataspace, module_serve)
 
 
+@pytest.fixture(scope="module")
+def a_in_process(shared_shaped: ShapedSpace) -> InProcessPeer:
+    """supplier-a asking the module server's Provider: made once for every attack."""
+    return shared_shaped.in_process(shared_shaped.supplier_a)
+
+
+@pytest.fixture(scope="module")
+def b_in_process(shared_shaped: ShapedSpace) -> InProcessPeer:
+    """supplier-b asking the module server's Provider: made once for every attack."""
+    return shared_shaped.in_process(shared_shaped.supplier_b)
+
+
+@pytest.fixture(scope="module")
+def a_over_mtls(shared_shaped: ShapedSpace) -> Iterator[Peer]:
+    """supplier-a's one mTLS channel to the module server: each attack's check that the
+    next query is answered runs on the channel it came by."""
+    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
+        yield peer
+
+
+@pytest.fixture(scope="module")
+def b_over_mtls(shared_shaped: ShapedSpace) -> Iterator[Peer]:
+    """supplier-b's one mTLS channel to the module server (as a_over_mtls)."""
+    with shared_shaped.peer(shared_shaped.supplier_b) as peer:
+        yield peer
+
+
 @pytest.fixture
 def shaped_unguarded(shared_shaped: ShapedSpace) -> Iterator[ShapedSpace]:
     """The module's server with its guard switched off for one test (a test build)."""
@@ -233,40 +260,40 @@ def shaped_unguarded(shared_shaped: ShapedSpace) -> Iterator[ShapedSpace]:
     ("prop", "sql", "expected"), MASK_AND_FILTER, ids=[p for p, _, _ in MASK_AND_FILTER]
 )
 def test_masks_and_row_filters_hold_against_attacks(
-    shared_shaped: ShapedSpace, prop: str, sql: str, expected: int | None
+    a_in_process: InProcessPeer, prop: str, sql: str, expected: int | None
 ) -> None:
-    peer = shared_shaped.in_process(shared_shaped.supplier_a)
-    _mask_and_filter_attack(peer, prop, sql, expected, guarded=True)
+    _mask_and_filter_attack(a_in_process, prop, sql, expected, guarded=True)
 
 
 @pytest.mark.parametrize(
     ("prop", "sql", "expected"), WIRE_MASK_AND_FILTER, ids=[p for p, _, _ in WIRE_MASK_AND_FILTER]
 )
 def test_masks_and_row_filters_hold_against_attacks_over_mtls(
-    shared_shaped: ShapedSpace, prop: str, sql: str, expected: int | None
+    a_over_mtls: Peer, prop: str, sql: str, expected: int | None
 ) -> None:
-    with shared_shaped.peer(shared_shaped.supplier_a) as peer:
-        _mask_and_filter_attack(peer, prop, sql, expected, guarded=True)
+    _mask_and_filter_attack(a_over_mtls, prop, sql, expected, guarded=True)
 
 
 @pytest.mark.parametrize(
     ("prop", "sql", "expected"), MASK_AND_FILTER, ids=[p for p, _, _ in MASK_AND_FILTER]
 )
 def test_masks_and_row_filters_hold_with_the_guard_off(
-    shaped_unguarded: ShapedSpace, prop: str, sql: str, expected: int | None
+    shaped_unguarded: ShapedSpace,
+    a_in_process: InProcessPeer,
+    prop: str,
+    sql: str,
+    expected: int | None,
 ) -> None:
-    peer = shaped_unguarded.in_process(shaped_unguarded.supplier_a)
-    _mask_and_filter_attack(peer, prop, sql, expected, guarded=False)
+    _mask_and_filter_attack(a_in_process, prop, sql, expected, guarded=False)
 
 
 @pytest.mark.parametrize(
     ("prop", "sql", "expected"), WIRE_MASK_AND_FILTER, ids=[p for p, _, _ in WIRE_MASK_AND_FILTER]
 )
 def test_masks_and_row_filters_hold_with_the_guard_off_over_mtls(
-    shaped_unguarded: ShapedSpace, prop: str, sql: str, expected: int | None
+    shaped_unguarded: ShapedSpace, a_over_mtls: Peer, prop: str, sql: str, expected: int | None
 ) -> None:
-    with shaped_unguarded.peer(shaped_unguarded.supplier_a) as peer:
-        _mask_and_filter_attack(peer, prop, sql, expected, guarded=False)
+    _mask_and_filter_attack(a_over_mtls, prop, sql, expected, guarded=False)
 
 
 def _aggregate_escape(peer: Peer | InProcessPeer, prop: str, sql: str) -> None:
@@ -283,19 +310,18 @@ def _aggregate_escape(peer: Peer | InProcessPeer, prop: str, sql: str) -> None:
 
 @pytest.mark.parametrize(("prop", "sql"), AGGREGATE_ESCAPES, ids=[p for p, _ in AGGREGATE_ESCAPES])
 def test_aggregate_only_escapes_get_no_row_and_no_small_group(
-    shared_shaped: ShapedSpace, prop: str, sql: str
+    b_in_process: InProcessPeer, prop: str, sql: str
 ) -> None:
-    _aggregate_escape(shared_shaped.in_process(shared_shaped.supplier_b), prop, sql)
+    _aggregate_escape(b_in_process, prop, sql)
 
 
 @pytest.mark.parametrize(
     ("prop", "sql"), WIRE_AGGREGATE_ESCAPES, ids=[p for p, _ in WIRE_AGGREGATE_ESCAPES]
 )
 def test_aggregate_only_escapes_get_no_row_and_no_small_group_over_mtls(
-    shared_shaped: ShapedSpace, prop: str, sql: str
+    b_over_mtls: Peer, prop: str, sql: str
 ) -> None:
-    with shared_shaped.peer(shared_shaped.supplier_b) as peer:
-        _aggregate_escape(peer, prop, sql)
+    _aggregate_escape(b_over_mtls, prop, sql)
 
 
 def test_the_whole_suite_has_at_least_150_attacks() -> None:
