@@ -303,6 +303,20 @@ def _other_query(document: dict[str, Any]) -> None:
     document["plan"] = plan_federation(document["sql"]).to_json()
 
 
+@pytest.fixture(scope="module")
+def signed_answer(federation: Federation) -> Path:
+    """The folder of one real answer of sup-a, sup-b and sup-d (refused), its receipts file
+    and the members' parts: each tampering test changes a copy of its own."""
+    output = federation.folder / "tamper" / "answer.arrow"
+    output.parent.mkdir()
+    args = ["--to", "sup-a", "--to", "sup-b", "--to", "sup-d", "--purpose", PURPOSE]
+    home = federation.asker.home
+    assert run_cli("query", "--home", home, *args, "--output", output, SUM_QUERY) == 0
+    receipts = output.with_name(output.name + ".receipts.json")
+    assert run_cli("receipt", "verify", receipts, "--home", home) == 0  # untampered: valid
+    return output.parent
+
+
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
@@ -314,6 +328,7 @@ def _other_query(document: dict[str, Any]) -> None:
 )
 def test_a_receipts_file_states_nothing_its_receipts_do_not_sign(
     federation: Federation,
+    signed_answer: Path,
     tmp_path: Path,
     tamper: Callable[[dict[str, Any]], None],
     message: str,
@@ -321,10 +336,8 @@ def test_a_receipts_file_states_nothing_its_receipts_do_not_sign(
 ) -> None:
     # Without --data only the receipts are checked: the unsigned plan, labels and list of
     # parts must still agree with what the members signed.
-    output, home = tmp_path / "answer.arrow", federation.asker.home
-    args = ["--to", "sup-a", "--to", "sup-b", "--to", "sup-d", "--purpose", PURPOSE]
-    assert run_cli("query", "--home", home, *args, "--output", output, SUM_QUERY) == 0
-    receipts = output.with_name(output.name + ".receipts.json")
+    shutil.copytree(signed_answer, tmp_path, dirs_exist_ok=True)
+    home, receipts = federation.asker.home, tmp_path / "answer.arrow.receipts.json"
     document = json.loads(receipts.read_text())
     tamper(document)
     receipts.write_text(json.dumps(document))
