@@ -7,11 +7,14 @@ unsigned and said so; a bad case file gets its file, line and fix; the home is u
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import io
 import shutil
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,12 +68,39 @@ def _home_state(home: Path) -> dict[str, tuple[str, int]]:
     }
 
 
+@dataclass(frozen=True)
+class ExampleRun:
+    """One `policy test` run of a member's example cases with the embedded engine."""
+
+    status: int
+    lines: list[str]
+    home_before: dict[str, tuple[str, int]]
+    home_after: dict[str, tuple[str, int]]
+
+
+@pytest.fixture(scope="module")
+def example_runs(example_homes: dict[str, Member]) -> dict[str, ExampleRun]:
+    """Each member's example cases run once against its home (and the home's state around
+    the run): the tests of the results, of the home and of the OPA engine read them."""
+    runs = {}
+    for member_id, member in example_homes.items():
+        before = _home_state(member.home)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = run_cli(
+                "policy", "test", "--home", member.home, EXAMPLES / member_id / "policy-cases.yaml"
+            )
+        lines = printed.getvalue().splitlines()
+        runs[member_id] = ExampleRun(status, lines, before, _home_state(member.home))
+    return runs
+
+
 @pytest.mark.parametrize("member_id", list(EXAMPLE_DATA))
 def test_the_example_cases_pass_against_the_example_policies(
-    example_homes: dict[str, Member], capsys: CaptureFixture, member_id: str
+    example_runs: dict[str, ExampleRun], member_id: str
 ) -> None:
     cases = EXAMPLES / member_id / "policy-cases.yaml"
-    status, lines, _ = _policy_test(capsys, example_homes[member_id].home, cases)
+    status, lines = example_runs[member_id].status, example_runs[member_id].lines
     count = len([line for line in cases.read_text().splitlines() if line.startswith("- name:")])
     assert status == 0, lines
     assert lines[-1] == f"{count} passed, 0 failed"
@@ -180,17 +210,15 @@ def test_masked_columns_are_those_the_peer_receives_masked(
     assert (status, lines[-1]) == (0, "2 passed, 0 failed"), lines
 
 
+@pytest.mark.parametrize("member_id", list(EXAMPLE_DATA))
 def test_a_case_run_leaves_the_home_unchanged(
-    example_homes: dict[str, Member], capsys: CaptureFixture
+    example_homes: dict[str, Member], example_runs: dict[str, ExampleRun], member_id: str
 ) -> None:
-    home = example_homes["northwind-motors"].home
-    before = _home_state(home)
     # Allowed plain and shaped (masked, aggregate-only) queries, denials and an `at` case.
-    cases = EXAMPLES / "northwind-motors" / "policy-cases.yaml"
-    status, _, _ = _policy_test(capsys, home, cases)
-    assert status == 0
-    assert _home_state(home) == before
-    assert not (home / "audit" / "audit.jsonl").exists()
+    run = example_runs[member_id]
+    assert run.status == 0
+    assert run.home_before and run.home_after == run.home_before
+    assert not (example_homes[member_id].home / "audit" / "audit.jsonl").exists()
 
 
 def test_at_changes_which_version_of_a_policy_is_in_force(
@@ -326,13 +354,16 @@ def test_a_bad_case_file_gets_its_file_line_and_fix_never_a_traceback(
 
 @pytest.mark.slow
 def test_the_example_cases_give_identical_results_with_the_opa_engine(
-    example_homes: dict[str, Member], capsys: CaptureFixture, tmp_path: Path
+    example_homes: dict[str, Member],
+    example_runs: dict[str, ExampleRun],
+    capsys: CaptureFixture,
+    tmp_path: Path,
 ) -> None:
     for member_id in EXAMPLE_DATA:
         cases = EXAMPLES / member_id / "policy-cases.yaml"
         home = tmp_path / member_id
         shutil.copytree(example_homes[member_id].home, home)
-        embedded = _policy_test(capsys, home, cases)
+        embedded = example_runs[member_id].status, example_runs[member_id].lines
         config = home / "connector.toml"
         text = config.read_text()
         with opa_endpoint() as (url, state):
