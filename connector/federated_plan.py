@@ -3,6 +3,7 @@ combination of the members' partial answers by it (federated_sql writes the plan
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -112,6 +113,17 @@ def combine_sql(plan: FederationPlan, relation: str) -> str:
     return text
 
 
+@functools.cache
+def _combining_database() -> duckdb.DuckDBPyConnection:
+    """The process's in-memory database for combining answers (no file access).
+
+    Opening a DuckDB database costs about 25 ms of CPU; each combination (and each receipt
+    check that computes one again) works through a connection of its own, whose registered
+    answers no other connection sees.
+    """
+    return duckdb.connect(":memory:", config={"enable_external_access": False})
+
+
 def combine(plan: FederationPlan, partials: list[pa.Table]) -> pa.Table:
     """The combined answer from the members' partial answers (in the plan's form)."""
     stacked = (
@@ -119,7 +131,7 @@ def combine(plan: FederationPlan, partials: list[pa.Table]) -> pa.Table:
         if partials
         else _empty_partials(plan)
     )
-    connection = duckdb.connect(":memory:", config={"enable_external_access": False})
+    connection = _combining_database().cursor()
     try:
         connection.register("fed_partials", stacked)
         return connection.sql(combine_sql(plan, "fed_partials")).to_arrow_table()

@@ -3,6 +3,7 @@ of partial answers, checked against DuckDB computing the same query over all row
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import duckdb
@@ -88,6 +89,25 @@ def test_partials_of_different_number_types_are_combined() -> None:
         pa.table({"fed_g0": ["a"], "fed_p1": pa.array([0.5], pa.float64())}),
     ]
     assert combine(plan, partials).to_pylist() == [{"plant": "a", "s": 2.5}]
+
+
+def test_combinations_at_once_each_see_only_their_own_partials() -> None:
+    # Combinations share one in-memory database, each through a connection of its own: the
+    # answers one registers are never read by another running at the same time.
+    plan = plan_federation("SELECT sum(defects) AS s FROM part_defects")
+    results: dict[int, list[dict[str, object]]] = {}
+
+    def run(n: int) -> None:
+        for _ in range(20):
+            partials = [pa.table({"fed_p0": [n]}), pa.table({"fed_p0": [n * 1000]})]
+            results.setdefault(n, []).extend(combine(plan, partials).to_pylist())
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {n: [{"s": n * 1001}] * 20 for n in range(1, 5)}
 
 
 def test_nothing_answered_combines_to_no_groups_and_a_zero_count() -> None:
