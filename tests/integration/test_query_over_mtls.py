@@ -362,8 +362,13 @@ def test_a_running_query_survives_a_policy_reload(space: Space) -> None:
 def test_a_cancelled_query_is_interrupted_and_frees_its_slot(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
+    # A query that finds the one slot taken waits queue_seconds (5 by default) before it is
+    # refused: shortened, the slot held by the endless query is refused just the same.
     provider, grantee = provider_pair(
-        settings={"max_concurrent_queries = 8": "max_concurrent_queries = 1"}
+        settings={
+            "max_concurrent_queries = 8": "max_concurrent_queries = 1",
+            "queue_seconds = 5 ": "queue_seconds = 0.2 ",
+        }
     )
     server = serve(provider)
     identity = grantee.identity()
