@@ -136,7 +136,10 @@ def test_a_peer_that_gives_up_frees_its_slot_at_once(
     sampler.start()
     outcomes = []
     try:
-        for i in range(8):
+        # Four peers, two of each member: if DuckDB took seconds to notice an interrupt (the
+        # premise of SLOW), the third would start while two still stop (peak), and each
+        # would find the one slot taken unless giving up freed it.
+        for i in range(4):
             with Peer(
                 f"127.0.0.1:{server.port}", (first if i % 2 else second).identity(), timeout=0.4
             ) as peer:
@@ -150,9 +153,9 @@ def test_a_peer_that_gives_up_frees_its_slot_at_once(
     finally:
         stop.set()
         sampler.join()
-    assert outcomes == ["gave up"] * 8
+    assert outcomes == ["gave up"] * 4
     assert peak[0] <= 2  # DuckDB never runs more than twice the slots, stopping ones included
-    wait_for(lambda: len(_query_entries(provider)) == 8)
+    wait_for(lambda: len(_query_entries(provider)) == 4)
     ended = [e["outcome"] for e in _query_entries(provider)]
     assert set(ended) <= {"timeout", "cancelled"}, ended
     with connect(server, first) as peer:
