@@ -94,13 +94,14 @@ def test_stop_does_not_wait_for_a_peer_that_stopped_reading(fspace: Space) -> No
 
 @pytest.mark.slow
 def test_sigterm_ends_the_process_while_a_flight_peer_does_not_read(
-    fspace: Space,
+    tmp_path: Path, dataspace: Path
 ) -> None:
-    fspace.server.stop(grace=1)
-    process = ServerProcess(fspace.provider.home, flight_listen="127.0.0.1:0")
+    # The homes of fspace, served only by the process (no in-process server to stop first).
+    provider, grantee, _ = from_template(tmp_path, dataspace, "flight-space", flight_homes)
+    process = ServerProcess(provider.home, flight_listen="127.0.0.1:0")
     try:
         uri = f"grpc+tls://localhost:{process.flight_port}"
-        identity = fspace.grantee.identity()
+        identity = grantee.identity()
         client = flight.FlightClient(
             uri,
             tls_root_certs=identity.ca_pem,
