@@ -44,6 +44,20 @@ def fspace(tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningSer
     return Space(provider, grantee, outsider, serve(provider))
 
 
+@pytest.fixture
+def short_queue_fspace(
+    tmp_path: Path, dataspace: Path, serve: Callable[[Member], RunningServer]
+) -> Space:
+    """fspace with queue_seconds 0.3: a request over the member's share is refused after
+    waiting that long for a free place (5 s by default), for the same reason."""
+    provider, grantee, outsider = from_template(tmp_path, dataspace, "flight-space", flight_homes)
+    config = provider.home / "connector.toml"
+    text = config.read_text()
+    assert "queue_seconds = 5 " in text
+    config.write_text(text.replace("queue_seconds = 5 ", "queue_seconds = 0.3 "))
+    return Space(provider, grantee, outsider, serve(provider))
+
+
 def test_stop_does_not_wait_for_a_peer_that_stopped_reading(fspace: Space) -> None:
     client = flight_client(fspace.server, fspace.grantee)
     reader = hold_unread(client)
@@ -80,13 +94,14 @@ def test_stop_does_not_wait_for_a_peer_that_stopped_reading(fspace: Space) -> No
 
 @pytest.mark.slow
 def test_sigterm_ends_the_process_while_a_flight_peer_does_not_read(
-    fspace: Space,
+    tmp_path: Path, dataspace: Path
 ) -> None:
-    fspace.server.stop(grace=1)
-    process = ServerProcess(fspace.provider.home, flight_listen="127.0.0.1:0")
+    # The homes of fspace, served only by the process (no in-process server to stop first).
+    provider, grantee, _ = from_template(tmp_path, dataspace, "flight-space", flight_homes)
+    process = ServerProcess(provider.home, flight_listen="127.0.0.1:0")
     try:
         uri = f"grpc+tls://localhost:{process.flight_port}"
-        identity = fspace.grantee.identity()
+        identity = grantee.identity()
         client = flight.FlightClient(
             uri,
             tls_root_certs=identity.ca_pem,
@@ -102,7 +117,10 @@ def test_sigterm_ends_the_process_while_a_flight_peer_does_not_read(
         process.close()
 
 
-def test_answers_a_member_does_not_read_count_against_its_share(fspace: Space) -> None:
+def test_answers_a_member_does_not_read_count_against_its_share(
+    short_queue_fspace: Space,
+) -> None:
+    fspace = short_queue_fspace
     # pyarrow keeps a call whose peer stopped reading (and its thread) until the peer goes,
     # even once the stall watch stopped the query: one member must not pile them up.
     client = flight_client(fspace.server, fspace.grantee)

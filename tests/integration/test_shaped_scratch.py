@@ -10,10 +10,23 @@ import pytest
 
 from connector.config import load_settings
 from connector.server import RunningServer, start_server
-from tests.conftest import Member, connect, policy_text, write_defects_csv
+from tests.conftest import Member, connect, from_template, policy_text, write_defects_csv
 
 PURPOSE = "quality-benchmarking"
 EDITS = 8
+
+
+def _homes(directory: Path, make: Callable[[str], Member]) -> list[Member]:
+    """carmaker holding 60,000 rows of part_defects (shaped copies of some MiB), supplier-a."""
+    provider, grantee = make("carmaker"), make("supplier-a")
+    provider.ingest(write_defects_csv(directory / "d.csv", rows=60_000), "part_defects")
+    return [provider, grantee]
+
+
+def _copied_homes(tmp_path: Path, dataspace: Path) -> tuple[Member, Member]:
+    """A copy of _homes for one test: the 60,000 rows are written and ingested once."""
+    provider, grantee = from_template(tmp_path, dataspace, "shaped-scratch", _homes)
+    return provider, grantee
 
 
 def _reshaped(provider: Member, version: int) -> None:
@@ -31,11 +44,10 @@ def _scratch_bytes(provider: Member) -> int:
 @pytest.mark.slow
 def test_reshaping_edits_and_a_restart_leave_the_scratch_file_small(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
 ) -> None:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    provider.ingest(write_defects_csv(tmp_path / "d.csv", rows=60_000), "part_defects")
+    provider, grantee = _copied_homes(tmp_path, dataspace)
     _reshaped(provider, 1)
     server = serve(provider)
     sizes, copies = [], []
@@ -65,11 +77,10 @@ def test_reshaping_edits_and_a_restart_leave_the_scratch_file_small(
 @pytest.mark.slow
 def test_copies_are_bounded_in_bytes(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
 ) -> None:
-    provider, grantee = make_member("carmaker"), make_member("supplier-a")
-    provider.ingest(write_defects_csv(tmp_path / "d.csv", rows=60_000), "part_defects")
+    provider, grantee = _copied_homes(tmp_path, dataspace)
     # Four grants with four shapings, all in force: none is unreachable.
     for k in range(4):
         text = policy_text(f"q{k}", members="[supplier-a]", purposes=f"[purpose-{k}]")

@@ -19,7 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from connector.errors import PermissionDenied, Unavailable
 from connector.server import RunningServer
-from tests.conftest import Member, connect, policy_text, wait_for, write_defects_csv
+from tests.conftest import (
+    Member,
+    connect,
+    from_template,
+    policy_text,
+    write_defects_csv,
+)
 from tests.opa_endpoint import OpaState, opa_endpoint
 
 PURPOSE = "quality-benchmarking"
@@ -28,10 +34,22 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _provider(make_member: Callable[[str], Member], tmp_path: Path, url: str) -> Member:
-    provider = make_member("carmaker")
-    provider.ingest(write_defects_csv(tmp_path / "defects.csv"), "part_defects")
+def _homes(directory: Path, make: Callable[[str], Member]) -> list[Member]:
+    """carmaker with part_defects and policy q granting supplier-a column plant."""
+    provider, grantee = make("carmaker"), make("supplier-a")
+    provider.ingest(write_defects_csv(directory / "defects.csv"), "part_defects")
     provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]", columns="[plant]"))
+    return [provider, grantee]
+
+
+def _members(tmp_path: Path, dataspace: Path) -> tuple[Member, Member]:
+    """A copy of _homes for one test (made once per session), before any server runs."""
+    provider, grantee = from_template(tmp_path, dataspace, "opa-availability", _homes)
+    return provider, grantee
+
+
+def _provider(provider: Member, url: str) -> Member:
+    """provider, its policies decided by the OPA server at url."""
     config = provider.home / "connector.toml"
     config.write_text(
         config.read_text().replace('engine = "embedded"', f'engine = "opa"\nopa_url = "{url}"')
@@ -39,17 +57,35 @@ def _provider(make_member: Callable[[str], Member], tmp_path: Path, url: str) ->
     return provider
 
 
-def _health(server: RunningServer, member: Member) -> int:
+def _channel(server: RunningServer, member: Member) -> grpc.Channel:
     identity = member.identity()
     credentials = grpc.ssl_channel_credentials(
         root_certificates=identity.ca_pem,
         private_key=identity.key_pem,
         certificate_chain=identity.cert_pem,
     )
-    with grpc.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+    return grpc.secure_channel(f"127.0.0.1:{server.port}", credentials)
+
+
+def _health(server: RunningServer, member: Member) -> int:
+    with _channel(server, member) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         status: int = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
         return status
+
+
+def _await_health(server: RunningServer, member: Member, wanted: int) -> None:
+    """Return once the health service reports wanted: its Watch stream sends the status now
+    and each change, so no polling; the test fails if it does not within 15 s."""
+    with _channel(server, member) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for answer in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=15):
+                if answer.status == wanted:
+                    return
+        except grpc.RpcError as ended:
+            pytest.fail(f"health did not report status {wanted} within 15 s: {ended.code()}")
+    pytest.fail(f"the health stream ended before it reported status {wanted}")
 
 
 def _refused_as_unavailable(server: RunningServer, member: Member) -> str:
@@ -66,14 +102,14 @@ def _audit_reasons(server: RunningServer) -> list[str]:
 
 def test_opa_stopped_and_restarted_empty_is_unavailable_then_recovers(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
 ) -> None:
-    grantee = make_member("supplier-a")
+    carmaker, grantee = _members(tmp_path, dataspace)
     endpoint = opa_endpoint()
     url, _ = endpoint.__enter__()
     port = int(url.rsplit(":", 1)[1])
-    provider = _provider(make_member, tmp_path, url)
+    provider = _provider(carmaker, url)
     server = serve(provider)
     try:
         with connect(server, grantee) as peer:
@@ -85,14 +121,14 @@ def test_opa_stopped_and_restarted_empty_is_unavailable_then_recovers(
         assert time.monotonic() - started < 1.0  # the endpoint stops at once
         text = _refused_as_unavailable(server, grantee)
         assert "policy engine is unavailable" in text and str(port) not in text
-        wait_for(lambda: _health(server, grantee) == NOT_SERVING)
+        _await_health(server, grantee, NOT_SERVING)
         # The owner's record names the OPA server that failed.
         assert any(f"OPA server at {url}" in r for r in _audit_reasons(server))
 
         # OPA comes back on the same address holding nothing (a restart loses every push).
         endpoint = opa_endpoint(port=port)
         _, state = endpoint.__enter__()
-        wait_for(lambda: _health(server, grantee) == SERVING)
+        _await_health(server, grantee, SERVING)
         assert state.modules and state.data  # pushed again, without a reload
         with connect(server, grantee) as peer:
             assert peer.query(SQL, PURPOSE).num_rows == 2
@@ -105,31 +141,31 @@ def test_opa_stopped_and_restarted_empty_is_unavailable_then_recovers(
 
 def test_opa_that_answers_nonsense_is_unavailable_never_allowed(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
 ) -> None:
-    grantee = make_member("supplier-a")
+    carmaker, grantee = _members(tmp_path, dataspace)
     with opa_endpoint() as (url, state):
-        server = serve(_provider(make_member, tmp_path, url))
+        server = serve(_provider(carmaker, url))
         state.nonsense = True
         _refused_as_unavailable(server, grantee)
         with connect(server, grantee) as peer, pytest.raises(Unavailable):
             peer.catalog()
-        wait_for(lambda: _health(server, grantee) == NOT_SERVING)
+        _await_health(server, grantee, NOT_SERVING)
         state.nonsense = False
-        wait_for(lambda: _health(server, grantee) == SERVING)
+        _await_health(server, grantee, SERVING)
         with connect(server, grantee) as peer:
             assert peer.query(SQL, PURPOSE).num_rows == 2
 
 
 def test_opa_that_keeps_an_old_revision_is_not_obeyed(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
 ) -> None:
-    grantee = make_member("supplier-a")
+    carmaker, grantee = _members(tmp_path, dataspace)
     with opa_endpoint(OpaState()) as (url, state):
-        provider = _provider(make_member, tmp_path, url)
+        provider = _provider(carmaker, url)
         server = serve(provider)
         with connect(server, grantee) as peer:
             assert peer.query(SQL, PURPOSE).num_rows == 2
@@ -142,7 +178,7 @@ def test_opa_that_keeps_an_old_revision_is_not_obeyed(
         assert _refused_as_unavailable(server, grantee)
         assert _health(server, grantee) == NOT_SERVING
         state.frozen = False
-        wait_for(lambda: _health(server, grantee) == SERVING)
+        _await_health(server, grantee, SERVING)
         with connect(server, grantee) as peer:
             with pytest.raises(PermissionDenied, match="column plant"):
                 peer.query(SQL, PURPOSE)
@@ -151,32 +187,32 @@ def test_opa_that_keeps_an_old_revision_is_not_obeyed(
 
 def test_connector_started_while_opa_is_down_serves_once_it_is_up(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
 ) -> None:
-    grantee = make_member("supplier-a")
+    carmaker, grantee = _members(tmp_path, dataspace)
     with opa_endpoint() as (url, _):
         port = int(url.rsplit(":", 1)[1])
-    provider = _provider(make_member, tmp_path, url)
+    provider = _provider(carmaker, url)
     server = serve(provider)  # OPA is not running
     assert _health(server, grantee) == NOT_SERVING
     _refused_as_unavailable(server, grantee)
     with opa_endpoint(port=port):
-        wait_for(lambda: _health(server, grantee) == SERVING)
+        _await_health(server, grantee, SERVING)
         with connect(server, grantee) as peer:
             assert peer.query(SQL, PURPOSE).num_rows == 2
 
 
 def test_a_peer_retrying_while_opa_is_down_cannot_flood_the_server_log(
     tmp_path: Path,
-    make_member: Callable[[str], Member],
+    dataspace: Path,
     serve: Callable[[Member], RunningServer],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    grantee = make_member("supplier-a")
+    carmaker, grantee = _members(tmp_path, dataspace)
     with opa_endpoint() as (url, _):
         pass  # its port is free again: OPA is down
-    server = serve(_provider(make_member, tmp_path, url))
+    server = serve(_provider(carmaker, url))
     caplog.clear()
     with connect(server, grantee) as peer:
         for _ in range(40):

@@ -51,7 +51,15 @@ def built(
     opened: list[Provider] = []
 
     def build(**settings: str) -> tuple[Provider, Member, Member]:
-        owner, grantee = provider_pair(settings=settings)
+        # provider_pair's common homes (built once a session), connector.toml edited: the
+        # same homes provider_pair(settings=settings) would build and ingest anew.
+        owner, grantee = provider_pair()
+        config = owner.home / "connector.toml"
+        text = config.read_text()
+        for old, new in sorted(settings.items()):
+            assert old in text, old
+            text = text.replace(old, new)
+        config.write_text(text)
         opened.append(_open(owner))
         return opened[-1], owner, grantee
 
@@ -226,7 +234,13 @@ def test_hostile_sql_is_rejected_by_the_guard_before_any_decision(
 def test_queries_beyond_the_slots_are_refused_until_one_ends(
     built: Callable[..., tuple[Provider, Member, Member]],
 ) -> None:
-    provider, _, grantee = built(**{"max_concurrent_queries = 8": "max_concurrent_queries = 1"})
+    # The refused query waits queue_seconds (5 by default) for a slot first: shortened.
+    provider, _, grantee = built(
+        **{
+            "max_concurrent_queries = 8": "max_concurrent_queries = 1",
+            "queue_seconds = 5 ": "queue_seconds = 0.2 ",
+        }
+    )
     member = _member(provider, grantee)
     sql = "SELECT count(*) AS n FROM part_defects"
     first = provider.query(member, _request(sql), AuditEntry("query"))
