@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import hashlib
 import re
 import shutil
 import subprocess
@@ -258,31 +257,33 @@ ProviderPair = Callable[..., tuple[Member, Member]]
 
 @pytest.fixture
 def provider_pair(tmp_path: Path, dataspace: Path) -> ProviderPair:
-    """carmaker with part_defects and policy q for supplier-a; settings edit connector.toml."""
+    """carmaker with part_defects and policy q for supplier-a; settings edit connector.toml,
+    policy_extra is added to q (signed again)."""
 
     def make(
         *, settings: dict[str, str] | None = None, policy_extra: str = ""
     ) -> tuple[Member, Member]:
-        edits = sorted((settings or {}).items())
-
-        def build(folder: Path, make_member: Callable[[str], Member]) -> list[Member]:
-            provider, grantee = make_member("carmaker"), make_member("supplier-a")
-            config = provider.home / "connector.toml"
-            text = config.read_text()
-            for old, new in edits:
-                assert old in text, old
-                text = text.replace(old, new)
-            config.write_text(text)
-            provider.ingest(write_defects_csv(folder / "d.csv"), "part_defects")
-            policy = policy_text("q", members="[supplier-a]") + policy_extra
-            provider.write_policy("q.yaml", policy)
-            return [provider, grantee]
-
-        name = "pair-" + hashlib.sha256(repr((edits, policy_extra)).encode()).hexdigest()[:16]
-        provider, grantee = from_template(tmp_path, dataspace, name, build)
+        # One pair of homes is built a session; each test edits its own copy, which costs a
+        # file edit (and a signature) instead of an init, an ingest and a signature.
+        provider, grantee = from_template(tmp_path, dataspace, "pair", _pair_homes)
+        config = provider.home / "connector.toml"
+        text = config.read_text()
+        for old, new in sorted((settings or {}).items()):
+            assert old in text, old
+            text = text.replace(old, new)
+        config.write_text(text)
+        if policy_extra:
+            provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]") + policy_extra)
         return provider, grantee
 
     return make
+
+
+def _pair_homes(folder: Path, make_member: Callable[[str], Member]) -> list[Member]:
+    provider, grantee = make_member("carmaker"), make_member("supplier-a")
+    provider.ingest(write_defects_csv(folder / "d.csv"), "part_defects")
+    provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]"))
+    return [provider, grantee]
 
 
 @dataclass

@@ -12,34 +12,16 @@ from connector.config import load_settings
 from connector.errors import ResourceExhausted
 from connector.quota import QuotaLedger
 from connector.server import RunningServer, start_server
-from tests.conftest import Member, ProviderPair, connect, policy_text, run_cli
+from tests.conftest import Member, ProviderPair, connect, run_cli
 
 PURPOSE = "quality-benchmarking"
 ALL = "SELECT plant, defects FROM part_defects"
 
 
-def _pair(
-    provider_pair: ProviderPair, *, policy_extra: str = "", settings: dict[str, str] | None = None
-) -> tuple[Member, Member]:
-    """What provider_pair(policy_extra=..., settings=...) gives, made from a copy of its common
-    homes (built once a session): policy q signed again with policy_extra, connector.toml
-    edited. Each distinct argument would build and ingest a home of its own."""
-    provider, grantee = provider_pair()
-    config = provider.home / "connector.toml"
-    text = config.read_text()
-    for old, new in sorted((settings or {}).items()):
-        assert old in text, old
-        text = text.replace(old, new)
-    config.write_text(text)
-    if policy_extra:
-        provider.write_policy("q.yaml", policy_text("q", members="[supplier-a]") + policy_extra)
-    return provider, grantee
-
-
 def test_max_rows_per_query_cuts_and_says_so(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(provider_pair, policy_extra="limits: {max_rows_per_query: 30}\n")
+    provider, grantee = provider_pair(policy_extra="limits: {max_rows_per_query: 30}\n")
     with connect(serve(provider), grantee) as peer:
         result = peer.fetch(ALL, PURPOSE)
         assert (result.table.num_rows, result.receipt.rows, result.receipt.truncated) == (
@@ -54,8 +36,8 @@ def test_max_rows_per_query_cuts_and_says_so(
 def test_daily_quotas_hold_across_a_restart(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(
-        provider_pair, policy_extra="limits: {queries_per_day: 3, rows_per_day: 250}\n"
+    provider, grantee = provider_pair(
+        policy_extra="limits: {queries_per_day: 3, rows_per_day: 250}\n"
     )
     server = serve(provider)
     with connect(server, grantee) as peer:
@@ -77,7 +59,7 @@ def test_daily_quotas_hold_across_a_restart(
 def test_queries_per_day(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(provider_pair, policy_extra="limits: {queries_per_day: 2}\n")
+    provider, grantee = provider_pair(policy_extra="limits: {queries_per_day: 2}\n")
     with connect(serve(provider), grantee) as peer:
         peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
         peer.fetch("SELECT count(*) FROM part_defects", PURPOSE)
@@ -88,8 +70,8 @@ def test_queries_per_day(
 def test_catalog_shows_limits_and_obligations(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(
-        provider_pair, policy_extra="limits: {max_rows_per_query: 30, rows_per_day: 250}\n"
+    provider, grantee = provider_pair(
+        policy_extra="limits: {max_rows_per_query: 30, rows_per_day: 250}\n"
     )
     policy = provider.home / "policies" / "q.yaml"
     policy.write_text(policy.read_text() + "obligations: {delete_within_days: 30}\n")
@@ -104,9 +86,7 @@ def test_catalog_shows_limits_and_obligations(
 def test_memory_limit_ends_a_query_with_resource_exhausted_and_others_go_on(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(
-        provider_pair, settings={'memory_limit = "1GB"': 'memory_limit = "30MB"'}
-    )
+    provider, grantee = provider_pair(settings={'memory_limit = "1GB"': 'memory_limit = "30MB"'})
     # A sort of 8 million rows: within the guard's size rule, past DuckDB's own limit.
     hungry = (
         "SELECT a.part_no || b.part_no || c.plant AS k "
@@ -126,7 +106,7 @@ def _last_query_entry(provider: Member) -> dict[str, object]:
 def test_max_bytes_per_query_cuts_at_a_row_and_counts_every_byte_sent(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(provider_pair, policy_extra="limits: {max_bytes_per_query: 3000}\n")
+    provider, grantee = provider_pair(policy_extra="limits: {max_bytes_per_query: 3000}\n")
     with connect(serve(provider), grantee) as peer:
         (entry,) = peer.catalog()
         assert entry.max_bytes_per_query == 3000
@@ -145,7 +125,7 @@ def test_max_bytes_per_query_cuts_at_a_row_and_counts_every_byte_sent(
 def test_bytes_per_day_is_claimed_before_sending_and_refuses_when_spent(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair(provider_pair, policy_extra="limits: {bytes_per_day: 2000}\n")
+    provider, grantee = provider_pair(policy_extra="limits: {bytes_per_day: 2000}\n")
     server = serve(provider)
     with connect(server, grantee) as peer:
         first = peer.fetch(ALL, PURPOSE)
@@ -173,8 +153,7 @@ def test_the_catalog_names_byte_limits(
     serve: Callable[[Member], RunningServer],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    provider, grantee = _pair(
-        provider_pair,
+    provider, grantee = provider_pair(
         policy_extra="limits: {max_bytes_per_query: 100000, bytes_per_day: 9000000}\n",
     )
     server = serve(provider)

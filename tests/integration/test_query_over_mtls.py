@@ -203,19 +203,6 @@ SLOW = (
 )
 
 
-def _pair_with(provider_pair: ProviderPair, settings: dict[str, str]) -> tuple[Member, Member]:
-    """provider_pair(settings=settings), made from a copy of its common homes (built once a
-    session) with connector.toml edited, instead of building and ingesting homes of its own."""
-    provider, grantee = provider_pair()
-    config = provider.home / "connector.toml"
-    text = config.read_text()
-    for old, new in sorted(settings.items()):
-        assert old in text, old
-        text = text.replace(old, new)
-    config.write_text(text)
-    return provider, grantee
-
-
 def test_client_deadline_interrupts_the_query_and_the_server_goes_on(shared_space: Space) -> None:
     started = time.monotonic()
     with shared_space.peer(timeout=0.5) as peer, pytest.raises(QueryTimeout):
@@ -229,8 +216,8 @@ def test_client_deadline_interrupts_the_query_and_the_server_goes_on(shared_spac
 def test_server_time_limit_ends_a_query_with_deadline_exceeded(
     provider_pair: ProviderPair, serve: Callable[[Member], RunningServer]
 ) -> None:
-    provider, grantee = _pair_with(
-        provider_pair, {"max_query_seconds = 30": "max_query_seconds = 0.5"}
+    provider, grantee = provider_pair(
+        settings={"max_query_seconds = 30": "max_query_seconds = 0.5"}
     )
     server = serve(provider)
     with connect(server, grantee) as peer:
@@ -245,7 +232,7 @@ def test_policy_reload_on_file_change(
     serve: Callable[[Member], RunningServer],
 ) -> None:
     # The watcher polls every reload_seconds (2 by default): shortened, the behaviour is the same.
-    provider, _ = _pair_with(provider_pair, {"reload_seconds = 2": "reload_seconds = 0.2"})
+    provider, _ = provider_pair(settings={"reload_seconds = 2": "reload_seconds = 0.2"})
     outsider = make_member("supplier-b")
     with connect(serve(provider), outsider) as peer:
         assert peer.catalog() == []
@@ -377,9 +364,8 @@ def test_a_cancelled_query_is_interrupted_and_frees_its_slot(
 ) -> None:
     # A query that finds the one slot taken waits queue_seconds (5 by default) before it is
     # refused: shortened, the slot held by the endless query is refused just the same.
-    provider, grantee = _pair_with(
-        provider_pair,
-        {
+    provider, grantee = provider_pair(
+        settings={
             "max_concurrent_queries = 8": "max_concurrent_queries = 1",
             "queue_seconds = 5 ": "queue_seconds = 0.2 ",
         },

@@ -51,15 +51,7 @@ def built(
     opened: list[Provider] = []
 
     def build(**settings: str) -> tuple[Provider, Member, Member]:
-        # provider_pair's common homes (built once a session), connector.toml edited: the
-        # same homes provider_pair(settings=settings) would build and ingest anew.
-        owner, grantee = provider_pair()
-        config = owner.home / "connector.toml"
-        text = config.read_text()
-        for old, new in sorted(settings.items()):
-            assert old in text, old
-            text = text.replace(old, new)
-        config.write_text(text)
+        owner, grantee = provider_pair(settings=settings)
         opened.append(_open(owner))
         return opened[-1], owner, grantee
 
