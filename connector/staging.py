@@ -1,9 +1,9 @@
 """Reading a source file (CSV, Parquet, JSON) for ingest, apart from the member's database.
 
-The file is read by an in-memory DuckDB database apart from the member's and handed over as
-an Arrow stream, so the same code loads it into the member's file whether the CLI opens the file
-itself or the running server (whose DuckDB instance is locked down and reads no files)
-does. A CSV file is checked strictly first (csv_strict.py).
+The file is read by an in-memory DuckDB database apart from the member's and handed over
+as an Arrow stream, so the same code loads it into the member's file whether the CLI opens
+the file itself or the running server (whose DuckDB instance is locked down and reads no
+files) does. A CSV file is checked strictly first (csv_strict.py).
 """
 
 from __future__ import annotations
