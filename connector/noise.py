@@ -170,20 +170,17 @@ def _sampler(
 ) -> Callable[[list[Any]], list[Any]]:
     """OpenDP's vetted vector Laplace mechanism (discrete over 64-bit integers), calibrated
     so that one row's change costs at most epsilon, as OpenDP's own privacy map confirms."""
-    # Loaded by load_mechanisms() in a server, see there.
-    from opendp.domains import atom_domain, vector_domain
-    from opendp.measurements import make_laplace
-    from opendp.metrics import l1_distance
-    from opendp.mod import enable_features
+    from opendp import domains, measurements, metrics, mod  # loaded by load_mechanisms()
 
-    enable_features("contrib")  # OpenDP's label for these measurements (idempotent)
+    mod.enable_features("contrib")  # OpenDP's label for these measurements (idempotent)
+    d_in: int | float
     if integer:
-        space = vector_domain(atom_domain(T="i64")), l1_distance(T="i64")
-        d_in: int | float = int(sensitivity)
+        domain = domains.vector_domain(domains.atom_domain(T="i64"))
+        space, d_in = (domain, metrics.l1_distance(T="i64")), int(sensitivity)
     else:
-        space = vector_domain(atom_domain(T=float, nan=False)), l1_distance(T=float)
-        d_in = float(sensitivity)
-    mechanism = make_laplace(*space, scale=float(sensitivity) / epsilon)
+        domain = domains.vector_domain(domains.atom_domain(T=float, nan=False))
+        space, d_in = (domain, metrics.l1_distance(T=float)), float(sensitivity)
+    mechanism = measurements.make_laplace(*space, scale=float(sensitivity) / epsilon)
     loss = float(mechanism.map(d_in))  # type: ignore[no-untyped-call]
     if loss > epsilon * (1 + 1e-9):
         raise PermissionDenied(["the noise for this query could not be calibrated; ask the owner"])
