@@ -55,7 +55,7 @@ style: $(STAMP)
 	$(VENV)/bin/ruff format --check $(CODE)
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy connector tests
+	$(VENV)/bin/mypy connector tests bench
 
 protos: $(STAMP)
 	$(PY) protos/generate.py connector/_proto
@@ -63,12 +63,12 @@ protos: $(STAMP)
 # Big answers, tiny queries, cached decisions and concurrent peers in one run (see bench/):
 # BENCH_ARGS="--load-seconds 20" for the issue-13 load length.
 bench: $(STAMP)
-	$(PY) bench/stream.py $(BENCH_ARGS)
-	$(PY) bench/federation.py
+	$(PY) -m bench.stream $(BENCH_ARGS)
+	$(PY) -m bench.federation
 
 # A bounded mixed load against a real server (not part of `make test`): SOAK_ARGS="--duration 600".
 soak: $(STAMP)
-	$(PY) bench/soak.py $(SOAK_ARGS)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-space

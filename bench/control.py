@@ -14,7 +14,7 @@ Tiny queries and concurrent peers are also measured on the connector's Arrow Fli
 port, through pyarrow's FlightClient (GetFlightInfo and DoGet: two calls a query; each peer
 its own client), and tiny queries through ADBC's DB-API.
 
-Run alone (`python bench/control.py`), it builds a small data space of its own first.
+Run alone (`python -m bench.control`), it builds a small data space of its own first.
 """
 
 from __future__ import annotations
@@ -45,34 +45,20 @@ from pathlib import Path
 
 import grpc
 
+from bench.flight_clients import adbc_fetch, flight_client_fetch
+from bench.floors import duckdb_query, fsync_append, write_messages
+from bench.peer_load import (
+    LoadResult,
+    concurrent_load,
+    flight_peer,
+    grpc_peer,
+    load_lines,
+    percentile,
+    raw_stub,
+)
 from connector.client import Peer, PeerIdentity
 from connector.identity import MemberIdentity
 from connector.request import PeerRequest
-
-try:  # `make bench` runs the scripts with bench/ on the path
-    from flight_clients import adbc_fetch, flight_client_fetch
-    from floors import duckdb_query, fsync_append, write_messages
-    from peer_load import (
-        LoadResult,
-        concurrent_load,
-        flight_peer,
-        grpc_peer,
-        load_lines,
-        percentile,
-        raw_stub,
-    )
-except ImportError:  # imported as bench.control
-    from bench.flight_clients import adbc_fetch, flight_client_fetch
-    from bench.floors import duckdb_query, fsync_append, write_messages
-    from bench.peer_load import (
-        LoadResult,
-        concurrent_load,
-        flight_peer,
-        grpc_peer,
-        load_lines,
-        percentile,
-        raw_stub,
-    )
 
 BARE_SERVER = Path(__file__).with_name("bare_grpc.py")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -365,10 +351,7 @@ def measure_control(
 
 def main() -> None:
     """Measure the control path alone, on a small data space built for it."""
-    try:  # `python bench/control.py` has bench/ on the path
-        from stream import DATASET, PURPOSE, build_space
-    except ImportError:
-        from bench.stream import DATASET, PURPOSE, build_space
+    from bench.stream import DATASET, PURPOSE, build_space  # stream imports this module
     from connector.config import load_settings
 
     parser = argparse.ArgumentParser(

@@ -12,13 +12,9 @@ from dataclasses import dataclass, field
 
 import pyarrow.flight as flight
 
+from bench.flight_clients import flight_client_session
 from connector.client import Peer, PeerIdentity
 from connector.errors import ConnectorError
-
-try:  # `make bench` runs the scripts with bench/ on the path
-    from flight_clients import flight_client_session
-except ImportError:  # imported as bench.peer_load
-    from bench.flight_clients import flight_client_session
 
 
 def raw_stub(peer: Peer, sql: str, purpose: str) -> Callable[[], int]:

@@ -13,7 +13,7 @@ A second grant shapes the same rows (part_no hashed, a row filter every row pass
 first query builds the shaped copy, measured against local DuckDB computing the same masked
 rows; later queries read the copy.
 Servers and clients share this process and the machine's cores; the ratios are what to read.
-Then bench/control.py measures the control path against `connector serve` in its own process.
+Then bench.control measures the control path against `connector serve` in its own process.
 """
 
 from __future__ import annotations
@@ -41,18 +41,13 @@ from pathlib import Path
 import duckdb
 import pyarrow.flight as flight
 
+from bench.control import ControlSettings, bench_arguments, measure_control
+from bench.flight_clients import adbc_fetch, flight_client_fetch
 from connector.cli.main import main as cli
 from connector.client import Peer, PeerIdentity
 from connector.config import load_settings
 from connector.server import start_server
 from connector.shaping import hmac_sql, load_mask_key
-
-try:  # `make bench` runs this file as a script, with bench/ on the path
-    from control import ControlSettings, bench_arguments, measure_control
-    from flight_clients import adbc_fetch, flight_client_fetch
-except ImportError:  # imported as bench.stream
-    from bench.control import ControlSettings, bench_arguments, measure_control
-    from bench.flight_clients import adbc_fetch, flight_client_fetch
 
 DATASET = "part_events"
 PURPOSE = "benchmarking"

@@ -1,6 +1,6 @@
 """Tiny-query latency of the gRPC Query path, and where the server's time goes.
 
-  python bench/tiny_profile.py [--queries N] [--runs R] [--before DIR]
+  python -m bench.tiny_profile [--queries N] [--runs R] [--before DIR]
 
 Builds a small data space (one provider, one grantee) and times N one-row queries through
 the raw gRPC stub against `connector serve` in its own process, as `make bench` does.
@@ -30,17 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:  # run as a script with bench/ on the path
-    from control import connector_process, cpu_seconds, free_port, served
-    from control import tiny_latencies as latencies
-    from peer_load import percentile, raw_stub
-    from stream import DATASET, PURPOSE, build_space
-except ImportError:  # imported as bench.tiny_profile
-    from bench.control import connector_process, cpu_seconds, free_port, served
-    from bench.control import tiny_latencies as latencies
-    from bench.peer_load import percentile, raw_stub
-    from bench.stream import DATASET, PURPOSE, build_space
-
+from bench.control import connector_process, cpu_seconds, free_port, served
+from bench.control import tiny_latencies as latencies
+from bench.peer_load import percentile, raw_stub
+from bench.stream import DATASET, PURPOSE, build_space
 from connector.client import Peer, PeerIdentity
 
 TINY = f"SELECT plant, defects FROM {DATASET} LIMIT 1"
