@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 
 from connector.config import load_settings
@@ -38,14 +38,19 @@ TOML_PIECES = [
     "= =",
     "#",
 ]
-HOME = Path(tempfile.mkdtemp(prefix="fuzz-config-"))
 
 
-@given(mutated(SEED, TOML_PIECES))
-def test_a_mutated_config_is_read_or_refused_with_a_config_error(text: str) -> None:
-    (HOME / "connector.toml").write_bytes(text.encode("utf-8", errors="surrogatepass"))
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for every example: a module-scoped fixture, as hypothesis asks."""
+    return tmp_path_factory.mktemp("fuzz-config")
+
+
+@given(text=mutated(SEED, TOML_PIECES))
+def test_a_mutated_config_is_read_or_refused_with_a_config_error(home: Path, text: str) -> None:
+    (home / "connector.toml").write_bytes(text.encode("utf-8", errors="surrogatepass"))
     try:
-        settings = load_settings(HOME)
+        settings = load_settings(home)
     except ConfigError:
         return
     assert math.isfinite(settings.server.max_query_seconds)

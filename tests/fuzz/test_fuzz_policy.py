@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,12 +39,17 @@ obligations: {delete_within_days: 30, attribution: "Data: ACME", terms: [no resa
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 KEY = ed25519.Ed25519PrivateKey.generate()
 TRUSTED = {jws.key_id(KEY.public_key()): KEY.public_key()}
-FOLDER = Path(tempfile.mkdtemp(prefix="fuzz-policy-"))
 
 
-@given(mutated(SEED))
-def test_a_mutated_policy_is_read_or_refused_with_a_policy_error(text: str) -> None:
-    path = FOLDER / "p.yaml"
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for every example: a module-scoped fixture, as hypothesis asks."""
+    return tmp_path_factory.mktemp("fuzz-policy")
+
+
+@given(text=mutated(SEED))
+def test_a_mutated_policy_is_read_or_refused_with_a_policy_error(folder: Path, text: str) -> None:
+    path = folder / "p.yaml"
     data = text.encode("utf-8", errors="surrogatepass")
     try:
         policy = parse_policy(path, data)
@@ -55,11 +60,15 @@ def test_a_mutated_policy_is_read_or_refused_with_a_policy_error(text: str) -> N
     assert policy.valid_until > policy.valid_from
 
 
-@given(mutated(SEED), st.sampled_from(["keep", "mutate", "nested", "garbage"]), st.data())
+@given(
+    text=mutated(SEED),
+    how=st.sampled_from(["keep", "mutate", "nested", "garbage"]),
+    data=st.data(),
+)
 def test_a_mutated_policy_or_signature_gets_a_verdict(
-    text: str, how: str, data: st.DataObject
+    folder: Path, text: str, how: str, data: st.DataObject
 ) -> None:
-    path = FOLDER / "v.yaml"
+    path = folder / "v.yaml"
     body = text.encode("utf-8", errors="surrogatepass")
     path.write_bytes(body)
     token = jws.sign(body, KEY, detached=True)
