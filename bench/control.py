@@ -19,7 +19,7 @@ Run alone (`python -m bench.control`), it builds a small data space of its own f
 
 from __future__ import annotations
 
-# First: the package loads the Rego allocator before any other C++ library (see
+# First: the package sets up the native allocators before duckdb and pyarrow load (see
 # connector/__init__.py).
 import connector  # noqa: F401
 

@@ -13,7 +13,8 @@ answer (streamed: each member's bytes are decoded batch by batch, never held twi
 
 from __future__ import annotations
 
-# First: the package loads the Rego allocator before any other C++ library.
+# First: the package sets up the native allocators before duckdb and pyarrow load (see
+# connector/__init__.py).
 import connector  # noqa: F401
 
 # isort: split

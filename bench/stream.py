@@ -18,8 +18,8 @@ Then bench.control measures the control path against `connector serve` in its ow
 
 from __future__ import annotations
 
-# First: the package loads the Rego allocator before any other C++ library (see
-# connector/__init__.py); otherwise every Rego decision keeps memory.
+# First: the package sets up the native allocators before duckdb and pyarrow load (see
+# connector/__init__.py).
 import connector  # noqa: F401
 
 # isort: split

@@ -7,8 +7,8 @@ allocation past the limit fails, DuckDB ends that query with its out-of-memory e
 (RESOURCE_EXHAUSTED for the peer), frees what it held, and the server goes on.
 
 The limit is what the process has mapped when it starts serving plus an allowance, not an
-absolute size: regopy's allocator reserves about 256 GiB of address space at import that it
-never touches, so only growth after start can be bounded. Two allocators are set to keep
+absolute size: the libraries and the worker threads' stacks map more than a GiB at start
+that is never touched, so only growth after start can be bounded. Allocators are set to keep
 that growth close to the memory really used: glibc keeps at most MALLOC_ARENAS arenas (each
 reserves 64 MiB of address space per thread that allocates) and unmaps large blocks when
 they are freed, pyarrow uses the system allocator (mimalloc, its default, reserves 1 GiB

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from regopy import Bundle, Interpreter
 
-from connector import REGO_ALLOCATOR_FIRST
+from connector import ONE_CPP_ALLOCATOR
 from connector.canonical import canonical_bytes
 from connector.errors import PolicyEngineError
 from connector.policy.answers import AnswerFault, catalog_grant_fault, decision_grant_fault
@@ -296,11 +296,11 @@ class EmbeddedEngine:
     """Evaluates the Rego library in-process with regopy; compiled once per policy load."""
 
     def __init__(self, policies: Sequence[UsagePolicy], library: str | None = None) -> None:
-        if not REGO_ALLOCATOR_FIRST:
+        if not ONE_CPP_ALLOCATOR:
             log.warning(
-                "a C++ library was loaded before the connector package: each Rego decision "
-                "will keep about 20 KB of memory; import connector before duckdb, pyarrow or "
-                "grpc (as `connector serve` does)"
+                "regopy was imported before the connector package: its C++ memory may be "
+                "freed to another allocator and kept, about 20 KB a Rego decision; import "
+                "connector before regopy (as `connector serve` does)"
             )
         text = library or rego_library()  # a missing file is not a compile error
         data = policy_data(policies)
