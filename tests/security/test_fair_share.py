@@ -139,12 +139,13 @@ def test_a_peer_that_gives_up_frees_its_slot_at_once(
         tmp_path, dataspace, {"max_concurrent_queries = 8": "max_concurrent_queries = 1"}
     )
     server = serve(provider)
-    peak = [0]
+    peak, queued = [0], [0]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.01):
             peak[0] = max(peak[0], server.provider.slots.executing())
+            queued[0] = max(queued[0], server.provider.slots.waiting())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -168,6 +169,7 @@ def test_a_peer_that_gives_up_frees_its_slot_at_once(
         stop.set()
         sampler.join()
     assert outcomes == ["gave up"] * 4
+    assert queued[0] == 0  # each found the slot its predecessor gave up free, not taken
     assert peak[0] <= 2  # DuckDB never runs more than twice the slots, stopping ones included
     wait_for(lambda: len(_query_entries(provider)) == 4)
     ended = [e["outcome"] for e in _query_entries(provider)]
