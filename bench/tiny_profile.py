@@ -24,6 +24,7 @@ import cProfile
 import os
 import pstats
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -170,6 +171,14 @@ def main() -> None:
     parser.add_argument("--spy", type=Path, help="py-spy the server of one run into this file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="connector-tiny-"))
+    try:
+        measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """What main() was asked for, in the throwaway folder work."""
     provider, grantee = build_space(work, args.rows)
     identity = PeerIdentity.from_home(grantee)
     if args.profile:
