@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from connector import jws
 from connector.errors import PolicyError
-from connector.policy.model import parse_policy
+from connector.policy.model import PARSED, ParsedPolicies, parse_policy
 from connector.policy.signing import (
     VerdictStatus,
     load_policy_dir,
@@ -54,6 +55,36 @@ def test_a_good_policy_is_normalised(tmp_path: Path) -> None:
     assert policy.valid_from == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     assert policy.as_rego_data()["valid_until_ns"] == 1798761600 * 10**9
     assert policy.shaping.is_plain
+
+
+def test_the_same_bytes_are_read_once_and_as_from_their_own_file(tmp_path: Path) -> None:
+    first = parse_policy(_write(tmp_path, GOOD, "a.yaml"))
+    assert PARSED.get(first.sha256, first.path) == first
+    copy = _write(tmp_path, GOOD, "b.yaml")
+    again = parse_policy(copy)
+    assert again.path == copy and again == replace(first, path=copy)
+    changed = parse_policy(_write(tmp_path, GOOD.replace("version: 3", "version: 4"), "a.yaml"))
+    assert (changed.version, changed.sha256) == (
+        4,
+        hashlib.sha256(changed.path.read_bytes()).hexdigest(),
+    )
+    broken = _write(tmp_path, GOOD.replace("purposes:", "purpose:"), "c.yaml")
+    for _ in range(2):  # refusals are not kept: each names its own file
+        with pytest.raises(PolicyError, match=r"c\.yaml"):
+            parse_policy(broken)
+
+
+def test_parsed_policies_keep_at_most_their_size(tmp_path: Path) -> None:
+    kept = ParsedPolicies(size=2)
+    policies = [
+        parse_policy(_write(tmp_path, GOOD.replace("version: 3", f"version: {n}"), f"{n}.yaml"))
+        for n in (3, 4, 5)
+    ]
+    for policy in policies:
+        kept.keep(policy)
+    assert len(kept) == 2
+    assert kept.get(policies[0].sha256, policies[0].path) is None
+    assert kept.get(policies[2].sha256, policies[2].path) == policies[2]
 
 
 def test_masks_row_filters_and_aggregate_only_are_read(tmp_path: Path) -> None:
