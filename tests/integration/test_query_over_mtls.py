@@ -376,7 +376,7 @@ def test_a_cancelled_query_is_interrupted_and_frees_its_slot(
         Space(provider, grantee, grantee, server),
         grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem),
     )
-    # Trillions of rows counted: nothing is sent before it ends, so the server's thread stays
+    # 200^5 rows counted: nothing is sent before it ends, so the server's thread stays
     # inside DuckDB, and only the cancellation can stop it before max_query_seconds (30 s).
     endless = (
         "SELECT count(*) FROM part_defects a, part_defects b, part_defects c, part_defects d, "
