@@ -11,8 +11,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from connector.canonical import canonical_bytes
 from connector.errors import PolicyEngineError
 from connector.policy.answers import AnswerFault, catalog_grant_fault, decision_grant_fault
 from connector.policy.model import UsagePolicy, from_ns, ns
+from connector.recent import RecentlyUsed
 from connector.refusals import column_refusal
 
 log = logging.getLogger(__name__)
@@ -249,31 +248,22 @@ def rego_library() -> str:
         ) from None
 
 
-class CompiledLibraries:
-    """The Rego library compiled with a set of policies, kept for the last few sets.
+COMPILED: RecentlyUsed[tuple[str, str], Bundle] = RecentlyUsed(4)
 
-    regopy takes about 25 ms of CPU to compile; a reload of unchanged policies (SIGHUP, a
-    file touched, a certificate rotated) or a second server of this process over the same
-    policies gets the bundle it made before. A bundle is only read when evaluated.
-    """
 
-    def __init__(self, kept: int = 4) -> None:
-        self._kept, self._lock = kept, threading.Lock()
-        self._bundles: OrderedDict[tuple[str, str], Bundle] = OrderedDict()
-
-    def bundle(self, library: str, data: Mapping[str, Any]) -> Bundle:
-        """library compiled with data (whose revision names its policies)."""
-        key = (hashlib.sha256(library.encode()).hexdigest(), str(data[DATA_KEY]["revision"]))
-        with self._lock:
-            if key in self._bundles:
-                self._bundles.move_to_end(key)
-                return self._bundles[key]
+def compiled_bundle(
+    library: str, data: Mapping[str, Any], kept: RecentlyUsed[tuple[str, str], Bundle] = COMPILED
+) -> Bundle:
+    """library compiled with data (whose revision names its policies), kept for the last few
+    sets: regopy takes about 25 ms of CPU to compile, and a reload of unchanged policies
+    (SIGHUP, a file touched, a certificate rotated) or a second server of this process over
+    the same policies gets the bundle it made before. A bundle is only read when evaluated."""
+    key = (hashlib.sha256(library.encode()).hexdigest(), str(data[DATA_KEY]["revision"]))
+    bundle = kept.get(key)
+    if bundle is None:
         bundle = _compile(library, data)
-        with self._lock:
-            self._bundles[key] = bundle
-            if len(self._bundles) > self._kept:
-                self._bundles.popitem(last=False)
-        return bundle
+        kept.put(key, bundle)
+    return bundle
 
 
 def _compile(library: str, data: Mapping[str, Any]) -> Bundle:
@@ -289,9 +279,6 @@ def _compile(library: str, data: Mapping[str, Any]) -> Bundle:
     return bundle
 
 
-COMPILED = CompiledLibraries()
-
-
 class EmbeddedEngine:
     """Evaluates the Rego library in-process with regopy; compiled once per policy load."""
 
@@ -305,7 +292,7 @@ class EmbeddedEngine:
         text = library or rego_library()  # a missing file is not a compile error
         data = policy_data(policies)
         self.revision = str(data[DATA_KEY]["revision"])
-        self._bundle = COMPILED.bundle(text, data)
+        self._bundle = compiled_bundle(text, data)
 
     def _evaluate(self, entrypoint: str, document: dict[str, Any]) -> Any:
         # A fresh interpreter per call: the compiled bundle is shared, the input is not.

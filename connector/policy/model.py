@@ -9,8 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from connector.policy.terms import (
     read_row_filters,
 )
 from connector.policy.yaml_strict import ANY_TEXT, PolicyReader, compose_strict
+from connector.recent import RecentlyUsed
 from connector.shaping import Shaping
 
 POLICY_FORMAT = 1
@@ -160,39 +159,10 @@ def from_ns(value: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(value / 1_000_000_000, dt.UTC)
 
 
-class ParsedPolicies:
-    """The policies last parsed, by the sha256 of their files' bytes: a folder is read at
-    every start and reload, by the offline tools more than once, mostly unchanged, and the
-    pure-Python YAML reading costs milliseconds a file. Only valid policies are kept."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._policies: OrderedDict[str, UsagePolicy] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, sha256: str, path: Path) -> UsagePolicy | None:
-        """The policy parsed from these bytes, as read from path (None: not kept)."""
-        with self._lock:
-            policy = self._policies.get(sha256)
-            if policy is None:
-                return None
-            self._policies.move_to_end(sha256)
-        return policy if policy.path == path else replace(policy, path=path)
-
-    def keep(self, policy: UsagePolicy) -> None:
-        """Keep policy, dropping the least recently used beyond the size."""
-        with self._lock:
-            self._policies[policy.sha256] = policy
-            self._policies.move_to_end(policy.sha256)
-            while len(self._policies) > self._size:
-                self._policies.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._policies)
-
-
-PARSED = ParsedPolicies()
+# The policies last parsed, by the sha256 of their files' bytes: a folder is read at every
+# start and reload, by the offline tools more than once, mostly unchanged, and the
+# pure-Python YAML reading costs milliseconds a file. Only valid policies are kept.
+PARSED: RecentlyUsed[str, UsagePolicy] = RecentlyUsed(256)
 
 
 def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
@@ -201,14 +171,14 @@ def parse_policy(path: Path, text: bytes | None = None) -> UsagePolicy:
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes", path=str(path))
     sha256 = hashlib.sha256(data).hexdigest()
-    known = PARSED.get(sha256, path)
+    known = PARSED.get(sha256)
     if known is not None:
-        return known
+        return known if known.path == path else replace(known, path=path)
     root = compose_strict(path, data)
     if root is None:
         raise PolicyError("the file is empty", path=str(path))
     policy = policy_from_node(path, root, sha256)
-    PARSED.keep(policy)
+    PARSED.put(sha256, policy)
     return policy
 
 

@@ -18,19 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from regopy import Bundle
 
 from connector.errors import PolicyEngineError, PolicyEngineUnavailable
 from connector.policy.engine import (
-    CompiledLibraries,
     DecisionRequest,
     EmbeddedEngine,
     OpaConnection,
     PolicyEngine,
+    compiled_bundle,
     policy_data,
     rego_library,
 )
 from connector.policy.model import UsagePolicy, parse_policy
 from connector.policy.opa import OpaLink, OpaServerEngine, build_engine
+from connector.recent import RecentlyUsed
 from tests.opa_endpoint import opa_endpoint
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
@@ -357,13 +359,14 @@ def test_a_compiled_library_serves_exactly_the_policies_it_was_compiled_with(
     assert not EmbeddedEngine(first).decide(asked).allow
     assert EmbeddedEngine(widened).decide(asked).allow
 
-    kept, library = CompiledLibraries(kept=1), rego_library()
-    one, two = policy_data(first), policy_data(widened)
-    made = kept.bundle(library, one)
-    assert kept.bundle(library, one) is made
-    assert kept.bundle(library, two) is not made
-    assert kept.bundle(library, one) is not made  # only the last set is kept
-    assert kept.bundle(library + "\n# changed\n", one) is not kept.bundle(library, one)
+    kept: RecentlyUsed[tuple[str, str], Bundle] = RecentlyUsed(1)
+    library, one, two = rego_library(), policy_data(first), policy_data(widened)
+    made = compiled_bundle(library, one, kept)
+    assert compiled_bundle(library, one, kept) is made
+    assert compiled_bundle(library, two, kept) is not made
+    assert compiled_bundle(library, one, kept) is not made  # only the last set is kept
+    changed = compiled_bundle(library + "\n# changed\n", one, kept)
+    assert changed is not compiled_bundle(library, one, kept)
 
 
 def _plain_reading(policies: list[UsagePolicy], request: DecisionRequest) -> dict[str, Any]:
